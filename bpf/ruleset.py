@@ -1,0 +1,265 @@
+"""Compile NetworkPolicy peer rules into longest-prefix-match entries (pure, no kernel).
+
+A direction's rules are ``PeerRule(cidr, excepts, ports, policy_id)``; a peer address is
+allowed on (protocol, port) when *some* rule contains the address, none of that rule's
+``except`` blocks contains it, and one of the rule's ports matches.
+
+An LPM trie returns only the longest matching prefix, so each prefix stored must carry
+everything allowed at addresses whose longest match it is. Because all stored prefixes
+(rule CIDRs and except blocks) are nested or disjoint, that set depends only on the
+prefix: the union of the ports of every rule whose CIDR contains the prefix and none of
+whose excepts does. :func:`compile_rules` computes exactly that for every prefix, drops
+entries that repeat their nearest stored ancestor, and normalises each port set to
+sorted, disjoint ranges (first policy wins where policies overlap, for attribution).
+
+Nothing is truncated: a port set beyond ``NP_MAX_PORT_RULES`` ranges raises
+:class:`~bpf.errors.RuleLimitError` naming the prefix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from bpf.errors import RuleLimitError
+from bpf.layout import (
+    NP_FAMILY_IPV4,
+    NP_FAMILY_IPV6,
+    NP_MAX_PORT_RULES,
+    NP_PROTO_ANY,
+    NP_PROTO_SCTP,
+    NP_PROTO_TCP,
+    NP_PROTO_UDP,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PORT_PROTOCOLS = (NP_PROTO_TCP, NP_PROTO_UDP, NP_PROTO_SCTP)
+_WIDTH = {NP_FAMILY_IPV4: 32, NP_FAMILY_IPV6: 128}
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """One port rule: ``protocol`` TCP/UDP/SCTP with an inclusive port range, or
+    ``NP_PROTO_ANY`` (then the range must be 0-65535): every protocol, every port."""
+
+    protocol: int
+    start: int = 0
+    end: int = 65535
+
+    def __post_init__(self) -> None:
+        if self.protocol not in (*PORT_PROTOCOLS, NP_PROTO_ANY):
+            raise ValueError(f"unsupported protocol number {self.protocol}")
+        if not 0 <= self.start <= self.end <= 65535:
+            raise ValueError(f"invalid port range {self.start}-{self.end}")
+        if self.protocol == NP_PROTO_ANY and (self.start, self.end) != (0, 65535):
+            raise ValueError("an any-protocol rule covers every port")
+
+
+ALL_TRAFFIC = (PortRange(NP_PROTO_ANY),)
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """Peers in ``cidr`` but in none of ``excepts`` may use ``ports`` (empty: anything)."""
+
+    cidr: Network
+    excepts: tuple[Network, ...] = ()
+    ports: tuple[PortRange, ...] = ()
+    policy_id: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class Prefix:
+    """A prefix as the datapath keys it: family, prefix length and the address as int."""
+
+    family: int
+    length: int
+    value: int
+
+    @classmethod
+    def of(cls, net: Network) -> Prefix:
+        family = NP_FAMILY_IPV4 if net.version == 4 else NP_FAMILY_IPV6
+        return cls(family, net.prefixlen, int(net.network_address))
+
+    def network(self) -> Network:
+        return ipaddress.ip_network((self.value, self.length)) if self.family == NP_FAMILY_IPV4 \
+            else ipaddress.IPv6Network((self.value, self.length))
+
+    def ancestor(self, length: int) -> Prefix:
+        shift = _WIDTH[self.family] - length
+        return Prefix(self.family, length, (self.value >> shift) << shift)
+
+    def __str__(self) -> str:
+        return str(self.network())
+
+
+@dataclass(frozen=True, order=True)
+class PortRule:
+    """A normalised rule as stored in a port set (protocol TCP/UDP/SCTP)."""
+
+    protocol: int
+    start: int
+    end: int
+    policy_id: int
+
+
+@dataclass(frozen=True)
+class Portset:
+    """What one prefix allows. ``any_policy`` set: everything (by that policy);
+    otherwise ``rules``, sorted by (protocol, start) and disjoint. Empty: nothing."""
+
+    rules: tuple[PortRule, ...] = ()
+    any_policy: int | None = None
+
+    @property
+    def allows_nothing(self) -> bool:
+        return self.any_policy is None and not self.rules
+
+    def allows(self, protocol: int, port: int | None) -> int | None:
+        """Reference semantics of the datapath's check: the allowing policy or None.
+        ``port`` None means unknown (a later fragment): only full coverage allows."""
+        if self.any_policy is not None:
+            return self.any_policy
+        for r in self.rules:
+            if r.protocol != protocol:
+                continue
+            if port is None:
+                if (r.start, r.end) == (0, 65535):
+                    return r.policy_id
+            elif r.start <= port <= r.end:
+                return r.policy_id
+        return None
+
+
+NOTHING = Portset()
+
+
+@dataclass
+class CompiledRules:
+    """The entries of one direction's trie: prefix -> port set."""
+
+    entries: dict[Prefix, Portset] = field(default_factory=dict)
+
+    def key(self) -> frozenset[tuple[Prefix, Portset]]:
+        """Content identity, for sharing one trie between pods with equal rules."""
+        return frozenset(self.entries.items())
+
+    def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Prefix | None:
+        """Longest stored prefix containing ``address`` (reference LPM, for tests/explain)."""
+        family = NP_FAMILY_IPV4 if address.version == 4 else NP_FAMILY_IPV6
+        host = Prefix(family, _WIDTH[family], int(address))
+        for length in range(_WIDTH[family], -1, -1):
+            p = host.ancestor(length)
+            if p in self.entries:
+                return p
+        return None
+
+
+def normalise_ports(contributions: Iterable[tuple[int, tuple[PortRange, ...]]],
+                    *, where: str = "") -> Portset:
+    """Union of (policy_id, ports) contributions as a normalised :class:`Portset`."""
+    ordered = sorted(contributions, key=lambda c: c[0])
+    for policy_id, ports in ordered:
+        if not ports or any(p.protocol == NP_PROTO_ANY for p in ports):
+            return Portset(any_policy=policy_id)
+
+    rules: list[PortRule] = []
+    for protocol in PORT_PROTOCOLS:
+        covered: list[tuple[int, int, int]] = []  # disjoint (start, end, policy), sorted
+        for policy_id, ports in ordered:
+            for pr in sorted(p for p in ports if p.protocol == protocol):
+                covered = _add_uncovered(covered, pr.start, pr.end, policy_id)
+        if not covered:
+            continue
+        if _covers_all(covered):
+            rules.append(PortRule(protocol, 0, 65535, covered[0][2]))
+            continue
+        merged: list[tuple[int, int, int]] = []
+        for start, end, pol in covered:
+            if merged and merged[-1][2] == pol and merged[-1][1] + 1 == start:
+                merged[-1] = (merged[-1][0], end, pol)
+            else:
+                merged.append((start, end, pol))
+        rules.extend(PortRule(protocol, s, e, pol) for s, e, pol in merged)
+    if len(rules) > NP_MAX_PORT_RULES:
+        raise RuleLimitError(
+            f"{where or 'port set'}: {len(rules)} distinct port ranges after merging, "
+            f"the datapath holds at most {NP_MAX_PORT_RULES} per CIDR"
+        )
+    return Portset(rules=tuple(rules))
+
+
+def _add_uncovered(covered: list[tuple[int, int, int]], start: int, end: int,
+                   policy_id: int) -> list[tuple[int, int, int]]:
+    """Add the parts of [start, end] not yet covered, labelled with policy_id."""
+    out: list[tuple[int, int, int]] = []
+    cursor = start
+    for s, e, pol in covered:
+        if e < cursor or s > end:
+            out.append((s, e, pol))
+            continue
+        if s > cursor:
+            out.append((cursor, s - 1, policy_id))
+        out.append((s, e, pol))
+        cursor = max(cursor, e + 1)
+    if cursor <= end:
+        out.append((cursor, end, policy_id))
+    out.sort()
+    return out
+
+
+def _covers_all(covered: list[tuple[int, int, int]]) -> bool:
+    expect = 0
+    for s, e, _ in covered:
+        if s != expect:
+            return False
+        expect = e + 1
+    return expect == 65536
+
+
+def compile_rules(rules: Sequence[PeerRule]) -> CompiledRules:
+    """Flatten one direction's rules into trie entries (see module docstring)."""
+    by_cidr: dict[Prefix, list[PeerRule]] = {}
+    excepts: dict[int, frozenset[Prefix]] = {}
+    prefixes: set[Prefix] = set()
+    for i, rule in enumerate(rules):
+        cidr = Prefix.of(rule.cidr)
+        by_cidr.setdefault(cidr, []).append(rule)
+        inside = frozenset(
+            e for e in map(Prefix.of, rule.excepts)
+            if e.family == cidr.family and e.length >= cidr.length
+            and e.ancestor(cidr.length) == cidr
+        )
+        excepts[i] = inside
+        prefixes.add(cidr)
+        prefixes.update(inside)
+    index = {id(r): i for i, r in enumerate(rules)}
+
+    lengths: dict[int, list[int]] = {NP_FAMILY_IPV4: [], NP_FAMILY_IPV6: []}
+    for p in prefixes:
+        lengths[p.family].append(p.length)
+    for fam in lengths:
+        lengths[fam] = sorted(set(lengths[fam]))
+
+    compiled = CompiledRules()
+    kept: dict[Prefix, Portset] = {}
+    for p in sorted(prefixes, key=lambda q: (q.family, q.length, q.value)):
+        ancestors = {p.ancestor(n) for n in lengths[p.family] if n <= p.length}
+        contributions = []
+        for anc in ancestors:
+            for rule in by_cidr.get(anc, ()):
+                if excepts[index[id(rule)]] & ancestors:
+                    continue
+                contributions.append((rule.policy_id, rule.ports))
+        portset = normalise_ports(contributions, where=str(p)) if contributions else NOTHING
+        nearest = next(
+            (kept[a] for n in reversed(lengths[p.family]) if n < p.length
+             if (a := p.ancestor(n)) in kept),
+            None,
+        )
+        if nearest == portset or (nearest is None and portset.allows_nothing):
+            continue
+        kept[p] = portset
+    compiled.entries = kept
+    return compiled

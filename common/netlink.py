@@ -1,0 +1,202 @@
+"""Typed adapter over pyroute2's asyncio netlink API: the only module importing pyroute2.
+
+pyroute2 is loosely typed (dict-like messages, string commands); this module exposes the
+handful of operations the project needs with plain dataclasses, keyword-only hooks and
+errors that carry errno and name the interface.
+
+tc hooks are named from the host's side (``HOOK_INGRESS`` is the veth's tc ingress), so the
+callers that think in pod directions must map them explicitly (the datapath does).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+Hook = Literal["ingress", "egress"]
+HOOK_INGRESS: Hook = "ingress"
+HOOK_EGRESS: Hook = "egress"
+
+_PARENT = {HOOK_INGRESS: 0xFFFFFFF2, HOOK_EGRESS: 0xFFFFFFF3}  # TC_H_CLSACT minors
+_HOOK_BY_PARENT = {v: k for k, v in _PARENT.items()}
+# cls_bpf attributes pyroute2 0.9 does not decode (linux/pkt_cls.h)
+_TCA_BPF_TAG = 10
+_TCA_BPF_ID = 11
+_TCA_BPF_FLAG_ACT_DIRECT = 1
+
+FILTER_PRIO = 1
+FILTER_HANDLE = 1
+
+
+class NetlinkOpError(OSError):
+    """A netlink request failed; errno as the kernel gave it, message naming the object."""
+
+
+@dataclass(frozen=True)
+class TcBpfFilter:
+    ifindex: int
+    hook: Hook
+    prio: int
+    handle: int
+    name: str
+    prog_id: int
+    tag: str
+    direct_action: bool
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str
+    up: bool
+
+
+def _raise(exc: NetlinkError, what: str) -> NetlinkOpError:
+    code = exc.code or errno.EIO
+    return NetlinkOpError(code, f"{what}: {exc}")
+
+
+def _raw_nla(msg: Any, attr_type: int) -> bytes | None:
+    """Payload of an attribute pyroute2 left undecoded ('UNKNOWN'), by its type number."""
+    for slot in msg["attrs"]:
+        name, nla = slot.cell
+        if name == "UNKNOWN" and nla["header"]["type"] & 0x3FFF == attr_type:
+            return bytes(nla.data[nla.offset + 4 : nla.offset + nla.length])
+    return None
+
+
+class Netlink:
+    """One rtnetlink socket, optionally inside a named network namespace.
+
+    Use as ``async with Netlink(netns=...) as nl:``.
+    """
+
+    def __init__(self, *, netns: str | None = None) -> None:
+        self.netns = netns
+        self._ipr: Any = None
+
+    async def __aenter__(self) -> Netlink:
+        self._ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    @property
+    def _sock(self) -> Any:
+        if self._ipr is None:
+            raise RuntimeError("Netlink used outside 'async with'")
+        return self._ipr
+
+    # ---- links ----------------------------------------------------------------------
+    async def links(self) -> list[Link]:
+        out = []
+        async for msg in await self._sock.link("dump"):
+            out.append(_link(msg))
+        return out
+
+    async def link_by_name(self, name: str) -> Link | None:
+        for link in await self.links():
+            if link.name == name:
+                return link
+        return None
+
+    # ---- tc -------------------------------------------------------------------------
+    async def ensure_clsact(self, ifindex: int) -> None:
+        """Add the clsact qdisc unless the interface already has it."""
+        try:
+            await self._sock.tc("add", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _raise(exc, f"ifindex {ifindex}: add clsact qdisc") from exc
+
+    async def attach_bpf(self, ifindex: int, *, hook: Hook, prog_fd: int, name: str) -> None:
+        """Attach (or atomically replace) our direct-action filter on a clsact hook."""
+        await self.ensure_clsact(ifindex)
+        try:
+            await self._sock.tc(
+                "replace-filter", "bpf", ifindex, FILTER_HANDLE,
+                fd=prog_fd, name=name, parent=_PARENT[hook], prio=FILTER_PRIO,
+                classid=1, direct_action=True,
+            )
+        except NetlinkError as exc:
+            raise _raise(exc, f"ifindex {ifindex}: attach {name} on tc {hook}") from exc
+
+    async def detach_bpf(self, ifindex: int, *, hook: Hook) -> bool:
+        """Remove our filter from a hook; False if it was not there. Other filters stay."""
+        try:
+            await self._sock.tc(
+                "del-filter", "bpf", ifindex, FILTER_HANDLE,
+                parent=_PARENT[hook], prio=FILTER_PRIO,
+            )
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return False
+            raise _raise(exc, f"ifindex {ifindex}: detach from tc {hook}") from exc
+        return True
+
+    async def bpf_filters(self, ifindex: int, *, hook: Hook | None = None) -> list[TcBpfFilter]:
+        """The bpf filters on an interface's clsact hooks (both unless ``hook`` is given)."""
+        hooks = [hook] if hook else [HOOK_INGRESS, HOOK_EGRESS]
+        out: list[TcBpfFilter] = []
+        for h in hooks:
+            try:
+                async for msg in self._dump_filters(ifindex, _PARENT[h]):
+                    f = _bpf_filter(msg, ifindex)
+                    if f is not None:
+                        out.append(f)
+            except NetlinkError as exc:
+                if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                    continue  # no clsact qdisc, or the link is gone
+                raise _raise(exc, f"ifindex {ifindex}: list tc filters") from exc
+        return out
+
+    async def _dump_filters(self, ifindex: int, parent: int) -> AsyncIterator[Any]:
+        async for msg in await self._sock.tc("dump-filter", index=ifindex, parent=parent):
+            yield msg
+
+
+def _link(msg: Any) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+    return Link(
+        index=msg["index"],
+        name=msg.get_attr("IFLA_IFNAME") or "",
+        kind=kind or "",
+        up=bool(msg["flags"] & 1),
+    )
+
+
+def _bpf_filter(msg: Any, ifindex: int) -> TcBpfFilter | None:
+    if msg.get_attr("TCA_KIND") != "bpf":
+        return None
+    opts = msg.get_attr("TCA_OPTIONS")
+    if opts is None:
+        return None  # the chain header, not a filter
+    raw_id = _raw_nla(opts, _TCA_BPF_ID)
+    raw_tag = _raw_nla(opts, _TCA_BPF_TAG)
+    return TcBpfFilter(
+        ifindex=ifindex,
+        hook=_HOOK_BY_PARENT.get(msg["parent"], HOOK_INGRESS),
+        prio=(msg["info"] >> 16) & 0xFFFF,
+        handle=msg["handle"],
+        name=opts.get_attr("TCA_BPF_NAME") or "",
+        prog_id=struct.unpack("=I", raw_id)[0] if raw_id and len(raw_id) >= 4 else 0,
+        tag=raw_tag.hex() if raw_tag else "",
+        direct_action=bool((opts.get_attr("TCA_BPF_FLAGS") or 0) & _TCA_BPF_FLAG_ACT_DIRECT),
+    )
