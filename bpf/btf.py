@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from bpf import _libbpf as L
+from bpf import _libbpf as lb
 
 BTF_KIND_STRUCT = 4
 
@@ -32,11 +32,11 @@ class Btf:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._btf = L.check_ptr(L.lib.btf__parse_elf(path.encode(), None), f"parse BTF of {path}")
+        self._btf = lb.check_ptr(lb.lib.btf__parse_elf(path.encode(), None), f"parse BTF of {path}")
 
     def close(self) -> None:
         if self._btf:
-            L.lib.btf__free(self._btf)
+            lb.lib.btf__free(self._btf)
             self._btf = 0
 
     def __enter__(self) -> Btf:
@@ -46,14 +46,14 @@ class Btf:
         self.close()
 
     def _name(self, off: int) -> str:
-        raw = L.lib.btf__name_by_offset(self._btf, off)
+        raw = lb.lib.btf__name_by_offset(self._btf, off)
         return raw.decode() if raw else ""
 
     def struct(self, name: str) -> StructLayout | None:
-        type_id = L.lib.btf__find_by_name_kind(self._btf, name.encode(), BTF_KIND_STRUCT)
+        type_id = lb.lib.btf__find_by_name_kind(self._btf, name.encode(), BTF_KIND_STRUCT)
         if type_id < 0:
             return None
-        ptr = L.lib.btf__type_by_id(self._btf, type_id)
+        ptr = lb.lib.btf__type_by_id(self._btf, type_id)
         t = _BtfType.from_address(ptr)
         vlen = t.info & 0xFFFF
         kflag = bool(t.info >> 31)
@@ -61,6 +61,6 @@ class Btf:
         fields: dict[str, tuple[int, int]] = {}
         for m in members:
             bit_offset = m.offset & 0xFFFFFF if kflag else m.offset
-            size = L.lib.btf__resolve_size(self._btf, m.type)
+            size = lb.lib.btf__resolve_size(self._btf, m.type)
             fields[self._name(m.name_off)] = (bit_offset // 8, int(size))
         return StructLayout(name, t.size, fields)

@@ -31,7 +31,7 @@ from bpf import layout as lay
 from bpf.errors import BpfError
 from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map, TypedMap
 from bpf.objects import BpfObject, Program
-from bpf.ruleset import NOTHING, CompiledRules, Portset, PortRule, Prefix
+from bpf.ruleset import NOTHING, CompiledRules, PortRule, Portset, Prefix
 
 log = structlog.get_logger("bpf.datapath")
 
@@ -152,20 +152,29 @@ class Datapath:
         path: str | None = None,
     ) -> Datapath:
         """Load the object, reusing maps pinned under ``pin_root`` (creating them on first
-        use), pin the programs, and adopt whatever state the pinned maps hold."""
-        sizes: dict[str, int] = {}
-        if ct_entries is not None:
-            if not lay.NP_CT_MIN_ENTRIES <= ct_entries <= lay.NP_CT_MAX_ENTRIES:
-                raise ValueError(
-                    f"conntrack table size {ct_entries} outside "
-                    f"{lay.NP_CT_MIN_ENTRIES}..{lay.NP_CT_MAX_ENTRIES}"
-                )
-            sizes[lay.MAP_CT] = ct_entries
-        if events_bytes is not None:
-            sizes[lay.MAP_EVENTS] = events_bytes
-        obj = BpfObject.load(
-            path or object_path(), map_pin_dir=os.path.join(pin_root, "maps"), max_entries=sizes
-        )
+        use), pin the programs, and adopt whatever state the pinned maps hold.
+
+        Sizes left as None take the pinned map's size (or the default on first use); a
+        size that differs from a pinned map's is refused: resizing means recreating the
+        map, which would drop its contents."""
+        if ct_entries is not None and not (
+            lay.NP_CT_MIN_ENTRIES <= ct_entries <= lay.NP_CT_MAX_ENTRIES
+        ):
+            raise ValueError(
+                f"conntrack table size {ct_entries} outside "
+                f"{lay.NP_CT_MIN_ENTRIES}..{lay.NP_CT_MAX_ENTRIES}"
+            )
+        map_dir = os.path.join(pin_root, "maps")
+        sizes = {
+            name: size
+            for name, size in (
+                (lay.MAP_CT, _sized(map_dir, lay.MAP_CT, ct_entries, "conntrack table size")),
+                (lay.MAP_EVENTS, _sized(map_dir, lay.MAP_EVENTS, events_bytes,
+                                        "event ring buffer size")),
+            )
+            if size is not None
+        }
+        obj = BpfObject.load(path or object_path(), map_pin_dir=map_dir, max_entries=sizes)
         try:
             prog_dir = os.path.join(pin_root, "programs")
             os.makedirs(prog_dir, mode=0o700, exist_ok=True)
@@ -200,7 +209,7 @@ class Datapath:
             self._portsets[portset] = _PortsetRef(key.value)
             self._portset_by_id[key.value] = portset
             self._next_portset = max(self._next_portset, key.value + 1)
-        for raw_key in list(self.rules.keys()):
+        for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
             entries = self.read_trie(trie_id)
             if entries is None:
@@ -220,8 +229,8 @@ class Datapath:
         for key, meta in self.pod_meta.items():
             self._pod_ids[meta.uid.decode()] = key.value
             self._next_pod = max(self._next_pod, key.value + 1)
-        for pod in self._records.values():
-            self._next_pod = max(self._next_pod, pod.pod_id + 1)
+        for record in self._records.values():
+            self._next_pod = max(self._next_pod, record.pod_id + 1)
         for key, pol in self.policies.items():
             self._policy_ids[(pol.namespace_.decode(), pol.name.decode())] = key.value
             self._next_policy = max(self._next_policy, key.value + 1)
@@ -454,7 +463,7 @@ class Datapath:
     def set_host_addresses(self, addresses: Iterable[lay.Address]) -> None:
         """The node's own addresses: traffic between them and any pod always passes."""
         want = {bytes(host_key(a)) for a in addresses}
-        have = {bytes(k) for k in self.host_addrs.keys()}
+        have = {bytes(k) for k in self.host_addrs}
         for raw in have - want:
             self.host_addrs.raw.delete(raw)
         for raw in want - have:
@@ -467,6 +476,25 @@ class Datapath:
             for name in totals:
                 totals[name] += getattr(cpu, name)
         return totals
+
+
+class PinnedSizeError(ValueError):
+    """A requested map size differs from the size of the map already pinned."""
+
+
+def _sized(map_dir: str, name: str, wanted: int | None, what: str) -> int | None:
+    path = os.path.join(map_dir, name)
+    if not os.path.exists(path):
+        return wanted
+    with Map.from_pin(path) as pinned:
+        have = pinned.max_entries
+    if wanted is not None and wanted != have:
+        raise PinnedSizeError(
+            f"{what} {wanted} differs from {have} of the map pinned at {path}; it cannot "
+            f"change while the map exists (remove the pin, e.g. by rebooting the node, "
+            f"or keep {have})"
+        )
+    return have
 
 
 # ---- conversions between models and map structs ---------------------------------------

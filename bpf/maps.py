@@ -12,9 +12,9 @@ import errno
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
-from bpf import _libbpf as L
+from bpf import _libbpf as lb
 from bpf.errors import BpfError
 
 # enum bpf_map_type (uapi), the subset the project uses
@@ -41,7 +41,7 @@ _NO_BATCH = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, 524}  # 524: ENOTSUP
 
 
 def possible_cpus() -> int:
-    return L.check(L.lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+    return lb.check(lb.lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ class MapInfo:
 
 
 def map_info(fd: int, what: str = "map") -> MapInfo:
-    info = L.BpfMapInfo()
+    info = lb.BpfMapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    L.check(L.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+    lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
             f"{what}: get info")
     return MapInfo(
         id=info.id,
@@ -94,12 +94,12 @@ class Map:
     # ---- construction ----------------------------------------------------------------
     @classmethod
     def from_pin(cls, path: str) -> Map:
-        fd = L.check(L.lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
+        fd = lb.check(lb.lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
         return cls(fd, name=os.path.basename(path))
 
     @classmethod
     def from_id(cls, map_id: int) -> Map:
-        fd = L.check(L.lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+        fd = lb.check(lb.lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
         return cls(fd)
 
     @classmethod
@@ -114,13 +114,13 @@ class Map:
         flags: int = 0,
         inner_map_fd: int = 0,
     ) -> Map:
-        opts = L.BpfMapCreateOpts(
-            sz=ctypes.sizeof(L.BpfMapCreateOpts), map_flags=flags, inner_map_fd=inner_map_fd
+        opts = lb.BpfMapCreateOpts(
+            sz=ctypes.sizeof(lb.BpfMapCreateOpts), map_flags=flags, inner_map_fd=inner_map_fd
         )
-        fd = L.lib.bpf_map_create(
+        fd = lb.lib.bpf_map_create(
             map_type, name.encode(), key_size, value_size, max_entries, ctypes.byref(opts)
         )
-        L.check(fd, f"create map {name}")
+        lb.check(fd, f"create map {name}")
         return cls(fd, name=name)
 
     def close(self) -> None:
@@ -138,7 +138,7 @@ class Map:
         return f"<Map {self.name} id={self.id} fd={self.fd}>"
 
     def pin(self, path: str) -> None:
-        L.check(L.lib.bpf_obj_pin(self.fd, path.encode()), f"pin map {self.name} at {path}")
+        lb.check(lb.lib.bpf_obj_pin(self.fd, path.encode()), f"pin map {self.name} at {path}")
 
     # ---- single elements ---------------------------------------------------------------
     def _key(self, key: bytes) -> ctypes.Array[ctypes.c_char]:
@@ -149,7 +149,7 @@ class Map:
     def lookup(self, key: bytes) -> bytes | None:
         kbuf = self._key(key)
         vbuf = ctypes.create_string_buffer(self.value_size)
-        if L.lib.bpf_map_lookup_elem(self.fd, kbuf, vbuf) < 0:
+        if lb.lib.bpf_map_lookup_elem(self.fd, kbuf, vbuf) < 0:
             err = ctypes.get_errno()
             if err == errno.ENOENT:
                 return None
@@ -163,16 +163,19 @@ class Map:
             )
         kbuf = self._key(key)
         vbuf = ctypes.create_string_buffer(value, len(value))
-        L.check(L.lib.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"map {self.name}: update")
+        lb.check(lb.lib.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"map {self.name}: update")
 
     def delete(self, key: bytes) -> bool:
         """Delete one element; False if it was not there."""
-        if L.lib.bpf_map_delete_elem(self.fd, self._key(key)) < 0:
+        if lb.lib.bpf_map_delete_elem(self.fd, self._key(key)) < 0:
             err = ctypes.get_errno()
             if err == errno.ENOENT:
                 return False
             raise BpfError(err, f"map {self.name}: delete")
         return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.keys()
 
     def keys(self) -> Iterator[bytes]:
         """Iterate keys with get_next_key (entries changing meanwhile may be missed)."""
@@ -180,7 +183,7 @@ class Map:
         nxt = ctypes.create_string_buffer(self.key_size)
         prev: ctypes.Array[ctypes.c_char] | None = None
         while True:
-            if L.lib.bpf_map_get_next_key(self.fd, prev, nxt) < 0:
+            if lb.lib.bpf_map_get_next_key(self.fd, prev, nxt) < 0:
                 err = ctypes.get_errno()
                 if err == errno.ENOENT:
                     return
@@ -190,8 +193,8 @@ class Map:
             prev = cur
 
     # ---- batches ----------------------------------------------------------------------
-    def _batch_opts(self, elem_flags: int = 0) -> L.BpfMapBatchOpts:
-        return L.BpfMapBatchOpts(sz=ctypes.sizeof(L.BpfMapBatchOpts), elem_flags=elem_flags)
+    def _batch_opts(self, elem_flags: int = 0) -> lb.BpfMapBatchOpts:
+        return lb.BpfMapBatchOpts(sz=ctypes.sizeof(lb.BpfMapBatchOpts), elem_flags=elem_flags)
 
     def items(self, *, chunk: int = 4096) -> list[tuple[bytes, bytes]]:
         """Every (key, value), with batch lookups where the kernel supports them."""
@@ -220,7 +223,7 @@ class Map:
         first = True
         while True:
             count = ctypes.c_uint32(chunk)
-            rc = L.lib.bpf_map_lookup_batch(
+            rc = lb.lib.bpf_map_lookup_batch(
                 self.fd, None if first else token_in, token_out, keys, values,
                 ctypes.byref(count), ctypes.byref(opts),
             )
@@ -251,7 +254,7 @@ class Map:
             opts = self._batch_opts(elem_flags)
             while done < total:
                 count = ctypes.c_uint32(total - done)
-                rc = L.lib.bpf_map_update_batch(
+                rc = lb.lib.bpf_map_update_batch(
                     self.fd, ctypes.byref(kbuf, done * ks), ctypes.byref(vbuf, done * vs),
                     ctypes.byref(count), ctypes.byref(opts),
                 )
@@ -260,7 +263,9 @@ class Map:
                     if done == 0 and count.value == 0 and err in _NO_BATCH and not self._batch_ok:
                         self._batch_ok = False
                         break
-                    raise BpfError(err, f"map {self.name}: update batch at element {done + count.value}")
+                    raise BpfError(
+                        err, f"map {self.name}: update batch at element {done + count.value}"
+                    )
                 self._batch_ok = True
                 done += count.value
             else:
@@ -278,7 +283,7 @@ class Map:
             return
         kbuf = ctypes.create_string_buffer(keys, len(keys))
         count = ctypes.c_uint32(total)
-        rc = L.lib.bpf_map_delete_batch(
+        rc = lb.lib.bpf_map_delete_batch(
             self.fd, kbuf, ctypes.byref(count), ctypes.byref(self._batch_opts())
         )
         if rc < 0:
@@ -318,7 +323,13 @@ class TypedMap(Generic[K, V]):
 
     def lookup(self, key: K) -> V | None:
         data = self.raw.lookup(bytes(key))
-        return None if data is None else self.value_type.from_buffer_copy(data)
+        return None if data is None else self._value(data)
+
+    def _key_of(self, data: bytes) -> K:
+        return cast(K, self.key_type.from_buffer_copy(data))
+
+    def _value(self, data: bytes, offset: int = 0) -> V:
+        return cast(V, self.value_type.from_buffer_copy(data, offset))
 
     def lookup_percpu(self, key: K) -> list[V]:
         """Per-CPU maps: one value per possible CPU."""
@@ -326,9 +337,7 @@ class TypedMap(Generic[K, V]):
         if data is None:
             return []
         stride = self.raw.value_size // self.raw.ncpus
-        return [
-            self.value_type.from_buffer_copy(data, i * stride) for i in range(self.raw.ncpus)
-        ]
+        return [self._value(data, i * stride) for i in range(self.raw.ncpus)]
 
     def update(self, key: K, value: V, flags: int = BPF_ANY) -> None:
         self.raw.update(bytes(key), bytes(value), flags)
@@ -337,12 +346,14 @@ class TypedMap(Generic[K, V]):
         return self.raw.delete(bytes(key))
 
     def items(self) -> list[tuple[K, V]]:
-        kt, vt = self.key_type, self.value_type
-        return [(kt.from_buffer_copy(k), vt.from_buffer_copy(v)) for k, v in self.raw.items()]
+        return [(self._key_of(k), self._value(v)) for k, v in self.raw.items()]
+
+    def __iter__(self) -> Iterator[K]:
+        return self.keys()
 
     def keys(self) -> Iterator[K]:
-        for key in self.raw.keys():
-            yield self.key_type.from_buffer_copy(key)
+        for key in self.raw:
+            yield self._key_of(key)
 
     def update_many(self, pairs: Iterable[tuple[K, V]]) -> None:
         keys = bytearray()

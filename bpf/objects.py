@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bpf import _libbpf as L
+from bpf import _libbpf as lb
 from bpf.errors import BpfError
 from bpf.maps import Map
 
@@ -40,8 +40,8 @@ def _on_libbpf_print(level: int, fmt: bytes | None, args: int | None) -> int:
     return 0
 
 
-_PRINT_CB = L.PRINT_FN(_on_libbpf_print)  # kept referenced for the process lifetime
-L.lib.libbpf_set_print(_PRINT_CB)
+_PRINT_CB = lb.PRINT_FN(_on_libbpf_print)  # kept referenced for the process lifetime
+lb.lib.libbpf_set_print(_PRINT_CB)
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,15 @@ class ProgInfo:
 
 
 def prog_info(fd: int, what: str = "program") -> ProgInfo:
-    info = L.BpfProgInfo()
+    info = lb.BpfProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    L.check(L.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+    lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
             f"{what}: get info")
     ids = (ctypes.c_uint32 * info.nr_map_ids)()
     if info.nr_map_ids:
-        again = L.BpfProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
+        again = lb.BpfProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
         size = ctypes.c_uint32(ctypes.sizeof(again))
-        L.check(L.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(again), ctypes.byref(size)),
+        lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(again), ctypes.byref(size)),
                 f"{what}: get map ids")
     return ProgInfo(
         id=info.id,
@@ -84,12 +84,12 @@ class Program:
 
     @classmethod
     def from_pin(cls, path: str) -> Program:
-        fd = L.check(L.lib.bpf_obj_get(path.encode()), f"open pinned program {path}")
+        fd = lb.check(lb.lib.bpf_obj_get(path.encode()), f"open pinned program {path}")
         return cls(fd)
 
     @classmethod
     def from_id(cls, prog_id: int) -> Program:
-        fd = L.check(L.lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+        fd = lb.check(lb.lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
         return cls(fd)
 
     def pin(self, path: str) -> None:
@@ -97,7 +97,7 @@ class Program:
         tmp = f"{path}_new"  # bpffs rejects names containing a dot
         if os.path.exists(tmp):
             os.unlink(tmp)
-        L.check(L.lib.bpf_obj_pin(self.fd, tmp.encode()), f"pin program {self.name} at {tmp}")
+        lb.check(lb.lib.bpf_obj_pin(self.fd, tmp.encode()), f"pin program {self.name} at {tmp}")
         os.replace(tmp, path)
 
     def test_run(self, data: bytes, *, ifindex: int = 0, repeat: int = 1) -> TestRun:
@@ -106,14 +106,14 @@ class Program:
         ctx = _SkbCtx(ifindex=ifindex)
         out = ctypes.create_string_buffer(len(data) + 256)
         inp = ctypes.create_string_buffer(data, len(data))
-        opts = L.BpfTestRunOpts(
-            sz=ctypes.sizeof(L.BpfTestRunOpts),
+        opts = lb.BpfTestRunOpts(
+            sz=ctypes.sizeof(lb.BpfTestRunOpts),
             data_in=ctypes.addressof(inp), data_size_in=len(data),
             data_out=ctypes.addressof(out), data_size_out=len(out),
             ctx_in=ctypes.addressof(ctx), ctx_size_in=ctypes.sizeof(ctx),
             repeat=repeat,
         )
-        L.check(L.lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
+        lb.check(lb.lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
                 f"program {self.name}: test run")
         return TestRun(retval=opts.retval, duration_ns=opts.duration,
                        data=out.raw[: opts.data_size_out])
@@ -149,23 +149,23 @@ class TestRun:
 
 def object_names(path: str) -> tuple[list[str], list[str]]:
     """Map and program names of an object file, read without loading it into the kernel."""
-    opts = L.BpfObjectOpenOpts(sz=ctypes.sizeof(L.BpfObjectOpenOpts))
-    obj = L.check_ptr(L.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
+    opts = lb.BpfObjectOpenOpts(sz=ctypes.sizeof(lb.BpfObjectOpenOpts))
+    obj = lb.check_ptr(lb.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
                       f"open BPF object {path}")
     try:
         maps: list[str] = []
-        m = L.lib.bpf_object__next_map(obj, None)
+        m = lb.lib.bpf_object__next_map(obj, None)
         while m:
-            maps.append(L.lib.bpf_map__name(m).decode())
-            m = L.lib.bpf_object__next_map(obj, m)
+            maps.append(lb.lib.bpf_map__name(m).decode())
+            m = lb.lib.bpf_object__next_map(obj, m)
         progs: list[str] = []
-        p = L.lib.bpf_object__next_program(obj, None)
+        p = lb.lib.bpf_object__next_program(obj, None)
         while p:
-            progs.append(L.lib.bpf_program__name(p).decode())
-            p = L.lib.bpf_object__next_program(obj, p)
+            progs.append(lb.lib.bpf_program__name(p).decode())
+            p = lb.lib.bpf_object__next_program(obj, p)
         return maps, progs
     finally:
-        L.lib.bpf_object__close(obj)
+        lb.lib.bpf_object__close(obj)
 
 
 class BpfObject:
@@ -194,20 +194,20 @@ class BpfObject:
             raise BpfError(2, f"open BPF object {path}")
         if map_pin_dir is not None:
             os.makedirs(map_pin_dir, mode=0o700, exist_ok=True)
-        opts = L.BpfObjectOpenOpts(
-            sz=ctypes.sizeof(L.BpfObjectOpenOpts),
+        opts = lb.BpfObjectOpenOpts(
+            sz=ctypes.sizeof(lb.BpfObjectOpenOpts),
             pin_root_path=map_pin_dir.encode() if map_pin_dir else None,
         )
         _capture.lines = []
         try:
-            obj = L.check_ptr(
-                L.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
+            obj = lb.check_ptr(
+                lb.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
                 f"open BPF object {path}",
             )
             try:
                 return cls._load_open(path, obj, dict(max_entries or {}))
             finally:
-                L.lib.bpf_object__close(obj)
+                lb.lib.bpf_object__close(obj)
         except BpfError as exc:
             detail = "\n".join(_capture.lines[-40:])
             raise BpfError(exc.errno or 1, exc.what, detail) from None
@@ -217,30 +217,30 @@ class BpfObject:
     @classmethod
     def _load_open(cls, path: str, obj: int, sizes: dict[str, int]) -> BpfObject:
         handles: dict[str, int] = {}
-        m = L.lib.bpf_object__next_map(obj, None)
+        m = lb.lib.bpf_object__next_map(obj, None)
         while m:
-            handles[L.lib.bpf_map__name(m).decode()] = m
-            m = L.lib.bpf_object__next_map(obj, m)
+            handles[lb.lib.bpf_map__name(m).decode()] = m
+            m = lb.lib.bpf_object__next_map(obj, m)
         for name, size in sizes.items():
             if name not in handles:
                 raise BpfError(2, f"{path}: no map named {name}")
-            L.check(L.lib.bpf_map__set_max_entries(handles[name], size),
+            lb.check(lb.lib.bpf_map__set_max_entries(handles[name], size),
                     f"map {name}: set max_entries {size}")
-        L.check(L.lib.bpf_object__load(obj), f"load BPF object {path}")
+        lb.check(lb.lib.bpf_object__load(obj), f"load BPF object {path}")
 
         maps: dict[str, Map] = {}
         for name, handle in handles.items():
             if name.startswith("."):  # .rodata/.bss style internal maps
                 continue
-            fd = L.check(L.lib.bpf_map__fd(handle), f"map {name}: fd")
+            fd = lb.check(lb.lib.bpf_map__fd(handle), f"map {name}: fd")
             maps[name] = Map(os.dup(fd), name=name)
         programs: dict[str, Program] = {}
-        p = L.lib.bpf_object__next_program(obj, None)
+        p = lb.lib.bpf_object__next_program(obj, None)
         while p:
-            name = L.lib.bpf_program__name(p).decode()
-            fd = L.check(L.lib.bpf_program__fd(p), f"program {name}: fd")
+            name = lb.lib.bpf_program__name(p).decode()
+            fd = lb.check(lb.lib.bpf_program__fd(p), f"program {name}: fd")
             programs[name] = Program(os.dup(fd), name=name)
-            p = L.lib.bpf_object__next_program(obj, p)
+            p = lb.lib.bpf_object__next_program(obj, p)
         return cls(path, maps, programs)
 
     def close(self) -> None:

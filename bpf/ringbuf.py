@@ -12,7 +12,7 @@ import asyncio
 import ctypes
 from collections.abc import Callable
 
-from bpf import _libbpf as L
+from bpf import _libbpf as lb
 from bpf.maps import Map
 
 
@@ -21,28 +21,28 @@ class RingBuffer:
         self._ring = ring
         self._on_records = on_records
         self._batch: list[bytes] = []
-        self._cb = L.RING_SAMPLE_FN(self._sample)  # referenced for the object's lifetime
-        self._rb = L.check_ptr(
-            L.lib.ring_buffer__new(ring.fd, self._cb, None, None),
+        self._cb = lb.RING_SAMPLE_FN(self._sample)  # referenced for the object's lifetime
+        self._rb = lb.check_ptr(
+            lb.lib.ring_buffer__new(ring.fd, self._cb, None, None),
             f"ring buffer {ring.name}: open",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.consumed = 0
 
     def _sample(self, ctx: int | None, data: int | None, size: int) -> int:
-        self._batch.append(ctypes.string_at(data, size))
+        self._batch.append(ctypes.string_at(data or 0, size))
         return 0
 
     @property
     def epoll_fd(self) -> int:
-        return L.lib.ring_buffer__epoll_fd(self._rb)
+        return int(lb.lib.ring_buffer__epoll_fd(self._rb))
 
     def consume(self) -> int:
         """Drain every available record now (non-blocking); returns how many."""
-        n = L.lib.ring_buffer__consume(self._rb)
+        n = lb.lib.ring_buffer__consume(self._rb)
         batch, self._batch = self._batch, []
         if n < 0:
-            L.check(n, f"ring buffer {self._ring.name}: consume")
+            lb.check(n, f"ring buffer {self._ring.name}: consume")
         if batch:
             self.consumed += len(batch)
             self._on_records(batch)
@@ -61,5 +61,5 @@ class RingBuffer:
     def close(self) -> None:
         self.detach()
         if self._rb:
-            L.lib.ring_buffer__free(self._rb)
+            lb.lib.ring_buffer__free(self._rb)
             self._rb = 0

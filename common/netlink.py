@@ -65,11 +65,15 @@ def _raise(exc: NetlinkError, what: str) -> NetlinkOpError:
 
 
 def _raw_nla(msg: Any, attr_type: int) -> bytes | None:
-    """Payload of an attribute pyroute2 left undecoded ('UNKNOWN'), by its type number."""
+    """Payload of an attribute pyroute2 left undecoded ('UNKNOWN'), by its type number,
+    read from the wire bytes (struct nlattr: u16 length, u16 type, payload)."""
     for slot in msg["attrs"]:
         name, nla = slot.cell
-        if name == "UNKNOWN" and nla["header"]["type"] & 0x3FFF == attr_type:
-            return bytes(nla.data[nla.offset + 4 : nla.offset + nla.length])
+        if name != "UNKNOWN":
+            continue
+        length, kind = struct.unpack_from("=HH", nla.data, nla.offset)
+        if kind & 0x3FFF == attr_type:
+            return bytes(nla.data[nla.offset + 4 : nla.offset + length])
     return None
 
 

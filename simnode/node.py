@@ -1,10 +1,11 @@
 """A simulated Kubernetes node built from network namespaces.
 
 One "node" namespace holds the host side of every pod's veth pair, the node's own
-address (on a dummy interface) and IP forwarding. Each pod is its own namespace with
-``eth0``, a /32 and a /128 address, and a default route via the host veth (VPC-CNI
-style: gateway 169.254.1.1 with a static neighbour entry, and fe80::1 for IPv6), so pods
-reach each other through their host veths, where the policy programs sit.
+addresses (on its loopback: some kernels lack the dummy driver) and IP forwarding.
+Each pod is its own namespace with ``eth0``, a /32 and a /128 address, and a default
+route via the host veth (VPC-CNI style: gateway 169.254.1.1 with a static neighbour
+entry, and fe80::1 for IPv6), so pods reach each other through their host veths, where
+the policy programs sit.
 """
 
 from __future__ import annotations
@@ -66,10 +67,8 @@ class SimNode:
             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
             sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
             ip link set lo up
-            ip link add node0 type dummy
-            ip link set node0 up
-            ip addr add {self.node_ipv4}/32 dev node0
-            ip -6 addr add {self.node_ipv6}/128 dev node0 nodad
+            ip addr add {self.node_ipv4}/32 dev lo
+            ip -6 addr add {self.node_ipv6}/128 dev lo
             """,
             netns=self.netns,
         )
@@ -88,8 +87,7 @@ class SimNode:
         )
         if len(pod.host_veth) > 15:
             raise ValueError(f"interface name {pod.host_veth} too long")
-        mac = f"02:{seq >> 24 & 0xff:02x}:{seq >> 16 & 0xff:02x}:{seq >> 8 & 0xff:02x}:" \
-              f"{seq & 0xff:02x}:01"
+        mac = "02:" + ":".join(f"{b:02x}" for b in seq.to_bytes(4, "big")) + ":01"
         await netns.arun(f"ip netns add {pod.netns}")
         self.pods[name] = pod
         await netns.arun(

@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from collections import Counter
 from collections.abc import Iterable
+from typing import cast
 
 from simnode.netns import socket_in
 
@@ -29,8 +30,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         self.server.udp_received[str(addr[0])] += 1

@@ -20,7 +20,7 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
 
 def clang_version() -> str:
-    assert shutil.which("clang"), "clang is needed to check the committed objects (scripts/setup.sh)"
+    assert shutil.which("clang"), "clang is needed to check the committed objects (setup.sh)"
     out = subprocess.run(["clang", "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0]
 

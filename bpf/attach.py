@@ -1,0 +1,50 @@
+"""Attach the datapath's programs to a pod's host-side veth (tc clsact).
+
+Directions swap at the veth: traffic *to* the pod leaves the host through the veth (tc
+egress hook), traffic *from* the pod enters the host through it (tc ingress hook). So the
+pod's ingress program sits on the veth's tc egress and its egress program on tc ingress.
+Attaching replaces our filter atomically (same priority and handle), so re-pointing a veth
+at a newly loaded program never leaves it unfiltered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bpf import layout
+from bpf.objects import Program
+from common.netlink import HOOK_EGRESS, HOOK_INGRESS, Netlink
+
+POD_INGRESS_HOOK = HOOK_EGRESS
+POD_EGRESS_HOOK = HOOK_INGRESS
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Program ids on a veth (0: nothing of ours attached)."""
+
+    ingress_prog_id: int
+    egress_prog_id: int
+
+    def is_current(self, *, ingress: Program, egress: Program) -> bool:
+        return (self.ingress_prog_id, self.egress_prog_id) == (ingress.id, egress.id)
+
+
+async def attach(nl: Netlink, ifindex: int, *, ingress: Program, egress: Program) -> None:
+    await nl.attach_bpf(ifindex, hook=POD_INGRESS_HOOK, prog_fd=ingress.fd,
+                        name=layout.PROG_INGRESS)
+    await nl.attach_bpf(ifindex, hook=POD_EGRESS_HOOK, prog_fd=egress.fd,
+                        name=layout.PROG_EGRESS)
+
+
+async def detach(nl: Netlink, ifindex: int) -> None:
+    await nl.detach_bpf(ifindex, hook=POD_INGRESS_HOOK)
+    await nl.detach_bpf(ifindex, hook=POD_EGRESS_HOOK)
+
+
+async def attachment(nl: Netlink, ifindex: int) -> Attachment:
+    ids = {HOOK_INGRESS: 0, HOOK_EGRESS: 0}
+    for f in await nl.bpf_filters(ifindex):
+        if f.name in (layout.PROG_INGRESS, layout.PROG_EGRESS):
+            ids[f.hook] = f.prog_id
+    return Attachment(ingress_prog_id=ids[POD_INGRESS_HOOK], egress_prog_id=ids[POD_EGRESS_HOOK])
