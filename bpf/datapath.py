@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -72,7 +73,7 @@ class PodPolicy:
 @dataclass
 class _Trie:
     id: int
-    key: frozenset[tuple[Prefix, Portset]]
+    digest: bytes
     portsets: frozenset[int]
     refs: int = 0
 
@@ -130,7 +131,7 @@ class Datapath:
         self.egress_prog: Program = obj.programs[lay.PROG_EGRESS]
 
         self._tries: dict[int, _Trie] = {}
-        self._trie_by_key: dict[frozenset[tuple[Prefix, Portset]], int] = {}
+        self._trie_by_key: dict[bytes, int] = {}
         self._portsets: dict[Portset, _PortsetRef] = {}
         self._portset_by_id: dict[int, Portset] = {}
         self._records: dict[int, _Record] = {}
@@ -214,9 +215,9 @@ class Datapath:
             entries = self.read_trie(trie_id)
             if entries is None:
                 continue
-            trie = _Trie(trie_id, entries.key(), frozenset(self._ids_of(entries)))
+            trie = _Trie(trie_id, entries.digest(), frozenset(self._ids_of(entries)))
             self._tries[trie_id] = trie
-            self._trie_by_key[trie.key] = trie_id
+            self._trie_by_key[trie.digest] = trie_id
             for ps_id in trie.portsets:
                 self._portset_ref(ps_id).refs += 1
             self._next_trie = max(self._next_trie, trie_id + 1)
@@ -286,11 +287,11 @@ class Datapath:
         """Switch each pod (by host veth ifindex) to its new policy, atomically per pod.
 
         Every trie the new policies need is in place before any record changes."""
-        needed: dict[frozenset[tuple[Prefix, Portset]], CompiledRules] = {}
+        needed: dict[bytes, CompiledRules] = {}
         for pod in pods.values():
             for d in (pod.ingress, pod.egress):
                 if d.state == lay.NP_STATE_POLICIES_APPLIED and d.rules is not None:
-                    needed.setdefault(d.rules.key(), d.rules)
+                    needed.setdefault(d.rules.digest(), d.rules)
         trie_ids = self._install_tries(needed)
 
         records: dict[int, lay.NpPod] = {}
@@ -326,9 +327,9 @@ class Datapath:
                     self._tries[t].refs -= 1
 
     def _install_tries(
-        self, needed: Mapping[frozenset[tuple[Prefix, Portset]], CompiledRules]
-    ) -> dict[frozenset[tuple[Prefix, Portset]], int]:
-        ids: dict[frozenset[tuple[Prefix, Portset]], int] = {}
+        self, needed: Mapping[bytes, CompiledRules]
+    ) -> dict[bytes, int]:
+        ids: dict[bytes, int] = {}
         new: list[tuple[int, CompiledRules, Map]] = []
         try:
             for key, compiled in needed.items():
@@ -346,7 +347,7 @@ class Datapath:
                     b"".join(bytes(U32(m.fd)) for _, _, m in new),
                 )
                 for trie_id, compiled, _ in new:
-                    key = compiled.key()
+                    key = compiled.digest()
                     trie = _Trie(trie_id, key, frozenset(self._ids_of(compiled)))
                     self._tries[trie_id] = trie
                     self._trie_by_key[key] = trie_id
@@ -367,13 +368,15 @@ class Datapath:
             flags=BPF_F_NO_PREALLOC,
         )
         try:
-            keys = bytearray()
-            values = bytearray()
-            for prefix, ps in compiled.entries.items():
-                keys += bytes(lpm_key(prefix))
-                ps_id = lay.NP_PORTSET_NONE if ps.allows_nothing else self._portsets[ps].id
-                values += bytes(lay.NpLpmValue(portset_id=ps_id))
-            trie.update_batch(bytes(keys), bytes(values))
+            ids = self._portsets
+            keys = b"".join(_LPM_KEY.pack(NP_PREFIX_BITS + p.length, p.family,
+                                          p.value.to_bytes(_WIDTH[p.family], "big"))
+                            for p in compiled.entries)
+            values = b"".join(
+                _U32.pack(lay.NP_PORTSET_NONE if ps.allows_nothing else ids[ps].id)
+                for ps in compiled.entries.values()
+            )
+            trie.update_batch(keys, values)
         except BaseException:
             trie.close()
             raise
@@ -401,7 +404,7 @@ class Datapath:
             self.rules.delete_batch(b"".join(bytes(U32(t.id)) for t in retired))
             for t in retired:
                 del self._tries[t.id]
-                del self._trie_by_key[t.key]
+                del self._trie_by_key[t.digest]
                 for ps_id in t.portsets:
                     self._portset_ref(ps_id).refs -= 1
         unused = [(ps, ref) for ps, ref in self._portsets.items() if ref.refs <= 0]
@@ -498,10 +501,17 @@ def _sized(map_dir: str, name: str, wanted: int | None, what: str) -> int | None
 
 
 # ---- conversions between models and map structs ---------------------------------------
-def _trie_of(d: DirectionPolicy, ids: Mapping[frozenset[tuple[Prefix, Portset]], int]) -> int:
+_LPM_KEY = struct.Struct("<IB16s3x")  # struct np_lpm_key
+_U32 = struct.Struct("<I")
+_WIDTH = {lay.NP_FAMILY_IPV4: 4, lay.NP_FAMILY_IPV6: 16}
+NP_PREFIX_BITS = lay.NP_LPM_FAMILY_BITS
+assert _LPM_KEY.size == ctypes.sizeof(lay.NpLpmKey)
+
+
+def _trie_of(d: DirectionPolicy, ids: Mapping[bytes, int]) -> int:
     if d.state != lay.NP_STATE_POLICIES_APPLIED or d.rules is None:
         return lay.NP_TRIE_NONE
-    return ids[d.rules.key()]
+    return ids[d.rules.digest()]
 
 
 def lpm_key(prefix: Prefix) -> lay.NpLpmKey:

@@ -18,9 +18,12 @@ Nothing is truncated: a port set beyond ``NP_MAX_PORT_RULES`` ranges raises
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from bpf.errors import RuleLimitError
 from bpf.layout import (
@@ -36,6 +39,7 @@ from bpf.layout import (
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PORT_PROTOCOLS = (NP_PROTO_TCP, NP_PROTO_UDP, NP_PROTO_SCTP)
 _WIDTH = {NP_FAMILY_IPV4: 32, NP_FAMILY_IPV6: 128}
+_PREFIX = struct.Struct("<BB16s")
 
 
 @dataclass(frozen=True, order=True)
@@ -69,8 +73,7 @@ class PeerRule:
     policy_id: int = 0
 
 
-@dataclass(frozen=True, order=True)
-class Prefix:
+class Prefix(NamedTuple):
     """A prefix as the datapath keys it: family, prefix length and the address as int."""
 
     family: int
@@ -83,8 +86,9 @@ class Prefix:
         return cls(family, net.prefixlen, int(net.network_address))
 
     def network(self) -> Network:
-        return ipaddress.ip_network((self.value, self.length)) if self.family == NP_FAMILY_IPV4 \
-            else ipaddress.IPv6Network((self.value, self.length))
+        if self.family == NP_FAMILY_IPV4:
+            return ipaddress.IPv4Network((self.value, self.length))
+        return ipaddress.IPv6Network((self.value, self.length))
 
     def ancestor(self, length: int) -> Prefix:
         shift = _WIDTH[self.family] - length
@@ -94,8 +98,7 @@ class Prefix:
         return str(self.network())
 
 
-@dataclass(frozen=True, order=True)
-class PortRule:
+class PortRule(NamedTuple):
     """A normalised rule as stored in a port set (protocol TCP/UDP/SCTP)."""
 
     protocol: int
@@ -104,8 +107,7 @@ class PortRule:
     policy_id: int
 
 
-@dataclass(frozen=True)
-class Portset:
+class Portset(NamedTuple):
     """What one prefix allows. ``any_policy`` set: everything (by that policy);
     otherwise ``rules``, sorted by (protocol, start) and disjoint. Empty: nothing."""
 
@@ -115,6 +117,11 @@ class Portset:
     @property
     def allows_nothing(self) -> bool:
         return self.any_policy is None and not self.rules
+
+    def canonical(self) -> bytes:
+        """Content bytes (for digests): any-policy flag and id, then each rule."""
+        head = struct.pack("<BI", self.any_policy is not None, self.any_policy or 0)
+        return head + b"".join(struct.pack("<BHHI", *r) for r in self.rules)
 
     def allows(self, protocol: int, port: int | None) -> int | None:
         """Reference semantics of the datapath's check: the allowing policy or None.
@@ -140,10 +147,23 @@ class CompiledRules:
     """The entries of one direction's trie: prefix -> port set."""
 
     entries: dict[Prefix, Portset] = field(default_factory=dict)
+    _digest: bytes | None = field(default=None, repr=False, compare=False)
 
-    def key(self) -> frozenset[tuple[Prefix, Portset]]:
-        """Content identity, for sharing one trie between pods with equal rules."""
-        return frozenset(self.entries.items())
+    def digest(self) -> bytes:
+        """Content identity (BLAKE2b-256 of the sorted entries), for sharing one trie
+        between pods with equal rules. Computed once: entries are not changed after."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=32)
+            canon: dict[Portset, bytes] = {}
+            for prefix in sorted(self.entries):
+                ps = self.entries[prefix]
+                if ps not in canon:
+                    canon[ps] = ps.canonical()
+                h.update(_PREFIX.pack(prefix.family, prefix.length,
+                                      prefix.value.to_bytes(16, "big")))
+                h.update(canon[ps])
+            self._digest = h.digest()
+        return self._digest
 
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Prefix | None:
         """Longest stored prefix containing ``address`` (reference LPM, for tests/explain)."""
@@ -157,7 +177,7 @@ class CompiledRules:
 
 
 def normalise_ports(contributions: Iterable[tuple[int, tuple[PortRange, ...]]],
-                    *, where: str = "") -> Portset:
+                    *, where: object = "port set") -> Portset:
     """Union of (policy_id, ports) contributions as a normalised :class:`Portset`."""
     ordered = sorted(contributions, key=lambda c: c[0])
     for policy_id, ports in ordered:
@@ -184,7 +204,7 @@ def normalise_ports(contributions: Iterable[tuple[int, tuple[PortRange, ...]]],
         rules.extend(PortRule(protocol, s, e, pol) for s, e, pol in merged)
     if len(rules) > NP_MAX_PORT_RULES:
         raise RuleLimitError(
-            f"{where or 'port set'}: {len(rules)} distinct port ranges after merging, "
+            f"{where}: {len(rules)} distinct port ranges after merging, "
             f"the datapath holds at most {NP_MAX_PORT_RULES} per CIDR"
         )
     return Portset(rules=tuple(rules))
@@ -220,46 +240,49 @@ def _covers_all(covered: list[tuple[int, int, int]]) -> bool:
 
 def compile_rules(rules: Sequence[PeerRule]) -> CompiledRules:
     """Flatten one direction's rules into trie entries (see module docstring)."""
-    by_cidr: dict[Prefix, list[PeerRule]] = {}
-    excepts: dict[int, frozenset[Prefix]] = {}
+    by_cidr: dict[Prefix, list[int]] = {}
+    excepts: list[frozenset[Prefix]] = []
     prefixes: set[Prefix] = set()
     for i, rule in enumerate(rules):
         cidr = Prefix.of(rule.cidr)
-        by_cidr.setdefault(cidr, []).append(rule)
+        by_cidr.setdefault(cidr, []).append(i)
         inside = frozenset(
             e for e in map(Prefix.of, rule.excepts)
             if e.family == cidr.family and e.length >= cidr.length
             and e.ancestor(cidr.length) == cidr
         )
-        excepts[i] = inside
+        excepts.append(inside)
         prefixes.add(cidr)
         prefixes.update(inside)
-    index = {id(r): i for i, r in enumerate(rules)}
 
     lengths: dict[int, list[int]] = {NP_FAMILY_IPV4: [], NP_FAMILY_IPV6: []}
     for p in prefixes:
         lengths[p.family].append(p.length)
     for fam in lengths:
         lengths[fam] = sorted(set(lengths[fam]))
+    any_excepts = any(excepts)
 
-    compiled = CompiledRules()
+    # Many prefixes see the same contributions: normalise each distinct set once.
+    normalised: dict[tuple[tuple[int, tuple[PortRange, ...]], ...], Portset] = {}
     kept: dict[Prefix, Portset] = {}
-    for p in sorted(prefixes, key=lambda q: (q.family, q.length, q.value)):
-        ancestors = {p.ancestor(n) for n in lengths[p.family] if n <= p.length}
-        contributions = []
-        for anc in ancestors:
-            for rule in by_cidr.get(anc, ()):
-                if excepts[index[id(rule)]] & ancestors:
-                    continue
-                contributions.append((rule.policy_id, rule.ports))
-        portset = normalise_ports(contributions, where=str(p)) if contributions else NOTHING
-        nearest = next(
-            (kept[a] for n in reversed(lengths[p.family]) if n < p.length
-             if (a := p.ancestor(n)) in kept),
-            None,
+    for p in sorted(prefixes):
+        ancestors = [p.ancestor(n) for n in lengths[p.family] if n <= p.length]
+        anc_set = set(ancestors) if any_excepts else None
+        contributions = tuple(
+            (rules[i].policy_id, rules[i].ports)
+            for anc in ancestors for i in by_cidr.get(anc, ())
+            if anc_set is None or not excepts[i] & anc_set
         )
+        portset = normalised.get(contributions)
+        if portset is None:
+            portset = normalise_ports(contributions, where=p) if contributions else NOTHING
+            normalised[contributions] = portset
+        nearest = None
+        for n in reversed(lengths[p.family]):
+            if n < p.length and (a := p.ancestor(n)) in kept:
+                nearest = kept[a]
+                break
         if nearest == portset or (nearest is None and portset.allows_nothing):
             continue
         kept[p] = portset
-    compiled.entries = kept
-    return compiled
+    return CompiledRules(entries=kept)

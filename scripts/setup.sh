@@ -48,7 +48,8 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    # compat mode: the repository itself on sys.path, so new packages need no reinstall
+    .venv/bin/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
