@@ -47,9 +47,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
+    echo "setup: installing the project and its Python dependencies into .venv"
+    log=.venv/pip-install.log
     # compat mode: the repository itself on sys.path, so new packages need no reinstall
-    .venv/bin/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+         } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup: pip install failed (log above, also in $log)" >&2
+        exit 1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
