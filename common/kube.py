@@ -1,0 +1,197 @@
+"""Typed adapter over kubernetes-asyncio: the only module importing it.
+
+The library provides configuration (kubeconfig or in-cluster), authentication and the
+HTTP session; requests are made on raw paths with plain dicts (TypedDict-shaped until a
+caller validates them), so that one adapter serves the core, networking and CRD groups
+and watches can be streamed line by line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str          # "" for core
+    version: str
+    plural: str
+    namespaced: bool
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if namespace and self.namespaced:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        return base
+
+
+PODS = Resource("", "v1", "pods", True)
+NAMESPACES = Resource("", "v1", "namespaces", False)
+SERVICES = Resource("", "v1", "services", True)
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", True)
+POLICY_ENDPOINTS = Resource("networking.k8s.aws", "v1alpha1", "policyendpoints", True)
+
+
+class KubeError(Exception):
+    """An API request failed. ``status`` is the HTTP status (0: no response)."""
+
+    def __init__(self, status: int, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class GoneError(KubeError):
+    """410: the resourceVersion is too old; list again."""
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str       # ADDED | MODIFIED | DELETED | BOOKMARK
+    object: Obj
+
+
+class KubeClient:
+    def __init__(self, api: k8s_client.ApiClient) -> None:
+        self._api = api
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
+        """From a kubeconfig file, or the in-cluster service account when None."""
+        cfg = k8s_client.Configuration()
+        if kubeconfig:
+            await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        else:
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return cls(k8s_client.ApiClient(configuration=cfg))
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def _call(self, method: str, path: str, *, query: dict[str, str] | None = None,
+                    body: Any = None, content_type: str = "application/json",
+                    timeout: float | aiohttp.ClientTimeout | None = 30.0) -> Any:
+        try:
+            resp = await self._api.call_api(
+                path, method,
+                query_params=list((query or {}).items()),
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+        except ApiException as exc:  # raised for >= 400 statuses
+            body = exc.body or exc.reason or ""
+            text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+            raise _error(exc.status or 0, text) from exc
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubeError(0, f"{method} {path}: {exc!r}") from exc
+        return resp
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Obj:
+        resp = await self._call(method, path, **kw)
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            raise _error(resp.status, data.decode(errors="replace"))
+        result: Obj = json.loads(data)
+        return result
+
+    # ---- verbs ------------------------------------------------------------------------
+    async def list(self, resource: Resource, *, namespace: str | None = None,
+                   label_selector: str | None = None, field_selector: str | None = None
+                   ) -> tuple[list[Obj], str]:
+        """Items and the list's resourceVersion (to watch from)."""
+        query = _selectors(label_selector, field_selector)
+        data = await self._json("GET", resource.path(namespace), query=query)
+        return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
+
+    async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:
+        return await self._json("GET", resource.path(namespace, name))
+
+    async def create(self, resource: Resource, namespace: str | None, body: Obj) -> Obj:
+        return await self._json("POST", resource.path(namespace), body=body)
+
+    async def replace(self, resource: Resource, namespace: str | None, name: str,
+                      body: Obj) -> Obj:
+        return await self._json("PUT", resource.path(namespace, name), body=body)
+
+    async def patch(self, resource: Resource, namespace: str | None, name: str,
+                    patch: Obj) -> Obj:
+        return await self._json("PATCH", resource.path(namespace, name), body=patch,
+                                content_type="application/merge-patch+json")
+
+    async def delete(self, resource: Resource, namespace: str | None, name: str) -> Obj:
+        return await self._json("DELETE", resource.path(namespace, name))
+
+    async def watch(self, resource: Resource, *, resource_version: str,
+                    namespace: str | None = None, label_selector: str | None = None,
+                    field_selector: str | None = None, timeout_seconds: int = 300,
+                    idle_timeout: float = 90.0) -> AsyncIterator[WatchEvent]:
+        """Stream events after ``resource_version`` (bookmarks included). Ends when the
+        server closes the watch; raises :class:`GoneError` on 410, :class:`KubeError` on any
+        other failure, including ``idle_timeout`` seconds of silence."""
+        query = _selectors(label_selector, field_selector)
+        query.update(watch="1", resourceVersion=resource_version, allowWatchBookmarks="true",
+                     timeoutSeconds=str(timeout_seconds))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout)
+        resp = await self._call("GET", resource.path(namespace), query=query, timeout=timeout)
+        try:
+            if resp.status >= 400:
+                raise _error(resp.status, (await resp.read()).decode(errors="replace"))
+            while True:
+                try:
+                    line = await resp.content.readline()
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    raise KubeError(0, f"watch {resource.plural}: {exc!r}") from exc
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                etype, obj = event.get("type"), event.get("object") or {}
+                if etype == "ERROR":
+                    raise _error(int(obj.get("code") or 500), obj.get("message", ""),
+                                 reason=obj.get("reason", ""))
+                yield WatchEvent(etype, obj)
+        finally:
+            resp.release()
+            resp.close()
+
+
+def _selectors(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
+    query = {}
+    if label_selector:
+        query["labelSelector"] = label_selector
+    if field_selector:
+        query["fieldSelector"] = field_selector
+    return query
+
+
+def _error(status: int, body: str, *, reason: str = "") -> KubeError:
+    message = body
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict):
+            message = parsed.get("message", body)
+            reason = reason or parsed.get("reason", "")
+    except (json.JSONDecodeError, TypeError):
+        pass
+    cls = GoneError if status == 410 else KubeError
+    return cls(status, message, reason=reason)

@@ -1,0 +1,319 @@
+"""A fake Kubernetes API server speaking the real HTTP protocol (aiohttp).
+
+Serves list (with resourceVersion), watch (JSON lines, from a resourceVersion, with
+bookmarks, ``timeoutSeconds``, 410 Gone for compacted versions), get, create (incl.
+``generateName``), update (optimistic concurrency), merge patch and delete, with label
+and field selectors, for the resources in :mod:`fakekube.store`. Clients reach it through
+an ordinary kubeconfig (:meth:`FakeKube.write_kubeconfig`).
+
+Tests drive faults directly: :meth:`FakeKube.compact` (later watches from old versions
+get 410), :meth:`FakeKube.drop_watches` (connections cut), :meth:`FakeKube.pause` /
+:meth:`FakeKube.resume` (the server is unreachable, then back on the same address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from fakekube.selectors import SelectorError
+from fakekube.store import RESOURCES, ApiError, Obj, Resource, Store, Watcher
+
+SocketFactory = Callable[[], socket.socket]
+
+
+def _routes_for(r: Resource) -> tuple[str, str | None, str | None]:
+    base = f"/api/{r.version}" if not r.group else f"/apis/{r.group}/{r.version}"
+    if r.namespaced:
+        return (f"{base}/{r.plural}", f"{base}/namespaces/{{namespace}}/{r.plural}",
+                f"{base}/namespaces/{{namespace}}/{r.plural}/{{name}}")
+    return (f"{base}/{r.plural}", None, f"{base}/{r.plural}/{{name}}")
+
+
+class FakeKube:
+    def __init__(self, *, bookmark_interval: float = 1.0, history_limit: int = 100_000) -> None:
+        self.store = Store(history_limit=history_limit)
+        self.bookmark_interval = bookmark_interval
+        self.requests: Counter[str] = Counter()   # "list pods", "watch policyendpoints", ...
+        self._watch_tasks: set[asyncio.Task[Any]] = set()
+        self._runner: web.AppRunner | None = None
+        self._site: web.BaseSite | None = None
+        self._sock_factory: SocketFactory | None = None
+        self.url = ""
+        self.app = self._build()
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def _build(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/version", self._version)
+        for r in RESOURCES:
+            collection, ns_collection, item = _routes_for(r)
+            app.router.add_get(collection, self._collection(r))
+            if ns_collection:
+                app.router.add_get(ns_collection, self._collection(r))
+                app.router.add_post(ns_collection, self._create(r))
+            else:
+                app.router.add_post(collection, self._create(r))
+            if item:
+                app.router.add_get(item, self._item_get(r))
+                app.router.add_put(item, self._item_put(r, status=False))
+                app.router.add_patch(item, self._item_patch(r))
+                app.router.add_delete(item, self._item_delete(r))
+                app.router.add_put(item + "/status", self._item_put(r, status=True))
+        return app
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0,
+                    sock_factory: SocketFactory | None = None) -> str:
+        """Listen on ``host:port``, or on sockets from ``sock_factory`` (e.g. created in
+        another network namespace; it must bind the same address on every call, as
+        :meth:`resume` listens anew). Returns the server URL."""
+        if sock_factory is None:
+            bound = [port]
+
+            def default_factory() -> socket.socket:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, bound[0]))
+                bound[0] = s.getsockname()[1]  # resume() listens on the same port
+                return s
+            sock_factory = default_factory
+        self._sock_factory = sock_factory
+        self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await self._listen()
+        return self.url
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        assert self._sock_factory is not None
+        sock = self._sock_factory()
+        sock.listen(128)
+        sock.setblocking(False)
+        addr = sock.getsockname()
+        self.url = f"http://{addr[0]}:{addr[1]}"
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+
+    async def stop(self) -> None:
+        await self.drop_watches()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def write_kubeconfig(self, path: str) -> None:
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+        }
+        with open(path, "w") as f:
+            json.dump(config, f)
+
+    # ---- faults -----------------------------------------------------------------------
+    def compact(self) -> None:
+        self.store.compact()
+
+    async def drop_watches(self) -> None:
+        tasks = list(self._watch_tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+    async def pause(self) -> None:
+        """Become unreachable: cut watches and stop listening (connections refused)."""
+        await self.drop_watches()
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def resume(self) -> None:
+        if self._site is None:
+            await self._listen()
+
+    def send_bookmarks(self) -> None:
+        for t in self._watch_tasks:
+            w = getattr(t, "watcher", None)
+            if isinstance(w, Watcher):
+                w.queue.put_nowait(self._bookmark(w.resource))
+
+    # ---- handlers ---------------------------------------------------------------------
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})
+
+    def _bookmark(self, r: Resource) -> Obj:
+        return {"type": "BOOKMARK", "object": {
+            "kind": r.kind, "apiVersion": r.api_version,
+            "metadata": {"resourceVersion": str(self.store.rv)}}}
+
+    def _collection(self, r: Resource) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            q = request.query
+            ns = request.match_info.get("namespace")
+            labels, fields = q.get("labelSelector"), q.get("fieldSelector")
+            try:
+                if q.get("watch") in ("1", "true"):
+                    return await self._watch(request, r, ns, labels, fields)
+                self.requests[f"list {r.plural}"] += 1
+                items, rv = self.store.list(r, namespace=ns, labels=labels, fields=fields)
+            except SelectorError as exc:
+                return _error(ApiError(400, "BadRequest", str(exc)))
+            except ApiError as exc:
+                return _error(exc)
+            return web.json_response({
+                "kind": f"{r.kind}List", "apiVersion": r.api_version,
+                "metadata": {"resourceVersion": str(rv)}, "items": items,
+            })
+        return handler
+
+    async def _watch(self, request: web.Request, r: Resource, ns: str | None,
+                     labels: str | None, fields: str | None) -> web.StreamResponse:
+        self.requests[f"watch {r.plural}"] += 1
+        q = request.query
+        rv_param = q.get("resourceVersion", "")
+        bookmarks = q.get("allowWatchBookmarks") in ("1", "true")
+        timeout = float(q.get("timeoutSeconds", "0") or 0)
+        watcher = Watcher(r, ns, labels, fields)
+        backlog: list[Obj] = []
+        try:
+            if rv_param in ("", "0"):
+                items, _ = self.store.list(r, namespace=ns, labels=labels, fields=fields)
+                backlog = [{"type": "ADDED", "object": o} for o in items]
+            else:
+                probe = Watcher(r, ns, labels, fields)
+                for ev in self.store.events_since(r, int(rv_param)):
+                    probe.offer(ev)
+                while not probe.queue.empty():
+                    item = probe.queue.get_nowait()
+                    if item is not None:
+                        backlog.append(item)
+        except ApiError as exc:
+            if exc.code != 410:
+                return _error(exc)
+            resp = await self._stream_start(request)
+            await _send(resp, {"type": "ERROR", "object": exc.status()})
+            return resp
+        self.store.watchers.add(watcher)
+        resp = await self._stream_start(request)
+        task = asyncio.current_task()
+        assert task is not None
+        task.watcher = watcher  # type: ignore[attr-defined]
+        self._watch_tasks.add(task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        try:
+            for item in backlog:
+                await _send(resp, item)
+            while True:
+                wait = self.bookmark_interval if bookmarks else 3600.0
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        break
+                try:
+                    item = await asyncio.wait_for(watcher.queue.get(), wait)
+                except TimeoutError:
+                    if bookmarks:
+                        await _send(resp, self._bookmark(r))
+                    continue
+                if item is None:
+                    break
+                if item.get("type") == "BOOKMARK" and not bookmarks:
+                    continue
+                await _send(resp, item)
+        except (asyncio.CancelledError, ConnectionError):
+            # a dropped watch: close the transport so the client sees the cut
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        finally:
+            self.store.watchers.discard(watcher)
+            self._watch_tasks.discard(task)
+        return resp
+
+    async def _stream_start(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        return resp
+
+    def _create(self, r: Resource) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            self.requests[f"create {r.plural}"] += 1
+            try:
+                body = await request.json()
+                obj = self.store.create(r, request.match_info.get("namespace"), body)
+            except ApiError as exc:
+                return _error(exc)
+            except json.JSONDecodeError:
+                return _error(ApiError(400, "BadRequest", "body is not JSON"))
+            return web.json_response(obj, status=201)
+        return handler
+
+    def _item_get(self, r: Resource) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            self.requests[f"get {r.plural}"] += 1
+            try:
+                obj = self.store.get(r, request.match_info.get("namespace", ""),
+                                     request.match_info["name"])
+            except ApiError as exc:
+                return _error(exc)
+            return web.json_response(obj)
+        return handler
+
+    def _item_put(self, r: Resource, *, status: bool) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            self.requests[f"update {r.plural}"] += 1
+            try:
+                body = await request.json()
+                obj = self.store.update(r, request.match_info.get("namespace", ""),
+                                        request.match_info["name"], body, status_only=status)
+            except ApiError as exc:
+                return _error(exc)
+            return web.json_response(obj)
+        return handler
+
+    def _item_patch(self, r: Resource) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            self.requests[f"patch {r.plural}"] += 1
+            ctype = request.content_type
+            if ctype not in ("application/merge-patch+json",
+                             "application/strategic-merge-patch+json"):
+                return _error(ApiError(415, "UnsupportedMediaType",
+                                       f"patch type {ctype} is not supported"))
+            try:
+                body = await request.json()
+                obj = self.store.patch(r, request.match_info.get("namespace", ""),
+                                       request.match_info["name"], body)
+            except ApiError as exc:
+                return _error(exc)
+            return web.json_response(obj)
+        return handler
+
+    def _item_delete(self, r: Resource) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            self.requests[f"delete {r.plural}"] += 1
+            try:
+                obj = self.store.delete(r, request.match_info.get("namespace", ""),
+                                        request.match_info["name"])
+            except ApiError as exc:
+                return _error(exc)
+            return web.json_response(obj)
+        return handler
+
+
+async def _send(resp: web.StreamResponse, item: Obj) -> None:
+    await resp.write(json.dumps(item).encode() + b"\n")
+
+
+def _error(exc: ApiError) -> web.Response:
+    return web.json_response(exc.status(), status=exc.code)

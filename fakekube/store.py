@@ -1,0 +1,244 @@
+"""The fake API server's object store: resourceVersions, history, watchers.
+
+Like etcd behind the API server: one global, increasing resourceVersion; every change is
+recorded in a bounded history, from which watches started at an older version are
+replayed; a version older than the history (after :meth:`Store.compact`, or when the
+history overflows) gets 410 Gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fakekube.selectors import object_matches
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str          # "" for the core group
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+PODS = Resource("", "v1", "pods", "Pod", True)
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
+SERVICES = Resource("", "v1", "services", "Service", True)
+NODES = Resource("", "v1", "nodes", "Node", False)
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True)
+POLICY_ENDPOINTS = Resource(
+    "networking.k8s.aws", "v1alpha1", "policyendpoints", "PolicyEndpoint", True
+)
+RESOURCES = (PODS, NAMESPACES, SERVICES, NODES, NETWORK_POLICIES, POLICY_ENDPOINTS)
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+    def status(self) -> Obj:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": self.message, "reason": self.reason, "code": self.code}
+
+
+@dataclass
+class Event:
+    rv: int
+    resource: Resource
+    type: str           # ADDED | MODIFIED | DELETED
+    obj: Obj
+    old: Obj | None
+
+
+@dataclass(eq=False)
+class Watcher:
+    resource: Resource
+    namespace: str | None
+    labels: str | None
+    fields: str | None
+    queue: asyncio.Queue[Obj | None] = field(default_factory=asyncio.Queue)
+
+    def offer(self, ev: Event) -> None:
+        """Queue the event as this watcher sees it (selectors turn changes into
+        ADDED/DELETED when an object starts or stops matching)."""
+        if ev.resource != self.resource:
+            return
+        ns = ev.obj.get("metadata", {}).get("namespace")
+        if self.namespace is not None and ns != self.namespace:
+            return
+        now = object_matches(ev.obj, labels=self.labels, fields=self.fields)
+        before = ev.old is not None and object_matches(ev.old, labels=self.labels,
+                                                       fields=self.fields)
+        kind = ev.type
+        if ev.type == "MODIFIED":
+            if now and not before:
+                kind = "ADDED"
+            elif before and not now:
+                kind = "DELETED"
+            elif not now:
+                return
+        elif not now:
+            return
+        self.queue.put_nowait({"type": kind, "object": ev.obj})
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """JSON merge patch (RFC 7386)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
+class Store:
+    def __init__(self, *, history_limit: int = 100_000) -> None:
+        self.rv = 1
+        self.objects: dict[Resource, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
+        self.history: deque[Event] = deque()
+        self.history_limit = history_limit
+        self.oldest_rv = 1      # watches from an older version get 410 Gone
+        self.watchers: set[Watcher] = set()
+
+    # ---- reading ----------------------------------------------------------------------
+    def list(self, resource: Resource, *, namespace: str | None = None,
+             labels: str | None = None, fields: str | None = None) -> tuple[list[Obj], int]:
+        items = [
+            copy.deepcopy(o) for (ns, _), o in sorted(self.objects[resource].items())
+            if (namespace is None or ns == namespace)
+            and object_matches(o, labels=labels, fields=fields)
+        ]
+        return items, self.rv
+
+    def get(self, resource: Resource, namespace: str, name: str) -> Obj:
+        obj = self.objects[resource].get((namespace, name))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+        return copy.deepcopy(obj)
+
+    def events_since(self, resource: Resource, rv: int) -> Iterator[Event]:
+        if rv < self.oldest_rv - 1:
+            raise ApiError(410, "Expired",
+                           f"too old resource version: {rv} ({self.oldest_rv - 1})")
+        for ev in self.history:
+            if ev.rv > rv and ev.resource == resource:
+                yield ev
+
+    # ---- writing ----------------------------------------------------------------------
+    def _commit(self, resource: Resource, kind: str, obj: Obj, old: Obj | None) -> Obj:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        ev = Event(self.rv, resource, kind, copy.deepcopy(obj), old)
+        self.history.append(ev)
+        while len(self.history) > self.history_limit:
+            dropped = self.history.popleft()
+            self.oldest_rv = dropped.rv + 1
+        for w in list(self.watchers):
+            w.offer(ev)
+        return copy.deepcopy(obj)
+
+    def create(self, resource: Resource, namespace: str | None, body: Obj) -> Obj:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if resource.namespaced:
+            ns = namespace or meta.get("namespace") or "default"
+            if meta.get("namespace") not in (None, ns):
+                raise ApiError(400, "BadRequest", "namespace of the body and the path differ")
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise ApiError(422, "Invalid", "metadata.name or generateName is required")
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        key = (meta.get("namespace", ""), meta["name"])
+        if key in self.objects[resource]:
+            raise ApiError(409, "AlreadyExists",
+                           f'{resource.plural} "{meta["name"]}" already exists')
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta["generation"] = 1
+        obj["kind"] = resource.kind
+        obj["apiVersion"] = resource.api_version
+        if resource == NAMESPACES:
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        self.objects[resource][key] = obj
+        return self._commit(resource, "ADDED", obj, None)
+
+    def update(self, resource: Resource, namespace: str, name: str, body: Obj, *,
+               status_only: bool = False) -> Obj:
+        current = self.objects[resource].get((namespace, name))
+        if current is None:
+            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        want_rv = meta.get("resourceVersion")
+        if want_rv and want_rv != current["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict",
+                           f'Operation cannot be fulfilled on {resource.plural} "{name}": '
+                           "the object has been modified; please apply your changes to the "
+                           "latest version and try again")
+        if status_only:
+            merged = copy.deepcopy(current)
+            merged["status"] = obj.get("status", {})
+            obj = merged
+        for keep in ("uid", "creationTimestamp", "name", "generation"):
+            meta_cur = current["metadata"]
+            if keep in meta_cur:
+                obj["metadata"][keep] = meta_cur[keep]
+        if resource.namespaced:
+            obj["metadata"]["namespace"] = namespace
+        if resource == NAMESPACES:
+            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+        obj["kind"] = resource.kind
+        obj["apiVersion"] = resource.api_version
+        if obj.get("spec") != current.get("spec"):
+            obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        if obj == current:
+            return copy.deepcopy(current)  # no-op updates do not bump the version
+        self.objects[resource][(namespace, name)] = obj
+        return self._commit(resource, "MODIFIED", obj, copy.deepcopy(current))
+
+    def patch(self, resource: Resource, namespace: str, name: str, patch: Obj) -> Obj:
+        current = self.get(resource, namespace, name)
+        patched = _merge(current, patch)
+        patched.setdefault("metadata", {}).pop("resourceVersion", None)
+        if (patch.get("metadata") or {}).get("resourceVersion"):
+            patched["metadata"]["resourceVersion"] = patch["metadata"]["resourceVersion"]
+        return self.update(resource, namespace, name, patched)
+
+    def delete(self, resource: Resource, namespace: str, name: str) -> Obj:
+        current = self.objects[resource].pop((namespace, name), None)
+        if current is None:
+            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+        return self._commit(resource, "DELETED", current, copy.deepcopy(current))
+
+    def compact(self) -> None:
+        """Forget the history: every watch from an older version now gets 410 Gone."""
+        self.history.clear()
+        self.oldest_rv = self.rv + 1

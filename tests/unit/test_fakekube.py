@@ -1,0 +1,183 @@
+"""The fake API server speaks the protocol the agent relies on, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.kube import NAMESPACES, PODS, POLICY_ENDPOINTS, GoneError, KubeClient, KubeError, WatchEvent
+from common.watching import WatchSettings, WatchStats, list_watch
+from fakekube import store as fs
+from fakekube.selectors import SelectorError, field_selector, label_selector
+from fakekube.server import FakeKube
+
+
+def pod(name: str, *, ns: str = "default", node: str = "n1", labels: dict[str, str] | None = None
+        ) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+            "spec": {"nodeName": node}, "status": {"phase": "Running"}}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, KubeClient]]:
+    server = FakeKube(bookmark_interval=0.2)
+    await server.start()
+    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    client = await KubeClient.connect(str(tmp_path / "kubeconfig"))
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "expect"),
+    [
+        pytest.param("a=b", {"a": "b"}, True, id="equality"),
+        pytest.param("a==b,c!=d", {"a": "b", "c": "e"}, True, id="double equals and inequality"),
+        pytest.param("a!=b", {}, True, id="inequality matches a missing key"),
+        pytest.param("a in (x, y)", {"a": "y"}, True, id="in"),
+        pytest.param("a notin (x)", {"a": "x"}, False, id="notin"),
+        pytest.param("a,!b", {"a": "1"}, True, id="exists and does not exist"),
+        pytest.param("!a", {"a": "1"}, False, id="does not exist fails"),
+    ],
+)
+def test_label_selectors(selector: str, labels: dict[str, str], expect: bool) -> None:
+    assert label_selector(selector)(labels) is expect
+
+
+def test_field_selectors_and_errors() -> None:
+    obj = pod("a", node="n1")
+    assert field_selector("spec.nodeName=n1,metadata.name=a")(obj)
+    assert not field_selector("spec.nodeName!=n1")(obj)
+    with pytest.raises(SelectorError):
+        label_selector("a in b")
+
+
+async def test_crud_and_selectors(api: tuple[FakeKube, KubeClient]) -> None:
+    _, client = api
+    await client.create(PODS, "default", pod("a", node="n1", labels={"app": "x"}))
+    await client.create(PODS, "default", pod("b", node="n2", labels={"app": "y"}))
+    items, rv = await client.list(PODS, field_selector="spec.nodeName=n1")
+    assert [i["metadata"]["name"] for i in items] == ["a"]
+    items, _ = await client.list(PODS, label_selector="app in (x,y)")
+    assert len(items) == 2
+    created = await client.create(POLICY_ENDPOINTS, "default", {
+        "metadata": {"generateName": "web-"}, "spec": {"policyRef": {"name": "web"}}})
+    name = created["metadata"]["name"]
+    assert name.startswith("web-")
+    assert created["metadata"]["generation"] == 1
+    updated = await client.patch(POLICY_ENDPOINTS, "default", name,
+                                 {"spec": {"podIsolation": ["Ingress"]}})
+    assert updated["metadata"]["generation"] == 2
+    stale = dict(created)
+    with pytest.raises(KubeError) as conflict:
+        await client.replace(POLICY_ENDPOINTS, "default", name, stale)
+    assert conflict.value.status == 409
+    ns = await client.create(NAMESPACES, None, {"metadata": {"name": "team"}})
+    assert ns["metadata"]["labels"]["kubernetes.io/metadata.name"] == "team"
+    await client.delete(PODS, "default", "a")
+    with pytest.raises(KubeError) as missing:
+        await client.get(PODS, "default", "a")
+    assert missing.value.status == 404
+    assert int(rv) < int(updated["metadata"]["resourceVersion"])
+
+
+async def test_watch_replays_from_version_and_filters(api: tuple[FakeKube, KubeClient]) -> None:
+    _, client = api
+    _, rv = await client.list(PODS)
+    await client.create(PODS, "default", pod("a", node="n1"))
+    await client.create(PODS, "default", pod("b", node="n2"))
+    await client.patch(PODS, "default", "a", {"spec": {"nodeName": "n2"}})  # leaves n1
+    seen: list[tuple[str, str]] = []
+    async for ev in client.watch(PODS, resource_version=rv, field_selector="spec.nodeName=n1",
+                                 timeout_seconds=1):
+        if ev.type != "BOOKMARK":
+            seen.append((ev.type, ev.object["metadata"]["name"]))
+    assert seen == [("ADDED", "a"), ("DELETED", "a")]
+
+
+async def test_watch_bookmarks_and_410(api: tuple[FakeKube, KubeClient]) -> None:
+    server, client = api
+    _, rv = await client.list(PODS)
+    types = [ev.type async for ev in client.watch(PODS, resource_version=rv, timeout_seconds=1)]
+    assert "BOOKMARK" in types
+    await client.create(PODS, "default", pod("a"))
+    server.compact()
+    with pytest.raises(GoneError):
+        async for _ in client.watch(PODS, resource_version=rv, timeout_seconds=1):
+            pass
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Any]] = {}
+        self.replaced = 0
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        self.replaced += 1
+        self.state = {i["metadata"]["name"]: i for i in items}
+
+    def apply(self, event: WatchEvent) -> None:
+        name = event.object["metadata"]["name"]
+        if event.type == "DELETED":
+            self.state.pop(name, None)
+        else:
+            self.state[name] = event.object
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_list_watch_survives_410_drops_and_outages(
+    api: tuple[FakeKube, KubeClient]
+) -> None:
+    server, client = api
+    rec, stats = Recorder(), WatchStats()
+    settings = WatchSettings(backoff_initial=0.05, backoff_max=0.2, idle_timeout=2)
+    task = asyncio.create_task(list_watch(client, PODS, rec, field_selector="spec.nodeName=n1",
+                                          settings=settings, stats=stats), name="watch")
+    try:
+        await client.create(PODS, "default", pod("a"))
+        await wait_for(lambda: "a" in rec.state)
+        assert stats.synced.is_set()
+
+        # 410: missed changes are recovered by a re-list, removals included
+        await server.drop_watches()
+        server.compact()
+        server.store.delete(fs.PODS, "default", "a")
+        server.store.create(fs.PODS, "default", pod("b"))
+        server.compact()
+        await wait_for(lambda: set(rec.state) == {"b"})
+        assert stats.gone >= 1
+        assert rec.replaced >= 2
+
+        # a dropped connection resumes from the last version, without a re-list
+        lists = stats.lists
+        await server.drop_watches()
+        server.store.create(fs.PODS, "default", pod("c"))
+        await wait_for(lambda: "c" in rec.state)
+        assert stats.lists == lists
+
+        # an outage: connections refused for a while, then back
+        await server.pause()
+        server.store.create(fs.PODS, "default", pod("d"))
+        await asyncio.sleep(0.5)
+        assert "d" not in rec.state
+        await server.resume()
+        await wait_for(lambda: "d" in rec.state)
+        assert stats.errors >= 1
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
