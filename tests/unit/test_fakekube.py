@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from common.kube import NAMESPACES, PODS, POLICY_ENDPOINTS, GoneError, KubeClient, KubeError, WatchEvent
+from common.kube import (
+    NAMESPACES,
+    PODS,
+    POLICY_ENDPOINTS,
+    GoneError,
+    KubeClient,
+    KubeError,
+    WatchEvent,
+)
 from common.watching import WatchSettings, WatchStats, list_watch
 from fakekube import store as fs
 from fakekube.selectors import SelectorError, field_selector, label_selector
