@@ -63,16 +63,6 @@ class PortRange:
 ALL_TRAFFIC = (PortRange(NP_PROTO_ANY),)
 
 
-@dataclass(frozen=True)
-class PeerRule:
-    """Peers in ``cidr`` but in none of ``excepts`` may use ``ports`` (empty: anything)."""
-
-    cidr: Network
-    excepts: tuple[Network, ...] = ()
-    ports: tuple[PortRange, ...] = ()
-    policy_id: int = 0
-
-
 class Prefix(NamedTuple):
     """A prefix as the datapath keys it: family, prefix length and the address as int."""
 
@@ -81,7 +71,9 @@ class Prefix(NamedTuple):
     value: int
 
     @classmethod
-    def of(cls, net: Network) -> Prefix:
+    def of(cls, net: Network | Prefix) -> Prefix:
+        if isinstance(net, Prefix):
+            return net
         family = NP_FAMILY_IPV4 if net.version == 4 else NP_FAMILY_IPV6
         return cls(family, net.prefixlen, int(net.network_address))
 
@@ -96,6 +88,16 @@ class Prefix(NamedTuple):
 
     def __str__(self) -> str:
         return str(self.network())
+
+
+class PeerRule(NamedTuple):
+    """Peers in ``cidr`` but in none of ``excepts`` may use ``ports`` (empty: anything).
+    Networks may be given as :mod:`ipaddress` objects or, compactly, as prefixes."""
+
+    cidr: Network | Prefix
+    excepts: tuple[Network | Prefix, ...] = ()
+    ports: tuple[PortRange, ...] = ()
+    policy_id: int = 0
 
 
 class PortRule(NamedTuple):

@@ -11,6 +11,7 @@ callers that think in pod directions must map them explicitly (the datapath does
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from typing import Any, Literal
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+)
 
 Hook = Literal["ingress", "egress"]
 HOOK_INGRESS: Hook = "ingress"
@@ -57,6 +65,34 @@ class Link:
     name: str
     kind: str
     up: bool
+
+
+@dataclass(frozen=True)
+class Addr:
+    index: int
+    address: str
+    prefixlen: int
+    scope: int          # 0 universe (global), 253 link, 254 host
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: str            # "" for a default route
+    dst_len: int
+    oif: int
+    family: int         # socket.AF_INET / AF_INET6
+    table: int
+
+
+@dataclass(frozen=True)
+class NetEvent:
+    """A change seen on a netlink subscription."""
+
+    kind: Literal["link", "addr", "route"]
+    added: bool         # False: removed
+    link: Link | None = None
+    addr: Addr | None = None
+    route: Route | None = None
 
 
 def _raise(exc: NetlinkError, what: str) -> NetlinkOpError:
@@ -119,6 +155,48 @@ class Netlink:
             if link.name == name:
                 return link
         return None
+
+    async def addresses(self) -> list[Addr]:
+        return [_addr(msg) async for msg in await self._sock.addr("dump")]
+
+    async def routes(self) -> list[Route]:
+        """Main-table unicast routes of both families."""
+        out: list[Route] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for msg in await self._sock.route("dump", family=family):
+                r = _route(msg)
+                if r is not None:
+                    out.append(r)
+        return out
+
+    async def route_get(self, address: str) -> int | None:
+        """Interface index the kernel would send ``address`` out of (None: no route)."""
+        try:
+            msgs = await self._sock.route("get", dst=address)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOENT):
+                return None
+            raise _raise(exc, f"route get {address}") from exc
+        for msg in msgs:
+            oif = msg.get_attr("RTA_OIF")
+            if oif:
+                return int(oif)
+        return None
+
+    async def subscribe(self) -> None:
+        """Join the link, address and route multicast groups: changes from now on are
+        queued on this socket until read with :meth:`events`."""
+        groups = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+                  | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        await self._sock.bind(groups=groups)
+
+    async def events(self) -> AsyncIterator[NetEvent]:
+        """Changes seen since :meth:`subscribe`, forever."""
+        while True:
+            async for msg in self._sock.get():
+                ev = _event(msg)
+                if ev is not None:
+                    yield ev
 
     # ---- tc -------------------------------------------------------------------------
     async def ensure_clsact(self, ifindex: int) -> None:
@@ -184,6 +262,35 @@ def _link(msg: Any) -> Link:
         kind=kind or "",
         up=bool(msg["flags"] & 1),
     )
+
+
+def _addr(msg: Any) -> Addr:
+    return Addr(index=msg["index"], address=msg.get_attr("IFA_ADDRESS") or "",
+                prefixlen=msg["prefixlen"], scope=msg["scope"])
+
+
+_RT_TABLE_MAIN = 254
+_RTN_UNICAST = 1
+
+
+def _route(msg: Any) -> Route | None:
+    table = msg.get_attr("RTA_TABLE") or msg["table"]
+    if table != _RT_TABLE_MAIN or msg["type"] != _RTN_UNICAST:
+        return None
+    return Route(dst=msg.get_attr("RTA_DST") or "", dst_len=msg["dst_len"],
+                 oif=int(msg.get_attr("RTA_OIF") or 0), family=msg["family"], table=table)
+
+
+def _event(msg: Any) -> NetEvent | None:
+    event = msg.get("event", "")
+    if event in ("RTM_NEWLINK", "RTM_DELLINK"):
+        return NetEvent("link", event == "RTM_NEWLINK", link=_link(msg))
+    if event in ("RTM_NEWADDR", "RTM_DELADDR"):
+        return NetEvent("addr", event == "RTM_NEWADDR", addr=_addr(msg))
+    if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+        r = _route(msg)
+        return NetEvent("route", event == "RTM_NEWROUTE", route=r) if r else None
+    return None
 
 
 def _bpf_filter(msg: Any, ifindex: int) -> TcBpfFilter | None:

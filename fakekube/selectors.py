@@ -42,31 +42,41 @@ def _split(selector: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def label_selector(selector: str | None) -> Callable[[Mapping[str, str]], bool]:
+LabelCheck = Callable[[Mapping[str, str]], bool]
+
+
+def _equals(key: str, value: str, *, negate: bool) -> LabelCheck:
+    def check(labels: Mapping[str, str]) -> bool:
+        return (labels.get(key) == value) != negate
+    return check
+
+
+def _member(key: str, values: set[str], *, negate: bool) -> LabelCheck:
+    def check(labels: Mapping[str, str]) -> bool:
+        return (labels.get(key) in values) != negate
+    return check
+
+
+def _exists(key: str, *, negate: bool) -> LabelCheck:
+    def check(labels: Mapping[str, str]) -> bool:
+        return (key in labels) != negate
+    return check
+
+
+def label_selector(selector: str | None) -> LabelCheck:
     """A predicate over a labels mapping."""
-    if not selector:
-        return lambda labels: True
-    checks: list[Callable[[Mapping[str, str]], bool]] = []
-    for term in _split(selector):
+    checks: list[LabelCheck] = []
+    for term in _split(selector or ""):
         if m := _SET_RE.match(term):
             key, op, raw = m.groups()
             values = {v.strip() for v in raw.split(",") if v.strip()}
-            if op == "in":
-                checks.append(lambda lb, k=key, vs=values: lb.get(k) in vs)
-            else:
-                checks.append(lambda lb, k=key, vs=values: lb.get(k) not in vs)
+            checks.append(_member(key, values, negate=op == "notin"))
         elif m := _EQ_RE.match(term):
             key, op, value = m.groups()
-            if op == "!=":
-                checks.append(lambda lb, k=key, v=value: lb.get(k) != v)
-            else:
-                checks.append(lambda lb, k=key, v=value: lb.get(k) == v)
+            checks.append(_equals(key, value, negate=op == "!="))
         elif m := _EXISTS_RE.match(term):
             neg, key = m.groups()
-            if neg:
-                checks.append(lambda lb, k=key: k not in lb)
-            else:
-                checks.append(lambda lb, k=key: k in lb)
+            checks.append(_exists(key, negate=bool(neg)))
         else:
             raise SelectorError(f"unable to parse requirement: {term!r}")
     return lambda labels: all(c(labels) for c in checks)
@@ -85,20 +95,21 @@ def _field(obj: Mapping[str, Any], path: str) -> str:
     return str(cur)
 
 
+def _field_equals(path: str, value: str, *, negate: bool) -> Predicate:
+    def check(obj: Mapping[str, Any]) -> bool:
+        return (_field(obj, path) == value) != negate
+    return check
+
+
 def field_selector(selector: str | None) -> Predicate:
     """A predicate over a whole object."""
-    if not selector:
-        return lambda obj: True
     checks: list[Predicate] = []
-    for term in _split(selector):
+    for term in _split(selector or ""):
         m = _EQ_RE.match(term)
         if not m:
             raise SelectorError(f"invalid field selector: {term!r}")
         path, op, value = m.groups()
-        if op == "!=":
-            checks.append(lambda o, p=path, v=value: _field(o, p) != v)
-        else:
-            checks.append(lambda o, p=path, v=value: _field(o, p) == v)
+        checks.append(_field_equals(path, value, negate=op == "!="))
     return lambda obj: all(c(obj) for c in checks)
 
 

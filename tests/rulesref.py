@@ -10,15 +10,23 @@ from __future__ import annotations
 import ipaddress
 
 from bpf.layout import NP_PROTO_ANY
-from bpf.ruleset import PeerRule
+from bpf.ruleset import PeerRule, Prefix
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _net(n: Network | Prefix) -> Network:
+    return n.network() if isinstance(n, Prefix) else n
 
 
 def _applies(rule: PeerRule, addr: Address) -> bool:
-    if addr.version != rule.cidr.version or addr not in rule.cidr:
+    cidr = _net(rule.cidr)
+    if addr.version != cidr.version or addr not in cidr:
         return False
-    return not any(e.version == addr.version and addr in e for e in rule.excepts)
+    return not any(
+        _net(e).version == addr.version and addr in _net(e) for e in rule.excepts
+    )
 
 
 def reference_allows(rules: list[PeerRule], addr: Address, protocol: int,

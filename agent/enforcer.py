@@ -1,0 +1,361 @@
+"""The enforcer: keeps every local pod's datapath record equal to what its policies say.
+
+Lifecycle:
+1. Adopt what a previous run left pinned: records of vanished interfaces are removed,
+   the others stay in force while their veths are re-pointed (atomically) at this run's
+   programs. Enforcement never lapses across a restart.
+2. Until both watches have listed, only new pod interfaces are handled: each is attached
+   at its first appearance with the mode's default (strict: deny, standard: allow).
+3. Then every local pod is reconciled, and from then on only pods whose inputs changed
+   (their PolicyEndpoints, IPs, interface), batched per wake-up: the datapath work of a
+   batch (compile, tries, records) runs in the worker thread as one unit.
+
+Per pod it records the PolicyEndpoint generations in force and when, which is what "this
+pod is programmed" means to callers (local API, ``wait``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from agent.cache import Cache, LocalPod
+from agent.desired import pod_directions
+from agent.endpoints import Endpoints, PodRef
+from agent.hostnet import HostNet
+from agent.metrics import AgentMetrics
+from agent.worker import DatapathWorker
+from bpf import layout as lay
+from bpf.attach import attach, attachment
+from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
+from bpf.errors import BpfError, RuleLimitError
+from common.netlink import NetEvent, Netlink, NetlinkOpError
+
+log = structlog.get_logger("agent.enforcer")
+
+UNKNOWN_POD = 0  # pod id of a record written before the pod is known
+
+
+@dataclass
+class PodStatus:
+    namespace: str
+    name: str
+    uid: str
+    ifindex: int = 0
+    pod_id: int = 0
+    ingress: str = ""
+    egress: str = ""
+    programmed: dict[str, int] = field(default_factory=dict)  # "ns/name" of PE -> generation
+    programmed_at: float = 0.0      # epoch seconds
+    error: str = ""
+    inputs: tuple[object, ...] | None = None
+
+
+@dataclass
+class _Plan:
+    ref: PodRef
+    uid: str
+    ifindex: int
+    endpoints: tuple[Endpoints, ...]
+
+
+class Enforcer:
+    def __init__(self, *, cache: Cache, hostnet: HostNet, worker: DatapathWorker,
+                 metrics: AgentMetrics, strict: bool, netns: str | None = None) -> None:
+        self.cache = cache
+        self.hostnet = hostnet
+        self.worker = worker
+        self.dp: Datapath = worker.dp
+        self.metrics = metrics
+        self.strict = strict
+        self.netns = netns
+        self.status: dict[PodRef, PodStatus] = {}
+        self.bound: dict[int, PodRef] = {}
+        self.attached: dict[int, tuple[int, int]] = {}
+        self.records: set[int] = set()          # ifindexes with a record in np_pods
+        self.synced = asyncio.Event()           # first full reconcile done
+        self._new_links: set[int] = set()
+        self._gone_links: set[int] = set()
+        self._routes_changed = False
+        self._addresses_changed = True
+        self._wake = asyncio.Event()
+        self._nl: Netlink | None = None
+        hostnet.on_change = self._on_net_event
+
+    # ---- events -------------------------------------------------------------------------
+    def _on_net_event(self, ev: NetEvent) -> None:
+        if ev.link is not None:
+            if ev.added and self.hostnet.is_pod_interface(ev.link):
+                self._new_links.add(ev.link.index)
+            elif not ev.added:
+                self._gone_links.add(ev.link.index)
+            self._routes_changed = True
+        elif ev.route is not None:
+            self._routes_changed = True
+        elif ev.addr is not None:
+            self._addresses_changed = True
+        self._wake.set()
+
+    async def _wait(self) -> None:
+        waiters = [asyncio.ensure_future(self.cache.changed.wait()),
+                   asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self._wake.clear()
+
+    # ---- main loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.hostnet.ready.wait()
+        async with Netlink(netns=self.netns) as nl:
+            self._nl = nl
+            await self._adopt()
+            self._new_links.update(self.hostnet.pod_interfaces())
+            while not (self.cache.pods_synced and self.cache.endpoints_synced):
+                await self._interfaces()
+                await self._wait()
+            log.info("enforcer.synced", pods=len(self.cache.pods),
+                     policyendpoints=len(self.cache.endpoints))
+            dirty: set[PodRef] = set(self.cache.pods)
+            first = True
+            while True:
+                dirty |= self.cache.take_dirty()
+                await self._interfaces()
+                if self._routes_changed:
+                    self._routes_changed = False
+                    dirty |= {r for r, st in self.status.items() if not st.ifindex}
+                    dirty |= {r for r in self.cache.pods if r not in self.status}
+                await self._reconcile(dirty)
+                dirty = set()
+                if first:
+                    first = False
+                    await self._release_unclaimed()
+                    self.synced.set()
+                self._export_counts()
+                await self._wait()
+
+    # ---- adoption and interfaces --------------------------------------------------------
+    async def _adopt(self) -> None:
+        assert self._nl is not None
+        present = self.hostnet.links
+        stale = [i for i in self.dp.pod_ifindexes() if i not in present]
+        if stale:
+            await self.worker.call(self._remove, stale)
+        self.records = set(self.dp.pod_ifindexes()) - set(stale)
+        for ifindex in sorted(self.records):
+            await self._attach(ifindex)
+        log.info("enforcer.adopted", records=len(self.records), removed_stale=len(stale))
+
+    async def _attach(self, ifindex: int) -> None:
+        assert self._nl is not None
+        want = (self.dp.ingress_prog.id, self.dp.egress_prog.id)
+        if self.attached.get(ifindex) == want:
+            return
+        try:
+            await attach(self._nl, ifindex, ingress=self.dp.ingress_prog,
+                         egress=self.dp.egress_prog)
+            current = await attachment(self._nl, ifindex)
+        except NetlinkOpError as exc:
+            log.warning("enforcer.attach_failed", ifindex=ifindex, error=str(exc))
+            self.metrics.errors.labels("attach").inc()
+            return
+        self.attached[ifindex] = (current.ingress_prog_id, current.egress_prog_id)
+
+    async def _interfaces(self) -> None:
+        """Attach new pod interfaces at once; forget vanished ones; host addresses."""
+        if self._addresses_changed:
+            self._addresses_changed = False
+            addrs = self.hostnet.node_addresses()
+            await self.worker.call(self.dp.set_host_addresses, _parse_ips(addrs))
+        gone, self._gone_links = self._gone_links, set()
+        gone = {i for i in gone if i not in self.hostnet.links}
+        if gone:
+            await self.worker.call(self._remove, sorted(gone & self.records))
+            self.records -= gone
+            for ifindex in gone:
+                self.attached.pop(ifindex, None)
+                ref = self.bound.pop(ifindex, None)
+                if ref is not None and ref in self.status:
+                    self.status[ref].ifindex = 0
+                    self.status[ref].inputs = None
+        new, self._new_links = self._new_links, set()
+        fresh = sorted(i for i in new if i in self.hostnet.links and i not in self.records)
+        if fresh:
+            default = DENY_ALL if self.strict else ALLOW_ALL
+            await self.worker.call(self.dp.program_pods,
+                                   {i: PodPolicy(UNKNOWN_POD, default, default) for i in fresh})
+            self.records.update(fresh)
+            log.info("enforcer.interfaces_attached", ifindexes=fresh,
+                     default="deny" if self.strict else "allow")
+        for ifindex in sorted(new):
+            if ifindex in self.records:
+                await self._attach(ifindex)
+
+    def _remove(self, ifindexes: Sequence[int]) -> None:
+        """Worker thread: drop records (their pods' ids stay named for late flow logs)."""
+        self.dp.remove_pods(ifindexes)
+        self.dp.collect_garbage()
+
+    async def _release_unclaimed(self) -> None:
+        """After the first full reconcile: interfaces no local pod claims keep (or get)
+        the mode's default, with no pod identity."""
+        unclaimed = sorted(i for i in self.records if i not in self.bound)
+        if unclaimed:
+            default = DENY_ALL if self.strict else ALLOW_ALL
+            await self.worker.call(
+                self.dp.program_pods, {i: PodPolicy(UNKNOWN_POD, default, default)
+                                       for i in unclaimed})
+            await self.worker.call(self.dp.collect_garbage)
+
+    # ---- reconcile ----------------------------------------------------------------------
+    async def _reconcile(self, refs: set[PodRef]) -> None:
+        assert self._nl is not None
+        plans: list[_Plan] = []
+        for ref in sorted(refs):
+            pod = self.cache.pods.get(ref)
+            st = self.status.get(ref)
+            if pod is None or pod.host_network or not pod.ips:
+                if pod is None and st is not None:
+                    self._unbind(ref)
+                continue
+            st = self.status.setdefault(ref, PodStatus(pod.namespace, pod.name, pod.uid))
+            st.uid = pod.uid
+            ifindex = await self._interface_for(pod)
+            if ifindex is None:
+                continue
+            owner = self.bound.get(ifindex)
+            if owner is not None and owner != ref:
+                log.warning("enforcer.interface_reassigned", ifindex=ifindex,
+                            old=f"{owner[0]}/{owner[1]}", new=f"{ref[0]}/{ref[1]}")
+                self._unbind(owner)
+            if st.ifindex and st.ifindex != ifindex:
+                self.bound.pop(st.ifindex, None)
+            endpoints = tuple(self.cache.endpoints_for(ref))
+            inputs = (self.strict, ifindex, pod.uid, endpoints)
+            if st.inputs == inputs:
+                continue
+            plans.append(_Plan(ref, pod.uid, ifindex, endpoints))
+        if not plans:
+            return
+        started = time.monotonic()
+        try:
+            results = await self.worker.call(self._program, plans)
+        except (BpfError, OSError) as exc:
+            self.metrics.errors.labels("program").inc()
+            log.error("enforcer.program_failed", pods=len(plans), error=str(exc))
+            for plan in plans:  # retried at the next wake-up
+                self.cache.dirty.add(plan.ref)
+            await asyncio.sleep(0.5)
+            self.cache.changed.set()
+            return
+        self.metrics.reconciles.inc()
+        self.records.update(p.ifindex for p, r in zip(plans, results, strict=True) if not r[3])
+        now = time.time()
+        elapsed_ms = (time.monotonic() - started) * 1000
+        for plan, (pod_id, ingress, egress, error) in zip(plans, results, strict=True):
+            st = self.status[plan.ref]
+            if error:
+                st.error = error
+                st.inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+                continue
+            await self._attach(plan.ifindex)
+            self.bound[plan.ifindex] = plan.ref
+            st.ifindex, st.pod_id, st.error = plan.ifindex, pod_id, ""
+            st.ingress, st.egress = ingress, egress
+            st.inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+            previous = st.programmed
+            st.programmed = {f"{e.namespace}/{e.name}": e.generation for e in plan.endpoints}
+            st.programmed_at = now
+            for e in plan.endpoints:
+                key = f"{e.namespace}/{e.name}"
+                if previous.get(key) != e.generation:
+                    self.metrics.setup_latency.labels(e.name, e.namespace).observe(elapsed_ms)
+                    if e.trigger_time:
+                        self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
+            for key in set(previous) - set(st.programmed):
+                ns, name = key.split("/", 1)
+                self.metrics.teardown_latency.labels(name, ns).observe(elapsed_ms)
+        log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
+
+    def _program(self, plans: Sequence[_Plan]) -> list[tuple[int, str, str, str]]:
+        """Worker thread: compile and switch every planned pod; one batch of tries.
+        A pod whose rules cannot be represented keeps its current record."""
+        dp = self.dp
+        compiled: dict[tuple[Endpoints, ...],
+                       tuple[DirectionPolicy, DirectionPolicy] | str] = {}
+        pods: dict[int, PodPolicy] = {}
+        out: list[tuple[int, str, str, str]] = []
+
+        def policy_id(ref: PodRef) -> int:
+            return dp.policy_id(namespace=ref[0], name=ref[1])
+
+        for plan in plans:
+            pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
+            if plan.endpoints not in compiled:
+                try:
+                    compiled[plan.endpoints] = pod_directions(
+                        plan.endpoints, strict=self.strict, policy_id=policy_id)
+                except RuleLimitError as exc:
+                    compiled[plan.endpoints] = str(exc)
+            result = compiled[plan.endpoints]
+            if isinstance(result, str):
+                log.error("enforcer.rules_rejected", pod=f"{plan.ref[0]}/{plan.ref[1]}",
+                          error=result)
+                out.append((pod_id, "", "", result))
+                continue
+            ingress, egress = result
+            pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
+            out.append((pod_id, lay.STATE_NAMES[ingress.state], lay.STATE_NAMES[egress.state],
+                        ""))
+        if pods:
+            dp.program_pods(pods)
+        dp.collect_garbage()
+        return out
+
+    async def _interface_for(self, pod: LocalPod) -> int | None:
+        assert self._nl is not None
+        for ip in pod.ips:
+            ifindex = await self.hostnet.interface_of(self._nl, ip)
+            if ifindex is not None:
+                return ifindex
+        return None
+
+    def _unbind(self, ref: PodRef) -> None:
+        st = self.status.pop(ref, None)
+        if st is not None and st.ifindex:
+            if self.bound.get(st.ifindex) == ref:
+                del self.bound[st.ifindex]
+            self._new_links.add(st.ifindex)  # back to the mode's default if it stays
+            self.records.discard(st.ifindex)
+            self._wake.set()
+
+    def _export_counts(self) -> None:
+        programmed = sum(1 for st in self.status.values() if st.ifindex and not st.error)
+        self.metrics.pods.labels("programmed").set(programmed)
+        self.metrics.pods.labels("pending").set(len(self.cache.pods) - programmed)
+
+    # ---- queries ------------------------------------------------------------------------
+    def is_programmed(self, ref: PodRef) -> bool:
+        """The pod's current PolicyEndpoint generations are all in force."""
+        st = self.status.get(ref)
+        if st is None or not st.ifindex or st.error:
+            return False
+        want = {f"{e.namespace}/{e.name}": e.generation for e in self.cache.endpoints_for(ref)}
+        return st.programmed == want
+
+
+def _parse_ips(addrs: set[str]) -> list[lay.Address]:
+    out: list[lay.Address] = []
+    for a in sorted(addrs):
+        try:
+            out.append(ipaddress.ip_address(a))
+        except ValueError:
+            continue
+    return out

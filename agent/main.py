@@ -1,0 +1,144 @@
+"""np-agent: the policy enforcer process.
+
+Watches this node's pods and the PolicyEndpoints, and keeps the eBPF datapath on the
+pods' veths programmed accordingly. Stopping it (SIGTERM, crash, kill -9) leaves the
+datapath enforcing the last programmed state; a new run adopts it without a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from agent.cache import Cache
+from agent.enforcer import Enforcer
+from agent.hostnet import HostNet
+from agent.metrics import AgentMetrics
+from agent.probes import bpffs_ready, global_maps_pinned, health_app, metrics_app, serve
+from agent.worker import DatapathWorker
+from bpf.datapath import Datapath, PinnedSizeError
+from bpf.errors import BpfError
+from common import logs, preflight
+from common.flags import Settings, parse_settings
+from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
+from common.supervisor import stop_on_signals, supervise
+from common.watching import WatchStats, list_watch
+
+log = structlog.get_logger("agent")
+
+
+class StartupError(Exception):
+    """A condition that prevents the enforcer from starting, as one line."""
+
+
+def open_datapath(settings: Settings) -> Datapath:
+    problems = preflight.problems(settings.bpf_pin_root)
+    if problems:
+        raise StartupError("; ".join(problems))
+    try:
+        return Datapath.open(settings.bpf_pin_root,
+                             ct_entries=settings.conntrack_cache_table_size)
+    except PinnedSizeError as exc:
+        raise StartupError(f"--conntrack-cache-table-size: {exc}") from None
+    except BpfError as exc:
+        log.debug("datapath.load_failed", detail=exc.detail)
+        raise StartupError(f"cannot load the datapath: {exc.strerror}") from None
+
+
+async def run(settings: Settings, *, stop: asyncio.Event) -> None:
+    metrics = AgentMetrics()
+    if not settings.enable_network_policy:
+        log.info("agent.disabled", reason="--enable-network-policy is false")
+        await supervise({
+            "health": serve(health_app([]), settings.health_probe_bind_addr),
+            "metrics": serve(metrics_app(metrics), settings.metrics_bind_addr),
+        }, stop=stop, grace=settings.shutdown_timeout)
+        return
+
+    loop = asyncio.get_running_loop()
+    dp = await loop.run_in_executor(None, open_datapath, settings)
+    worker = DatapathWorker(dp)
+    kube: KubeClient | None = None
+    try:
+        await worker.call(dp.set_event_flags, emit_deny=settings.enable_policy_event_logs,
+                          emit_allow=settings.enable_policy_event_logs
+                          and settings.log_level == "debug")
+        kube = await KubeClient.connect(settings.kubeconfig)
+        hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
+        cache = Cache(node_addresses=hostnet.node_addresses,
+                      on_rejected=lambda ns, name, _: metrics.rejected.labels(ns, name).inc())
+        enforcer = Enforcer(cache=cache, hostnet=hostnet, worker=worker, metrics=metrics,
+                            strict=settings.enforcing_mode == "strict")
+        pod_stats, pe_stats = WatchStats(), WatchStats()
+
+        async def watch_pods() -> None:
+            await list_watch(kube, PODS, cache.pods_consumer(), stats=pod_stats,
+                             field_selector=f"spec.nodeName={settings.node_name}")
+
+        async def watch_endpoints() -> None:
+            await hostnet.ready.wait()  # node addresses decide which ones concern us
+            await list_watch(kube, POLICY_ENDPOINTS, cache.endpoints_consumer(),
+                             stats=pe_stats)
+
+        def ready() -> list[str]:
+            problems = bpffs_ready() + global_maps_pinned(settings.bpf_pin_root)
+            if not (pod_stats.synced.is_set() and pe_stats.synced.is_set()):
+                problems.append("watches not synced")
+            elif not enforcer.synced.is_set():
+                problems.append("initial reconcile not done")
+            return problems
+
+        async def refresh_metrics() -> None:
+            stats = await worker.call(dp.stats)
+            for direction in ("ingress", "egress"):
+                metrics.drop_count.labels(direction).set(stats[f"{direction}_denied_packets"])
+                metrics.drop_bytes.labels(direction).set(stats[f"{direction}_denied_bytes"])
+            for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
+                metrics.watch_relists.labels(name).set(st.lists)
+                metrics.watch_errors.labels(name).set(st.errors)
+
+        log.info("agent.starting", node=settings.node_name, mode=settings.enforcing_mode,
+                 pin_root=settings.bpf_pin_root)
+        await supervise({
+            "hostnet": hostnet.run(),
+            "watch-pods": watch_pods(),
+            "watch-policyendpoints": watch_endpoints(),
+            "enforcer": enforcer.run(),
+            "health": serve(health_app([ready]), settings.health_probe_bind_addr),
+            "metrics": serve(metrics_app(metrics, refresh_metrics), settings.metrics_bind_addr),
+        }, stop=stop, grace=settings.shutdown_timeout)
+    finally:
+        if kube is not None:
+            await kube.close()
+        worker.close()
+        dp.close()
+        log.info("agent.stopped", datapath="left enforcing (pinned)")
+
+
+async def amain(settings: Settings) -> int:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        await run(settings, stop=stop)
+    except StartupError as exc:
+        sys.stderr.write(f"np-agent: {exc}\n")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings("np-agent", __doc__.splitlines()[1], argv)
+    if settings.enable_network_policy and not settings.node_name:
+        sys.stderr.write("np-agent: invalid --node-name='': required (or set MY_NODE_NAME)\n")
+        raise SystemExit(2)
+    logs.configure(settings.log_level, process="agent", json=not sys.stderr.isatty())
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(asyncio.run(amain(settings)))
+
+
+if __name__ == "__main__":
+    main()

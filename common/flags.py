@@ -1,0 +1,160 @@
+"""Command-line flags and environment shared by the node processes.
+
+The reference agent's flags keep their names and defaults (``--enable-network-policy``,
+``--conntrack-cache-table-size``, ...), so the same argument list can be given to every
+process; each uses what concerns it. Values are validated by pydantic; a bad value exits
+with status 2 and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bpf.layout import NP_CT_MAX_ENTRIES, NP_CT_MIN_ENTRIES
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/netpol"
+DEFAULT_RUNTIME_DIR = "/var/run/np-agent"
+
+
+class Settings(BaseModel):
+    """Validated settings; every field names its unit and why it exists."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enable_network_policy: bool = False
+    """Enforce NetworkPolicy at all (reference flag). Off: the agent only reports health."""
+    enable_policy_event_logs: bool = False
+    """Record policy decisions (reference flag): DENY always, ACCEPT at debug level."""
+    enable_cloudwatch_logs: bool = False
+    """Ship decision logs to CloudWatch Logs (reference flag); needs event logs."""
+    enable_ipv6: bool = False
+    """Reference flag, accepted for compatibility: both IP families are always enforced."""
+    log_level: Literal["debug", "info", "warn", "error"] = "debug"
+    """Logging verbosity (reference flag and default)."""
+    log_file: str = "/var/log/aws-routed-eni/network-policy-agent.log"
+    """Where decision (flow) logs are written (reference flag and default)."""
+    conntrack_cache_cleanup_period: int = Field(default=300, ge=1, le=86400)
+    """Seconds between conntrack cache sweeps (reference flag and default)."""
+    conntrack_cache_table_size: int = Field(default=524288, ge=NP_CT_MIN_ENTRIES,
+                                            le=NP_CT_MAX_ENTRIES)
+    """Entries of the datapath's conntrack map (reference flag); fixed once the map exists."""
+    metrics_bind_addr: str = ":8162"
+    """host:port of the Prometheus endpoint (reference flag and default)."""
+    health_probe_bind_addr: str = ":8163"
+    """host:port of /healthz and /readyz (reference flag and default)."""
+    enforcing_mode: Literal["standard", "strict"] = "standard"
+    """NETWORK_POLICY_ENFORCING_MODE: new pods default-allow (standard) or default-deny
+    (strict) until their policies are programmed."""
+    node_name: str = ""
+    """This node's name (MY_NODE_NAME): selects the local pods."""
+    kubeconfig: str | None = None
+    """Kubeconfig file; unset means the in-cluster service account."""
+    bpf_pin_root: str = DEFAULT_PIN_ROOT
+    """bpffs directory holding the datapath's pinned maps and programs."""
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
+    """Directory of the processes' local API sockets."""
+    pod_interface_prefixes: tuple[str, ...] = ("eni", "veth")
+    """Name prefixes of host-side pod interfaces, attached at their first appearance
+    (VPC CNI: eni, kindnet/ptp/bridge: veth)."""
+    shutdown_timeout: float = Field(default=10.0, gt=0, le=120)
+    """Seconds a process takes at most to stop after SIGTERM."""
+
+    @field_validator("metrics_bind_addr", "health_probe_bind_addr")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        parse_bind_addr(value)
+        return value
+
+    @field_validator("pod_interface_prefixes", mode="before")
+    @classmethod
+    def _prefixes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+
+def parse_bind_addr(value: str) -> tuple[str, int]:
+    """``:8162``, ``0.0.0.0:8162``, ``[::1]:8162`` or a bare port -> (host, port)."""
+    text = value.strip()
+    if text.isdigit():
+        host, port_s = "", text
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected host:port, got {value!r}")
+        host = host.strip("[]")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"invalid port in {value!r}")
+    return host, int(port_s)
+
+
+_FLAG_OF = {
+    "enforcing_mode": "NETWORK_POLICY_ENFORCING_MODE",
+    "node_name": "--node-name (or MY_NODE_NAME)",
+}
+
+
+def flag_name(field: str) -> str:
+    return _FLAG_OF.get(field, "--" + field.replace("_", "-"))
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for name in ("enable-network-policy", "enable-policy-event-logs",
+                 "enable-cloudwatch-logs", "enable-ipv6"):
+        p.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="BOOL")
+    p.add_argument("--log-level")
+    p.add_argument("--log-file")
+    p.add_argument("--conntrack-cache-cleanup-period", metavar="SECONDS")
+    p.add_argument("--conntrack-cache-table-size", metavar="ENTRIES")
+    p.add_argument("--metrics-bind-addr", metavar="HOST:PORT")
+    p.add_argument("--health-probe-bind-addr", metavar="HOST:PORT")
+    p.add_argument("--node-name")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--bpf-pin-root")
+    p.add_argument("--runtime-dir")
+    p.add_argument("--pod-interface-prefixes", metavar="P1,P2")
+    p.add_argument("--shutdown-timeout", metavar="SECONDS")
+    return p
+
+
+def parse_settings(prog: str, description: str, argv: Sequence[str] | None = None,
+                   env: Mapping[str, str] | None = None) -> Settings:
+    """Flags and environment -> Settings, or exit 2 naming the offending flag."""
+    env = os.environ if env is None else env
+    args = parser(prog, description).parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    if "NETWORK_POLICY_ENFORCING_MODE" in env:
+        values["enforcing_mode"] = env["NETWORK_POLICY_ENFORCING_MODE"].strip().lower()
+    values.setdefault("node_name", env.get("MY_NODE_NAME", ""))
+    if "kubeconfig" not in values and env.get("KUBECONFIG"):
+        values["kubeconfig"] = env["KUBECONFIG"]
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        got = values.get(field)
+        sys.stderr.write(f"{prog}: invalid {flag_name(field)}={got!r}: "
+                         f"{err['msg'].removeprefix('Value error, ')}\n")
+        raise SystemExit(2) from None
+    if settings.enable_cloudwatch_logs and not settings.enable_policy_event_logs:
+        sys.stderr.write(f"{prog}: invalid --enable-cloudwatch-logs=true: "
+                         "needs --enable-policy-event-logs=true\n")
+        raise SystemExit(2)
+    return settings

@@ -1,0 +1,35 @@
+"""structlog setup shared by the processes: JSON lines on stderr, level from the flags."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure(level: str, *, process: str, json: bool = True) -> None:
+    """Log events as JSON (or readable text for terminals) at ``level`` and above."""
+    numeric = _LEVELS.get(level, logging.INFO)
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(process=process)
+    # libraries using stdlib logging (aiohttp, kubernetes-asyncio) at warning and above
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)

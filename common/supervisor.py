@@ -1,0 +1,74 @@
+"""Root task supervision (kopf's pattern).
+
+Every long-running task is named. When one ends (it must not: its end is logged as an
+error), raises, or a stop is requested (SIGTERM), the others are cancelled and given a
+grace period; tasks that do not finish in time are reported by name. The first failure,
+if any, is re-raised so the process exits non-zero and is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("supervisor")
+
+
+class TaskEnded(RuntimeError):  # noqa: N818 (a condition, not an error class name)
+    """A task that must run forever returned."""
+
+
+async def supervise(
+    tasks: Mapping[str, Coroutine[Any, Any, Any]],
+    *,
+    stop: asyncio.Event,
+    grace: float,
+) -> None:
+    running = {asyncio.create_task(coro, name=name): name for name, coro in tasks.items()}
+    stopper = asyncio.create_task(stop.wait(), name="stop-request")
+    try:
+        done, _ = await asyncio.wait({*running, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        done = set()
+    failure: BaseException | None = None
+    for t in done:
+        if t is stopper:
+            log.info("supervisor.stopping", reason="stop requested")
+            continue
+        if t.cancelled():
+            failure = failure or TaskEnded(f"task {running[t]} was cancelled")
+        elif t.exception() is not None:
+            exc = t.exception()
+            log.error("supervisor.task_failed", task=running[t], error=repr(exc))
+            failure = failure or exc
+        else:
+            log.error("supervisor.task_ended", task=running[t])
+            failure = failure or TaskEnded(f"task {running[t]} ended")
+    stopper.cancel()
+    pending = [t for t in running if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        finished, hung = await asyncio.wait(pending, timeout=grace)
+        for t in hung:
+            log.error("supervisor.task_hung", task=running[t], grace=grace)
+        for t in finished:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("supervisor.task_failed_on_stop", task=running[t],
+                          error=repr(t.exception()))
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopper
+    if failure is not None:
+        raise failure
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT request a clean stop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
