@@ -39,6 +39,7 @@ from common.netlink import NetEvent, Netlink, NetlinkOpError
 log = structlog.get_logger("agent.enforcer")
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
+GC_INTERVAL = 1.0  # seconds between collections of retired tries
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Enforcer:
         self._addresses_changed = True
         self._wake = asyncio.Event()
         self._nl: Netlink | None = None
+        self._last_gc = 0.0
         hostnet.on_change = self._on_net_event
 
     # ---- events -------------------------------------------------------------------------
@@ -101,11 +103,11 @@ class Enforcer:
             self._addresses_changed = True
         self._wake.set()
 
-    async def _wait(self) -> None:
+    async def _wait(self, timeout: float | None = None) -> None:
         waiters = [asyncio.ensure_future(self.cache.changed.wait()),
                    asyncio.ensure_future(self._wake.wait())]
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
@@ -139,7 +141,9 @@ class Enforcer:
                     await self._release_unclaimed()
                     self.synced.set()
                 self._export_counts()
-                await self._wait()
+                await self._collect_garbage()
+                pending_gc = self.dp.counts()["retired_tries"] > 0
+                await self._wait(GC_INTERVAL if pending_gc else None)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -201,7 +205,6 @@ class Enforcer:
     def _remove(self, ifindexes: Sequence[int]) -> None:
         """Worker thread: drop records (their pods' ids stay named for late flow logs)."""
         self.dp.remove_pods(ifindexes)
-        self.dp.collect_garbage()
 
     async def _release_unclaimed(self) -> None:
         """After the first full reconcile: interfaces no local pod claims keep (or get)
@@ -212,7 +215,6 @@ class Enforcer:
             await self.worker.call(
                 self.dp.program_pods, {i: PodPolicy(UNKNOWN_POD, default, default)
                                        for i in unclaimed})
-            await self.worker.call(self.dp.collect_garbage)
 
     # ---- reconcile ----------------------------------------------------------------------
     async def _reconcile(self, refs: set[PodRef]) -> None:
@@ -316,7 +318,6 @@ class Enforcer:
                         ""))
         if pods:
             dp.program_pods(pods)
-        dp.collect_garbage()
         return out
 
     async def _interface_for(self, pod: LocalPod) -> int | None:
@@ -326,6 +327,18 @@ class Enforcer:
             if ifindex is not None:
                 return ifindex
         return None
+
+    async def _collect_garbage(self) -> None:
+        """Free retired tries and port sets when idle, at most once a second: it waits
+        for an RCU grace period, which must not delay programming."""
+        now = time.monotonic()
+        if self.cache.dirty or now - self._last_gc < GC_INTERVAL:
+            return
+        if self.dp.counts()["retired_tries"] == 0:
+            return
+        self._last_gc = now
+        tries, portsets = await self.worker.call(self.dp.collect_garbage)
+        log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
 
     def _unbind(self, ref: PodRef) -> None:
         st = self.status.pop(ref, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -17,8 +19,13 @@ def configure(level: str, *, process: str, json: bool = True) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
+    def add_process(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("process", process)  # static: also for worker threads
+        return event
+
     structlog.configure(
         processors=[
+            add_process,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -30,6 +37,5 @@ def configure(level: str, *, process: str, json: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(process=process)
     # libraries using stdlib logging (aiohttp, kubernetes-asyncio) at warning and above
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)

@@ -1,0 +1,218 @@
+"""An end-to-end rig: the real np-agent process in a simulated node's network namespace,
+the fake API server inside that namespace, namespace pods, real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from fakekube import store as fs
+from fakekube.server import FakeKube
+from simnode.netns import socket_in
+from simnode.node import SimNode, SimPod
+from simnode.traffic import PodServer, tcp_probe, udp_probe
+
+NODE = "node-1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AgentRig:
+    def __init__(self, sim: SimNode, *, pin_root: str, workdir: Path,
+                 mode: str = "standard") -> None:
+        self.sim = sim
+        self.pin_root = pin_root
+        self.workdir = workdir
+        self.mode = mode
+        self.api = FakeKube(bookmark_interval=0.5)
+        self.kubeconfig = str(workdir / "kubeconfig")
+        self.servers: dict[str, PodServer] = {}
+        self.pods: dict[str, SimPod] = {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = workdir / "agent.log"
+        self.runs = 0
+        self._api_port = 0
+
+    # ---- the API server ---------------------------------------------------------------
+    async def start_api(self) -> None:
+        def factory() -> socket.socket:
+            s = socket_in(self.sim.netns, socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", self._api_port))
+            self._api_port = s.getsockname()[1]
+            return s
+
+        await self.api.start(sock_factory=factory)
+        self.api.write_kubeconfig(self.kubeconfig)
+
+    # ---- the agent --------------------------------------------------------------------
+    async def start_agent(self, *extra: str) -> None:
+        self.runs += 1
+        env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=NODE,
+                   PYTHONPATH=str(REPO))
+        args = [
+            "ip", "netns", "exec", self.sim.netns, sys.executable, "-m", "agent",
+            "--enable-network-policy=true", f"--kubeconfig={self.kubeconfig}",
+            f"--bpf-pin-root={self.pin_root}", "--conntrack-cache-table-size=32768",
+            "--metrics-bind-addr=127.0.0.1:8162", "--health-probe-bind-addr=127.0.0.1:8163",
+            f"--pod-interface-prefixes={self.sim.tag}h", "--log-level=debug", *extra,
+        ]
+        log = open(self.log_path, "a")  # noqa: SIM115 (the child owns it)
+        log.write(f"---- run {self.runs}\n")
+        log.flush()
+        self.proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
+                                                         stderr=log)
+        log.close()
+
+    async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        self.proc = None
+        return rc
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    async def http(self, port: int, path: str) -> tuple[int, str]:
+        loop = asyncio.get_running_loop()
+        sock = socket_in(self.sim.netns, socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 2)
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+                data += chunk
+        except (OSError, TimeoutError):
+            return 0, ""
+        finally:
+            sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body.decode(errors="replace")
+
+    async def ready(self, timeout: float = 20) -> None:
+        await eventually(lambda: self._ready(), timeout=timeout, what="agent /readyz")
+
+    async def _ready(self) -> bool:
+        status, _ = await self.http(8163, "/readyz")
+        return status == 200
+
+    # ---- pods -------------------------------------------------------------------------
+    async def add_pod(self, name: str, *, namespace: str = "default",
+                      labels: dict[str, str] | None = None, ports: Iterable[int] = (80, 81),
+                      create_object: bool = True) -> SimPod:
+        pod = await self.sim.add_pod(name)
+        server = PodServer(name=name, netns=pod.netns, ports=ports)
+        await server.start()
+        self.servers[name] = server
+        self.pods[name] = pod
+        if create_object:
+            self.create_pod_object(pod, namespace=namespace, labels=labels)
+        return pod
+
+    def create_pod_object(self, pod: SimPod, *, namespace: str = "default",
+                          labels: dict[str, str] | None = None) -> None:
+        self.api.store.create(fs.PODS, namespace, {
+            "metadata": {"name": pod.name, "namespace": namespace, "labels": labels or {}},
+            "spec": {"nodeName": NODE},
+            "status": {"phase": "Running", "hostIP": str(self.sim.node_ipv4),
+                       "podIP": str(pod.ipv4),
+                       "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}]},
+        })
+
+    def endpoint(self, pod: SimPod, namespace: str = "default") -> dict[str, str]:
+        return {"podIP": str(pod.ipv4), "hostIP": str(self.sim.node_ipv4),
+                "name": pod.name, "namespace": namespace}
+
+    def policy_endpoint(self, name: str, *, targets: list[SimPod], policy: str | None = None,
+                        namespace: str = "default", isolation: list[str] | None = None,
+                        ingress: list[dict[str, Any]] | None = None,
+                        egress: list[dict[str, Any]] | None = None,
+                        trigger_time: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, "namespace": namespace}
+        if trigger_time:
+            meta["annotations"] = {"networking.k8s.aws/last-change-trigger-time": trigger_time}
+        return {
+            "metadata": meta,
+            "spec": {
+                "policyRef": {"name": policy or name, "namespace": namespace},
+                "podIsolation": isolation if isolation is not None else ["Ingress"],
+                "podSelectorEndpoints": [self.endpoint(p, namespace) for p in targets],
+                "ingress": ingress or [], "egress": egress or [],
+            },
+        }
+
+    def apply(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        try:
+            current = self.api.store.get(fs.POLICY_ENDPOINTS, meta["namespace"], meta["name"])
+        except fs.ApiError:
+            self.api.store.create(fs.POLICY_ENDPOINTS, meta["namespace"], body)
+            return
+        body = dict(body, metadata=dict(meta, resourceVersion=current["metadata"]
+                                        ["resourceVersion"]))
+        self.api.store.update(fs.POLICY_ENDPOINTS, meta["namespace"], meta["name"], body)
+
+    def delete(self, name: str, namespace: str = "default") -> None:
+        self.api.store.delete(fs.POLICY_ENDPOINTS, namespace, name)
+
+    # ---- traffic ----------------------------------------------------------------------
+    async def probe(self, client: SimPod | None, target: SimPod, *, port: int = 80,
+                    protocol: str = "TCP", family: int = 4, timeout: float = 0.4) -> bool:
+        netns = client.netns if client else self.sim.netns
+        fn = tcp_probe if protocol == "TCP" else udp_probe
+        return await fn(netns=netns, target=target.address(family), port=port,
+                        timeout=timeout, expect=target.name)
+
+    async def matrix(self, cases: list[tuple[SimPod | None, SimPod, int, str, int]]
+                     ) -> list[bool]:
+        return list(await asyncio.gather(*(
+            self.probe(c, t, port=p, protocol=pr, family=f) for c, t, p, pr, f in cases)))
+
+    async def converge(self, cases: list[tuple[SimPod | None, SimPod, int, str, int]],
+                       expect: list[bool], timeout: float = 10) -> None:
+        last: list[bool] = []
+
+        async def check() -> bool:
+            nonlocal last
+            last = await self.matrix(cases)
+            return last == expect
+
+        await eventually(check, timeout=timeout, what=lambda: f"matrix {last} != {expect}")
+
+    async def close(self) -> None:
+        if self.proc is not None:
+            await self.stop_agent()
+        for server in self.servers.values():
+            await server.close()
+        await self.api.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float,
+                     what: str | Callable[[], str], interval: float = 0.1) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if await check():
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached in {timeout}s: {what() if callable(what) else what}")
+        await asyncio.sleep(interval)
