@@ -20,11 +20,14 @@ from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
 from agent.probes import bpffs_ready, global_maps_pinned, health_app, metrics_app, serve
 from agent.worker import DatapathWorker
+from bpf import layout as lay
+from bpf import recovery
 from bpf.datapath import Datapath, PinnedSizeError
 from bpf.errors import BpfError
 from common import logs, preflight
 from common.flags import Settings, parse_settings
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
+from common.netlink import Netlink
 from common.supervisor import stop_on_signals, supervise
 from common.watching import WatchStats, list_watch
 
@@ -36,9 +39,6 @@ class StartupError(Exception):
 
 
 def open_datapath(settings: Settings) -> Datapath:
-    problems = preflight.problems(settings.bpf_pin_root)
-    if problems:
-        raise StartupError("; ".join(problems))
     try:
         return Datapath.open(settings.bpf_pin_root,
                              ct_entries=settings.conntrack_cache_table_size)
@@ -47,6 +47,28 @@ def open_datapath(settings: Settings) -> Datapath:
     except BpfError as exc:
         log.debug("datapath.load_failed", detail=exc.detail)
         raise StartupError(f"cannot load the datapath: {exc.strerror}") from None
+
+
+async def recover_pins(settings: Settings) -> None:
+    """If the maps' pins are gone but our programs are still attached to pod veths,
+    pin the live maps again (see bpf.recovery) so that this run adopts them."""
+    if not recovery.pins_missing(settings.bpf_pin_root):
+        return
+    async with Netlink() as nl:
+        for link in await nl.links():
+            if not any(link.name.startswith(p) for p in settings.pod_interface_prefixes):
+                continue
+            for f in await nl.bpf_filters(link.index):
+                if f.name not in (lay.PROG_INGRESS, lay.PROG_EGRESS) or not f.prog_id:
+                    continue
+                try:
+                    pinned = recovery.repin_from_program(f.prog_id, settings.bpf_pin_root)
+                except (BpfError, ValueError) as exc:
+                    log.warning("datapath.recovery_failed", prog_id=f.prog_id, error=str(exc))
+                    continue
+                log.warning("datapath.recovered", from_program=f.prog_id, interface=link.name,
+                            maps=pinned, reason="pins were missing; live maps pinned again")
+                return
 
 
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
@@ -60,6 +82,10 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         return
 
     loop = asyncio.get_running_loop()
+    problems = preflight.problems(settings.bpf_pin_root)
+    if problems:
+        raise StartupError("; ".join(problems))
+    await recover_pins(settings)
     dp = await loop.run_in_executor(None, open_datapath, settings)
     worker = DatapathWorker(dp)
     kube: KubeClient | None = None

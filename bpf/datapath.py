@@ -210,6 +210,9 @@ class Datapath:
             self._portsets[portset] = _PortsetRef(key.value)
             self._portset_by_id[key.value] = portset
             self._next_portset = max(self._next_portset, key.value + 1)
+            # policy ids in use, even if their names were lost (np_policies not recovered)
+            used = [portset.any_policy or 0, *(r.policy_id for r in portset.rules)]
+            self._next_policy = max(self._next_policy, max(used) + 1)
         for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
             entries = self.read_trie(trie_id)

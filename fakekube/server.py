@@ -230,11 +230,13 @@ class FakeKube:
                 if item.get("type") == "BOOKMARK" and not bookmarks:
                     continue
                 await _send(resp, item)
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             # a dropped watch: close the transport so the client sees the cut
             if request.transport is not None:
                 request.transport.abort()
             raise
+        except ConnectionError:
+            pass  # the client went away
         finally:
             self.store.watchers.discard(watcher)
             self._watch_tasks.discard(task)

@@ -9,10 +9,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from bpf import layout as lay
+from bpf.maps import Map, TypedMap
+from bpf.objects import Program
 from fakekube import store as fs
 from fakekube.server import FakeKube
 from simnode.netns import socket_in
@@ -20,6 +23,8 @@ from simnode.node import SimNode, SimPod
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 
 NODE = "node-1"
+# client (None: the node), target, port, protocol, family
+Case = tuple[SimPod | None, SimPod, int, str, int]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -56,19 +61,39 @@ class AgentRig:
         self.runs += 1
         env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=NODE,
                    PYTHONPATH=str(REPO))
+        # only the network namespace, as a hostNetwork container: `ip netns exec` would
+        # also remount /sys and hide the host's bpffs
         args = [
-            "ip", "netns", "exec", self.sim.netns, sys.executable, "-m", "agent",
+            "nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m", "agent",
             "--enable-network-policy=true", f"--kubeconfig={self.kubeconfig}",
             f"--bpf-pin-root={self.pin_root}", "--conntrack-cache-table-size=32768",
             "--metrics-bind-addr=127.0.0.1:8162", "--health-probe-bind-addr=127.0.0.1:8163",
             f"--pod-interface-prefixes={self.sim.tag}h", "--log-level=debug", *extra,
         ]
-        log = open(self.log_path, "a")  # noqa: SIM115 (the child owns it)
-        log.write(f"---- run {self.runs}\n")
-        log.flush()
+        log = self._open_log()
         self.proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
                                                          stderr=log)
         log.close()
+
+    def _open_log(self) -> TextIO:
+        log = open(self.log_path, "a")  # noqa: SIM115 (handed to the child)
+        log.write(f"---- run {self.runs}\n")
+        log.flush()
+        return log
+
+    def records(self) -> dict[int, lay.NpPod]:
+        """The datapath's pod records as pinned (not what the agent believes)."""
+        with Map.from_pin(os.path.join(self.pin_root, "maps", lay.MAP_PODS)) as raw:
+            pods = TypedMap(raw, lay.u32, lay.NpPod)
+            return {k.value: v for k, v in pods.items()}
+
+    def pinned_program_ids(self) -> tuple[int, int]:
+        ids = []
+        for name in (lay.PROG_INGRESS, lay.PROG_EGRESS):
+            prog = Program.from_pin(os.path.join(self.pin_root, "programs", name))
+            ids.append(prog.id)
+            prog.close()
+        return ids[0], ids[1]
 
     async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -182,12 +207,12 @@ class AgentRig:
         return await fn(netns=netns, target=target.address(family), port=port,
                         timeout=timeout, expect=target.name)
 
-    async def matrix(self, cases: list[tuple[SimPod | None, SimPod, int, str, int]]
+    async def matrix(self, cases: Sequence[Case]
                      ) -> list[bool]:
         return list(await asyncio.gather(*(
             self.probe(c, t, port=p, protocol=pr, family=f) for c, t, p, pr, f in cases)))
 
-    async def converge(self, cases: list[tuple[SimPod | None, SimPod, int, str, int]],
+    async def converge(self, cases: Sequence[Case],
                        expect: list[bool], timeout: float = 10) -> None:
         last: list[bool] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from bpf.attach import attach
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
@@ -13,6 +13,8 @@ from simnode.node import SimNode, SimPod
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# client (None: the node), target, port, protocol, family
+Case = tuple[SimPod | None, SimPod, int, str, int]
 
 
 class PodNet:
@@ -47,7 +49,7 @@ class PodNet:
         return await probe(netns=netns, target=target.address(family), port=port,
                            timeout=timeout, expect=target.name)
 
-    async def matrix(self, cases: list[tuple[SimPod | None, SimPod, int, str, int]]
+    async def matrix(self, cases: Sequence[Case]
                      ) -> list[bool]:
         return list(await asyncio.gather(*(
             self.probe(c, t, port=p, protocol=proto, family=f) for c, t, p, proto, f in cases
