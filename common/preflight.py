@@ -34,19 +34,18 @@ def _fs_type(path: str) -> tuple[int, int] | None:
 def bpffs_problem(path: str = "/sys/fs/bpf", *, try_mount: bool = True) -> str | None:
     """None if bpffs is mounted read-write at ``path`` (mounting it when permitted)."""
     info = _fs_type(path)
-    if (info is None or info[0] != BPF_FS_MAGIC) and try_mount:
-        if os.path.isdir(path) and _libc.mount(b"bpf", path.encode(), b"bpf", 0, b"mode=0700") == 0:
+    refused = False
+    if (info is None or info[0] != BPF_FS_MAGIC) and try_mount and os.path.isdir(path):
+        if _libc.mount(b"bpf", path.encode(), b"bpf", 0, b"mode=0700") == 0:
             info = _fs_type(path)
         else:
-            err = ctypes.get_errno()
-            if info is None or info[0] != BPF_FS_MAGIC:
-                how = ("mount it on the node (`mount -t bpf bpf /sys/fs/bpf`, e.g. in the "
-                       "node's user data) and into this container")
-                if err == errno.EPERM:
-                    return f"bpffs is not mounted at {path} and mounting it was refused: {how}"
-                return f"bpffs is not mounted at {path}: {how}"
+            refused = ctypes.get_errno() == errno.EPERM
     if info is None or info[0] != BPF_FS_MAGIC:
-        return f"bpffs is not mounted at {path}"
+        how = ("mount it on the node (`mount -t bpf bpf /sys/fs/bpf`, e.g. in the node's "
+               "user data) and into this container")
+        if refused:
+            return f"bpffs is not mounted at {path} and mounting it was refused: {how}"
+        return f"bpffs is not mounted at {path}: {how}"
     if info[1] & ST_RDONLY or not os.access(path, os.W_OK):
         return f"bpffs at {path} is read-only: mount it read-write into this container"
     return None
