@@ -80,6 +80,7 @@ class Enforcer:
         self.attached: dict[int, tuple[int, int]] = {}
         self.records: set[int] = set()          # ifindexes with a record in np_pods
         self.synced = asyncio.Event()           # first full reconcile done
+        self.progress = asyncio.Condition()     # notified after every reconcile batch
         self._new_links: set[int] = set()
         self._gone_links: set[int] = set()
         self._routes_changed = False
@@ -141,6 +142,8 @@ class Enforcer:
                     await self._release_unclaimed()
                     self.synced.set()
                 self._export_counts()
+                async with self.progress:
+                    self.progress.notify_all()
                 await self._collect_garbage()
                 pending_gc = self.dp.counts()["retired_tries"] > 0
                 await self._wait(GC_INTERVAL if pending_gc else None)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from agent.api import AgentApi
 from agent.cache import Cache
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
@@ -27,6 +28,7 @@ from bpf.errors import BpfError
 from common import logs, preflight
 from common.flags import Settings, parse_settings
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
+from common.localapi import AGENT_SOCKET, serve_unix, socket_path
 from common.netlink import Netlink
 from common.supervisor import stop_on_signals, supervise
 from common.watching import WatchStats, list_watch
@@ -127,9 +129,13 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 metrics.watch_relists.labels(name).set(st.lists)
                 metrics.watch_errors.labels(name).set(st.errors)
 
+        api = AgentApi(settings=settings, cache=cache, enforcer=enforcer, hostnet=hostnet,
+                       worker=worker, watches={"pods": pod_stats, "policyendpoints": pe_stats},
+                       ready=ready)
         log.info("agent.starting", node=settings.node_name, mode=settings.enforcing_mode,
                  pin_root=settings.bpf_pin_root)
         await supervise({
+            "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
             "hostnet": hostnet.run(),
             "watch-pods": watch_pods(),
             "watch-policyendpoints": watch_endpoints(),

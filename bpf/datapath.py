@@ -420,29 +420,38 @@ class Datapath:
 
     # ---- reading back ---------------------------------------------------------------
     def read_trie(self, trie_id: int) -> CompiledRules | None:
-        """A trie's entries as stored in the kernel (not from our bookkeeping)."""
+        """A trie's entries as stored in the kernel, port sets included: read from the
+        maps, not from this object's bookkeeping (what explain and the CLI show)."""
         raw = self.rules.lookup(bytes(U32(trie_id)))
         if raw is None:
             return None
         inner_id = int.from_bytes(raw, "little")
         out = CompiledRules()
+        portsets: dict[int, Portset] = {}
         with Map.from_id(inner_id) as inner:
             for k, v in inner.items():
                 key = lay.NpLpmKey.from_buffer_copy(k)
                 ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id
-                out.entries[prefix_from_key(key)] = self.portset_by_id(ps_id)
+                if ps_id not in portsets:
+                    portsets[ps_id] = self.read_portset(ps_id)
+                out.entries[prefix_from_key(key)] = portsets[ps_id]
         return out
 
-    def portset_by_id(self, portset_id: int) -> Portset:
+    def read_portset(self, portset_id: int) -> Portset:
         if portset_id == lay.NP_PORTSET_NONE:
             return NOTHING
-        known = self._portset_by_id.get(portset_id)
-        if known is not None:
-            return known
         raw = self.portsets.lookup(U32(portset_id))
         if raw is None:
             raise BpfError(2, f"port set {portset_id} referenced by a trie is missing")
         return portset_from_map(raw)
+
+    def policy_name(self, policy_id: int) -> str:
+        """namespace/name of a policy id, from the pinned names ("" if unknown)."""
+        meta = self.policies.lookup(U32(policy_id)) if policy_id else None
+        return f"{meta.namespace_.decode()}/{meta.name.decode()}" if meta else ""
+
+    def is_host_address(self, address: lay.Address) -> bool:
+        return self.host_addrs.lookup(host_key(address)) is not None
 
     def pod_record(self, ifindex: int) -> lay.NpPod | None:
         return self.pods.lookup(U32(ifindex))

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ class AgentRig:
         self.pods: dict[str, SimPod] = {}
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = workdir / "agent.log"
+        self.runtime_dir = str(workdir / "run")
         self.runs = 0
         self._api_port = 0
 
@@ -68,7 +70,8 @@ class AgentRig:
             "--enable-network-policy=true", f"--kubeconfig={self.kubeconfig}",
             f"--bpf-pin-root={self.pin_root}", "--conntrack-cache-table-size=32768",
             "--metrics-bind-addr=127.0.0.1:8162", "--health-probe-bind-addr=127.0.0.1:8163",
-            f"--pod-interface-prefixes={self.sim.tag}h", "--log-level=debug", *extra,
+            f"--pod-interface-prefixes={self.sim.tag}h", "--log-level=debug",
+            f"--runtime-dir={self.runtime_dir}", *extra,
         ]
         log = self._open_log()
         self.proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
@@ -116,6 +119,17 @@ class AgentRig:
                 except json.JSONDecodeError:
                     continue
         return out
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run np-cli against this agent (from the host, like an operator)."""
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args, f"--runtime-dir={self.runtime_dir}",
+             f"--bpf-pin-root={self.pin_root}"],
+            capture_output=True, text=True, check=False, env=dict(os.environ,
+                                                                  PYTHONPATH=str(REPO)))
+
+    async def acli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(self.cli, *args)
 
     async def http(self, port: int, path: str) -> tuple[int, str]:
         loop = asyncio.get_running_loop()

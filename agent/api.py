@@ -1,0 +1,326 @@
+"""The enforcer's local API (Unix socket, ``/v1``): status, pods, policies, explain, wait.
+
+Pod views and ``explain`` read the live maps (records, tries, port sets, policy names)
+in the datapath worker thread: they show what the datapath does, not what the agent
+believes it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from agent.cache import Cache
+from agent.endpoints import PodRef
+from agent.enforcer import Enforcer
+from agent.hostnet import HostNet
+from agent.worker import DatapathWorker
+from bpf import layout as lay
+from bpf.attach import attachment
+from bpf.datapath import Datapath
+from bpf.ruleset import CompiledRules, Portset
+from common.apimodels import (
+    DirectionView,
+    ExplainRequest,
+    ExplainResult,
+    NodeStatus,
+    PodView,
+    PolicyRefView,
+    PolicyView,
+    PortRuleView,
+    ProcessStats,
+    RuleView,
+    WaitResult,
+    WatchView,
+)
+from common.flags import Settings
+from common.localapi import (
+    CONNTRACK_SOCKET,
+    FLOWLOGS_SOCKET,
+    ApiError,
+    LocalClient,
+    Unavailable,
+    make_app,
+    socket_path,
+)
+from common.netlink import Netlink, NetlinkOpError
+from common.watching import WatchStats
+
+PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP,
+             "ICMP": 1}
+MAX_WAIT = 600.0
+
+
+@dataclass
+class AgentApi:
+    settings: Settings
+    cache: Cache
+    enforcer: Enforcer
+    hostnet: HostNet
+    worker: DatapathWorker
+    watches: dict[str, WatchStats]
+    ready: Callable[[], list[str]]
+
+    @property
+    def dp(self) -> Datapath:
+        return self.worker.dp
+
+    def app(self) -> web.Application:
+        app = make_app()
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/v1/pods", self.pods)
+        app.router.add_get("/v1/pods/{namespace}/{name}", self.pod)
+        app.router.add_get("/v1/policies", self.policies)
+        app.router.add_post("/v1/explain", self.explain)
+        app.router.add_get("/v1/wait", self.wait)
+        return app
+
+    # ---- status -----------------------------------------------------------------------
+    async def status(self, _: web.Request) -> web.Response:
+        problems = self.ready()
+        stats = await self.worker.call(self.dp.stats)
+        counts = self.dp.counts()
+        conntrack, flowlogs = await asyncio.gather(
+            _process_stats(self.settings.runtime_dir, CONNTRACK_SOCKET, "conntrack cleaner"),
+            _process_stats(self.settings.runtime_dir, FLOWLOGS_SOCKET, "flow-log shipper"))
+        body = NodeStatus(
+            node=self.settings.node_name, mode=self.settings.enforcing_mode,
+            ready=not problems, problems=problems, pin_root=self.settings.bpf_pin_root,
+            ingress_prog_id=self.dp.ingress_prog.id, egress_prog_id=self.dp.egress_prog.id,
+            pods=len(self.cache.pods),
+            programmed=sum(1 for ref in self.cache.pods if self.enforcer.is_programmed(ref)),
+            tries=counts["tries"], portsets=counts["portsets"],
+            policyendpoints=len(self.cache.endpoints), rejected=len(self.cache.rejected),
+            datapath=stats,
+            watches={k: WatchView(synced=w.synced.is_set(), lists=w.lists, gone=w.gone,
+                                  errors=w.errors, events=w.events, last_error=w.last_error)
+                     for k, w in self.watches.items()},
+            conntrack=conntrack, flowlogs=flowlogs,
+        )
+        return _json(body)
+
+    # ---- pods -------------------------------------------------------------------------
+    async def pods(self, _: web.Request) -> web.Response:
+        views = [await self._pod_view(ref) for ref in sorted(self.cache.pods)]
+        return web.json_response([v.model_dump(mode="json") for v in views])
+
+    async def pod(self, request: web.Request) -> web.Response:
+        ref = (request.match_info["namespace"], request.match_info["name"])
+        if ref not in self.cache.pods:
+            raise web.HTTPNotFound(reason=f"pod {ref[0]}/{ref[1]} is not on this node")
+        return _json(await self._pod_view(ref))
+
+    async def _pod_view(self, ref: PodRef) -> PodView:
+        pod = self.cache.pods[ref]
+        st = self.enforcer.status.get(ref)
+        ifindex = st.ifindex if st else 0
+        ingress = egress = None
+        ing_id = egr_id = 0
+        if ifindex:
+            ingress, egress = await self.worker.call(self._directions, ifindex)
+            try:
+                async with Netlink() as nl:
+                    att = await attachment(nl, ifindex)
+                ing_id, egr_id = att.ingress_prog_id, att.egress_prog_id
+            except NetlinkOpError:
+                pass
+        link = self.hostnet.links.get(ifindex)
+        current = {e.key: e for e in self.cache.endpoints_for(ref)}
+        programmed = st.programmed if st else {}
+        return PodView(
+            namespace=pod.namespace, name=pod.name, uid=pod.uid, ips=list(pod.ips),
+            interface=link.name if link else "", ifindex=ifindex,
+            pod_id=st.pod_id if st else 0,
+            attached=bool(ifindex) and (ing_id, egr_id) == (self.dp.ingress_prog.id,
+                                                            self.dp.egress_prog.id),
+            ingress_prog_id=ing_id, egress_prog_id=egr_id,
+            programmed=self.enforcer.is_programmed(ref),
+            programmed_at=st.programmed_at if st and st.programmed_at else None,
+            error=st.error if st else "",
+            ingress=ingress, egress=egress,
+            policies=[PolicyRefView(
+                policyendpoint=f"{k[0]}/{k[1]}", policy=f"{e.policy[0]}/{e.policy[1]}",
+                generation=e.generation,
+                programmed_generation=programmed.get(f"{k[0]}/{k[1]}"))
+                for k, e in sorted(current.items())],
+        )
+
+    def _directions(self, ifindex: int) -> tuple[DirectionView | None, DirectionView | None]:
+        """Worker thread: both directions of a pod as the maps hold them."""
+        rec = self.dp.pod_record(ifindex)
+        if rec is None:
+            return None, None
+        return (self._direction(rec.ingress_state, rec.ingress_trie),
+                self._direction(rec.egress_state, rec.egress_trie))
+
+    def _direction(self, state: int, trie_id: int) -> DirectionView:
+        view = DirectionView(state=lay.STATE_NAMES.get(state, str(state)), trie_id=trie_id)
+        if state == lay.NP_STATE_POLICIES_APPLIED:
+            trie = self.dp.read_trie(trie_id)
+            if trie is not None:
+                view.rules = [RuleView(cidr=str(p), ports=self._ports(ps))
+                              for p, ps in sorted(trie.entries.items())]
+        return view
+
+    def _ports(self, ps: Portset) -> list[PortRuleView]:
+        if ps.any_policy is not None:
+            return [PortRuleView(protocol="ANY", start_port=0, end_port=65535,
+                                 policy=self.dp.policy_name(ps.any_policy))]
+        return [PortRuleView(protocol=lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                             start_port=r.start, end_port=r.end,
+                             policy=self.dp.policy_name(r.policy_id)) for r in ps.rules]
+
+    # ---- policies ---------------------------------------------------------------------
+    async def policies(self, _: web.Request) -> web.Response:
+        by_policy: dict[tuple[str, str], PolicyView] = {}
+        for e in self.cache.endpoints.values():
+            view = by_policy.setdefault(e.policy, PolicyView(
+                namespace=e.policy[0], name=e.policy[1], policyendpoints={}, pods=[],
+                rejected={}))
+            view.policyendpoints[e.name] = e.generation
+            view.pods = sorted(set(view.pods) | {f"{p[0]}/{p[1]}" for p in e.pods
+                                                 if p in self.cache.pods})
+        rejected = [PolicyView(namespace=k[0], name="?", policyendpoints={}, pods=[],
+                               rejected={k[1]: why}) for k, why in self.cache.rejected.items()]
+        views = [by_policy[k] for k in sorted(by_policy)] + rejected
+        return web.json_response([v.model_dump(mode="json") for v in views])
+
+    # ---- explain ----------------------------------------------------------------------
+    async def explain(self, request: web.Request) -> web.Response:
+        req = ExplainRequest.model_validate(await _body(request))
+        ns, name = req.pod.split("/")
+        ref = (ns, name)
+        pod = self.cache.pods.get(ref)
+        st = self.enforcer.status.get(ref)
+        if pod is None:
+            raise web.HTTPNotFound(reason=f"pod {req.pod} is not on this node")
+        if pod.host_network or st is None or not st.ifindex:
+            why = "a hostNetwork pod" if pod.host_network else "its interface is not known yet"
+            return _json(ExplainResult(verdict="NOT_ENFORCED", reason="not-enforced",
+                                       summary=f"{req.pod} is not enforced: {why}",
+                                       pod=req.pod, ifindex=0, state=""))
+        return _json(await self.worker.call(self._explain, req, st.ifindex))
+
+    def _explain(self, req: ExplainRequest, ifindex: int) -> ExplainResult:
+        """Worker thread: walk the datapath's decision on the live maps."""
+        peer = ipaddress.ip_address(req.peer)
+        where = f"{req.direction} of {req.pod}"
+        rec = self.dp.pod_record(ifindex)
+
+        def result(verdict: Literal["ALLOW", "DENY"], reason: str, summary: str,
+                   state: str) -> ExplainResult:
+            return ExplainResult(verdict=verdict, reason=reason, summary=summary,
+                                 pod=req.pod, ifindex=ifindex, state=state)
+
+        if rec is None:
+            return result("ALLOW", "unknown-pod",
+                          f"no record for interface {ifindex}: packets pass", "")
+        ingress = req.direction == "ingress"
+        state = rec.ingress_state if ingress else rec.egress_state
+        trie_id = rec.ingress_trie if ingress else rec.egress_trie
+        name = lay.STATE_NAMES.get(state, str(state))
+        if self.dp.is_host_address(peer):
+            return result("ALLOW", "host", f"{peer} is this node's address: always allowed",
+                          name)
+        if state == lay.NP_STATE_DEFAULT_ALLOW:
+            return result("ALLOW", "default-allow",
+                          f"{where} is not isolated: everything is allowed", name)
+        if state != lay.NP_STATE_POLICIES_APPLIED:
+            return result("DENY", "default-deny", f"{where} is default-deny: nothing is allowed",
+                          name)
+        trie = self.dp.read_trie(trie_id)
+        if trie is None:
+            return result("DENY", "missing-trie", f"{where} points at a missing rule set", name)
+        return _decide(self.dp, trie, req, peer, state=name, where=where, ifindex=ifindex)
+
+    # ---- wait -------------------------------------------------------------------------
+    async def wait(self, request: web.Request) -> web.Response:
+        try:
+            timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
+        except ValueError:
+            raise web.HTTPBadRequest(reason="timeout must be a number of seconds") from None
+        wanted = request.query.getall("pod", [])
+        for w in wanted:
+            if w.count("/") != 1:
+                raise web.HTTPBadRequest(reason=f"pod must be namespace/name, got {w!r}")
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            pending = self._pending(wanted)
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                return _json(WaitResult(programmed=not pending, pending=pending,
+                                        waited=round(time.monotonic() - started, 3)))
+            async with self.enforcer.progress:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.enforcer.progress.wait(), min(remaining, 1.0))
+
+    def _pending(self, wanted: list[str]) -> list[str]:
+        if not self.enforcer.synced.is_set():
+            return wanted or ["(initial sync)"]
+        refs = ([tuple(w.split("/", 1)) for w in wanted] if wanted else
+                [r for r, p in self.cache.pods.items() if not p.host_network and p.ips])
+        return [f"{r[0]}/{r[1]}" for r in refs
+                if not self.enforcer.is_programmed((r[0], r[1]))]
+
+
+def _decide(dp: Datapath, trie: CompiledRules, req: ExplainRequest,
+            peer: ipaddress.IPv4Address | ipaddress.IPv6Address, *, state: str, where: str,
+            ifindex: int) -> ExplainResult:
+    """The rule walk of the datapath over a trie's live entries."""
+    prefix = trie.lookup(peer)
+    if prefix is None:
+        return ExplainResult(verdict="DENY", reason="no-peer-match", state=state,
+                             summary=f"{peer} is in no CIDR allowed for the {where}",
+                             pod=req.pod, ifindex=ifindex)
+    ps = trie.entries[prefix]
+    protocol = PROTOCOLS[req.protocol]
+    port = 0 if req.protocol == "ICMP" else req.port
+    policy_id = ps.allows(protocol, port)
+    if policy_id is None:
+        what = ("an except block (nothing allowed)" if ps.allows_nothing
+                else f"{prefix}, whose rules do not allow {req.protocol} {port}")
+        return ExplainResult(verdict="DENY", reason="no-port-match", state=state,
+                             summary=f"{peer} matches {what} for the {where}",
+                             matched_cidr=str(prefix), pod=req.pod, ifindex=ifindex)
+    if ps.any_policy is not None:
+        rule = PortRuleView(protocol="ANY", start_port=0, end_port=65535,
+                            policy=dp.policy_name(policy_id))
+    else:
+        r = next(r for r in ps.rules if r.protocol == protocol and r.start <= port <= r.end)
+        rule = PortRuleView(protocol=req.protocol, start_port=r.start, end_port=r.end,
+                            policy=dp.policy_name(policy_id))
+    policy = rule.policy or f"policy #{policy_id}"
+    return ExplainResult(
+        verdict="ALLOW", reason="rule", state=state, matched_cidr=str(prefix), rule=rule,
+        policy=rule.policy or None,
+        summary=(f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
+                 f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"),
+        pod=req.pod, ifindex=ifindex)
+
+
+async def _process_stats(runtime_dir: str, sock: str, what: str) -> ProcessStats:
+    client = LocalClient(socket_path(runtime_dir, sock), process=what)
+    try:
+        return await client.get("/v1/stats", ProcessStats, timeout=2)
+    except (Unavailable, ApiError) as exc:
+        return ProcessStats(running=False, error=str(exc))
+
+
+async def _body(request: web.Request) -> object:
+    try:
+        return await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(reason="body must be JSON") from None
+
+
+def _json(model: BaseModel) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"))

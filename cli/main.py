@@ -1,0 +1,273 @@
+"""np-cli: see what is enforced on this node, why a flow is denied, wait until programmed.
+
+    np-cli status                        node, datapath and process summary
+    np-cli pods [NAMESPACE/NAME]         pods, their state and (for one pod) the rules in force
+    np-cli policies                      policies with pods on this node, rejected objects
+    np-cli explain NS/POD --peer IP --port N [--protocol TCP] [--direction ingress]
+    np-cli wait [NS/POD ...] [--timeout S]
+    np-cli conntrack [--dump] [--limit N]
+    np-cli flows [-n N]
+    np-cli ebpf progs | maps | loaded-ebpfdata | dump-maps ID   (reference CLI layout)
+
+Every command takes --json. Run as root on the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, RootModel
+
+from bpf import layout as lay
+from bpf.errors import BpfError
+from cli import ebpf
+from cli.ebpf import CliError, Pinned
+from cli.tables import table
+from common.apimodels import (
+    ExplainRequest,
+    ExplainResult,
+    NodeStatus,
+    PodView,
+    PolicyView,
+    ProcessStats,
+    WaitResult,
+)
+from common.flags import DEFAULT_PIN_ROOT, DEFAULT_RUNTIME_DIR
+from common.localapi import (
+    AGENT_SOCKET,
+    CONNTRACK_SOCKET,
+    FLOWLOGS_SOCKET,
+    ApiError,
+    LocalClient,
+    Unavailable,
+    socket_path,
+)
+
+
+class Pods(RootModel[list[PodView]]):
+    pass
+
+
+class Policies(RootModel[list[PolicyView]]):
+    pass
+
+
+class Flows(RootModel[list[dict[str, Any]]]):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR)
+    common.add_argument("--bpf-pin-root", default=DEFAULT_PIN_ROOT)
+    p = argparse.ArgumentParser(prog="np-cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="node summary")
+    pods = sub.add_parser("pods", parents=[common], help="local pods")
+    pods.add_argument("pod", nargs="?", help="NAMESPACE/NAME for the rules in force")
+    sub.add_parser("policies", parents=[common], help="policies with local pods")
+    ex = sub.add_parser("explain", parents=[common], help="why a flow is allowed or denied")
+    ex.add_argument("pod", help="NAMESPACE/NAME")
+    ex.add_argument("--peer", required=True, help="address of the other side")
+    ex.add_argument("--port", type=int, required=True, help="destination port of the flow")
+    ex.add_argument("--protocol", default="TCP", choices=["TCP", "UDP", "SCTP", "ICMP"])
+    ex.add_argument("--direction", default="ingress", choices=["ingress", "egress"])
+    wait = sub.add_parser("wait", parents=[common], help="wait until pods are programmed")
+    wait.add_argument("pods", nargs="*", help="NAMESPACE/NAME (default: every local pod)")
+    wait.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    ct = sub.add_parser("conntrack", parents=[common], help="conntrack cache")
+    ct.add_argument("--dump", action="store_true", help="list entries (read from the map)")
+    ct.add_argument("--limit", type=int, default=100)
+    flows = sub.add_parser("flows", parents=[common], help="recent policy decisions")
+    flows.add_argument("-n", type=int, default=20, help="how many")
+    eb = sub.add_parser("ebpf", parents=[common], help="kernel objects (reference layout)")
+    ebsub = eb.add_subparsers(dest="ebpf_command", required=True)
+    ebsub.add_parser("progs", parents=[common], help="programs of the datapath")
+    ebsub.add_parser("maps", parents=[common], help="maps of the datapath")
+    ebsub.add_parser("loaded-ebpfdata", parents=[common], help="per pod programs and maps")
+    dm = ebsub.add_parser("dump-maps", parents=[common], help="dump a map by id")
+    dm.add_argument("map_id", type=int)
+    return p
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        if isinstance(data, BaseModel):
+            data = data.model_dump(mode="json")
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    agent = LocalClient(socket_path(args.runtime_dir, AGENT_SOCKET), process="agent")
+    if args.command == "status":
+        st = await agent.get("/v1/status", NodeStatus)
+        _emit(args, st, render_status(st))
+    elif args.command == "pods":
+        if args.pod:
+            view = await agent.get(f"/v1/pods/{args.pod}", PodView)
+            _emit(args, view, render_pod(view))
+        else:
+            pods = await agent.get("/v1/pods", Pods)
+            _emit(args, pods, render_pods(pods.root))
+    elif args.command == "policies":
+        pols = await agent.get("/v1/policies", Policies)
+        _emit(args, pols, table(["NAMESPACE", "POLICY", "POLICYENDPOINTS", "LOCAL PODS",
+                                 "REJECTED"],
+                                [[p.namespace, p.name, ", ".join(
+                                    f"{k}@{v}" for k, v in p.policyendpoints.items()),
+                                  ", ".join(p.pods), "; ".join(
+                                    f"{k}: {v}" for k, v in p.rejected.items())]
+                                 for p in pols.root]))
+    elif args.command == "explain":
+        req = ExplainRequest(pod=args.pod, peer=args.peer, port=args.port,
+                             protocol=args.protocol, direction=args.direction)
+        explained = await agent.request("POST", "/v1/explain", ExplainResult, body=req)
+        _emit(args, explained, render_explain(explained))
+    elif args.command == "wait":
+        params = [("timeout", str(args.timeout)), *(("pod", p) for p in args.pods)]
+        res = await agent.get("/v1/wait", WaitResult, params=params, timeout=args.timeout + 10)
+        text = (f"programmed ({res.waited}s)" if res.programmed else
+                f"not programmed after {res.waited}s: {', '.join(res.pending)}")
+        _emit(args, res, text)
+        return 0 if res.programmed else 1
+    elif args.command == "conntrack":
+        return await _conntrack(args)
+    elif args.command == "flows":
+        client = LocalClient(socket_path(args.runtime_dir, FLOWLOGS_SOCKET),
+                             process="flow-log shipper")
+        flows = await client.get("/v1/flows", Flows, params={"limit": str(args.n)})
+        _emit(args, flows, "\n".join(f.get("line", "") for f in flows.root))
+    elif args.command == "ebpf":
+        return _ebpf(args)
+    return 0
+
+
+async def _conntrack(args: argparse.Namespace) -> int:
+    client = LocalClient(socket_path(args.runtime_dir, CONNTRACK_SOCKET),
+                         process="conntrack cleaner")
+    try:
+        stats: ProcessStats | None = await client.get("/v1/stats", ProcessStats)
+    except Unavailable as exc:
+        if not args.dump:
+            raise
+        stats = None
+        sys.stderr.write(f"np-cli: {exc}\n")
+    entries: list[dict[str, Any]] = []
+    if args.dump:
+        pinned = Pinned(args.bpf_pin_root)
+        pinned.check()
+        with pinned.open(lay.MAP_CT) as m:
+            entries = ebpf.conntrack_entries(m, limit=args.limit)
+    data = {"stats": stats.model_dump(mode="json") if stats else None, "entries": entries}
+    lines = []
+    if stats is not None:
+        lines.append(" ".join(f"{k}={v}" for k, v in sorted(stats.stats.items())))
+    if args.dump:
+        lines.append(table(["IFINDEX", "PROTO", "POD", "PEER", "ORIGIN", "REASON", "IDLE(s)"],
+                           [[e["ifindex"], e["protocol"], e["pod"], e["peer"], e["origin"],
+                             e["reason"], e["idle_seconds"]] for e in entries]))
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _ebpf(args: argparse.Namespace) -> int:
+    pinned = Pinned(args.bpf_pin_root)
+    cmd = args.ebpf_command
+    if cmd == "progs":
+        items = ebpf.progs()
+        _emit(args, items, ebpf.render_progs(items))
+    elif cmd == "maps":
+        maps = ebpf.maps(pinned)
+        _emit(args, maps, ebpf.render_maps(maps))
+    elif cmd == "loaded-ebpfdata":
+        loaded = ebpf.loaded(pinned)
+        _emit(args, loaded, ebpf.render_loaded(loaded))
+    elif cmd == "dump-maps":
+        dump = ebpf.dump(pinned, args.map_id)
+        _emit(args, dump, ebpf.render_dump(dump))
+    return 0
+
+
+# ---- rendering ---------------------------------------------------------------------------
+def render_status(st: NodeStatus) -> str:
+    rows = [
+        ["node", st.node], ["mode", st.mode],
+        ["ready", "yes" if st.ready else "no: " + "; ".join(st.problems)],
+        ["pods (programmed/local)", f"{st.programmed}/{st.pods}"],
+        ["policyendpoints", f"{st.policyendpoints} ({st.rejected} rejected)"],
+        ["programs", f"ingress #{st.ingress_prog_id}, egress #{st.egress_prog_id}"],
+        ["tries / port sets", f"{st.tries} / {st.portsets}"],
+        ["packets allowed / denied",
+         f"{st.datapath.get('packets_allowed', 0)} / {st.datapath.get('packets_denied', 0)}"],
+        ["events lost", str(st.datapath.get("events_lost", 0))],
+    ]
+    for name, w in st.watches.items():
+        rows.append([f"watch {name}", f"{'synced' if w.synced else 'not synced'}, "
+                     f"{w.lists} lists, {w.errors} errors"])
+    for name, proc in (("conntrack cleaner", st.conntrack), ("flow-log shipper", st.flowlogs)):
+        rows.append([name, "running" if proc.running else f"not running ({proc.error})"])
+    return table(["", ""], rows, header=False)
+
+
+def render_pods(pods: list[PodView]) -> str:
+    return table(["NAMESPACE", "NAME", "IPS", "INTERFACE", "INGRESS", "EGRESS", "PROGRAMMED",
+                  "POLICIES"],
+                 [[p.namespace, p.name, ",".join(p.ips), p.interface or "-",
+                   p.ingress.state if p.ingress else "-", p.egress.state if p.egress else "-",
+                   "yes" if p.programmed else "no",
+                   ",".join(sorted({r.policy for r in p.policies})) or "-"] for p in pods])
+
+
+def render_pod(p: PodView) -> str:
+    out = [f"{p.namespace}/{p.name}  uid {p.uid}  ips {', '.join(p.ips)}",
+           f"interface {p.interface or '-'} (ifindex {p.ifindex}), programs "
+           f"{'attached' if p.attached else 'NOT attached'} "
+           f"(ingress #{p.ingress_prog_id}, egress #{p.egress_prog_id})",
+           f"programmed: {'yes' if p.programmed else 'no'}" + (f" ({p.error})" if p.error else "")]
+    for ref in p.policies:
+        out.append(f"  {ref.policyendpoint} ({ref.policy}) generation {ref.generation}, "
+                   f"programmed {ref.programmed_generation}")
+    for name, d in (("ingress", p.ingress), ("egress", p.egress)):
+        if d is None:
+            continue
+        out.append(f"{name}: {d.state}" + (f" (trie {d.trie_id})" if d.trie_id else ""))
+        for rule in d.rules:
+            ports = ", ".join(f"{r.protocol} {r.start_port}-{r.end_port} ({r.policy})"
+                              for r in rule.ports) or "nothing (except)"
+            out.append(f"  {rule.cidr}: {ports}")
+    return "\n".join(out)
+
+
+def render_explain(r: ExplainResult) -> str:
+    return f"{r.verdict}: {r.summary}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(_run(args))
+    except (Unavailable, CliError) as exc:
+        sys.stderr.write(f"np-cli: {exc}\n")
+        code = 1
+    except ApiError as exc:
+        sys.stderr.write(f"np-cli: {exc} (HTTP {exc.status})\n")
+        code = 1
+    except BpfError as exc:
+        hint = " (run as root)" if exc.errno in (1, 13) else ""
+        sys.stderr.write(f"np-cli: {exc.strerror}{hint}\n")
+        code = 1
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Models of the local APIs (``/v1``), shared by the servers and the CLI."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortRuleView(_Model):
+    protocol: str           # TCP | UDP | SCTP | ANY
+    start_port: int
+    end_port: int
+    policy: str             # namespace/name, or "" if unknown
+
+
+class RuleView(_Model):
+    """One trie entry: a peer prefix and what it allows (nothing: an except hole)."""
+
+    cidr: str
+    ports: list[PortRuleView]
+
+
+class DirectionView(_Model):
+    state: str              # POLICIES_APPLIED | DEFAULT_ALLOW | DEFAULT_DENY
+    trie_id: int
+    rules: list[RuleView] = Field(default_factory=list)
+
+
+class PolicyRefView(_Model):
+    policyendpoint: str     # namespace/name
+    policy: str             # namespace/name of the NetworkPolicy
+    generation: int         # current (from the API)
+    programmed_generation: int | None  # in force on the node (None: not yet)
+
+
+class PodView(_Model):
+    namespace: str
+    name: str
+    uid: str
+    ips: list[str]
+    interface: str
+    ifindex: int
+    pod_id: int
+    attached: bool          # our programs are on the interface, the current ones
+    ingress_prog_id: int
+    egress_prog_id: int
+    programmed: bool        # every PolicyEndpoint generation listing it is in force
+    programmed_at: float | None
+    error: str
+    ingress: DirectionView | None
+    egress: DirectionView | None
+    policies: list[PolicyRefView]
+
+
+class PolicyView(_Model):
+    namespace: str
+    name: str
+    policyendpoints: dict[str, int]   # name -> generation
+    pods: list[str]                   # local pods it selects (namespace/name)
+    rejected: dict[str, str]          # policyendpoint name -> reason
+
+
+class WatchView(_Model):
+    synced: bool
+    lists: int
+    gone: int
+    errors: int
+    events: int
+    last_error: str
+
+
+class ProcessStats(_Model):
+    running: bool
+    error: str = ""
+    stats: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class NodeStatus(_Model):
+    node: str
+    mode: str
+    ready: bool
+    problems: list[str]
+    pin_root: str
+    ingress_prog_id: int
+    egress_prog_id: int
+    pods: int
+    programmed: int
+    tries: int
+    portsets: int
+    policyendpoints: int
+    rejected: int
+    datapath: dict[str, int]
+    watches: dict[str, WatchView]
+    conntrack: ProcessStats
+    flowlogs: ProcessStats
+
+
+class ExplainRequest(_Model):
+    pod: str                          # namespace/name
+    peer: str                         # address of the other side
+    port: int = Field(ge=0, le=65535) # the destination port of a new flow
+    protocol: Literal["TCP", "UDP", "SCTP", "ICMP"] = "TCP"
+    direction: Literal["ingress", "egress"] = "ingress"
+
+    @field_validator("peer")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+    @field_validator("pod")
+    @classmethod
+    def _pod(cls, value: str) -> str:
+        if value.count("/") != 1 or not all(value.split("/")):
+            raise ValueError("pod must be namespace/name")
+        return value
+
+
+class ExplainResult(_Model):
+    verdict: Literal["ALLOW", "DENY", "NOT_ENFORCED"]
+    reason: str          # datapath reason name (rule, default-allow, no-peer-match, ...)
+    summary: str         # one sentence for people
+    pod: str
+    ifindex: int
+    state: str
+    matched_cidr: str | None = None
+    rule: PortRuleView | None = None
+    policy: str | None = None
+
+
+class WaitResult(_Model):
+    programmed: bool
+    pending: list[str]    # pods not programmed yet (namespace/name)
+    waited: float         # seconds
