@@ -1,0 +1,1 @@
+"""np-resolver: NetworkPolicy -> PolicyEndpoint, for clusters without the AWS controller."""

@@ -1,0 +1,98 @@
+"""np-resolver: writes PolicyEndpoints from NetworkPolicies (one replica per cluster).
+
+For clusters without the AWS network policy controller (kind, self-managed). Its local
+API (``resolver.sock`` under --runtime-dir) reports whether it has caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel
+
+from common import logs
+from common.flags import Settings, parse_settings
+from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
+from common.localapi import make_app, serve_unix, socket_path
+from common.supervisor import stop_on_signals, supervise
+from common.watching import list_watch
+from controller.sync import Resolver
+
+log = structlog.get_logger("resolver")
+RESOLVER_SOCKET = "resolver.sock"
+
+
+class ResolverStatus(BaseModel):
+    synced: bool
+    idle: bool
+    observed_resource_version: int
+    policies: int
+    pods: int
+    policyendpoints: int
+    writes: int
+    creates: int
+    updates: int
+    deletes: int
+    conflicts: int
+    errors: int
+    batches: int
+    last_batch_ms: float
+
+
+def api(resolver: Resolver) -> web.Application:
+    async def status(_: web.Request) -> web.Response:
+        s = resolver.stats
+        body = ResolverStatus(
+            synced=all(resolver.synced.values()), idle=resolver.idle.is_set(),
+            observed_resource_version=s.observed_rv, policies=len(resolver.policies),
+            pods=len(resolver.world.pods),
+            policyendpoints=sum(len(v) for v in resolver.owned.values()),
+            writes=s.writes, creates=s.creates, updates=s.updates, deletes=s.deletes,
+            conflicts=s.conflicts, errors=s.errors, batches=s.batches,
+            last_batch_ms=s.last_batch_ms)
+        return web.json_response(body.model_dump())
+
+    app = make_app()
+    app.router.add_get("/v1/status", status)
+    return app
+
+
+async def run(settings: Settings, *, stop: asyncio.Event) -> None:
+    kube = await KubeClient.connect(settings.kubeconfig)
+    try:
+        resolver = Resolver(kube)
+        tasks = {
+            "api": serve_unix(api(resolver), socket_path(settings.runtime_dir, RESOLVER_SOCKET)),
+            "resolve": resolver.run(),
+        }
+        for name, resource in (("networkpolicies", NETWORK_POLICIES), ("pods", PODS),
+                               ("namespaces", NAMESPACES), ("services", SERVICES),
+                               ("policyendpoints", POLICY_ENDPOINTS)):
+            tasks[f"watch-{name}"] = list_watch(kube, resource, resolver.consumer(name))
+        log.info("resolver.starting")
+        await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)
+    finally:
+        await kube.close()
+
+
+async def amain(settings: Settings) -> int:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await run(settings, stop=stop)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings("np-resolver", __doc__.splitlines()[0], argv)
+    logs.configure(settings.log_level, process="resolver", json=not sys.stderr.isatty())
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(asyncio.run(amain(settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""NetworkPolicy -> PolicyEndpoint contents, the way the reference controller resolves them,
+and better where it is wrong (pure; no API access).
+
+- Targets: ready pods (an IP, not Succeeded/Failed, not hostNetwork) of the policy's
+  namespace matching ``podSelector``.
+- Peers: ``ipBlock`` copied with its ``except``; pod/namespace selectors become the bare
+  IPs of matching ready pods, every address of dual-stack pods (a nil namespaceSelector
+  means the policy's namespace); a rule without peers allows ``0.0.0.0/0`` and ``::/0``.
+- Egress selector peers also add the ClusterIPs of Services whose selector the peer's
+  podSelector matches, with the Service's port numbers (policies see traffic before
+  kube-proxy's DNAT).
+- Named ports: ingress resolves them on each target pod (targets resolving differently
+  get separate PolicyEndpoints, so the agent's union stays exact); egress resolves them on
+  each destination pod, also for rules without ``to`` (the reference controller drops
+  those). A rule whose named ports resolve to nothing allows nothing.
+- Chunks of at most 200 ingress entries, 200 egress entries and 200 pods per object;
+  every pod chunk is paired with every rule chunk, so each pod is listed with all rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.selectors import compile_selector
+
+MAX_ENTRIES = 200
+MAX_PODS = 200
+ALL_V4, ALL_V6 = "0.0.0.0/0", "::/0"
+
+Obj = dict[str, Any]
+Entry = dict[str, Any]  # {"cidr", "except"?, "ports"?}
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    ips: tuple[str, ...]
+    host_ip: str
+    ready: bool
+    host_network: bool
+    ports: tuple[tuple[str, str, int], ...]  # (name, protocol, containerPort)
+
+    def named(self, name: str, protocol: str) -> int | None:
+        for n, proto, number in self.ports:
+            if n == name and proto == protocol:
+                return number
+        return None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ips: tuple[str, ...]
+    selector: Mapping[str, str]
+    ports: tuple[tuple[str, int, int | str], ...]  # (protocol, port, targetPort)
+
+
+@dataclass
+class World:
+    pods: dict[tuple[str, str], Pod] = field(default_factory=dict)
+    namespaces: dict[str, Mapping[str, str]] = field(default_factory=dict)
+    services: dict[tuple[str, str], Service] = field(default_factory=dict)
+
+
+def pod_from(obj: Obj) -> Pod:
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip")) or (
+        (status["podIP"],) if status.get("podIP") else ())
+    ports = tuple(
+        (p["name"], p.get("protocol") or "TCP", int(p["containerPort"]))
+        for c in spec.get("containers") or [] for p in c.get("ports") or [] if p.get("name"))
+    return Pod(
+        namespace=meta.get("namespace", ""), name=meta.get("name", ""),
+        labels=dict(meta.get("labels") or {}), ips=ips, host_ip=status.get("hostIP", ""),
+        ready=bool(ips) and status.get("phase") not in ("Succeeded", "Failed"),
+        host_network=bool(spec.get("hostNetwork")), ports=ports,
+    )
+
+
+def service_from(obj: Obj) -> Service:
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    ips = tuple(ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")])
+                if ip and ip != "None")
+    ports = tuple((p.get("protocol") or "TCP", int(p["port"]),
+                   p.get("targetPort", p["port"])) for p in spec.get("ports") or [])
+    return Service(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
+                   cluster_ips=ips, selector=dict(spec.get("selector") or {}), ports=ports)
+
+
+def policy_types(spec: Mapping[str, Any]) -> list[str]:
+    """API defaulting: Ingress always, Egress when the policy has egress rules."""
+    if spec.get("policyTypes"):
+        return list(spec["policyTypes"])
+    return ["Ingress", *(["Egress"] if spec.get("egress") else [])]
+
+
+# ---- peers and ports -------------------------------------------------------------------
+def _peers(world: World, namespace: str, peer: Mapping[str, Any]) -> list[Pod]:
+    pod_sel = peer.get("podSelector")
+    ns_sel = peer.get("namespaceSelector")
+    if ns_sel is None:
+        namespaces = {namespace}
+    else:
+        match_ns = compile_selector(ns_sel)
+        namespaces = {n for n, labels in world.namespaces.items() if match_ns(labels)}
+    match_pod = compile_selector(pod_sel if pod_sel is not None else {})
+    return [p for p in world.pods.values()
+            if p.namespace in namespaces and p.ready and not p.host_network
+            and match_pod(p.labels)]
+
+
+def _port(p: Mapping[str, Any], *, on: Pod | None) -> dict[str, Any] | None:
+    """One rule port as a PolicyEndpoint port; a named port resolved on ``on``
+    (None: unresolvable)."""
+    protocol = p.get("protocol") or "TCP"
+    value = p.get("port")
+    if value is None:
+        return {"protocol": protocol}
+    if isinstance(value, str) and not value.isdigit():
+        number = on.named(value, protocol) if on is not None else None
+        return None if number is None else {"protocol": protocol, "port": number}
+    out: dict[str, Any] = {"protocol": protocol, "port": int(value)}
+    if p.get("endPort") is not None:
+        out["endPort"] = int(p["endPort"])
+    return out
+
+
+def _ports(rule_ports: Sequence[Mapping[str, Any]] | None, *, on: Pod | None
+           ) -> list[dict[str, Any]] | None:
+    """Resolved ports of a rule: [] means every port; None means the rule has ports and
+    none of them apply (the rule allows nothing here)."""
+    if not rule_ports:
+        return []
+    resolved = [r for r in (_port(p, on=on) for p in rule_ports) if r is not None]
+    return _dedupe(resolved) or None
+
+
+def _has_named(rule_ports: Sequence[Mapping[str, Any]] | None) -> bool:
+    return any(isinstance(p.get("port"), str) and not str(p.get("port")).isdigit()
+               for p in rule_ports or [])
+
+
+def _entry(cidr: str, ports: list[dict[str, Any]], excepts: Iterable[str] = ()) -> Entry:
+    e: Entry = {"cidr": cidr}
+    if excepts:
+        e["except"] = sorted(excepts)
+    if ports:
+        e["ports"] = ports
+    return e
+
+
+# ---- rules ------------------------------------------------------------------------------
+def _ingress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]],
+             target: Pod) -> list[Entry]:
+    entries: list[Entry] = []
+    for rule in rules:
+        ports = _ports(rule.get("ports"), on=target)
+        if ports is None:
+            continue
+        peers = rule.get("from") or []
+        if not peers:
+            entries += [_entry(ALL_V4, ports), _entry(ALL_V6, ports)]
+            continue
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if block:
+                entries.append(_entry(block["cidr"], ports, block.get("except") or ()))
+                continue
+            for pod in _peers(world, namespace, peer):
+                entries += [_entry(ip, ports) for ip in pod.ips]
+    return _dedupe(entries)
+
+
+def _egress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]]) -> list[Entry]:
+    entries: list[Entry] = []
+    for rule in rules:
+        rule_ports = rule.get("ports")
+        numeric = [p for p in rule_ports or [] if not _has_named([p])]
+        named = _has_named(rule_ports)
+        peers = rule.get("to") or []
+        if not peers:
+            if not rule_ports or numeric:
+                ports = _ports(numeric, on=None) if numeric else []
+                entries += [_entry(ALL_V4, ports or []), _entry(ALL_V6, ports or [])]
+            if named:  # resolved on every destination pod of the cluster
+                for pod in world.pods.values():
+                    if pod.ready and not pod.host_network:
+                        resolved = _ports([p for p in rule_ports or [] if _has_named([p])],
+                                          on=pod)
+                        if resolved:
+                            entries += [_entry(ip, resolved) for ip in pod.ips]
+            continue
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if block:
+                if not rule_ports or numeric:
+                    entries.append(_entry(block["cidr"], _ports(numeric, on=None) or [],
+                                          block.get("except") or ()))
+                if named:
+                    entries += _named_in_block(world, block, rule_ports or [])
+                continue
+            for pod in _peers(world, namespace, peer):
+                resolved = _ports(rule_ports, on=pod)
+                if resolved is not None:
+                    entries += [_entry(ip, resolved) for ip in pod.ips]
+            if peer.get("podSelector") is not None:
+                entries += _service_entries(world, namespace, peer, rule_ports)
+    return _dedupe(entries)
+
+
+def _named_in_block(world: World, block: Mapping[str, Any],
+                    rule_ports: Sequence[Mapping[str, Any]]) -> list[Entry]:
+    cidr = ipaddress.ip_network(block["cidr"], strict=False)
+    excepts = [ipaddress.ip_network(e, strict=False) for e in block.get("except") or []]
+    out: list[Entry] = []
+    for pod in world.pods.values():
+        if not pod.ready or pod.host_network:
+            continue
+        for ip in pod.ips:
+            addr = ipaddress.ip_address(ip)
+            if addr.version != cidr.version or addr not in cidr:
+                continue
+            if any(addr.version == e.version and addr in e for e in excepts):
+                continue
+            resolved = _ports([p for p in rule_ports if _has_named([p])], on=pod)
+            if resolved:
+                out.append(_entry(ip, resolved))
+    return out
+
+
+def _service_entries(world: World, namespace: str, peer: Mapping[str, Any],
+                     rule_ports: Sequence[Mapping[str, Any]] | None) -> list[Entry]:
+    ns_sel = peer.get("namespaceSelector")
+    if ns_sel is None:
+        namespaces = {namespace}
+    else:
+        match_ns = compile_selector(ns_sel)
+        namespaces = {n for n, labels in world.namespaces.items() if match_ns(labels)}
+    matches = compile_selector(peer.get("podSelector"))
+    out: list[Entry] = []
+    for svc in world.services.values():
+        if svc.namespace not in namespaces or not svc.selector or not svc.cluster_ips:
+            continue
+        if not matches(svc.selector):
+            continue
+        if not rule_ports:
+            ports: list[dict[str, Any]] = []
+        else:
+            ports = [{"protocol": proto, "port": port} for proto, port, target in svc.ports
+                     if any(_service_port_matches(p, proto, port, target) for p in rule_ports)]
+            if not ports:
+                continue
+        out += [_entry(ip, _dedupe(ports)) for ip in svc.cluster_ips]
+    return out
+
+
+def _service_port_matches(p: Mapping[str, Any], proto: str, port: int,
+                          target: int | str) -> bool:
+    if (p.get("protocol") or "TCP") != proto:
+        return False
+    want = p.get("port")
+    if want is None:
+        return True
+    if isinstance(want, str) and not want.isdigit():
+        return target == want
+    if not isinstance(target, int):
+        return False
+    end = p.get("endPort") or int(want)
+    return int(want) <= target <= int(end)
+
+
+def _dedupe(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for item in items:
+        seen.setdefault(repr(sorted(item.items())), item)
+    return [seen[k] for k in sorted(seen)]
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+
+
+# ---- the policy --------------------------------------------------------------------------
+def resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
+    """The specs of the PolicyEndpoints of one NetworkPolicy (ordered, deterministic)."""
+    meta, spec = policy.get("metadata") or {}, policy.get("spec") or {}
+    namespace, name = meta.get("namespace", "default"), meta.get("name", "")
+    types = policy_types(spec)
+    select = compile_selector(spec.get("podSelector") or {})
+    targets = sorted((p for p in world.pods.values()
+                      if p.namespace == namespace and p.ready and not p.host_network
+                      and select(p.labels)), key=lambda p: p.name)
+    ingress_rules = (spec.get("ingress") or []) if "Ingress" in types else []
+    egress = _egress(world, namespace, spec.get("egress") or []) if "Egress" in types else []
+
+    # targets resolving the ingress named ports differently get their own objects
+    groups: dict[str, tuple[list[Entry], list[Pod]]] = {}
+    for pod in targets:
+        ingress = _ingress(world, namespace, ingress_rules, pod)
+        groups.setdefault(repr(ingress), (ingress, []))[1].append(pod)
+    if not groups:
+        groups[""] = (_ingress(world, namespace, ingress_rules, _NO_POD), [])
+
+    specs: list[Obj] = []
+    for ingress, pods in groups.values():
+        endpoints = [{"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name,
+                      "namespace": p.namespace} for p in pods]
+        in_chunks, out_chunks = _chunks(ingress, MAX_ENTRIES), _chunks(egress, MAX_ENTRIES)
+        for pod_chunk in _chunks(endpoints, MAX_PODS):
+            for j in range(max(len(in_chunks), len(out_chunks))):
+                specs.append({
+                    "policyRef": {"name": name, "namespace": namespace},
+                    "podSelector": spec.get("podSelector") or {},
+                    "podIsolation": types,
+                    "podSelectorEndpoints": list(pod_chunk),
+                    "ingress": list(in_chunks[j]) if j < len(in_chunks) else [],
+                    "egress": list(out_chunks[j]) if j < len(out_chunks) else [],
+                })
+    return specs
+
+
+_NO_POD = Pod("", "", {}, (), "", False, False, ())
+
+
+def _primary(pod: Pod) -> str:
+    v4 = [ip for ip in pod.ips if ipaddress.ip_address(ip).version == 4]
+    return (v4 or list(pod.ips))[0]

@@ -1,0 +1,274 @@
+"""Keep every NetworkPolicy's PolicyEndpoints equal to its resolution.
+
+Four watches feed a snapshot of the cluster (NetworkPolicies, Pods, Namespaces,
+Services) and of the PolicyEndpoints this resolver owns (by ownerReference). Changes are
+debounced, every policy is resolved again (pure and cheap), and only objects whose
+content changed are written: updated in place with their resourceVersion, created when a
+policy needs more of them, deleted when it needs fewer. An object is never deleted and
+recreated just to change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
+from common.policyendpoint import API_VERSION, KIND, TRIGGER_ANNOTATION
+from controller.resolve import World, pod_from, resolve, service_from
+
+log = structlog.get_logger("resolver")
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+MANAGED_BY = ("app.kubernetes.io/managed-by", "np-resolver")
+
+
+def _key(obj: Obj) -> Key:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class ResolverStats:
+    writes: int = 0
+    creates: int = 0
+    updates: int = 0
+    deletes: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    batches: int = 0
+    observed_rv: int = 0
+    last_batch_ms: float = 0.0
+
+
+@dataclass
+class Resolver:
+    kube: KubeClient
+    debounce: float = 0.05
+    world: World = field(default_factory=World)
+    policies: dict[Key, Obj] = field(default_factory=dict)
+    owned: dict[str, dict[Key, Obj]] = field(default_factory=dict)  # policy uid -> PEs
+    stats: ResolverStats = field(default_factory=ResolverStats)
+    synced: dict[str, bool] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _first_change: float = 0.0
+
+    # ---- consumers --------------------------------------------------------------------
+    def consumer(self, kind: str) -> _Consumer:
+        self.synced[kind] = False
+        return _Consumer(self, kind)
+
+    def _observe(self, obj: Obj) -> None:
+        self.stats.observed_rv = max(self.stats.observed_rv, _rv(obj))
+
+    def _touch(self) -> None:
+        if not self.changed.is_set():
+            self._first_change = time.time()
+        self.changed.set()
+        self.idle.clear()
+
+    def _set(self, kind: str, obj: Obj, deleted: bool) -> None:
+        self._observe(obj)
+        key = _key(obj)
+        if kind == "networkpolicies":
+            if deleted:
+                self.policies.pop(key, None)
+            else:
+                self.policies[key] = obj
+        elif kind == "pods":
+            if deleted:
+                self.world.pods.pop(key, None)
+            else:
+                self.world.pods[key] = pod_from(obj)
+        elif kind == "namespaces":
+            if deleted:
+                self.world.namespaces.pop(key[1], None)
+            else:
+                self.world.namespaces[key[1]] = dict((obj.get("metadata") or {})
+                                                     .get("labels") or {})
+        elif kind == "services":
+            if deleted:
+                self.world.services.pop(key, None)
+            else:
+                self.world.services[key] = service_from(obj)
+        elif kind == "policyendpoints":
+            owner = _owner_uid(obj)
+            if owner is None:
+                return  # not ours
+            bucket = self.owned.setdefault(owner, {})
+            if deleted:
+                bucket.pop(key, None)
+            elif _rv(obj) >= _rv(bucket.get(key, {})):
+                bucket[key] = obj
+            return  # our own writes do not trigger a resolution
+        self._touch()
+
+    # ---- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        while not all(self.synced.values()):
+            await self.changed.wait()
+            self.changed.clear()
+            await asyncio.sleep(0.01)
+        log.info("resolver.synced", policies=len(self.policies), pods=len(self.world.pods))
+        self.changed.set()
+        while True:
+            await self.changed.wait()
+            await asyncio.sleep(self.debounce)
+            self.changed.clear()
+            trigger = self._first_change or time.time()
+            self._first_change = 0.0
+            started = time.monotonic()
+            await self._sync_all(trigger)
+            self.stats.batches += 1
+            self.stats.last_batch_ms = round((time.monotonic() - started) * 1000, 2)
+            if not self.changed.is_set():
+                self.idle.set()
+
+    async def _sync_all(self, trigger: float) -> None:
+        live = {p["metadata"].get("uid", "") for p in self.policies.values()}
+        for key, policy in sorted(self.policies.items()):
+            try:
+                await self._sync_policy(policy, trigger)
+            except KubeError as exc:
+                self.stats.errors += 1
+                log.warning("resolver.sync_failed", policy=f"{key[0]}/{key[1]}", error=str(exc))
+                self.changed.set()  # try again at the next round
+                await asyncio.sleep(0.2)
+        for uid in [u for u in self.owned if u not in live]:
+            for ns, name in list(self.owned[uid]):
+                await self._delete(ns, name, uid)  # orphans of deleted policies
+
+    async def _sync_policy(self, policy: Obj, trigger: float) -> None:
+        meta = policy["metadata"]
+        uid = meta.get("uid", "")
+        desired = resolve(policy, self.world)
+        current = sorted(self.owned.get(uid, {}).values(), key=lambda o: o["metadata"]["name"])
+        for spec, existing in zip(desired, current, strict=False):
+            if existing.get("spec") != spec:
+                await self._update(existing, spec, trigger)
+        for spec in desired[len(current):]:
+            await self._create(policy, spec, trigger)
+        for existing in current[len(desired):]:
+            await self._delete(existing["metadata"]["namespace"], existing["metadata"]["name"],
+                               uid)
+
+    # ---- writes -----------------------------------------------------------------------
+    async def _create(self, policy: Obj, spec: Obj, trigger: float) -> None:
+        meta = policy["metadata"]
+        body = {
+            "apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {
+                "generateName": f"{meta['name']}-", "namespace": meta["namespace"],
+                "labels": dict([MANAGED_BY]),
+                "annotations": {TRIGGER_ANNOTATION: _rfc3339(trigger)},
+                "ownerReferences": [{
+                    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "name": meta["name"], "uid": meta.get("uid", ""), "controller": True,
+                    "blockOwnerDeletion": True}],
+            },
+            "spec": spec,
+        }
+        created = await self.kube.create(POLICY_ENDPOINTS, meta["namespace"], body)
+        self.stats.creates += 1
+        self.stats.writes += 1
+        self._set("policyendpoints", created, deleted=False)
+
+    async def _update(self, existing: Obj, spec: Obj, trigger: float) -> None:
+        body = dict(existing, spec=spec)
+        body["metadata"] = dict(existing["metadata"])
+        body["metadata"]["annotations"] = dict(existing["metadata"].get("annotations") or {},
+                                               **{TRIGGER_ANNOTATION: _rfc3339(trigger)})
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            updated = await self.kube.replace(POLICY_ENDPOINTS, ns, name, body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            self.stats.conflicts += 1
+            latest = await self.kube.get(POLICY_ENDPOINTS, ns, name)
+            self._set("policyendpoints", latest, deleted=False)
+            self.changed.set()
+            return
+        self.stats.updates += 1
+        self.stats.writes += 1
+        self._set("policyendpoints", updated, deleted=False)
+
+    async def _delete(self, namespace: str, name: str, owner: str) -> None:
+        try:
+            await self.kube.delete(POLICY_ENDPOINTS, namespace, name)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        self.stats.deletes += 1
+        self.stats.writes += 1
+        bucket = self.owned.get(owner, {})
+        bucket.pop((namespace, name), None)
+        if not bucket:
+            self.owned.pop(owner, None)
+
+
+class _Consumer:
+    def __init__(self, resolver: Resolver, kind: str) -> None:
+        self.resolver = resolver
+        self.kind = kind
+
+    def replace(self, items: list[Obj]) -> None:
+        r = self.resolver
+        if self.kind == "policyendpoints":
+            r.owned.clear()
+        else:
+            listed = {_key(i) for i in items}
+            for obj in _snapshot(r, self.kind):
+                if _key(obj) not in listed:
+                    r._set(self.kind, obj, deleted=True)
+        for obj in items:
+            r._set(self.kind, obj, deleted=False)
+        r.synced[self.kind] = True
+        r._touch()
+
+    def apply(self, event: WatchEvent) -> None:
+        self.resolver._set(self.kind, event.object, deleted=event.type == "DELETED")
+
+
+def _snapshot(r: Resolver, kind: str) -> list[Obj]:
+    """Keys currently held for ``kind``, as minimal objects (for removals on re-list)."""
+    keys: list[Key]
+    if kind == "networkpolicies":
+        keys = list(r.policies)
+    elif kind == "pods":
+        keys = list(r.world.pods)
+    elif kind == "services":
+        keys = list(r.world.services)
+    else:
+        keys = [("", n) for n in r.world.namespaces]
+    return [{"metadata": {"namespace": ns, "name": name}} for ns, name in keys]
+
+
+def _owner_uid(obj: Obj) -> str | None:
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(MANAGED_BY[0]) != MANAGED_BY[1]:
+        return None
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "NetworkPolicy" and ref.get("controller"):
+            return str(ref.get("uid", ""))
+    return None
+
+
+def _rfc3339(ts: float) -> str:
+    dt = datetime.fromtimestamp(ts, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond * 1000:09d}Z"
+
