@@ -166,6 +166,7 @@ class _Pods:
         for ref in set(self.cache.pods) - seen:
             self.cache._set_pod(None, ref)
         self.cache.pods_synced = True
+        self.cache.changed.set()  # a (re)list is news even when it changed nothing
 
     def apply(self, event: WatchEvent) -> None:
         pod = _pod(event.object)
@@ -188,6 +189,7 @@ class _Endpoints:
         for key in set(self.cache.rejected) - seen:
             del self.cache.rejected[key]
         self.cache.endpoints_synced = True
+        self.cache.changed.set()
 
     def apply(self, event: WatchEvent) -> None:
         meta = event.object.get("metadata") or {}

@@ -41,10 +41,14 @@ class _Udp(asyncio.DatagramProtocol):
 class PodServer:
     """TCP and UDP echo responders on ``ports`` in ``netns`` for both address families."""
 
-    def __init__(self, *, name: str, netns: str | None, ports: Iterable[int] = (80, 81)) -> None:
+    def __init__(self, *, name: str, netns: str | None, ports: Iterable[int] = (80, 81),
+                 listen: Iterable[tuple[int, str]] | None = None) -> None:
+        """``ports`` are served over TCP and UDP; ``listen`` gives exact (port, protocol)
+        pairs instead."""
         self.name = name
         self.netns = netns
-        self.ports = tuple(ports)
+        self.listen = tuple(listen) if listen is not None else tuple(
+            (p, proto) for p in ports for proto in ("TCP", "UDP"))
         self.udp_received: Counter[str] = Counter()
         self.tcp_accepted: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
@@ -52,20 +56,21 @@ class PodServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for port in self.ports:
+        for port, proto in self.listen:
             for family, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-                tcp = socket_in(self.netns, family, socket.SOCK_STREAM)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
+                sock = socket_in(self.netns, family, kind)
+                if proto == "TCP":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
-                    tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                tcp.bind((any_addr, port))
-                self._servers.append(await asyncio.start_server(self._on_tcp, sock=tcp))
-                udp = socket_in(self.netns, family, socket.SOCK_DGRAM)
-                if family == socket.AF_INET6:
-                    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                udp.bind((any_addr, port))
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
-                self._transports.append(transport)
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((any_addr, port))
+                if proto == "TCP":
+                    self._servers.append(await asyncio.start_server(self._on_tcp, sock=sock))
+                else:
+                    transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self),
+                                                                       sock=sock)
+                    self._transports.append(transport)
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -94,9 +99,12 @@ class PodServer:
 
 
 async def tcp_probe(*, netns: str | None, target: Address, port: int,
-                    timeout: float = 0.5, expect: str | None = None) -> bool:
-    """Connect from ``netns`` and exchange one line; True if the answer came back."""
-    conn = await open_tcp(netns=netns, target=target, port=port, timeout=timeout)
+                    timeout: float = 0.5, expect: str | None = None,
+                    source_port: int = 0) -> bool:
+    """Connect from ``netns`` and exchange one line; True if the answer came back.
+    ``source_port`` pins the client port (0: the kernel's choice)."""
+    conn = await open_tcp(netns=netns, target=target, port=port, timeout=timeout,
+                          source_port=source_port)
     if conn is None:
         return False
     try:
@@ -106,10 +114,13 @@ async def tcp_probe(*, netns: str | None, target: Address, port: int,
 
 
 async def udp_probe(*, netns: str | None, target: Address, port: int,
-                    timeout: float = 0.5, expect: str | None = None) -> bool:
+                    timeout: float = 0.5, expect: str | None = None,
+                    source_port: int = 0) -> bool:
     """Send one datagram from a fresh socket (a new flow); True if the echo came back."""
     loop = asyncio.get_running_loop()
     sock = socket_in(netns, _family(target), socket.SOCK_DGRAM)
+    if source_port:  # a failure to bind is an error, not a verdict
+        sock.bind(("::" if target.version == 6 else "0.0.0.0", source_port))
     try:
         await loop.sock_connect(sock, (str(target), port))
         await loop.sock_sendall(sock, b"probe")
@@ -149,9 +160,12 @@ class TcpConnection:
 
 
 async def open_tcp(*, netns: str | None, target: Address, port: int,
-                   timeout: float = 0.5) -> TcpConnection | None:
+                   timeout: float = 0.5, source_port: int = 0) -> TcpConnection | None:
     loop = asyncio.get_running_loop()
     sock = socket_in(netns, _family(target), socket.SOCK_STREAM)
+    if source_port:  # a failure to bind is an error, not a verdict
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if target.version == 6 else "0.0.0.0", source_port))
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (str(target), port)), timeout)
     except (TimeoutError, ConnectionError, OSError):

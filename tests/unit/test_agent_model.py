@@ -159,3 +159,12 @@ def test_cache_rejection_keeps_the_last_accepted_version() -> None:
     endpoints.apply(WatchEvent("DELETED", bad))
     assert cache.endpoints == {}
     assert cache.take_dirty() == {("default", "a")}
+
+
+def test_an_empty_list_still_wakes_the_enforcer() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    cache.pods_consumer().replace([])
+    cache.endpoints_consumer().replace([])
+    assert cache.pods_synced
+    assert cache.endpoints_synced
+    assert cache.changed.is_set()
