@@ -28,7 +28,13 @@ from bpf.errors import BpfError
 from common import logs, preflight
 from common.flags import Settings, parse_settings
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
-from common.localapi import AGENT_SOCKET, serve_unix, socket_path
+from common.localapi import (
+    AGENT_SOCKET,
+    CONNTRACK_SOCKET,
+    FLOWLOGS_SOCKET,
+    serve_unix,
+    socket_path,
+)
 from common.netlink import Netlink
 from common.supervisor import stop_on_signals, supervise
 from common.watching import WatchStats, list_watch
@@ -141,7 +147,9 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             "watch-policyendpoints": watch_endpoints(),
             "enforcer": enforcer.run(),
             "health": serve(health_app([ready]), settings.health_probe_bind_addr),
-            "metrics": serve(metrics_app(metrics, refresh_metrics), settings.metrics_bind_addr),
+            "metrics": serve(metrics_app(metrics, refresh_metrics, [
+                socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
+                socket_path(settings.runtime_dir, FLOWLOGS_SOCKET)]), settings.metrics_bind_addr),
         }, stop=stop, grace=settings.shutdown_timeout)
     finally:
         if kube is not None:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.metrics import AgentMetrics
 from bpf import layout as lay
 from common.flags import parse_bind_addr
+from common.localapi import ApiError, LocalClient, Unavailable
 from common.preflight import bpffs_problem
 
 ReadyCheck = Callable[[], list[str]]
@@ -44,12 +45,24 @@ def health_app(ready_checks: list[ReadyCheck]) -> web.Application:
 
 
 def metrics_app(metrics: AgentMetrics,
-                refresh: Callable[[], Awaitable[None]] | None = None) -> web.Application:
+                refresh: Callable[[], Awaitable[None]] | None = None,
+                neighbours: list[str] | None = None) -> web.Application:
+    """The agent's metrics, followed by those of the node's other processes (fetched from
+    their sockets): one scrape target per node, as with the reference agent."""
+
+    async def fetch(path: str) -> bytes:
+        try:
+            return (await LocalClient(path).text("/metrics", timeout=2)).encode()
+        except (Unavailable, ApiError):
+            return b""
+
     async def handler(_: web.Request) -> web.Response:
         if refresh is not None:
             await refresh()
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        parts = [generate_latest(metrics.registry)]
+        parts += await asyncio.gather(*(fetch(p) for p in neighbours or []))
+        return web.Response(body=b"".join(parts),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", handler)

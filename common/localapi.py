@@ -136,6 +136,22 @@ class LocalClient:
         except TimeoutError:
             raise Unavailable(f"{self.process} did not answer within {timeout}s") from None
 
+    async def text(self, route: str, *, timeout: float = 5.0) -> str:
+        connector = aiohttp.UnixConnector(path=self.path)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector,
+                                      timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                s.get(f"http://localhost{route}") as r,
+            ):
+                if r.status >= 400:
+                    raise ApiError(r.status, await r.text())
+                return await r.text()
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        except TimeoutError:
+            raise Unavailable(f"{self.process} did not answer within {timeout}s") from None
+
     async def get(self, route: str, model: type[M], *, params: Params | None = None,
                   timeout: float = 10.0) -> M:
         return await self.request("GET", route, model, params=params, timeout=timeout)

@@ -1,0 +1,3 @@
+from conntrack.main import main
+
+main()
