@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
@@ -177,6 +177,31 @@ class Map:
     def __iter__(self) -> Iterator[bytes]:
         return self.keys()
 
+    def delete_unless(self, keys: Iterable[bytes], keep: Callable[[bytes], bool]) -> int:
+        """For each key: read its value and delete it unless ``keep(value)``; the read and
+        the delete are consecutive syscalls (a window of microseconds). Returns how many
+        were deleted; keys already gone are skipped."""
+        kbuf = ctypes.create_string_buffer(self.key_size)
+        vbuf = ctypes.create_string_buffer(self.value_size)
+        lookup, delete = lb.lib.bpf_map_lookup_elem, lb.lib.bpf_map_delete_elem
+        deleted = 0
+        for key in keys:
+            ctypes.memmove(kbuf, key, self.key_size)
+            if lookup(self.fd, kbuf, vbuf) < 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    continue
+                raise BpfError(err, f"map {self.name}: lookup")
+            if keep(vbuf.raw):
+                continue
+            if delete(self.fd, kbuf) < 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    continue
+                raise BpfError(err, f"map {self.name}: delete")
+            deleted += 1
+        return deleted
+
     def keys(self) -> Iterator[bytes]:
         """Iterate keys with get_next_key (entries changing meanwhile may be missed)."""
         cur = ctypes.create_string_buffer(self.key_size)
@@ -211,6 +236,32 @@ class Map:
             if value is not None:
                 out.append((key, value))
         return out
+
+    def batches(self, *, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+        """The map as (keys, values, count) blobs of up to ``chunk`` entries, straight from
+        batch lookups (no per-entry objects: for callers that slice what they need)."""
+        ks, vs = self.key_size, self.value_size
+        keys = ctypes.create_string_buffer(ks * chunk)
+        values = ctypes.create_string_buffer(vs * chunk)
+        token_in = ctypes.create_string_buffer(max(ks, 8))
+        token_out = ctypes.create_string_buffer(max(ks, 8))
+        opts = self._batch_opts()
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            rc = lb.lib.bpf_map_lookup_batch(
+                self.fd, None if first else token_in, token_out, keys, values,
+                ctypes.byref(count), ctypes.byref(opts),
+            )
+            err = ctypes.get_errno() if rc < 0 else 0
+            if rc < 0 and err != errno.ENOENT:
+                raise BpfError(err, f"map {self.name}: lookup batch")
+            if count.value:
+                yield keys.raw[: count.value * ks], values.raw[: count.value * vs], count.value
+            if rc < 0:
+                return
+            ctypes.memmove(token_in, token_out, len(token_in))
+            first = False
 
     def _items_batched(self, chunk: int) -> Iterator[tuple[bytes, bytes]]:
         ks, vs = self.key_size, self.value_size

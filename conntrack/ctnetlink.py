@@ -154,45 +154,55 @@ def flow_key(src: bytes, dst: bytes, sport_be: bytes, dport_be: bytes, proto: in
     return src + dst + ports + bytes((proto,))
 
 
-def _fast_tuple(data: bytes, s: int, e: int, v6: bool) -> bytes | None:
-    """Key of a tuple laid out as the kernel writes it (ctnetlink_dump_tuples), or None
-    when the layout differs (the caller then decodes it generically)."""
-    ip_len = _V6_IP_NEST if v6 else _V4_IP_NEST
-    alen = 16 if v6 else 4
-    if e - s < ip_len + 28:
-        return None
-    length, kind = _NLATTR.unpack_from(data, s)
-    if kind & NLA_TYPE_MASK != CTA_TUPLE_IP or length != ip_len:
-        return None
-    src = data[s + 8:s + 8 + alen]
-    dst = data[s + 12 + alen:s + 12 + 2 * alen]
-    p = s + ip_len
-    plen, pkind = _NLATTR.unpack_from(data, p)
-    if pkind & NLA_TYPE_MASK != CTA_TUPLE_PROTO:
-        return None
-    proto = data[p + 8]
+_NEST = NLA_F_NESTED
+_RAW_V4 = struct.Struct("=HH HH4s HH4s HH HHB3x HH2s2x HH2s2x")
+_RAW_V6 = struct.Struct("=HH HH16s HH16s HH HHB3x HH2s2x HH2s2x")
+RAW_V4_LEN, RAW_V6_LEN = _RAW_V4.size, _RAW_V6.size  # 48, 72
+
+
+def raw_tuple(src: bytes, dst: bytes, proto: int, sport_be: bytes, dport_be: bytes) -> bytes:
+    """A ported tuple's nested attributes exactly as the kernel dumps them
+    (ctnetlink_dump_tuples): IP {src, dst}, PROTO {num, sport, dport}. Matching these raw
+    bytes costs the scan one slice per tuple."""
+    if len(src) == 4:
+        return _RAW_V4.pack(20, CTA_TUPLE_IP | _NEST, 8, CTA_IP_V4_SRC, src, 8, CTA_IP_V4_DST,
+                            dst, 28, CTA_TUPLE_PROTO | _NEST, 5, CTA_PROTO_NUM, proto, 6,
+                            CTA_PROTO_SRC_PORT, sport_be, 6, CTA_PROTO_DST_PORT, dport_be)
+    return _RAW_V6.pack(44, CTA_TUPLE_IP | _NEST, 20, CTA_IP_V6_SRC, src, 20, CTA_IP_V6_DST,
+                        dst, 28, CTA_TUPLE_PROTO | _NEST, 5, CTA_PROTO_NUM, proto, 6,
+                        CTA_PROTO_SRC_PORT, sport_be, 6, CTA_PROTO_DST_PORT, dport_be)
+
+
+def tuple_key(src: bytes, dst: bytes, sport_be: bytes, dport_be: bytes, proto: int) -> bytes:
+    """The key the scan reports for this direction of a flow: the raw dump layout for
+    ported protocols (a tuple dumped differently is decoded and re-encoded), the decoded
+    form (without ports) for the others."""
     if proto in _PORTED:
-        if plen < 28 or data[p + 14] != CTA_PROTO_SRC_PORT or data[p + 22] != CTA_PROTO_DST_PORT:
-            return None
-        return src + dst + data[p + 16:p + 18] + data[p + 24:p + 26] + bytes((proto,))
-    return src + dst + _ZERO_PORTS + bytes((proto,))
+        return raw_tuple(src, dst, proto, sport_be, dport_be)
+    return flow_key(src, dst, sport_be, dport_be, proto)
 
 
 def _slow_key(data: bytes, s: int, e: int, v6: bool) -> bytes:
     src, dst, proto, sport, dport = _tuple(data, s, e)
     alen = 16 if v6 else 4
-    return flow_key(src[:alen], dst[:alen], struct.pack("!H", sport), struct.pack("!H", dport),
-                    proto)
+    return tuple_key(src[:alen], dst[:alen], struct.pack("!H", sport), struct.pack("!H", dport),
+                     proto)
+
+
+_HEAD = struct.Struct("=IH10x4xHH")  # nlmsghdr (len, type), nfgenmsg, first attribute
 
 
 def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
     """Walk this namespace's ``family`` table; return (entries seen, the members of
-    ``wanted`` that some entry's original or reply direction has). Memory stays bounded
-    by ``wanted``, whatever the size of the kernel's table."""
+    ``wanted`` that some entry's original or reply tuple has, see ``tuple_key``). Memory
+    stays bounded by ``wanted``, whatever the size of the kernel's table."""
     v6 = family == socket.AF_INET6
+    raw_len = RAW_V6_LEN if v6 else RAW_V4_LEN
+    nest_len = raw_len + 4
+    head, nlattr = _HEAD.unpack_from, _NLATTR.unpack_from
     found: set[bytes] = set()
-    sock = _socket()
     count = 0
+    sock = _socket()
     try:
         sock.send(_request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family))
         while True:
@@ -201,27 +211,30 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
             while off + 16 <= end:
                 length, mtype = _NLMSG.unpack_from(data, off)[:2]
                 if mtype == NLMSG_DONE or length < 16:
-                    return count, found
+                    return count, found  # DONE is shorter than an entry: checked first
                 if mtype == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", data, off + 16)[0]
                     if code:
                         raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
                     return count, found
-                a, stop = off + 20, off + length
-                seen_tuples = 0
-                while a + 4 <= stop and seen_tuples < 2:
-                    alen, akind = _NLATTR.unpack_from(data, a)
-                    kind = akind & NLA_TYPE_MASK
-                    if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
-                        key = (_fast_tuple(data, a + 4, a + alen, v6)
-                               or _slow_key(data, a + 4, a + alen, v6))
-                        if key in wanted:
-                            found.add(key)
-                        seen_tuples += 1
-                    if alen < 4:
-                        break
-                    a += (alen + 3) & ~3
+                _, _, a1len, a1type = head(data, off)
                 count += 1
+                a2 = off + 20 + nest_len
+                # the common layout: ORIG then REPLY, both ported tuples of raw_len bytes
+                if a1len == nest_len and a1type & NLA_TYPE_MASK == CTA_TUPLE_ORIG \
+                        and nlattr(data, a2) == (nest_len, CTA_TUPLE_REPLY | NLA_F_NESTED):
+                    orig = data[off + 24:a2]
+                    if orig in wanted:
+                        found.add(orig)
+                    reply = data[a2 + 4:a2 + nest_len]
+                    if reply in wanted:
+                        found.add(reply)
+                else:
+                    for kind, s, e in _attrs(data, off + 20, off + length):
+                        if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+                            key = _slow_key(data, s, e, v6)
+                            if key in wanted:
+                                found.add(key)
                 off += (length + 3) & ~3
     except OSError as exc:
         if exc.errno == errno.ENOBUFS:

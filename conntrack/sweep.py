@@ -2,9 +2,11 @@
 
 An entry is removed only if all three hold:
 1. it was in the map when the sweep began (the snapshot, taken with batch lookups);
-2. no live kernel flow has its endpoints, in either direction of the kernel's original or
-   reply tuple (NAT-aware: a ClusterIP flow is recognised both by the client, which saw
-   the service address, and by the backend, which saw the client after DNAT);
+2. no live kernel flow carries the direction of packets sent by the pod. The kernel keeps
+   that direction as its original tuple when the pod opened the flow (pre-DNAT: what the
+   pod sent, e.g. to a ClusterIP) and as its reply tuple when the peer did (the backend
+   answering the client as it saw it, after DNAT): one key per entry, matched against
+   both tuples, is NAT-aware on both sides;
 3. it was not used after the sweep began: its ``last_seen`` is re-read right before the
    delete, so a flow that reuses a just-freed port (and so the same key) keeps its entry.
 
@@ -28,12 +30,13 @@ import structlog
 
 from bpf import layout as lay
 from bpf.maps import Map
-from conntrack.ctnetlink import flow_key, scan
+from conntrack.ctnetlink import _PORTED, raw_tuple, scan, tuple_key
 
 log = structlog.get_logger("conntrack.sweep")
 
 _KEY = struct.Struct("<16s16sHHBB2xI")  # struct np_ct_key
 _VALUE = struct.Struct("<QQIBB2x")      # struct np_ct_value
+_LAST_SEEN = struct.Struct("<Q")        # its first field
 assert _KEY.size == 44
 assert _VALUE.size == 24
 
@@ -63,13 +66,33 @@ class SweepResult:
         return asdict(self)
 
 
-def keys_of(raw_key: bytes) -> tuple[bytes, bytes]:
-    """Both directions of the flow a map entry tracks, as ctnetlink.flow_key builds them."""
-    pod, peer, pod_port, peer_port, proto, family, _ifindex = _KEY.unpack(raw_key)
-    alen = 4 if family == lay.NP_FAMILY_IPV4 else 16
-    pod, peer = pod[:alen], peer[:alen]
-    pp, qp = struct.pack("!H", pod_port), struct.pack("!H", peer_port)
-    return flow_key(pod, peer, pp, qp, proto), flow_key(peer, pod, qp, pp, proto)
+def key_of(raw_key: bytes) -> bytes:
+    """The pod-sent direction of the flow a map entry tracks, as the kernel's table shows
+    it (see ctnetlink.tuple_key)."""
+    alen = 4 if raw_key[37] == lay.NP_FAMILY_IPV4 else 16
+    pod, peer = raw_key[0:alen], raw_key[16:16 + alen]
+    pod_port = raw_key[33:34] + raw_key[32:33]    # little-endian in the map, big on the wire
+    peer_port = raw_key[35:36] + raw_key[34:35]
+    return tuple_key(pod, peer, pod_port, peer_port, raw_key[36])
+
+
+def _raw_chunks(v6: bool) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """The constant parts of ctnetlink.raw_tuple around (src, dst, proto, sport, dport),
+    cut out of a packed example so that they cannot drift from it."""
+    alen = 16 if v6 else 4
+    src, dst = b"\x01" * alen, b"\x02" * alen
+    sample = raw_tuple(src, dst, 6, b"\x03\x03", b"\x04\x04")
+    a = sample.index(src)
+    b = sample.index(dst)
+    c = b + alen + 8   # the protocol number sits after the PROTO nest and NUM headers
+    d = sample.index(b"\x03\x03")
+    e = sample.index(b"\x04\x04")
+    return sample[:a], sample[a + alen:b], sample[b + alen:c], sample[c + 1:d], sample[d + 2:e]
+
+
+_V4_PARTS, _V6_PARTS = _raw_chunks(False), _raw_chunks(True)
+_TAIL = b"\0\0"
+_PROTO_BYTE = [bytes((p,)) for p in range(256)]
 
 
 class Sweeper:
@@ -80,14 +103,33 @@ class Sweeper:
         self.fallback_idle_ns = int(fallback_idle * 1e9)
         self.kernel_scan = kernel_scan
 
-    def snapshot(self, started: int) -> tuple[int, dict[bytes, tuple[bytes, bytes]]]:
-        """(entries in the map, idle entries: key -> its two flow keys)."""
-        idle = {}
-        entries = self.map.items()
-        for k, v in entries:
-            if _VALUE.unpack_from(v)[0] < started:
-                idle[k] = keys_of(k)
-        return len(entries), idle
+    def snapshot(self, started: int) -> tuple[int, dict[bytes, bytes]]:
+        """(entries in the map, idle entries: map key -> flow key). The hot loop of the
+        sweep: keys are cut from the batch buffers and built from precomputed parts (the
+        same bytes as key_of)."""
+        idle: dict[bytes, bytes] = {}
+        unpack = _LAST_SEEN.unpack_from
+        join = b"".join
+        total = 0
+        ks, vs = _KEY.size, _VALUE.size
+        for keys, values, count in self.map.batches():
+            total += count
+            for i in range(count):
+                if unpack(values, i * vs)[0] >= started:
+                    continue
+                k = keys[i * ks:(i + 1) * ks]
+                proto = k[36]
+                if proto not in _PORTED:
+                    idle[k] = key_of(k)
+                elif k[37] == lay.NP_FAMILY_IPV4:
+                    p0, p1, p2, p3, p4 = _V4_PARTS
+                    idle[k] = join((p0, k[0:4], p1, k[16:20], p2, _PROTO_BYTE[proto], p3,
+                                    k[33:34], k[32:33], p4, k[35:36], k[34:35], _TAIL))
+                else:
+                    p0, p1, p2, p3, p4 = _V6_PARTS
+                    idle[k] = join((p0, k[0:16], p1, k[16:32], p2, _PROTO_BYTE[proto], p3,
+                                    k[33:34], k[32:33], p4, k[35:36], k[34:35], _TAIL))
+        return total, idle
 
     def run(self) -> SweepResult:
         res = SweepResult(started_at=time.time())
@@ -96,7 +138,7 @@ class Sweeper:
         res.map_entries, idle = self.snapshot(started)
         res.idle = len(idle)
         res.snapshot_seconds = time.monotonic() - t0
-        wanted = {key for pair in idle.values() for key in pair}
+        wanted = set(idle.values())
         found: set[bytes] = set()
         t1 = time.monotonic()
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -104,25 +146,26 @@ class Sweeper:
             res.kernel_entries += n
             found |= live
         res.kernel_seconds = time.monotonic() - t1
-        dead = [k for k, (fwd, rev) in idle.items() if fwd not in found and rev not in found]
+        dead = [k for k, flow in idle.items() if flow not in found]
         res.live = len(idle) - len(dead)
         old_enough = started
         if res.kernel_entries == 0 and dead:
             res.fallback = True
             old_enough = started - self.fallback_idle_ns
-        for key in dead:
-            current = self.map.lookup(key)
-            if current is None:
-                continue  # gone already (LRU eviction)
-            last_seen = _VALUE.unpack_from(current)[0]
+        unpack = _LAST_SEEN.unpack_from
+
+        def keep(value: bytes) -> bool:
+            """Re-read right before each delete: used since the sweep began? kept."""
+            last_seen = unpack(value)[0]
             if last_seen >= started:
                 res.touched += 1
-                continue
+                return True
             if last_seen >= old_enough:
                 res.young += 1
-                continue
-            if self.map.delete(key):
-                res.removed += 1
+                return True
+            return False
+
+        res.removed = self.map.delete_unless(dead, keep)
         res.kept = res.idle - res.removed
         res.duration = time.monotonic() - t0
         return res
