@@ -127,10 +127,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             return problems
 
         async def refresh_metrics() -> None:
-            stats = await worker.call(dp.stats)
-            for direction in ("ingress", "egress"):
-                metrics.drop_count.labels(direction).set(stats[f"{direction}_denied_packets"])
-                metrics.drop_bytes.labels(direction).set(stats[f"{direction}_denied_bytes"])
+            # the drop counters come from the flow-log shipper (appended to /metrics)
             for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
                 metrics.watch_relists.labels(name).set(st.lists)
                 metrics.watch_errors.labels(name).set(st.errors)

@@ -43,7 +43,3 @@ class AgentMetrics:
                                    ["resource"], registry=r)
         self.watch_errors = Gauge("awsnodeagent_watch_errors", "Watch failures per resource",
                                   ["resource"], registry=r)
-        self.drop_count = Gauge("network_policy_drop_count_total",
-                                "Packets dropped by policy", ["direction"], registry=r)
-        self.drop_bytes = Gauge("network_policy_drop_bytes_total",
-                                "Bytes dropped by policy", ["direction"], registry=r)

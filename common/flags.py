@@ -64,6 +64,17 @@ class Settings(BaseModel):
     (VPC CNI: eni, kindnet/ptp/bridge: veth)."""
     shutdown_timeout: float = Field(default=10.0, gt=0, le=120)
     """Seconds a process takes at most to stop after SIGTERM."""
+    flow_log_format: Literal["text", "json"] = "text"
+    """Flow log lines in the reference's text format, or JSON lines."""
+    flow_log_max_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
+    """Size at which the flow log file is rotated, bytes."""
+    flow_log_backups: int = Field(default=5, ge=0, le=100)
+    """Rotated flow log files kept."""
+    cluster_name: str = ""
+    """The cluster's name (CLUSTER_NAME): CloudWatch group /aws/eks/<name>/cluster;
+    unset: /aws/k8s-cluster/cluster, the reference's group outside EKS."""
+    cloudwatch_queue_size: int = Field(default=100_000, ge=1000, le=10_000_000)
+    """Events waiting for CloudWatch at most; beyond, they spill to a local file."""
 
     @field_validator("metrics_bind_addr", "health_probe_bind_addr")
     @classmethod
@@ -130,6 +141,11 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--runtime-dir")
     p.add_argument("--pod-interface-prefixes", metavar="P1,P2")
     p.add_argument("--shutdown-timeout", metavar="SECONDS")
+    p.add_argument("--flow-log-format", metavar="text|json")
+    p.add_argument("--flow-log-max-bytes", metavar="BYTES")
+    p.add_argument("--flow-log-backups", metavar="N")
+    p.add_argument("--cluster-name")
+    p.add_argument("--cloudwatch-queue-size", metavar="EVENTS")
     return p
 
 
@@ -144,6 +160,8 @@ def parse_settings(prog: str, description: str, argv: Sequence[str] | None = Non
     values.setdefault("node_name", env.get("MY_NODE_NAME", ""))
     if "kubeconfig" not in values and env.get("KUBECONFIG"):
         values["kubeconfig"] = env["KUBECONFIG"]
+    if "cluster_name" not in values and env.get("CLUSTER_NAME"):
+        values["cluster_name"] = env["CLUSTER_NAME"]
     try:
         settings = Settings.model_validate(values)
     except ValidationError as exc:

@@ -1,22 +1,39 @@
 """Flow records: datapath decision events turned into what operators read.
 
-The line format is the reference agent's (users grep for it), with the pod and the
-deciding policy appended, which the reference cannot tell:
+The text line is the reference agent's (users grep for it), prefixed with the time and
+with the pod and the allowing policy appended, which the reference cannot tell:
 
-    Flow Info: Src IP: 10.0.12.34 Src Port: 43512 Dest IP: 10.0.45.6 Dest Port: 8080
-    Proto TCP Verdict DENY Direction ingress Pod default/web Policy -
+    2026-11-21T08:00:00.123456Z Flow Info: Src IP: 10.0.12.34 Src Port: 43512
+    Dest IP: 10.0.45.6 Dest Port: 8080 Proto TCP Verdict DENY Direction ingress
+    Pod default/web Policy -
+
+The CloudWatch message is the reference's ``Node: ..;SIP: ..;...;PolicyVerdict: DENY``
+with the same additions. Formatting is the hot path (every event), so records are decoded
+with one ``struct.unpack_from`` and address and name strings are cached.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import socket
+import struct
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 from bpf import layout as lay
 
+EVENT = struct.Struct("<Q16s16sHHBBBBB3xIIII4x")  # struct np_event
+assert EVENT.size == 72
 
-@dataclass(frozen=True)
-class FlowRecord:
-    timestamp_ns: int
+_PROTO = dict(lay.PROTOCOL_NAMES)
+_DIRECTION = lay.DIRECTION_NAMES
+_REASON = lay.REASON_NAMES
+
+
+class FlowRecord(NamedTuple):
+    timestamp_ns: int   # wall clock
     src_ip: str
     src_port: int
     dst_ip: str
@@ -29,29 +46,6 @@ class FlowRecord:
     policy: str         # namespace/name of the allowing policy, or "-"
     packet_len: int
 
-    @classmethod
-    def from_event(cls, ev: lay.NpEvent, *, pod: str, policy: str) -> FlowRecord:
-        pod_ip = str(lay.addr_from(bytes(ev.pod_addr), ev.family))
-        peer_ip = str(lay.addr_from(bytes(ev.peer_addr), ev.family))
-        if ev.direction == lay.NP_DIR_INGRESS:
-            src, sport, dst, dport = peer_ip, ev.peer_port, pod_ip, ev.pod_port
-        else:
-            src, sport, dst, dport = pod_ip, ev.pod_port, peer_ip, ev.peer_port
-        return cls(
-            timestamp_ns=ev.timestamp_ns,
-            src_ip=src,
-            src_port=sport,
-            dst_ip=dst,
-            dst_port=dport,
-            protocol=lay.PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol)),
-            verdict="ACCEPT" if ev.verdict == lay.NP_VERDICT_ALLOW else "DENY",
-            direction=lay.DIRECTION_NAMES.get(ev.direction, "?"),
-            reason=lay.REASON_NAMES.get(ev.reason, str(ev.reason)),
-            pod=pod,
-            policy=policy,
-            packet_len=ev.packet_len,
-        )
-
     def line(self) -> str:
         return (
             f"Flow Info: Src IP: {self.src_ip} Src Port: {self.src_port} "
@@ -59,3 +53,80 @@ class FlowRecord:
             f"Verdict {self.verdict} Direction {self.direction} "
             f"Pod {self.pod} Policy {self.policy}"
         )
+
+
+class Formatter:
+    """Decodes raw ring-buffer records and renders them.
+
+    ``pod_name`` and ``policy_name`` map ids to ``namespace/name`` (see flowlogs.names)."""
+
+    def __init__(self, *, node: str, pod_name: Callable[[int], str],
+                 policy_name: Callable[[int], str]) -> None:
+        self.node = node
+        self.pod_name = pod_name
+        self.policy_name = policy_name
+        self._addrs: dict[tuple[bytes, int], str] = {}
+        self.resync_clock()
+
+    def resync_clock(self) -> None:
+        """Offset from the datapath's clock (CLOCK_MONOTONIC) to the wall clock."""
+        self.offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+    def _addr(self, raw: bytes, family: int) -> str:
+        key = (raw, family)
+        text = self._addrs.get(key)
+        if text is None:
+            if len(self._addrs) > 100_000:
+                self._addrs.clear()
+            text = (socket.inet_ntop(socket.AF_INET, raw[:4]) if family == lay.NP_FAMILY_IPV4
+                    else socket.inet_ntop(socket.AF_INET6, raw))
+            self._addrs[key] = text
+        return text
+
+    def record(self, raw: bytes) -> FlowRecord:
+        (ts, pod_addr, peer_addr, pod_port, peer_port, proto, family, verdict, direction,
+         reason, pod_id, _ifindex, policy_id, packet_len) = EVENT.unpack_from(raw)
+        pod_ip, peer_ip = self._addr(pod_addr, family), self._addr(peer_addr, family)
+        if direction == lay.NP_DIR_INGRESS:
+            src, sport, dst, dport = peer_ip, peer_port, pod_ip, pod_port
+        else:
+            src, sport, dst, dport = pod_ip, pod_port, peer_ip, peer_port
+        return FlowRecord(
+            timestamp_ns=ts + self.offset_ns, src_ip=src, src_port=sport, dst_ip=dst,
+            dst_port=dport, protocol=_PROTO.get(proto, str(proto)),
+            verdict="ACCEPT" if verdict == lay.NP_VERDICT_ALLOW else "DENY",
+            direction=_DIRECTION.get(direction, "?"), reason=_REASON.get(reason, str(reason)),
+            pod=self.pod_name(pod_id) or "?",
+            policy=(self.policy_name(policy_id) or f"#{policy_id}") if policy_id else "-",
+            packet_len=packet_len)
+
+    @staticmethod
+    def is_deny(raw: bytes) -> bool:
+        return raw[46] == lay.NP_VERDICT_DENY  # np_event.verdict
+
+    def text(self, r: FlowRecord) -> str:
+        return f"{_stamp(r.timestamp_ns)} {r.line()}\n"
+
+    def json(self, r: FlowRecord) -> str:
+        return json.dumps({
+            "time": _stamp(r.timestamp_ns), "node": self.node, "src_ip": r.src_ip,
+            "src_port": r.src_port, "dst_ip": r.dst_ip, "dst_port": r.dst_port,
+            "protocol": r.protocol, "verdict": r.verdict, "direction": r.direction,
+            "reason": r.reason, "pod": r.pod, "policy": r.policy, "bytes": r.packet_len,
+        }, separators=(",", ":")) + "\n"
+
+    def cloudwatch(self, r: FlowRecord) -> str:
+        return (f"Node: {self.node};SIP: {r.src_ip};SPORT: {r.src_port};DIP: {r.dst_ip};"
+                f"DPORT: {r.dst_port};PROTOCOL: {r.protocol};PolicyVerdict: {r.verdict};"
+                f"Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}")
+
+
+_last_second: list[object] = [None, ""]  # events come in bursts: format each second once
+
+
+def _stamp(ns: int) -> str:
+    secs, rem = divmod(ns, 1_000_000_000)
+    if _last_second[0] != secs:
+        _last_second[0] = secs
+        _last_second[1] = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_last_second[1]}.{rem // 1000:06d}Z"

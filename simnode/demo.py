@@ -24,7 +24,7 @@ from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.ringbuf import RingBuffer
 from bpf.ruleset import PeerRule, PortRange, compile_rules
 from common.netlink import Netlink
-from flowlogs.records import FlowRecord
+from flowlogs.records import Formatter
 from simnode.node import SimNode, SimPod
 from simnode.traffic import PodServer, tcp_probe
 
@@ -72,15 +72,10 @@ class Demo:
 
     def _on_events(self, batch: list[bytes]) -> None:
         assert self.dp is not None
-        for raw in batch:
-            ev = lay.NpEvent.from_buffer_copy(raw)
-            policy = self.dp.policies.lookup(lay.u32(ev.policy_id)) if ev.policy_id else None
-            rec = FlowRecord.from_event(
-                ev,
-                pod=self.names.get(ev.pod_id, "?"),
-                policy=f"{policy.namespace_.decode()}/{policy.name.decode()}" if policy else "-",
-            )
-            self.flow_lines.append(rec.line())
+        dp = self.dp
+        fmt = Formatter(node="demo-node", pod_name=lambda pid: self.names.get(pid, "?"),
+                        policy_name=dp.policy_name)
+        self.flow_lines.extend(fmt.record(raw).line() for raw in batch)
 
     def program(self, name: str, *, ingress: DirectionPolicy = ALLOW_ALL,
                 egress: DirectionPolicy = ALLOW_ALL) -> None:

@@ -1,0 +1,3 @@
+from flowlogs.main import main
+
+main()

@@ -1,0 +1,269 @@
+"""np-flowlogs: every policy decision from the datapath's ring buffer, recorded and shipped.
+
+With --enable-policy-event-logs: drains the pinned ring buffer (woken by its epoll fd,
+never blocking the loop), writes each DENY (and, at --log-level=debug, each ACCEPT) to
+--log-file (rotated by size), and with --enable-cloudwatch-logs ships them to CloudWatch
+Logs in batches. Always: serves stats (``flowlogs.sock``: /v1/stats, /v1/flows, /metrics)
+including the datapath's drop counters and ring-buffer overruns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from bpf import layout as lay
+from bpf.maps import Map, TypedMap
+from bpf.ringbuf import RingBuffer
+from common import logs, preflight
+from common.apimodels import ProcessStats
+from common.flags import Settings, parse_settings
+from common.localapi import FLOWLOGS_SOCKET, make_app, serve_unix, socket_path
+from common.supervisor import stop_on_signals, supervise
+from flowlogs.cloudwatch import CloudWatchShipper, group_name, stream_name
+from flowlogs.names import Names
+from flowlogs.records import FlowRecord, Formatter
+from flowlogs.sink import RotatingFile
+
+log = structlog.get_logger("flowlogs")
+RECENT = 1000
+
+
+class StartupError(Exception):
+    pass
+
+
+class FlowLogs:
+    def __init__(self, settings: Settings, *, stats_map: TypedMap[ctypes.c_uint32, lay.NpStats],
+                 names: Names | None) -> None:
+        self.settings = settings
+        self.stats_map = stats_map
+        self.names = names
+        self.debug = settings.log_level == "debug"
+        self.enabled = settings.enable_policy_event_logs
+        self.recent: deque[FlowRecord] = deque(maxlen=RECENT)
+        self.counts = {"read": 0, "written": 0, "filtered": 0}
+        self.sink: RotatingFile | None = None
+        self.spill: RotatingFile | None = None
+        self.cloudwatch: CloudWatchShipper | None = None
+        self.formatter: Formatter | None = None
+        if self.enabled and names is not None:
+            self.formatter = Formatter(node=settings.node_name or os.uname().nodename,
+                                       pod_name=names.pod, policy_name=names.policy)
+            self.sink = RotatingFile(settings.log_file, max_bytes=settings.flow_log_max_bytes,
+                                     backups=settings.flow_log_backups)
+            if settings.enable_cloudwatch_logs:
+                self.spill = RotatingFile(settings.log_file + ".cloudwatch-spill",
+                                          max_bytes=settings.flow_log_max_bytes,
+                                          backups=settings.flow_log_backups)
+                self.cloudwatch = CloudWatchShipper(
+                    group=group_name(settings.cluster_name),
+                    stream=stream_name(settings.node_name or os.uname().nodename),
+                    capacity=settings.cloudwatch_queue_size, spill=self.spill.write_lines)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        events = Counter("awsnodeagent_flowlogs_events_total",
+                         "Decision events by outcome", ["outcome"], registry=r)
+        self.m_read, self.m_written, self.m_filtered = (
+            events.labels("read"), events.labels("written"), events.labels("filtered"))
+        self.m_dropped = Gauge("awsnodeagent_flowlogs_dropped", "Decisions not recorded or "
+                               "not shipped, by reason (never silent)", ["reason"], registry=r)
+        self.m_drop_count = Gauge("network_policy_drop_count_total",
+                                  "Packets dropped by policy", ["direction"], registry=r)
+        self.m_drop_bytes = Gauge("network_policy_drop_bytes_total",
+                                  "Bytes dropped by policy", ["direction"], registry=r)
+
+    # ---- the hot path -------------------------------------------------------------------
+    def on_records(self, batch: list[bytes]) -> None:
+        fmt, sink = self.formatter, self.sink
+        assert fmt is not None
+        assert sink is not None
+        render = fmt.json if self.settings.flow_log_format == "json" else fmt.text
+        lines = []
+        cw = self.cloudwatch
+        filtered = 0
+        for raw in batch:
+            if not self.debug and not fmt.is_deny(raw):
+                filtered += 1
+                continue
+            record = fmt.record(raw)
+            lines.append(render(record))
+            self.recent.append(record)
+            if cw is not None:
+                cw.submit(record.timestamp_ns // 1_000_000, fmt.cloudwatch(record))
+        sink.write_lines(lines)
+        self.counts["read"] += len(batch)
+        self.counts["written"] += len(lines)
+        self.counts["filtered"] += filtered
+        self.m_read.inc(len(batch))
+        self.m_written.inc(len(lines))
+        self.m_filtered.inc(filtered)
+
+    # ---- tasks ----------------------------------------------------------------------------
+    async def drain(self, ring: RingBuffer, stop: asyncio.Event) -> None:
+        ring.attach()
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 60)
+                if self.formatter is not None:
+                    self.formatter.resync_clock()
+        finally:
+            ring.detach()
+            ring.consume()  # what arrived before the stop
+
+    def datapath_stats(self) -> dict[str, int]:
+        totals = dict.fromkeys((f[0] for f in lay.NpStats._fields_), 0)
+        for cpu in self.stats_map.lookup_percpu(ctypes.c_uint32(0)):
+            for name in totals:
+                totals[name] += getattr(cpu, name)
+        return totals
+
+    def stats(self) -> ProcessStats:
+        dp = self.datapath_stats()
+        stats: dict[str, float | int | str] = {
+            "enabled": int(self.enabled), "events_read": self.counts["read"],
+            "events_written": self.counts["written"], "events_filtered": self.counts["filtered"],
+            "ring_overruns": dp["events_lost"], "file": self.settings.log_file,
+            "file_rotations": self.sink.rotations if self.sink else 0,
+            "ingress_denied_packets": dp["ingress_denied_packets"],
+            "egress_denied_packets": dp["egress_denied_packets"],
+        }
+        if self.cloudwatch is not None:
+            cw = self.cloudwatch.stats
+            stats.update({"cloudwatch_group": self.cloudwatch.group,
+                          "cloudwatch_shipped": cw.shipped, "cloudwatch_batches": cw.batches,
+                          "cloudwatch_backlog": self.cloudwatch.held,
+                          "cloudwatch_overflow": cw.overflow,
+                          "cloudwatch_rejected": cw.rejected,
+                          "cloudwatch_retries": cw.retries,
+                          "cloudwatch_last_error": cw.last_error})
+        return ProcessStats(running=True, stats=stats)
+
+    def export(self) -> None:
+        dp = self.datapath_stats()
+        for direction in ("ingress", "egress"):
+            self.m_drop_count.labels(direction).set(dp[f"{direction}_denied_packets"])
+            self.m_drop_bytes.labels(direction).set(dp[f"{direction}_denied_bytes"])
+        self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
+        if self.cloudwatch is not None:
+            self.m_dropped.labels("cloudwatch_queue_full").set(self.cloudwatch.stats.overflow)
+            self.m_dropped.labels("cloudwatch_rejected").set(self.cloudwatch.stats.rejected)
+
+    def app(self) -> web.Application:
+        async def stats(_: web.Request) -> web.Response:
+            return web.json_response(self.stats().model_dump())
+
+        async def flows(request: web.Request) -> web.Response:
+            try:
+                limit = max(1, min(int(request.query.get("limit", "20")), RECENT))
+            except ValueError:
+                raise web.HTTPBadRequest(reason="limit must be a number") from None
+            items = list(self.recent)[-limit:]
+            return web.json_response([{
+                "time": r.timestamp_ns / 1e9, "line": r.line(), "verdict": r.verdict,
+                "pod": r.pod, "policy": r.policy, "src": f"{r.src_ip}:{r.src_port}",
+                "dst": f"{r.dst_ip}:{r.dst_port}", "protocol": r.protocol,
+                "direction": r.direction, "reason": r.reason} for r in items])
+
+        async def metrics(_: web.Request) -> web.Response:
+            self.export()
+            return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+        app = make_app()
+        app.router.add_get("/v1/stats", stats)
+        app.router.add_get("/v1/flows", flows)
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    def close(self) -> None:
+        for f in (self.sink, self.spill):
+            if f is not None:
+                f.close()
+
+
+async def wait_for_maps(pin_root: str, stop: asyncio.Event) -> bool:
+    path = os.path.join(pin_root, "maps", lay.MAP_EVENTS)
+    announced = False
+    while not await asyncio.to_thread(os.path.exists, path):
+        if not announced:
+            log.info("flowlogs.waiting_for_maps", path=path)
+            announced = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if stop.is_set():
+            return False
+    return True
+
+
+async def run(settings: Settings, *, stop: asyncio.Event) -> None:
+    problems = preflight.problems(settings.bpf_pin_root)
+    if problems:
+        raise StartupError("; ".join(problems))
+    if not await wait_for_maps(settings.bpf_pin_root, stop):
+        return
+    maps = os.path.join(settings.bpf_pin_root, "maps")
+    stats_map = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_STATS)), ctypes.c_uint32,
+                         lay.NpStats)
+    names = Names(settings.bpf_pin_root) if settings.enable_policy_event_logs else None
+    flows = FlowLogs(settings, stats_map=stats_map, names=names)
+    ring_map: Map | None = None
+    ring: RingBuffer | None = None
+    try:
+        tasks = {"api": serve_unix(flows.app(),
+                                   socket_path(settings.runtime_dir, FLOWLOGS_SOCKET))}
+        if flows.enabled:
+            ring_map = Map.from_pin(os.path.join(maps, lay.MAP_EVENTS))
+            ring = RingBuffer(ring_map, flows.on_records)
+            tasks["drain"] = flows.drain(ring, stop)
+            if flows.cloudwatch is not None:
+                tasks["cloudwatch"] = flows.cloudwatch.run()
+            log.info("flowlogs.starting", file=settings.log_file,
+                     format=settings.flow_log_format,
+                     cloudwatch=flows.cloudwatch.group if flows.cloudwatch else None,
+                     accept_logged=flows.debug)
+        else:
+            log.info("flowlogs.disabled", reason="--enable-policy-event-logs is false")
+        await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)
+    finally:
+        if ring is not None:
+            ring.close()
+        if ring_map is not None:
+            ring_map.close()
+        flows.close()
+        if names is not None:
+            names.close()
+        stats_map.raw.close()
+        log.info("flowlogs.stopped", **flows.counts, at=time.time())
+
+
+async def amain(settings: Settings) -> int:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        await run(settings, stop=stop)
+    except StartupError as exc:
+        sys.stderr.write(f"np-flowlogs: {exc}\n")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings("np-flowlogs", __doc__.splitlines()[0], argv)
+    logs.configure(settings.log_level, process="flowlogs", json=not sys.stderr.isatty())
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(asyncio.run(amain(settings)))
+
+
+if __name__ == "__main__":
+    main()

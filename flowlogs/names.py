@@ -1,0 +1,49 @@
+"""Names for the ids in decision events, from the agent's pinned maps (cached).
+
+The agent writes ``np_pod_meta`` (pod id -> namespace/name) before a pod's first record
+and ``np_policies`` (policy id -> namespace/name) before any rule carries the id, so a
+lookup on a cache miss finds them; ids are never reused, so cached names never go stale.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from bpf import layout as lay
+from bpf.maps import Map, TypedMap
+
+
+class Names:
+    def __init__(self, pin_root: str) -> None:
+        maps = os.path.join(pin_root, "maps")
+        self._pods = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_POD_META)),
+                              ctypes.c_uint32, lay.NpPodMeta)
+        self._policies = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_POLICIES)),
+                                  ctypes.c_uint32, lay.NpPolicyMeta)
+        self._pod_cache: dict[int, str] = {}
+        self._policy_cache: dict[int, str] = {}
+
+    def close(self) -> None:
+        self._pods.raw.close()
+        self._policies.raw.close()
+
+    def pod(self, pod_id: int) -> str:
+        name = self._pod_cache.get(pod_id)
+        if name is None:
+            meta = self._pods.lookup(ctypes.c_uint32(pod_id)) if pod_id else None
+            if meta is None:
+                return ""  # not cached: the agent may name it a moment later
+            name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+            self._pod_cache[pod_id] = name
+        return name
+
+    def policy(self, policy_id: int) -> str:
+        name = self._policy_cache.get(policy_id)
+        if name is None:
+            meta = self._policies.lookup(ctypes.c_uint32(policy_id))
+            if meta is None:
+                return ""
+            name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+            self._policy_cache[policy_id] = name
+        return name

@@ -1,0 +1,171 @@
+"""CloudWatch shipping against a local moto server over HTTP (no patched client)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+
+from flowlogs.cloudwatch import CloudWatchShipper, make_batches
+
+GROUP, STREAM = "/aws/k8s-cluster/cluster", "aws-network-policy-agent-audit-node-1"
+
+
+class Moto:
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[Moto]:
+    m = Moto()
+    m.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH_LOGS", m.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+async def all_events() -> list[dict[str, Any]]:
+    session = get_session()
+    out: list[dict[str, Any]] = []
+    async with session.create_client("logs") as client:
+        token = None
+        while True:
+            kw = {"logGroupName": GROUP, "logStreamName": STREAM, "startFromHead": True}
+            if token:
+                kw["nextToken"] = token
+            resp = await client.get_log_events(**kw)
+            out += resp["events"]
+            if resp.get("nextForwardToken") in (None, token):
+                return out
+            token = resp["nextForwardToken"]
+            if not resp["events"]:
+                return out
+
+
+@pytest.fixture
+async def shipper(tmp_path: Path) -> AsyncIterator[tuple[CloudWatchShipper, list[str]]]:
+    spilled: list[str] = []
+    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=30_000,
+                          spill=spilled.extend, flush_interval=0.1, backoff_max=0.5)
+    task = asyncio.create_task(s.run(), name="cloudwatch")
+    try:
+        yield s, spilled
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def wait_shipped(s: CloudWatchShipper, n: int, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while s.stats.shipped < n:
+        assert asyncio.get_running_loop().time() < deadline, s.stats
+        await asyncio.sleep(0.05)
+
+
+async def test_group_stream_and_batches(moto: Moto, shipper: tuple[CloudWatchShipper, list[str]]
+                                        ) -> None:
+    s, _ = shipper
+    now = int(time.time() * 1000)
+    events = [(now + i // 10, f"Node: n;SIP: 10.0.0.{i % 250};PolicyVerdict: DENY #{i}")
+              for i in range(25_000)]
+    for ts, msg in events:
+        s.submit(ts, msg)
+    await wait_shipped(s, 25_000)
+    assert s.stats.batches >= len(make_batches(events)) == 3
+    got = await all_events()
+    assert len(got) == 25_000
+    assert {e["message"] for e in got} == {m for _, m in events}
+    session = get_session()
+    async with session.create_client("logs") as client:
+        groups = await client.describe_log_groups(logGroupNamePrefix=GROUP)
+        assert [g["logGroupName"] for g in groups["logGroups"]] == [GROUP]
+        streams = await client.describe_log_streams(logGroupName=GROUP)
+        assert [x["logStreamName"] for x in streams["logStreams"]] == [STREAM]
+
+
+async def test_large_messages_respect_the_byte_limit(
+    moto: Moto, shipper: tuple[CloudWatchShipper, list[str]]
+) -> None:
+    s, _ = shipper
+    now = int(time.time() * 1000)
+    for i in range(600):
+        s.submit(now + i, f"{i:04d}" + "x" * 4000)
+    await wait_shipped(s, 600)
+    assert s.stats.batches >= 3, "2.4 MB cannot go in one call"
+    assert len(await all_events()) == 600
+
+
+async def test_outage_then_recovery_loses_nothing_within_the_bound(
+    moto: Moto, tmp_path: Path
+) -> None:
+    spilled: list[str] = []
+    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spilled.extend,
+                          flush_interval=0.1, backoff_max=0.5)
+    task = asyncio.create_task(s.run(), name="cloudwatch")
+    try:
+        now = int(time.time() * 1000)
+        for i in range(100):
+            s.submit(now + i, f"before outage {i}")
+        await wait_shipped(s, 100)
+        moto.stop()  # CloudWatch unreachable
+        for i in range(1200):
+            s.submit(now + 1000 + i, f"during outage {i}")
+        for _ in range(100):
+            if s.stats.retries >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert s.stats.retries >= 2, "failures are retried, with backoff, and counted"
+        assert s.stats.overflow == 200, "beyond the queue bound: spilled, and counted"
+        assert len(spilled) == 200
+        assert spilled[0].split(" ", 1)[1].startswith("during outage 1000")
+        moto.start()  # back (a fresh server: group and stream are created again)
+        await wait_shipped(s, 100 + 1000)
+        got = {e["message"] for e in await all_events()}
+        assert {f"during outage {i}" for i in range(1000)} <= got
+        assert s.stats.rejected == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == moto.url
