@@ -45,6 +45,7 @@ class AgentRig:
         self.runtime_dir = str(workdir / "run")
         self.runs = 0
         self._api_port = 0
+        self.others: list[asyncio.subprocess.Process] = []
 
     # ---- the API server ---------------------------------------------------------------
     async def start_api(self) -> None:
@@ -97,6 +98,17 @@ class AgentRig:
             ids.append(prog.id)
             prog.close()
         return ids[0], ids[1]
+
+    async def start_process(self, module: str, *extra: str) -> asyncio.subprocess.Process:
+        """Another node process (conntrack, flowlogs) beside the agent, same flags."""
+        env = dict(os.environ, MY_NODE_NAME=NODE, PYTHONPATH=str(REPO))
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m", module,
+            f"--bpf-pin-root={self.pin_root}", f"--runtime-dir={self.runtime_dir}",
+            "--conntrack-cache-table-size=32768", *extra, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        self.others.append(proc)
+        return proc
 
     async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -238,6 +250,10 @@ class AgentRig:
         await eventually(check, timeout=timeout, what=lambda: f"matrix {last} != {expect}")
 
     async def close(self) -> None:
+        for other in self.others:
+            if other.returncode is None:
+                other.terminate()
+                await other.wait()
         if self.proc is not None:
             await self.stop_agent()
         for server in self.servers.values():

@@ -277,3 +277,35 @@ def test_cli_reports_a_missing_datapath_clearly(tmp_path: Path) -> None:
                          text=True, check=False)
     assert run.returncode == 1
     assert "no datapath pinned under" in run.stderr
+
+
+async def test_status_and_metrics_include_the_other_processes(
+    running: tuple[AgentRig, SimPod, SimPod, SimPod, LocalClient]
+) -> None:
+    rig, server, _c1, c2, client = running
+    log_file = str(Path(rig.runtime_dir).parent / "flows.log")
+    await rig.start_process("conntrack", "--conntrack-cache-cleanup-period=1")
+    await rig.start_process("flowlogs", "--enable-policy-event-logs=true",
+                            f"--log-file={log_file}", "--log-level=info")
+    st = None
+    for _ in range(100):
+        st = await client.get("/v1/status", NodeStatus)
+        if st.conntrack.running and st.flowlogs.running:
+            break
+        await asyncio.sleep(0.1)
+    assert st is not None
+    assert st.conntrack.running, st.conntrack.error
+    assert st.flowlogs.running, st.flowlogs.error
+    assert int(st.flowlogs.stats["enabled"]) == 1
+    assert not await rig.probe(c2, server, port=80)
+    _, metrics = await rig.http(8162, "/metrics")
+    for name in ("awsnodeagent_policy_programming_latency_seconds",
+                 "awsnodeagent_conntrack_sweeps_total",
+                 "network_policy_drop_count_total", "awsnodeagent_flowlogs_events_total"):
+        assert name in metrics, name
+    ct = await rig.acli("conntrack")
+    assert ct.returncode == 0, ct.stderr
+    assert "total_sweeps=" in ct.stdout
+    status = await rig.acli("status")
+    assert re.search(r"^conntrack cleaner\s+running$", status.stdout, re.M), status.stdout
+    assert re.search(r"^flow-log shipper\s+running$", status.stdout, re.M), status.stdout
