@@ -336,6 +336,7 @@ async def test_union_of_policyendpoints_and_both_directions(rig: AgentRig) -> No
 
 async def test_readiness_metrics_and_programming_latency(rig: AgentRig) -> None:
     server, client = await rig.add_pod("server"), await rig.add_pod("client")
+    other = await rig.add_pod("other")
     await rig.start_agent()
     await rig.ready()
     assert (await rig.http(8163, "/healthz"))[0] == 200
@@ -345,10 +346,18 @@ async def test_readiness_metrics_and_programming_latency(rig: AgentRig) -> None:
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     rig.apply(rig.policy_endpoint("web-44444", policy="web", targets=[server],
                                   ingress=allow_from(client), trigger_time=now))
-    await rig.converge([(client, server, 80, "TCP", 4)], [True])
-    _, text = await rig.http(8162, "/metrics")
-    count = [ln for ln in text.splitlines()
-             if ln.startswith("awsnodeagent_policy_programming_latency_seconds_count")]
+    # the denied peer proves the policy is programmed before metrics are read
+    await rig.converge([(client, server, 80, "TCP", 4), (other, server, 80, "TCP", 4)],
+                       [True, False])
+    # metrics are recorded right after the maps switch; allow the loop to catch up
+    count: list[str] = []
+    for _ in range(50):
+        _, text = await rig.http(8162, "/metrics")
+        count = [ln for ln in text.splitlines()
+                 if ln.startswith("awsnodeagent_policy_programming_latency_seconds_count")]
+        if count and float(count[0].split()[-1]) >= 1:
+            break
+        await asyncio.sleep(0.05)
     assert count
     assert float(count[0].split()[-1]) >= 1
     setup = 'awsnodeagent_policy_setup_latency_ms_count{name="web-44444",namespace="default"}'
