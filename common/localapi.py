@@ -24,6 +24,13 @@ AGENT_SOCKET = "agent.sock"
 CONNTRACK_SOCKET = "conntrack.sock"
 FLOWLOGS_SOCKET = "flowlogs.sock"
 
+# Pending connections a socket queues (the kernel caps it at net.core.somaxconn). When
+# the queue is full, connect() on a non-blocking Unix socket fails with EAGAIN, which
+# asyncio takes for "in progress": the client then fails on its first write instead of
+# being told to retry. A deep queue keeps bursts of callers (a harness explaining every
+# pair of pods at once) from ever seeing that.
+BACKLOG = 4096
+
 M = TypeVar("M", bound=BaseModel)
 Params = Mapping[str, str] | Sequence[tuple[str, str]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,7 +86,7 @@ async def serve_unix(app: web.Application, path: str) -> None:
     await runner.setup()
     old_umask = os.umask(0o077)  # the socket is created 0600, never briefly open
     try:
-        site = web.UnixSite(runner, path)
+        site = web.UnixSite(runner, path, backlog=BACKLOG)
         await site.start()
     finally:
         os.umask(old_umask)

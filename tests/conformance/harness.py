@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,7 @@ from common.localapi import AGENT_SOCKET, LocalClient, Unavailable, socket_path
 from controller.main import RESOLVER_SOCKET, ResolverStatus
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
+from simnode.stack import NODE
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 from tests.conformance.scenario import (
     Obj,
@@ -39,7 +37,7 @@ from tests.conformance.scenario import (
     expected,
     render,
 )
-from tests.privileged.agentrig import NODE, REPO, AgentRig
+from tests.privileged.agentrig import AgentRig
 
 CONVERGE_SECONDS = 10.0
 PROBE_TIMEOUT = 0.3
@@ -73,7 +71,6 @@ class Cluster:
         self.workdir = workdir
         self.store = self.rig.api.store
         self.pods: dict[PodKey, LivePod] = {}
-        self.resolver: asyncio.subprocess.Process | None = None
         self._next_port: dict[PodKey, int] = {}
         self.agent = LocalClient(socket_path(self.rig.runtime_dir, AGENT_SOCKET))
         self.resolver_api = LocalClient(socket_path(self.rig.runtime_dir, RESOLVER_SOCKET),
@@ -82,24 +79,11 @@ class Cluster:
     # ---- processes --------------------------------------------------------------------
     async def start(self) -> None:
         await self.rig.start_api()
-        log = open(self.workdir / "resolver.log", "a")  # noqa: SIM115, ASYNC230
-        self.resolver = await asyncio.create_subprocess_exec(
-            "nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m",
-            "controller", f"--kubeconfig={self.rig.kubeconfig}", "--log-level=info",
-            f"--runtime-dir={self.rig.runtime_dir}",
-            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=log)
-        log.close()
+        await self.rig.start("resolver", "--log-level=info")
         await self.rig.start_agent("--log-level=info")
         await self.rig.ready(timeout=30)
 
     async def stop(self) -> None:
-        if self.resolver is not None:
-            self.resolver.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.resolver.wait(), 10)
-            except TimeoutError:
-                self.resolver.kill()
-                await self.resolver.wait()
         for live in self.pods.values():
             await live.server.close()
         await self.rig.close()

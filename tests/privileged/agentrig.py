@@ -12,78 +12,51 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
 from bpf.objects import Program
 from fakekube import store as fs
-from fakekube.server import FakeKube
 from simnode.netns import socket_in
 from simnode.node import SimNode, SimPod
+from simnode.stack import NODE, REPO, NodeStack
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 
-NODE = "node-1"
 # client (None: the node), target, port, protocol, family
 Case = tuple[SimPod | None, SimPod, int, str, int]
-REPO = Path(__file__).resolve().parents[2]
+AGENT_FLAGS = ("--enable-network-policy=true", "--metrics-bind-addr=127.0.0.1:8162",
+               "--health-probe-bind-addr=127.0.0.1:8163", "--log-level=debug")
 
 
-class AgentRig:
+class AgentRig(NodeStack):
+    """A :class:`NodeStack` with the agent in focus: pods with servers, PolicyEndpoints
+    written straight to the API (no resolver), probes and the pinned state."""
+
     def __init__(self, sim: SimNode, *, pin_root: str, workdir: Path,
                  mode: str = "standard") -> None:
-        self.sim = sim
-        self.pin_root = pin_root
-        self.workdir = workdir
-        self.mode = mode
-        self.api = FakeKube(bookmark_interval=0.5)
-        self.kubeconfig = str(workdir / "kubeconfig")
+        super().__init__(sim, pin_root=pin_root, workdir=workdir, mode=mode)
         self.servers: dict[str, PodServer] = {}
         self.pods: dict[str, SimPod] = {}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log_path = workdir / "agent.log"
-        self.runtime_dir = str(workdir / "run")
-        self.runs = 0
-        self._api_port = 0
-        self.others: list[asyncio.subprocess.Process] = []
-
-    # ---- the API server ---------------------------------------------------------------
-    async def start_api(self) -> None:
-        def factory() -> socket.socket:
-            s = socket_in(self.sim.netns, socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", self._api_port))
-            self._api_port = s.getsockname()[1]
-            return s
-
-        await self.api.start(sock_factory=factory)
-        self.api.write_kubeconfig(self.kubeconfig)
 
     # ---- the agent --------------------------------------------------------------------
-    async def start_agent(self, *extra: str) -> None:
-        self.runs += 1
-        env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=NODE,
-                   PYTHONPATH=str(REPO))
-        # only the network namespace, as a hostNetwork container: `ip netns exec` would
-        # also remount /sys and hide the host's bpffs
-        args = [
-            "nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m", "agent",
-            "--enable-network-policy=true", f"--kubeconfig={self.kubeconfig}",
-            f"--bpf-pin-root={self.pin_root}", "--conntrack-cache-table-size=32768",
-            "--metrics-bind-addr=127.0.0.1:8162", "--health-probe-bind-addr=127.0.0.1:8163",
-            f"--pod-interface-prefixes={self.sim.tag}h", "--log-level=debug",
-            f"--runtime-dir={self.runtime_dir}", *extra,
-        ]
-        log = self._open_log()
-        self.proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
-                                                         stderr=log)
-        log.close()
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.procs.get("agent")
 
-    def _open_log(self) -> TextIO:
-        log = open(self.log_path, "a")  # noqa: SIM115 (handed to the child)
-        log.write(f"---- run {self.runs}\n")
-        log.flush()
-        return log
+    @property
+    def log_path(self) -> Path:
+        return self.log_file("agent")
+
+    async def start_agent(self, *extra: str) -> None:
+        await self.start("agent", *AGENT_FLAGS, *extra)
+
+    async def start_process(self, name: str, *extra: str) -> asyncio.subprocess.Process:
+        """Another node process (conntrack, flowlogs) beside the agent."""
+        return await self.start(name, *extra)
+
+    async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        return await self.stop("agent", sig, timeout)
 
     def records(self) -> dict[int, lay.NpPod]:
         """The datapath's pod records as pinned (not what the agent believes)."""
@@ -98,29 +71,6 @@ class AgentRig:
             ids.append(prog.id)
             prog.close()
         return ids[0], ids[1]
-
-    async def start_process(self, module: str, *extra: str) -> asyncio.subprocess.Process:
-        """Another node process (conntrack, flowlogs) beside the agent, same flags."""
-        env = dict(os.environ, MY_NODE_NAME=NODE, PYTHONPATH=str(REPO))
-        proc = await asyncio.create_subprocess_exec(
-            "nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m", module,
-            f"--bpf-pin-root={self.pin_root}", f"--runtime-dir={self.runtime_dir}",
-            "--conntrack-cache-table-size=32768", *extra, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        self.others.append(proc)
-        return proc
-
-    async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            rc = await asyncio.wait_for(self.proc.wait(), timeout)
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
-        self.proc = None
-        return rc
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []
@@ -250,15 +200,9 @@ class AgentRig:
         await eventually(check, timeout=timeout, what=lambda: f"matrix {last} != {expect}")
 
     async def close(self) -> None:
-        for other in self.others:
-            if other.returncode is None:
-                other.terminate()
-                await other.wait()
-        if self.proc is not None:
-            await self.stop_agent()
+        await super().close()
         for server in self.servers.values():
             await server.close()
-        await self.api.stop()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float,

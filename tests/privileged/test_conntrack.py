@@ -20,7 +20,7 @@ from conntrack.ctnetlink import scan
 from conntrack.sweep import Sweeper, SweepResult, now_ns
 from simnode.netns import arun, inside, socket_in
 from simnode.node import SimNode, SimPod
-from tests.privileged.agentrig import REPO
+from simnode.stack import REPO
 from tests.privileged.podnet import PodNet
 
 SERVICE_IP = "10.96.0.10"

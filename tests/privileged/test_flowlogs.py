@@ -19,7 +19,7 @@ from bpf.ruleset import PeerRule, PortRange, compile_rules
 from common.apimodels import ProcessStats
 from common.localapi import FLOWLOGS_SOCKET, LocalClient, socket_path
 from simnode.node import SimNode, SimPod
-from tests.privileged.agentrig import REPO
+from simnode.stack import REPO
 from tests.privileged.podnet import PodNet
 
 

@@ -1,0 +1,116 @@
+"""The real node processes on a simulated node, against a fake API server.
+
+:class:`NodeStack` runs the fake Kubernetes API server (in this process, listening in the
+node's network namespace) and starts the node processes -- ``np-agent``,
+``np-resolver``, ``np-conntrack``, ``np-flowlogs`` -- as real child processes in that
+namespace, the way a hostNetwork DaemonSet runs them. Only the network namespace is
+entered (``nsenter --net``): ``ip netns exec`` would also remount ``/sys`` and hide the
+host's bpffs, which the processes share with the host like the chart's hostPath mount.
+
+Every process gets the same flag list (each uses what concerns it) plus its own extras,
+and logs to ``<workdir>/<process>.log``, a ``---- run N`` line separating restarts.
+Used by the demo, the privileged tests and the conformance harness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+
+from fakekube.server import FakeKube
+from simnode.netns import socket_in
+from simnode.node import SimNode
+
+REPO = Path(__file__).resolve().parents[1]
+NODE = "node-1"
+# process name -> Python module (the console scripts np-agent, np-resolver, ... run these)
+MODULES = {"agent": "agent", "resolver": "controller", "conntrack": "conntrack",
+           "flowlogs": "flowlogs"}
+
+
+class NodeStack:
+    def __init__(self, sim: SimNode, *, pin_root: str, workdir: Path, node: str = NODE,
+                 mode: str = "standard", bookmark_interval: float = 0.5,
+                 ct_entries: int = 32768) -> None:
+        self.sim = sim
+        self.pin_root = pin_root
+        self.workdir = workdir
+        self.node = node
+        self.mode = mode
+        self.ct_entries = ct_entries
+        self.api = FakeKube(bookmark_interval=bookmark_interval)
+        self.kubeconfig = str(workdir / "kubeconfig")
+        self.runtime_dir = str(workdir / "run")
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.runs: Counter[str] = Counter()
+        self._api_port = 0
+
+    # ---- the API server ---------------------------------------------------------------
+    async def start_api(self) -> None:
+        def factory() -> socket.socket:
+            s = socket_in(self.sim.netns, socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", self._api_port))
+            self._api_port = s.getsockname()[1]
+            return s
+
+        await self.api.start(sock_factory=factory)
+        self.api.write_kubeconfig(self.kubeconfig)
+
+    # ---- processes --------------------------------------------------------------------
+    def log_file(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def flags(self) -> list[str]:
+        """The flags every process gets, as a DaemonSet would give them."""
+        return [
+            f"--kubeconfig={self.kubeconfig}", f"--bpf-pin-root={self.pin_root}",
+            f"--runtime-dir={self.runtime_dir}",
+            f"--conntrack-cache-table-size={self.ct_entries}",
+            f"--pod-interface-prefixes={self.sim.tag}h",
+        ]
+
+    async def start(self, name: str, *extra: str) -> asyncio.subprocess.Process:
+        """Start process ``name`` (a key of :data:`MODULES`); extras override flags."""
+        if name in self.procs and self.procs[name].returncode is None:
+            raise RuntimeError(f"{name} is running")
+        self.runs[name] += 1
+        env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=self.node,
+                   PYTHONPATH=str(REPO))
+        args = ["nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m",
+                MODULES[name], *self.flags(), *extra]
+        with open(self.log_file(name), "a") as log:  # noqa: ASYNC230 (local file, tiny)
+            log.write(f"---- run {self.runs[name]}\n")
+            log.flush()
+            proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
+                                                        stderr=log)
+        self.procs[name] = proc
+        return proc
+
+    def running(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.returncode is None
+
+    async def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal the process and wait; killed if it outlives ``timeout``."""
+        proc = self.procs.pop(name)
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def close(self) -> None:
+        """Stop every process (resolver first: it writes what the others read), then
+        the API server."""
+        for name in sorted(self.procs, key=lambda n: n != "resolver"):
+            await self.stop(name)
+        await self.api.stop()
