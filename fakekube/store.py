@@ -185,8 +185,7 @@ class Store:
         meta["generation"] = 1
         obj["kind"] = resource.kind
         obj["apiVersion"] = resource.api_version
-        if resource == NAMESPACES:
-            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        apply_defaults(resource, obj)
         self.objects[resource][key] = obj
         return self._commit(resource, "ADDED", obj, None)
 
@@ -213,8 +212,7 @@ class Store:
                 obj["metadata"][keep] = meta_cur[keep]
         if resource.namespaced:
             obj["metadata"]["namespace"] = namespace
-        if resource == NAMESPACES:
-            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+        apply_defaults(resource, obj)
         obj["kind"] = resource.kind
         obj["apiVersion"] = resource.api_version
         if obj.get("spec") != current.get("spec"):
@@ -242,3 +240,26 @@ class Store:
         """Forget the history: every watch from an older version now gets 410 Gone."""
         self.history.clear()
         self.oldest_rv = self.rv + 1
+
+
+def apply_defaults(resource: Resource, obj: Obj) -> None:
+    """The real API server's defaulting, for the fields the node processes read."""
+    if resource == NAMESPACES:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+    elif resource == NETWORK_POLICIES:
+        default_network_policy(obj)
+
+
+def default_network_policy(policy: Obj) -> None:
+    """NetworkPolicy defaulting, in place: empty podSelector, port protocol TCP, and
+    policyTypes from the rules present (Ingress always, Egress if egress rules exist)."""
+    spec = policy.setdefault("spec", {})
+    if spec.get("podSelector") is None:
+        spec["podSelector"] = {}
+    for direction in ("ingress", "egress"):
+        for rule in spec.get(direction) or []:
+            for port in rule.get("ports") or []:
+                port.setdefault("protocol", "TCP")
+    if not spec.get("policyTypes"):
+        spec["policyTypes"] = ["Ingress", *(["Egress"] if spec.get("egress") else [])]

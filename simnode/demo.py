@@ -1,190 +1,328 @@
-"""Datapath demo on a simulated node (run by ``scripts/demo.sh``).
+"""The walkthrough demo on a simulated node (run by ``scripts/demo.sh``).
 
-Namespace pods modelled on the EKS launch walkthrough (demo-app, client-one and
-another-ns/another-client-one), the real eBPF programs on their veths, real TCP
-traffic, and the decision events read from the ring buffer as flow-log lines.
+A node built from network namespaces with pods modelled on the EKS launch walkthrough
+(default/demo-app, default/client-one, another-ns/another-client-one, and the cluster
+DNS kube-system/coredns), the fake API server, and the real node processes: np-resolver
+turns NetworkPolicies into PolicyEndpoints, np-agent programs the eBPF datapath on the
+pods' veths, np-conntrack sweeps the conntrack map, np-flowlogs writes the decision log.
 
-Policies are given to the datapath directly as peer rules here; the agent and resolver
-(which turn NetworkPolicies into these rules) replace that step when they land.
+The walkthrough's policies (``examples/walkthrough/*.yaml``) are applied one step at a
+time; after each, the demo waits for the agent's "programmed" signal, probes real
+traffic over IPv4 and IPv6, asks the agent to explain each denied flow, and prints the
+DENY lines the flow-log shipper wrote. Exits 1 if any probe differs from the
+walkthrough's expectation; removes every namespace, veth, pin and file on exit, Ctrl-C
+included.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from bpf import layout as lay
-from bpf.attach import attach
-from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
-from bpf.ringbuf import RingBuffer
-from bpf.ruleset import PeerRule, PortRange, compile_rules
-from common.netlink import Netlink
-from flowlogs.records import Formatter
+import yaml
+
+from bpf.datapath import Datapath
+from common.apimodels import ExplainRequest, ExplainResult, NodeStatus
+from common.localapi import Unavailable
+from fakekube import store as fs
 from simnode.node import SimNode, SimPod
-from simnode.traffic import PodServer, tcp_probe
+from simnode.stack import REPO, NodeStack
+from simnode.traffic import PodServer, tcp_probe, udp_probe
 
-BOLD, GREEN, RED, DIM, RESET = "\033[1m", "\033[32m", "\033[31m", "\033[2m", "\033[0m"
+WALKTHROUGH = REPO / "examples" / "walkthrough"
+BOLD, GREEN, RED, DIM, YELLOW, RESET = ("\033[1m", "\033[32m", "\033[31m", "\033[2m",
+                                        "\033[33m", "\033[0m")
+
+
+@dataclass(frozen=True)
+class DemoPod:
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    listen: tuple[tuple[int, str], ...]
+
+
+PODS = (
+    DemoPod("default", "demo-app", {"app": "demo-app"}, ((80, "TCP"),)),
+    DemoPod("default", "client-one", {"app": "client-one"}, ((80, "TCP"),)),
+    DemoPod("another-ns", "another-client-one", {"app": "another-client-one"}, ((80, "TCP"),)),
+    DemoPod("kube-system", "coredns", {"k8s-app": "kube-dns"}, ((53, "UDP"), (53, "TCP"))),
+)
+
+
+@dataclass(frozen=True)
+class Flow:
+    client: str
+    server: str
+    port: int
+    protocol: str
+
+    def label(self) -> str:
+        return f"{self.client:>18} -> {self.server}:{self.port}/{self.protocol}"
+
+
+FLOWS = (Flow("client-one", "demo-app", 80, "TCP"),
+         Flow("another-client-one", "demo-app", 80, "TCP"),
+         Flow("client-one", "coredns", 53, "UDP"))
+
+# (title, manifest applied or None, expected verdict of each flow in FLOWS)
+STEPS: tuple[tuple[str, str | None, tuple[bool, bool, bool]], ...] = (
+    ("No policy: every pod may talk to every pod", None, (True, True, True)),
+    ("Deny all ingress to demo-app", "01-deny-all-ingress.yaml", (False, False, True)),
+    ("Allow client-one to demo-app on TCP 80", "03-allow-ingress-from-samens-client-one.yaml",
+     (True, False, True)),
+    ("Allow every pod of another-ns to demo-app", "04-allow-ingress-from-xns.yaml",
+     (True, True, True)),
+    ("Deny all egress from client-one, DNS included", "06-deny-egress-from-client-one.yaml",
+     (False, True, False)),
+    ("Allow client-one to reach the cluster DNS", "07-allow-egress-to-coredns.yaml",
+     (False, True, True)),
+    ("Allow client-one to reach demo-app on TCP 80", "08-allow-egress-to-demo-app.yaml",
+     (True, True, True)),
+)
 
 
 class Demo:
-    def __init__(self, *, color: bool) -> None:
-        self.sim = SimNode(f"npd{os.getpid() % 10000:04d}"[:8])
+    def __init__(self, *, color: bool, workdir: Path) -> None:
+        tag = f"npd{os.getpid() % 10000:04d}"
+        self.sim = SimNode(tag)
         self.pin_root = f"/sys/fs/bpf/np-demo-{os.getpid()}"
-        self.dp: Datapath | None = None
-        self.servers: list[PodServer] = []
-        self.pods: dict[str, SimPod] = {}
-        self.names: dict[int, str] = {}
+        self.workdir = workdir
+        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=workdir,
+                               node="demo-node")
+        self.flow_log = workdir / "flows.log"
         self.color = color
-        self.ring: RingBuffer | None = None
-        self.flow_lines: list[str] = []
+        self.pods: dict[str, SimPod] = {}
+        self.servers: list[PodServer] = []
+        self.namespace_of = {p.name: p.namespace for p in PODS}
+        self._flow_offset = 0
+        self._next_port = 30000
+        self.unexpected = 0
 
     def c(self, code: str, text: str) -> str:
         return f"{code}{text}{RESET}" if self.color else text
 
+    # ---- setting up -------------------------------------------------------------------
     async def setup(self) -> None:
-        print(self.c(BOLD, "Setting up a simulated node (network namespaces, veths)..."))
+        print(self.c(BOLD, "Setting up a simulated node: network namespaces, veths, "
+                           "a fake API server, the four node processes"))
         await self.sim.start()
-        self.dp = Datapath.open(self.pin_root, ct_entries=32768, events_bytes=1 << 20)
-        self.dp.set_host_addresses([self.sim.node_ipv4, self.sim.node_ipv6])
-        self.dp.set_event_flags(emit_deny=True, emit_allow=False)
-        for ns, name in (("default", "demo-app"), ("default", "client-one"),
-                         ("another-ns", "another-client-one")):
-            pod = await self.sim.add_pod(name)
-            server = PodServer(name=name, netns=pod.netns, ports=(80, 53))
+        await self.stack.start_api()
+        store = self.stack.api.store
+        for ns in sorted({p.namespace for p in PODS}):
+            store.create(fs.NAMESPACES, None, {"metadata": {"name": ns}})
+        for spec in PODS:
+            pod = await self.sim.add_pod(spec.name)
+            server = PodServer(name=f"{spec.namespace}/{spec.name}", netns=pod.netns,
+                               listen=spec.listen)
             await server.start()
             self.servers.append(server)
-            pod_id = self.dp.register_pod(namespace=ns, name=name, uid=f"demo-{name}")
-            self.names[pod_id] = f"{ns}/{name}"
-            self.dp.program_pods({pod.ifindex: PodPolicy(pod_id, ALLOW_ALL, ALLOW_ALL)})
-            async with Netlink(netns=self.sim.netns) as nl:
-                await attach(nl, pod.ifindex, ingress=self.dp.ingress_prog,
-                             egress=self.dp.egress_prog)
-            self.pods[name] = pod
-            print(f"  pod {ns}/{name:<20} {pod.ipv4!s:<12} {pod.ipv6!s:<16} "
-                  f"veth {pod.host_veth} (ifindex {pod.ifindex})")
-        self.ring = RingBuffer(self.dp.events, self._on_events)
-        self.ring.attach()
+            self.pods[spec.name] = pod
+            self.stack.create_pod_object(pod, namespace=spec.namespace, labels=spec.labels)
+            print(f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
+                  f"{pod.ipv6!s:<13} host veth {pod.host_veth}")
+        common = ("--enable-network-policy=true", "--enable-policy-event-logs=true",
+                  "--log-level=info", f"--log-file={self.flow_log}")
+        await self.stack.start("resolver", *common)
+        await self.stack.start("agent", *common, "--metrics-bind-addr=127.0.0.1:8162",
+                               "--health-probe-bind-addr=127.0.0.1:8163")
+        await self.stack.start("conntrack", *common, "--conntrack-cache-cleanup-period=10")
+        await self.stack.start("flowlogs", *common)
+        status = await self._ready()
+        print(f"  np-agent ready on node {status.node} ({status.mode} mode), "
+              f"programs {status.ingress_prog_id}/{status.egress_prog_id}, "
+              f"pins under {status.pin_root}")
+        print(self.c(DIM, f"  process logs and the flow log are in {self.workdir}"))
 
-    def _on_events(self, batch: list[bytes]) -> None:
-        assert self.dp is not None
-        dp = self.dp
-        fmt = Formatter(node="demo-node", pod_name=lambda pid: self.names.get(pid, "?"),
-                        policy_name=dp.policy_name)
-        self.flow_lines.extend(fmt.record(raw).line() for raw in batch)
+    async def _ready(self, timeout: float = 30) -> NodeStatus:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for name in self.stack.procs:
+                if not self.stack.running(name):
+                    raise RuntimeError(f"np-{name} exited at start:\n{self._tail(name)}")
+            try:
+                st = await self.stack.agent.get("/v1/status", NodeStatus, timeout=2)
+                if st.ready and st.flowlogs.running and st.conntrack.running:
+                    return st
+                last = "; ".join(st.problems) or "the other processes are starting"
+            except Unavailable as exc:
+                last = str(exc)
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the node did not become ready in {timeout}s: {last}\n"
+                           f"{self._tail('agent')}")
 
-    def program(self, name: str, *, ingress: DirectionPolicy = ALLOW_ALL,
-                egress: DirectionPolicy = ALLOW_ALL) -> None:
-        assert self.dp is not None
-        pod = self.pods[name]
-        rec = self.dp.pod_record(pod.ifindex)
-        assert rec is not None
-        self.dp.program_pods({pod.ifindex: PodPolicy(rec.pod_id, ingress, egress)})
-        self.dp.collect_garbage()
+    def _tail(self, name: str, lines: int = 15) -> str:
+        path = self.stack.log_file(name)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
-    def rules(self, policy: str, *rules: PeerRule) -> DirectionPolicy:
-        assert self.dp is not None
-        pid = self.dp.policy_id(namespace="default", name=policy)
-        tagged = [PeerRule(r.cidr, r.excepts, r.ports, policy_id=pid) for r in rules]
-        return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(tagged))
-
-    def host(self, name: str) -> list[PeerRule]:
-        pod = self.pods[name]
-        return [PeerRule(ipaddress.ip_network(f"{pod.ipv4}/32")),
-                PeerRule(ipaddress.ip_network(f"{pod.ipv6}/128"))]
-
-    async def probes(self, *pairs: tuple[str, str, int]) -> None:
-        for client, target, port in pairs:
-            for family in (4, 6):
-                addr = self.pods[target].address(family)
-                ok = await tcp_probe(netns=self.pods[client].netns, target=addr, port=port,
-                                     timeout=0.4, expect=target)
-                verdict = self.c(GREEN, "allowed") if ok else self.c(RED, "denied ")
-                print(f"    {client:>18} -> {target}:{port} over IPv{family}  {verdict}")
-        await asyncio.sleep(0.05)
-        if self.flow_lines:
-            print(self.c(DIM, "    flow log:"))
-            for line in self.flow_lines:
-                print(self.c(DIM, f"      {line}"))
-            self.flow_lines.clear()
-
-    async def run(self) -> None:
-        await self.setup()
-        assert self.dp is not None
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("1. No policy: every pod may talk to demo-app", lambda: None),
-            ("2. Deny all ingress to demo-app (01-deny-all-ingress)",
-             lambda: self.program("demo-app", ingress=self.rules("deny-all-ingress"))),
-            ("3. Allow client-one to demo-app on TCP 80 (03-allow-ingress-from-samens-client-one)",
-             lambda: self.program("demo-app", ingress=self.rules(
-                 "allow-ingress-from-samens-client-one",
-                 *(PeerRule(r.cidr, ports=(PortRange(lay.NP_PROTO_TCP, 80, 80),))
-                   for r in self.host("client-one"))))),
-            ("4. Also allow another-ns/another-client-one (04-allow-ingress-from-xns)",
-             lambda: self.program("demo-app", ingress=self.rules(
-                 "allow-ingress-from-xns", *self.host("client-one"),
-                 *self.host("another-client-one")))),
-            ("5. Deny all egress from client-one (06-deny-egress-from-client-one)",
-             lambda: self.program("client-one", egress=self.rules("deny-egress"))),
-            ("6. Allow client-one egress to demo-app on TCP 80 only (08-allow-egress-to-demo-app)",
-             lambda: self.program("client-one", egress=self.rules(
-                 "allow-egress-to-demo-app",
-                 *(PeerRule(r.cidr, ports=(PortRange(lay.NP_PROTO_TCP, 80, 80),))
-                   for r in self.host("demo-app"))))),
-        ]
-        pairs = [("client-one", "demo-app", 80), ("another-client-one", "demo-app", 80),
-                 ("client-one", "another-client-one", 53)]
-        for title, apply in steps:
-            print()
-            print(self.c(BOLD, title))
-            apply()
-            await self.probes(*pairs)
-        stats = self.dp.stats()
+    # ---- a step -----------------------------------------------------------------------
+    async def step(self, n: int, title: str, manifest: str | None,
+                   expect: tuple[bool, ...]) -> None:
         print()
-        print(self.c(BOLD, "Datapath counters: ") + ", ".join(
-            f"{k}={stats[k]}" for k in ("packets_allowed", "packets_denied", "ct_inserts",
-                                        "ingress_denied_packets", "egress_denied_packets")))
+        print(self.c(BOLD, f"Step {n}. {title}"))
+        if manifest:
+            policy = self.apply(WALKTHROUGH / manifest)
+            print(f"  kubectl apply -f examples/walkthrough/{manifest}  "
+                  f"(networkpolicy {policy})")
+            started = time.monotonic()
+            done = await self.stack.settle(timeout=15)
+            took = (time.monotonic() - started) * 1000
+            state = "programmed" if done.programmed else self.c(RED, "NOT programmed")
+            print(f"  resolver wrote the PolicyEndpoints; np-agent reports every pod "
+                  f"{state} ({took:.0f} ms after the apply)")
+        for flow, want in zip(FLOWS, expect, strict=True):
+            results = [await self.probe(flow, family) for family in (4, 6)]
+            verdicts = "  ".join(
+                f"IPv{f} " + (self.c(GREEN, "allowed") if ok else self.c(RED, "denied "))
+                for f, ok in zip((4, 6), results, strict=True))
+            as_expected = all(ok == want for ok in results)
+            note = self.c(DIM, "as expected") if as_expected else self.c(
+                YELLOW, f"UNEXPECTED (walkthrough: {'allowed' if want else 'denied'})")
+            self.unexpected += not as_expected
+            print(f"  {flow.label():<44} {verdicts}   {note}")
+            if not all(results):
+                print(self.c(DIM, f"  {'':>18}    why: {await self.explain(flow)}"))
+        await self.print_flow_log()
+
+    def apply(self, path: Path) -> str:
+        body: dict[str, Any] = yaml.safe_load(path.read_text())
+        meta = body["metadata"]
+        self.stack.api.store.create(fs.NETWORK_POLICIES, meta["namespace"], body)
+        return f"{meta['namespace']}/{meta['name']}"
+
+    async def probe(self, flow: Flow, family: int) -> bool:
+        client, server = self.pods[flow.client], self.pods[flow.server]
+        # a fresh client port each time: a reused one could match a flow still tracked
+        # from an earlier step and pass as established
+        self._next_port = 30000 if self._next_port >= 60000 else self._next_port + 1
+        fn = tcp_probe if flow.protocol == "TCP" else udp_probe
+        return await fn(netns=client.netns, target=server.address(family), port=flow.port,
+                        timeout=0.4, expect=f"{self.namespace_of[flow.server]}/{flow.server}",
+                        source_port=self._next_port)
+
+    async def explain(self, flow: Flow) -> str:
+        """The agent's account of the denial, asked on both ends (np-cli explain)."""
+        client, server = self.pods[flow.client], self.pods[flow.server]
+        asks = (
+            ExplainRequest(pod=f"{self.namespace_of[flow.client]}/{flow.client}",
+                           peer=str(server.ipv4), port=flow.port,
+                           protocol=flow.protocol,  # type: ignore[arg-type]
+                           direction="egress"),
+            ExplainRequest(pod=f"{self.namespace_of[flow.server]}/{flow.server}",
+                           peer=str(client.ipv4), port=flow.port,
+                           protocol=flow.protocol,  # type: ignore[arg-type]
+                           direction="ingress"),
+        )
+        for ask in asks:
+            res = await self.stack.agent.request("POST", "/v1/explain", ExplainResult,
+                                                 body=ask)
+            if res.verdict == "DENY":
+                return res.summary
+        return "no side denies it now (the policy changed since the probe?)"
+
+    async def print_flow_log(self) -> None:
+        """The DENY lines np-flowlogs wrote since the last step (it drains the ring
+        buffer continuously; give it a moment to catch up)."""
+        lines: list[str] = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.4:
+            await asyncio.sleep(0.1)
+            fresh = self._read_flow_log()
+            if fresh:
+                lines.extend(fresh)
+                quiet_since = time.monotonic()
+        if lines:
+            print(self.c(DIM, f"  flow log ({self.flow_log.name}), {len(lines)} new lines:"))
+            for line in lines[:8]:
+                print(self.c(DIM, f"    {line}"))
+            if len(lines) > 8:
+                print(self.c(DIM, f"    ... {len(lines) - 8} more"))
+
+    def _read_flow_log(self) -> list[str]:
+        if not self.flow_log.exists():
+            return []
+        with open(self.flow_log, "rb") as f:
+            f.seek(self._flow_offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._flow_offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+    # ---- the whole run ----------------------------------------------------------------
+    async def run(self) -> int:
+        await self.setup()
+        for n, (title, manifest, expect) in enumerate(STEPS, 1):
+            await self.step(n, title, manifest, expect)
+        st = await self.stack.agent.get("/v1/status", NodeStatus)
+        print()
+        print(self.c(BOLD, "Node status (np-cli status): ")
+              + f"{st.pods} pods, {st.programmed} programmed, {st.policyendpoints} "
+                f"PolicyEndpoints, datapath allowed {st.datapath.get('packets_allowed', 0)} "
+                f"and denied {st.datapath.get('packets_denied', 0)} packets")
+        if self.unexpected:
+            print(self.c(YELLOW, f"{self.unexpected} probes differed from the walkthrough"))
+            return 1
+        print(self.c(GREEN, "Every probe matched the walkthrough."))
+        return 0
 
     async def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
+        await self.stack.close()
         for server in self.servers:
             await server.close()
         await self.sim.close()
-        if self.dp is not None:
-            self.dp.close()
         Datapath.unpin(self.pin_root)
 
 
-async def amain(color: bool) -> int:
-    demo = Demo(color=color)
+async def amain(*, color: bool, keep: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="np-demo-"))
+    demo = Demo(color=color, workdir=workdir)
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         if task is not None:
             loop.add_signal_handler(sig, task.cancel)
     try:
-        await demo.run()
+        return await demo.run()
     except asyncio.CancelledError:
         print("\ninterrupted, cleaning up")
         return 130
+    except Exception as exc:  # the demo reports and cleans up whatever went wrong
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
     finally:
+        # cleanup must finish even if a second Ctrl-C arrives meanwhile
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         await demo.close()
-        print("cleaned up: namespaces, veths and pins removed")
-    return 0
+        if keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print("cleaned up: processes stopped; namespaces, veths and pins removed")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-color", action="store_true", help="plain output")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the processes' logs and the flow log")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("demo: run as root (it creates network namespaces and loads eBPF programs)")
-    sys.exit(asyncio.run(amain(color=not args.no_color and sys.stdout.isatty())))
+    sys.exit(asyncio.run(amain(color=not args.no_color and sys.stdout.isatty(),
+                               keep=args.keep_logs)))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,19 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from common.apimodels import WaitResult
+from common.localapi import AGENT_SOCKET, LocalClient, Unavailable, socket_path
+from controller.main import RESOLVER_SOCKET, ResolverStatus
+from fakekube import store as fs
 from fakekube.server import FakeKube
 from simnode.netns import socket_in
-from simnode.node import SimNode
+from simnode.node import SimNode, SimPod
 
 REPO = Path(__file__).resolve().parents[1]
 NODE = "node-1"
@@ -49,6 +56,9 @@ class NodeStack:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.runs: Counter[str] = Counter()
         self._api_port = 0
+        self.agent = LocalClient(socket_path(self.runtime_dir, AGENT_SOCKET))
+        self.resolver = LocalClient(socket_path(self.runtime_dir, RESOLVER_SOCKET),
+                                    process="resolver")
 
     # ---- the API server ---------------------------------------------------------------
     async def start_api(self) -> None:
@@ -61,6 +71,42 @@ class NodeStack:
 
         await self.api.start(sock_factory=factory)
         self.api.write_kubeconfig(self.kubeconfig)
+
+    def create_pod_object(self, pod: SimPod, *, namespace: str = "default",
+                          name: str | None = None,
+                          labels: dict[str, str] | None = None,
+                          ports: Iterable[tuple[str, int, str]] = ()) -> dict[str, Any]:
+        """The Pod object of a simulated pod on this node, Running with both its IPs;
+        ``ports`` are (name, containerPort, protocol) of its one container."""
+        return self.api.store.create(fs.PODS, namespace, {
+            "metadata": {"name": name or pod.name, "namespace": namespace,
+                         "labels": dict(labels or {})},
+            "spec": {"nodeName": self.node, "containers": [{"name": "main", "ports": [
+                {"name": n, "containerPort": p, "protocol": proto}
+                for n, p, proto in ports if n]}]},
+            "status": {"phase": "Running", "hostIP": str(self.sim.node_ipv4),
+                       "podIP": str(pod.ipv4),
+                       "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}]},
+        })
+
+    async def settle(self, timeout: float = 10.0) -> WaitResult:
+        """Wait until the resolver has seen every change made so far and written its
+        PolicyEndpoints, then until the agent has programmed every local pod."""
+        deadline = time.monotonic() + timeout
+        target = self.api.store.rv
+        while time.monotonic() < deadline:
+            try:
+                st = await self.resolver.get("/v1/status", ResolverStatus, timeout=2)
+            except Unavailable:
+                await asyncio.sleep(0.05)
+                continue
+            if st.idle and st.observed_resource_version >= target:
+                break
+            await asyncio.sleep(0.02)
+        remaining = max(0.1, deadline - time.monotonic())
+        return await self.agent.get("/v1/wait", WaitResult,
+                                    params={"timeout": f"{remaining:.2f}"},
+                                    timeout=remaining + 5)
 
     # ---- processes --------------------------------------------------------------------
     def log_file(self, name: str) -> Path:
@@ -87,8 +133,10 @@ class NodeStack:
         with open(self.log_file(name), "a") as log:  # noqa: ASYNC230 (local file, tiny)
             log.write(f"---- run {self.runs[name]}\n")
             log.flush()
+            # a session of its own: a Ctrl-C meant for the caller (the demo) must not
+            # reach the processes, which the caller stops in order
             proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
-                                                        stderr=log)
+                                                        stderr=log, start_new_session=True)
         self.procs[name] = proc
         return proc
 

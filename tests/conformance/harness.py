@@ -19,12 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.apimodels import ExplainRequest, ExplainResult, WaitResult
-from common.localapi import AGENT_SOCKET, LocalClient, Unavailable, socket_path
-from controller.main import RESOLVER_SOCKET, ResolverStatus
+from common.apimodels import ExplainRequest, ExplainResult
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
-from simnode.stack import NODE
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 from tests.conformance.scenario import (
     Obj,
@@ -72,9 +69,7 @@ class Cluster:
         self.store = self.rig.api.store
         self.pods: dict[PodKey, LivePod] = {}
         self._next_port: dict[PodKey, int] = {}
-        self.agent = LocalClient(socket_path(self.rig.runtime_dir, AGENT_SOCKET))
-        self.resolver_api = LocalClient(socket_path(self.rig.runtime_dir, RESOLVER_SOCKET),
-                                        process="resolver")
+        self.agent = self.rig.agent
 
     # ---- processes --------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,16 +123,10 @@ class Cluster:
                            listen=listen)
         await server.start()
         self.pods[spec.key] = LivePod(spec, sim, server)
-        self.store.create(fs.PODS, spec.namespace, {
-            "metadata": {"name": spec.name, "namespace": spec.namespace,
-                         "labels": dict(spec.labels)},
-            "spec": {"nodeName": NODE, "containers": [{"name": "server", "ports": [
-                {"name": p["name"], "containerPort": int(p["port"]),
-                 "protocol": p.get("protocol", "TCP")} for p in spec.ports if p.get("name")]}]},
-            "status": {"phase": "Running", "hostIP": str(self.sim.node_ipv4),
-                       "podIP": str(sim.ipv4),
-                       "podIPs": [{"ip": str(sim.ipv4)}, {"ip": str(sim.ipv6)}]},
-        })
+        self.rig.create_pod_object(
+            sim, namespace=spec.namespace, name=spec.name, labels=dict(spec.labels),
+            ports=[(str(p.get("name") or ""), int(p["port"]), str(p.get("protocol", "TCP")))
+                   for p in spec.ports])
 
     async def _delete_pod(self, key: PodKey) -> None:
         live = self.pods.pop(key)
@@ -191,20 +180,7 @@ class Cluster:
     async def settle(self, timeout: float = CONVERGE_SECONDS) -> None:
         """The resolver has seen every change and written its objects; the agent has
         programmed every local pod."""
-        deadline = time.monotonic() + timeout
-        target = self.store.rv
-        while time.monotonic() < deadline:
-            try:
-                st = await self.resolver_api.get("/v1/status", ResolverStatus, timeout=2)
-            except Unavailable:
-                await asyncio.sleep(0.05)
-                continue
-            if st.idle and st.observed_resource_version >= target:
-                break
-            await asyncio.sleep(0.02)
-        remaining = max(0.1, deadline - time.monotonic())
-        await self.agent.get("/v1/wait", WaitResult, params={"timeout": f"{remaining:.2f}"},
-                             timeout=remaining + 5)
+        await self.rig.settle(timeout)
 
     # ---- traffic ----------------------------------------------------------------------
     def _source_port(self, key: PodKey) -> int:

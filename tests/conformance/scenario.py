@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from fakekube.store import default_network_policy
+
 Obj = dict[str, Any]
 PodKey = tuple[str, str]  # (namespace, name)
 
@@ -143,16 +145,9 @@ def render(obj: Any, *, address: Callable[[PodKey], Address], node_ip: str) -> A
 
 
 def api_defaults(policy: Obj) -> Obj:
-    """The API server's defaulting of a NetworkPolicy."""
+    """The API server's defaulting of a NetworkPolicy (as the fake API server does it)."""
     p = copy.deepcopy(policy)
-    spec = p.setdefault("spec", {})
-    spec.setdefault("podSelector", {})
-    for direction in ("ingress", "egress"):
-        for rule in spec.get(direction) or []:
-            for port in rule.get("ports") or []:
-                port.setdefault("protocol", "TCP")
-    if not spec.get("policyTypes"):
-        spec["policyTypes"] = ["Ingress", *(["Egress"] if spec.get("egress") else [])]
+    default_network_policy(p)
     return p
 
 

@@ -20,7 +20,7 @@ from bpf.objects import Program
 from fakekube import store as fs
 from simnode.netns import socket_in
 from simnode.node import SimNode, SimPod
-from simnode.stack import NODE, REPO, NodeStack
+from simnode.stack import REPO, NodeStack
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 
 # client (None: the node), target, port, protocol, family
@@ -128,16 +128,6 @@ class AgentRig(NodeStack):
         if create_object:
             self.create_pod_object(pod, namespace=namespace, labels=labels)
         return pod
-
-    def create_pod_object(self, pod: SimPod, *, namespace: str = "default",
-                          labels: dict[str, str] | None = None) -> None:
-        self.api.store.create(fs.PODS, namespace, {
-            "metadata": {"name": pod.name, "namespace": namespace, "labels": labels or {}},
-            "spec": {"nodeName": NODE},
-            "status": {"phase": "Running", "hostIP": str(self.sim.node_ipv4),
-                       "podIP": str(pod.ipv4),
-                       "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}]},
-        })
 
     def endpoint(self, pod: SimPod, namespace: str = "default") -> dict[str, str]:
         return {"podIP": str(pod.ipv4), "hostIP": str(self.sim.node_ipv4),
