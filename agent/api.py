@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -42,6 +43,7 @@ from common.apimodels import (
     WatchView,
 )
 from common.flags import Settings
+from common.kube import KubeError
 from common.localapi import (
     CONNTRACK_SOCKET,
     FLOWLOGS_SOCKET,
@@ -54,6 +56,7 @@ from common.localapi import (
 from common.netlink import Netlink, NetlinkOpError
 from common.watching import WatchStats
 
+log = structlog.get_logger("agent.api")
 PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP,
              "ICMP": 1}
 MAX_WAIT = 600.0
@@ -68,6 +71,8 @@ class AgentApi:
     worker: DatapathWorker
     watches: dict[str, WatchStats]
     ready: Callable[[], list[str]]
+    # the PolicyEndpoints of a namespace, read from the API server (None: no API server)
+    list_endpoints: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
 
     @property
     def dp(self) -> Datapath:
@@ -243,6 +248,12 @@ class AgentApi:
 
     # ---- wait -------------------------------------------------------------------------
     async def wait(self, request: web.Request) -> web.Response:
+        """Until the pods (or every local pod) have programmed the *current* generation
+        of their PolicyEndpoints: the agent's own view is checked against a fresh read
+        from the API server (the PolicyEndpoints in each pod's namespace, where every
+        one selecting it lives), so a change the watch has not delivered yet is waited
+        for too. Without the API server, the agent's view is all there is (and the
+        answer says so)."""
         try:
             timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
         except ValueError:
@@ -253,23 +264,67 @@ class AgentApi:
                 raise web.HTTPBadRequest(reason=f"pod must be namespace/name, got {w!r}")
         started = time.monotonic()
         deadline = started + timeout
+        truth: dict[PodRef, dict[str, int]] | None = None
+        read_at = -1.0
         while True:
-            pending = self._pending(wanted)
+            refs = self._wait_refs(wanted)
+            if self.list_endpoints is not None and time.monotonic() - read_at >= 0.5:
+                # re-read while pending: a PolicyEndpoint created after the last read
+                # shows in the agent's view first
+                truth, read_at = await self._api_view(refs), time.monotonic()
+            pending = self._pending(refs, wanted, truth)
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 return _json(WaitResult(programmed=not pending, pending=pending,
-                                        waited=round(time.monotonic() - started, 3)))
+                                        waited=round(time.monotonic() - started, 3),
+                                        checked_with_api=truth is not None))
             async with self.enforcer.progress:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.enforcer.progress.wait(), min(remaining, 1.0))
+                    await asyncio.wait_for(self.enforcer.progress.wait(),
+                                           min(remaining, 0.5))
 
-    def _pending(self, wanted: list[str]) -> list[str]:
+    def _wait_refs(self, wanted: list[str]) -> list[PodRef]:
+        if wanted:
+            return [(w.split("/", 1)[0], w.split("/", 1)[1]) for w in wanted]
+        return [r for r, p in self.cache.pods.items() if not p.host_network and p.ips]
+
+    async def _api_view(self, refs: list[PodRef]) -> dict[PodRef, dict[str, int]] | None:
+        """PolicyEndpoint generations selecting each pod, as the API server has them
+        now; None if it cannot be asked."""
+        assert self.list_endpoints is not None
+        out: dict[PodRef, dict[str, int]] = {r: {} for r in refs}
+        for ns in sorted({r[0] for r in refs}):
+            try:
+                items = await self.list_endpoints(ns)
+            except (KubeError, OSError, TimeoutError) as exc:
+                log.warning("wait.api_unavailable", namespace=ns, error=str(exc))
+                return None
+            for pe in items:
+                meta = pe.get("metadata") or {}
+                key = f"{meta.get('namespace', ns)}/{meta.get('name', '')}"
+                for ep in (pe.get("spec") or {}).get("podSelectorEndpoints") or []:
+                    ref = (str(ep.get("namespace", "")), str(ep.get("name", "")))
+                    if ref in out:
+                        out[ref][key] = int(meta.get("generation") or 0)
+        return out
+
+    def _pending(self, refs: list[PodRef], wanted: list[str],
+                 truth: dict[PodRef, dict[str, int]] | None) -> list[str]:
         if not self.enforcer.synced.is_set():
             return wanted or ["(initial sync)"]
-        refs = ([tuple(w.split("/", 1)) for w in wanted] if wanted else
-                [r for r, p in self.cache.pods.items() if not p.host_network and p.ips])
-        return [f"{r[0]}/{r[1]}" for r in refs
-                if not self.enforcer.is_programmed((r[0], r[1]))]
+        pending = []
+        for ref in refs:
+            done = self.enforcer.is_programmed(ref)
+            if done and truth is not None:
+                seen = {f"{e.namespace}/{e.name}": e.generation
+                        for e in self.cache.endpoints_for(ref)}
+                current = truth.get(ref, {})
+                # every current generation seen (and so programmed), nothing stale kept
+                done = set(seen) == set(current) and all(
+                    seen[k] >= g for k, g in current.items())
+            if not done:
+                pending.append(f"{ref[0]}/{ref[1]}")
+        return pending
 
 
 def _decide(dp: Datapath, trie: CompiledRules, req: ExplainRequest,

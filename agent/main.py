@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -132,9 +133,15 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 metrics.watch_relists.labels(name).set(st.lists)
                 metrics.watch_errors.labels(name).set(st.errors)
 
+        async def list_endpoints(namespace: str) -> list[dict[str, Any]]:
+            assert kube is not None
+            items, _ = await asyncio.wait_for(kube.list(POLICY_ENDPOINTS, namespace=namespace),
+                                              5)
+            return items
+
         api = AgentApi(settings=settings, cache=cache, enforcer=enforcer, hostnet=hostnet,
                        worker=worker, watches={"pods": pod_stats, "policyendpoints": pe_stats},
-                       ready=ready)
+                       ready=ready, list_endpoints=list_endpoints)
         log.info("agent.starting", node=settings.node_name, mode=settings.enforcing_mode,
                  pin_root=settings.bpf_pin_root)
         await supervise({

@@ -137,3 +137,4 @@ class WaitResult(_Model):
     programmed: bool
     pending: list[str]    # pods not programmed yet (namespace/name)
     waited: float         # seconds
+    checked_with_api: bool = False  # compared with the API server's current objects

@@ -130,11 +130,15 @@ class FakeKube:
                 await t
 
     async def pause(self) -> None:
-        """Become unreachable: cut watches and stop listening (connections refused)."""
+        """Become unreachable: cut watches, stop listening (connections refused) and
+        close every open connection (keep-alive ones included)."""
         await self.drop_watches()
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        if self._runner is not None and self._runner.server is not None:
+            for conn in list(self._runner.server.connections):
+                conn.force_close()
 
     async def resume(self) -> None:
         if self._site is None:

@@ -154,9 +154,19 @@ async def test_wait_blocks_until_a_change_is_programmed(
     res = await client.get("/v1/wait", WaitResult, params=[("pod", "default/server"),
                                                           ("timeout", "10")], timeout=15)
     assert res.programmed
+    assert res.checked_with_api  # the update was waited for, even if not yet watched
     # programmed means enforced: the change is visible to traffic right away
     assert await rig.matrix([(c1, server, 80, "TCP", 4), (c2, server, 80, "TCP", 4)]) \
         == [False, True]
+    # without the API server the agent answers from its own view, and says so
+    await rig.api.pause()
+    try:
+        local = await client.get("/v1/wait", WaitResult, params=[("pod", "default/server"),
+                                                                ("timeout", "10")], timeout=30)
+    finally:
+        await rig.api.resume()
+    assert local.programmed
+    assert not local.checked_with_api
     never = await client.get("/v1/wait", WaitResult, params=[("pod", "default/ghost"),
                                                             ("timeout", "0.5")], timeout=5)
     assert not never.programmed
