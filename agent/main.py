@@ -20,7 +20,7 @@ from agent.cache import Cache
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
-from agent.probes import bpffs_ready, global_maps_pinned, health_app, metrics_app, serve
+from agent.probes import bpffs_ready, global_maps_pinned, metrics_app
 from agent.worker import DatapathWorker
 from bpf import layout as lay
 from bpf import recovery
@@ -28,6 +28,7 @@ from bpf.datapath import Datapath, PinnedSizeError
 from bpf.errors import BpfError
 from common import logs, preflight
 from common.flags import Settings, parse_settings
+from common.httpserve import health_app, serve
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
 from common.localapi import (
     AGENT_SOCKET,

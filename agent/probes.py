@@ -1,4 +1,4 @@
-"""HTTP endpoints of the enforcer: Prometheus metrics, and /healthz and /readyz.
+"""HTTP endpoints of the enforcer: Prometheus metrics, and the checks behind /readyz.
 
 Ready means: bpffs mounted read-write, the datapath's global maps pinned, both watches
 listed, and the first full reconcile done. Healthy means the event loop answers.
@@ -15,33 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.metrics import AgentMetrics
 from bpf import layout as lay
-from common.flags import parse_bind_addr
 from common.localapi import ApiError, LocalClient, Unavailable
 from common.preflight import bpffs_problem
-
-ReadyCheck = Callable[[], list[str]]
 
 
 def global_maps_pinned(pin_root: str) -> list[str]:
     missing = [n for n in (lay.MAP_PODS, lay.MAP_RULES, lay.MAP_CT, lay.MAP_EVENTS)
                if not os.path.exists(os.path.join(pin_root, "maps", n))]
     return [f"maps not pinned under {pin_root}/maps: {', '.join(missing)}"] if missing else []
-
-
-def health_app(ready_checks: list[ReadyCheck]) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def readyz(_: web.Request) -> web.Response:
-        problems = [p for check in ready_checks for p in check()]
-        if problems:
-            return web.json_response({"ready": False, "problems": problems}, status=503)
-        return web.json_response({"ready": True})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
 
 
 def metrics_app(metrics: AgentMetrics,
@@ -67,19 +48,6 @@ def metrics_app(metrics: AgentMetrics,
     app = web.Application()
     app.router.add_get("/metrics", handler)
     return app
-
-
-async def serve(app: web.Application, bind_addr: str) -> None:
-    """Serve until cancelled."""
-    host, port = parse_bind_addr(bind_addr)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, host or None, port)
-    try:
-        await site.start()
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
 
 
 def bpffs_ready() -> list[str]:

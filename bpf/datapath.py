@@ -18,7 +18,9 @@ Not thread-safe: one owner (the agent's datapath worker) calls it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import struct
@@ -37,6 +39,7 @@ from bpf.ruleset import NOTHING, CompiledRules, PortRule, Portset, Prefix
 log = structlog.get_logger("bpf.datapath")
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/netpol"
+TRIES_DIR = "tries"  # <pin_root>/tries/<trie id>: every live rule trie, pinned
 U32 = ctypes.c_uint32
 
 
@@ -179,6 +182,7 @@ class Datapath:
         try:
             prog_dir = os.path.join(pin_root, "programs")
             os.makedirs(prog_dir, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.join(pin_root, TRIES_DIR), mode=0o700, exist_ok=True)
             for prog in obj.programs.values():
                 prog.pin(os.path.join(prog_dir, prog.name))
             dp = cls(obj, pin_root)
@@ -213,17 +217,26 @@ class Datapath:
             # policy ids in use, even if their names were lost (np_policies not recovered)
             used = [portset.any_policy or 0, *(r.policy_id for r in portset.rules)]
             self._next_policy = max(self._next_policy, max(used) + 1)
+        live: set[int] = set()
         for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
             entries = self.read_trie(trie_id)
             if entries is None:
                 continue
+            live.add(trie_id)
+            if not os.path.exists(self._trie_pin(trie_id)):
+                self._pin_trie(trie_id)  # state from before tries were pinned
             trie = _Trie(trie_id, entries.digest(), frozenset(self._ids_of(entries)))
             self._tries[trie_id] = trie
             self._trie_by_key[trie.digest] = trie_id
             for ps_id in trie.portsets:
                 self._portset_ref(ps_id).refs += 1
             self._next_trie = max(self._next_trie, trie_id + 1)
+        for name in os.listdir(os.path.join(self.pin_root, TRIES_DIR)):
+            if not name.isdigit() or int(name) not in live:
+                # retired by a process that stopped before unpinning it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pin_root, TRIES_DIR, name))
         for key, pod in self.pods.items():
             rec = _Record(pod.pod_id, pod.ingress_trie, pod.egress_trie)
             self._records[key.value] = rec
@@ -334,6 +347,7 @@ class Datapath:
     ) -> dict[bytes, int]:
         ids: dict[bytes, int] = {}
         new: list[tuple[int, CompiledRules, Map]] = []
+        installed = False
         try:
             for key, compiled in needed.items():
                 if key in self._trie_by_key:
@@ -342,13 +356,18 @@ class Datapath:
                 trie_id = self._next_trie
                 self._next_trie += 1
                 self._install_portsets(compiled)
-                new.append((trie_id, compiled, self._build_trie(trie_id, compiled)))
+                built = self._build_trie(trie_id, compiled)
+                new.append((trie_id, compiled, built))
+                # pinned: explain, the CLI and a restarted agent open it by path, which
+                # needs no CAP_SYS_ADMIN (opening a map by id does)
+                built.pin(self._trie_pin(trie_id))
                 ids[key] = trie_id
             if new:
                 self.rules.update_batch(
                     b"".join(bytes(U32(t)) for t, _, _ in new),
                     b"".join(bytes(U32(m.fd)) for _, _, m in new),
                 )
+                installed = True
                 for trie_id, compiled, _ in new:
                     key = compiled.digest()
                     trie = _Trie(trie_id, key, frozenset(self._ids_of(compiled)))
@@ -357,9 +376,25 @@ class Datapath:
                     for ps_id in trie.portsets:
                         self._portset_ref(ps_id).refs += 1
         finally:
-            for _, _, m in new:
+            for trie_id, _, m in new:
                 m.close()  # the outer map holds its own reference
+                if not installed:
+                    self._unpin_trie(trie_id)
         return ids
+
+    def _trie_pin(self, trie_id: int) -> str:
+        return os.path.join(self.pin_root, TRIES_DIR, str(trie_id))
+
+    def _pin_trie(self, trie_id: int) -> None:
+        raw = self.rules.lookup(bytes(U32(trie_id)))
+        if raw is None:
+            return
+        with Map.from_id(int.from_bytes(raw, "little")) as inner:
+            inner.pin(self._trie_pin(trie_id))
+
+    def _unpin_trie(self, trie_id: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._trie_pin(trie_id))
 
     def _build_trie(self, trie_id: int, compiled: CompiledRules) -> Map:
         trie = Map.create(
@@ -406,6 +441,7 @@ class Datapath:
             # one batched delete: the kernel waits an RCU grace period before returning
             self.rules.delete_batch(b"".join(bytes(U32(t.id)) for t in retired))
             for t in retired:
+                self._unpin_trie(t.id)
                 del self._tries[t.id]
                 del self._trie_by_key[t.digest]
                 for ps_id in t.portsets:
@@ -428,7 +464,13 @@ class Datapath:
         inner_id = int.from_bytes(raw, "little")
         out = CompiledRules()
         portsets: dict[int, Portset] = {}
-        with Map.from_id(inner_id) as inner:
+        try:
+            inner = Map.from_pin(self._trie_pin(trie_id))
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            inner = Map.from_id(inner_id)  # not pinned (yet): needs CAP_SYS_ADMIN
+        with inner:
             for k, v in inner.items():
                 key = lay.NpLpmKey.from_buffer_copy(k)
                 ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id

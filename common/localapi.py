@@ -1,7 +1,8 @@
 """Local APIs over Unix sockets: one per process, under one runtime directory.
 
 Sockets are root-only (mode 0600, and every peer's credentials are checked with
-SO_PEERCRED), stale socket files are removed at start and at exit, and routes are
+SO_PEERCRED: root, or the process's own user when it does not run as root), stale
+socket files are removed at start and at exit, and routes are
 versioned (``/v1/...``) JSON. :class:`LocalClient` is the typed client the CLI and the
 processes use; failures say what to do ("is the agent running?").
 """
@@ -17,9 +18,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+log = structlog.get_logger("localapi")
 AGENT_SOCKET = "agent.sock"
 CONNTRACK_SOCKET = "conntrack.sock"
 FLOWLOGS_SOCKET = "flowlogs.sock"
@@ -47,8 +50,9 @@ def peer_uid(request: web.Request) -> int | None:
 
 @web.middleware
 async def root_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Root, or the user the process runs as (the resolver may run as non-root)."""
     uid = peer_uid(request)
-    if uid != 0:
+    if uid not in (0, os.geteuid()):
         return web.json_response({"error": "forbidden: root only"}, status=403)
     return await handler(request)
 
@@ -67,6 +71,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             include_url=False, include_context=False)}, status=400)
     except ValueError as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except Exception as exc:  # a fault of ours, not the caller's: logged, and still JSON
+        log.exception("localapi.internal_error", route=request.path)
+        return web.json_response({"error": f"internal error: {exc}"}, status=500)
 
 
 def make_app() -> web.Application:

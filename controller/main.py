@@ -1,7 +1,8 @@
 """np-resolver: writes PolicyEndpoints from NetworkPolicies (one replica per cluster).
 
 For clusters without the AWS network policy controller (kind, self-managed). Its local
-API (``resolver.sock`` under --runtime-dir) reports whether it has caught up.
+API (``resolver.sock`` under --runtime-dir) reports whether it has caught up; /healthz
+and /readyz (watches synced) are served on --health-probe-bind-addr.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 
 from common import logs
 from common.flags import Settings, parse_settings
+from common.httpserve import health_app, serve
 from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import stop_on_signals, supervise
@@ -66,8 +68,12 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     kube = await KubeClient.connect(settings.kubeconfig)
     try:
         resolver = Resolver(kube)
+        def ready() -> list[str]:
+            return [] if all(resolver.synced.values()) else ["watches not synced"]
+
         tasks = {
             "api": serve_unix(api(resolver), socket_path(settings.runtime_dir, RESOLVER_SOCKET)),
+            "health": serve(health_app([ready]), settings.health_probe_bind_addr),
             "resolve": resolver.run(),
         }
         for name, resource in (("networkpolicies", NETWORK_POLICIES), ("pods", PODS),

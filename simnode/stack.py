@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +121,21 @@ class NodeStack:
             f"--pod-interface-prefixes={self.sim.tag}h",
         ]
 
-    async def start(self, name: str, *extra: str) -> asyncio.subprocess.Process:
-        """Start process ``name`` (a key of :data:`MODULES`); extras override flags."""
+    async def start(self, name: str, *extra: str,
+                    wrap: Sequence[str] = ()) -> asyncio.subprocess.Process:
+        """Start process ``name`` (a key of :data:`MODULES`); extras override flags.
+        ``wrap`` is a command prefix run inside the namespace (e.g. ``setpriv`` with a
+        reduced capability set, as a container runtime would apply it)."""
         if name in self.procs and self.procs[name].returncode is None:
             raise RuntimeError(f"{name} is running")
         self.runs[name] += 1
         env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=self.node,
                    PYTHONPATH=str(REPO))
-        args = ["nsenter", f"--net=/run/netns/{self.sim.netns}", sys.executable, "-m",
-                MODULES[name], *self.flags(), *extra]
+        # the resolver shares the node's network here (a Deployment pod in a cluster):
+        # its health port must not take the agent's
+        own = ["--health-probe-bind-addr=127.0.0.1:0"] if name == "resolver" else []
+        args = ["nsenter", f"--net=/run/netns/{self.sim.netns}", *wrap, sys.executable,
+                "-m", MODULES[name], *self.flags(), *own, *extra]
         with open(self.log_file(name), "a") as log:  # noqa: ASYNC230 (local file, tiny)
             log.write(f"---- run {self.runs[name]}\n")
             log.flush()

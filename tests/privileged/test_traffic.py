@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 from bpf import layout as lay
 from bpf.attach import attach, attachment
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
+from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map
 from bpf.ringbuf import RingBuffer
 from bpf.ruleset import PeerRule, PortRange, compile_rules
 from common.netlink import Netlink
@@ -299,8 +301,15 @@ asyncio.run(main())
     assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) \
         == [True, False], "enforced after the loader exited"
 
+    # a trie pin left behind by a process stopped between retiring and unpinning it
+    tries_dir = os.path.join(pin_root, "tries")
+    with Map.create(map_type=MAP_TYPE_LPM_TRIE, name="stale", key_size=24, value_size=4,
+                    max_entries=1, flags=BPF_F_NO_PREALLOC) as stale:
+        stale.pin(os.path.join(tries_dir, "99999"))
+
     adopted = Datapath.open(pin_root)
     try:
+        assert "99999" not in os.listdir(tries_dir)
         rec = adopted.pod_record(late.ifindex)
         assert rec is not None
         assert rec.ingress_state == lay.NP_STATE_POLICIES_APPLIED
@@ -323,6 +332,14 @@ asyncio.run(main())
                                                       ALLOW_ALL)})
         assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) \
             == [False, True]
+        # every live trie is pinned (explain reads them without CAP_SYS_ADMIN); a retired
+        # one is unpinned when collected
+        assert str(rec.ingress_trie) in os.listdir(tries_dir)
+        adopted.collect_garbage()
+        records = [r for _, r in adopted.pods.items()]
+        live = {r.ingress_trie for r in records} | {r.egress_trie for r in records}
+        assert sorted(os.listdir(tries_dir)) == sorted(str(t) for t in live if t)
+        assert str(rec.ingress_trie) not in os.listdir(tries_dir)
     finally:
         adopted.close()
 
