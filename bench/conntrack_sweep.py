@@ -36,7 +36,7 @@ def populate(dp: Datapath, netns: str, n: int) -> None:
     """n map entries, the even ones with a kernel flow (orig tuple pod -> peer); and as
     many other kernel flows, unrelated to the map, so that the kernel table is as large
     as the map."""
-    kernel = []
+    kernel: list[tuple[int, bytes, bytes, int, int, int]] = []
     keys, values = bytearray(), bytearray()
     seen = now_ns() - 10_000_000_000
     for i in range(n):

@@ -8,15 +8,60 @@ and watches can be streamed line by line.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client.exceptions import ApiException
+
+
+def _import_lean() -> tuple[ModuleType, ModuleType]:
+    """kubernetes_asyncio's package ``__init__`` imports every API and model class it
+    has: about 35 MB resident in each process that imports it. This adapter uses only
+    the configuration, the config loaders and ``ApiClient.call_api`` with raw responses
+    (``_preload_content=False``: no model is ever deserialized), so it loads those
+    modules alone: the packages are registered with their real paths but without
+    running their ``__init__``, and ``client.models`` is an empty module. If something
+    imported the library fully already, that import is used as is."""
+    if "kubernetes_asyncio" in sys.modules:
+        import kubernetes_asyncio.client
+        import kubernetes_asyncio.config
+
+        return kubernetes_asyncio.client, kubernetes_asyncio.config
+    spec = importlib.util.find_spec("kubernetes_asyncio")
+    if spec is None or spec.origin is None:
+        raise ImportError("kubernetes_asyncio is not installed")
+    root = os.path.dirname(spec.origin)
+
+    def package(name: str, path: str) -> ModuleType:
+        module = ModuleType(name)
+        module.__path__ = [path]
+        module.__package__ = name
+        sys.modules[name] = module
+        return module
+
+    top = package("kubernetes_asyncio", root)
+    client = package("kubernetes_asyncio.client", os.path.join(root, "client"))
+    models = ModuleType("kubernetes_asyncio.client.models")
+    sys.modules[models.__name__] = models
+    top.client, client.models = client, models  # type: ignore[attr-defined]
+    configuration = importlib.import_module("kubernetes_asyncio.client.configuration")
+    api_client = importlib.import_module("kubernetes_asyncio.client.api_client")
+    client.Configuration = configuration.Configuration  # type: ignore[attr-defined]
+    client.ApiClient = api_client.ApiClient  # type: ignore[attr-defined]
+    config = importlib.import_module("kubernetes_asyncio.config")
+    top.config = config  # type: ignore[attr-defined]
+    return client, config
+
+
+k8s_client, k8s_config = _import_lean()
+ApiException = importlib.import_module("kubernetes_asyncio.client.exceptions").ApiException
 
 Obj = dict[str, Any]
 
@@ -65,8 +110,8 @@ class WatchEvent:
 
 
 class KubeClient:
-    def __init__(self, api: k8s_client.ApiClient) -> None:
-        self._api = api
+    def __init__(self, api: Any) -> None:
+        self._api = api  # a kubernetes_asyncio ApiClient
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -75,7 +120,7 @@ class KubeClient:
         if kubeconfig:
             await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
-            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            k8s_config.load_incluster_config(client_configuration=cfg)
         return cls(k8s_client.ApiClient(configuration=cfg))
 
     async def close(self) -> None:

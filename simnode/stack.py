@@ -89,9 +89,9 @@ class NodeStack:
                        "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}]},
         })
 
-    async def settle(self, timeout: float = 10.0) -> WaitResult:
+    async def resolver_caught_up(self, timeout: float = 10.0) -> bool:
         """Wait until the resolver has seen every change made so far and written its
-        PolicyEndpoints, then until the agent has programmed every local pod."""
+        PolicyEndpoints; False if it did not within ``timeout``."""
         deadline = time.monotonic() + timeout
         target = self.api.store.rv
         while time.monotonic() < deadline:
@@ -101,8 +101,15 @@ class NodeStack:
                 await asyncio.sleep(0.05)
                 continue
             if st.idle and st.observed_resource_version >= target:
-                break
+                return True
             await asyncio.sleep(0.02)
+        return False
+
+    async def settle(self, timeout: float = 10.0) -> WaitResult:
+        """Wait until the resolver has caught up, then until the agent has programmed
+        every local pod."""
+        deadline = time.monotonic() + timeout
+        await self.resolver_caught_up(timeout)
         remaining = max(0.1, deadline - time.monotonic())
         return await self.agent.get("/v1/wait", WaitResult,
                                     params={"timeout": f"{remaining:.2f}"},

@@ -1,0 +1,381 @@
+"""Datapath benchmark: what enforcement costs two namespace pods, next to no program at
+all and to what a user would otherwise run (an iptables ruleset, an nftables set).
+
+Two identical simulated nodes, each with a client pod and a server pod on veths. Node B
+never changes: it is the limit ("no program"). Node A takes each configuration in turn:
+
+  none         nothing attached (checks that A and B are alike: expect 1.00)
+  ebpf-N       our programs on both veths; the server's ingress allows N CIDRs (the
+               client's /32 among them), the client is default-allow
+  iptables-N   FORWARD: established accept, then N `-s CIDR -j ACCEPT` rules for the
+               server's veth (the client's last), then drop
+  nftables-N   one interval set of the same N CIDRs, `ip saddr @allowed accept`, drop
+
+For every configuration and metric, runs on B and on A alternate (B, A, B, A, ...);
+the figure is median(A) / median(B). Metrics, each from a native tool pinned to one core
+(client on CPU 0, server on CPU 1):
+
+  rr    TCP request/response rate on one connection (sockperf ping-pong)
+  cps   new TCP connections per second (bench/tools/connrate.c, 64 in flight)
+  tput  TCP throughput (iperf3)
+
+During every run the CPU used by other user-space processes is recorded; a run where
+they used more than 5% of a core is flagged noisy (the table says which).
+
+Also the programs' own cost per packet from BPF_PROG_TEST_RUN with 1k, 100k and 1M
+trie entries: a new flow (trie lookup, port rules, denied) and an established one
+(conntrack hit).
+
+    python -m bench.datapath [--quick] [--runs N] [--seconds S] [--json PATH] [--chart PNG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.common import (
+    Noise,
+    bar_chart,
+    build_tool,
+    children,
+    in_netns,
+    median,
+    require,
+    table,
+    write_json,
+)
+from bpf import layout as lay
+from bpf.attach import attach, detach
+from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
+from bpf.ruleset import PeerRule, compile_rules
+from common import logs
+from common.netlink import Netlink
+from simnode import packets as pk
+from simnode.node import SimNode, SimPod
+
+CLIENT_CPU, SERVER_CPU = 0, 1
+RR_PORT, CPS_PORT, TPUT_PORT = 11111, 12345, 5201
+METRICS = ("rr", "cps", "tput")
+UNITS = {"rr": "req/s", "cps": "conn/s", "tput": "Gbit/s"}
+
+
+def cidrs(n: int, client: ipaddress.IPv4Address) -> list[ipaddress.IPv4Network]:
+    """n allowed CIDRs: n-1 distinct /28s elsewhere, and the client's /32 last."""
+    base = int(ipaddress.IPv4Address("11.0.0.0"))
+    out = [ipaddress.IPv4Network((base + i * 16, 28)) for i in range(n - 1)]
+    return [*out, ipaddress.IPv4Network((int(client), 32))]
+
+
+@dataclass
+class Node:
+    sim: SimNode
+    client: SimPod
+    server: SimPod
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, tag: str) -> Node:
+        sim = SimNode(tag)
+        await sim.start()
+        node = cls(sim, await sim.add_pod("client"), await sim.add_pod("server"))
+        await asyncio.to_thread(node._start_servers)
+        return node
+
+    def _start_servers(self) -> None:
+        connrate = build_tool("connrate")
+        ns = self.server.netns
+        for argv in (["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", str(RR_PORT)],
+                     [connrate, "serve", str(CPS_PORT)],
+                     ["iperf3", "-s", "-p", str(TPUT_PORT)]):
+            self.servers.append(subprocess.Popen(in_netns(ns, SERVER_CPU, argv),
+                                                 stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL))
+        subprocess.run(["nsenter", f"--net=/run/netns/{self.client.netns}", "sysctl", "-qw",
+                        "net.ipv4.ip_local_port_range=1024 65535"], check=True)
+        time.sleep(0.5)
+
+    def server_pids(self) -> set[int]:
+        return {p for s in self.servers for p in children(s.pid)}
+
+    async def close(self) -> None:
+        for s in self.servers:
+            s.terminate()
+            s.wait()
+        await self.sim.close()
+
+
+# ---- one measurement ------------------------------------------------------------------
+def measure(node: Node, metric: str, seconds: float) -> tuple[float, Noise]:
+    ip = str(node.server.ipv4)
+    if metric == "rr":
+        argv = ["sockperf", "pp", "--tcp", "-i", ip, "-p", str(RR_PORT), "-t",
+                str(max(1, round(seconds))), "--mps=max"]
+    elif metric == "cps":
+        argv = [build_tool("connrate"), "client", ip, str(CPS_PORT), str(seconds), "64"]
+    else:
+        argv = ["iperf3", "-c", ip, "-p", str(TPUT_PORT), "-t", str(max(1, round(seconds))),
+                "-J"]
+    noise = Noise(exclude=node.server_pids())
+    noise.start()
+    proc = subprocess.Popen(in_netns(node.client.netns, CLIENT_CPU, argv),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client_pids = children(proc.pid)
+    out, _ = proc.communicate(timeout=seconds + 60)
+    noise.stop(exclude=client_pids | children(proc.pid))
+    text = out.decode(errors="replace")
+    return _parse(metric, text), noise
+
+
+def _parse(metric: str, text: str) -> float:
+    try:
+        if metric == "rr":
+            m = re.search(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; "
+                          r"ReceivedMessages=(\d+)", text)
+            assert m, text[-500:]
+            return int(m.group(2)) / float(m.group(1))
+        if metric == "cps":
+            m = re.search(r"connections (\d+) seconds ([\d.]+) rate ([\d.]+)", text)
+            assert m, text[-500:]
+            return float(m.group(3))
+        data = json.loads(text)
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (AssertionError, KeyError, ValueError) as exc:
+        raise RuntimeError(f"{metric}: could not read the tool's output: {exc}") from None
+
+
+# ---- configurations of node A ------------------------------------------------------------
+class Configs:
+    def __init__(self, node: Node, pin_root: str) -> None:
+        self.node = node
+        self.pin_root = pin_root
+        self.dp: Datapath | None = None
+        self.client_id = self.server_id = 0
+
+    async def clear(self) -> None:
+        ns = self.node.sim.netns
+        async with Netlink(netns=ns) as nl:
+            for pod in (self.node.client, self.node.server):
+                await detach(nl, pod.ifindex)
+        for argv in (["iptables", "-F", "FORWARD"], ["nft", "delete", "table", "inet", "bench"]):
+            await asyncio.to_thread(subprocess.run, in_netns(ns, None, argv),
+                                    capture_output=True, check=False)
+
+    async def ebpf(self, n: int) -> None:
+        if self.dp is None:
+            self.dp = Datapath.open(self.pin_root, ct_entries=262144)
+            self.dp.set_event_flags(emit_deny=False, emit_allow=False)
+            self.client_id = self.dp.register_pod(namespace="b", name="client", uid="c")
+            self.server_id = self.dp.register_pod(namespace="b", name="server", uid="s")
+        dp = self.dp
+        rules = compile_rules([PeerRule(c) for c in cidrs(n, self.node.client.ipv4)])
+        dp.program_pods({
+            self.node.client.ifindex: PodPolicy(self.client_id, ALLOW_ALL, ALLOW_ALL),
+            self.node.server.ifindex: PodPolicy(
+                self.server_id, DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules),
+                ALLOW_ALL),
+        })
+        dp.collect_garbage()
+        async with Netlink(netns=self.node.sim.netns) as nl:
+            for pod in (self.node.client, self.node.server):
+                await attach(nl, pod.ifindex, ingress=dp.ingress_prog, egress=dp.egress_prog)
+
+    def iptables(self, n: int) -> None:
+        veth = self.node.server.host_veth
+        lines = ["*filter", ":FORWARD ACCEPT [0:0]",
+                 "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
+        lines += [f"-A FORWARD -o {veth} -s {c} -j ACCEPT"
+                  for c in cidrs(n, self.node.client.ipv4)]
+        lines += [f"-A FORWARD -o {veth} -j DROP", "COMMIT", ""]
+        subprocess.run(in_netns(self.node.sim.netns, None, ["iptables-restore"]),
+                       input="\n".join(lines).encode(), check=True)
+
+    def nftables(self, n: int) -> None:
+        veth = self.node.server.host_veth
+        elements = ", ".join(str(c) for c in cidrs(n, self.node.client.ipv4))
+        ruleset = f"""
+table inet bench {{
+    set allowed {{ type ipv4_addr; flags interval; elements = {{ {elements} }} }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        ct state established,related accept
+        oifname "{veth}" ip saddr @allowed accept
+        oifname "{veth}" drop
+    }}
+}}
+"""
+        with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+            f.write(ruleset)
+            f.flush()
+            subprocess.run(in_netns(self.node.sim.netns, None, ["nft", "-f", f.name]),
+                           check=True)
+
+    async def apply(self, name: str) -> float:
+        """Configure node A as ``name``; returns the seconds it took."""
+        await self.clear()
+        started = time.monotonic()
+        kind, _, size = name.partition("-")
+        n = int(size) if size else 0
+        if kind == "ebpf":
+            await self.ebpf(n)
+        elif kind == "iptables":
+            await asyncio.to_thread(self.iptables, n)
+        elif kind == "nftables":
+            await asyncio.to_thread(self.nftables, n)
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        if self.dp is not None:
+            self.dp.close()
+        Datapath.unpin(self.pin_root)
+
+
+# ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
+def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
+    pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"
+    pod_ip, peer_in, peer_out = (ipaddress.IPv4Address(a) for a in
+                                 ("10.66.0.10", "11.255.255.1", "12.0.0.1"))
+    dp = Datapath.open(pin_root, ct_entries=65536)
+    out = []
+    try:
+        dp.set_event_flags(emit_deny=False, emit_allow=False)
+        pid = dp.register_pod(namespace="b", name="pod", uid="p")
+        for n in sizes:
+            nets = cidrs(n, peer_in)
+            started = time.monotonic()
+            rules = compile_rules([PeerRule(c) for c in nets])
+            dp.program_pods({1: PodPolicy(pid, DirectionPolicy(
+                lay.NP_STATE_POLICIES_APPLIED, rules), ALLOW_ALL)})
+            dp.collect_garbage()
+            load = time.monotonic() - started
+            denied = pk.packet(src=peer_out, dst=pod_ip, protocol=pk.TCP, dport=80)
+            allowed = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=80)
+            new = dp.ingress_prog.test_run(denied, ifindex=1, repeat=repeat)
+            dp.ingress_prog.test_run(allowed, ifindex=1)  # tracked from now on
+            est = dp.ingress_prog.test_run(allowed, ifindex=1, repeat=repeat)
+            if (new.retval, est.retval) != (2, 0):
+                raise RuntimeError(f"unexpected verdicts {new.retval}, {est.retval}")
+            out.append({"entries": len(nets), "new_flow_ns": new.duration_ns,
+                        "established_ns": est.duration_ns, "program_seconds": round(load, 2)})
+    finally:
+        dp.close()
+        Datapath.unpin(pin_root)
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = (1, 1000) if args.quick else (1, 1000, 10000, 100000)
+    configs = ["none", *(f"{k}-{n}" for k in ("ebpf", "iptables", "nftables") for n in sizes)]
+    runs = args.runs or (1 if args.quick else 3)
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    tag = uuid.uuid4().hex[:4]
+    a: Node | None = None
+    b: Node | None = None
+    cfg: Configs | None = None
+    results: dict[str, Any] = {}
+    try:
+        a, b = await Node.create(f"npa{tag}"), await Node.create(f"npb{tag}")
+        cfg = Configs(a, f"/sys/fs/bpf/npbench-{tag}")
+        for node in (a, b):  # warm up: first connections, caches, page faults
+            for metric in METRICS:
+                await asyncio.to_thread(measure, node, metric, 1.0)
+        for name in configs:
+            setup = await cfg.apply(name)
+            row: dict[str, Any] = {"setup_seconds": round(setup, 2)}
+            for metric in METRICS:
+                base_vals: list[float] = []
+                vals: list[float] = []
+                noisy: list[str] = []
+                for i in range(runs):
+                    # alternate which goes first, so a drift over time cancels out
+                    order = ((b, base_vals), (a, vals)) if i % 2 == 0 else (
+                        (a, vals), (b, base_vals))
+                    for node, sink in order:
+                        value, noise = await asyncio.to_thread(measure, node, metric, seconds)
+                        sink.append(value)
+                        if noise.noisy:
+                            noisy.append(noise.describe())
+                ratio = median(vals) / median(base_vals) if median(base_vals) else float("nan")
+                row[metric] = {"value": median(vals), "baseline": median(base_vals),
+                               "ratio": round(ratio, 3), "runs": vals,
+                               "baseline_runs": base_vals, "noisy": noisy}
+            results[name] = row
+            print(f"  {name:<16} " + "  ".join(
+                f"{m} {row[m]['ratio']:.2f}{'*' if row[m]['noisy'] else ''}" for m in METRICS),
+                flush=True)
+        await cfg.clear()
+    finally:
+        if cfg is not None:
+            cfg.close()
+        for created in (a, b):
+            if created is not None:
+                await created.close()
+    packet_sizes = (1000, 100000) if args.quick else (1000, 100000, 1000000)
+    costs = await asyncio.to_thread(per_packet, packet_sizes, 20000 if args.quick else 200000)
+    return {"configs": results, "per_packet": costs, "runs": runs, "seconds": seconds,
+            "cpus": os.cpu_count()}
+
+
+def report(figures: dict[str, Any]) -> None:
+    rows = []
+    for name, row in figures["configs"].items():
+        cells: list[Any] = [name]
+        for m in METRICS:
+            r = row[m]
+            cells.append(f"{r['ratio']:.2f}" + (" *" if r["noisy"] else ""))
+        cells += [row["rr"]["value"], row["cps"]["value"], row["tput"]["value"],
+                  row["setup_seconds"]]
+        rows.append(cells)
+    print()
+    print(f"Ratio to no program (median of {figures['runs']} runs of {figures['seconds']} s "
+          f"each, interleaved with the baseline; * = another process used >5% of a core)")
+    print(table(["config", "rr", "cps", "tput", "rr req/s", "conn/s", "Gbit/s", "setup s"],
+                rows))
+    noisy = {f"{n}/{m}": r[m]["noisy"] for n, r in figures["configs"].items() for m in METRICS
+             if r[m]["noisy"]}
+    for where, who in noisy.items():
+        print(f"  noisy {where}: {'; '.join(who)}")
+    print()
+    print("Per packet (BPF_PROG_TEST_RUN, ingress program)")
+    print(table(["trie entries", "new flow ns", "established ns", "program s"],
+                [[c["entries"], c["new_flow_ns"], c["established_ns"], c["program_seconds"]]
+                 for c in figures["per_packet"]]))
+
+
+def main(argv: Sequence[str] | None = None,
+         runner: Callable[[argparse.Namespace], Any] = run) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 run of 1 s, 1 and 1,000 CIDRs")
+    p.add_argument("--runs", type=int, help="runs per configuration and metric (3)")
+    p.add_argument("--seconds", type=float, help="seconds per run (4)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--chart", metavar="PNG", help="bar chart of the ratios")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root")
+    logs.configure("warn", process="bench", json=False)
+    require("sockperf", "iperf3", "iptables-restore", "nft", "taskset", "nsenter", "cc")
+    figures = asyncio.run(runner(args))
+    report(figures)
+    write_json(args.json, figures)
+    if args.chart:
+        bar_chart(args.chart, "TCP between two pods: ratio to no program",
+                  {n: {m: r[m]["ratio"] for m in METRICS} for n, r in
+                   figures["configs"].items()})
+
+
+if __name__ == "__main__":
+    main()
