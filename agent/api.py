@@ -71,7 +71,7 @@ class AgentApi:
     worker: DatapathWorker
     watches: dict[str, WatchStats]
     ready: Callable[[], list[str]]
-    # the PolicyEndpoints of a namespace, read from the API server (None: no API server)
+    # the PolicyEndpoints (metadata) of a namespace, from the API server (None: no API)
     list_endpoints: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
 
     @property
@@ -264,7 +264,7 @@ class AgentApi:
                 raise web.HTTPBadRequest(reason=f"pod must be namespace/name, got {w!r}")
         started = time.monotonic()
         deadline = started + timeout
-        truth: dict[PodRef, dict[str, int]] | None = None
+        truth: dict[str, dict[str, int]] | None = None
         read_at = -1.0
         while True:
             refs = self._wait_refs(wanted)
@@ -288,40 +288,40 @@ class AgentApi:
             return [(w.split("/", 1)[0], w.split("/", 1)[1]) for w in wanted]
         return [r for r, p in self.cache.pods.items() if not p.host_network and p.ips]
 
-    async def _api_view(self, refs: list[PodRef]) -> dict[PodRef, dict[str, int]] | None:
-        """PolicyEndpoint generations selecting each pod, as the API server has them
-        now; None if it cannot be asked."""
+    async def _api_view(self, refs: list[PodRef]) -> dict[str, dict[str, int]] | None:
+        """namespace -> {PolicyEndpoint name: generation} as the API server has them now
+        (metadata only: cheap whatever the objects' size); None if it cannot be asked."""
         assert self.list_endpoints is not None
-        out: dict[PodRef, dict[str, int]] = {r: {} for r in refs}
+        out: dict[str, dict[str, int]] = {}
         for ns in sorted({r[0] for r in refs}):
             try:
                 items = await self.list_endpoints(ns)
             except (KubeError, OSError, TimeoutError) as exc:
                 log.warning("wait.api_unavailable", namespace=ns, error=str(exc))
                 return None
-            for pe in items:
-                meta = pe.get("metadata") or {}
-                key = f"{meta.get('namespace', ns)}/{meta.get('name', '')}"
-                for ep in (pe.get("spec") or {}).get("podSelectorEndpoints") or []:
-                    ref = (str(ep.get("namespace", "")), str(ep.get("name", "")))
-                    if ref in out:
-                        out[ref][key] = int(meta.get("generation") or 0)
+            out[ns] = {str((pe.get("metadata") or {}).get("name", "")):
+                       int((pe.get("metadata") or {}).get("generation") or 0) for pe in items}
         return out
 
     def _pending(self, refs: list[PodRef], wanted: list[str],
-                 truth: dict[PodRef, dict[str, int]] | None) -> list[str]:
+                 truth: dict[str, dict[str, int]] | None) -> list[str]:
+        """Pods whose current PolicyEndpoints are not all in force. With the API's view
+        of the pod's namespace (every PolicyEndpoint selecting a pod lives there): the
+        watch must have delivered the current generation of each of them (so the agent
+        knows which select the pod), none the agent holds for the pod may be gone, and
+        none may have been rejected."""
         if not self.enforcer.synced.is_set():
             return wanted or ["(initial sync)"]
+        seen = self.cache.generations
         pending = []
         for ref in refs:
             done = self.enforcer.is_programmed(ref)
             if done and truth is not None:
-                seen = {f"{e.namespace}/{e.name}": e.generation
-                        for e in self.cache.endpoints_for(ref)}
-                current = truth.get(ref, {})
-                # every current generation seen (and so programmed), nothing stale kept
-                done = set(seen) == set(current) and all(
-                    seen[k] >= g for k, g in current.items())
+                current = truth.get(ref[0], {})
+                held = self.cache.endpoints_for(ref)
+                done = (all(seen.get((ref[0], n), -1) >= g for n, g in current.items())
+                        and all(e.name in current for e in held)
+                        and not any(e.key in self.cache.rejected for e in held))
             if not done:
                 pending.append(f"{ref[0]}/{ref[1]}")
         return pending

@@ -72,6 +72,9 @@ class Cache:
         self.endpoints: dict[PodRef, Endpoints] = {}
         self.by_pod: dict[PodRef, set[PodRef]] = defaultdict(set)
         self.rejected: dict[PodRef, str] = {}
+        # the latest generation seen of every PolicyEndpoint, kept or not (an int each):
+        # tells "programmed" callers whether the watch has delivered what the API has
+        self.generations: dict[PodRef, int] = {}
         self._on_rejected = on_rejected
         self.dirty: set[PodRef] = set()
         self.changed = asyncio.Event()
@@ -124,7 +127,10 @@ class Cache:
     def _set_endpoints(self, key: PodRef, obj: dict[str, Any] | None) -> None:
         old = self.endpoints.get(key)
         new: Endpoints | None = None
-        if obj is not None:
+        if obj is None:
+            self.generations.pop(key, None)
+        else:
+            self.generations[key] = int((obj.get("metadata") or {}).get("generation") or 0)
             try:
                 new = from_api(obj)
             except PolicyEndpointError as exc:
@@ -188,6 +194,8 @@ class _Endpoints:
             self.cache._set_endpoints(key, None)
         for key in set(self.cache.rejected) - seen:
             del self.cache.rejected[key]
+        for key in set(self.cache.generations) - seen:
+            del self.cache.generations[key]
         self.cache.endpoints_synced = True
         self.cache.changed.set()
 

@@ -136,8 +136,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
 
         async def list_endpoints(namespace: str) -> list[dict[str, Any]]:
             assert kube is not None
-            items, _ = await asyncio.wait_for(kube.list(POLICY_ENDPOINTS, namespace=namespace),
-                                              5)
+            items, _ = await asyncio.wait_for(
+                kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5)
             return items
 
         api = AgentApi(settings=settings, cache=cache, enforcer=enforcer, hostnet=hostnet,

@@ -8,6 +8,7 @@ and watches can be streamed line by line.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import importlib.util
 import json
@@ -64,6 +65,8 @@ k8s_client, k8s_config = _import_lean()
 ApiException = importlib.import_module("kubernetes_asyncio.client.exceptions").ApiException
 
 Obj = dict[str, Any]
+# server-side metadata-only lists (every resource, custom ones included)
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,13 @@ class KubeClient:
 
     async def _call(self, method: str, path: str, *, query: dict[str, str] | None = None,
                     body: Any = None, content_type: str = "application/json",
+                    accept: str = "application/json",
                     timeout: float | aiohttp.ClientTimeout | None = 30.0) -> Any:
         try:
             resp = await self._api.call_api(
                 path, method,
                 query_params=list((query or {}).items()),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
+                header_params={"Accept": accept, "Content-Type": content_type},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
@@ -165,6 +169,13 @@ class KubeClient:
         """Items and the list's resourceVersion (to watch from)."""
         query = _selectors(label_selector, field_selector)
         data = await self._json("GET", resource.path(namespace), query=query)
+        return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
+
+    async def list_metadata(self, resource: Resource, *, namespace: str | None = None
+                            ) -> tuple[builtins.list[Obj], str]:
+        """Items' metadata only (a PartialObjectMetadataList): names, generations and
+        versions without the specs, whatever their size."""
+        data = await self._json("GET", resource.path(namespace), accept=METADATA_ONLY)
         return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
 
     async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:

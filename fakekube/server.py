@@ -1,6 +1,7 @@
 """A fake Kubernetes API server speaking the real HTTP protocol (aiohttp).
 
-Serves list (with resourceVersion), watch (JSON lines, from a resourceVersion, with
+Serves list (with resourceVersion; metadata-only as a PartialObjectMetadataList when the
+Accept header asks for it), watch (JSON lines, from a resourceVersion, with
 bookmarks, ``timeoutSeconds``, 410 Gone for compacted versions), get, create (incl.
 ``generateName``), update (optimistic concurrency), merge patch and delete, with label
 and field selectors, for the resources in :mod:`fakekube.store`. Clients reach it through
@@ -168,11 +169,20 @@ class FakeKube:
                 if q.get("watch") in ("1", "true"):
                     return await self._watch(request, r, ns, labels, fields)
                 self.requests[f"list {r.plural}"] += 1
-                items, rv = self.store.list(r, namespace=ns, labels=labels, fields=fields)
+                metadata_only = "as=PartialObjectMetadataList" in request.headers.get("Accept", "")
+                items, rv = self.store.list(r, namespace=ns, labels=labels, fields=fields,
+                                            metadata_only=metadata_only)
             except SelectorError as exc:
                 return _error(ApiError(400, "BadRequest", str(exc)))
             except ApiError as exc:
                 return _error(exc)
+            if metadata_only:
+                return web.json_response({
+                    "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                    "metadata": {"resourceVersion": str(rv)},
+                    "items": [{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                               "metadata": o["metadata"]} for o in items],
+                })
             return web.json_response({
                 "kind": f"{r.kind}List", "apiVersion": r.api_version,
                 "metadata": {"resourceVersion": str(rv)}, "items": items,

@@ -127,9 +127,12 @@ class Store:
 
     # ---- reading ----------------------------------------------------------------------
     def list(self, resource: Resource, *, namespace: str | None = None,
-             labels: str | None = None, fields: str | None = None) -> tuple[list[Obj], int]:
+             labels: str | None = None, fields: str | None = None,
+             metadata_only: bool = False) -> tuple[list[Obj], int]:
+        """Copies of the matching objects (of their metadata only, if asked)."""
         items = [
-            copy.deepcopy(o) for (ns, _), o in sorted(self.objects[resource].items())
+            copy.deepcopy({"metadata": o["metadata"]} if metadata_only else o)
+            for (ns, _), o in sorted(self.objects[resource].items())
             if (namespace is None or ns == namespace)
             and object_matches(o, labels=labels, fields=fields)
         ]
