@@ -162,17 +162,28 @@ class Cache:
 class _Pods:
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
+        self._seen: set[PodRef] = set()
 
-    def replace(self, items: list[dict[str, Any]]) -> None:
-        seen = set()
-        for obj in items:
-            pod = _pod(obj)
-            seen.add(pod.key)
-            self.cache._set_pod(pod, pod.key)
-        for ref in set(self.cache.pods) - seen:
+    def begin(self) -> None:
+        self._seen = set()
+
+    def add(self, obj: dict[str, Any]) -> None:
+        pod = _pod(obj)
+        self._seen.add(pod.key)
+        self.cache._set_pod(pod, pod.key)
+
+    def end(self) -> None:
+        for ref in set(self.cache.pods) - self._seen:
             self.cache._set_pod(None, ref)
+        self._seen = set()
         self.cache.pods_synced = True
         self.cache.changed.set()  # a (re)list is news even when it changed nothing
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        self.begin()
+        for obj in items:
+            self.add(obj)
+        self.end()
 
     def apply(self, event: WatchEvent) -> None:
         pod = _pod(event.object)
@@ -180,16 +191,24 @@ class _Pods:
 
 
 class _Endpoints:
+    """PolicyEndpoints are validated and compacted as they arrive, one list page at a
+    time: the raw objects of a full list are never all in memory."""
+
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
+        self._seen: set[PodRef] = set()
 
-    def replace(self, items: list[dict[str, Any]]) -> None:
-        seen = set()
-        for obj in items:
-            meta = obj.get("metadata") or {}
-            key = (meta.get("namespace", ""), meta.get("name", ""))
-            seen.add(key)
-            self.cache._set_endpoints(key, obj)
+    def begin(self) -> None:
+        self._seen = set()
+
+    def add(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        self._seen.add(key)
+        self.cache._set_endpoints(key, obj)
+
+    def end(self) -> None:
+        seen, self._seen = self._seen, set()
         for key in set(self.cache.endpoints) - seen:
             self.cache._set_endpoints(key, None)
         for key in set(self.cache.rejected) - seen:
@@ -198,6 +217,12 @@ class _Endpoints:
             del self.cache.generations[key]
         self.cache.endpoints_synced = True
         self.cache.changed.set()
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        self.begin()
+        for obj in items:
+            self.add(obj)
+        self.end()
 
     def apply(self, event: WatchEvent) -> None:
         meta = event.object.get("metadata") or {}

@@ -28,7 +28,7 @@ def direction(endpoints: Sequence[Endpoints], *, ingress: bool,
     rules: list[PeerRule] = []
     for e in isolating:
         pid = policy_id(e.policy)
-        rules.extend(r._replace(policy_id=pid) for r in (e.ingress if ingress else e.egress))
+        rules.extend((e.ingress if ingress else e.egress).rules(pid))
     return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules))
 
 

@@ -8,16 +8,64 @@ pod's rules are compiled.
 from __future__ import annotations
 
 import functools
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from bpf import layout as lay
+from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
 from bpf.ruleset import PeerRule, PortRange, Prefix
-from common.policyendpoint import TRIGGER_ANNOTATION, EndpointInfo, Port, parse
+from common.cidr import Cidr
+from common.policyendpoint import TRIGGER_ANNOTATION, PortSpec, Rule, parse_with_rules
 
 PodRef = tuple[str, str]  # (namespace, name)
 _PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP}
+
+
+_PACKED = struct.Struct(">BB16s")  # family, prefix length, address (big-endian, 16 bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRules:
+    """One direction's peer rules, compact: a node keeps every PolicyEndpoint about its
+    pods, often hundreds of thousands of CIDRs, for as long as they apply. Rules without
+    ``except`` (nearly all) are grouped by their port list, their prefixes packed 18
+    bytes each (a PeerRule of Prefix objects takes about 190); the rare rules with
+    excepts are kept as they are. Iterating yields PeerRules, built on the fly."""
+
+    groups: tuple[tuple[tuple[PortRange, ...], bytes], ...] = ()
+    others: tuple[PeerRule, ...] = ()
+
+    def __iter__(self) -> Iterator[PeerRule]:
+        return self.rules()
+
+    def rules(self, policy_id: int = 0) -> Iterator[PeerRule]:
+        """The rules, attributed to ``policy_id``."""
+        from_bytes = int.from_bytes
+        for ports, packed in self.groups:
+            for family, length, raw in _PACKED.iter_unpack(packed):
+                yield PeerRule(Prefix(family, length, from_bytes(raw, "big")), (), ports,
+                               policy_id)
+        for r in self.others:
+            yield r._replace(policy_id=policy_id) if policy_id else r
+
+    def __len__(self) -> int:
+        return sum(len(p) // _PACKED.size for _, p in self.groups) + len(self.others)
+
+    @classmethod
+    def of(cls, rules: Iterable[PeerRule]) -> PackedRules:
+        groups: dict[tuple[PortRange, ...], bytearray] = {}
+        others = []
+        for r in rules:
+            if r.excepts:
+                others.append(r)
+                continue
+            p = Prefix.of(r.cidr)
+            groups.setdefault(r.ports, bytearray()).extend(
+                _PACKED.pack(p.family, p.length, p.value.to_bytes(16, "big")))
+        return cls(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,45 +80,41 @@ class Endpoints:
     isolate_egress: bool
     pods: frozenset[PodRef]         # selected pods
     host_ips: frozenset[str]        # nodes of the selected pods
-    ingress: tuple[PeerRule, ...]   # policy_id 0: set at compile time
-    egress: tuple[PeerRule, ...]
+    ingress: PackedRules            # policy_id 0: set at compile time
+    egress: PackedRules
 
     @property
     def key(self) -> PodRef:
         return (self.namespace, self.name)
 
 
+def _prefix(c: Cidr) -> Prefix:
+    return Prefix(NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6, c.length, c.value)
+
+
 @functools.lru_cache(maxsize=4096)
-def _port_range(protocol: int, start: int, end: int) -> PortRange:
-    return PortRange(protocol, start, end)
+def _ports(ports: tuple[PortSpec, ...]) -> tuple[PortRange, ...]:
+    return tuple(PortRange(_PROTOCOLS[p.protocol], 0, 65535) if p.port is None
+                 else PortRange(_PROTOCOLS[p.protocol], p.port, p.end_port or p.port)
+                 for p in ports)
 
 
-@functools.lru_cache(maxsize=65536)
-def _prefix(cidr: str) -> Prefix:
-    from common.policyendpoint import parse_cidr
-
-    return Prefix.of(parse_cidr(cidr))
-
-
-def _ports(ports: list[Port] | None) -> tuple[PortRange, ...]:
-    if not ports:
-        return ()
-    out = []
-    for p in ports:
-        proto = _PROTOCOLS[p.protocol]
-        if p.port is None:
-            out.append(_port_range(proto, 0, 65535))
-        else:
-            out.append(_port_range(proto, p.port, p.end_port or p.port))
-    return tuple(out)
-
-
-def _rules(entries: list[EndpointInfo]) -> tuple[PeerRule, ...]:
-    return tuple(
-        PeerRule(_prefix(e.cidr), tuple(_prefix(x) for x in e.except_), _ports(e.ports))
-        for e in entries
-        if e.cidr  # FQDN (domainName) rules are not enforced on this path
-    )
+def _rules(rules: list[Rule]) -> PackedRules:
+    groups: dict[tuple[PortRange, ...], bytearray] = {}
+    others = []
+    pack = _PACKED.pack
+    for r in rules:
+        ports = _ports(r.ports) if r.ports else ()
+        c = r.cidr
+        if r.excepts:
+            others.append(PeerRule(_prefix(c), tuple(map(_prefix, r.excepts)), ports))
+            continue
+        group = groups.get(ports)
+        if group is None:
+            group = groups[ports] = bytearray()
+        group += pack(NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6, c.length,
+                      c.value.to_bytes(16, "big"))
+    return PackedRules(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
 
 
 def _trigger_time(value: str | None) -> float | None:
@@ -84,7 +128,7 @@ def _trigger_time(value: str | None) -> float | None:
 
 def from_api(obj: dict[str, Any]) -> Endpoints:
     """Validate and compact; raises common.policyendpoint.PolicyEndpointError."""
-    pe = parse(obj)
+    pe, ingress, egress = parse_with_rules(obj)
     spec, meta = pe.spec, pe.metadata
     return Endpoints(
         namespace=meta.namespace,
@@ -97,6 +141,6 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         isolate_egress="Egress" in spec.pod_isolation or bool(spec.egress),
         pods=frozenset((e.namespace, e.name) for e in spec.pod_selector_endpoints),
         host_ips=frozenset(e.host_ip for e in spec.pod_selector_endpoints if e.host_ip),
-        ingress=_rules(spec.ingress),
-        egress=_rules(spec.egress),
+        ingress=_rules(ingress),
+        egress=_rules(egress),
     )

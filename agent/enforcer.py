@@ -34,11 +34,14 @@ from bpf import layout as lay
 from bpf.attach import attach, attachment
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.errors import BpfError, RuleLimitError
+from common import memory
 from common.netlink import NetEvent, Netlink, NetlinkOpError
 
 log = structlog.get_logger("agent.enforcer")
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
+# trie entries compiled before a batch of pods is switched (bounds the peak memory)
+PROGRAM_BATCH_ENTRIES = 32768
 GC_INTERVAL = 1.0  # seconds between collections of retired tries
 
 
@@ -141,6 +144,7 @@ class Enforcer:
                     first = False
                     await self._release_unclaimed()
                     self.synced.set()
+                    memory.release()  # the initial lists' and compilation's peak
                 self._export_counts()
                 async with self.progress:
                     self.progress.notify_all()
@@ -290,18 +294,24 @@ class Enforcer:
         log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
 
     def _program(self, plans: Sequence[_Plan]) -> list[tuple[int, str, str, str]]:
-        """Worker thread: compile and switch every planned pod; one batch of tries.
-        A pod whose rules cannot be represented keeps its current record."""
+        """Worker thread: compile and switch every planned pod. Pods are switched in
+        batches of about PROGRAM_BATCH_ENTRIES trie entries: compiled rules are large
+        (a full node's would take tens of MB at once) and are dropped once their tries
+        are built. A pod whose rules cannot be represented keeps its current record."""
         dp = self.dp
         compiled: dict[tuple[Endpoints, ...],
                        tuple[DirectionPolicy, DirectionPolicy] | str] = {}
         pods: dict[int, PodPolicy] = {}
         out: list[tuple[int, str, str, str]] = []
+        pending_entries = 0
 
         def policy_id(ref: PodRef) -> int:
             return dp.policy_id(namespace=ref[0], name=ref[1])
 
         for plan in plans:
+            if pending_entries >= PROGRAM_BATCH_ENTRIES:
+                dp.program_pods(pods)
+                pods, compiled, pending_entries = {}, {}, 0
             pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
             if plan.endpoints not in compiled:
                 try:
@@ -317,6 +327,8 @@ class Enforcer:
                 continue
             ingress, egress = result
             pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
+            pending_entries += sum(len(d.rules.entries) for d in (ingress, egress)
+                                   if d.rules is not None)
             out.append((pod_id, lay.STATE_NAMES[ingress.state], lay.STATE_NAMES[egress.state],
                         ""))
         if pods:

@@ -245,16 +245,24 @@ def compile_rules(rules: Sequence[PeerRule]) -> CompiledRules:
     by_cidr: dict[Prefix, list[int]] = {}
     excepts: list[frozenset[Prefix]] = []
     prefixes: set[Prefix] = set()
+    none: frozenset[Prefix] = frozenset()
     for i, rule in enumerate(rules):
-        cidr = Prefix.of(rule.cidr)
-        by_cidr.setdefault(cidr, []).append(i)
+        cidr = rule.cidr if type(rule.cidr) is Prefix else Prefix.of(rule.cidr)
+        indexes = by_cidr.get(cidr)
+        if indexes is None:
+            by_cidr[cidr] = [i]
+            prefixes.add(cidr)
+        else:
+            indexes.append(i)
+        if not rule.excepts:
+            excepts.append(none)
+            continue
         inside = frozenset(
             e for e in map(Prefix.of, rule.excepts)
             if e.family == cidr.family and e.length >= cidr.length
             and e.ancestor(cidr.length) == cidr
         )
         excepts.append(inside)
-        prefixes.add(cidr)
         prefixes.update(inside)
 
     lengths: dict[int, list[int]] = {NP_FAMILY_IPV4: [], NP_FAMILY_IPV6: []}
@@ -267,6 +275,18 @@ def compile_rules(rules: Sequence[PeerRule]) -> CompiledRules:
     # Many prefixes see the same contributions: normalise each distinct set once.
     normalised: dict[tuple[tuple[int, tuple[PortRange, ...]], ...], Portset] = {}
     kept: dict[Prefix, Portset] = {}
+    if not any_excepts and all(len(v) <= 1 for v in lengths.values()):
+        # The common case (pod IPs, or ipBlocks of one size): no prefix contains another,
+        # so each keeps exactly the rules given for it.
+        for p, indexes in by_cidr.items():
+            contributions = tuple((rules[i].policy_id, rules[i].ports) for i in indexes)
+            portset = normalised.get(contributions)
+            if portset is None:
+                portset = normalise_ports(contributions, where=p)
+                normalised[contributions] = portset
+            if not portset.allows_nothing:
+                kept[p] = portset
+        return CompiledRules(entries=kept)
     for p in sorted(prefixes):
         ancestors = [p.ancestor(n) for n in lengths[p.family] if n <= p.length]
         anc_set = set(ancestors) if any_excepts else None

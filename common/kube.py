@@ -171,6 +171,22 @@ class KubeClient:
         data = await self._json("GET", resource.path(namespace), query=query)
         return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
 
+    async def list_page(self, resource: Resource, *, limit: int, continue_token: str = "",
+                        namespace: str | None = None, label_selector: str | None = None,
+                        field_selector: str | None = None
+                        ) -> tuple[builtins.list[Obj], str, str]:
+        """One page of at most ``limit`` items: (items, resourceVersion, continue token;
+        empty on the last page). Every page of one list has the first page's version. A
+        continue token that expired raises GoneError: list again from the start."""
+        query = _selectors(label_selector, field_selector)
+        query["limit"] = str(limit)
+        if continue_token:
+            query["continue"] = continue_token
+        data = await self._json("GET", resource.path(namespace), query=query)
+        meta = data.get("metadata") or {}
+        return (list(data.get("items") or []), str(meta.get("resourceVersion", "")),
+                str(meta.get("continue") or ""))
+
     async def list_metadata(self, resource: Resource, *, namespace: str | None = None
                             ) -> tuple[builtins.list[Obj], str]:
         """Items' metadata only (a PartialObjectMetadataList): names, generations and

@@ -20,6 +20,7 @@ import structlog
 
 from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
 from common.policyendpoint import API_VERSION, KIND, TRIGGER_ANNOTATION
+from common.watching import Replacing
 from controller.resolve import World, pod_from, resolve, service_from
 
 log = structlog.get_logger("resolver")
@@ -221,7 +222,7 @@ class Resolver:
             self.owned.pop(owner, None)
 
 
-class _Consumer:
+class _Consumer(Replacing):
     def __init__(self, resolver: Resolver, kind: str) -> None:
         self.resolver = resolver
         self.kind = kind

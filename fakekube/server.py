@@ -1,10 +1,11 @@
 """A fake Kubernetes API server speaking the real HTTP protocol (aiohttp).
 
-Serves list (with resourceVersion; metadata-only as a PartialObjectMetadataList when the
-Accept header asks for it), watch (JSON lines, from a resourceVersion, with
-bookmarks, ``timeoutSeconds``, 410 Gone for compacted versions), get, create (incl.
-``generateName``), update (optimistic concurrency), merge patch and delete, with label
-and field selectors, for the resources in :mod:`fakekube.store`. Clients reach it through
+Serves list (with resourceVersion; ``limit``/``continue`` pages; metadata only, as a
+PartialObjectMetadataList, when the Accept header asks for it), watch (JSON lines, from
+a resourceVersion, with bookmarks, ``timeoutSeconds``, 410 Gone for compacted
+versions), get, create (incl. ``generateName``), update (optimistic concurrency), merge
+patch and delete, with label and field selectors, for the resources in
+:mod:`fakekube.store`. Clients reach it through
 an ordinary kubeconfig (:meth:`FakeKube.write_kubeconfig`).
 
 Tests drive faults directly: :meth:`FakeKube.compact` (later watches from old versions
@@ -15,11 +16,12 @@ get 410), :meth:`FakeKube.drop_watches` (connections cut), :meth:`FakeKube.pause
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +30,11 @@ from fakekube.selectors import SelectorError
 from fakekube.store import RESOURCES, ApiError, Obj, Resource, Store, Watcher
 
 SocketFactory = Callable[[], socket.socket]
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
 
 
 def _routes_for(r: Resource) -> tuple[str, str | None, str | None]:
@@ -170,24 +177,56 @@ class FakeKube:
                     return await self._watch(request, r, ns, labels, fields)
                 self.requests[f"list {r.plural}"] += 1
                 metadata_only = "as=PartialObjectMetadataList" in request.headers.get("Accept", "")
+                limit, first_rv, after = self._continue(q)
                 items, rv = self.store.list(r, namespace=ns, labels=labels, fields=fields,
-                                            metadata_only=metadata_only)
+                                            metadata_only=metadata_only, after=after,
+                                            limit=limit)
+                rv = first_rv or rv
+                token = ""
+                if limit and len(items) > limit:
+                    items = items[:limit]
+                    state = {"rv": rv, "after": list(_key(items[-1]))}
+                    token = base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
             except SelectorError as exc:
                 return _error(ApiError(400, "BadRequest", str(exc)))
             except ApiError as exc:
                 return _error(exc)
+            meta: Obj = {"resourceVersion": str(rv)}
+            if token:
+                meta["continue"] = token
             if metadata_only:
                 return web.json_response({
                     "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
-                    "metadata": {"resourceVersion": str(rv)},
+                    "metadata": meta,
                     "items": [{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
                                "metadata": o["metadata"]} for o in items],
                 })
             return web.json_response({
                 "kind": f"{r.kind}List", "apiVersion": r.api_version,
-                "metadata": {"resourceVersion": str(rv)}, "items": items,
+                "metadata": meta, "items": items,
             })
         return handler
+
+    def _continue(self, q: Mapping[str, str]) -> tuple[int, int, tuple[str, str] | None]:
+        """``limit``/``continue`` pagination: (limit, the first page's version or 0, last
+        key served). Every page reports the first page's version, so a watch from it
+        replays what changed meanwhile; a token expires when that version is compacted
+        (410)."""
+        limit = int(q.get("limit", "0") or 0)
+        token = q.get("continue", "")
+        if not token:
+            return limit, 0, None
+        try:
+            state = json.loads(base64.urlsafe_b64decode(token.encode()))
+            rv, after = int(state["rv"]), (str(state["after"][0]), str(state["after"][1]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ApiError(400, "BadRequest", "invalid continue token") from None
+        if rv < self.store.oldest_rv - 1:
+            raise ApiError(410, "Expired",
+                           "The provided continue parameter is too old to display a "
+                           "consistent list result. You can start a new list without "
+                           "the continue parameter.")
+        return limit, rv, after
 
     async def _watch(self, request: web.Request, r: Resource, ns: str | None,
                      labels: str | None, fields: str | None) -> web.StreamResponse:

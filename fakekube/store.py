@@ -128,14 +128,22 @@ class Store:
     # ---- reading ----------------------------------------------------------------------
     def list(self, resource: Resource, *, namespace: str | None = None,
              labels: str | None = None, fields: str | None = None,
-             metadata_only: bool = False) -> tuple[list[Obj], int]:
-        """Copies of the matching objects (of their metadata only, if asked)."""
-        items = [
-            copy.deepcopy({"metadata": o["metadata"]} if metadata_only else o)
-            for (ns, _), o in sorted(self.objects[resource].items())
-            if (namespace is None or ns == namespace)
-            and object_matches(o, labels=labels, fields=fields)
-        ]
+             metadata_only: bool = False, after: tuple[str, str] | None = None,
+             limit: int = 0) -> tuple[list[Obj], int]:
+        """Copies of the matching objects (of their metadata only, if asked), in key
+        order, those after the key ``after`` only; at most ``limit`` + 1 of them when a
+        limit is given (the extra one tells the caller that more remain)."""
+        items = []
+        for key, o in sorted(self.objects[resource].items()):
+            if after is not None and key <= after:
+                continue
+            if namespace is not None and key[0] != namespace:
+                continue
+            if not object_matches(o, labels=labels, fields=fields):
+                continue
+            items.append(copy.deepcopy({"metadata": o["metadata"]} if metadata_only else o))
+            if limit and len(items) > limit:
+                break
         return items, self.rv
 
     def get(self, resource: Resource, namespace: str, name: str) -> Obj:

@@ -176,6 +176,15 @@ async def test_wait_blocks_until_a_change_is_programmed(
     ghost = await rig.acli("wait", "default/ghost", "--timeout", "0.3")
     assert ghost.returncode == 1
     assert "default/ghost" in ghost.stdout
+    # a rejected generation is never "programmed" (the last valid one stays in force)
+    rig.apply(rig.policy_endpoint("web-a1b2c", policy="web", targets=[server],
+                                  ingress=[{"cidr": "10.0.0.0/33"}]))
+    rejected = await client.get("/v1/wait", WaitResult, params=[("pod", "default/server"),
+                                                               ("timeout", "1")], timeout=10)
+    assert not rejected.programmed
+    assert rejected.pending == ["default/server"]
+    assert await rig.matrix([(c1, server, 80, "TCP", 4), (c2, server, 80, "TCP", 4)]) \
+        == [False, True]
 
 
 async def test_sockets_are_root_only(rig: AgentRig) -> None:

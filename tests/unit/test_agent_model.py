@@ -44,12 +44,16 @@ def test_compaction_of_a_policyendpoint() -> None:
     assert ep.policy == ("default", "p")
     assert ep.isolate_ingress
     assert ep.isolate_egress, "an entry in a direction isolates it, even an FQDN one"
-    assert [str(r.cidr) for r in ep.ingress] == ["10.1.0.0/16", "10.9.9.9/32"]
-    assert [str(e) for e in ep.ingress[0].excepts] == ["10.1.2.0/24"]
-    assert ep.ingress[0].ports == (PortRange(lay.NP_PROTO_TCP, 80, 90),
-                                   PortRange(lay.NP_PROTO_UDP, 0, 65535))
-    assert ep.ingress[1].ports == ()
-    assert ep.egress == (), "FQDN rules are not enforced on the NetworkPolicy path"
+    rules = sorted(ep.ingress, key=lambda r: str(r.cidr))
+    assert [str(r.cidr) for r in rules] == ["10.1.0.0/16", "10.9.9.9/32"]
+    assert [str(e) for e in rules[0].excepts] == ["10.1.2.0/24"]
+    assert rules[0].ports == (PortRange(lay.NP_PROTO_TCP, 80, 90),
+                              PortRange(lay.NP_PROTO_UDP, 0, 65535))
+    assert rules[1].ports == ()
+    assert len(ep.ingress) == 2
+    # kept compact: the plain /32 packed, the rule with an except as it is
+    assert [len(packed) for _, packed in ep.ingress.groups] == [18]
+    assert list(ep.egress) == [], "FQDN rules are not enforced on the NetworkPolicy path"
     assert ep.trigger_time is not None
     assert ep.trigger_time == pytest.approx(1767323045.123456, abs=1e-3)
 
@@ -154,8 +158,8 @@ def test_cache_rejection_keeps_the_last_accepted_version() -> None:
     endpoints.apply(WatchEvent("MODIFIED", bad))
     assert cache.endpoints[("default", "p-1")].generation == 1
     assert cache.take_dirty() == set(), "nothing to reprogram"
-    assert seen == [("default", "p-1", "spec.ingress.0: invalid CIDR 'nonsense'")]
-    assert cache.rejected == {("default", "p-1"): "spec.ingress.0: invalid CIDR 'nonsense'"}
+    assert seen == [("default", "p-1", "spec.ingress.0.cidr: invalid CIDR 'nonsense'")]
+    assert cache.rejected == {("default", "p-1"): "spec.ingress.0.cidr: invalid CIDR 'nonsense'"}
     endpoints.apply(WatchEvent("DELETED", bad))
     assert cache.endpoints == {}
     assert cache.take_dirty() == {("default", "a")}

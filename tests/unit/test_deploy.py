@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -76,8 +77,11 @@ def test_every_command_the_chart_runs_is_a_console_script() -> None:
 def test_the_wheel_carries_the_committed_bpf_object(tmp_path: Path) -> None:
     """What the image installs: the package built from this tree, with the prebuilt
     object byte-identical to the committed one."""
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ behind
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "tests", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    "-q", "-w", str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("np_node_agent-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())

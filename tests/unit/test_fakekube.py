@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from common.kube import (
     NAMESPACES,
+    NETWORK_POLICIES,
     PODS,
     POLICY_ENDPOINTS,
     GoneError,
@@ -18,7 +20,7 @@ from common.kube import (
     KubeError,
     WatchEvent,
 )
-from common.watching import WatchSettings, WatchStats, list_watch
+from common.watching import Replacing, WatchSettings, WatchStats, list_watch
 from fakekube import store as fs
 from fakekube.selectors import SelectorError, field_selector, label_selector
 from fakekube.server import FakeKube
@@ -89,6 +91,19 @@ async def test_crud_and_selectors(api: tuple[FakeKube, KubeClient]) -> None:
     assert conflict.value.status == 409
     ns = await client.create(NAMESPACES, None, {"metadata": {"name": "team"}})
     assert ns["metadata"]["labels"]["kubernetes.io/metadata.name"] == "team"
+    # metadata-only lists: names and generations, never the specs
+    meta, _ = await client.list_metadata(POLICY_ENDPOINTS, namespace="default")
+    assert [m["metadata"]["name"] for m in meta] == [name]
+    assert meta[0]["metadata"]["generation"] == 2
+    assert meta[0]["kind"] == "PartialObjectMetadata"
+    assert "spec" not in meta[0]
+    # NetworkPolicies are defaulted as the real API server does
+    np_ = await client.create(NETWORK_POLICIES, "default", {
+        "metadata": {"name": "p"},
+        "spec": {"egress": [{"ports": [{"port": 53}]}]}})
+    assert np_["spec"]["podSelector"] == {}
+    assert np_["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert np_["spec"]["egress"][0]["ports"][0]["protocol"] == "TCP"
     await client.delete(PODS, "default", "a")
     with pytest.raises(KubeError) as missing:
         await client.get(PODS, "default", "a")
@@ -122,7 +137,7 @@ async def test_watch_bookmarks_and_410(api: tuple[FakeKube, KubeClient]) -> None
             pass
 
 
-class Recorder:
+class Recorder(Replacing):
     def __init__(self) -> None:
         self.state: dict[str, dict[str, Any]] = {}
         self.replaced = 0
@@ -189,3 +204,41 @@ async def test_list_watch_survives_410_drops_and_outages(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_paginated_lists_and_paged_list_watch(api: tuple[FakeKube, KubeClient]) -> None:
+    server, client = api
+    for i in range(25):
+        server.store.create(fs.PODS, "default", pod(f"p{i:02d}"))
+    names, token, versions = [], "", set()
+    while True:
+        items, rv, token = await client.list_page(PODS, limit=10, continue_token=token)
+        assert len(items) <= 10
+        names += [i["metadata"]["name"] for i in items]
+        versions.add(rv)
+        server.store.create(fs.PODS, "other", pod(f"late{len(names)}", ns="other"))
+        if not token:
+            break
+    assert names[:25] == [f"p{i:02d}" for i in range(25)]
+    assert len(versions) == 1, "every page reports the first page's version"
+    # an expired continue token is a 410: list again
+    _, _, token = await client.list_page(PODS, limit=10)
+    server.compact()
+    server.store.create(fs.PODS, "default", pod("z"))
+    server.compact()
+    with pytest.raises(GoneError):
+        await client.list_page(PODS, limit=10, continue_token=token)
+    # list_watch takes the state page by page, then watches from the list's version
+    rec = Recorder()
+    task = asyncio.create_task(list_watch(client, PODS, rec,
+                                          settings=WatchSettings(page_size=7)), name="watch")
+    try:
+        await wait_for(lambda: rec.replaced == 1)
+        assert len(rec.state) == len(server.store.objects[fs.PODS])
+        server.store.create(fs.PODS, "default", pod("after"))
+        await wait_for(lambda: "after" in rec.state)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert server.requests["list pods"] >= 5
