@@ -221,32 +221,41 @@ class Bench:
         store = self.stack.api.store
         to_pe: list[float] = []
         to_programmed: list[float] = []
-        for k in range(self.samples):
-            i = k % self.n_pods
-            variant = 1000 + k
-            cidr = f"12.{variant // 65536 % 256}.{variant // 256 % 256}.{variant % 256}/32"
-            body = policy(i, self.n_cidrs, variant=variant)
-            current = store.get(fs.NETWORK_POLICIES, "bench", f"p{i}")
-            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            started = time.monotonic()
-            store.update(fs.NETWORK_POLICIES, "bench", f"p{i}", body)
-            while not self._pe_has(f"p{i}", cidr):  # noqa: ASYNC110 (polling the store)
-                await asyncio.sleep(0.001)
-            to_pe.append((time.monotonic() - started) * 1000)
-            res = await self.stack.agent.get("/v1/wait", WaitResult, params=[
-                ("pod", f"bench/p{i}"), ("timeout", "10")], timeout=20)
-            if res.programmed:
-                to_programmed.append((time.monotonic() - started) * 1000)
-            await asyncio.sleep(0.02)
+        # PolicyEndpoint writes as the API server's watchers see them (no polling: the
+        # API server runs in this process and must not be starved)
+        watcher = fs.Watcher(fs.POLICY_ENDPOINTS, "bench", None, None)
+        store.watchers.add(watcher)
+        try:
+            for k in range(self.samples):
+                await self._one_policy_change(k, watcher, to_pe, to_programmed)
+        finally:
+            store.watchers.discard(watcher)
         return to_pe, to_programmed
 
-    def _pe_has(self, policy_name: str, cidr: str) -> bool:
-        for (_, _), pe in self.stack.api.store.objects[fs.POLICY_ENDPOINTS].items():
-            if pe["spec"]["policyRef"]["name"] != policy_name:
-                continue
-            if any(e.get("cidr") == cidr for e in pe["spec"].get("ingress") or []):
-                return True
-        return False
+    async def _one_policy_change(self, k: int, watcher: fs.Watcher, to_pe: list[float],
+                                 to_programmed: list[float]) -> None:
+        """One NetworkPolicy update, timed to its PolicyEndpoint and to "programmed"."""
+        store = self.stack.api.store
+        i = k % self.n_pods
+        variant = 1000 + k
+        cidr = f"12.{variant // 65536 % 256}.{variant // 256 % 256}.{variant % 256}/32"
+        body = policy(i, self.n_cidrs, variant=variant)
+        current = store.get(fs.NETWORK_POLICIES, "bench", f"p{i}")
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        started = time.monotonic()
+        store.update(fs.NETWORK_POLICIES, "bench", f"p{i}", body)
+        while True:
+            ev = await asyncio.wait_for(watcher.queue.get(), 30)
+            pe = ev["object"] if ev else {}
+            if pe.get("spec", {}).get("policyRef", {}).get("name") == f"p{i}" and any(
+                    e.get("cidr") == cidr for e in pe["spec"].get("ingress") or []):
+                break
+        to_pe.append((time.monotonic() - started) * 1000)
+        res = await self.stack.agent.get("/v1/wait", WaitResult, params=[
+            ("pod", f"bench/p{i}"), ("timeout", "10")], timeout=20)
+        if res.programmed:
+            to_programmed.append((time.monotonic() - started) * 1000)
+        await asyncio.sleep(0.02)
 
     async def changes_and_footprint(self) -> None:
         await self.stack.start("conntrack", "--conntrack-cache-cleanup-period=5")

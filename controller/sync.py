@@ -1,16 +1,21 @@
 """Keep every NetworkPolicy's PolicyEndpoints equal to its resolution.
 
 Four watches feed a snapshot of the cluster (NetworkPolicies, Pods, Namespaces,
-Services) and of the PolicyEndpoints this resolver owns (by ownerReference). Changes are
-debounced, every policy is resolved again (pure and cheap), and only objects whose
-content changed are written: updated in place with their resourceVersion, created when a
-policy needs more of them, deleted when it needs fewer. An object is never deleted and
-recreated just to change it.
+Services) and of the PolicyEndpoints this resolver owns (by ownerReference; their specs
+are kept as digests only). Changes are debounced, and only the policies a change can
+affect are resolved again: a policy when it changes; the policies of a namespace when
+one of its pods changes (their targets); and, on any pod, namespace or service change,
+the policies whose rules depend on other objects (selector peers, named ports without
+peers). Only objects whose content changed are written: updated in place with their
+resourceVersion, created when a policy needs more of them, deleted when it needs fewer.
+An object is never deleted and recreated just to change it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +72,11 @@ class Resolver:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     _first_change: float = 0.0
+    # policies to resolve at the next round (everything after a (re)list)
+    dirty: set[Key] = field(default_factory=set)
+    all_dirty: bool = True
+    _by_namespace: dict[str, set[Key]] = field(default_factory=dict)
+    _world_bound: set[Key] = field(default_factory=set)  # depend on pods/namespaces/services
 
     # ---- consumers --------------------------------------------------------------------
     def consumer(self, kind: str) -> _Consumer:
@@ -86,26 +96,35 @@ class Resolver:
         self._observe(obj)
         key = _key(obj)
         if kind == "networkpolicies":
+            self._by_namespace.setdefault(key[0], set()).discard(key)
+            self._world_bound.discard(key)
             if deleted:
                 self.policies.pop(key, None)
             else:
                 self.policies[key] = obj
+                self._by_namespace[key[0]].add(key)
+                if _depends_on_world(obj):
+                    self._world_bound.add(key)
+            self.dirty.add(key)
         elif kind == "pods":
             if deleted:
                 self.world.pods.pop(key, None)
             else:
                 self.world.pods[key] = pod_from(obj)
+            self.dirty |= self._by_namespace.get(key[0], set()) | self._world_bound
         elif kind == "namespaces":
             if deleted:
                 self.world.namespaces.pop(key[1], None)
             else:
                 self.world.namespaces[key[1]] = dict((obj.get("metadata") or {})
                                                      .get("labels") or {})
+            self.dirty |= self._world_bound
         elif kind == "services":
             if deleted:
                 self.world.services.pop(key, None)
             else:
                 self.world.services[key] = service_from(obj)
+            self.dirty |= self._world_bound
         elif kind == "policyendpoints":
             owner = _owner_uid(obj)
             if owner is None:
@@ -114,7 +133,7 @@ class Resolver:
             if deleted:
                 bucket.pop(key, None)
             elif _rv(obj) >= _rv(bucket.get(key, {})):
-                bucket[key] = obj
+                bucket[key] = _compact(obj)
             return  # our own writes do not trigger a resolution
         self._touch()
 
@@ -141,12 +160,21 @@ class Resolver:
 
     async def _sync_all(self, trigger: float) -> None:
         live = {p["metadata"].get("uid", "") for p in self.policies.values()}
-        for key, policy in sorted(self.policies.items()):
+        keys = set(self.policies) if self.all_dirty else self.dirty & set(self.policies)
+        self.dirty, self.all_dirty = set(), False
+        for key in sorted(keys):
+            policy = self.policies.get(key)
+            if policy is None:
+                continue
             try:
                 await self._sync_policy(policy, trigger)
+            except _Retry:
+                self.dirty.add(key)
+                self.changed.set()
             except KubeError as exc:
                 self.stats.errors += 1
                 log.warning("resolver.sync_failed", policy=f"{key[0]}/{key[1]}", error=str(exc))
+                self.dirty.add(key)
                 self.changed.set()  # try again at the next round
                 await asyncio.sleep(0.2)
         for uid in [u for u in self.owned if u not in live]:
@@ -159,7 +187,7 @@ class Resolver:
         desired = resolve(policy, self.world)
         current = sorted(self.owned.get(uid, {}).values(), key=lambda o: o["metadata"]["name"])
         for spec, existing in zip(desired, current, strict=False):
-            if existing.get("spec") != spec:
+            if existing.get(SPEC_DIGEST) != _digest(spec):
                 await self._update(existing, spec, trigger)
         for spec in desired[len(current):]:
             await self._create(policy, spec, trigger)
@@ -189,7 +217,8 @@ class Resolver:
         self._set("policyendpoints", created, deleted=False)
 
     async def _update(self, existing: Obj, spec: Obj, trigger: float) -> None:
-        body = dict(existing, spec=spec)
+        body = {k: v for k, v in existing.items() if k != SPEC_DIGEST}
+        body["spec"] = spec
         body["metadata"] = dict(existing["metadata"])
         body["metadata"]["annotations"] = dict(existing["metadata"].get("annotations") or {},
                                                **{TRIGGER_ANNOTATION: _rfc3339(trigger)})
@@ -202,8 +231,7 @@ class Resolver:
             self.stats.conflicts += 1
             latest = await self.kube.get(POLICY_ENDPOINTS, ns, name)
             self._set("policyendpoints", latest, deleted=False)
-            self.changed.set()
-            return
+            raise _Retry from None
         self.stats.updates += 1
         self.stats.writes += 1
         self._set("policyendpoints", updated, deleted=False)
@@ -229,6 +257,7 @@ class _Consumer(Replacing):
 
     def replace(self, items: list[Obj]) -> None:
         r = self.resolver
+        r.all_dirty = True
         if self.kind == "policyendpoints":
             r.owned.clear()
         else:
@@ -257,6 +286,42 @@ def _snapshot(r: Resolver, kind: str) -> list[Obj]:
     else:
         keys = [("", n) for n in r.world.namespaces]
     return [{"metadata": {"namespace": ns, "name": name}} for ns, name in keys]
+
+
+class _Retry(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """A write lost a race (409); the policy is resolved again at the next round."""
+
+
+SPEC_DIGEST = "specDigest"
+
+
+def _digest(spec: Obj) -> str:
+    return hashlib.blake2b(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode(),
+                           digest_size=16).hexdigest()
+
+
+def _compact(pe: Obj) -> Obj:
+    """An owned PolicyEndpoint as kept: everything but the spec, which only needs to be
+    compared (a digest)."""
+    out = {k: v for k, v in pe.items() if k != "spec"}
+    out[SPEC_DIGEST] = _digest(pe.get("spec") or {})
+    return out
+
+
+def _depends_on_world(policy: Obj) -> bool:
+    """Whether the policy's rules resolve against other objects: pod or namespace
+    selector peers (pods, namespaces, services), or named ports of rules without peers
+    (resolved per destination pod)."""
+    spec = policy.get("spec") or {}
+    for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+        for rule in spec.get(direction) or []:
+            peers = rule.get(peers_key) or []
+            if any("podSelector" in p or "namespaceSelector" in p for p in peers):
+                return True
+            if not peers and any(isinstance(p.get("port"), str)
+                                 for p in rule.get("ports") or []):
+                return True
+    return False
 
 
 def _owner_uid(obj: Obj) -> str | None:
