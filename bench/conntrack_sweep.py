@@ -21,6 +21,7 @@ import uuid
 
 from bpf import layout as lay
 from bpf.datapath import Datapath
+from common import logs
 from conntrack import ctnetlink as ct
 from conntrack.sweep import Sweeper, now_ns
 from simnode.netns import inside
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="100k entries")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
+    logs.configure("warn", process="bench", json=False)
     n = 100_000 if args.quick else args.entries
     netns = f"npbench-{uuid.uuid4().hex[:6]}"
     pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"

@@ -7,8 +7,13 @@ rotating file). For each rate: events written, ring-buffer overruns (the kernel-
 counter), and this process's CPU time per event. Target: 100,000 events/s with zero loss
 at no more than 10 us of CPU per event.
 
+Then CloudWatch: the shipper's own client ships a backlog of events to a local moto
+server over HTTP (PutLogEvents batches within the API's limits): batches/s and events/s.
+moto is slower than the real service, so this measures our batching and overhead, not
+CloudWatch.
+
     python -m bench.flowlogs_throughput [--rates 50000,100000,200000] [--seconds 5]
-                                        [--quick] [--json PATH]
+                                        [--cloudwatch-events 300000] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,16 +27,20 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 
 from bpf import layout as lay
 from bpf.datapath import DENY_ALL, Datapath, PodPolicy
 from bpf.maps import Map
 from bpf.ringbuf import RingBuffer
+from common import logs
 from common.flags import Settings
+from flowlogs.cloudwatch import CloudWatchShipper
 from flowlogs.main import FlowLogs
 from flowlogs.names import Names
 from simnode import packets as pk
+from simnode.cloudwatch import LocalCloudWatch
 
 PRODUCER = """
 import sys, time
@@ -116,13 +125,59 @@ async def amain(rates: list[int], seconds: float) -> list[dict[str, float]]:
     return results
 
 
+async def cloudwatch(events: int) -> dict[str, float]:
+    """Ship ``events`` queued events to a local moto server; batches/s and events/s."""
+    server = LocalCloudWatch()
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.environment()}
+    os.environ.update(server.environment())
+    try:
+        spilled: list[str] = []
+        shipper = CloudWatchShipper(group="/aws/k8s-cluster/cluster",
+                                    stream="aws-network-policy-agent-audit-bench",
+                                    capacity=events + 1, spill=spilled.extend,
+                                    flush_interval=0.05)
+        task = asyncio.create_task(shipper.run(), name="bench-cloudwatch")
+        now = int(time.time() * 1000)
+        # a warm-up event creates the group and stream, outside the measurement
+        shipper.submit(now, "warm-up")
+        while shipper.stats.shipped < 1:  # noqa: ASYNC110 (polling a counter)
+            await asyncio.sleep(0.01)
+        c0, started = cpu(), time.monotonic()
+        for i in range(events):
+            shipper.submit(now + i // 100, f"Node: bench;SIP: 10.0.{i // 256 % 256}."
+                           f"{i % 256};SPORT: {1024 + i % 60000};DIP: 10.66.0.1;DPORT: 80;"
+                           "PROTOCOL: TCP;PolicyVerdict: DENY")
+        while shipper.stats.shipped < events + 1:  # noqa: ASYNC110 (polling a counter)
+            await asyncio.sleep(0.01)
+        took = time.monotonic() - started
+        cpu_s = cpu() - c0
+        batches = shipper.stats.batches - 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"events": events, "seconds": round(took, 2), "batches": batches,
+            "batches_per_second": round(batches / took, 1),
+            "events_per_second": round(events / took),
+            "cpu_us_per_event": round(cpu_s / events * 1e6, 2),
+            "retries": shipper.stats.retries, "spilled": len(spilled)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rates", default="50000,100000,150000,200000")
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--quick", action="store_true", help="100k/s for 2 s")
+    p.add_argument("--cloudwatch-events", type=int, default=300_000)
+    p.add_argument("--quick", action="store_true", help="100k/s for 2 s; 50k to CloudWatch")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
+    logs.configure("warn", process="bench", json=False)
     rates = [100_000] if args.quick else [int(r) for r in args.rates.split(",")]
     seconds = 2.0 if args.quick else args.seconds
     results = asyncio.run(amain(rates, seconds))
@@ -137,6 +192,12 @@ def main() -> None:
                "max_zero_loss_events_per_second": best["events_per_second"] if best else 0}
     print(f"sustained with zero loss: {summary['max_zero_loss_events_per_second']:,} events/s "
           "(target 100,000 at <= 10 us CPU/event)")
+    cw = asyncio.run(cloudwatch(50_000 if args.quick else args.cloudwatch_events))
+    summary["cloudwatch"] = cw
+    print(f"CloudWatch (local moto server): {cw['events']:,} events in {cw['batches']} "
+          f"batches, {cw['seconds']} s: {cw['batches_per_second']} batches/s, "
+          f"{cw['events_per_second']:,} events/s, {cw['cpu_us_per_event']} us CPU/event, "
+          f"{cw['retries']} retries")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
