@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -255,9 +256,12 @@ class AgentApi:
         for too. Without the API server, the agent's view is all there is (and the
         answer says so)."""
         try:
-            timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
+            timeout = float(request.query.get("timeout", "30"))
         except ValueError:
-            raise web.HTTPBadRequest(reason="timeout must be a number of seconds") from None
+            timeout = math.nan
+        if not 0 <= timeout < math.inf:
+            raise web.HTTPBadRequest(reason="timeout must be a number of seconds, >= 0")
+        timeout = min(timeout, MAX_WAIT)
         wanted = request.query.getall("pod", [])
         for w in wanted:
             if w.count("/") != 1:

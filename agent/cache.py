@@ -130,7 +130,10 @@ class Cache:
         if obj is None:
             self.generations.pop(key, None)
         else:
-            self.generations[key] = int((obj.get("metadata") or {}).get("generation") or 0)
+            try:
+                self.generations[key] = int((obj.get("metadata") or {}).get("generation") or 0)
+            except (TypeError, ValueError, AttributeError):
+                self.generations[key] = 0
             try:
                 new = from_api(obj)
             except PolicyEndpointError as exc:

@@ -37,6 +37,7 @@ from common.localapi import (
     serve_unix,
     socket_path,
 )
+from common.loopmon import LoopMonitor
 from common.netlink import Netlink
 from common.supervisor import stop_on_signals, supervise
 from common.watching import WatchStats, list_watch
@@ -151,6 +152,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             "watch-pods": watch_pods(),
             "watch-policyendpoints": watch_endpoints(),
             "enforcer": enforcer.run(),
+            "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
             "health": serve(health_app([ready]), settings.health_probe_bind_addr),
             "metrics": serve(metrics_app(metrics, refresh_metrics, [
                 socket_path(settings.runtime_dir, CONNTRACK_SOCKET),

@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import table
 
-BENCHES = ("datapath", "programming", "conntrack_sweep", "flowlogs_throughput")
+BENCHES = ("datapath", "programming", "conntrack_sweep", "flowlogs_throughput", "soak")
 
 
 def run(name: str, out: Path, quick: bool) -> dict[str, Any] | None:
@@ -76,6 +76,12 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
         if cw:
             rows.append(["CloudWatch (moto) batches/s, events/s",
                          f"{cw['batches_per_second']}, {cw['events_per_second']:,}"])
+    sk = results.get("soak")
+    if sk:
+        rows.append([f"soak {sk['minutes']} min, {sk['updates']:,} updates: agent RSS trend "
+                     "(MB/min)", sk["rss_mb_per_minute"]])
+        rows.append(["  largest event-loop lag (ms), tasks min-max",
+                     f"{sk['event_loop_lag_max_ms']}, {sk['tasks_min']}-{sk['tasks_max']}"])
     return rows
 
 

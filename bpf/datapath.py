@@ -43,9 +43,14 @@ TRIES_DIR = "tries"  # <pin_root>/tries/<trie id>: every live rule trie, pinned
 U32 = ctypes.c_uint32
 
 
+OBJECT_ENV = "NP_BPF_OBJECT"
+
+
 def object_path() -> str:
-    """The prebuilt object shipped with the package."""
-    return str(resources.files("bpf").joinpath(lay.OBJECT_FILE))
+    """The prebuilt object shipped with the package, or the one ``$NP_BPF_OBJECT``
+    names (a datapath build to roll out or test: its maps must keep the layouts of
+    bpf/np.h, which the pinned maps are checked against at load)."""
+    return os.environ.get(OBJECT_ENV) or str(resources.files("bpf").joinpath(lay.OBJECT_FILE))
 
 
 @dataclass(frozen=True)

@@ -444,10 +444,24 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	return TC_ACT_SHOT;
 }
 
+/* Test builds only (-DNP_BUILD_VARIANT=n): programs that differ from the committed ones
+ * by one harmless instruction, to exercise an upgrade of the programs on live veths.
+ * Without it (the committed objects) this expands to nothing. */
+#ifdef NP_BUILD_VARIANT
+#define NP_VARIANT_MARK()                                   \
+	do {                                                \
+		volatile __u32 np_variant = NP_BUILD_VARIANT; \
+		(void)np_variant;                           \
+	} while (0)
+#else
+#define NP_VARIANT_MARK() do { } while (0)
+#endif
+
 /* The pod's ingress: attached to the host veth's tc egress hook. */
 SEC("tc")
 int np_ingress(struct __sk_buff *skb)
 {
+	NP_VARIANT_MARK();
 	return np_handle(skb, NP_DIR_INGRESS);
 }
 
@@ -455,5 +469,6 @@ int np_ingress(struct __sk_buff *skb)
 SEC("tc")
 int np_egress(struct __sk_buff *skb)
 {
+	NP_VARIANT_MARK();
 	return np_handle(skb, NP_DIR_EGRESS);
 }

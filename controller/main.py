@@ -42,6 +42,7 @@ class ResolverStatus(BaseModel):
     deletes: int
     conflicts: int
     errors: int
+    invalid: int                 # NetworkPolicies that could not be resolved
     batches: int
     last_batch_ms: float
 
@@ -55,7 +56,7 @@ def api(resolver: Resolver) -> web.Application:
             pods=len(resolver.world.pods),
             policyendpoints=sum(len(v) for v in resolver.owned.values()),
             writes=s.writes, creates=s.creates, updates=s.updates, deletes=s.deletes,
-            conflicts=s.conflicts, errors=s.errors, batches=s.batches,
+            conflicts=s.conflicts, errors=s.errors, invalid=s.invalid, batches=s.batches,
             last_batch_ms=s.last_batch_ms)
         return web.json_response(body.model_dump())
 

@@ -20,6 +20,7 @@ and better where it is wrong (pure; no API access).
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,8 +288,27 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 # ---- the policy --------------------------------------------------------------------------
+class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API would)
+    """A NetworkPolicy this resolver cannot resolve (the API server's validation would
+    have refused it); the message names the policy and the problem."""
+
+
 def resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
-    """The specs of the PolicyEndpoints of one NetworkPolicy (ordered, deterministic)."""
+    """The specs of the PolicyEndpoints of one NetworkPolicy (ordered, deterministic);
+    InvalidPolicy if its content is malformed (bad CIDR, selector or port, wrong type)."""
+    meta = policy.get("metadata") or {} if isinstance(policy, Mapping) else {}
+    where = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    try:
+        specs = _resolve(policy, world)
+        json.dumps(specs)  # the objects are written as JSON: nothing unserialisable
+        return specs
+    except InvalidPolicy:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise InvalidPolicy(f"networkpolicy {where}: {type(exc).__name__}: {exc}") from None
+
+
+def _resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
     meta, spec = policy.get("metadata") or {}, policy.get("spec") or {}
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     types = policy_types(spec)

@@ -26,7 +26,7 @@ import structlog
 from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
 from common.policyendpoint import API_VERSION, KIND, TRIGGER_ANNOTATION
 from common.watching import Replacing
-from controller.resolve import World, pod_from, resolve, service_from
+from controller.resolve import InvalidPolicy, World, pod_from, resolve, service_from
 
 log = structlog.get_logger("resolver")
 
@@ -55,6 +55,7 @@ class ResolverStats:
     deletes: int = 0
     conflicts: int = 0
     errors: int = 0
+    invalid: int = 0
     batches: int = 0
     observed_rv: int = 0
     last_batch_ms: float = 0.0
@@ -168,6 +169,11 @@ class Resolver:
                 continue
             try:
                 await self._sync_policy(policy, trigger)
+            except InvalidPolicy as exc:
+                # not retried until it changes; its current objects stay as they are
+                self.stats.invalid += 1
+                log.error("resolver.policy_invalid", policy=f"{key[0]}/{key[1]}",
+                          error=str(exc))
             except _Retry:
                 self.dirty.add(key)
                 self.changed.set()
@@ -312,15 +318,18 @@ def _depends_on_world(policy: Obj) -> bool:
     """Whether the policy's rules resolve against other objects: pod or namespace
     selector peers (pods, namespaces, services), or named ports of rules without peers
     (resolved per destination pod)."""
-    spec = policy.get("spec") or {}
-    for direction, peers_key in (("ingress", "from"), ("egress", "to")):
-        for rule in spec.get(direction) or []:
-            peers = rule.get(peers_key) or []
-            if any("podSelector" in p or "namespaceSelector" in p for p in peers):
-                return True
-            if not peers and any(isinstance(p.get("port"), str)
-                                 for p in rule.get("ports") or []):
-                return True
+    try:
+        spec = policy.get("spec") or {}
+        for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+            for rule in spec.get(direction) or []:
+                peers = rule.get(peers_key) or []
+                if any("podSelector" in p or "namespaceSelector" in p for p in peers):
+                    return True
+                if not peers and any(isinstance(p.get("port"), str)
+                                     for p in rule.get("ports") or []):
+                    return True
+    except (AttributeError, TypeError):
+        return True  # malformed: resolving it will say what is wrong
     return False
 
 

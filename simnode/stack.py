@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +128,17 @@ class NodeStack:
             f"--pod-interface-prefixes={self.sim.tag}h",
         ]
 
-    async def start(self, name: str, *extra: str,
-                    wrap: Sequence[str] = ()) -> asyncio.subprocess.Process:
+    async def start(self, name: str, *extra: str, wrap: Sequence[str] = (),
+                    env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
         """Start process ``name`` (a key of :data:`MODULES`); extras override flags.
         ``wrap`` is a command prefix run inside the namespace (e.g. ``setpriv`` with a
-        reduced capability set, as a container runtime would apply it)."""
+        reduced capability set, as a container runtime would apply it); ``env`` adds
+        environment variables."""
         if name in self.procs and self.procs[name].returncode is None:
             raise RuntimeError(f"{name} is running")
         self.runs[name] += 1
-        env = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode, MY_NODE_NAME=self.node,
-                   PYTHONPATH=str(REPO))
+        environment = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode,
+                           MY_NODE_NAME=self.node, PYTHONPATH=str(REPO), **(env or {}))
         # the resolver shares the node's network here (a Deployment pod in a cluster):
         # its health port must not take the agent's
         own = ["--health-probe-bind-addr=127.0.0.1:0"] if name == "resolver" else []
@@ -148,7 +149,7 @@ class NodeStack:
             log.flush()
             # a session of its own: a Ctrl-C meant for the caller (the demo) must not
             # reach the processes, which the caller stops in order
-            proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log,
+            proc = await asyncio.create_subprocess_exec(*args, env=environment, stdout=log,
                                                         stderr=log, start_new_session=True)
         self.procs[name] = proc
         return proc

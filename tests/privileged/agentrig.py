@@ -17,6 +17,7 @@ from typing import Any
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
 from bpf.objects import Program
+from common.apimodels import WaitResult
 from fakekube import store as fs
 from simnode.netns import socket_in
 from simnode.node import SimNode, SimPod
@@ -48,8 +49,8 @@ class AgentRig(NodeStack):
     def log_path(self) -> Path:
         return self.log_file("agent")
 
-    async def start_agent(self, *extra: str) -> None:
-        await self.start("agent", *AGENT_FLAGS, *extra)
+    async def start_agent(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        await self.start("agent", *AGENT_FLAGS, *extra, env=env)
 
     async def start_process(self, name: str, *extra: str) -> asyncio.subprocess.Process:
         """Another node process (conntrack, flowlogs) beside the agent."""
@@ -57,6 +58,12 @@ class AgentRig(NodeStack):
 
     async def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         return await self.stop("agent", sig, timeout)
+
+    async def settle_agent(self, timeout: float = 30) -> None:
+        """Every local pod programmed with the current PolicyEndpoints."""
+        res = await self.agent.get("/v1/wait", WaitResult, params={"timeout": str(timeout)},
+                                   timeout=timeout + 10)
+        assert res.programmed, f"not programmed after {timeout}s: {res.pending}"
 
     def records(self) -> dict[int, lay.NpPod]:
         """The datapath's pod records as pinned (not what the agent believes)."""
@@ -193,6 +200,18 @@ class AgentRig(NodeStack):
         await super().close()
         for server in self.servers.values():
             await server.close()
+
+
+def allow_from(*peers: SimPod, ports: list[dict[str, object]] | None = None
+               ) -> list[dict[str, object]]:
+    rules: list[dict[str, object]] = []
+    for p in peers:
+        for ip in (p.ipv4, p.ipv6):
+            rule: dict[str, object] = {"cidr": str(ip)}
+            if ports is not None:
+                rule["ports"] = ports
+            rules.append(rule)
+    return rules
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float,

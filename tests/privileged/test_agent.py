@@ -14,7 +14,7 @@ from bpf.datapath import Datapath
 from common.netlink import Netlink
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
-from tests.privileged.agentrig import AgentRig, eventually
+from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 
 @pytest.fixture
@@ -25,18 +25,6 @@ async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[Agen
         yield r
     finally:
         await r.close()
-
-
-def allow_from(*peers: SimPod, ports: list[dict[str, object]] | None = None
-               ) -> list[dict[str, object]]:
-    rules: list[dict[str, object]] = []
-    for p in peers:
-        for ip in (p.ipv4, p.ipv6):
-            rule: dict[str, object] = {"cidr": str(ip)}
-            if ports is not None:
-                rule["ports"] = ports
-            rules.append(rule)
-    return rules
 
 
 async def test_policyendpoints_are_enforced_updated_and_removed(rig: AgentRig) -> None:

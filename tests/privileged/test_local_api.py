@@ -20,8 +20,7 @@ import pytest
 from common.apimodels import ExplainRequest, ExplainResult, NodeStatus, PodView, WaitResult
 from common.localapi import AGENT_SOCKET, ApiError, LocalClient, socket_path
 from simnode.node import SimNode, SimPod
-from tests.privileged.agentrig import AgentRig
-from tests.privileged.test_agent import allow_from
+from tests.privileged.agentrig import AgentRig, allow_from
 
 
 @pytest.fixture

@@ -1,0 +1,3 @@
+"""The resilience suite runs with the privileged fixtures (real namespaces, bpffs)."""
+
+from tests.privileged.conftest import pin_root, privileged, sim  # noqa: F401

@@ -1,0 +1,74 @@
+"""Load: 110 pods, 1,000 PolicyEndpoints changing without pause; the agent's memory stays
+flat, its event loop stays responsive and no task leaks. (``bench.soak`` runs the same
+for as long as asked.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from simnode.churn import Churn, Vitals, vitals
+from simnode.node import SimNode
+from tests.privileged.agentrig import AgentRig
+
+PODS, ENDPOINTS, RATE = 110, 1000, 20.0
+CHURN_SECONDS = 90.0
+WARMUP_SECONDS = 20.0
+
+
+@pytest.fixture
+async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
+    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
+    await r.start_api()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def test_memory_lag_and_tasks_stay_flat_under_churn(rig: AgentRig) -> None:
+    pods = []
+    for i in range(PODS):
+        pod = await rig.sim.add_pod(f"p{i}")
+        rig.create_pod_object(pod)
+        pods.append(pod)
+    churn = Churn(rig, pods, endpoints=ENDPOINTS, cidrs=20, rate=RATE)
+    churn.create()
+    await rig.start_agent("--log-level=info")
+    await rig.ready(timeout=60)
+    await rig.settle_agent(60)
+
+    samples: list[Vitals] = []
+    started = time.monotonic()
+
+    async def sample() -> None:
+        while True:
+            samples.append(await vitals(rig, started))
+            await asyncio.sleep(2)
+
+    sampler = asyncio.create_task(sample(), name="vitals")
+    try:
+        await churn.run(CHURN_SECONDS)
+        await rig.settle_agent(60)  # it kept up: everything programmed at the end
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    samples.append(await vitals(rig, started))
+    print("\n" + "\n".join(f"t={s.at:>5}s rss={s.rss_mb} MB lag_max={s.lag_max_s * 1000:.1f} ms "
+                           f"tasks={s.tasks}" for s in samples))
+    steady = [s for s in samples if s.at >= WARMUP_SECONDS]
+    half = len(steady) // 2
+    first, second = steady[:half], steady[half:]
+    assert churn.updates >= RATE * CHURN_SECONDS * 0.9
+    # memory: the second half of the run peaks no higher than the first (+2 MB of slack)
+    assert max(s.rss_mb for s in second) <= max(s.rss_mb for s in first) + 2.0, samples
+    # tasks: a fixed set, whatever the churn
+    assert max(s.tasks for s in steady) - min(s.tasks for s in steady) <= 3, samples
+    # the event loop never stalled for long (compilation runs in a worker thread)
+    assert samples[-1].lag_max_s < 0.5, samples[-1]
