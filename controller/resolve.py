@@ -95,9 +95,14 @@ def service_from(obj: Obj) -> Service:
 
 
 def policy_types(spec: Mapping[str, Any]) -> list[str]:
-    """API defaulting: Ingress always, Egress when the policy has egress rules."""
+    """API defaulting: Ingress always, Egress when the policy has egress rules; a value
+    other than Ingress or Egress is refused, as the API server's validation would."""
     if spec.get("policyTypes"):
-        return list(spec["policyTypes"])
+        types = list(spec["policyTypes"])
+        for t in types:
+            if t not in ("Ingress", "Egress"):
+                raise ValueError(f"spec.policyTypes: {t!r} is not Ingress or Egress")
+        return types
     return ["Ingress", *(["Egress"] if spec.get("egress") else [])]
 
 

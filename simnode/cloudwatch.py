@@ -12,10 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from simnode.netns import socket_in
+
 
 class LocalCloudWatch:
-    def __init__(self) -> None:
-        with socket.socket() as s:
+    """``netns``: serve on that namespace's loopback (where a simulated node's processes
+    run); None: this one's."""
+
+    def __init__(self, *, netns: str | None = None) -> None:
+        self.netns = netns
+        with socket_in(netns, socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -31,15 +37,22 @@ class LocalCloudWatch:
 
     def start(self, timeout: float = 20) -> None:
         exe = Path(sys.executable).parent / "moto_server"
-        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+        enter = [] if self.netns is None else ["nsenter", f"--net=/run/netns/{self.netns}"]
+        self.proc = subprocess.Popen([*enter, str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                break
+            with socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setblocking(True)
+                s.settimeout(0.2)
+                try:
+                    s.connect(("127.0.0.1", self.port))
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError("moto server did not start")
 

@@ -10,12 +10,14 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from bpf.datapath import Datapath
 from simnode.netns import exists
 from simnode.node import SimNode, unique_tag
+from tests.privileged.agentrig import AgentRig
 
 
 def _require_privileges() -> None:
@@ -66,3 +68,13 @@ async def sim() -> AsyncIterator[SimNode]:
         leftovers = [n for n in namespaces if exists(n)]
         assert not leftovers, f"namespaces left behind: {leftovers}"
 
+
+@pytest.fixture
+async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
+    """The node's fake API server running; the processes are started by the test."""
+    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
+    await r.start_api()
+    try:
+        yield r
+    finally:
+        await r.close()

@@ -17,16 +17,6 @@ from simnode.node import SimNode, SimPod
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
-
-
 async def test_policyendpoints_are_enforced_updated_and_removed(rig: AgentRig) -> None:
     server = await rig.add_pod("server")
     c1, c2 = await rig.add_pod("client1"), await rig.add_pod("client2")

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from common.apimodels import ExplainRequest, ExplainResult
-from simnode.node import SimNode
 from tests.privileged.agentrig import AGENT_FLAGS, AgentRig, eventually
 from tests.unit.test_chart import containers, render
 
@@ -39,16 +37,6 @@ def only(capabilities: list[str]) -> list[str]:
     keep = ",".join(f"+{c.lower()}" for c in capabilities)
     return ["setpriv", "--inh-caps=-all", f"--bounding-set=-all{',' + keep if keep else ''}",
             "--no-new-privs"]
-
-
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def test_each_process_works_with_its_containers_capabilities(

@@ -12,25 +12,14 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from common.apimodels import ExplainRequest, ExplainResult, NodeStatus, PodView, WaitResult
 from common.localapi import AGENT_SOCKET, ApiError, LocalClient, socket_path
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from tests.privileged.agentrig import AgentRig, allow_from
-
-
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 @pytest.fixture

@@ -40,7 +40,8 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 @pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
+async def running(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
+    """The four processes up, a policy programmed."""
     r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
     await r.start_api()
     try:
@@ -113,8 +114,9 @@ def _send(rig: AgentRig, req: dict[str, Any]) -> int:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(req=request)
-def test_malformed_requests_get_4xx_never_500_or_a_hang(rig: AgentRig,
+def test_malformed_requests_get_4xx_never_500_or_a_hang(running: AgentRig,
                                                         req: dict[str, Any]) -> None:
+    rig = running
     cut: BaseException | None = None
     status = 0
     try:
@@ -133,12 +135,12 @@ def test_malformed_requests_get_4xx_never_500_or_a_hang(rig: AgentRig,
         assert proc.returncode is None, f"{name} exited"
 
 
-def test_only_metrics_and_health_listen_on_the_network(rig: AgentRig) -> None:
+def test_only_metrics_and_health_listen_on_the_network(running: AgentRig) -> None:
     """Inside the node's network namespace: TCP/UDP sockets owned by the node processes.
     The agent: metrics and health; the resolver: health (its pod's own network in a
     cluster); the cleaner and the shipper: nothing."""
-    pids = {name: proc.pid for name, proc in rig.procs.items()}
-    out = subprocess.run(["nsenter", f"--net=/run/netns/{rig.sim.netns}", "ss", "-Hlntup"],
+    pids = {name: proc.pid for name, proc in running.procs.items()}
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{running.sim.netns}", "ss", "-Hlntup"],
                          capture_output=True, text=True, check=True).stdout
     listening: dict[str, list[str]] = {name: [] for name in pids}
     for line in out.splitlines():

@@ -7,28 +7,14 @@ the valid ones, and a bystander pod's enforcement never changes."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.endpoints import from_api
 from common.policyendpoint import PolicyEndpointError
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 OBJECTS = 300
-
-
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 def _cidr(rng: random.Random) -> Any:

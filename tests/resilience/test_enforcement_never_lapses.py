@@ -10,16 +10,13 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from bpf.attach import attachment
 from bpf.objects import Program
 from common.netlink import Netlink
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from simnode.stack import REPO
 from simnode.traffic import PodServer
 from tests.privileged.agentrig import AgentRig
@@ -28,16 +25,6 @@ from tests.resilience.flows import FlowCounter
 LOAD_PODS = 40          # other pods whose large policies make reconciles long
 LOAD_CIDRS = 1000
 KILL_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.6)  # seconds after a big change
-
-
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 def _load_policy(rig: AgentRig, i: int, pod: SimPod, generation: int) -> dict[str, Any]:

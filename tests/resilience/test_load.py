@@ -7,28 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from simnode.churn import Churn, Vitals, vitals
-from simnode.node import SimNode
 from tests.privileged.agentrig import AgentRig
 
 PODS, ENDPOINTS, RATE = 110, 1000, 20.0
 CHURN_SECONDS = 90.0
 WARMUP_SECONDS = 20.0
-
-
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def test_memory_lag_and_tasks_stay_flat_under_churn(rig: AgentRig) -> None:

@@ -9,15 +9,11 @@ tests/privileged/test_chart_privileges.py.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from common.apimodels import ProcessStats
-from common.localapi import FLOWLOGS_SOCKET, LocalClient, socket_path
+from common.localapi import FLOWLOGS_SOCKET, LocalClient, Unavailable, socket_path
 from simnode.cloudwatch import LocalCloudWatch
-from simnode.node import SimNode
 from tests.privileged.agentrig import AgentRig, eventually
 
 ACCESS_KEY = "AKIAZZZZSECRETACCESS1"
@@ -25,19 +21,9 @@ SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETKEY"
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKENzzzSECRET//////////wEaDA=="
 
 
-@pytest.fixture
-async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path)
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
-
-
 async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig,
                                                               tmp_path: Path) -> None:
-    cloudwatch = LocalCloudWatch()
+    cloudwatch = LocalCloudWatch(netns=rig.sim.netns)  # where the node's processes run
     cloudwatch.start()
     env = dict(cloudwatch.environment(), AWS_ACCESS_KEY_ID=ACCESS_KEY,
                AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_SESSION_TOKEN=SESSION_TOKEN)
@@ -55,7 +41,10 @@ async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig,
 
         async def shipped() -> bool:
             await rig.probe(client, server)
-            st = await stats.get("/v1/stats", ProcessStats)
+            try:
+                st = await stats.get("/v1/stats", ProcessStats)
+            except Unavailable:  # not listening yet
+                return False
             return int(st.stats.get("cloudwatch_shipped", 0)) > 0
 
         await eventually(shipped, timeout=30, what="events shipped to CloudWatch")
