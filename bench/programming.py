@@ -7,7 +7,9 @@ processes cost, on a simulated node with the real processes and the fake API ser
      from process start to every pod programmed (`/v1/wait`), and the agent's RSS.
   2. restart re-adoption: SIGTERM the agent, start it again: time to ready and every pod
      programmed (the datapath enforced throughout: the pins hold it).
-  3. one pod, PolicyEndpoint change -> "programmed" (`/v1/wait` returns): p50/p99.
+  3. one pod, PolicyEndpoint change -> in the maps (the time the agent records when its
+     map writes return), and -> `/v1/wait` answers "programmed" (which re-reads the
+     namespace's PolicyEndpoints from the API server first): p50/p99.
   4. NetworkPolicy change -> PolicyEndpoint written by the resolver: p50/p99; and the
      end to end NetworkPolicy -> programmed.
   5. footprint: RSS and CPU of np-agent, np-resolver, np-conntrack, np-flowlogs at idle
@@ -36,7 +38,7 @@ from typing import Any
 from bench.common import table, write_json
 from bpf.datapath import Datapath
 from common import logs
-from common.apimodels import WaitResult
+from common.apimodels import PodView, WaitResult
 from common.localapi import Unavailable
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
@@ -189,10 +191,14 @@ class Bench:
         print(f"  restart: re-adopted and every pod programmed in {took:.2f} s", flush=True)
 
     # ---- 3 and 4 ----------------------------------------------------------------------
-    async def single_pod(self) -> list[float]:
-        """PolicyEndpoint written -> /v1/wait says programmed, for one pod."""
+    async def single_pod(self) -> tuple[list[float], list[float]]:
+        """PolicyEndpoint written -> in the maps (the time the agent recorded when its map
+        writes returned, read back from its pod view), and -> ``/v1/wait`` answers
+        "programmed" (which also re-reads the namespace's PolicyEndpoints from the API
+        server: the caller's end-to-end figure)."""
         store = self.stack.api.store
-        out = []
+        to_maps: list[float] = []
+        to_wait: list[float] = []
         for k in range(self.samples):
             body: dict[str, Any] = {"metadata": {"name": "single-pe", "namespace": "bench"},
                     "spec": {"policyRef": {"name": "single", "namespace": "bench"},
@@ -201,7 +207,7 @@ class Bench:
                                  "podIP": str(self.probe.ipv4), "hostIP": str(self.sim.node_ipv4),
                                  "name": "single", "namespace": "bench"}],
                              "ingress": [{"cidr": f"13.0.{k // 256 % 256}.{k % 256}/32"}]}}
-            started = time.monotonic()
+            written, started = time.time(), time.monotonic()
             try:
                 current = store.get(fs.POLICY_ENDPOINTS, "bench", "single-pe")
                 body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
@@ -211,9 +217,12 @@ class Bench:
             res = await self.stack.agent.get("/v1/wait", WaitResult, params=[
                 ("pod", "bench/single"), ("timeout", "10")], timeout=20)
             if res.programmed:
-                out.append((time.monotonic() - started) * 1000)
+                to_wait.append((time.monotonic() - started) * 1000)
+                view = await self.stack.agent.get("/v1/pods/bench/single", PodView)
+                if view.programmed_at is not None:
+                    to_maps.append((view.programmed_at - written) * 1000)
             await asyncio.sleep(0.02)
-        return out
+        return to_maps, to_wait
 
     async def policy_changes(self) -> tuple[list[float], list[float]]:
         """NetworkPolicy updated -> its PolicyEndpoint carries the change (resolver), and
@@ -264,11 +273,12 @@ class Bench:
         await asyncio.sleep(2)
         idle = await usage(self.stack, self.window)
         load_task = asyncio.create_task(usage(self.stack, self.window), name="bench-usage")
-        single = await self.single_pod()
+        to_maps, to_wait = await self.single_pod()
         to_pe, to_programmed = await self.policy_changes()
         busy = await load_task
         self.figures["latency_ms"] = {
-            "policyendpoint_to_programmed": _summary(single),
+            "policyendpoint_to_maps": _summary(to_maps),
+            "policyendpoint_to_wait_answer": _summary(to_wait),
             "networkpolicy_to_policyendpoint": _summary(to_pe),
             "networkpolicy_to_programmed": _summary(to_programmed),
         }

@@ -4,6 +4,8 @@ network only for metrics and health."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import http.client
 import json
 import socket
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from common.localapi import AGENT_SOCKET, CONNTRACK_SOCKET, FLOWLOGS_SOCKET, socket_path
 from controller.main import RESOLVER_SOCKET
 from simnode.node import SimNode
-from tests.privileged.agentrig import AgentRig, allow_from
+from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 SOCKETS = (AGENT_SOCKET, CONNTRACK_SOCKET, FLOWLOGS_SOCKET, RESOLVER_SOCKET)
 ROUTES = ("/v1/status", "/v1/pods", "/v1/pods/default/server", "/v1/pods/x", "/v1/policies",
@@ -55,6 +57,10 @@ async def running(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[
         await r.start("resolver")
         await r.ready()
         await r.settle_agent()
+        for name in SOCKETS:
+            path = Path(socket_path(r.runtime_dir, name))
+            await eventually(functools.partial(_exists, path), timeout=20,
+                             what=f"{path} listening")
         yield r
     finally:
         await r.close()
@@ -94,6 +100,10 @@ request = st.fixed_dictionaries({
 })
 
 
+async def _exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
+
+
 def _send(rig: AgentRig, req: dict[str, Any]) -> int:
     from urllib.parse import quote, urlencode
 
@@ -114,13 +124,14 @@ def _send(rig: AgentRig, req: dict[str, Any]) -> int:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(req=request)
-def test_malformed_requests_get_4xx_never_500_or_a_hang(running: AgentRig,
-                                                        req: dict[str, Any]) -> None:
+async def test_malformed_requests_get_4xx_never_500_or_a_hang(running: AgentRig,
+                                                              req: dict[str, Any]) -> None:
     rig = running
     cut: BaseException | None = None
     status = 0
     try:
-        status = _send(rig, req)
+        # sent from a thread: the loop keeps serving the fake API server meanwhile
+        status = await asyncio.to_thread(_send, rig, req)
     except (ConnectionError, http.client.RemoteDisconnected) as exc:
         cut = exc
     except TimeoutError:
