@@ -42,7 +42,13 @@ log = structlog.get_logger("agent.enforcer")
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
 # trie entries compiled before a batch of pods is switched (bounds the peak memory)
 PROGRAM_BATCH_ENTRIES = 32768
-GC_INTERVAL = 1.0  # seconds between collections of retired tries
+# Retired tries are collected once programming has been quiet for GC_QUIET seconds, or
+# when GC_MAX_RETIRED of them wait, or GC_MAX_DELAY after the first of them retired: removing
+# them from np_rules makes the kernel wait an RCU grace period (~8 ms), during which the
+# worker thread cannot program, so it is kept off the path of a change.
+GC_QUIET = 0.5
+GC_MAX_RETIRED = 128
+GC_MAX_DELAY = 5.0
 
 
 @dataclass
@@ -90,7 +96,8 @@ class Enforcer:
         self._addresses_changed = True
         self._wake = asyncio.Event()
         self._nl: Netlink | None = None
-        self._last_gc = 0.0
+        self._last_programmed = 0.0
+        self._retired_since: float | None = None
         hostnet.on_change = self._on_net_event
 
     # ---- events -------------------------------------------------------------------------
@@ -150,7 +157,7 @@ class Enforcer:
                     self.progress.notify_all()
                 await self._collect_garbage()
                 pending_gc = self.dp.counts()["retired_tries"] > 0
-                await self._wait(GC_INTERVAL if pending_gc else None)
+                await self._wait(GC_QUIET if pending_gc else None)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -265,6 +272,7 @@ class Enforcer:
             self.cache.changed.set()
             return
         self.metrics.reconciles.inc()
+        self._last_programmed = time.monotonic()
         self.records.update(p.ifindex for p, r in zip(plans, results, strict=True) if not r[3])
         now = time.time()
         elapsed_ms = (time.monotonic() - started) * 1000
@@ -344,14 +352,21 @@ class Enforcer:
         return None
 
     async def _collect_garbage(self) -> None:
-        """Free retired tries and port sets when idle, at most once a second: it waits
-        for an RCU grace period, which must not delay programming."""
+        """Free retired tries and port sets: when programming has been quiet, or when
+        enough are waiting (see GC_QUIET)."""
+        if self.cache.dirty:
+            return
+        retired = self.dp.counts()["retired_tries"]
+        if retired == 0:
+            self._retired_since = None
+            return
         now = time.monotonic()
-        if self.cache.dirty or now - self._last_gc < GC_INTERVAL:
+        if self._retired_since is None:
+            self._retired_since = now
+        if (now - self._last_programmed < GC_QUIET and retired < GC_MAX_RETIRED
+                and now - self._retired_since < GC_MAX_DELAY):
             return
-        if self.dp.counts()["retired_tries"] == 0:
-            return
-        self._last_gc = now
+        self._retired_since = None
         tries, portsets = await self.worker.call(self.dp.collect_garbage)
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
 

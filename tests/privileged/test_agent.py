@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from bpf import layout as lay
 from bpf.attach import attachment
-from bpf.datapath import Datapath
+from bpf.datapath import TRIES_DIR, Datapath
+from bpf.maps import Map
 from common.netlink import Netlink
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
@@ -271,6 +274,32 @@ async def test_deleted_pods_leave_nothing_behind(rig: AgentRig) -> None:
 
 async def _no_record(rig: AgentRig, ifindex: int) -> bool:
     return ifindex not in rig.records()
+
+
+async def test_replaced_rule_sets_are_freed(rig: AgentRig) -> None:
+    """Every policy change retires a trie; retired tries leave np_rules and their pins
+    (once programming is quiet), and only the ones records point at remain."""
+    server, client = await rig.add_pod("server"), await rig.add_pod("client")
+    await rig.start_agent()
+    await rig.ready()
+    for port in (82, 83, 84, 85, 86, 81):  # six rule sets; the servers listen on 80, 81
+        rig.apply(rig.policy_endpoint("web-33333", policy="web", targets=[server],
+                                      ingress=allow_from(client, ports=[
+                                          {"protocol": "TCP", "port": port}])))
+        await rig.settle_agent()
+    await rig.converge([(client, server, 81, "TCP", 4), (client, server, 80, "TCP", 4)],
+                       [True, False])
+    await eventually(lambda: _only_live_tries(rig), timeout=10,
+                     what="retired tries removed from np_rules and unpinned")
+
+
+async def _only_live_tries(rig: AgentRig) -> bool:
+    live = {t for rec in rig.records().values() for t in (rec.ingress_trie, rec.egress_trie)
+            if t != lay.NP_TRIE_NONE}
+    with Map.from_pin(os.path.join(rig.pin_root, "maps", lay.MAP_RULES)) as rules:
+        in_map = {int.from_bytes(k, "little") for k in rules}
+    pinned = {int(n) for n in os.listdir(os.path.join(rig.pin_root, TRIES_DIR))}
+    return len(live) == 1 and in_map == live and pinned == live
 
 
 async def test_host_network_pods_are_never_enforced(rig: AgentRig) -> None:
