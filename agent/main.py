@@ -8,7 +8,6 @@ datapath enforcing the last programmed state; a new run adopts it without a gap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -39,14 +38,10 @@ from common.localapi import (
 )
 from common.loopmon import LoopMonitor
 from common.netlink import Netlink
-from common.supervisor import stop_on_signals, supervise
+from common.supervisor import StartupError, run_process, supervise
 from common.watching import WatchStats, list_watch
 
 log = structlog.get_logger("agent")
-
-
-class StartupError(Exception):
-    """A condition that prevents the enforcer from starting, as one line."""
 
 
 def open_datapath(settings: Settings) -> Datapath:
@@ -166,25 +161,13 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         log.info("agent.stopped", datapath="left enforcing (pinned)")
 
 
-async def amain(settings: Settings) -> int:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await run(settings, stop=stop)
-    except StartupError as exc:
-        sys.stderr.write(f"np-agent: {exc}\n")
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings("np-agent", __doc__.splitlines()[1], argv)
     if settings.enable_network_policy and not settings.node_name:
         sys.stderr.write("np-agent: invalid --node-name='': required (or set MY_NODE_NAME)\n")
         raise SystemExit(2)
     logs.configure(settings.log_level, process="agent", json=not sys.stderr.isatty())
-    with contextlib.suppress(KeyboardInterrupt):
-        raise SystemExit(asyncio.run(amain(settings)))
+    run_process("np-agent", lambda stop: run(settings, stop=stop))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Coroutine, Mapping
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, NoReturn
 
 import structlog
 
@@ -72,3 +73,28 @@ def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+class StartupError(Exception):
+    """A condition that prevents a process from starting, as one line. The process exits
+    2 when it names an invalid flag (``invalid --flag=...``), 1 otherwise."""
+
+
+def run_process(program: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> NoReturn:
+    """Run a node process's ``body`` until it returns or SIGTERM/SIGINT sets its stop
+    event; a StartupError is one line on stderr and a non-zero exit."""
+
+    async def amain() -> int:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        try:
+            await body(stop)
+        except StartupError as exc:
+            sys.stderr.write(f"{program}: {exc}\n")
+            return 2 if "invalid --" in str(exc) else 1
+        return 0
+
+    code = 0  # a Ctrl-C before the signal handlers are in place: nothing started yet
+    with contextlib.suppress(KeyboardInterrupt):
+        code = asyncio.run(amain())
+    raise SystemExit(code)

@@ -25,14 +25,10 @@ from common import logs, preflight
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import CONNTRACK_SOCKET, make_app, serve_unix, socket_path
-from common.supervisor import stop_on_signals, supervise
+from common.supervisor import StartupError, run_process, supervise
 from conntrack.sweep import Sweeper, SweepResult
 
 log = structlog.get_logger("conntrack")
-
-
-class StartupError(Exception):
-    pass
 
 
 class Cleaner:
@@ -166,22 +162,10 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         ct.close()
 
 
-async def amain(settings: Settings) -> int:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await run(settings, stop=stop)
-    except StartupError as exc:
-        sys.stderr.write(f"np-conntrack: {exc}\n")
-        return 2 if "invalid --" in str(exc) else 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings("np-conntrack", __doc__.splitlines()[0], argv)
     logs.configure(settings.log_level, process="conntrack", json=not sys.stderr.isatty())
-    with contextlib.suppress(KeyboardInterrupt):
-        raise SystemExit(asyncio.run(amain(settings)))
+    run_process("np-conntrack", lambda stop: run(settings, stop=stop))
 
 
 if __name__ == "__main__":

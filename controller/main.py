@@ -8,7 +8,6 @@ and /readyz (watches synced) are served on --health-probe-bind-addr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +20,7 @@ from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
 from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
 from common.localapi import make_app, serve_unix, socket_path
-from common.supervisor import stop_on_signals, supervise
+from common.supervisor import run_process, supervise
 from common.watching import list_watch
 from controller.sync import Resolver
 
@@ -87,18 +86,10 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         await kube.close()
 
 
-async def amain(settings: Settings) -> int:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    await run(settings, stop=stop)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings("np-resolver", __doc__.splitlines()[0], argv)
     logs.configure(settings.log_level, process="resolver", json=not sys.stderr.isatty())
-    with contextlib.suppress(KeyboardInterrupt):
-        raise SystemExit(asyncio.run(amain(settings)))
+    run_process("np-resolver", lambda stop: run(settings, stop=stop))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from common import logs, preflight
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import FLOWLOGS_SOCKET, make_app, serve_unix, socket_path
-from common.supervisor import stop_on_signals, supervise
+from common.supervisor import StartupError, run_process, supervise
 from flowlogs.cloudwatch import CloudWatchShipper, group_name, stream_name
 from flowlogs.names import Names
 from flowlogs.records import FlowRecord, Formatter
@@ -37,10 +37,6 @@ from flowlogs.sink import RotatingFile
 
 log = structlog.get_logger("flowlogs")
 RECENT = 1000
-
-
-class StartupError(Exception):
-    pass
 
 
 class FlowLogs:
@@ -247,22 +243,10 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         log.info("flowlogs.stopped", **flows.counts, at=time.time())
 
 
-async def amain(settings: Settings) -> int:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await run(settings, stop=stop)
-    except StartupError as exc:
-        sys.stderr.write(f"np-flowlogs: {exc}\n")
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings("np-flowlogs", __doc__.splitlines()[0], argv)
     logs.configure(settings.log_level, process="flowlogs", json=not sys.stderr.isatty())
-    with contextlib.suppress(KeyboardInterrupt):
-        raise SystemExit(asyncio.run(amain(settings)))
+    run_process("np-flowlogs", lambda stop: run(settings, stop=stop))
 
 
 if __name__ == "__main__":
