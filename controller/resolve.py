@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.selectors import compile_selector
+from controller.validate import PolicyInvalid, validate_spec
 
 MAX_ENTRIES = 200
 MAX_PODS = 200
@@ -95,14 +96,9 @@ def service_from(obj: Obj) -> Service:
 
 
 def policy_types(spec: Mapping[str, Any]) -> list[str]:
-    """API defaulting: Ingress always, Egress when the policy has egress rules; a value
-    other than Ingress or Egress is refused, as the API server's validation would."""
+    """API defaulting: Ingress always, Egress when the policy has egress rules."""
     if spec.get("policyTypes"):
-        types = list(spec["policyTypes"])
-        for t in types:
-            if t not in ("Ingress", "Egress"):
-                raise ValueError(f"spec.policyTypes: {t!r} is not Ingress or Egress")
-        return types
+        return list(spec["policyTypes"])
     return ["Ingress", *(["Egress"] if spec.get("egress") else [])]
 
 
@@ -309,12 +305,15 @@ def resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
         return specs
     except InvalidPolicy:
         raise
+    except PolicyInvalid as exc:
+        raise InvalidPolicy(f"networkpolicy {where}: {exc}") from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise InvalidPolicy(f"networkpolicy {where}: {type(exc).__name__}: {exc}") from None
 
 
 def _resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
     meta, spec = policy.get("metadata") or {}, policy.get("spec") or {}
+    validate_spec(spec)
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     types = policy_types(spec)
     select = compile_selector(spec.get("podSelector") or {})
