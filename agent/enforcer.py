@@ -353,9 +353,8 @@ class Enforcer:
 
     async def _collect_garbage(self) -> None:
         """Free retired tries and port sets: when programming has been quiet, or when
-        enough are waiting (see GC_QUIET)."""
-        if self.cache.dirty:
-            return
+        enough are waiting or the oldest has waited long enough (see GC_QUIET), even
+        while changes keep coming."""
         retired = self.dp.counts()["retired_tries"]
         if retired == 0:
             self._retired_since = None
@@ -363,8 +362,9 @@ class Enforcer:
         now = time.monotonic()
         if self._retired_since is None:
             self._retired_since = now
-        if (now - self._last_programmed < GC_QUIET and retired < GC_MAX_RETIRED
-                and now - self._retired_since < GC_MAX_DELAY):
+        quiet = not self.cache.dirty and now - self._last_programmed >= GC_QUIET
+        overdue = retired >= GC_MAX_RETIRED or now - self._retired_since >= GC_MAX_DELAY
+        if not (quiet or overdue):
             return
         self._retired_since = None
         tries, portsets = await self.worker.call(self.dp.collect_garbage)
