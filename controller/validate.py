@@ -8,10 +8,12 @@ a direct store write) and names the first offending field.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from common.cidr import Cidr
+from common.cidr import parse as parse_cidr
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -39,24 +41,22 @@ def validate_spec(spec: Any) -> None:
             if t not in ("Ingress", "Egress"):
                 raise PolicyInvalid(f"spec.policyTypes[{i}]", f"{t!r} is not Ingress or Egress")
     for direction, peers_key in (("ingress", "from"), ("egress", "to")):
-        rules = spec.get(direction)
-        if rules is None:
-            continue
-        _list(rules, f"spec.{direction}")
-        for i, rule in enumerate(rules):
-            where = f"spec.{direction}[{i}]"
-            if not isinstance(rule, Mapping):
-                raise PolicyInvalid(where, "must be an object")
-            peers = rule.get(peers_key)
-            if peers is not None:
-                _list(peers, f"{where}.{peers_key}")
-                for j, peer in enumerate(peers):
-                    _peer(peer, f"{where}.{peers_key}[{j}]")
-            ports = rule.get("ports")
-            if ports is not None:
-                _list(ports, f"{where}.ports")
-                for j, port in enumerate(ports):
-                    _port(port, f"{where}.ports[{j}]")
+        for where, rule in _objects(spec.get(direction), f"spec.{direction}"):
+            for at, peer in _objects(rule.get(peers_key), f"{where}.{peers_key}"):
+                _peer(peer, at)
+            for at, port in _objects(rule.get("ports"), f"{where}.ports"):
+                _port(port, at)
+
+
+def _objects(value: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The items of an optional list of objects, each with its field path."""
+    if value is None:
+        return
+    _list(value, where)
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise PolicyInvalid(f"{where}[{i}]", "must be an object")
+        yield f"{where}[{i}]", item
 
 
 def _list(value: Any, where: str) -> None:
@@ -83,13 +83,7 @@ def _selector(sel: Any, where: str) -> None:
             _string(k, f"{where}.matchLabels")
             _string(v, f"{where}.matchLabels[{k}]")
     exprs = sel.get("matchExpressions")
-    if exprs is None:
-        return
-    _list(exprs, f"{where}.matchExpressions")
-    for i, e in enumerate(exprs):
-        at = f"{where}.matchExpressions[{i}]"
-        if not isinstance(e, Mapping):
-            raise PolicyInvalid(at, "must be an object")
+    for at, e in _objects(exprs, f"{where}.matchExpressions"):
         if not _string(e.get("key"), f"{at}.key"):
             raise PolicyInvalid(f"{at}.key", "must not be empty")
         op = e.get("operator")
@@ -106,9 +100,7 @@ def _selector(sel: Any, where: str) -> None:
             raise PolicyInvalid(f"{at}.values", f"must be empty for {op}")
 
 
-def _peer(peer: Any, where: str) -> None:
-    if not isinstance(peer, Mapping):
-        raise PolicyInvalid(where, "must be an object")
+def _peer(peer: Mapping[str, Any], where: str) -> None:
     block = peer.get("ipBlock")
     selectors = [k for k in ("podSelector", "namespaceSelector") if peer.get(k) is not None]
     if block is None:
@@ -129,25 +121,23 @@ def _peer(peer: Any, where: str) -> None:
     for i, e in enumerate(excepts):
         at = f"{where}.ipBlock.except[{i}]"
         net = _cidr(e, at)
-        if not (net.version == cidr.version and net.prefixlen > cidr.prefixlen
-                and int(cidr.network_address) <= int(net.network_address)
-                <= int(cidr.broadcast_address)):
+        if not (cidr.contains(net) and net.length > cidr.length):
             raise PolicyInvalid(at, f"{e} must be a strict subset of {block['cidr']}")
 
 
-def _cidr(value: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _cidr(value: Any, where: str) -> Cidr:
+    """A CIDR in address/length form (the API server refuses a bare address, which
+    PolicyEndpoints allow)."""
     text = _string(value, where)
     if "/" not in text:
         raise PolicyInvalid(where, f"{text!r} is not a CIDR (address/length)")
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise PolicyInvalid(where, f"{text!r} is not a valid CIDR") from None
+        return parse_cidr(text)
+    except ValueError as exc:
+        raise PolicyInvalid(where, str(exc)) from None
 
 
-def _port(port: Any, where: str) -> None:
-    if not isinstance(port, Mapping):
-        raise PolicyInvalid(where, "must be an object")
+def _port(port: Mapping[str, Any], where: str) -> None:
     protocol = port.get("protocol")
     if protocol is not None and protocol not in PROTOCOLS:
         raise PolicyInvalid(f"{where}.protocol", f"{protocol!r} is not TCP, UDP or SCTP")
