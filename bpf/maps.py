@@ -243,6 +243,7 @@ class Map:
         ks, vs = self.key_size, self.value_size
         keys = ctypes.create_string_buffer(ks * chunk)
         values = ctypes.create_string_buffer(vs * chunk)
+        # hash maps use a bucket cursor of 4 bytes; other types use a key-sized cursor
         token_in = ctypes.create_string_buffer(max(ks, 8))
         token_out = ctypes.create_string_buffer(max(ks, 8))
         opts = self._batch_opts()
@@ -258,37 +259,17 @@ class Map:
                 raise BpfError(err, f"map {self.name}: lookup batch")
             if count.value:
                 yield keys.raw[: count.value * ks], values.raw[: count.value * vs], count.value
-            if rc < 0:
+            if rc < 0:  # ENOENT: that was the last batch
                 return
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
 
     def _items_batched(self, chunk: int) -> Iterator[tuple[bytes, bytes]]:
         ks, vs = self.key_size, self.value_size
-        keys = ctypes.create_string_buffer(ks * chunk)
-        values = ctypes.create_string_buffer(vs * chunk)
-        # hash maps use a bucket cursor of 4 bytes; other types use a key-sized cursor
-        token_in = ctypes.create_string_buffer(max(ks, 8))
-        token_out = ctypes.create_string_buffer(max(ks, 8))
-        opts = self._batch_opts()
-        first = True
-        while True:
-            count = ctypes.c_uint32(chunk)
-            rc = lb.lib.bpf_map_lookup_batch(
-                self.fd, None if first else token_in, token_out, keys, values,
-                ctypes.byref(count), ctypes.byref(opts),
-            )
-            err = ctypes.get_errno() if rc < 0 else 0
-            if rc < 0 and err != errno.ENOENT:
-                raise BpfError(err, f"map {self.name}: lookup batch")
-            kraw, vraw = keys.raw, values.raw
-            for i in range(count.value):
+        for kraw, vraw, count in self.batches(chunk=chunk):
+            for i in range(count):
                 yield kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]
-            if rc < 0:  # ENOENT: that was the last batch
-                self._batch_ok = True
-                return
-            ctypes.memmove(token_in, token_out, len(token_in))
-            first = False
+        self._batch_ok = True
 
     def update_batch(self, keys: bytes, values: bytes, *, elem_flags: int = BPF_ANY) -> None:
         """Write many elements (keys and values concatenated) in as few syscalls as possible."""

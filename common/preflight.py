@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import errno
 import os
 import platform
 import re
+
+import structlog
+
+log = structlog.get_logger("preflight")
 
 BPF_FS_MAGIC = 0xCAFE4A11
 ST_RDONLY = 1
@@ -79,3 +85,18 @@ def problems(pin_root: str) -> list[str]:
         if info is None or info[0] != BPF_FS_MAGIC:
             found.append(f"--bpf-pin-root {pin_root} is not on a bpffs mount")
     return found
+
+
+async def wait_for_pin(path: str, stop: asyncio.Event, *, event: str) -> bool:
+    """Until ``path`` (a map the agent pins) exists: True, or False if a stop was
+    requested first. Logs ``event`` once while waiting."""
+    announced = False
+    while not await asyncio.to_thread(os.path.exists, path):
+        if not announced:
+            log.info(event, path=path)
+            announced = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if stop.is_set():
+            return False
+    return True

@@ -121,15 +121,8 @@ async def open_map(settings: Settings, stop: asyncio.Event) -> Map | None:
     """The pinned conntrack map, once the agent has created it; its size must be the
     flag's (resizing would mean recreating it and losing every tracked flow)."""
     path = os.path.join(settings.bpf_pin_root, "maps", lay.MAP_CT)
-    announced = False
-    while not await asyncio.to_thread(os.path.exists, path):
-        if not announced:
-            log.info("conntrack.waiting_for_map", path=path)
-            announced = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-        if stop.is_set():
-            return None
+    if not await preflight.wait_for_pin(path, stop, event="conntrack.waiting_for_map"):
+        return None
     m = Map.from_pin(path)
     if m.max_entries != settings.conntrack_cache_table_size:
         size = m.max_entries

@@ -188,27 +188,14 @@ class FlowLogs:
                 f.close()
 
 
-async def wait_for_maps(pin_root: str, stop: asyncio.Event) -> bool:
-    path = os.path.join(pin_root, "maps", lay.MAP_EVENTS)
-    announced = False
-    while not await asyncio.to_thread(os.path.exists, path):
-        if not announced:
-            log.info("flowlogs.waiting_for_maps", path=path)
-            announced = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-        if stop.is_set():
-            return False
-    return True
-
-
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     problems = preflight.problems(settings.bpf_pin_root)
     if problems:
         raise StartupError("; ".join(problems))
-    if not await wait_for_maps(settings.bpf_pin_root, stop):
-        return
     maps = os.path.join(settings.bpf_pin_root, "maps")
+    if not await preflight.wait_for_pin(os.path.join(maps, lay.MAP_EVENTS), stop,
+                                        event="flowlogs.waiting_for_maps"):
+        return
     stats_map = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_STATS)), ctypes.c_uint32,
                          lay.NpStats)
     names = Names(settings.bpf_pin_root) if settings.enable_policy_event_logs else None
