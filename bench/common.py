@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import logs
+
 TOOLS = Path(__file__).parent / "tools"
 HZ = os.sysconf("SC_CLK_TCK")
 NOISY_CORES = 0.05  # other processes using more than 5% of a core during a run
+
+
+def prepare() -> None:
+    """What every benchmark needs first: root (namespaces, BPF, tc), and the libraries'
+    logs quiet (only warnings)."""
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root")
+    logs.configure("warn", process="bench", json=False)
 
 
 def require(*commands: str) -> None:

@@ -19,9 +19,9 @@ import sys
 import time
 import uuid
 
+from bench.common import prepare
 from bpf import layout as lay
 from bpf.datapath import Datapath
-from common import logs
 from conntrack import ctnetlink as ct
 from conntrack.sweep import Sweeper, now_ns
 from simnode.netns import inside
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="100k entries")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    logs.configure("warn", process="bench", json=False)
+    prepare()
     n = 100_000 if args.quick else args.entries
     netns = f"npbench-{uuid.uuid4().hex[:6]}"
     pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"

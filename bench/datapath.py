@@ -38,7 +38,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -53,6 +52,7 @@ from bench.common import (
     children,
     in_netns,
     median,
+    prepare,
     require,
     table,
     write_json,
@@ -61,7 +61,6 @@ from bpf import layout as lay
 from bpf.attach import attach, detach
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.ruleset import PeerRule, compile_rules
-from common import logs
 from common.netlink import Netlink
 from simnode import packets as pk
 from simnode.node import SimNode, SimPod
@@ -364,9 +363,7 @@ def main(argv: Sequence[str] | None = None,
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--chart", metavar="PNG", help="bar chart of the ratios")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root")
-    logs.configure("warn", process="bench", json=False)
+    prepare()
     require("sockperf", "iperf3", "iptables-restore", "nft", "taskset", "nsenter", "cc")
     figures = asyncio.run(runner(args))
     report(figures)

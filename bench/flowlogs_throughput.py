@@ -30,11 +30,11 @@ import tempfile
 import time
 import uuid
 
+from bench.common import prepare
 from bpf import layout as lay
 from bpf.datapath import DENY_ALL, Datapath, PodPolicy
 from bpf.maps import Map
 from bpf.ringbuf import RingBuffer
-from common import logs
 from common.flags import Settings
 from flowlogs.cloudwatch import CloudWatchShipper
 from flowlogs.main import FlowLogs
@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="100k/s for 2 s; 50k to CloudWatch")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    logs.configure("warn", process="bench", json=False)
+    prepare()
     rates = [100_000] if args.quick else [int(r) for r in args.rates.split(",")]
     seconds = 2.0 if args.quick else args.seconds
     results = asyncio.run(amain(rates, seconds))

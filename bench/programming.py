@@ -27,7 +27,6 @@ import ipaddress
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -36,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write_json
+from bench.common import prepare, table, write_json
 from bpf.datapath import Datapath
-from common import logs
 from common.apimodels import PodView, WaitResult
 from common.localapi import Unavailable
 from fakekube import store as fs
@@ -357,9 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cidrs", type=int, help="CIDRs per pod's policy (1000)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root")
-    logs.configure("warn", process="bench", json=False)
+    prepare()
     figures = asyncio.run(run(args))
     report(figures)
     write_json(args.json, figures)

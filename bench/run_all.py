@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import table
+from bench.common import prepare, table
 
 BENCHES = ("datapath", "programming", "conntrack_sweep", "flowlogs_throughput", "soak")
 
@@ -155,8 +154,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
     args = p.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root")
+    prepare()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only.split(",") if args.only else list(BENCHES)

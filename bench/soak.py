@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -25,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write_json
+from bench.common import prepare, table, write_json
 from bpf.datapath import Datapath
-from common import logs
 from common.apimodels import WaitResult
 from simnode.churn import Churn, Vitals, vitals
 from simnode.node import SimNode
@@ -121,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="one minute")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root")
-    logs.configure("warn", process="bench", json=False)
+    prepare()
     fig = asyncio.run(run(args))
     print()
     print(table(["soak", "value"], [
