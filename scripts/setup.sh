@@ -12,8 +12,9 @@ fi
 
 # clang/llvm/libbpf-dev rebuild the BPF objects (the staleness test compares a fresh build
 # with the committed objects); the agent itself needs only libbpf1 at run time.
+# EXTRA_APT_PACKAGES: more to install the same way (scripts/bench-setup.sh)
 APT_PACKAGES=(libbpf1 libbpf-dev clang llvm make iproute2 nftables conntrack
-              python3 python3-venv python3-pip ca-certificates)
+              python3 python3-venv python3-pip ca-certificates ${EXTRA_APT_PACKAGES:-})
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
