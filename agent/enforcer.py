@@ -155,8 +155,7 @@ class Enforcer:
                 self._export_counts()
                 async with self.progress:
                     self.progress.notify_all()
-                await self._collect_garbage()
-                pending_gc = self.dp.counts()["retired_tries"] > 0
+                pending_gc = await self._collect_garbage()
                 await self._wait(GC_QUIET if pending_gc else None)
 
     # ---- adoption and interfaces --------------------------------------------------------
@@ -351,24 +350,25 @@ class Enforcer:
                 return ifindex
         return None
 
-    async def _collect_garbage(self) -> None:
+    async def _collect_garbage(self) -> bool:
         """Free retired tries and port sets: when programming has been quiet, or when
         enough are waiting or the oldest has waited long enough (see GC_QUIET), even
-        while changes keep coming."""
+        while changes keep coming. True if retired tries still wait."""
         retired = self.dp.counts()["retired_tries"]
         if retired == 0:
             self._retired_since = None
-            return
+            return False
         now = time.monotonic()
         if self._retired_since is None:
             self._retired_since = now
         quiet = not self.cache.dirty and now - self._last_programmed >= GC_QUIET
         overdue = retired >= GC_MAX_RETIRED or now - self._retired_since >= GC_MAX_DELAY
         if not (quiet or overdue):
-            return
+            return True
         self._retired_since = None
         tries, portsets = await self.worker.call(self.dp.collect_garbage)
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
+        return False
 
     def _unbind(self, ref: PodRef) -> None:
         st = self.status.pop(ref, None)
