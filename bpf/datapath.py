@@ -507,12 +507,15 @@ class Datapath:
         return sorted(self._records)
 
     def counts(self) -> dict[str, int]:
-        """Live tries, port sets and their references (bookkeeping, for status output)."""
+        """Live tries, port sets and their references (bookkeeping, for status output).
+        Read from the event loop while the worker thread may change the tables: the trie
+        table is copied in one C-level call (under the GIL) before it is walked."""
+        tries = list(self._tries.values())
         return {
             "pods": len(self._records),
-            "tries": len(self._tries),
+            "tries": len(tries),
             "portsets": len(self._portsets),
-            "retired_tries": sum(1 for t in self._tries.values() if t.refs <= 0),
+            "retired_tries": sum(1 for t in tries if t.refs <= 0),
         }
 
     # ---- node-wide settings ---------------------------------------------------------
