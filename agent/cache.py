@@ -1,10 +1,27 @@
 """The agent's view of the cluster: this node's pods and the PolicyEndpoints about them.
 
-Fed by two list-watches (pods with ``spec.nodeName=<node>``, all PolicyEndpoints). Only
-PolicyEndpoints that list a pod of this node are kept: one is recognised by a listed
-pod's ``hostIP`` being a node address (so it is kept even before the pod is seen) or by
-the pod being known locally. Every change marks the local pods whose enforcement may
-change as dirty; the enforcer drains them.
+Fed by two list-watches (pods with ``spec.nodeName=<node>``, all PolicyEndpoints).
+
+**Join by policy.** The AWS controller splits one NetworkPolicy over several objects,
+packing its pods, its ingress entries and its egress entries independently: an object
+may hold only pods, only ingress entries or only egress entries. Every object of one
+policy (same namespace, same ``spec.policyRef.name``; see ``PolicyKey``) belongs
+together: a pod listed in any of them is selected by the policy and gets the entries
+and ``podIsolation`` of all of them. A pod's rules are the union over the policies that
+select it. Only a policy's own namespace's pods can be selected by it, and an entry
+naming a local pod under an address that is none of the pod's is not a selection (it
+is logged and counted: a stale or forged entry).
+
+**Memory per node.** A policy is *relevant* when one of its objects lists a local pod
+(known from the pod watch, or by an entry's ``hostIP`` being a node address, so it is
+recognised before the pod is seen). The objects of relevant policies are kept,
+compacted; the objects of other policies are kept as stubs (identity and version
+only). When a policy becomes relevant (a pod chunk arrives after its rule chunks), its
+stubs are fetched again (:meth:`Cache.take_fetch`), and the pods it selects are held
+at their last programmed state until every object of the policy is here: a partial
+policy is never programmed. During a (re)list, objects of namespaces with a local pod
+are kept whole until the list ends (chunks of one policy may come in any order), then
+those of irrelevant policies become stubs.
 
 An invalid PolicyEndpoint is rejected with one log line and a counter; the version last
 accepted (if any) stays in force, so no pod's enforcement changes because of bad input.
@@ -14,18 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from agent.endpoints import Endpoints, PodRef, from_api
+from agent.endpoints import Endpoints, PodRef, PolicyKey, from_api
 from common.kube import WatchEvent
-from common.policyendpoint import PolicyEndpointError
+from common.policyendpoint import PolicyEndpointError, bounded
 
 log = structlog.get_logger("agent.cache")
+
+Key = tuple[str, str]  # (namespace, name) of a PolicyEndpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +61,16 @@ class LocalPod:
         return (self.namespace, self.name)
 
 
+@dataclass(frozen=True, slots=True)
+class Stub:
+    """An object of a policy that selects no local pod: what is needed to fetch it
+    again if the policy comes to select one."""
+
+    policy_key: PolicyKey
+    generation: int
+    resource_version: int
+
+
 def _pod(obj: dict[str, Any]) -> LocalPod:
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     ips = [p.get("ip") for p in status.get("podIPs") or [] if p.get("ip")]
@@ -53,7 +81,8 @@ def _pod(obj: dict[str, Any]) -> LocalPod:
         try:
             valid.append(str(ipaddress.ip_address(ip)))
         except ValueError:
-            log.warning("pod.bad_ip", pod=f"{meta.get('namespace')}/{meta.get('name')}", ip=ip)
+            log.warning("pod.bad_ip", pod=f"{meta.get('namespace')}/{meta.get('name')}",
+                        ip=bounded(ip))
     return LocalPod(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
@@ -65,22 +94,113 @@ def _pod(obj: dict[str, Any]) -> LocalPod:
     )
 
 
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return 0
+
+
 class Cache:
     def __init__(self, *, node_addresses: Callable[[], set[str]],
-                 on_rejected: Callable[[str, str, str], None] | None = None) -> None:
+                 on_rejected: Callable[[str, str, str], None] | None = None,
+                 on_ignored: Callable[[str], None] | None = None) -> None:
         self.pods: dict[PodRef, LocalPod] = {}
-        self.endpoints: dict[PodRef, Endpoints] = {}
-        self.by_pod: dict[PodRef, set[PodRef]] = defaultdict(set)
-        self.rejected: dict[PodRef, str] = {}
+        self.endpoints: dict[Key, Endpoints] = {}      # objects of relevant policies
+        self.stubs: dict[Key, Stub] = {}               # objects of the others
+        self.policies: dict[PolicyKey, set[Key]] = {}  # every object (kept or stub)
+        self.listing: dict[PodRef, set[Key]] = {}      # kept objects listing a pod
+        self.rejected: dict[Key, str] = {}
         # the latest generation seen of every PolicyEndpoint, kept or not (an int each):
         # tells "programmed" callers whether the watch has delivered what the API has
-        self.generations: dict[PodRef, int] = {}
+        self.generations: dict[Key, int] = {}
         self._on_rejected = on_rejected
+        self._on_ignored = on_ignored
+        self._reported: set[tuple[Key, int, PodRef]] = set()  # mismatches already logged
         self.dirty: set[PodRef] = set()
         self.changed = asyncio.Event()
+        self.fetch_needed = asyncio.Event()
+        self._fetch: set[Key] = set()
         self._node_addresses = node_addresses
+        self._listing_now = False
+        # resourceVersion of every object held (kept or stub): a stub is fetched again
+        # at least at that version
+        self._rvs: dict[Key, int] = {}
         self.pods_synced = False
         self.endpoints_synced = False
+
+    # ---- queries ----------------------------------------------------------------------
+    def selecting(self, pod: PodRef) -> list[PolicyKey]:
+        """The policies that select a local pod (sorted)."""
+        local = self.pods.get(pod)
+        if local is None:
+            return []
+        out: set[PolicyKey] = set()
+        for key in self.listing.get(pod, ()):
+            e = self.endpoints[key]
+            listed = e.lists(pod, local.ips)
+            if listed:
+                out.add(e.policy_key)
+            elif listed is False:
+                self._report_mismatch(e, pod, local)
+        return sorted(out)
+
+    def endpoints_for(self, pod: PodRef) -> list[Endpoints]:
+        """Every object of every policy selecting the pod (sorted by key): the pod's
+        rules are their union."""
+        out: list[Endpoints] = []
+        for pk in self.selecting(pod):
+            out.extend(self.endpoints[k] for k in sorted(self.policies.get(pk, ()))
+                       if k in self.endpoints)
+        return out
+
+    def incomplete(self, pod: PodRef) -> list[Key]:
+        """Objects of the pod's policies not held yet (being fetched): until they are,
+        the pod keeps its last programmed state."""
+        return sorted(k for pk in self.selecting(pod) for k in self.policies.get(pk, ())
+                      if k in self.stubs)
+
+    def take_dirty(self) -> set[PodRef]:
+        dirty, self.dirty = self.dirty, set()
+        self.changed.clear()
+        return dirty
+
+    def take_fetch(self) -> set[Key]:
+        keys, self._fetch = self._fetch & set(self.stubs), set()
+        self.fetch_needed.clear()
+        return keys
+
+    def refetch(self, keys: Iterable[Key]) -> None:
+        """Ask again for stubs whose fetch failed."""
+        self._fetch.update(k for k in keys if k in self.stubs)
+        if self._fetch:
+            self.fetch_needed.set()
+
+    def fetched(self, key: Key, obj: dict[str, Any] | None) -> None:
+        """A stub's object as fetched from the API server (None: gone; the watch says
+        so too). Ignored if the watch delivered the object (or a newer one) meanwhile."""
+        stub = self.stubs.get(key)
+        if stub is None or obj is None:
+            return
+        if _int((obj.get("metadata") or {}).get("resourceVersion")) < stub.resource_version:
+            self._fetch.add(key)  # older than what the watch said: ask again
+            self.fetch_needed.set()
+            return
+        self._set_endpoints(key, obj, fetched=True)
+
+    def _report_mismatch(self, e: Endpoints, pod: PodRef, local: LocalPod) -> None:
+        mark = (e.key, e.generation, pod)
+        if mark in self._reported:
+            return
+        self._reported.add(mark)
+        listed = sorted(ip for ref, ip in e.listed if ref == pod)
+        log.warning("policyendpoint.entry_ignored", reason="address-mismatch",
+                    policyendpoint=f"{e.namespace}/{e.name}", pod=f"{pod[0]}/{pod[1]}",
+                    listed=listed[:4], pod_ips=list(local.ips),
+                    detail="the entry names a local pod under an address that is not the "
+                           "pod's: not applied (stale, or another pod's)")
+        if self._on_ignored is not None:
+            self._on_ignored("address-mismatch")
 
     # ---- shared -----------------------------------------------------------------------
     def _mark(self, refs: Iterable[PodRef]) -> None:
@@ -89,17 +209,20 @@ class Cache:
             self.dirty.update(local)
             self.changed.set()
 
-    def take_dirty(self) -> set[PodRef]:
-        dirty, self.dirty = self.dirty, set()
-        self.changed.clear()
-        return dirty
+    def _policy_pods(self, pk: PolicyKey) -> set[PodRef]:
+        return {ref for k in self.policies.get(pk, ()) if k in self.endpoints
+                for ref in self.endpoints[k].pods}
 
-    def endpoints_for(self, pod: PodRef) -> list[Endpoints]:
-        return [self.endpoints[k] for k in sorted(self.by_pod.get(pod, ()))
-                if k in self.endpoints]
+    def _relevant(self, pk: PolicyKey) -> bool:
+        node = self._node_addresses()
+        for k in self.policies.get(pk, ()):
+            e = self.endpoints.get(k)
+            if e is not None and (e.host_ips & node or any(r in self.pods for r in e.pods)):
+                return True
+        return False
 
-    def pod_by_ip(self) -> dict[str, LocalPod]:
-        return {ip: p for p in self.pods.values() for ip in p.ips}
+    def _namespace_is_local(self, namespace: str) -> bool:
+        return any(ref[0] == namespace for ref in self.pods)
 
     # ---- pods ---------------------------------------------------------------------------
     def pods_consumer(self) -> _Pods:
@@ -114,26 +237,57 @@ class Cache:
         if old != pod:
             self.dirty.add(ref)
             self.changed.set()
+            if old is None or pod is None:  # may make a policy (ir)relevant
+                for pk in {self.endpoints[k].policy_key for k in self.listing.get(ref, ())}:
+                    self._settle(pk)
 
     # ---- policy endpoints -------------------------------------------------------------
     def endpoints_consumer(self) -> _Endpoints:
         return _Endpoints(self)
 
-    def _relevant(self, ep: Endpoints) -> bool:
-        if ep.host_ips & self._node_addresses():
-            return True
-        return any(ref in self.pods for ref in ep.pods)
+    def _drop(self, key: Key) -> tuple[PolicyKey | None, frozenset[PodRef]]:
+        """Remove an object (kept or stub) from every index; its policy and pods."""
+        pk: PolicyKey | None = None
+        pods: frozenset[PodRef] = frozenset()
+        old = self.endpoints.pop(key, None)
+        if old is not None:
+            pk, pods = old.policy_key, old.pods
+            for ref in pods:
+                keys = self.listing.get(ref)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self.listing[ref]
+        stub = self.stubs.pop(key, None)
+        if stub is not None:
+            pk = stub.policy_key
+        if pk is not None:
+            members = self.policies.get(pk)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self.policies[pk]
+        self._reported = {m for m in self._reported if m[0] != key}
+        return pk, pods
 
-    def _set_endpoints(self, key: PodRef, obj: dict[str, Any] | None) -> None:
-        old = self.endpoints.get(key)
+    def _keep(self, e: Endpoints) -> None:
+        self.endpoints[e.key] = e
+        self.policies.setdefault(e.policy_key, set()).add(e.key)
+        for ref in e.pods:
+            self.listing.setdefault(ref, set()).add(e.key)
+
+    def _set_endpoints(self, key: Key, obj: dict[str, Any] | None, *,
+                       fetched: bool = False) -> None:
+        held = key in self.endpoints or key in self.stubs
         new: Endpoints | None = None
         if obj is None:
             self.generations.pop(key, None)
+            self.rejected.pop(key, None)
+            self._rvs.pop(key, None)
         else:
-            try:
-                self.generations[key] = int((obj.get("metadata") or {}).get("generation") or 0)
-            except (TypeError, ValueError, AttributeError):
-                self.generations[key] = 0
+            meta = obj.get("metadata") or {}
+            self.generations[key] = _int(meta.get("generation"))
+            self._rvs[key] = _int(meta.get("resourceVersion"))
             try:
                 new = from_api(obj)
             except PolicyEndpointError as exc:
@@ -141,25 +295,60 @@ class Cache:
                 if self._on_rejected is not None:
                     self._on_rejected(key[0], key[1], exc.reason)
                 log.error("policyendpoint.rejected", namespace=key[0], name=key[1],
-                          reason=exc.reason, keeping="last accepted version" if old else "none")
+                          reason=exc.reason,
+                          keeping="last accepted version" if held else "none")
                 return
             self.rejected.pop(key, None)
-            if not self._relevant(new):
-                new = None
-        if old is None and new is None:
+            if new.foreign:
+                log.warning("policyendpoint.entry_ignored", reason="foreign-namespace",
+                            policyendpoint=f"{key[0]}/{key[1]}", entries=list(new.foreign[:4]),
+                            count=len(new.foreign),
+                            detail="an object applies only to pods of its own namespace")
+                if self._on_ignored is not None:
+                    self._on_ignored("foreign-namespace")
+        old_pk, old_pods = self._drop(key)
+        if not held and new is None:
             return
-        if old is not None:
-            for ref in old.pods:
-                self.by_pod[ref].discard(key)
-                if not self.by_pod[ref]:
-                    del self.by_pod[ref]
-        if new is None:
-            self.endpoints.pop(key, None)
+        touched: set[PolicyKey] = set()
+        if old_pk is not None:
+            touched.add(old_pk)
+        affected = set(old_pods)
+        if new is not None:
+            self._keep(new)
+            touched.add(new.policy_key)
+            affected |= new.pods
+            if not fetched and self._listing_now and not (
+                    self._namespace_is_local(key[0]) or new.host_ips & self._node_addresses()):
+                # during a list: a namespace without local pods cannot be concerned
+                self._stub(new)
+        for pk in touched:
+            affected |= self._policy_pods(pk)
+            if not self._listing_now:
+                self._settle(pk)
+        self._mark(affected)
+
+    def _stub(self, e: Endpoints) -> None:
+        key = e.key
+        self._drop(key)
+        self.stubs[key] = Stub(e.policy_key, e.generation, self._rvs.get(key, 0))
+        self.policies.setdefault(e.policy_key, set()).add(key)
+
+    def _settle(self, pk: PolicyKey) -> None:
+        """Keep the objects of a relevant policy (fetch its stubs), stub the others'."""
+        members = self.policies.get(pk)
+        if not members:
+            return
+        if self._relevant(pk):
+            missing = {k for k in members if k in self.stubs}
+            if missing:
+                log.info("policyendpoint.fetching", policy=f"{pk[0]}/{pk[1]}",
+                         objects=len(missing),
+                         reason="the policy now selects a local pod")
+                self._fetch |= missing
+                self.fetch_needed.set()
         else:
-            self.endpoints[key] = new
-            for ref in new.pods:
-                self.by_pod[ref].add(key)
-        self._mark((old.pods if old else frozenset()) | (new.pods if new else frozenset()))
+            for k in [k for k in members if k in self.endpoints]:
+                self._stub(self.endpoints[k])
 
 
 class _Pods:
@@ -199,10 +388,11 @@ class _Endpoints:
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
-        self._seen: set[PodRef] = set()
+        self._seen: set[Key] = set()
 
     def begin(self) -> None:
         self._seen = set()
+        self.cache._listing_now = True
 
     def add(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -211,15 +401,19 @@ class _Endpoints:
         self.cache._set_endpoints(key, obj)
 
     def end(self) -> None:
+        c = self.cache
         seen, self._seen = self._seen, set()
-        for key in set(self.cache.endpoints) - seen:
-            self.cache._set_endpoints(key, None)
-        for key in set(self.cache.rejected) - seen:
-            del self.cache.rejected[key]
-        for key in set(self.cache.generations) - seen:
-            del self.cache.generations[key]
-        self.cache.endpoints_synced = True
-        self.cache.changed.set()
+        c._listing_now = False
+        for key in (set(c.endpoints) | set(c.stubs)) - seen:
+            c._set_endpoints(key, None)
+        for key in set(c.rejected) - seen:
+            del c.rejected[key]
+        for key in set(c.generations) - seen:
+            del c.generations[key]
+        for pk in list(c.policies):
+            c._settle(pk)
+        c.endpoints_synced = True
+        c.changed.set()
 
     def replace(self, items: list[dict[str, Any]]) -> None:
         self.begin()
@@ -230,8 +424,4 @@ class _Endpoints:
     def apply(self, event: WatchEvent) -> None:
         meta = event.object.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
-        if event.type == "DELETED":
-            self.cache.rejected.pop(key, None)
-            self.cache._set_endpoints(key, None)
-        else:
-            self.cache._set_endpoints(key, event.object)
+        self.cache._set_endpoints(key, None if event.type == "DELETED" else event.object)

@@ -8,6 +8,7 @@ pod's rules are compiled.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,9 +19,24 @@ from bpf import layout as lay
 from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
 from bpf.ruleset import PeerRule, PortRange, Prefix
 from common.cidr import Cidr
-from common.policyendpoint import TRIGGER_ANNOTATION, PortSpec, Rule, parse_with_rules
+from common.policyendpoint import (
+    TRIGGER_ANNOTATION,
+    PolicyEndpointError,
+    PortSpec,
+    Rule,
+    bounded,
+    parse_with_rules,
+)
 
 PodRef = tuple[str, str]  # (namespace, name)
+# The join key of a policy's objects: (namespace, policyRef.name, target group). The AWS
+# controller splits one policy over several objects (pod-only, ingress-only, egress-only
+# chunks); every object of one key belongs together. The group is "" except for objects
+# np-resolver writes for targets whose named ports resolve differently (GROUP_ANNOTATION):
+# agents that ignore the annotation join the groups, which allows the union of the groups'
+# ports (what the AWS controller itself writes), never less.
+PolicyKey = tuple[str, str, str]
+GROUP_ANNOTATION = "np-resolver.networking.k8s.aws/target-group"
 _PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP}
 
 
@@ -78,14 +94,33 @@ class Endpoints:
     trigger_time: float | None      # epoch seconds of the change that produced it
     isolate_ingress: bool
     isolate_egress: bool
-    pods: frozenset[PodRef]         # selected pods
+    group: str                      # target group within the policy ("" nearly always)
+    listed: frozenset[tuple[PodRef, str]]  # (pod, podIP) of its own namespace's entries
+    pods: frozenset[PodRef]         # the pods of ``listed``
     host_ips: frozenset[str]        # nodes of the selected pods
     ingress: PackedRules            # policy_id 0: set at compile time
     egress: PackedRules
+    foreign: tuple[str, ...] = ()   # "ns/name" of entries naming another namespace's pods
 
     @property
     def key(self) -> PodRef:
         return (self.namespace, self.name)
+
+    @property
+    def policy_key(self) -> PolicyKey:
+        return (self.namespace, self.policy[1], self.group)
+
+    def lists(self, pod: PodRef, ips: Iterable[str]) -> bool | None:
+        """Whether it lists ``pod`` at one of ``ips``: True; listed under another
+        address: False (a stale or forged entry); not listed: None."""
+        found = False
+        addresses = set(ips)
+        for ref, ip in self.listed:
+            if ref == pod:
+                if ip in addresses:
+                    return True
+                found = True
+        return False if found else None
 
 
 def _prefix(c: Cidr) -> Prefix:
@@ -126,21 +161,45 @@ def _trigger_time(value: str | None) -> float | None:
         return None
 
 
+def _address(text: str) -> str:
+    return str(ipaddress.ip_address(text))  # canonical text (validated by the model)
+
+
 def from_api(obj: dict[str, Any]) -> Endpoints:
-    """Validate and compact; raises common.policyendpoint.PolicyEndpointError."""
+    """Validate and compact; raises common.policyendpoint.PolicyEndpointError.
+
+    Only entries of the object's own namespace can select pods: a PolicyEndpoint, like
+    the NetworkPolicy it stands for, applies to its namespace's pods. Entries whose
+    ``podIP`` equals their ``hostIP`` are hostNetwork pods, never enforced (as the
+    reference agent skips them)."""
     pe, ingress, egress = parse_with_rules(obj)
     spec, meta = pe.spec, pe.metadata
+    if spec.policy_ref.namespace and spec.policy_ref.namespace != meta.namespace:
+        raise PolicyEndpointError(
+            meta.namespace, meta.name,
+            f"spec.policyRef.namespace: {bounded(spec.policy_ref.namespace)} is not the "
+            f"object's namespace {meta.namespace!r} (a policy's objects live in its namespace)")
+    listed, foreign = [], []
+    for e in spec.pod_selector_endpoints:
+        if e.namespace != meta.namespace:
+            foreign.append(f"{bounded(e.namespace)}/{bounded(e.name)}")
+        elif not (e.host_ip and _address(e.host_ip) == _address(e.pod_ip)):
+            listed.append(((e.namespace, e.name), _address(e.pod_ip)))
     return Endpoints(
         namespace=meta.namespace,
         name=meta.name,
         uid=meta.uid,
         generation=meta.generation,
-        policy=(spec.policy_ref.namespace or meta.namespace, spec.policy_ref.name),
+        policy=(meta.namespace, spec.policy_ref.name),
         trigger_time=_trigger_time(meta.annotations.get(TRIGGER_ANNOTATION)),
         isolate_ingress="Ingress" in spec.pod_isolation or bool(spec.ingress),
         isolate_egress="Egress" in spec.pod_isolation or bool(spec.egress),
-        pods=frozenset((e.namespace, e.name) for e in spec.pod_selector_endpoints),
-        host_ips=frozenset(e.host_ip for e in spec.pod_selector_endpoints if e.host_ip),
+        group=meta.annotations.get(GROUP_ANNOTATION, ""),
+        listed=frozenset(listed),
+        pods=frozenset(ref for ref, _ in listed),
+        host_ips=frozenset(_address(e.host_ip) for e in spec.pod_selector_endpoints
+                           if e.host_ip and e.namespace == meta.namespace),
         ingress=_rules(ingress),
         egress=_rules(egress),
+        foreign=tuple(sorted(foreign)),
     )

@@ -252,6 +252,13 @@ class Enforcer:
                 self._unbind(owner)
             if st.ifindex and st.ifindex != ifindex:
                 self.bound.pop(st.ifindex, None)
+            waiting = self.cache.incomplete(ref)
+            if waiting:
+                # a policy selecting it is not all here yet (being fetched): keep the
+                # record in force rather than program a partial policy
+                log.debug("enforcer.pod_waits_for_objects", pod=f"{ref[0]}/{ref[1]}",
+                          objects=[f"{k[0]}/{k[1]}" for k in waiting[:4]])
+                continue
             endpoints = tuple(self.cache.endpoints_for(ref))
             inputs = (self.strict, ifindex, pod.uid, endpoints)
             if st.inputs == inputs:
@@ -388,7 +395,7 @@ class Enforcer:
     def is_programmed(self, ref: PodRef) -> bool:
         """The pod's current PolicyEndpoint generations are all in force."""
         st = self.status.get(ref)
-        if st is None or not st.ifindex or st.error:
+        if st is None or not st.ifindex or st.error or self.cache.incomplete(ref):
             return False
         want = {f"{e.namespace}/{e.name}": e.generation for e in self.cache.endpoints_for(ref)}
         return st.programmed == want

@@ -17,6 +17,7 @@ import structlog
 from agent.api import AgentApi
 from agent.cache import Cache
 from agent.enforcer import Enforcer
+from agent.fetching import fetch_stubs
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
 from agent.probes import bpffs_ready, global_maps_pinned, metrics_app
@@ -102,7 +103,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         kube = await KubeClient.connect(settings.kubeconfig)
         hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
         cache = Cache(node_addresses=hostnet.node_addresses,
-                      on_rejected=lambda ns, name, _: metrics.rejected.labels(ns, name).inc())
+                      on_rejected=lambda ns, name, _: metrics.rejected.labels(ns, name).inc(),
+                      on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc())
         enforcer = Enforcer(cache=cache, hostnet=hostnet, worker=worker, metrics=metrics,
                             strict=settings.enforcing_mode == "strict")
         pod_stats, pe_stats = WatchStats(), WatchStats()
@@ -112,9 +114,16 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                              field_selector=f"spec.nodeName={settings.node_name}")
 
         async def watch_endpoints() -> None:
-            await hostnet.ready.wait()  # node addresses decide which ones concern us
+            # node addresses and local pods decide which ones concern us
+            await hostnet.ready.wait()
+            await pod_stats.synced.wait()
             await list_watch(kube, POLICY_ENDPOINTS, cache.endpoints_consumer(),
                              stats=pe_stats)
+
+        async def fetch_endpoints() -> None:
+            assert kube is not None
+            await fetch_stubs(kube, cache,
+                              count=lambda result: metrics.fetches.labels(result).inc())
 
         def ready() -> list[str]:
             problems = bpffs_ready() + global_maps_pinned(settings.bpf_pin_root)
@@ -146,6 +155,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             "hostnet": hostnet.run(),
             "watch-pods": watch_pods(),
             "watch-policyendpoints": watch_endpoints(),
+            "fetch-policyendpoints": fetch_endpoints(),
             "enforcer": enforcer.run(),
             "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
             "health": serve(health_app([ready]), settings.health_probe_bind_addr),

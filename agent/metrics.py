@@ -32,6 +32,15 @@ class AgentMetrics:
             "awsnodeagent_policyendpoint_rejected_total",
             "Invalid PolicyEndpoints rejected (not enforced; the last accepted version stays)",
             ["namespace", "name"], registry=r)
+        self.ignored_entries = Counter(
+            "awsnodeagent_policyendpoint_entries_ignored_total",
+            "podSelectorEndpoints entries not applied: another namespace's pod "
+            "(foreign-namespace), or a local pod's name under an address it does not have "
+            "(address-mismatch)", ["reason"], registry=r)
+        self.fetches = Counter(
+            "awsnodeagent_policyendpoint_fetches_total",
+            "PolicyEndpoints fetched again because their policy came to select a local pod",
+            ["result"], registry=r)
         self.pods = Gauge("awsnodeagent_pods", "Local pods by enforcement status", ["status"],
                           registry=r)
         self.reconciles = Counter("awsnodeagent_reconcile_batches_total",

@@ -22,6 +22,19 @@ TRIGGER_ANNOTATION = "networking.k8s.aws/last-change-trigger-time"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+ECHO_LIMIT = 200
+
+
+def bounded(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for a log line or an error, cut to ``limit`` characters (with the
+    full length said): input is echoed, never copied whole (a 1 MB string stays 1 MB
+    in one place only)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} chars)"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 

@@ -9,7 +9,7 @@ import pytest
 
 from agent.cache import Cache
 from agent.desired import pod_directions
-from agent.endpoints import Endpoints, from_api
+from agent.endpoints import GROUP_ANNOTATION, Endpoints, from_api
 from bpf import layout as lay
 from bpf.ruleset import PortRange
 from common.kube import WatchEvent
@@ -132,15 +132,154 @@ def test_cache_keeps_only_what_concerns_this_node() -> None:
     pods.replace([{"metadata": {"name": "a", "namespace": "default", "uid": "u1"},
                    "spec": {}, "status": {"podIP": "10.0.0.1"}}])
     endpoints.replace([
-        pe("here-1", pods=[("a", "10.0.0.1", NODE_IP)]),
-        pe("elsewhere-1", pods=[("z", "10.9.0.1", "172.31.0.99")]),
-        pe("soon-1", pods=[("b", "10.0.0.2", NODE_IP)]),  # a pod not seen yet, on this node
+        pe("here-1", policy="here", pods=[("a", "10.0.0.1", NODE_IP)]),
+        pe("elsewhere-1", policy="elsewhere", pods=[("z", "10.9.0.1", "172.31.0.99")]),
+        pe("elsewhere-2", policy="elsewhere", pods=[], ingress=[{"cidr": "10.0.0.0/8"}]),
+        # a pod not seen yet, on this node
+        pe("soon-1", policy="soon", pods=[("b", "10.0.0.2", NODE_IP)]),
     ])
     assert set(cache.endpoints) == {("default", "here-1"), ("default", "soon-1")}
+    assert set(cache.stubs) == {("default", "elsewhere-1"), ("default", "elsewhere-2")}
     assert cache.take_dirty() == {("default", "a")}
     pods.apply(WatchEvent("ADDED", {"metadata": {"name": "b", "namespace": "default"},
                                     "spec": {}, "status": {"podIP": "10.0.0.2"}}))
     assert [e.name for e in cache.endpoints_for(("default", "b"))] == ["soon-1"]
+
+
+def _local(cache: Cache, *pods: tuple[str, str, str]) -> None:
+    cache.pods_consumer().replace([
+        {"metadata": {"name": n, "namespace": ns, "uid": f"u-{n}"}, "spec": {},
+         "status": {"podIP": ip}} for ns, n, ip in pods])
+
+
+def test_a_policy_split_into_pod_and_rule_chunks_is_joined() -> None:
+    """The AWS controller's layout: pods in one object, the ingress entries in another."""
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "web", "10.0.0.1"))
+    cache.endpoints_consumer().replace([
+        pe("allow-ok-abc12", policy="allow-ok", isolation=["Ingress"],
+           pods=[("web", "10.0.0.1", NODE_IP)]),
+        pe("allow-ok-def34", policy="allow-ok", isolation=["Ingress"], pods=[],
+           ingress=[{"cidr": "10.0.0.9"}]),
+    ])
+    got = cache.endpoints_for(("default", "web"))
+    assert [e.name for e in got] == ["allow-ok-abc12", "allow-ok-def34"]
+    ingress, egress = pod_directions(got, strict=False, policy_id=ids)
+    assert ingress.rules is not None
+    assert ingress.rules.lookup(ipaddress.ip_address("10.0.0.9")) is not None
+    assert lay.STATE_NAMES[egress.state] == "DEFAULT_ALLOW"
+    assert cache.incomplete(("default", "web")) == []
+
+
+def test_rule_chunk_before_pod_chunk_is_fetched_and_the_pod_waits() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "web", "10.0.0.1"))
+    endpoints = cache.endpoints_consumer()
+    endpoints.replace([])
+    rules = pe("p-rules", pods=[], isolation=["Ingress"], ingress=[{"cidr": "10.0.0.9"}])
+    rules["metadata"]["resourceVersion"] = "7"
+    endpoints.apply(WatchEvent("ADDED", rules))
+    assert set(cache.stubs) == {("default", "p-rules")}, "no local pod: a stub only"
+    assert not cache.fetch_needed.is_set()
+    endpoints.apply(WatchEvent("ADDED", pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)],
+                                           isolation=["Ingress"])))
+    web = ("default", "web")
+    assert cache.incomplete(web) == [("default", "p-rules")]
+    assert cache.fetch_needed.is_set()
+    assert cache.take_fetch() == {("default", "p-rules")}
+    stale = pe("p-rules", pods=[], isolation=["Ingress"], ingress=[{"cidr": "10.0.0.8"}])
+    stale["metadata"]["resourceVersion"] = "6"
+    cache.fetched(("default", "p-rules"), stale)
+    assert cache.incomplete(web), "an answer older than the watch's version is not used"
+    assert cache.take_fetch() == {("default", "p-rules")}
+    cache.take_dirty()
+    cache.fetched(("default", "p-rules"), rules)
+    assert cache.incomplete(web) == []
+    assert web in cache.take_dirty()
+    assert [e.name for e in cache.endpoints_for(web)] == ["p-pods", "p-rules"]
+
+
+def test_a_policy_that_stops_selecting_local_pods_becomes_stubs() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "web", "10.0.0.1"))
+    endpoints = cache.endpoints_consumer()
+    endpoints.replace([pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)]),
+                       pe("p-rules", pods=[], ingress=[{"cidr": "10.0.0.9"}])])
+    assert set(cache.endpoints) == {("default", "p-pods"), ("default", "p-rules")}
+    endpoints.apply(WatchEvent("MODIFIED", pe("p-pods", pods=[], generation=2)))
+    assert cache.endpoints == {}
+    assert set(cache.stubs) == {("default", "p-pods"), ("default", "p-rules")}
+    endpoints.apply(WatchEvent("DELETED", pe("p-rules", pods=[])))
+    endpoints.apply(WatchEvent("DELETED", pe("p-pods", pods=[])))
+    assert (cache.stubs, cache.policies, cache.listing) == ({}, {}, {})
+
+
+def test_only_the_objects_own_namespace_selects() -> None:
+    ignored: list[str] = []
+    cache = Cache(node_addresses=lambda: {NODE_IP}, on_ignored=ignored.append)
+    _local(cache, ("default", "a", "10.0.0.1"), ("other-ns", "d", "10.0.0.4"))
+    evil = pe("evil-1", namespace="evil", pods=[], isolation=["Ingress"])
+    evil["spec"]["podSelectorEndpoints"] = [
+        {"podIP": "10.0.0.1", "hostIP": NODE_IP, "name": "a", "namespace": "default"}]
+    mixed = pe("d-1", pods=[], isolation=["Ingress"])
+    mixed["spec"]["podSelectorEndpoints"] = [
+        {"podIP": "10.0.0.4", "hostIP": NODE_IP, "name": "d", "namespace": "other-ns"}]
+    cache.endpoints_consumer().replace([evil, mixed])
+    assert cache.endpoints_for(("default", "a")) == []
+    assert cache.endpoints_for(("other-ns", "d")) == []
+    assert ignored == ["foreign-namespace", "foreign-namespace"]
+
+
+def test_an_entry_under_another_address_is_not_a_selection() -> None:
+    ignored: list[str] = []
+    cache = Cache(node_addresses=lambda: {NODE_IP}, on_ignored=ignored.append)
+    _local(cache, ("default", "b", "10.0.0.2"))
+    cache.endpoints_consumer().replace([
+        pe("x-1", pods=[("b", "10.0.0.77", "172.31.0.99")], isolation=["Ingress"])])
+    assert cache.endpoints_for(("default", "b")) == []
+    assert cache.endpoints_for(("default", "b")) == []
+    assert ignored == ["address-mismatch"], "logged and counted once per object version"
+
+
+def test_hostnetwork_entries_are_skipped() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "h", NODE_IP))
+    cache.endpoints_consumer().replace([pe("h-1", pods=[("h", NODE_IP, NODE_IP)],
+                                           isolation=["Ingress"])])
+    assert cache.endpoints_for(("default", "h")) == []
+
+
+def test_policyref_in_another_namespace_is_rejected() -> None:
+    seen: list[str] = []
+    cache = Cache(node_addresses=lambda: {NODE_IP}, on_rejected=lambda ns, n, why: seen.append(why))
+    obj = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)])
+    obj["spec"]["policyRef"]["namespace"] = "elsewhere"
+    cache.endpoints_consumer().replace([obj])
+    assert cache.endpoints == {}
+    assert seen
+    assert seen[0].startswith("spec.policyRef.namespace")
+
+
+def test_objects_of_one_policy_name_in_two_namespaces_are_not_joined() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "a", "10.0.0.1"), ("other", "c", "10.0.0.3"))
+    cache.endpoints_consumer().replace([
+        pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], isolation=["Ingress"]),
+        pe("p-2", namespace="other", pods=[("c", "10.0.0.3", NODE_IP)],
+           isolation=["Ingress"], ingress=[{"cidr": "10.9.0.0/16"}]),
+    ])
+    assert [e.name for e in cache.endpoints_for(("default", "a"))] == ["p-1"]
+
+
+def test_target_groups_of_one_policy_are_joined_apart() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "a", "10.0.0.1"), ("default", "b", "10.0.0.2"))
+    one = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "10.1.0.0/16"}])
+    two = pe("p-2", pods=[("b", "10.0.0.2", NODE_IP)], ingress=[{"cidr": "10.2.0.0/16"}])
+    two["metadata"]["annotations"][GROUP_ANNOTATION] = "1"
+    cache.endpoints_consumer().replace([one, two])
+    assert [e.name for e in cache.endpoints_for(("default", "a"))] == ["p-1"]
+    assert [e.name for e in cache.endpoints_for(("default", "b"))] == ["p-2"]
 
 
 def test_cache_rejection_keeps_the_last_accepted_version() -> None:
