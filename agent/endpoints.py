@@ -20,6 +20,7 @@ from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
 from bpf.ruleset import PeerRule, PortRange, Prefix
 from common.cidr import Cidr
 from common.policyendpoint import (
+    GROUP_ANNOTATION,
     TRIGGER_ANNOTATION,
     PolicyEndpointError,
     PortSpec,
@@ -36,7 +37,6 @@ PodRef = tuple[str, str]  # (namespace, name)
 # agents that ignore the annotation join the groups, which allows the union of the groups'
 # ports (what the AWS controller itself writes), never less.
 PolicyKey = tuple[str, str, str]
-GROUP_ANNOTATION = "np-resolver.networking.k8s.aws/target-group"
 _PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP}
 
 

@@ -75,6 +75,28 @@ class Settings(BaseModel):
     unset: /aws/k8s-cluster/cluster, the reference's group outside EKS."""
     cloudwatch_queue_size: int = Field(default=100_000, ge=1000, le=10_000_000)
     """Events waiting for CloudWatch at most; beyond, they spill to a local file."""
+    endpoint_chunk_size: int = Field(default=200, ge=1, le=10_000)
+    """np-resolver: pods, ingress entries and egress entries per PolicyEndpoint at most
+    (the AWS controller's flag and default)."""
+    endpoint_layout: Literal["paired", "controller"] = "paired"
+    """np-resolver: how a policy's objects are laid out (see controller.layout): every
+    pod chunk paired with every rule chunk, or packed independently as the AWS
+    controller does (pod-only and rule-only objects)."""
+    leader_elect: bool = True
+    """np-resolver: only the holder of a coordination.k8s.io Lease writes, so several
+    replicas can run (controller-runtime's leader election)."""
+    leader_election_namespace: str = "kube-system"
+    """np-resolver: namespace of the Lease."""
+    leader_election_id: str = "np-resolver"
+    """np-resolver: name of the Lease."""
+    leader_election_lease_duration: float = Field(default=15.0, ge=1, le=600)
+    """np-resolver: seconds a leader's Lease is valid without renewal; a standby takes
+    over after this long (controller-runtime's default)."""
+    leader_election_renew_deadline: float = Field(default=10.0, ge=0.5, le=600)
+    """np-resolver: seconds the leader keeps trying to renew before it stops writing
+    (shorter than the lease duration, so it stops before anyone else may start)."""
+    leader_election_retry_period: float = Field(default=2.0, ge=0.1, le=60)
+    """np-resolver: seconds between attempts to acquire or renew."""
 
     @field_validator("metrics_bind_addr", "health_probe_bind_addr")
     @classmethod
@@ -146,7 +168,28 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--flow-log-backups", metavar="N")
     p.add_argument("--cluster-name")
     p.add_argument("--cloudwatch-queue-size", metavar="EVENTS")
+    # the reference agent's names for the (flow) log file's rotation: MB and files
+    p.add_argument("--log-file-max-size", metavar="MB", type=_megabytes, dest="flow_log_max_bytes")
+    p.add_argument("--log-file-max-backups", metavar="N", dest="flow_log_backups")
+    p.add_argument("--endpoint-chunk-size", metavar="N")
+    p.add_argument("--endpoint-layout", metavar="paired|controller")
+    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, metavar="BOOL")
+    p.add_argument("--leader-election-namespace")
+    p.add_argument("--leader-election-id")
+    p.add_argument("--leader-election-lease-duration", metavar="SECONDS")
+    p.add_argument("--leader-election-renew-deadline", metavar="SECONDS")
+    p.add_argument("--leader-election-retry-period", metavar="SECONDS")
     return p
+
+
+def _megabytes(text: str) -> int:
+    try:
+        mb = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MB, got {text!r}") from None
+    if mb < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 MB, got {text!r}")
+    return mb * 1024 * 1024
 
 
 def parse_settings(prog: str, description: str, argv: Sequence[str] | None = None,
@@ -174,5 +217,10 @@ def parse_settings(prog: str, description: str, argv: Sequence[str] | None = Non
     if settings.enable_cloudwatch_logs and not settings.enable_policy_event_logs:
         sys.stderr.write(f"{prog}: invalid --enable-cloudwatch-logs=true: "
                          "needs --enable-policy-event-logs=true\n")
+        raise SystemExit(2)
+    if settings.leader_election_renew_deadline >= settings.leader_election_lease_duration:
+        sys.stderr.write(f"{prog}: invalid --leader-election-renew-deadline="
+                         f"{settings.leader_election_renew_deadline}: must be shorter than "
+                         "--leader-election-lease-duration\n")
         raise SystemExit(2)
     return settings

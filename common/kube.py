@@ -91,6 +91,7 @@ NAMESPACES = Resource("", "v1", "namespaces", False)
 SERVICES = Resource("", "v1", "services", True)
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", True)
 POLICY_ENDPOINTS = Resource("networking.k8s.aws", "v1alpha1", "policyendpoints", True)
+LEASES = Resource("coordination.k8s.io", "v1", "leases", True)
 
 
 class KubeError(Exception):

@@ -1,14 +1,19 @@
-"""np-resolver: writes PolicyEndpoints from NetworkPolicies (one replica per cluster).
+"""np-resolver: writes PolicyEndpoints from NetworkPolicies (leader-elected replicas).
 
-For clusters without the AWS network policy controller (kind, self-managed). Its local
-API (``resolver.sock`` under --runtime-dir) reports whether it has caught up; /healthz
-and /readyz (watches synced) are served on --health-probe-bind-addr.
+For clusters without the AWS network policy controller (kind, self-managed). Replicas
+elect a leader over a Lease (--leader-elect); the others keep their watches warm and
+write nothing until they hold it. Its local API (``resolver.sock`` under --runtime-dir)
+reports whether it has caught up; /healthz and /readyz (watches synced) are served on
+--health-probe-bind-addr, the controller's metrics on --metrics-bind-addr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
+import uuid
 from collections.abc import Sequence
 
 import structlog
@@ -22,6 +27,8 @@ from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SE
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import run_process, supervise
 from common.watching import list_watch
+from controller.leader import LeaderElector
+from controller.metrics import metrics_app
 from controller.sync import Resolver
 
 log = structlog.get_logger("resolver")
@@ -30,6 +37,8 @@ RESOLVER_SOCKET = "resolver.sock"
 
 class ResolverStatus(BaseModel):
     synced: bool
+    leader: bool                 # holds the Lease (always, without --leader-elect)
+    identity: str
     idle: bool
     observed_resource_version: int
     policies: int
@@ -46,11 +55,14 @@ class ResolverStatus(BaseModel):
     last_batch_ms: float
 
 
-def api(resolver: Resolver) -> web.Application:
+def api(resolver: Resolver, elector: LeaderElector | None,
+        identity: str) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         s = resolver.stats
         body = ResolverStatus(
-            synced=all(resolver.synced.values()), idle=resolver.idle.is_set(),
+            synced=all(resolver.synced.values()),
+            leader=elector is None or elector.is_leader.is_set(), identity=identity,
+            idle=resolver.idle.is_set(),
             observed_resource_version=s.observed_rv, policies=len(resolver.policies),
             pods=len(resolver.world.pods),
             policyendpoints=sum(len(v) for v in resolver.owned.values()),
@@ -67,23 +79,52 @@ def api(resolver: Resolver) -> web.Application:
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     kube = await KubeClient.connect(settings.kubeconfig)
     try:
-        resolver = Resolver(kube)
+        resolver = Resolver(kube, layout=settings.endpoint_layout,
+                            chunk_size=settings.endpoint_chunk_size)
+        identity = _identity()
+        elector = None
+        if settings.leader_elect:
+            elector = LeaderElector(
+                kube, namespace=settings.leader_election_namespace,
+                name=settings.leader_election_id, identity=identity,
+                lease_duration=settings.leader_election_lease_duration,
+                renew_deadline=settings.leader_election_renew_deadline,
+                retry_period=settings.leader_election_retry_period)
+
         def ready() -> list[str]:
             return [] if all(resolver.synced.values()) else ["watches not synced"]
 
+        async def resolve() -> None:
+            if elector is not None:
+                await elector.is_leader.wait()
+            resolver.metrics.leader.set(1)
+            await resolver.run()
+
         tasks = {
-            "api": serve_unix(api(resolver), socket_path(settings.runtime_dir, RESOLVER_SOCKET)),
+            "api": serve_unix(api(resolver, elector, identity),
+                              socket_path(settings.runtime_dir, RESOLVER_SOCKET)),
             "health": serve(health_app([ready]), settings.health_probe_bind_addr),
-            "resolve": resolver.run(),
+            "metrics": serve(metrics_app(resolver.metrics), settings.metrics_bind_addr),
+            "resolve": resolve(),
         }
+        if elector is not None:
+            tasks["leader-election"] = elector.run()
         for name, resource in (("networkpolicies", NETWORK_POLICIES), ("pods", PODS),
                                ("namespaces", NAMESPACES), ("services", SERVICES),
                                ("policyendpoints", POLICY_ENDPOINTS)):
             tasks[f"watch-{name}"] = list_watch(kube, resource, resolver.consumer(name))
-        log.info("resolver.starting")
+        log.info("resolver.starting", identity=identity, layout=settings.endpoint_layout,
+                 chunk_size=settings.endpoint_chunk_size, leader_elect=settings.leader_elect)
         await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)
     finally:
         await kube.close()
+
+
+def _identity() -> str:
+    """POD_NAME (the Downward API) or the host name, plus a random part: two processes
+    never share an identity (client-go's hostname_uuid)."""
+    base = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{base}_{uuid.uuid4().hex[:8]}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

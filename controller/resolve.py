@@ -10,11 +10,11 @@ and better where it is wrong (pure; no API access).
   podSelector matches, with the Service's port numbers (policies see traffic before
   kube-proxy's DNAT).
 - Named ports: ingress resolves them on each target pod (targets resolving differently
-  get separate PolicyEndpoints, so the agent's union stays exact); egress resolves them on
-  each destination pod, also for rules without ``to`` (the reference controller drops
-  those). A rule whose named ports resolve to nothing allows nothing.
-- Chunks of at most 200 ingress entries, 200 egress entries and 200 pods per object;
-  every pod chunk is paired with every rule chunk, so each pod is listed with all rules.
+  form separate target groups, see ``controller.layout``, so the union stays exact);
+  egress resolves them on each destination pod, also for rules without ``to`` (the
+  reference controller drops those). A rule whose named ports resolve to nothing allows
+  nothing.
+- How the result is laid out into objects (chunks, layouts): ``controller.layout``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.layout import Group, Resolution, paired
 from controller.selectors import compile_selector
 from controller.validate import PolicyInvalid, validate_spec
 
-MAX_ENTRIES = 200
-MAX_PODS = 200
+MAX_ENTRIES = 200  # entries (and pods) per object: the controller's --endpoint-chunk-size
 ALL_V4, ALL_V6 = "0.0.0.0/0", "::/0"
 
 Obj = dict[str, Any]
@@ -284,25 +284,28 @@ def _dedupe(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [seen[k] for k in sorted(seen)]
 
 
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
-
-
 # ---- the policy --------------------------------------------------------------------------
 class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API would)
     """A NetworkPolicy this resolver cannot resolve (the API server's validation would
     have refused it); the message names the policy and the problem."""
 
 
-def resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
-    """The specs of the PolicyEndpoints of one NetworkPolicy (ordered, deterministic);
+def resolve(policy: Mapping[str, Any], world: World,
+            chunk_size: int = MAX_ENTRIES) -> list[Obj]:
+    """The specs of a NetworkPolicy's PolicyEndpoints in the paired layout (ordered,
+    deterministic); InvalidPolicy if its content is malformed."""
+    return [d.spec for d in paired(resolution(policy, world), chunk_size)]
+
+
+def resolution(policy: Mapping[str, Any], world: World) -> Resolution:
+    """What a NetworkPolicy resolves to, before it is laid out into objects;
     InvalidPolicy if its content is malformed (bad CIDR, selector or port, wrong type)."""
     meta = policy.get("metadata") or {} if isinstance(policy, Mapping) else {}
     where = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
     try:
-        specs = _resolve(policy, world)
-        json.dumps(specs)  # the objects are written as JSON: nothing unserialisable
-        return specs
+        res = _resolve(policy, world)
+        json.dumps([res.egress, [(g.pods, g.ingress) for g in res.groups]])
+        return res
     except InvalidPolicy:
         raise
     except PolicyInvalid as exc:
@@ -311,7 +314,7 @@ def resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
         raise InvalidPolicy(f"networkpolicy {where}: {type(exc).__name__}: {exc}") from None
 
 
-def _resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
+def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     meta, spec = policy.get("metadata") or {}, policy.get("spec") or {}
     validate_spec(spec)
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
@@ -323,30 +326,21 @@ def _resolve(policy: Mapping[str, Any], world: World) -> list[Obj]:
     ingress_rules = (spec.get("ingress") or []) if "Ingress" in types else []
     egress = _egress(world, namespace, spec.get("egress") or []) if "Egress" in types else []
 
-    # targets resolving the ingress named ports differently get their own objects
+    # targets resolving the ingress named ports differently get their own group
     groups: dict[str, tuple[list[Entry], list[Pod]]] = {}
     for pod in targets:
         ingress = _ingress(world, namespace, ingress_rules, pod)
         groups.setdefault(repr(ingress), (ingress, []))[1].append(pod)
     if not groups:
         groups[""] = (_ingress(world, namespace, ingress_rules, _NO_POD), [])
-
-    specs: list[Obj] = []
-    for ingress, pods in groups.values():
-        endpoints = [{"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name,
-                      "namespace": p.namespace} for p in pods]
-        in_chunks, out_chunks = _chunks(ingress, MAX_ENTRIES), _chunks(egress, MAX_ENTRIES)
-        for pod_chunk in _chunks(endpoints, MAX_PODS):
-            for j in range(max(len(in_chunks), len(out_chunks))):
-                specs.append({
-                    "policyRef": {"name": name, "namespace": namespace},
-                    "podSelector": spec.get("podSelector") or {},
-                    "podIsolation": types,
-                    "podSelectorEndpoints": list(pod_chunk),
-                    "ingress": list(in_chunks[j]) if j < len(in_chunks) else [],
-                    "egress": list(out_chunks[j]) if j < len(out_chunks) else [],
-                })
-    return specs
+    return Resolution(
+        name=name, namespace=namespace, types=types,
+        pod_selector=spec.get("podSelector") or {},
+        groups=[Group(label="" if i == 0 else str(i), ingress=ingress,
+                      pods=[{"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name,
+                             "namespace": p.namespace} for p in pods])
+                for i, (ingress, pods) in enumerate(groups.values())],
+        egress=egress)
 
 
 _NO_POD = Pod("", "", {}, (), "", False, False, ())

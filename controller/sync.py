@@ -24,9 +24,11 @@ from typing import Any
 import structlog
 
 from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
-from common.policyendpoint import API_VERSION, KIND, TRIGGER_ANNOTATION
+from common.policyendpoint import API_VERSION, GROUP_ANNOTATION, KIND, TRIGGER_ANNOTATION
 from common.watching import Replacing
-from controller.resolve import InvalidPolicy, World, pod_from, resolve, service_from
+from controller.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
+from controller.metrics import POLICY_TYPE, ResolverMetrics
+from controller.resolve import InvalidPolicy, World, pod_from, resolution, service_from
 
 log = structlog.get_logger("resolver")
 
@@ -65,6 +67,9 @@ class ResolverStats:
 class Resolver:
     kube: KubeClient
     debounce: float = 0.05
+    layout: Layout = "paired"
+    chunk_size: int = 200
+    metrics: ResolverMetrics = field(default_factory=ResolverMetrics)
     world: World = field(default_factory=World)
     policies: dict[Key, Obj] = field(default_factory=dict)
     owned: dict[str, dict[Key, Obj]] = field(default_factory=dict)  # policy uid -> PEs
@@ -163,12 +168,16 @@ class Resolver:
         live = {p["metadata"].get("uid", "") for p in self.policies.values()}
         keys = set(self.policies) if self.all_dirty else self.dirty & set(self.policies)
         self.dirty, self.all_dirty = set(), False
+        self.metrics.objects.labels(POLICY_TYPE).set(len(self.policies))
         for key in sorted(keys):
             policy = self.policies.get(key)
             if policy is None:
                 continue
+            started = time.monotonic()
+            result = "error"
             try:
                 await self._sync_policy(policy, trigger)
+                result = "success"
             except InvalidPolicy as exc:
                 # not retried until it changes; its current objects stay as they are
                 self.stats.invalid += 1
@@ -183,6 +192,10 @@ class Resolver:
                 self.dirty.add(key)
                 self.changed.set()  # try again at the next round
                 await asyncio.sleep(0.2)
+            finally:
+                self.metrics.reconciliations.labels(POLICY_TYPE, result).inc()
+                self.metrics.reconcile_duration.labels(POLICY_TYPE).observe(
+                    time.monotonic() - started)
         for uid in [u for u in self.owned if u not in live]:
             for ns, name in list(self.owned[uid]):
                 await self._delete(ns, name, uid)  # orphans of deleted policies
@@ -190,26 +203,47 @@ class Resolver:
     async def _sync_policy(self, policy: Obj, trigger: float) -> None:
         meta = policy["metadata"]
         uid = meta.get("uid", "")
-        desired = resolve(policy, self.world)
+        res = resolution(policy, self.world)
         current = sorted(self.owned.get(uid, {}).values(), key=lambda o: o["metadata"]["name"])
-        for spec, existing in zip(desired, current, strict=False):
-            if existing.get(SPEC_DIGEST) != _digest(spec):
-                await self._update(existing, spec, trigger)
-        for spec in desired[len(current):]:
-            await self._create(policy, spec, trigger)
-        for existing in current[len(desired):]:
-            await self._delete(existing["metadata"]["namespace"], existing["metadata"]["name"],
-                               uid)
+        by_name = {o["metadata"]["name"]: o for o in current}
+        if self.layout == "controller":
+            plan = packed(res, self.chunk_size, [
+                Held(o["metadata"]["name"], _group(o), o.get(HELD_KEYS) or {})
+                for o in current])
+        else:
+            desired = paired(res, self.chunk_size)
+            plan = Plan(
+                writes=[(o["metadata"]["name"] if o else None, d) for d, o in
+                        zip(desired, [*current, *[None] * len(desired)], strict=False)],
+                deletes=[o["metadata"]["name"] for o in current[len(desired):]])
+        updates = [(by_name[n], d) for n, d in plan.writes
+                   if n is not None and (by_name[n].get(SPEC_DIGEST) != _digest(d.spec)
+                                         or _group(by_name[n]) != d.group)]
+        # objects that only gain entries are written before those that lose some, and
+        # deletions come last: an entry moving between objects is never missing
+        updates.sort(key=lambda u: bool((u[0].get(HELD_KEYS) or {}) and any(
+            u[0][HELD_KEYS].get(k, frozenset()) - keys_of(u[1].spec)[k] for k in KINDS)))
+        for existing, d in updates:
+            await self._update(existing, d, trigger)
+        for name, d in plan.writes:
+            if name is None:
+                await self._create(policy, d, trigger)
+        for name in plan.deletes:
+            await self._delete(meta["namespace"], name, uid)
 
     # ---- writes -----------------------------------------------------------------------
-    async def _create(self, policy: Obj, spec: Obj, trigger: float) -> None:
+    async def _create(self, policy: Obj, desired: Desired, trigger: float) -> None:
         meta = policy["metadata"]
+        spec = desired.spec
+        annotations = {TRIGGER_ANNOTATION: _rfc3339(trigger)}
+        if desired.group:
+            annotations[GROUP_ANNOTATION] = desired.group
         body = {
             "apiVersion": API_VERSION, "kind": KIND,
             "metadata": {
                 "generateName": f"{meta['name']}-", "namespace": meta["namespace"],
                 "labels": dict([MANAGED_BY]),
-                "annotations": {TRIGGER_ANNOTATION: _rfc3339(trigger)},
+                "annotations": annotations,
                 "ownerReferences": [{
                     "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                     "name": meta["name"], "uid": meta.get("uid", ""), "controller": True,
@@ -222,12 +256,16 @@ class Resolver:
         self.stats.writes += 1
         self._set("policyendpoints", created, deleted=False)
 
-    async def _update(self, existing: Obj, spec: Obj, trigger: float) -> None:
-        body = {k: v for k, v in existing.items() if k != SPEC_DIGEST}
-        body["spec"] = spec
+    async def _update(self, existing: Obj, desired: Desired, trigger: float) -> None:
+        body = {k: v for k, v in existing.items() if k not in (SPEC_DIGEST, HELD_KEYS)}
+        body["spec"] = desired.spec
         body["metadata"] = dict(existing["metadata"])
-        body["metadata"]["annotations"] = dict(existing["metadata"].get("annotations") or {},
-                                               **{TRIGGER_ANNOTATION: _rfc3339(trigger)})
+        annotations = dict(existing["metadata"].get("annotations") or {},
+                           **{TRIGGER_ANNOTATION: _rfc3339(trigger)})
+        annotations.pop(GROUP_ANNOTATION, None)
+        if desired.group:
+            annotations[GROUP_ANNOTATION] = desired.group
+        body["metadata"]["annotations"] = annotations
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             updated = await self.kube.replace(POLICY_ENDPOINTS, ns, name, body)
@@ -299,6 +337,7 @@ class _Retry(Exception):  # noqa: N818 (a control-flow signal, not an error)
 
 
 SPEC_DIGEST = "specDigest"
+HELD_KEYS = "heldKeys"
 
 
 def _digest(spec: Obj) -> str:
@@ -311,7 +350,13 @@ def _compact(pe: Obj) -> Obj:
     compared (a digest)."""
     out = {k: v for k, v in pe.items() if k != "spec"}
     out[SPEC_DIGEST] = _digest(pe.get("spec") or {})
+    out[HELD_KEYS] = keys_of(pe.get("spec") or {})
     return out
+
+
+def _group(pe: Obj) -> str:
+    return str(((pe.get("metadata") or {}).get("annotations") or {})
+               .get(GROUP_ANNOTATION, ""))
 
 
 def _depends_on_world(policy: Obj) -> bool:

@@ -43,7 +43,8 @@ NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "Netwo
 POLICY_ENDPOINTS = Resource(
     "networking.k8s.aws", "v1alpha1", "policyendpoints", "PolicyEndpoint", True
 )
-RESOURCES = (PODS, NAMESPACES, SERVICES, NODES, NETWORK_POLICIES, POLICY_ENDPOINTS)
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
+RESOURCES = (PODS, NAMESPACES, SERVICES, NODES, NETWORK_POLICIES, POLICY_ENDPOINTS, LEASES)
 
 
 class ApiError(Exception):

@@ -141,7 +141,8 @@ class NodeStack:
                            MY_NODE_NAME=self.node, PYTHONPATH=str(REPO), **(env or {}))
         # the resolver shares the node's network here (a Deployment pod in a cluster):
         # its health port must not take the agent's
-        own = ["--health-probe-bind-addr=127.0.0.1:0"] if name == "resolver" else []
+        own = (["--health-probe-bind-addr=127.0.0.1:0", "--metrics-bind-addr=127.0.0.1:0"]
+               if name == "resolver" else [])
         args = ["nsenter", f"--net=/run/netns/{self.sim.netns}", *wrap, sys.executable,
                 "-m", MODULES[name], *self.flags(), *own, *extra]
         with open(self.log_file(name), "a") as log:  # noqa: ASYNC230 (local file, tiny)

@@ -148,8 +148,8 @@ async def test_malformed_requests_get_4xx_never_500_or_a_hang(running: AgentRig,
 
 def test_only_metrics_and_health_listen_on_the_network(running: AgentRig) -> None:
     """Inside the node's network namespace: TCP/UDP sockets owned by the node processes.
-    The agent: metrics and health; the resolver: health (its pod's own network in a
-    cluster); the cleaner and the shipper: nothing."""
+    The agent: metrics and health; the resolver: health and the controller's metrics
+    (its pod's own network in a cluster); the cleaner and the shipper: nothing."""
     pids = {name: proc.pid for name, proc in running.procs.items()}
     out = subprocess.run(["nsenter", f"--net=/run/netns/{running.sim.netns}", "ss", "-Hlntup"],
                          capture_output=True, text=True, check=True).stdout
@@ -159,6 +159,6 @@ def test_only_metrics_and_health_listen_on_the_network(running: AgentRig) -> Non
             if f"pid={pid}," in line:
                 listening[name].append(line.split()[4].rsplit(":", 1)[1])
     assert sorted(listening["agent"]) == ["8162", "8163"], out
-    assert len(listening["resolver"]) == 1, out  # --health-probe-bind-addr
+    assert len(listening["resolver"]) == 2, out  # --health-probe- and --metrics-bind-addr
     assert listening["conntrack"] == []
     assert listening["flowlogs"] == []

@@ -9,11 +9,11 @@ import pytest
 
 from agent.cache import Cache
 from agent.desired import pod_directions
-from agent.endpoints import GROUP_ANNOTATION, Endpoints, from_api
+from agent.endpoints import Endpoints, from_api
 from bpf import layout as lay
 from bpf.ruleset import PortRange
 from common.kube import WatchEvent
-from common.policyendpoint import PolicyEndpointError
+from common.policyendpoint import GROUP_ANNOTATION, PolicyEndpointError
 
 NODE_IP = "172.31.255.1"
 
