@@ -21,6 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from agent.cache import Cache
+from agent.deciders import deciding_objects
 from agent.endpoints import PodRef
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
@@ -213,7 +214,14 @@ class AgentApi:
             return _json(ExplainResult(verdict="NOT_ENFORCED", reason="not-enforced",
                                        summary=f"{req.pod} is not enforced: {why}",
                                        pod=req.pod, ifindex=0, state=""))
-        return _json(await self.worker.call(self._explain, req, st.ifindex))
+        result = await self.worker.call(self._explain, req, st.ifindex)
+        if result.state in ("POLICIES_APPLIED", "DEFAULT_DENY") and result.reason != "host":
+            result.policyendpoints = deciding_objects(
+                self.enforcer.programmed_endpoints(ref), ingress=req.direction == "ingress",
+                peer=ipaddress.ip_address(req.peer), protocol=PROTOCOLS[req.protocol],
+                port=0 if req.protocol == "ICMP" else req.port,
+                allowed=result.verdict == "ALLOW")
+        return _json(result)
 
     def _explain(self, req: ExplainRequest, ifindex: int) -> ExplainResult:
         """Worker thread: walk the datapath's decision on the live maps."""

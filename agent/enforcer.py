@@ -392,6 +392,15 @@ class Enforcer:
         self.metrics.pods.labels("pending").set(len(self.cache.pods) - programmed)
 
     # ---- queries ------------------------------------------------------------------------
+    def programmed_endpoints(self, ref: PodRef) -> tuple[Endpoints, ...]:
+        """The objects the pod's record in force was compiled from."""
+        st = self.status.get(ref)
+        if st is None or st.inputs is None or st.error:
+            return ()
+        endpoints = st.inputs[3]
+        assert isinstance(endpoints, tuple)
+        return endpoints
+
     def is_programmed(self, ref: PodRef) -> bool:
         """The pod's current PolicyEndpoint generations are all in force."""
         st = self.status.get(ref)

@@ -249,7 +249,10 @@ def render_pod(p: PodView) -> str:
 
 
 def render_explain(r: ExplainResult) -> str:
-    return f"{r.verdict}: {r.summary}"
+    text = f"{r.verdict}: {r.summary}"
+    if r.policyendpoints:
+        text += "\n  decided by: " + ", ".join(r.policyendpoints)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> None:

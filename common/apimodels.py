@@ -131,6 +131,9 @@ class ExplainResult(_Model):
     matched_cidr: str | None = None
     rule: PortRuleView | None = None
     policy: str | None = None
+    # the PolicyEndpoint objects (namespace/name) whose entries decided: a policy's
+    # rules may be spread over several objects
+    policyendpoints: list[str] = []
 
 
 class WaitResult(_Model):

@@ -16,11 +16,13 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
@@ -38,6 +40,25 @@ from flowlogs.sink import RotatingFile
 log = structlog.get_logger("flowlogs")
 RECENT = 1000
 
+
+
+class DropCounters(Collector):
+    """The reference's drop metrics, as Prometheus counters: the datapath's per-CPU
+    totals, which only grow (read at each scrape by ``export``)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[int, int]] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        packets = CounterMetricFamily("network_policy_drop_count",
+                                      "Packets dropped by policy", labels=["direction"])
+        octets = CounterMetricFamily("network_policy_drop_bytes",
+                                     "Bytes dropped by policy", labels=["direction"])
+        for direction, (count, size) in sorted(self.values.items()):
+            packets.add_metric([direction], count)
+            octets.add_metric([direction], size)
+        yield packets
+        yield octets
 
 class FlowLogs:
     def __init__(self, settings: Settings, *, stats_map: TypedMap[ctypes.c_uint32, lay.NpStats],
@@ -74,10 +95,8 @@ class FlowLogs:
             events.labels("read"), events.labels("written"), events.labels("filtered"))
         self.m_dropped = Gauge("awsnodeagent_flowlogs_dropped", "Decisions not recorded or "
                                "not shipped, by reason (never silent)", ["reason"], registry=r)
-        self.m_drop_count = Gauge("network_policy_drop_count_total",
-                                  "Packets dropped by policy", ["direction"], registry=r)
-        self.m_drop_bytes = Gauge("network_policy_drop_bytes_total",
-                                  "Bytes dropped by policy", ["direction"], registry=r)
+        self.drops = DropCounters()
+        r.register(self.drops)
 
     # ---- the hot path -------------------------------------------------------------------
     def on_records(self, batch: list[bytes]) -> None:
@@ -148,9 +167,8 @@ class FlowLogs:
 
     def export(self) -> None:
         dp = self.datapath_stats()
-        for direction in ("ingress", "egress"):
-            self.m_drop_count.labels(direction).set(dp[f"{direction}_denied_packets"])
-            self.m_drop_bytes.labels(direction).set(dp[f"{direction}_denied_bytes"])
+        self.drops.values = {d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"])
+                             for d in ("ingress", "egress")}
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
         if self.cloudwatch is not None:
             self.m_dropped.labels("cloudwatch_queue_full").set(self.cloudwatch.stats.overflow)

@@ -14,7 +14,7 @@ from bpf.datapath import Datapath
 from simnode.netns import exists
 from simnode.node import SimNode, unique_tag
 from tests.conformance.generator import generate
-from tests.conformance.harness import CaseResult, Cluster, summary
+from tests.conformance.harness import LAYOUTS, CaseResult, Cluster, summary
 from tests.conformance.scenario import discover
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,15 +61,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_line(summary(RESULTS))
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=list(LAYOUTS))
+async def cluster(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """One simulated node per resolver layout (every case runs in each)."""
     from tests.privileged.conftest import _require_privileges
 
     _require_privileges()
     workdir = tmp_path_factory.mktemp("conformance")
     pin_root = f"/sys/fs/bpf/npc-{unique_tag()}"
     sim = SimNode(unique_tag("npc"))
-    c = Cluster(sim, workdir=workdir, pin_root=pin_root)
+    c = Cluster(sim, workdir=workdir, pin_root=pin_root, layout=request.param)
     try:
         await sim.start()
         await c.start()

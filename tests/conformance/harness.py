@@ -61,8 +61,19 @@ class CaseResult:
         return head if self.ok else f"{head}: {self.message}"
 
 
+# How the resolver lays policies out, per conformance pass: our paired layout at the
+# default chunk size, and the AWS controller's layout at chunk size 1, so that every
+# policy with more than one pod or entry is split into pod-only and rule-only objects.
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "paired": (),
+    "controller-1": ("--endpoint-layout=controller", "--endpoint-chunk-size=1"),
+}
+
+
 class Cluster:
-    def __init__(self, sim: SimNode, *, workdir: Path, pin_root: str) -> None:
+    def __init__(self, sim: SimNode, *, workdir: Path, pin_root: str,
+                 layout: str = "paired") -> None:
+        self.layout = layout
         self.sim = sim
         self.rig = AgentRig(sim, pin_root=pin_root, workdir=workdir)
         self.workdir = workdir
@@ -74,7 +85,7 @@ class Cluster:
     # ---- processes --------------------------------------------------------------------
     async def start(self) -> None:
         await self.rig.start_api()
-        await self.rig.start("resolver", "--log-level=info")
+        await self.rig.start("resolver", "--log-level=info", *LAYOUTS[self.layout])
         await self.rig.start_agent("--log-level=info")
         await self.rig.ready(timeout=30)
 
@@ -228,7 +239,7 @@ class Cluster:
 
     # ---- a scenario -------------------------------------------------------------------
     async def run(self, scenario: Scenario) -> CaseResult:
-        result = CaseResult(scenario.name, ok=True)
+        result = CaseResult(f"{scenario.name} [{self.layout}]", ok=True)
         family = scenario.world.family
         await self.prepare(scenario.world)
         for i, step in enumerate(scenario.steps, 1):

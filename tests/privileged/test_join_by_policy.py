@@ -3,6 +3,7 @@ rule-only objects joined by ``policyRef``, fed to the real agent, proven with tr
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from simnode.node import SimPod
@@ -50,6 +51,15 @@ async def test_rule_chunk_after_the_pod_chunk(rig: AgentRig) -> None:
     rig.apply(rule_chunk(rig, "allow-ok-def34", "allow-ok", ingress=allow_from(ok)))
     await rig.converge(cases, [True, True, False, False])
     await rig.settle_agent()
+    # explain names the object whose entry decided, not just the policy
+    for peer, verdict, objects in (
+            (ok, "ALLOW", ["default/allow-ok-def34"]),
+            (other, "DENY", ["default/allow-ok-abc12", "default/allow-ok-def34"])):
+        out = await rig.acli("explain", "default/web", "--peer", str(peer.ipv4), "--port", "80",
+                             "--protocol", "TCP", "--direction", "ingress", "--json")
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        assert (answer["verdict"], answer["policyendpoints"]) == (verdict, objects)
 
     # the rule chunk moves to a third object (the controller re-packs): still allowed
     rig.apply(rule_chunk(rig, "allow-ok-ghi56", "allow-ok", ingress=allow_from(ok)))

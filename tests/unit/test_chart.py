@@ -157,15 +157,24 @@ def test_grace_period_outlasts_every_process_shutdown_timeout(timeout: float) ->
 def test_resolver_runs_unprivileged_as_non_root() -> None:
     objs = render({"resolver": {"enabled": True}})
     dep = one(objs, "Deployment", "resolver")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    pdb = one(objs, "PodDisruptionBudget", "resolver")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+    role = one(objs, "Role", "resolver")
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["get", "create", "update"]}]
     spec = dep["spec"]["template"]["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert "hostNetwork" not in spec
     (c,) = spec["containers"]
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8163}
-    settings_of(c)  # its flags parse
+    settings = settings_of(c)  # its flags parse
+    assert settings.leader_elect
+    assert settings.leader_election_namespace == dep["metadata"]["namespace"]
+    assert [e["name"] for e in c["env"]] == ["POD_NAME"]
 
 
 def test_optional_parts() -> None:
@@ -183,6 +192,8 @@ def test_optional_parts() -> None:
     ({"nodeAgent": {"logLevel": "verbose"}}, "logLevel"),
     ({"nodeAgent": {"shutdownTimeout": 0}}, "shutdownTimeout"),
     ({"nodeAgent": {"bpfPinRoot": "/tmp/pins"}}, "bpfPinRoot"),
+    ({"resolver": {"endpointLayout": "cross"}}, "endpointLayout"),
+    ({"resolver": {"endpointChunkSize": 0}}, "endpointChunkSize"),
 ])
 def test_invalid_values_are_refused_naming_the_key(values: Obj, key: str) -> None:
     with pytest.raises(helm.HelmError) as err:

@@ -98,3 +98,19 @@ def test_reference_group_and_stream_names() -> None:
     assert group_name("prod") == "/aws/eks/prod/cluster"
     assert group_name("") == "/aws/k8s-cluster/cluster"
     assert stream_name("ip-10-0-0-1") == "aws-network-policy-agent-audit-ip-10-0-0-1"
+
+
+def test_drop_metrics_are_prometheus_counters() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flowlogs.main import DropCounters
+
+    registry = CollectorRegistry()
+    drops = DropCounters()
+    registry.register(drops)
+    drops.values = {"ingress": (3, 300), "egress": (1, 60)}
+    text = generate_latest(registry).decode()
+    assert "# TYPE network_policy_drop_count_total counter" in text
+    assert "# TYPE network_policy_drop_bytes_total counter" in text
+    assert 'network_policy_drop_count_total{direction="ingress"} 3.0' in text
+    assert 'network_policy_drop_bytes_total{direction="egress"} 60.0' in text
