@@ -105,7 +105,8 @@ class AgentApi:
             pods=len(self.cache.pods),
             programmed=sum(1 for ref in self.cache.pods if self.enforcer.is_programmed(ref)),
             tries=counts["tries"], portsets=counts["portsets"],
-            policyendpoints=len(self.cache.endpoints), rejected=len(self.cache.rejected),
+            policyendpoints=len(self.cache.endpoints),
+            policyendpoint_stubs=len(self.cache.stubs), rejected=len(self.cache.rejected),
             datapath=stats,
             watches={k: WatchView(synced=w.synced.is_set(), lists=w.lists, gone=w.gone,
                                   errors=w.errors, events=w.events, last_error=w.last_error)

@@ -94,6 +94,7 @@ class NodeStatus(_Model):
     tries: int
     portsets: int
     policyendpoints: int
+    policyendpoint_stubs: int = 0  # objects of policies selecting no local pod (not kept)
     rejected: int
     datapath: dict[str, int]
     watches: dict[str, WatchView]
