@@ -31,6 +31,7 @@ from bpf.attach import attachment
 from bpf.datapath import Datapath
 from bpf.ruleset import CompiledRules, Portset
 from common.apimodels import (
+    TABLE_WARN,
     DirectionView,
     ExplainRequest,
     ExplainResult,
@@ -41,6 +42,7 @@ from common.apimodels import (
     PortRuleView,
     ProcessStats,
     RuleView,
+    TableView,
     WaitResult,
     WatchView,
 )
@@ -107,6 +109,11 @@ class AgentApi:
             tries=counts["tries"], portsets=counts["portsets"],
             policyendpoints=len(self.cache.endpoints),
             policyendpoint_stubs=len(self.cache.stubs), rejected=len(self.cache.rejected),
+            failed={f"{r[0]}/{r[1]}": st.error for r, st in sorted(self.enforcer.status.items())
+                    if st.error},
+            tables={t: TableView(entries=e, capacity=c)
+                    for t, (e, c) in sorted(self.dp.occupancy().items())},
+            warnings=table_warnings(self.dp.occupancy()),
             datapath=stats,
             watches={k: WatchView(synced=w.synced.is_set(), lists=w.lists, gone=w.gone,
                                   errors=w.errors, events=w.events, last_error=w.last_error)
@@ -288,7 +295,10 @@ class AgentApi:
             pending = self._pending(refs, wanted, truth)
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
-                return _json(WaitResult(programmed=not pending, pending=pending,
+                failed = {p: self.enforcer.status[r].error for p in pending
+                          if (r := _ref(p)) in self.enforcer.status
+                          and self.enforcer.status[r].error}
+                return _json(WaitResult(programmed=not pending, pending=pending, failed=failed,
                                         waited=round(time.monotonic() - started, 3),
                                         checked_with_api=truth is not None))
             async with self.enforcer.progress:
@@ -373,6 +383,17 @@ def _decide(dp: Datapath, trie: CompiledRules, req: ExplainRequest,
         summary=(f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
                  f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"),
         pod=req.pod, ifindex=ifindex)
+
+
+def _ref(text: str) -> PodRef:
+    ns, _, name = text.partition("/")
+    return (ns, name)
+
+
+def table_warnings(occupancy: dict[str, tuple[int, int]]) -> list[str]:
+    """Tables at or over TABLE_WARN of their capacity, as sentences."""
+    return [f"table {t} is {e}/{c} full ({e / c:.0%})"
+            for t, (e, c) in sorted(occupancy.items()) if c and e / c >= TABLE_WARN]
 
 
 async def _process_stats(runtime_dir: str, sock: str, what: str) -> ProcessStats:

@@ -70,6 +70,11 @@ class PackedRules:
     def __len__(self) -> int:
         return sum(len(p) // _PACKED.size for _, p in self.groups) + len(self.others)
 
+    def weight(self) -> int:
+        """Port rules counted per CIDR (what compiling them costs, roughly)."""
+        return (sum(len(p) // _PACKED.size * max(1, len(ports)) for ports, p in self.groups)
+                + sum(max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others))
+
     @classmethod
     def of(cls, rules: Iterable[PeerRule]) -> PackedRules:
         groups: dict[tuple[PortRange, ...], bytearray] = {}

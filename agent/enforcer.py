@@ -17,15 +17,16 @@ pod is programmed" means to callers (local API, ``wait``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from agent.cache import Cache, LocalPod
-from agent.desired import pod_directions
+from agent.desired import pod_directions, weight
 from agent.endpoints import Endpoints, PodRef
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
@@ -34,6 +35,7 @@ from bpf import layout as lay
 from bpf.attach import attach, attachment
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.errors import BpfError, RuleLimitError
+from bpf.registry import TableFullError
 from common import memory
 from common.netlink import NetEvent, Netlink, NetlinkOpError
 
@@ -49,6 +51,15 @@ PROGRAM_BATCH_ENTRIES = 32768
 GC_QUIET = 0.5
 GC_MAX_RETIRED = 128
 GC_MAX_DELAY = 5.0
+# Ids and pins are looked after every LIFECYCLE_PERIOD seconds: retired pod ids start
+# their grace period, names past it are freed, lost pins are restored; pods whose
+# programming failed for a reason that may pass (a full table, a kernel error) are tried
+# again.
+LIFECYCLE_PERIOD = 5.0
+# A pod whose rules weigh more than HEAVY_RULES port rules (see agent.desired.weight) is
+# compiled and switched on its own, after the lighter pods of its batch, and changes
+# that arrive meanwhile go first: one large object cannot queue every other pod behind it.
+HEAVY_RULES = 20_000
 
 
 @dataclass
@@ -63,7 +74,21 @@ class PodStatus:
     programmed: dict[str, int] = field(default_factory=dict)  # "ns/name" of PE -> generation
     programmed_at: float = 0.0      # epoch seconds
     error: str = ""
+    reason: str = ""                # table-full | rule-limit | kernel, with error
     inputs: tuple[object, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What programming one pod did. ``written``: a record is in force (with
+    ``reason == "rule-limit"``, the rules that fit: fewer allowed ports, never more)."""
+
+    pod_id: int = 0
+    ingress: str = ""
+    egress: str = ""
+    error: str = ""
+    reason: str = ""
+    written: bool = True
 
 
 @dataclass
@@ -72,6 +97,7 @@ class _Plan:
     uid: str
     ifindex: int
     endpoints: tuple[Endpoints, ...]
+    weight: int = 0
 
 
 class Enforcer:
@@ -98,6 +124,8 @@ class Enforcer:
         self._nl: Netlink | None = None
         self._last_programmed = 0.0
         self._retired_since: float | None = None
+        self._last_lifecycle = 0.0
+        self._retry: set[PodRef] = set()
         hostnet.on_change = self._on_net_event
 
     # ---- events -------------------------------------------------------------------------
@@ -156,7 +184,8 @@ class Enforcer:
                 async with self.progress:
                     self.progress.notify_all()
                 pending_gc = await self._collect_garbage()
-                await self._wait(GC_QUIET if pending_gc else None)
+                await self._lifecycle()
+                await self._wait(GC_QUIET if pending_gc else LIFECYCLE_PERIOD)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -263,9 +292,26 @@ class Enforcer:
             inputs = (self.strict, ifindex, pod.uid, endpoints)
             if st.inputs == inputs:
                 continue
-            plans.append(_Plan(ref, pod.uid, ifindex, endpoints))
+            plans.append(_Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints)))
         if not plans:
             return
+        # light pods first, together; heavy ones each on its own, and only while no
+        # other change waits (the rest stay dirty for the next pass)
+        plans.sort(key=lambda p: p.weight)
+        light = [p for p in plans if p.weight < HEAVY_RULES]
+        heavy = [p for p in plans if p.weight >= HEAVY_RULES]
+        if light:
+            await self._apply(light)
+        for i, plan in enumerate(heavy):
+            if self.cache.dirty and (light or i):
+                self.cache.dirty.update(p.ref for p in heavy[i:])
+                self.cache.changed.set()
+                log.info("enforcer.heavy_deferred", pods=len(heavy) - i,
+                         reason="other changes wait")
+                break
+            await self._apply([plan])
+
+    async def _apply(self, plans: list[_Plan]) -> None:
         started = time.monotonic()
         try:
             results = await self.worker.call(self._program, plans)
@@ -279,75 +325,108 @@ class Enforcer:
             return
         self.metrics.reconciles.inc()
         self._last_programmed = time.monotonic()
-        self.records.update(p.ifindex for p, r in zip(plans, results, strict=True) if not r[3])
         now = time.time()
         elapsed_ms = (time.monotonic() - started) * 1000
-        for plan, (pod_id, ingress, egress, error) in zip(plans, results, strict=True):
+        for plan, out in zip(plans, results, strict=True):
             st = self.status[plan.ref]
-            if error:
-                st.error = error
-                st.inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+            inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+            st.error, st.reason = out.error, out.reason
+            if out.error:
+                self.metrics.failures.labels(out.reason).inc()
+            if not out.written:
+                # the record in force stays (strict: the default deny); tried again
+                st.inputs = None
+                self._retry.add(plan.ref)
                 continue
+            self._retry.discard(plan.ref)
+            self.records.add(plan.ifindex)
             await self._attach(plan.ifindex)
             self.bound[plan.ifindex] = plan.ref
-            st.ifindex, st.pod_id, st.error = plan.ifindex, pod_id, ""
-            st.ingress, st.egress = ingress, egress
-            st.inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+            st.ifindex, st.pod_id = plan.ifindex, out.pod_id
+            st.ingress, st.egress = out.ingress, out.egress
+            st.inputs = inputs
             previous = st.programmed
             st.programmed = {f"{e.namespace}/{e.name}": e.generation for e in plan.endpoints}
             st.programmed_at = now
             for e in plan.endpoints:
                 key = f"{e.namespace}/{e.name}"
                 if previous.get(key) != e.generation:
-                    self.metrics.setup_latency.labels(e.name, e.namespace).observe(elapsed_ms)
+                    self.metrics.observe_setup(namespace=e.namespace, name=e.name,
+                                               ms=elapsed_ms)
                     if e.trigger_time:
                         self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
             for key in set(previous) - set(st.programmed):
                 ns, name = key.split("/", 1)
-                self.metrics.teardown_latency.labels(name, ns).observe(elapsed_ms)
+                self.metrics.observe_teardown(namespace=ns, name=name, ms=elapsed_ms)
         log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
 
-    def _program(self, plans: Sequence[_Plan]) -> list[tuple[int, str, str, str]]:
+    def _program(self, plans: Sequence[_Plan]) -> list[Outcome]:
         """Worker thread: compile and switch every planned pod. Pods are switched in
         batches of about PROGRAM_BATCH_ENTRIES trie entries: compiled rules are large
         (a full node's would take tens of MB at once) and are dropped once their tries
-        are built. A pod whose rules cannot be represented keeps its current record."""
+        are built. A failure is the failing pod's alone: its record in force stays,
+        every other pod of the batch is switched."""
         dp = self.dp
-        compiled: dict[tuple[Endpoints, ...],
-                       tuple[DirectionPolicy, DirectionPolicy] | str] = {}
+        compiled: dict[tuple[Endpoints, ...], tuple[DirectionPolicy, DirectionPolicy, str]] = {}
         pods: dict[int, PodPolicy] = {}
-        out: list[tuple[int, str, str, str]] = []
+        out: dict[int, Outcome] = {}
         pending_entries = 0
 
         def policy_id(ref: PodRef) -> int:
             return dp.policy_id(namespace=ref[0], name=ref[1])
 
+        def flush() -> None:
+            try:
+                dp.program_pods(pods)
+                return
+            except (BpfError, OSError):
+                pass
+            for ifindex, pod in pods.items():  # find the pod that fails, switch the rest
+                try:
+                    dp.program_pods({ifindex: pod})
+                except (BpfError, OSError) as exc:
+                    out[ifindex] = Outcome(pod.pod_id, error=str(exc), written=False,
+                                           reason="table-full" if _full(exc) else "kernel")
+
         for plan in plans:
             if pending_entries >= PROGRAM_BATCH_ENTRIES:
-                dp.program_pods(pods)
+                flush()
                 pods, compiled, pending_entries = {}, {}, 0
-            pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
-            if plan.endpoints not in compiled:
-                try:
-                    compiled[plan.endpoints] = pod_directions(
-                        plan.endpoints, strict=self.strict, policy_id=policy_id)
-                except RuleLimitError as exc:
-                    compiled[plan.endpoints] = str(exc)
-            result = compiled[plan.endpoints]
-            if isinstance(result, str):
-                log.error("enforcer.rules_rejected", pod=f"{plan.ref[0]}/{plan.ref[1]}",
-                          error=result)
-                out.append((pod_id, "", "", result))
+            where = f"{plan.ref[0]}/{plan.ref[1]}"
+            try:
+                pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
+                if plan.endpoints not in compiled:
+                    compiled[plan.endpoints] = self._compile(plan.endpoints, policy_id)
+            except TableFullError as exc:
+                log.error("enforcer.pod_failed", pod=where, reason="table-full", error=str(exc))
+                out[plan.ifindex] = Outcome(error=str(exc), reason="table-full", written=False)
                 continue
-            ingress, egress = result
+            ingress, egress, limit = compiled[plan.endpoints]
+            if limit:
+                log.error("enforcer.rules_truncated", pod=where, error=limit,
+                          enforcing="the rules that fit (fewer allowed ports)")
             pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
             pending_entries += sum(len(d.rules.entries) for d in (ingress, egress)
                                    if d.rules is not None)
-            out.append((pod_id, lay.STATE_NAMES[ingress.state], lay.STATE_NAMES[egress.state],
-                        ""))
+            out[plan.ifindex] = Outcome(
+                pod_id, lay.STATE_NAMES[ingress.state], lay.STATE_NAMES[egress.state],
+                error=f"rule-limit: {limit}" if limit else "",
+                reason="rule-limit" if limit else "")
         if pods:
-            dp.program_pods(pods)
-        return out
+            flush()
+        return [out[plan.ifindex] for plan in plans]
+
+    def _compile(self, endpoints: tuple[Endpoints, ...], policy_id: Callable[[PodRef], int]
+                 ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
+        """(ingress, egress, "" or the limit exceeded). Over the datapath's per-CIDR
+        limit, the pod enforces what fits, never a stale allow."""
+        try:
+            ingress, egress = pod_directions(endpoints, strict=self.strict, policy_id=policy_id)
+            return ingress, egress, ""
+        except RuleLimitError as exc:
+            ingress, egress = pod_directions(endpoints, strict=self.strict,
+                                             policy_id=policy_id, truncate=True)
+            return ingress, egress, str(exc)
 
     async def _interface_for(self, pod: LocalPod) -> int | None:
         assert self._nl is not None
@@ -377,6 +456,34 @@ class Enforcer:
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
         return False
 
+    async def _lifecycle(self) -> None:
+        """Every LIFECYCLE_PERIOD: pod ids of UIDs no longer here retire, names past
+        their grace are freed, lost pins are restored, failed pods are tried again, and
+        metric series of PolicyEndpoints that are gone end."""
+        now = time.monotonic()
+        if now - self._last_lifecycle < LIFECYCLE_PERIOD:
+            return
+        self._last_lifecycle = now
+        live = {p.uid for p in self.cache.pods.values() if p.uid}
+        try:
+            await self.worker.call(self._end_ids, live)
+        except (BpfError, OSError) as exc:
+            self.metrics.errors.labels("lifecycle").inc()
+            log.error("enforcer.lifecycle_failed", error=str(exc))
+        if self._retry:
+            retry = {r for r in self._retry if r in self.cache.pods}
+            self._retry = set()
+            if retry:
+                self.cache.dirty.update(retry)
+                self.cache.changed.set()
+        self.metrics.prune(self.cache.generations)
+
+    def _end_ids(self, live_uids: set[str]) -> None:
+        """Worker thread: see _lifecycle."""
+        self.dp.retire_pods_except(live_uids)
+        self.dp.free_ids()
+        self.dp.restore_pins()
+
     def _unbind(self, ref: PodRef) -> None:
         st = self.status.pop(ref, None)
         if st is not None and st.ifindex:
@@ -388,8 +495,13 @@ class Enforcer:
 
     def _export_counts(self) -> None:
         programmed = sum(1 for st in self.status.values() if st.ifindex and not st.error)
+        failed = sum(1 for st in self.status.values() if st.error)
         self.metrics.pods.labels("programmed").set(programmed)
-        self.metrics.pods.labels("pending").set(len(self.cache.pods) - programmed)
+        self.metrics.pods.labels("failed").set(failed)
+        self.metrics.pods.labels("pending").set(len(self.cache.pods) - programmed - failed)
+        for table, (entries, capacity) in self.dp.occupancy().items():
+            self.metrics.table_entries.labels(table).set(entries)
+            self.metrics.table_capacity.labels(table).set(capacity)
 
     # ---- queries ------------------------------------------------------------------------
     def programmed_endpoints(self, ref: PodRef) -> tuple[Endpoints, ...]:
@@ -408,6 +520,10 @@ class Enforcer:
             return False
         want = {f"{e.namespace}/{e.name}": e.generation for e in self.cache.endpoints_for(ref)}
         return st.programmed == want
+
+
+def _full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
 
 def _parse_ips(addrs: set[str]) -> list[lay.Address]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from agent.api import AgentApi
+from agent.api import AgentApi, table_warnings
 from agent.cache import Cache
 from agent.enforcer import Enforcer
 from agent.fetching import fetch_stubs
@@ -103,7 +103,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         kube = await KubeClient.connect(settings.kubeconfig)
         hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
         cache = Cache(node_addresses=hostnet.node_addresses,
-                      on_rejected=lambda ns, name, _: metrics.rejected.labels(ns, name).inc(),
+                      on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns,
+                                                                            name=name),
                       on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc())
         enforcer = Enforcer(cache=cache, hostnet=hostnet, worker=worker, metrics=metrics,
                             strict=settings.enforcing_mode == "strict")
@@ -131,7 +132,12 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 problems.append("watches not synced")
             elif not enforcer.synced.is_set():
                 problems.append("initial reconcile not done")
+            problems += [f"table {t} is full ({e}/{c}): new pods cannot be programmed"
+                         for t, (e, c) in sorted(dp.occupancy().items()) if c and e >= c]
             return problems
+
+        def warnings() -> list[str]:
+            return table_warnings(dp.occupancy())
 
         async def refresh_metrics() -> None:
             # the drop counters come from the flow-log shipper (appended to /metrics)
@@ -158,7 +164,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             "fetch-policyendpoints": fetch_endpoints(),
             "enforcer": enforcer.run(),
             "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
-            "health": serve(health_app([ready]), settings.health_probe_bind_addr),
+            "health": serve(health_app([ready], [warnings]), settings.health_probe_bind_addr),
             "metrics": serve(metrics_app(metrics, refresh_metrics, [
                 socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
                 socket_path(settings.runtime_dir, FLOWLOGS_SOCKET)]), settings.metrics_bind_addr),

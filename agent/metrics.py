@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
@@ -14,6 +16,7 @@ class AgentMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._labelled: set[tuple[str, str]] = set()
         r = self.registry
         self.programming_latency = Histogram(
             "awsnodeagent_policy_programming_latency_seconds",
@@ -41,6 +44,17 @@ class AgentMetrics:
             "awsnodeagent_policyendpoint_fetches_total",
             "PolicyEndpoints fetched again because their policy came to select a local pod",
             ["result"], registry=r)
+        self.failures = Counter(
+            "awsnodeagent_pod_programming_failures_total",
+            "Pods whose programming failed, by reason: table-full (the pod keeps its record "
+            "in force, retried), rule-limit (the rules that fit are enforced), kernel",
+            ["reason"], registry=r)
+        self.table_entries = Gauge(
+            "awsnodeagent_datapath_table_entries", "Entries in use in the datapath's tables",
+            ["table"], registry=r)
+        self.table_capacity = Gauge(
+            "awsnodeagent_datapath_table_capacity", "Capacity of the datapath's tables",
+            ["table"], registry=r)
         self.pods = Gauge("awsnodeagent_pods", "Local pods by enforcement status", ["status"],
                           registry=r)
         self.reconciles = Counter("awsnodeagent_reconcile_batches_total",
@@ -52,3 +66,28 @@ class AgentMetrics:
                                    ["resource"], registry=r)
         self.watch_errors = Gauge("awsnodeagent_watch_errors", "Watch failures per resource",
                                   ["resource"], registry=r)
+
+    # ---- series labelled by a PolicyEndpoint: they end with it ------------------------
+    def observe_setup(self, *, namespace: str, name: str, ms: float) -> None:
+        self._labelled.add((namespace, name))
+        self.setup_latency.labels(name, namespace).observe(ms)
+
+    def observe_teardown(self, *, namespace: str, name: str, ms: float) -> None:
+        self._labelled.add((namespace, name))
+        self.teardown_latency.labels(name, namespace).observe(ms)
+
+    def count_rejected(self, *, namespace: str, name: str) -> None:
+        self._labelled.add((namespace, name))
+        self.rejected.labels(namespace, name).inc()
+
+    def prune(self, live: Container[tuple[str, str]]) -> int:
+        """End the series of PolicyEndpoints that are gone; how many ended."""
+        gone = [k for k in self._labelled if k not in live]
+        for namespace, name in gone:
+            for metric in (self.setup_latency, self.teardown_latency):
+                with contextlib.suppress(KeyError):
+                    metric.remove(name, namespace)
+            with contextlib.suppress(KeyError):
+                self.rejected.remove(namespace, name)
+            self._labelled.discard((namespace, name))
+        return len(gone)

@@ -25,7 +25,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import structlog
@@ -34,6 +34,7 @@ from bpf import layout as lay
 from bpf.errors import BpfError
 from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map, TypedMap
 from bpf.objects import BpfObject, Program
+from bpf.registry import GRACE, Registry
 from bpf.ruleset import NOTHING, CompiledRules, PortRule, Portset, Prefix
 
 log = structlog.get_logger("bpf.datapath")
@@ -99,11 +100,6 @@ class _Record:
     egress_trie: int
 
 
-@dataclass
-class DatapathStats:
-    counters: dict[str, int] = field(default_factory=dict)
-
-
 class Datapath:
     """The loaded datapath: programs, maps, and the interning of tries and port sets."""
 
@@ -143,12 +139,10 @@ class Datapath:
         self._portsets: dict[Portset, _PortsetRef] = {}
         self._portset_by_id: dict[int, Portset] = {}
         self._records: dict[int, _Record] = {}
-        self._policy_ids: dict[tuple[str, str], int] = {}
-        self._pod_ids: dict[str, int] = {}
+        self.names = Registry(pod_meta=self.pod_meta, policies=self.policies,
+                              grace=_grace_from_env())
         self._next_trie = 1
         self._next_portset = 1
-        self._next_policy = 1
-        self._next_pod = 1
 
     # ---- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -183,6 +177,9 @@ class Datapath:
             )
             if size is not None
         }
+        for name, size in _sizes_from_env().items():
+            if not os.path.exists(os.path.join(map_dir, name)):
+                sizes.setdefault(name, size)
         obj = BpfObject.load(path or object_path(), map_pin_dir=map_dir, max_entries=sizes)
         try:
             prog_dir = os.path.join(pin_root, "programs")
@@ -214,14 +211,14 @@ class Datapath:
 
     # ---- adoption -------------------------------------------------------------------
     def _adopt(self) -> None:
+        next_policy = 1
         for key, ps in self.portsets.items():
             portset = portset_from_map(ps)
             self._portsets[portset] = _PortsetRef(key.value)
             self._portset_by_id[key.value] = portset
             self._next_portset = max(self._next_portset, key.value + 1)
             # policy ids in use, even if their names were lost (np_policies not recovered)
-            used = [portset.any_policy or 0, *(r.policy_id for r in portset.rules)]
-            self._next_policy = max(self._next_policy, max(used) + 1)
+            next_policy = max(next_policy, max(_policy_ids(portset), default=0) + 1)
         live: set[int] = set()
         for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
@@ -248,14 +245,12 @@ class Datapath:
             for trie_id in (pod.ingress_trie, pod.egress_trie):
                 if trie_id in self._tries:
                     self._tries[trie_id].refs += 1
-        for key, meta in self.pod_meta.items():
-            self._pod_ids[meta.uid.decode()] = key.value
-            self._next_pod = max(self._next_pod, key.value + 1)
-        for record in self._records.values():
-            self._next_pod = max(self._next_pod, record.pod_id + 1)
-        for key, pol in self.policies.items():
-            self._policy_ids[(pol.namespace_.decode(), pol.name.decode())] = key.value
-            self._next_policy = max(self._next_policy, key.value + 1)
+        self.names.adopt(
+            floor_pod=max((r.pod_id + 1 for r in self._records.values()), default=1),
+            floor_policy=next_policy)
+        for portset in self._portsets:
+            self.names.reference_policies(_policy_ids(portset), +1)
+        self.names.retire_unreferenced_policies()
         log.info(
             "datapath.adopted",
             pin_root=self.pin_root,
@@ -274,34 +269,20 @@ class Datapath:
 
     # ---- names for ids --------------------------------------------------------------
     def register_pod(self, *, namespace: str, name: str, uid: str) -> int:
-        """The pod's datapath id (stable across restarts; never reused for another pod)."""
-        if uid in self._pod_ids:
-            return self._pod_ids[uid]
-        pod_id = self._next_pod
-        self._next_pod += 1
-        meta = lay.NpPodMeta(namespace_=namespace.encode()[:63], name=name.encode()[:255],
-                             uid=uid.encode()[:39])
-        self.pod_meta.update(U32(pod_id), meta)
-        self._pod_ids[uid] = pod_id
-        return pod_id
-
-    def forget_pod(self, *, uid: str) -> None:
-        pod_id = self._pod_ids.pop(uid, None)
-        if pod_id is not None:
-            self.pod_meta.delete(U32(pod_id))
+        """The pod's datapath id (stable for its UID; never another pod's)."""
+        return self.names.register_pod(namespace=namespace, name=name, uid=uid)
 
     def policy_id(self, *, namespace: str, name: str) -> int:
         """The id that port rules carry for a policy (names kept in np_policies)."""
-        key = (namespace, name)
-        if key in self._policy_ids:
-            return self._policy_ids[key]
-        pid = self._next_policy
-        self._next_policy += 1
-        self.policies.update(
-            U32(pid), lay.NpPolicyMeta(namespace_=namespace.encode()[:63], name=name.encode()[:255])
-        )
-        self._policy_ids[key] = pid
-        return pid
+        return self.names.policy_id(namespace=namespace, name=name)
+
+    def retire_pods_except(self, live_uids: Iterable[str]) -> int:
+        """Pod ids of UIDs not live start their grace period (see bpf.registry)."""
+        return self.names.retire_pods_except(live_uids)
+
+    def free_ids(self) -> tuple[int, int]:
+        """Delete the names whose grace period is over; (pods, policies) freed."""
+        return self.names.sweep(pods_in_records={r.pod_id for r in self._records.values()})
 
     # ---- programming ----------------------------------------------------------------
     def program_pods(self, pods: Mapping[int, PodPolicy]) -> None:
@@ -365,7 +346,13 @@ class Datapath:
                 new.append((trie_id, compiled, built))
                 # pinned: explain, the CLI and a restarted agent open it by path, which
                 # needs no CAP_SYS_ADMIN (opening a map by id does)
-                built.pin(self._trie_pin(trie_id))
+                try:
+                    built.pin(self._trie_pin(trie_id))
+                except BpfError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    self.restore_pins()  # the tries directory was removed: re-create
+                    built.pin(self._trie_pin(trie_id))
                 ids[key] = trie_id
             if new:
                 self.rules.update_batch(
@@ -386,6 +373,34 @@ class Datapath:
                 if not installed:
                     self._unpin_trie(trie_id)
         return ids
+
+    def restore_pins(self) -> list[str]:
+        """Pin again whatever of ours lost its pin while we run (someone removed files
+        under the pin root): the programs, the maps, the live tries. Enforcement never
+        depended on the pins (the programs hold the maps); the CLI, the other node
+        processes and a restart do. Returns what was restored."""
+        restored: list[str] = []
+        for sub in ("maps", "programs", TRIES_DIR):
+            os.makedirs(os.path.join(self.pin_root, sub), mode=0o700, exist_ok=True)
+        for name, prog in self.obj.programs.items():
+            path = os.path.join(self.pin_root, "programs", name)
+            if not os.path.exists(path):
+                prog.pin(path)
+                restored.append(path)
+        for name, m in self.obj.maps.items():
+            path = os.path.join(self.pin_root, "maps", name)
+            if not name.startswith(".") and not os.path.exists(path):
+                m.pin(path)
+                restored.append(path)
+        for trie_id in list(self._tries):
+            path = self._trie_pin(trie_id)
+            if not os.path.exists(path):
+                self._pin_trie(trie_id)
+                restored.append(path)
+        if restored:
+            log.warning("datapath.pins_restored", count=len(restored), paths=restored[:8],
+                        reason="pins under the pin root were removed while the agent ran")
+        return restored
 
     def _trie_pin(self, trie_id: int) -> str:
         return os.path.join(self.pin_root, TRIES_DIR, str(trie_id))
@@ -428,6 +443,7 @@ class Datapath:
     def _install_portsets(self, compiled: CompiledRules) -> None:
         keys = bytearray()
         values = bytearray()
+        added: list[Portset] = []
         for ps in set(compiled.entries.values()):
             if ps.allows_nothing or ps in self._portsets:
                 continue
@@ -437,7 +453,10 @@ class Datapath:
             values += bytes(portset_to_map(ps))
             self._portsets[ps] = _PortsetRef(ps_id)
             self._portset_by_id[ps_id] = ps
+            added.append(ps)
         self.portsets.raw.update_batch(bytes(keys), bytes(values))
+        for ps in added:
+            self.names.reference_policies(_policy_ids(ps), +1)
 
     def collect_garbage(self) -> tuple[int, int]:
         """Remove retired tries, then port sets no trie uses. Returns (tries, portsets)."""
@@ -457,6 +476,7 @@ class Datapath:
             for ps, ref in unused:
                 del self._portsets[ps]
                 del self._portset_by_id[ref.id]
+                self.names.reference_policies(_policy_ids(ps), -1)
         return len(retired), len(unused)
 
     # ---- reading back ---------------------------------------------------------------
@@ -506,6 +526,17 @@ class Datapath:
     def pod_ifindexes(self) -> list[int]:
         return sorted(self._records)
 
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """table -> (entries in use, capacity), from the bookkeeping (cheap; may be read
+        from the event loop: it only takes lengths)."""
+        out = {
+            lay.MAP_PODS: (len(self._records), self.pods.raw.max_entries),
+            lay.MAP_RULES: (len(self._tries), self.rules.max_entries),
+            lay.MAP_PORTSETS: (len(self._portsets), self.portsets.raw.max_entries),
+        }
+        out.update(self.names.occupancy())
+        return out
+
     def counts(self) -> dict[str, int]:
         """Live tries, port sets and their references (bookkeeping, for status output).
         Read from the event loop while the worker thread may change the tables: the trie
@@ -541,6 +572,34 @@ class Datapath:
             for name in totals:
                 totals[name] += getattr(cpu, name)
         return totals
+
+
+def _policy_ids(portset: Portset) -> set[int]:
+    ids = {r.policy_id for r in portset.rules}
+    if portset.any_policy is not None:
+        ids.add(portset.any_policy)
+    ids.discard(0)
+    return ids
+
+
+SIZES_ENV = "NP_MAP_SIZES"  # tests only: "np_pod_meta=32,np_policies=32" (small capacities)
+GRACE_ENV = "NP_ID_GRACE"   # tests only: seconds a retired id keeps its name
+
+
+def _sizes_from_env() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in os.environ.get(SIZES_ENV, "").split(","):
+        name, sep, value = part.strip().partition("=")
+        if sep and value.isdigit():
+            out[name] = int(value)
+    return out
+
+
+def _grace_from_env() -> float:
+    try:
+        return float(os.environ.get(GRACE_ENV, GRACE))
+    except ValueError:
+        return GRACE
 
 
 class PinnedSizeError(ValueError):

@@ -29,6 +29,7 @@ from cli import ebpf
 from cli.ebpf import CliError, Pinned
 from cli.tables import table
 from common.apimodels import (
+    TABLE_WARN,
     ExplainRequest,
     ExplainResult,
     NodeStatus,
@@ -136,9 +137,7 @@ async def _run(args: argparse.Namespace) -> int:
     elif args.command == "wait":
         params = [("timeout", str(args.timeout)), *(("pod", p) for p in args.pods)]
         res = await agent.get("/v1/wait", WaitResult, params=params, timeout=args.timeout + 10)
-        text = (f"programmed ({res.waited}s)" if res.programmed else
-                f"not programmed after {res.waited}s: {', '.join(res.pending)}")
-        _emit(args, res, text)
+        _emit(args, res, render_wait(res))
         return 0 if res.programmed else 1
     elif args.command == "conntrack":
         return await _conntrack(args)
@@ -211,6 +210,11 @@ def render_status(st: NodeStatus) -> str:
          f"{st.datapath.get('packets_allowed', 0)} / {st.datapath.get('packets_denied', 0)}"],
         ["events lost", str(st.datapath.get("events_lost", 0))],
     ]
+    for name, t in st.tables.items():
+        mark = "  <- nearly full" if t.fill >= TABLE_WARN else ""
+        rows.append([f"table {name}", f"{t.entries}/{t.capacity}{mark}"])
+    for pod, why in st.failed.items():
+        rows.append([f"failed {pod}", why])
     for name, w in st.watches.items():
         rows.append([f"watch {name}", f"{'synced' if w.synced else 'not synced'}, "
                      f"{w.lists} lists, {w.errors} errors"])
@@ -246,6 +250,15 @@ def render_pod(p: PodView) -> str:
                               for r in rule.ports) or "nothing (except)"
             out.append(f"  {rule.cidr}: {ports}")
     return "\n".join(out)
+
+
+def render_wait(res: WaitResult) -> str:
+    if res.programmed:
+        return f"programmed ({res.waited}s)"
+    text = f"not programmed after {res.waited}s: {', '.join(res.pending)}"
+    for pod, why in res.failed.items():
+        text += f"\n  {pod}: {why}"
+    return text
 
 
 def render_explain(r: ExplainResult) -> str:

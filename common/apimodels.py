@@ -81,6 +81,18 @@ class ProcessStats(_Model):
     stats: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+class TableView(_Model):
+    entries: int
+    capacity: int
+
+    @property
+    def fill(self) -> float:
+        return self.entries / self.capacity if self.capacity else 0.0
+
+
+TABLE_WARN = 0.9  # a table this full shows in /readyz, np-cli status and alerts
+
+
 class NodeStatus(_Model):
     node: str
     mode: str
@@ -96,6 +108,9 @@ class NodeStatus(_Model):
     policyendpoints: int
     policyendpoint_stubs: int = 0  # objects of policies selecting no local pod (not kept)
     rejected: int
+    failed: dict[str, str] = {}      # pod -> why its programming failed
+    tables: dict[str, TableView] = {}
+    warnings: list[str] = []         # tables near full
     datapath: dict[str, int]
     watches: dict[str, WatchView]
     conntrack: ProcessStats
@@ -140,5 +155,6 @@ class ExplainResult(_Model):
 class WaitResult(_Model):
     programmed: bool
     pending: list[str]    # pods not programmed yet (namespace/name)
+    failed: dict[str, str] = {}  # of those, the ones whose programming failed, and why
     waited: float         # seconds
     checked_with_api: bool = False  # compared with the API server's current objects

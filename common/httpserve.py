@@ -17,15 +17,23 @@ from common.flags import parse_bind_addr
 ReadyCheck = Callable[[], list[str]]
 
 
-def health_app(ready_checks: list[ReadyCheck]) -> web.Application:
+def health_app(ready_checks: list[ReadyCheck],
+               warning_checks: list[ReadyCheck] | None = None) -> web.Application:
+    """``warning_checks`` are shown in /readyz's body but do not fail it (a table
+    filling up: an operator must see it before it bites)."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     async def readyz(_: web.Request) -> web.Response:
         problems = [p for check in ready_checks for p in check()]
+        warnings = [w for check in warning_checks or [] for w in check()]
+        body: dict[str, object] = {"ready": not problems}
         if problems:
-            return web.json_response({"ready": False, "problems": problems}, status=503)
-        return web.json_response({"ready": True})
+            body["problems"] = problems
+        if warnings:
+            body["warnings"] = warnings
+        return web.json_response(body, status=503 if problems else 200)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -142,8 +142,14 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     ct = await open_map(settings, stop)
     if ct is None:
         return
+    pods = Map.from_pin(os.path.join(settings.bpf_pin_root, "maps", lay.MAP_PODS))
+
+    def interfaces() -> set[int]:
+        return {int.from_bytes(k, "little") for k in pods}
+
     try:
-        cleaner = Cleaner(Sweeper(ct), period=settings.conntrack_cache_cleanup_period)
+        cleaner = Cleaner(Sweeper(ct, interfaces=interfaces),
+                          period=settings.conntrack_cache_cleanup_period)
         log.info("conntrack.starting", period=settings.conntrack_cache_cleanup_period,
                  entries=ct.max_entries, started=time.time())
         await supervise({
@@ -153,6 +159,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         }, stop=stop, grace=settings.shutdown_timeout)
     finally:
         ct.close()
+        pods.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

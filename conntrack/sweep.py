@@ -13,6 +13,10 @@ An entry is removed only if all three hold:
 Memory is bounded by the map: only the snapshot's idle candidates are kept while the
 kernel table streams past (see ctnetlink.scan). Blocking by design: run it in a thread.
 
+Entries of interfaces that have no pod record any more (the pod is gone) are removed at
+the first sweep whatever the kernel says, unless used since the sweep began: nothing
+enforces on that interface, and a node lives for months.
+
 If the kernel reports no flows at all while the map has idle entries, the namespace's
 kernel conntrack is probably not in use (nothing to compare with): then only entries idle
 for longer than ``fallback_idle`` are removed, and the sweep says so.
@@ -57,6 +61,7 @@ class SweepResult:
     touched: int = 0               # dead in the kernel but used meanwhile: kept
     young: int = 0                 # kept by the fallback rule (not idle long enough)
     removed: int = 0
+    orphans: int = 0               # of the removed: their interface has no pod record
     kept: int = 0
     fallback: bool = False         # the kernel had no flows: idle-time rule applied
     snapshot_seconds: float = 0.0
@@ -95,13 +100,20 @@ _TAIL = b"\0\0"
 _PROTO_BYTE = [bytes((p,)) for p in range(256)]
 
 
+_IFINDEX = struct.Struct("<I")
+_IFINDEX_AT = lay.NpCtKey.ifindex.offset
+
+
 class Sweeper:
     def __init__(self, ct_map: Map, *, fallback_idle: float = 1500.0,
-                 kernel_scan: Callable[[int, set[bytes]], tuple[int, set[bytes]]] = scan
-                 ) -> None:
+                 kernel_scan: Callable[[int, set[bytes]], tuple[int, set[bytes]]] = scan,
+                 interfaces: Callable[[], set[int]] | None = None) -> None:
+        """``interfaces``: the host interfaces with a pod record (np_pods' keys); None:
+        not checked."""
         self.map = ct_map
         self.fallback_idle_ns = int(fallback_idle * 1e9)
         self.kernel_scan = kernel_scan
+        self.interfaces = interfaces
 
     def snapshot(self, started: int) -> tuple[int, dict[bytes, bytes]]:
         """(entries in the map, idle entries: map key -> flow key). The hot loop of the
@@ -138,7 +150,12 @@ class Sweeper:
         res.map_entries, idle = self.snapshot(started)
         res.idle = len(idle)
         res.snapshot_seconds = time.monotonic() - t0
-        wanted = set(idle.values())
+        orphaned: set[bytes] = set()
+        if self.interfaces is not None:
+            live_ifs = self.interfaces()
+            unpack_if = _IFINDEX.unpack_from
+            orphaned = {k for k in idle if unpack_if(k, _IFINDEX_AT)[0] not in live_ifs}
+        wanted = {flow for k, flow in idle.items() if k not in orphaned}
         found: set[bytes] = set()
         t1 = time.monotonic()
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -146,7 +163,7 @@ class Sweeper:
             res.kernel_entries += n
             found |= live
         res.kernel_seconds = time.monotonic() - t1
-        dead = [k for k, flow in idle.items() if flow not in found]
+        dead = [k for k, flow in idle.items() if k in orphaned or flow not in found]
         res.live = len(idle) - len(dead)
         old_enough = started
         if res.kernel_entries == 0 and dead:
@@ -165,7 +182,16 @@ class Sweeper:
                 return True
             return False
 
-        res.removed = self.map.delete_unless(dead, keep)
+        def keep_orphan(value: bytes) -> bool:
+            if unpack(value)[0] >= started:
+                res.touched += 1
+                return True
+            return False
+
+        orphans = [k for k in dead if k in orphaned]
+        res.orphans = self.map.delete_unless(orphans, keep_orphan) if orphans else 0
+        res.removed = res.orphans + self.map.delete_unless(
+            [k for k in dead if k not in orphaned], keep)
         res.kept = res.idle - res.removed
         res.duration = time.monotonic() - t0
         return res

@@ -3,12 +3,15 @@
 The agent writes ``np_pod_meta`` (pod id -> namespace/name) before a pod's first record
 and ``np_policies`` (policy id -> namespace/name) before any rule carries the id, so a
 lookup on a cache miss finds them; ids are never reused, so cached names never go stale.
+The cache is bounded (least recently used names go first): the agent frees the names of
+pods and policies that are gone (bpf.registry), and a node lives for months.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections import OrderedDict
 
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
@@ -21,8 +24,8 @@ class Names:
                               ctypes.c_uint32, lay.NpPodMeta)
         self._policies = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_POLICIES)),
                                   ctypes.c_uint32, lay.NpPolicyMeta)
-        self._pod_cache: dict[int, str] = {}
-        self._policy_cache: dict[int, str] = {}
+        self._pod_cache: OrderedDict[int, str] = OrderedDict()
+        self._policy_cache: OrderedDict[int, str] = OrderedDict()
 
     def close(self) -> None:
         self._pods.raw.close()
@@ -30,20 +33,33 @@ class Names:
 
     def pod(self, pod_id: int) -> str:
         name = self._pod_cache.get(pod_id)
-        if name is None:
-            meta = self._pods.lookup(ctypes.c_uint32(pod_id)) if pod_id else None
-            if meta is None:
-                return ""  # not cached: the agent may name it a moment later
-            name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
-            self._pod_cache[pod_id] = name
+        if name is not None:
+            self._pod_cache.move_to_end(pod_id)
+            return name
+        meta = self._pods.lookup(ctypes.c_uint32(pod_id)) if pod_id else None
+        if meta is None:
+            return ""  # not cached: the agent may name it a moment later
+        name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+        _remember(self._pod_cache, pod_id, name)
         return name
 
     def policy(self, policy_id: int) -> str:
         name = self._policy_cache.get(policy_id)
-        if name is None:
-            meta = self._policies.lookup(ctypes.c_uint32(policy_id))
-            if meta is None:
-                return ""
-            name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
-            self._policy_cache[policy_id] = name
+        if name is not None:
+            self._policy_cache.move_to_end(policy_id)
+            return name
+        meta = self._policies.lookup(ctypes.c_uint32(policy_id)) if policy_id else None
+        if meta is None:
+            return ""
+        name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+        _remember(self._policy_cache, policy_id, name)
         return name
+
+
+CACHE_SIZE = 4096  # names of each kind kept (the busiest pods and policies)
+
+
+def _remember(cache: OrderedDict[int, str], key: int, name: str) -> None:
+    cache[key] = name
+    if len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)

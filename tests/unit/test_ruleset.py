@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -246,3 +247,40 @@ def test_compiled_matches_reference(
         addr = str(ipaddress.IPv4Address(V4_BASE + offset))
         expect = reference_allows(rules, ip(addr), protocol, port)
         assert compiled_allows(compiled, addr, protocol, port) is expect, (addr, protocol, port)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12), st.integers(1, 5)),
+                min_size=1, max_size=25))
+def test_port_labels_match_a_port_by_port_reading(spans: list[tuple[int, int, int]]) -> None:
+    """Each port is labelled with the lowest policy id of the ranges covering it."""
+    from bpf.ruleset import _label_ranges
+
+    ranges = [(s, s + w, p) for s, w, p in spans]
+    got = _label_ranges(list(ranges))
+    by_port = {}
+    for port in range(60):
+        owners = [p for s, e, p in ranges if s <= port <= e]
+        if owners:
+            by_port[port] = min(owners)
+    flat = {port: pol for s, e, pol in got for port in range(s, e + 1)}
+    assert flat == by_port
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(got)), "disjoint, sorted"
+    assert all(not (a[2] == b[2] and a[1] + 1 == b[0])
+               for a, b in itertools.pairwise(got)), "adjacent ranges merged"
+
+
+def test_ten_thousand_ports_on_one_cidr_raise_or_truncate_to_what_fits() -> None:
+    rules = [PeerRule(ipaddress.ip_network("10.0.0.0/8"),
+                      ports=tuple(PortRange(NP_PROTO_TCP, p, p) for p in range(1, 20001, 2)))]
+    with pytest.raises(RuleLimitError, match="10000 distinct port ranges"):
+        compile_rules(rules)
+    cut = compile_rules(rules, truncate=True)
+    (prefix,) = cut.entries
+    assert cut.truncated == [prefix]
+    ps = cut.entries[prefix]
+    assert len(ps.rules) == NP_MAX_PORT_RULES
+    assert ps.allows(NP_PROTO_TCP, 1) is not None
+    assert ps.allows(NP_PROTO_TCP, 19999) is None, "what does not fit is not allowed"
+    assert ps.allows(NP_PROTO_TCP, 2) is None
+    assert compile_rules(rules[:1][0:0], truncate=True).truncated == []
