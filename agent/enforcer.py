@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,15 @@ GC_MAX_DELAY = 5.0
 # programming failed for a reason that may pass (a full table, a kernel error) are tried
 # again.
 LIFECYCLE_PERIOD = 5.0
+LIFECYCLE_ENV = "NP_LIFECYCLE_PERIOD"  # tests only: a shorter period (seconds)
+
+
+def _lifecycle_period() -> float:
+    try:
+        value = float(os.environ.get(LIFECYCLE_ENV, LIFECYCLE_PERIOD))
+    except ValueError:
+        return LIFECYCLE_PERIOD
+    return value if 0 < value <= LIFECYCLE_PERIOD else LIFECYCLE_PERIOD
 # A pod whose rules weigh more than HEAVY_RULES port rules (see agent.desired.weight) is
 # compiled and switched on its own, after the lighter pods of its batch, and changes
 # that arrive meanwhile go first: one large object cannot queue every other pod behind it.
@@ -125,6 +135,7 @@ class Enforcer:
         self._last_programmed = 0.0
         self._retired_since: float | None = None
         self._last_lifecycle = 0.0
+        self.lifecycle_period = _lifecycle_period()
         self._retry: set[PodRef] = set()
         hostnet.on_change = self._on_net_event
 
@@ -185,7 +196,7 @@ class Enforcer:
                     self.progress.notify_all()
                 pending_gc = await self._collect_garbage()
                 await self._lifecycle()
-                await self._wait(GC_QUIET if pending_gc else LIFECYCLE_PERIOD)
+                await self._wait(GC_QUIET if pending_gc else self.lifecycle_period)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -461,7 +472,7 @@ class Enforcer:
         their grace are freed, lost pins are restored, failed pods are tried again, and
         metric series of PolicyEndpoints that are gone end."""
         now = time.monotonic()
-        if now - self._last_lifecycle < LIFECYCLE_PERIOD:
+        if now - self._last_lifecycle < self.lifecycle_period:
             return
         self._last_lifecycle = now
         live = {p.uid for p in self.cache.pods.values() if p.uid}

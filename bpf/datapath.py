@@ -178,8 +178,8 @@ class Datapath:
             if size is not None
         }
         for name, size in _sizes_from_env().items():
-            if not os.path.exists(os.path.join(map_dir, name)):
-                sizes.setdefault(name, size)
+            # a pinned map keeps its size (the test build's small tables survive restarts)
+            sizes.setdefault(name, _sized(map_dir, name, None, name) or size)
         obj = BpfObject.load(path or object_path(), map_pin_dir=map_dir, max_entries=sizes)
         try:
             prog_dir = os.path.join(pin_root, "programs")

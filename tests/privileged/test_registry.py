@@ -1,0 +1,193 @@
+"""The lifecycle of the datapath's ids, on real pinned maps with small capacities: pod and
+policy ids end after their grace period, are never handed out twice (not even across a
+restart), a full table is an error for the one caller, and removed pins come back."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from bpf import layout as lay
+from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
+from bpf.maps import Map, TypedMap
+from bpf.registry import TableFullError
+from bpf.ruleset import PeerRule, PortRange, compile_rules
+
+SMALL = 8
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def small(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NP_MAP_SIZES", f"{lay.MAP_POD_META}={SMALL},{lay.MAP_POLICIES}={SMALL}")
+    monkeypatch.delenv("NP_ID_GRACE", raising=False)
+
+
+def _open(pin_root: str, clock: Clock) -> Datapath:
+    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 16)
+    dp.names.clock = clock
+    return dp
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def dp(small: None, pin_root: str, clock: Clock) -> Iterator[Datapath]:
+    d = _open(pin_root, clock)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _pod_names(dp: Datapath) -> dict[int, str]:
+    return {k.value: v.uid.decode() for k, v in dp.pod_meta.items() if k.value != 0}
+
+
+def _policy_names(dp: Datapath) -> dict[int, str]:
+    return {k.value: v.name.decode() for k, v in dp.policies.items() if k.value != 0}
+
+
+def test_pod_ids_end_after_grace_and_are_never_reused(dp: Datapath, clock: Clock) -> None:
+    capacity = SMALL - 1  # key 0 holds the watermark
+    ids = [dp.register_pod(namespace="ns", name="job", uid=f"uid-{i}") for i in range(capacity)]
+    assert len(set(ids)) == capacity
+    assert dp.register_pod(namespace="ns", name="job", uid="uid-0") == ids[0]  # stable
+    with pytest.raises(TableFullError) as full:
+        dp.register_pod(namespace="ns", name="job", uid="uid-new")
+    assert full.value.table == lay.MAP_POD_META
+    assert dp.occupancy()[lay.MAP_POD_META] == (capacity, capacity)
+
+    # every UID but the last is gone: nothing is freed before the grace period ends
+    assert dp.retire_pods_except({f"uid-{capacity - 1}"}) == capacity - 1
+    clock.now += dp.names.grace - 1
+    assert dp.free_ids() == (0, 0)
+    assert len(_pod_names(dp)) == capacity  # late flow-log events still find the names
+    clock.now += 2
+    assert dp.free_ids() == (capacity - 1, 0)
+    assert _pod_names(dp) == {ids[-1]: f"uid-{capacity - 1}"}
+
+    fresh = dp.register_pod(namespace="ns", name="job", uid="uid-new")
+    assert fresh not in ids and fresh > max(ids)
+    assert dp.occupancy()[lay.MAP_POD_META] == (2, capacity)
+
+
+def test_a_pod_id_still_in_a_record_waits(dp: Datapath, clock: Clock) -> None:
+    pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+    dp.program_pods({4242: PodPolicy(pod_id, ALLOW_ALL, ALLOW_ALL)})
+    dp.retire_pods_except(set())
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, 0)  # no record may point at a freed id
+    dp.remove_pods([4242])
+    assert dp.free_ids() == (1, 0)
+    assert _pod_names(dp) == {}
+
+
+def test_a_pod_back_within_grace_keeps_its_id(dp: Datapath, clock: Clock) -> None:
+    pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+    dp.retire_pods_except(set())           # a re-list briefly missed it
+    dp.retire_pods_except({"uid-web"})     # and it is back
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, 0)
+    assert dp.register_pod(namespace="ns", name="web", uid="uid-web") == pod_id
+
+
+def _rules(*policy_ids: int) -> DirectionPolicy:
+    rules = [PeerRule(ipaddress.ip_network(f"10.9.{i}.0/24"),
+                      ports=(PortRange(lay.NP_PROTO_TCP, 80 + i, 80 + i),), policy_id=pid)
+             for i, pid in enumerate(policy_ids)]
+    return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules))
+
+
+def test_policy_ids_end_when_no_rule_carries_them(dp: Datapath, clock: Clock) -> None:
+    a = dp.policy_id(namespace="ns", name="a")
+    b = dp.policy_id(namespace="ns", name="b")
+    pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+    dp.program_pods({4242: PodPolicy(pod_id, _rules(a, b), ALLOW_ALL)})
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, 0)  # both carried by an installed port set
+    dp.program_pods({4242: PodPolicy(pod_id, _rules(a), ALLOW_ALL)})
+    dp.collect_garbage()
+    assert dp.free_ids() == (0, 0)  # b's grace starts when its last port set goes
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, 1)
+    assert _policy_names(dp) == {a: "a"}
+    # a policy name that is registered but never installed ends too
+    c = dp.policy_id(namespace="ns", name="c")
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, 1)
+    assert c not in _policy_names(dp)
+    assert dp.policy_id(namespace="ns", name="c") > c  # a new id, never c again
+
+
+def test_policy_table_full_then_freed(dp: Datapath, clock: Clock) -> None:
+    for i in range(SMALL - 1):
+        dp.policy_id(namespace="ns", name=f"p{i}")
+    with pytest.raises(TableFullError) as full:
+        dp.policy_id(namespace="ns", name="one-more")
+    assert full.value.table == lay.MAP_POLICIES
+    clock.now += dp.names.grace + 1
+    assert dp.free_ids() == (0, SMALL - 1)
+    assert dp.policy_id(namespace="ns", name="one-more") >= SMALL
+
+
+def test_restart_never_hands_out_an_id_again(small: None, pin_root: str, clock: Clock) -> None:
+    dp = _open(pin_root, clock)
+    try:
+        first = [dp.register_pod(namespace="ns", name="p", uid=f"u{i}") for i in range(3)]
+        pol = dp.policy_id(namespace="ns", name="gone")
+        dp.retire_pods_except({"u2"})
+        clock.now += dp.names.grace + 1
+        assert dp.free_ids() == (2, 1)  # u0, u1 and the policy: their names deleted
+    finally:
+        dp.close()
+    dp = _open(pin_root, clock)
+    try:
+        assert _pod_names(dp) == {first[2]: "u2"}  # adopted: only what was kept
+        again = dp.register_pod(namespace="ns", name="p", uid="u0")
+        assert again > max(first)               # u0 was freed: a new id, never an old one
+        assert dp.register_pod(namespace="ns", name="p", uid="u2") == first[2]
+        assert dp.policy_id(namespace="ns", name="gone") > pol
+        # adopted ids of pods that are no longer live are pruned after the first listing
+        dp.retire_pods_except({"u0"})
+        clock.now += dp.names.grace + 1
+        assert dp.free_ids()[0] == 1
+        assert set(_pod_names(dp).values()) == {"u0"}
+    finally:
+        dp.close()
+
+
+def test_removed_pins_come_back(dp: Datapath, pin_root: str) -> None:
+    pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+    pid = dp.policy_id(namespace="ns", name="a")
+    dp.program_pods({4242: PodPolicy(pod_id, _rules(pid), ALLOW_ALL)})
+    tries = os.listdir(os.path.join(pin_root, "tries"))
+    assert tries
+    # someone removes the pins while the agent runs
+    shutil.rmtree(os.path.join(pin_root, "tries"))
+    os.unlink(os.path.join(pin_root, "maps", lay.MAP_PODS))
+    # the next change still works, and re-creates what was removed
+    dp.program_pods({4242: PodPolicy(pod_id, _rules(pid, pid + 0), ALLOW_ALL),
+                     4243: PodPolicy(pod_id, _rules(), ALLOW_ALL)})
+    assert os.path.exists(os.path.join(pin_root, "maps", lay.MAP_PODS))
+    for trie in tries:
+        assert os.path.exists(os.path.join(pin_root, "tries", trie))
+    assert dp.restore_pins() == []  # nothing left to restore
+    # another process (the CLI, conntrack) opens the pin and sees the live record
+    with Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_PODS)) as raw:
+        pods = TypedMap(raw, lay.u32, lay.NpPod)
+        assert pods.lookup(lay.u32(4242)) is not None
