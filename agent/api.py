@@ -160,6 +160,7 @@ class AgentApi:
             programmed=self.enforcer.is_programmed(ref),
             programmed_at=st.programmed_at if st and st.programmed_at else None,
             error=st.error if st else "",
+            failure=st.reason if st and st.error else "",
             ingress=ingress, egress=egress,
             policies=[PolicyRefView(
                 policyendpoint=f"{k[0]}/{k[1]}", policy=f"{e.policy[0]}/{e.policy[1]}",

@@ -228,7 +228,7 @@ def render_pods(pods: list[PodView]) -> str:
                   "POLICIES"],
                  [[p.namespace, p.name, ",".join(p.ips), p.interface or "-",
                    p.ingress.state if p.ingress else "-", p.egress.state if p.egress else "-",
-                   "yes" if p.programmed else "no",
+                   "yes" if p.programmed else f"no ({p.failure})" if p.failure else "no",
                    ",".join(sorted({r.policy for r in p.policies})) or "-"] for p in pods])
 
 

@@ -56,6 +56,7 @@ class PodView(_Model):
     ingress: DirectionView | None
     egress: DirectionView | None
     policies: list[PolicyRefView]
+    failure: str = ""       # why programming failed: table-full | rule-limit | kernel
 
 
 class PolicyView(_Model):

@@ -257,3 +257,39 @@ async def test_the_cleaner_process(pods: PodNet, tracked: tuple[SimPod, SimPod],
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert not await asyncio.to_thread(os.path.exists, socket_path(runtime_dir, CONNTRACK_SOCKET))
+
+
+async def test_entries_of_a_removed_pods_interface_go_at_once(
+        pods: PodNet, tracked: tuple[SimPod, SimPod]) -> None:
+    """A pod is deleted while its connection is still in the kernel's table (established
+    TCP is kept for days): the entries tracked at its interface go at the next sweep, the
+    other side's stay while the flow lives."""
+    client, server = tracked
+    from simnode.traffic import open_tcp
+
+    conn = await open_tcp(netns=client.netns, target=server.ipv4, port=80)
+    assert conn is not None
+    try:
+        assert await conn.exchange(b"hello", expect="server")
+        entries = ct_entries(pods.dp)
+        at_server = {k for k, _ in entries.items()
+                     if lay.NpCtKey.from_buffer_copy(k).ifindex == server.ifindex}
+        at_client = set(entries) - at_server
+        assert at_server
+        assert at_client
+        # with every interface live, nothing goes: the kernel still tracks the flows
+        live_ifs = {client.ifindex, server.ifindex}
+        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns,
+                                              interfaces=lambda: live_ifs).run)
+        assert res.removed == 0
+        assert set(ct_entries(pods.dp)) == set(entries)
+        # the server pod is gone (its record removed): its interface's entries go
+        live_ifs = {client.ifindex}
+        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns,
+                                              interfaces=lambda: live_ifs).run)
+        after = set(ct_entries(pods.dp))
+        assert res.orphans == len(at_server), res
+        assert not after & at_server
+        assert at_client <= after
+    finally:
+        await conn.close()
