@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.apimodels import NodeStatus
 from fakekube import store as fs
 from simnode.netns import socket_in
 from simnode.node import SimPod
@@ -30,6 +31,7 @@ class Vitals:
     rss_mb: float
     lag_max_s: float    # largest event-loop lag since the agent started
     tasks: int
+    tables: dict[str, int] = field(default_factory=dict)  # datapath table -> entries
 
 
 @dataclass
@@ -41,7 +43,12 @@ class Churn:
     rate: float = 20.0               # updates per second
     namespace: str = "default"
     seed: int = 7
+    # a node's history: pods re-created (same name and address, a new UID) per second,
+    # and every update naming a new policy (as policies are created and deleted)
+    pod_rate: float = 0.0
+    rename_policies: bool = False
     updates: int = 0
+    recreated: int = 0
     _generation: dict[int, int] = field(default_factory=dict)
 
     def body(self, i: int) -> dict[str, Any]:
@@ -53,7 +60,9 @@ class Churn:
         return {
             "metadata": {"name": f"churn-{i:05d}", "namespace": self.namespace},
             "spec": {
-                "policyRef": {"name": f"churn-{i % 100}", "namespace": self.namespace},
+                "policyRef": {"name": (f"churn-{i}-{gen}" if self.rename_policies
+                                       else f"churn-{i % 100}"),
+                              "namespace": self.namespace},
                 "podIsolation": ["Ingress"],
                 "podSelectorEndpoints": [
                     {"podIP": str(p.ipv4), "hostIP": str(self.stack.sim.node_ipv4),
@@ -79,16 +88,31 @@ class Churn:
         store.update(fs.POLICY_ENDPOINTS, self.namespace, body["metadata"]["name"], body)
         self.updates += 1
 
+    def recreate_pod(self, pod: SimPod) -> None:
+        """The pod's object deleted and created again: same name and address, a new
+        UID (a Job's next run, a StatefulSet's replacement)."""
+        store = self.stack.api.store
+        store.delete(fs.PODS, self.namespace, pod.name)
+        self.stack.create_pod_object(pod, namespace=self.namespace)
+        self.recreated += 1
+
     async def run(self, seconds: float) -> None:
-        """Update random PolicyEndpoints at ``rate`` per second for ``seconds``."""
+        """Update random PolicyEndpoints at ``rate`` per second (and re-create random
+        pods at ``pod_rate``) for ``seconds``."""
         rng = random.Random(self.seed)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        next_at = started
+        next_at = next_pod_at = started
         while loop.time() - started < seconds:
-            self.update(rng.randrange(self.endpoints))
-            next_at += 1.0 / self.rate
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            now = loop.time()
+            if self.pod_rate and now >= next_pod_at:
+                self.recreate_pod(self.pods[rng.randrange(len(self.pods))])
+                next_pod_at += 1.0 / self.pod_rate
+            if now >= next_at:
+                self.update(rng.randrange(self.endpoints))
+                next_at += 1.0 / self.rate
+            wake = min(next_at, next_pod_at) if self.pod_rate else next_at
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
 
 async def metrics(netns: str, port: int = 8162) -> dict[str, float]:
@@ -122,6 +146,8 @@ def rss_mb(pid: int) -> float:
 async def vitals(stack: NodeStack, started: float) -> Vitals:
     rss = await asyncio.to_thread(rss_mb, stack.procs["agent"].pid)
     m = await metrics(stack.sim.netns)
+    st = await stack.agent.get("/v1/status", NodeStatus)
     return Vitals(round(time.monotonic() - started, 1), round(rss, 1),
                   m.get("awsnodeagent_event_loop_lag_max_seconds", float("nan")),
-                  int(m.get("awsnodeagent_asyncio_tasks", -1)))
+                  int(m.get("awsnodeagent_asyncio_tasks", -1)),
+                  {name: t.entries for name, t in sorted(st.tables.items())})
