@@ -30,7 +30,6 @@ accepted (if any) stays in force, so no pod's enforcement changes because of bad
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,8 @@ import structlog
 
 from agent.endpoints import Endpoints, PodRef, PolicyKey, from_api
 from common.kube import WatchEvent
-from common.policyendpoint import PolicyEndpointError, bounded
+from common.podobject import PodError, parse_pod, pod_key
+from common.policyendpoint import PolicyEndpointError
 
 log = structlog.get_logger("agent.cache")
 
@@ -72,25 +72,20 @@ class Stub:
 
 
 def _pod(obj: dict[str, Any]) -> LocalPod:
-    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
-    ips = [p.get("ip") for p in status.get("podIPs") or [] if p.get("ip")]
-    if not ips and status.get("podIP"):
-        ips = [status["podIP"]]
-    valid = []
-    for ip in ips:
-        try:
-            valid.append(str(ipaddress.ip_address(ip)))
-        except ValueError:
-            log.warning("pod.bad_ip", pod=f"{meta.get('namespace')}/{meta.get('name')}",
-                        ip=bounded(ip))
+    """The pod as the agent keeps it; :class:`PodError` if the object is unusable."""
+    pod = parse_pod(obj)
+    meta, spec, status = pod.metadata, pod.spec, pod.status
+    ips, invalid = pod.addresses()
+    for ip in invalid:
+        log.warning("pod.bad_ip", pod=f"{meta.namespace}/{meta.name}", ip=ip)
     return LocalPod(
-        namespace=meta.get("namespace", ""),
-        name=meta.get("name", ""),
-        uid=meta.get("uid", ""),
-        ips=tuple(valid),
-        host_network=bool(spec.get("hostNetwork")),
-        phase=status.get("phase", ""),
-        deleting=bool(meta.get("deletionTimestamp")),
+        namespace=meta.namespace,
+        name=meta.name,
+        uid=meta.uid,
+        ips=ips,
+        host_network=spec.host_network,
+        phase=status.phase,
+        deleting=bool(meta.deletion_timestamp),
     )
 
 
@@ -104,7 +99,8 @@ def _int(value: object) -> int:
 class Cache:
     def __init__(self, *, node_addresses: Callable[[], set[str]],
                  on_rejected: Callable[[str, str, str], None] | None = None,
-                 on_ignored: Callable[[str], None] | None = None) -> None:
+                 on_ignored: Callable[[str], None] | None = None,
+                 on_pod_rejected: Callable[[], None] | None = None) -> None:
         self.pods: dict[PodRef, LocalPod] = {}
         self.endpoints: dict[Key, Endpoints] = {}      # objects of relevant policies
         self.stubs: dict[Key, Stub] = {}               # objects of the others
@@ -116,6 +112,7 @@ class Cache:
         self.generations: dict[Key, int] = {}
         self._on_rejected = on_rejected
         self._on_ignored = on_ignored
+        self._on_pod_rejected = on_pod_rejected
         self._reported: set[tuple[Key, int, PodRef]] = set()  # mismatches already logged
         self.dirty: set[PodRef] = set()
         self.changed = asyncio.Event()
@@ -128,6 +125,14 @@ class Cache:
         self._rvs: dict[Key, int] = {}
         self.pods_synced = False
         self.endpoints_synced = False
+
+    def reject_pod(self, exc: PodError) -> None:
+        """A Pod object that cannot be used: logged and counted; what was known of the
+        pod (its last valid version) stays in force."""
+        log.error("pod.rejected", pod=f"{exc.namespace}/{exc.name}", reason=exc.reason,
+                  kept="the last valid version, if any")
+        if self._on_pod_rejected is not None:
+            self._on_pod_rejected()
 
     # ---- queries ----------------------------------------------------------------------
     def selecting(self, pod: PodRef) -> list[PolicyKey]:
@@ -360,7 +365,14 @@ class _Pods:
         self._seen = set()
 
     def add(self, obj: dict[str, Any]) -> None:
-        pod = _pod(obj)
+        try:
+            pod = _pod(obj)
+        except PodError as exc:
+            key = pod_key(obj)
+            if key is not None:
+                self._seen.add(key)  # what we had of it stays
+            self.cache.reject_pod(exc)
+            return
         self._seen.add(pod.key)
         self.cache._set_pod(pod, pod.key)
 
@@ -378,8 +390,17 @@ class _Pods:
         self.end()
 
     def apply(self, event: WatchEvent) -> None:
-        pod = _pod(event.object)
-        self.cache._set_pod(None if event.type == "DELETED" else pod, pod.key)
+        if event.type == "DELETED":
+            key = pod_key(event.object)
+            if key is not None:
+                self.cache._set_pod(None, key)
+            return
+        try:
+            pod = _pod(event.object)
+        except PodError as exc:
+            self.cache.reject_pod(exc)  # the last valid version stays
+            return
+        self.cache._set_pod(pod, pod.key)
 
 
 class _Endpoints:

@@ -40,7 +40,7 @@ from common.localapi import (
 from common.loopmon import LoopMonitor
 from common.netlink import Netlink
 from common.supervisor import StartupError, run_process, supervise
-from common.watching import WatchStats, list_watch
+from common.watching import WatchSettings, WatchStats, list_watch
 
 log = structlog.get_logger("agent")
 
@@ -105,7 +105,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         cache = Cache(node_addresses=hostnet.node_addresses,
                       on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns,
                                                                             name=name),
-                      on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc())
+                      on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
+                      on_pod_rejected=metrics.pods_rejected.inc)
         enforcer = Enforcer(cache=cache, hostnet=hostnet, worker=worker, metrics=metrics,
                             strict=settings.enforcing_mode == "strict")
         pod_stats, pe_stats = WatchStats(), WatchStats()
@@ -132,6 +133,11 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 problems.append("watches not synced")
             elif not enforcer.synced.is_set():
                 problems.append("initial reconcile not done")
+            for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
+                stuck = st.stalled(WatchSettings.stall_after)
+                if stuck:
+                    problems.append(f"watch {name} has not progressed for {stuck:.0f}s "
+                                    f"({st.last_error[:120]})")
             problems += [f"table {t} is full ({e}/{c}): new pods cannot be programmed"
                          for t, (e, c) in sorted(dp.occupancy().items()) if c and e >= c]
             return problems
@@ -144,6 +150,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
                 metrics.watch_relists.labels(name).set(st.lists)
                 metrics.watch_errors.labels(name).set(st.errors)
+                metrics.watch_malformed.labels(name).set(st.malformed + st.rejected)
 
         async def list_endpoints(namespace: str) -> list[dict[str, Any]]:
             assert kube is not None

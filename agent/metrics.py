@@ -66,6 +66,14 @@ class AgentMetrics:
                                    ["resource"], registry=r)
         self.watch_errors = Gauge("awsnodeagent_watch_errors", "Watch failures per resource",
                                   ["resource"], registry=r)
+        self.pods_rejected = Counter(
+            "awsnodeagent_pod_objects_rejected",
+            "Pod objects refused as unusable (wrong field shapes); the last valid version "
+            "stays", registry=r)
+        self.watch_malformed = Gauge(
+            "awsnodeagent_watch_skipped_objects",
+            "Watch events or objects skipped as malformed or not usable, per resource",
+            ["resource"], registry=r)
 
     # ---- series labelled by a PolicyEndpoint: they end with it ------------------------
     def observe_setup(self, *, namespace: str, name: str, ms: float) -> None:

@@ -109,8 +109,88 @@ class GoneError(KubeError):
 
 @dataclass(frozen=True)
 class WatchEvent:
-    type: str       # ADDED | MODIFIED | DELETED | BOOKMARK
+    type: str       # ADDED | MODIFIED | DELETED | BOOKMARK | MALFORMED (see ``problem``)
     object: Obj
+    problem: str = ""   # MALFORMED: what was wrong (bounded); the line is skipped
+    oversized: bool = False  # MALFORMED because it exceeded MAX_EVENT_BYTES
+
+
+EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
+# A watch line longer than this is skipped (and the caller lists again to learn the
+# object): the API server's own limit on an object is about 1.5 MiB (etcd's request size),
+# so only a broken or hostile peer sends more, and it must not make us hold it.
+MAX_EVENT_BYTES = 8 * 2**20
+_CHUNK = 2**16
+
+
+def parse_event(line: bytes) -> WatchEvent:
+    """One watch line, validated at the edge: a JSON object whose ``type`` is known and
+    whose ``object`` is an object with an object ``metadata`` (a Status for ERROR).
+    Anything else is a MALFORMED event naming the problem (never an exception)."""
+    try:
+        event = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _malformed(f"not JSON ({exc.__class__.__name__}): {_excerpt(line)}")
+    if not isinstance(event, dict):
+        return _malformed(f"event is a {type(event).__name__}, not an object")
+    etype, obj = event.get("type"), event.get("object")
+    if etype not in EVENT_TYPES:
+        return _malformed(f"unknown event type {_excerpt(str(etype).encode())}")
+    if not isinstance(obj, dict):
+        return _malformed(f"{etype} event's object is a {type(obj).__name__}")
+    if etype != "ERROR" and not isinstance(obj.get("metadata") or {}, dict):
+        return _malformed(f"{etype} event's metadata is a "
+                          f"{type(obj.get('metadata')).__name__}")
+    return WatchEvent(etype, obj)
+
+
+def _malformed(problem: str, *, oversized: bool = False) -> WatchEvent:
+    return WatchEvent("MALFORMED", {}, problem=problem, oversized=oversized)
+
+
+def _excerpt(raw: bytes, limit: int = 120) -> str:
+    text = raw[:limit].decode(errors="replace").strip()
+    return f"{text!r}" + (f" ... ({len(raw)} bytes)" if len(raw) > limit else "")
+
+
+async def _lines(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes | int]:
+    """Lines of a stream (without the newline); a line over ``limit`` bytes is not held:
+    its length is yielded instead, once it ends."""
+    buf = bytearray()
+    skipping = 0  # bytes of an oversized line discarded so far
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            if skipping:
+                yield skipping
+            elif buf.strip():
+                yield bytes(buf)
+            return
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                piece = chunk[start:]
+                if skipping:
+                    skipping += len(piece)
+                elif len(buf) + len(piece) > limit:
+                    skipping = len(buf) + len(piece)
+                    buf = bytearray()
+                else:
+                    buf += piece
+                break
+            piece = chunk[start:nl]
+            start = nl + 1
+            if skipping:
+                yield skipping + len(piece)
+                skipping = 0
+            elif len(buf) + len(piece) > limit:
+                yield len(buf) + len(piece)
+                buf = bytearray()
+            else:
+                buf += piece
+                line, buf = bytes(buf), bytearray()
+                yield line
 
 
 class KubeClient:
@@ -216,10 +296,13 @@ class KubeClient:
     async def watch(self, resource: Resource, *, resource_version: str,
                     namespace: str | None = None, label_selector: str | None = None,
                     field_selector: str | None = None, timeout_seconds: int = 300,
-                    idle_timeout: float = 90.0) -> AsyncIterator[WatchEvent]:
+                    idle_timeout: float = 90.0, max_event_bytes: int = MAX_EVENT_BYTES
+                    ) -> AsyncIterator[WatchEvent]:
         """Stream events after ``resource_version`` (bookmarks included). Ends when the
         server closes the watch; raises :class:`GoneError` on 410, :class:`KubeError` on any
-        other failure, including ``idle_timeout`` seconds of silence."""
+        other failure, including ``idle_timeout`` seconds of silence. A line that is not a
+        well-formed event (garbage, a wrong shape, over ``max_event_bytes``) is yielded as
+        a MALFORMED event, never raised."""
         query = _selectors(label_selector, field_selector)
         query.update(watch="1", resourceVersion=resource_version, allowWatchBookmarks="true",
                      timeoutSeconds=str(timeout_seconds))
@@ -228,21 +311,28 @@ class KubeClient:
         try:
             if resp.status >= 400:
                 raise _error(resp.status, (await resp.read()).decode(errors="replace"))
+            lines = _lines(resp.content, max_event_bytes)
             while True:
                 try:
-                    line = await resp.content.readline()
+                    line = await anext(lines)
+                except StopAsyncIteration:
+                    return
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise KubeError(0, f"watch {resource.plural}: {exc!r}") from exc
-                if not line:
-                    return
+                if isinstance(line, int):
+                    yield _malformed(f"event of {line} bytes, over the {max_event_bytes} "
+                                     f"byte bound", oversized=True)
+                    continue
                 if not line.strip():
                     continue
-                event = json.loads(line)
-                etype, obj = event.get("type"), event.get("object") or {}
-                if etype == "ERROR":
-                    raise _error(int(obj.get("code") or 500), obj.get("message", ""),
-                                 reason=obj.get("reason", ""))
-                yield WatchEvent(etype, obj)
+                event = parse_event(line)
+                if event.type == "ERROR":
+                    obj = event.object
+                    code = obj.get("code")
+                    raise _error(code if isinstance(code, int) else 500,
+                                 str(obj.get("message", ""))[:300],
+                                 reason=str(obj.get("reason", ""))[:100])
+                yield event
         finally:
             resp.release()
             resp.close()

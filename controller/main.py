@@ -26,7 +26,7 @@ from common.httpserve import health_app, serve
 from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import run_process, supervise
-from common.watching import list_watch
+from common.watching import WatchSettings, WatchStats, list_watch
 from controller.leader import LeaderElector
 from controller.metrics import metrics_app
 from controller.sync import Resolver
@@ -91,8 +91,17 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 renew_deadline=settings.leader_election_renew_deadline,
                 retry_period=settings.leader_election_retry_period)
 
+        watch_stats = {name: WatchStats() for name in ("networkpolicies", "pods", "namespaces",
+                                                      "services", "policyendpoints")}
+
         def ready() -> list[str]:
-            return [] if all(resolver.synced.values()) else ["watches not synced"]
+            problems = [] if all(resolver.synced.values()) else ["watches not synced"]
+            for name, st in watch_stats.items():
+                stuck = st.stalled(WatchSettings.stall_after)
+                if stuck:
+                    problems.append(f"watch {name} has not progressed for {stuck:.0f}s "
+                                    f"({st.last_error[:120]})")
+            return problems
 
         async def resolve() -> None:
             if elector is not None:
@@ -112,7 +121,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         for name, resource in (("networkpolicies", NETWORK_POLICIES), ("pods", PODS),
                                ("namespaces", NAMESPACES), ("services", SERVICES),
                                ("policyendpoints", POLICY_ENDPOINTS)):
-            tasks[f"watch-{name}"] = list_watch(kube, resource, resolver.consumer(name))
+            tasks[f"watch-{name}"] = list_watch(kube, resource, resolver.consumer(name),
+                                                stats=watch_stats[name])
         log.info("resolver.starting", identity=identity, layout=settings.endpoint_layout,
                  chunk_size=settings.endpoint_chunk_size, leader_elect=settings.leader_elect)
         await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)

@@ -10,7 +10,10 @@ an ordinary kubeconfig (:meth:`FakeKube.write_kubeconfig`).
 
 Tests drive faults directly: :meth:`FakeKube.compact` (later watches from old versions
 get 410), :meth:`FakeKube.drop_watches` (connections cut), :meth:`FakeKube.pause` /
-:meth:`FakeKube.resume` (the server is unreachable, then back on the same address).
+:meth:`FakeKube.resume` (the server is unreachable, then back on the same address),
+:meth:`FakeKube.inject` (raw bytes into live watch streams: garbage lines, wrong shapes,
+oversized events) and :meth:`FakeKube.cut_watches_at` (every stream that reaches a
+matching event breaks in the middle of it, each time, until cleared).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class FakeKube:
         self.bookmark_interval = bookmark_interval
         self.requests: Counter[str] = Counter()   # "list pods", "watch policyendpoints", ...
         self._watch_tasks: set[asyncio.Task[Any]] = set()
+        self._cut_at: dict[str, Callable[[Obj], bool]] = {}
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
         self._sock_factory: SocketFactory | None = None
@@ -151,6 +155,25 @@ class FakeKube:
     async def resume(self) -> None:
         if self._site is None:
             await self._listen()
+
+    def inject(self, plural: str, raw: bytes) -> int:
+        """Write ``raw`` (sent as is: end it with a newline) into every live watch of
+        ``plural``; returns how many streams got it."""
+        n = 0
+        for t in self._watch_tasks:
+            w = getattr(t, "watcher", None)
+            if isinstance(w, Watcher) and w.resource.plural == plural:
+                w.queue.put_nowait({RAW: raw})
+                n += 1
+        return n
+
+    def cut_watches_at(self, plural: str, match: Callable[[Obj], bool] | None) -> None:
+        """Every watch of ``plural`` that is about to send an event whose object matches
+        breaks off in the middle of that event (None: clear)."""
+        if match is None:
+            self._cut_at.pop(plural, None)
+        else:
+            self._cut_at[plural] = match
 
     def send_bookmarks(self) -> None:
         for t in self._watch_tasks:
@@ -265,6 +288,8 @@ class FakeKube:
         deadline = loop.time() + timeout if timeout > 0 else None
         try:
             for item in backlog:
+                if await self._maybe_cut(request, resp, r.plural, item):
+                    return resp
                 await _send(resp, item)
             while True:
                 wait = self.bookmark_interval if bookmarks else 3600.0
@@ -282,6 +307,8 @@ class FakeKube:
                     break
                 if item.get("type") == "BOOKMARK" and not bookmarks:
                     continue
+                if await self._maybe_cut(request, resp, r.plural, item):
+                    return resp
                 await _send(resp, item)
         except asyncio.CancelledError:
             # a dropped watch: close the transport so the client sees the cut
@@ -294,6 +321,18 @@ class FakeKube:
             self.store.watchers.discard(watcher)
             self._watch_tasks.discard(task)
         return resp
+
+    async def _maybe_cut(self, request: web.Request, resp: web.StreamResponse, plural: str,
+                         item: Obj) -> bool:
+        match = self._cut_at.get(plural)
+        obj = item.get("object")
+        if match is None or not isinstance(obj, dict) or not match(obj):
+            return False
+        data = json.dumps(item).encode()
+        await resp.write(data[:len(data) // 2])
+        if request.transport is not None:
+            request.transport.abort()
+        return True
 
     async def _stream_start(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -366,8 +405,12 @@ class FakeKube:
         return handler
 
 
+RAW = "__raw__"  # a queued item written as is (FakeKube.inject)
+
+
 async def _send(resp: web.StreamResponse, item: Obj) -> None:
-    await resp.write(json.dumps(item).encode() + b"\n")
+    raw = item.get(RAW)
+    await resp.write(raw if isinstance(raw, bytes) else json.dumps(item).encode() + b"\n")
 
 
 def _error(exc: ApiError) -> web.Response:
