@@ -102,7 +102,7 @@ async def test_garbage_and_wrong_shapes_are_skipped(api: tuple[FakeKube, KubeCli
         for i, raw in enumerate(bad):
             server.inject("pods", raw)
             server.store.create(fs.PODS, "default", pod(f"after-{i}"))
-            await until(lambda i=i: f"after-{i}" in rec.state, f"after-{i}")  # type: ignore[misc]
+            await until(lambda i=i: f"after-{i}" in rec.state, f"after-{i}")
         assert sorted(rec.state) == [f"after-{i}" for i in range(len(bad))]
         assert not task.done()
         assert stats.malformed == 5
