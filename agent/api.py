@@ -46,6 +46,7 @@ from common.apimodels import (
     WaitResult,
     WatchView,
 )
+from common.echo import bounded
 from common.flags import Settings
 from common.kube import KubeError
 from common.localapi import (
@@ -282,7 +283,7 @@ class AgentApi:
         wanted = request.query.getall("pod", [])
         for w in wanted:
             if w.count("/") != 1:
-                raise web.HTTPBadRequest(reason=f"pod must be namespace/name, got {w!r}")
+                raise web.HTTPBadRequest(reason=f"pod must be namespace/name, got {bounded(w)}")
         started = time.monotonic()
         deadline = started + timeout
         truth: dict[str, dict[str, int]] | None = None

@@ -19,13 +19,13 @@ from bpf import layout as lay
 from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
 from bpf.ruleset import PeerRule, PortRange, Prefix
 from common.cidr import Cidr
+from common.echo import bounded
 from common.policyendpoint import (
     GROUP_ANNOTATION,
     TRIGGER_ANNOTATION,
     PolicyEndpointError,
     PortSpec,
     Rule,
-    bounded,
     parse_with_rules,
 )
 
@@ -183,7 +183,8 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         raise PolicyEndpointError(
             meta.namespace, meta.name,
             f"spec.policyRef.namespace: {bounded(spec.policy_ref.namespace)} is not the "
-            f"object's namespace {meta.namespace!r} (a policy's objects live in its namespace)")
+            f"object's namespace {bounded(meta.namespace)} (a policy's objects live in its "
+            f"namespace)")
     listed, foreign = [], []
     for e in spec.pod_selector_endpoints:
         if e.namespace != meta.namespace:

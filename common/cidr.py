@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from typing import NamedTuple
 
+from common.echo import bounded
+
 
 class Cidr(NamedTuple):
     version: int   # 4 or 6
@@ -26,16 +28,16 @@ class Cidr(NamedTuple):
 def parse(text: str) -> Cidr:
     """``10.0.0.0/8``, ``10.1.2.3`` (a /32), ``fd00::/64``; ValueError naming the input."""
     if not isinstance(text, str):
-        raise ValueError(f"invalid CIDR {text!r}")
+        raise ValueError(f"invalid CIDR {bounded(text)}")
     addr, sep, length_text = text.strip().partition("/")
     version, family, bits = (6, socket.AF_INET6, 128) if ":" in addr else (4, socket.AF_INET, 32)
     try:
         raw = socket.inet_pton(family, addr)
     except OSError:
-        raise ValueError(f"invalid CIDR {text!r}") from None
+        raise ValueError(f"invalid CIDR {bounded(text)}") from None
     if sep:
         if not length_text.isascii() or not length_text.isdigit() or int(length_text) > bits:
-            raise ValueError(f"invalid CIDR {text!r}")
+            raise ValueError(f"invalid CIDR {bounded(text)}")
         length = int(length_text)
     else:
         length = bits

@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from common.echo import bound_log_values
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
            "error": logging.ERROR}
 
@@ -31,6 +33,7 @@ def configure(level: str, *, process: str, json: bool = True) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            bound_log_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.policyendpoint import bounded
+from common.echo import bounded
 
 
 class PodError(ValueError):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.cidr import Cidr
 from common.cidr import parse as fast_cidr
+from common.echo import ECHO_LIMIT, bounded, cut
 
 API_VERSION = "networking.k8s.aws/v1alpha1"
 KIND = "PolicyEndpoint"
@@ -26,17 +27,6 @@ GROUP_ANNOTATION = "np-resolver.networking.k8s.aws/target-group"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-ECHO_LIMIT = 200
-
-
-def bounded(value: object, limit: int = ECHO_LIMIT) -> str:
-    """``repr(value)`` for a log line or an error, cut to ``limit`` characters (with the
-    full length said): input is echoed, never copied whole (a 1 MB string stays 1 MB
-    in one place only)."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} chars)"
 
 
 class _Model(BaseModel):
@@ -101,10 +91,11 @@ def parse_rules(entries: Any, where: str) -> list[Rule]:
                 except ValueError as exc:
                     raise ValueError(f"{loc}.except: {exc}") from None
                 if ex.version != cidr.version:
-                    raise ValueError(f"{loc}.except: {raw!r} is not of the family of "
-                                     f"cidr {text!r}")
+                    raise ValueError(f"{loc}.except: {bounded(raw)} is not of the family of "
+                                     f"cidr {bounded(text)}")
                 if not cidr.contains(ex):
-                    raise ValueError(f"{loc}.except: {raw!r} is outside cidr {text!r}")
+                    raise ValueError(f"{loc}.except: {bounded(raw)} is outside cidr "
+                                     f"{bounded(text)}")
                 parsed.append(ex)
             excepts = tuple(parsed)
         ports = entry.get("ports")
@@ -122,7 +113,7 @@ def _ports(ports: Any, where: str) -> tuple[PortSpec, ...]:
             raise ValueError(f"{loc}: must be an object")
         protocol = p.get("protocol") or "TCP"
         if protocol not in ("TCP", "UDP", "SCTP"):
-            raise ValueError(f"{loc}.protocol: {protocol!r} is not TCP, UDP or SCTP")
+            raise ValueError(f"{loc}.protocol: {bounded(protocol)} is not TCP, UDP or SCTP")
         port = _port_number(p.get("port"), f"{loc}.port")
         end = _port_number(p.get("endPort"), f"{loc}.endPort")
         if end is not None:
@@ -139,10 +130,10 @@ def _port_number(value: Any, where: str) -> int | None:
         return None
     if isinstance(value, str):
         if not value.isascii() or not value.isdigit():
-            raise ValueError(f"{where}: named port {value!r} must be resolved to a number")
+            raise ValueError(f"{where}: named port {bounded(value)} must be resolved to a number")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: {value!r} is not a port number")
+        raise ValueError(f"{where}: {bounded(value)} is not a port number")
     if not 1 <= value <= 65535:
         raise ValueError(f"{where}: {value} is outside 1-65535")
     return value
@@ -161,7 +152,7 @@ class PodEndpoint(_Model):
             try:
                 ipaddress.ip_address(value)
             except ValueError as exc:
-                raise ValueError(f"invalid IP {value!r}") from exc
+                raise ValueError(f"invalid IP {bounded(value)}") from exc
         return value
 
 
@@ -214,6 +205,7 @@ class PolicyEndpointError(ValueError):
     """A PolicyEndpoint the agent must not enforce; ``reason`` is one line."""
 
     def __init__(self, namespace: str, name: str, reason: str) -> None:
+        reason = cut(reason, 4 * ECHO_LIMIT)  # what it quotes is bounded, and so is it
         super().__init__(f"{namespace}/{name}: {reason}")
         self.namespace = namespace
         self.name = name

@@ -14,6 +14,7 @@ from typing import Any
 
 from common.cidr import Cidr
 from common.cidr import parse as parse_cidr
+from common.echo import bounded
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -39,7 +40,8 @@ def validate_spec(spec: Any) -> None:
         _list(types, "spec.policyTypes")
         for i, t in enumerate(types):
             if t not in ("Ingress", "Egress"):
-                raise PolicyInvalid(f"spec.policyTypes[{i}]", f"{t!r} is not Ingress or Egress")
+                raise PolicyInvalid(f"spec.policyTypes[{i}]",
+                                    f"{bounded(t)} is not Ingress or Egress")
     for direction, peers_key in (("ingress", "from"), ("egress", "to")):
         for where, rule in _objects(spec.get(direction), f"spec.{direction}"):
             for at, peer in _objects(rule.get(peers_key), f"{where}.{peers_key}"):
@@ -66,7 +68,7 @@ def _list(value: Any, where: str) -> None:
 
 def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise PolicyInvalid(where, f"{value!r} is not a string")
+        raise PolicyInvalid(where, f"{bounded(value)} is not a string")
     return value
 
 
@@ -88,7 +90,8 @@ def _selector(sel: Any, where: str) -> None:
             raise PolicyInvalid(f"{at}.key", "must not be empty")
         op = e.get("operator")
         if op not in OPERATORS:
-            raise PolicyInvalid(f"{at}.operator", f"{op!r} is not one of {', '.join(OPERATORS)}")
+            raise PolicyInvalid(f"{at}.operator",
+                                f"{bounded(op)} is not one of {', '.join(OPERATORS)}")
         values = e.get("values")
         if values is not None:
             _list(values, f"{at}.values")
@@ -130,7 +133,7 @@ def _cidr(value: Any, where: str) -> Cidr:
     PolicyEndpoints allow)."""
     text = _string(value, where)
     if "/" not in text:
-        raise PolicyInvalid(where, f"{text!r} is not a CIDR (address/length)")
+        raise PolicyInvalid(where, f"{bounded(text)} is not a CIDR (address/length)")
     try:
         return parse_cidr(text)
     except ValueError as exc:
@@ -140,7 +143,7 @@ def _cidr(value: Any, where: str) -> Cidr:
 def _port(port: Mapping[str, Any], where: str) -> None:
     protocol = port.get("protocol")
     if protocol is not None and protocol not in PROTOCOLS:
-        raise PolicyInvalid(f"{where}.protocol", f"{protocol!r} is not TCP, UDP or SCTP")
+        raise PolicyInvalid(f"{where}.protocol", f"{bounded(protocol)} is not TCP, UDP or SCTP")
     number = port.get("port")
     end = port.get("endPort")
     if number is None:
@@ -151,14 +154,15 @@ def _port(port: Mapping[str, Any], where: str) -> None:
         number = int(number)  # lenient: a quoted number is read as the number
     if isinstance(number, str):
         if not _SVC_NAME.match(number):
-            raise PolicyInvalid(f"{where}.port", f"{number!r} is not a valid port name")
+            raise PolicyInvalid(f"{where}.port", f"{bounded(number)} is not a valid port name")
         if end is not None:
             raise PolicyInvalid(f"{where}.endPort", "may not be used with a named port")
         return
     if not _is_int(number) or not 1 <= number <= 65535:
-        raise PolicyInvalid(f"{where}.port", f"{number!r} is not a port (1-65535)")
+        raise PolicyInvalid(f"{where}.port", f"{bounded(number)} is not a port (1-65535)")
     if end is not None and (not _is_int(end) or not number <= end <= 65535):
-        raise PolicyInvalid(f"{where}.endPort", f"{end!r} is not a port from {number} to 65535")
+        raise PolicyInvalid(f"{where}.endPort",
+                            f"{bounded(end)} is not a port from {number} to 65535")
 
 
 def _is_int(value: Any) -> bool:
