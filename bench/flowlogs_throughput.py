@@ -39,6 +39,7 @@ from common.flags import Settings
 from flowlogs.cloudwatch import CloudWatchShipper
 from flowlogs.main import FlowLogs
 from flowlogs.names import Names
+from flowlogs.sink import RotatingFile
 from simnode import packets as pk
 from simnode.cloudwatch import LocalCloudWatch
 
@@ -132,10 +133,11 @@ async def cloudwatch(events: int) -> dict[str, float]:
     saved = {k: os.environ.get(k) for k in server.environment()}
     os.environ.update(server.environment())
     try:
-        spilled: list[str] = []
+        spill_dir = tempfile.mkdtemp(prefix="np-bench-spill-")
+        spill = RotatingFile(os.path.join(spill_dir, "spill"), max_bytes=1 << 30, backups=0)
         shipper = CloudWatchShipper(group="/aws/k8s-cluster/cluster",
                                     stream="aws-network-policy-agent-audit-bench",
-                                    capacity=events + 1, spill=spilled.extend,
+                                    capacity=events + 1, spill=spill,
                                     flush_interval=0.05)
         task = asyncio.create_task(shipper.run(), name="bench-cloudwatch")
         now = int(time.time() * 1000)
@@ -155,6 +157,8 @@ async def cloudwatch(events: int) -> dict[str, float]:
         batches = shipper.stats.batches - 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        spill.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
     finally:
         server.stop()
         for k, v in saved.items():
@@ -166,7 +170,7 @@ async def cloudwatch(events: int) -> dict[str, float]:
             "batches_per_second": round(batches / took, 1),
             "events_per_second": round(events / took),
             "cpu_us_per_event": round(cpu_s / events * 1e6, 2),
-            "retries": shipper.stats.retries, "spilled": len(spilled)}
+            "retries": shipper.stats.retries, "spilled": shipper.stats.overflow}
 
 
 def main() -> None:

@@ -70,6 +70,9 @@ class Settings(BaseModel):
     """Size at which the flow log file is rotated, bytes."""
     flow_log_backups: int = Field(default=5, ge=0, le=100)
     """Rotated flow log files kept."""
+    flow_log_file_mode: int = Field(default=0o600, ge=0, le=0o666)
+    """Mode of the flow log files created (octal, e.g. 0640): 0600 by default, since
+    flow logs show every pod's connections to whoever can read them."""
     cluster_name: str = ""
     """The cluster's name (CLUSTER_NAME): CloudWatch group /aws/eks/<name>/cluster;
     unset: /aws/k8s-cluster/cluster, the reference's group outside EKS."""
@@ -102,6 +105,20 @@ class Settings(BaseModel):
     @classmethod
     def _bind(cls, value: str) -> str:
         parse_bind_addr(value)
+        return value
+
+    @field_validator("flow_log_file_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value
+            try:
+                value = int(text, 8)
+            except ValueError:
+                raise ValueError(f"expected an octal file mode such as 0600, got "
+                                 f"{text[:20]!r}") from None
+        if isinstance(value, int) and not 0 <= value <= 0o666:
+            raise ValueError(f"{value:04o} is not a mode from 0000 to 0666 (no execute bits)")
         return value
 
     @field_validator("pod_interface_prefixes", mode="before")
@@ -166,6 +183,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--flow-log-format", metavar="text|json")
     p.add_argument("--flow-log-max-bytes", metavar="BYTES")
     p.add_argument("--flow-log-backups", metavar="N")
+    p.add_argument("--flow-log-file-mode", metavar="OCTAL")
     p.add_argument("--cluster-name")
     p.add_argument("--cloudwatch-queue-size", metavar="EVENTS")
     # the reference agent's names for the (flow) log file's rotation: MB and files

@@ -11,6 +11,14 @@
   kept, not dropped. Events wait in a bounded queue: when it is full, further events
   spill to a local file instead of growing memory, and are counted. Nothing is dropped
   without a count.
+- Spilled events are shipped later: once CloudWatch accepts batches again and the queue
+  is at most half full, the spill files are read back oldest first, a queue's worth at
+  a time (a file being read back is renamed ``<spill>.reship-<n>``, and its read offset
+  kept in the state file, so a restart goes on where it was).
+- On SIGTERM, after one bounded attempt to ship, whatever is still held is spilled. The
+  number held is kept in ``<spill>.state`` (at most a second old): a process killed
+  with -9 leaves it, and the next one counts those events as lost (``lost_in_crash``,
+  logged), since they were in its memory only.
 - Credentials, region and endpoint come from the standard AWS chain (environment,
   config files, IMDS; ``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS`` for a local endpoint).
 """
@@ -19,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import json
+import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +40,8 @@ import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+
+from flowlogs.sink import RotatingFile
 
 log = structlog.get_logger("flowlogs.cloudwatch")
 
@@ -88,8 +100,12 @@ class ShipperStats:
     overflow: int = 0          # spilled to the local file: queue full
     rejected: int = 0          # refused by CloudWatch (too old / too new)
     errors: int = 0
-    last_error: str = ""
+    last_error: str = ""       # cleared when a batch is accepted again
     backlog: int = 0
+    reshipped: int = 0         # read back from the spill files and queued again
+    spilled_waiting: int = 0   # spill files' bytes not read back yet
+    shutdown_spilled: int = 0  # held at SIGTERM, spilled
+    lost_in_crash: int = 0     # held by a process that was killed (read from the state)
 
 
 @dataclass
@@ -97,7 +113,7 @@ class CloudWatchShipper:
     group: str
     stream: str
     capacity: int
-    spill: Callable[[list[str]], None]
+    spill: RotatingFile
     flush_interval: float = 1.0
     backoff_max: float = 30.0
     shutdown_flush: float = 5.0
@@ -105,17 +121,25 @@ class CloudWatchShipper:
     queue: deque[Event] = field(default_factory=deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: bool = False
-    _inflight: int = 0  # taken from the queue, not yet accepted by CloudWatch
+    _healthy: bool = False  # the last request to CloudWatch succeeded
+    _inflight: list[Event] = field(default_factory=list)  # taken, not accepted yet
+    _reship: str = ""        # the spill file being read back
+    _reship_offset: int = 0
+    _saved_state: tuple[int, str, int] | None = None
 
     @property
     def held(self) -> int:
         """Events held in memory (queued or being shipped): at most ``capacity``."""
-        return len(self.queue) + self._inflight
+        return len(self.queue) + len(self._inflight)
+
+    @property
+    def state_path(self) -> str:
+        return self.spill.path + ".state"
 
     def submit(self, timestamp_ms: int, message: str) -> None:
         if self.held >= self.capacity:
             self.stats.overflow += 1
-            self.spill([f"{timestamp_ms} {message}\n"])
+            self.spill.write_lines([f"{timestamp_ms} {message}\n"])
             return
         self.queue.append((timestamp_ms, message))
         self.stats.queued += 1
@@ -124,6 +148,7 @@ class CloudWatchShipper:
             self._wake.set()
 
     async def run(self) -> None:
+        await asyncio.to_thread(self._recover)
         session = get_session()
         # our own backoff keeps the batch and counts every failure: no hidden retries
         config = AioConfig(retries={"max_attempts": 1, "mode": "standard"},
@@ -136,12 +161,136 @@ class CloudWatchShipper:
                     self._wake.clear()
                     if self.queue:
                         await self._drain(client)
+                    if self._healthy and self.held <= self.capacity // 2:
+                        await self._read_back()
+                    await self._save_state()
             except asyncio.CancelledError:
-                # stopping: one bounded attempt to ship what is held (it is in the file)
-                if self.queue:
+                # stopping: one bounded attempt to ship what is held, then spill the rest
+                if self.queue or self._inflight:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._drain(client), self.shutdown_flush)
+                self._spill_held()
                 raise
+
+    # ---- what outlives the process ---------------------------------------------------
+    def _recover(self) -> None:
+        """Thread: the previous process's state. Events it held and did not spill (it
+        was killed) are counted as lost; a read-back in progress goes on."""
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = {}
+        held = state.get("held") if isinstance(state, dict) else None
+        if isinstance(held, int) and held > 0:
+            self.stats.lost_in_crash += held
+            log.error("cloudwatch.lost_in_crash", events=held,
+                      reason="the previous process stopped without spilling what it held")
+        reship = state.get("reship") if isinstance(state, dict) else None
+        offset = state.get("offset") if isinstance(state, dict) else None
+        if isinstance(reship, str) and os.path.exists(reship) and isinstance(offset, int):
+            self._reship, self._reship_offset = reship, offset
+        self._write_state(0)
+        self.stats.spilled_waiting = self._spilled_bytes()
+
+    def _write_state(self, held: int) -> None:
+        state = (held, self._reship, self._reship_offset)
+        if state == self._saved_state:
+            return
+        tmp = self.state_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"held": held, "reship": self._reship,
+                           "offset": self._reship_offset}, f)
+            os.replace(tmp, self.state_path)
+            self._saved_state = state
+        except OSError as exc:
+            log.warning("cloudwatch.state_unwritable", file=self.state_path, error=str(exc))
+
+    async def _save_state(self) -> None:
+        if (self.held, self._reship, self._reship_offset) != self._saved_state:
+            await asyncio.to_thread(self._write_state, self.held)
+
+    def _spill_held(self) -> None:
+        """At SIGTERM: what was not shipped goes to the spill file (read back later)."""
+        held = sorted([*self._inflight, *self.queue])
+        self.queue.clear()
+        self._inflight = []
+        if held:
+            written = self.spill.write_lines([f"{ts} {msg}\n" for ts, msg in held])
+            self.stats.shutdown_spilled += written
+            log.info("cloudwatch.spilled_at_stop", events=written, lost=len(held) - written,
+                     file=self.spill.path)
+        self._write_state(0)
+
+    def _spill_files(self) -> list[str]:
+        """Spill files waiting to be read back, oldest first."""
+        pending = sorted(glob.glob(glob.escape(self.spill.path) + ".reship-*"),
+                         key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1]
+                         .isdigit() else 0)
+        backups = [f"{self.spill.path}.{i}" for i in range(self.spill.backups, 0, -1)]
+        return [*pending, *(p for p in backups if os.path.exists(p)),
+                *([self.spill.path] if _size(self.spill.path) else [])]
+
+    def _spilled_bytes(self) -> int:
+        return sum(_size(p) for p in self._spill_files()) - self._reship_offset
+
+    def _claim(self) -> None:
+        """Loop thread (where the spill file is written): take the oldest spill file for
+        reading back, renamed so that the writer starts a new one."""
+        if self._reship:
+            return
+        files = self._spill_files()
+        if not files:
+            return
+        oldest = files[0]
+        if ".reship-" not in oldest:
+            claimed = f"{self.spill.path}.reship-{time.time_ns()}"
+            os.replace(oldest, claimed)  # the spill writer follows its path: a new file
+            oldest = claimed
+        self._reship, self._reship_offset = oldest, 0
+
+    def _next_events(self, room: int) -> list[Event]:
+        """Thread: up to ``room`` events from the claimed spill file, oldest first; the
+        file is removed once read to its end."""
+        out: list[Event] = []
+        with open(self._reship, "rb") as f:
+            f.seek(self._reship_offset)
+            while len(out) < room:
+                line = f.readline()
+                if not line.endswith(b"\n"):
+                    break  # the end (or a line torn by a full disk: never completed)
+                self._reship_offset += len(line)
+                ts, _, msg = line.decode(errors="replace").rstrip("\n").partition(" ")
+                if ts.isdigit() and msg:
+                    out.append((int(ts), msg))
+            else:
+                return out
+        os.unlink(self._reship)
+        self._reship, self._reship_offset = "", 0
+        return out
+
+    async def _read_back(self) -> None:
+        room = min(self.capacity // 2 - self.held, MAX_BATCH_EVENTS)
+        if room <= 0:
+            return
+        try:
+            self._claim()
+            if not self._reship:
+                return
+            events = await asyncio.to_thread(self._next_events, room)
+            self.stats.spilled_waiting = max(0, await asyncio.to_thread(self._spilled_bytes))
+        except OSError as exc:
+            log.warning("cloudwatch.read_back_failed", error=str(exc)[:300])
+            self._reship, self._reship_offset = "", 0
+            return
+        if events:
+            self.queue.extend(events)
+            self.stats.reshipped += len(events)
+            self.stats.backlog = len(self.queue)
+            log.info("cloudwatch.reshipping", events=len(events),
+                     waiting_bytes=self.stats.spilled_waiting)
+            self._wake.set()
 
     async def _ensure(self, client: Any) -> None:
         if self._ready:
@@ -163,48 +312,56 @@ class CloudWatchShipper:
 
     async def _drain(self, client: Any) -> None:
         """Ship what is queued now; retry (keeping the batch) until it is accepted."""
-        pending = sorted(self.queue)
+        pending = sorted([*self._inflight, *self.queue])
         self.queue.clear()
-        self._inflight = len(pending)
         now_ms = int(time.time() * 1000)
         fresh = [e for e in pending if now_ms - MAX_AGE_MS < e[0] < now_ms + MAX_FUTURE_MS]
         self.stats.rejected += len(pending) - len(fresh)
-        self._inflight = len(fresh)
+        self._inflight = fresh
         delay = 0.2
-        batches = make_batches(fresh)
-        while batches:
-            batch = batches[0]
-            try:
-                await self._ensure(client)
-                resp = await client.put_log_events(
-                    logGroupName=self.group, logStreamName=self.stream,
-                    logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch])
-            except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
-                code = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-                if isinstance(exc, ClientError) and code == "ResourceNotFoundException":
-                    self._ready = False  # group or stream deleted: create again
-                elif isinstance(exc, ClientError) and code not in RETRYABLE:
-                    self.stats.errors += 1
-                self.stats.retries += 1
-                self.stats.last_error = f"{code}: {exc}"[:300]
-                wait = delay * random.uniform(0.5, 1.5)
-                log.warning("cloudwatch.retry", error=self.stats.last_error,
-                            retry_in=round(wait, 2), backlog=len(self.queue) + len(batch))
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, self.backoff_max)
-                self.stats.backlog = self.held
-                continue
+        for batch in make_batches(fresh):
+            while True:
+                try:
+                    await self._ensure(client)
+                    resp = await client.put_log_events(
+                        logGroupName=self.group, logStreamName=self.stream,
+                        logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch])
+                    break
+                except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+                    self._healthy = False
+                    code = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
+                    if isinstance(exc, ClientError) and code == "ResourceNotFoundException":
+                        self._ready = False  # group or stream deleted: create again
+                    elif isinstance(exc, ClientError) and code not in RETRYABLE:
+                        self.stats.errors += 1
+                    self.stats.retries += 1
+                    self.stats.last_error = f"{code}: {exc}"[:300]
+                    wait = delay * random.uniform(0.5, 1.5)
+                    log.warning("cloudwatch.retry", error=self.stats.last_error,
+                                retry_in=round(wait, 2), backlog=self.held)
+                    self.stats.backlog = self.held
+                    await self._save_state()
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, self.backoff_max)
+            if not self._healthy and self.stats.last_error:
+                log.info("cloudwatch.recovered", after=self.stats.last_error[:120])
+            self._healthy = True
+            self.stats.last_error = ""
             rejected = resp.get("rejectedLogEventsInfo") or {}
-            if rejected:
-                self.stats.rejected += _rejected_count(rejected, len(batch))
-            self.stats.shipped += len(batch) - (_rejected_count(rejected, len(batch))
-                                                if rejected else 0)
+            refused = _rejected_count(rejected, len(batch)) if rejected else 0
+            self.stats.rejected += refused
+            self.stats.shipped += len(batch) - refused
             self.stats.batches += 1
-            batches.pop(0)
-            self._inflight -= len(batch)
+            del self._inflight[:len(batch)]
             delay = 0.2
-        self._inflight = 0
         self.stats.backlog = len(self.queue)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _code(exc: ClientError) -> str:

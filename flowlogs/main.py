@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -78,15 +79,18 @@ class FlowLogs:
             self.formatter = Formatter(node=settings.node_name or os.uname().nodename,
                                        pod_name=names.pod, policy_name=names.policy)
             self.sink = RotatingFile(settings.log_file, max_bytes=settings.flow_log_max_bytes,
-                                     backups=settings.flow_log_backups)
+                                     backups=settings.flow_log_backups,
+                                     mode=settings.flow_log_file_mode)
             if settings.enable_cloudwatch_logs:
                 self.spill = RotatingFile(settings.log_file + ".cloudwatch-spill",
                                           max_bytes=settings.flow_log_max_bytes,
-                                          backups=settings.flow_log_backups)
+                                          backups=settings.flow_log_backups,
+                                          mode=settings.flow_log_file_mode,
+                                          name="CloudWatch spill")
                 self.cloudwatch = CloudWatchShipper(
                     group=group_name(settings.cluster_name),
                     stream=stream_name(settings.node_name or os.uname().nodename),
-                    capacity=settings.cloudwatch_queue_size, spill=self.spill.write_lines)
+                    capacity=settings.cloudwatch_queue_size, spill=self.spill)
         self.registry = CollectorRegistry()
         r = self.registry
         events = Counter("awsnodeagent_flowlogs_events_total",
@@ -116,12 +120,12 @@ class FlowLogs:
             self.recent.append(record)
             if cw is not None:
                 cw.submit(record.timestamp_ns // 1_000_000, fmt.cloudwatch(record))
-        sink.write_lines(lines)
+        written = sink.write_lines(lines)  # what is not written is counted by the sink
         self.counts["read"] += len(batch)
-        self.counts["written"] += len(lines)
+        self.counts["written"] += written
         self.counts["filtered"] += filtered
         self.m_read.inc(len(batch))
-        self.m_written.inc(len(lines))
+        self.m_written.inc(written)
         self.m_filtered.inc(filtered)
 
     # ---- tasks ----------------------------------------------------------------------------
@@ -151,6 +155,10 @@ class FlowLogs:
             "events_written": self.counts["written"], "events_filtered": self.counts["filtered"],
             "ring_overruns": dp["events_lost"], "file": self.settings.log_file,
             "file_rotations": self.sink.rotations if self.sink else 0,
+            "file_reopened": self.sink.stats.reopened if self.sink else 0,
+            "file_lost_disk_full": self.sink.stats.lost["disk_full"] if self.sink else 0,
+            "file_lost_error": self.sink.stats.lost["file_error"] if self.sink else 0,
+            "file_last_error": self.sink.stats.last_error if self.sink else "",
             "ingress_denied_packets": dp["ingress_denied_packets"],
             "egress_denied_packets": dp["egress_denied_packets"],
         }
@@ -162,7 +170,10 @@ class FlowLogs:
                           "cloudwatch_overflow": cw.overflow,
                           "cloudwatch_rejected": cw.rejected,
                           "cloudwatch_retries": cw.retries,
-                          "cloudwatch_last_error": cw.last_error})
+                          "cloudwatch_last_error": cw.last_error,
+                          "cloudwatch_spilled_waiting": cw.spilled_waiting,
+                          "cloudwatch_reshipped": cw.reshipped,
+                          "cloudwatch_lost_in_crash": cw.lost_in_crash})
         return ProcessStats(running=True, stats=stats)
 
     def export(self) -> None:
@@ -170,9 +181,14 @@ class FlowLogs:
         self.drops.values = {d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"])
                              for d in ("ingress", "egress")}
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
+        if self.sink is not None:
+            self.m_dropped.labels("file_disk_full").set(self.sink.stats.lost["disk_full"])
+            self.m_dropped.labels("file_error").set(self.sink.stats.lost["file_error"])
         if self.cloudwatch is not None:
             self.m_dropped.labels("cloudwatch_queue_full").set(self.cloudwatch.stats.overflow)
             self.m_dropped.labels("cloudwatch_rejected").set(self.cloudwatch.stats.rejected)
+            self.m_dropped.labels("cloudwatch_lost_in_crash").set(
+                self.cloudwatch.stats.lost_in_crash)
 
     def app(self) -> web.Application:
         async def stats(_: web.Request) -> web.Response:
@@ -199,6 +215,13 @@ class FlowLogs:
         app.router.add_get("/v1/flows", flows)
         app.router.add_get("/metrics", metrics)
         return app
+
+    def reopen(self) -> None:
+        """SIGHUP: open the files again by name before their next write."""
+        log.info("flowlogs.reopen_requested")
+        for f in (self.sink, self.spill):
+            if f is not None:
+                f.reopen()
 
     def close(self) -> None:
         for f in (self.sink, self.spill):
@@ -229,6 +252,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             tasks["drain"] = flows.drain(ring, stop)
             if flows.cloudwatch is not None:
                 tasks["cloudwatch"] = flows.cloudwatch.run()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, flows.reopen)
             log.info("flowlogs.starting", file=settings.log_file,
                      format=settings.flow_log_format,
                      cloudwatch=flows.cloudwatch.group if flows.cloudwatch else None,

@@ -13,6 +13,7 @@ import pytest
 from aiobotocore.session import get_session
 
 from flowlogs.cloudwatch import CloudWatchShipper, make_batches
+from flowlogs.sink import RotatingFile
 from simnode.cloudwatch import LocalCloudWatch
 
 GROUP, STREAM = "/aws/k8s-cluster/cluster", "aws-network-policy-agent-audit-node-1"
@@ -52,17 +53,27 @@ async def all_events() -> list[dict[str, Any]]:
                 return out
 
 
+def spill_file(tmp_path: Path, backups: int = 2) -> RotatingFile:
+    return RotatingFile(str(tmp_path / "flows.log.cloudwatch-spill"), max_bytes=1 << 20,
+                        backups=backups)
+
+
+def spilled_lines(spill: RotatingFile) -> list[str]:
+    return Path(spill.path).read_text().splitlines() if os.path.exists(spill.path) else []
+
+
 @pytest.fixture
-async def shipper(tmp_path: Path) -> AsyncIterator[tuple[CloudWatchShipper, list[str]]]:
-    spilled: list[str] = []
+async def shipper(tmp_path: Path) -> AsyncIterator[tuple[CloudWatchShipper, RotatingFile]]:
+    spill = spill_file(tmp_path)
     s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=30_000,
-                          spill=spilled.extend, flush_interval=0.1, backoff_max=0.5)
+                          spill=spill, flush_interval=0.1, backoff_max=0.5)
     task = asyncio.create_task(s.run(), name="cloudwatch")
     try:
-        yield s, spilled
+        yield s, spill
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        spill.close()
 
 
 async def wait_shipped(s: CloudWatchShipper, n: int, timeout: float = 30) -> None:
@@ -72,7 +83,7 @@ async def wait_shipped(s: CloudWatchShipper, n: int, timeout: float = 30) -> Non
         await asyncio.sleep(0.05)
 
 
-async def test_group_stream_and_batches(moto: Moto, shipper: tuple[CloudWatchShipper, list[str]]
+async def test_group_stream_and_batches(moto: Moto, shipper: tuple[CloudWatchShipper, RotatingFile]
                                         ) -> None:
     s, _ = shipper
     now = int(time.time() * 1000)
@@ -94,7 +105,7 @@ async def test_group_stream_and_batches(moto: Moto, shipper: tuple[CloudWatchShi
 
 
 async def test_large_messages_respect_the_byte_limit(
-    moto: Moto, shipper: tuple[CloudWatchShipper, list[str]]
+    moto: Moto, shipper: tuple[CloudWatchShipper, RotatingFile]
 ) -> None:
     s, _ = shipper
     now = int(time.time() * 1000)
@@ -105,11 +116,9 @@ async def test_large_messages_respect_the_byte_limit(
     assert len(await all_events()) == 600
 
 
-async def test_outage_then_recovery_loses_nothing_within_the_bound(
-    moto: Moto, tmp_path: Path
-) -> None:
-    spilled: list[str] = []
-    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spilled.extend,
+async def test_outage_then_recovery_loses_nothing(moto: Moto, tmp_path: Path) -> None:
+    spill = spill_file(tmp_path)
+    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
                           flush_interval=0.1, backoff_max=0.5)
     task = asyncio.create_task(s.run(), name="cloudwatch")
     try:
@@ -125,15 +134,61 @@ async def test_outage_then_recovery_loses_nothing_within_the_bound(
                 break
             await asyncio.sleep(0.05)
         assert s.stats.retries >= 2, "failures are retried, with backoff, and counted"
+        assert s.stats.last_error
         assert s.stats.overflow == 200, "beyond the queue bound: spilled, and counted"
+        spilled = spilled_lines(spill)
         assert len(spilled) == 200
         assert spilled[0].split(" ", 1)[1].startswith("during outage 1000")
         moto.start()  # back (a fresh server: group and stream are created again)
-        await wait_shipped(s, 100 + 1000)
+        # the queue is shipped, then the spilled events are read back and shipped too
+        await wait_shipped(s, 1200)
         got = {e["message"] for e in await all_events()}
-        assert {f"during outage {i}" for i in range(1000)} <= got
+        assert {f"during outage {i}" for i in range(1200)} <= got
+        assert s.stats.reshipped == 200
         assert s.stats.rejected == 0
+        assert s.stats.last_error == "", "cleared once CloudWatch accepts again"
+        assert not [n for n in os.listdir(tmp_path) if "reship" in n]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        spill.close()
+
+
+async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
+        moto: Moto, tmp_path: Path) -> None:
+    spill = spill_file(tmp_path)
+    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
+                          flush_interval=0.1, backoff_max=0.5, shutdown_flush=0.5)
+    task = asyncio.create_task(s.run(), name="cloudwatch")
+    now = int(time.time() * 1000)
+    moto.stop()
+    for i in range(500):
+        s.submit(now + i, f"held {i}")
+    for _ in range(100):
+        if s.stats.retries >= 1:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()  # SIGTERM: the supervisor cancels the task
+    await asyncio.gather(task, return_exceptions=True)
+    assert s.stats.shutdown_spilled == 500
+    assert len(spilled_lines(spill)) == 500
+    spill.close()
+    # the next process ships them once CloudWatch is back
+    moto.start()
+    spill = spill_file(tmp_path)
+    s2 = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
+                           flush_interval=0.1, backoff_max=0.5)
+    task = asyncio.create_task(s2.run(), name="cloudwatch")
+    try:
+        s2.submit(now + 1000, "fresh")
+        await wait_shipped(s2, 501)
+        got = {e["message"] for e in await all_events()}
+        assert {f"held {i}" for i in range(500)} | {"fresh"} <= got
+        assert s2.stats.lost_in_crash == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        spill.close()
+
+
     assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == moto.url
