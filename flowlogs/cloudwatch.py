@@ -11,10 +11,11 @@
   kept, not dropped. Events wait in a bounded queue: when it is full, further events
   spill to a local file instead of growing memory, and are counted. Nothing is dropped
   without a count.
-- Spilled events are shipped later: once CloudWatch accepts batches again and the queue
-  is at most half full, the spill files are read back oldest first, a queue's worth at
-  a time (a file being read back is renamed ``<spill>.reship-<n>``, and its read offset
-  kept in the state file, so a restart goes on where it was).
+- Spilled events are shipped later: when nothing is held (100 events, a probe) or
+  CloudWatch accepts batches and the queue is at most half full (a batch's worth), the
+  spill files are read back oldest first (a file being read back is renamed
+  ``<spill>.reship-<n>``, and its read offset kept in the state file, so a restart goes
+  on where it was).
 - On SIGTERM, after one bounded attempt to ship, whatever is still held is spilled. The
   number held is kept in ``<spill>.state`` (at most a second old): a process killed
   with -9 leaves it, and the next one counts those events as lost (``lost_in_crash``,
@@ -55,6 +56,7 @@ BODY_OVERHEAD = 48
 MAX_SPAN_MS = 24 * 3600 * 1000 - 1
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_FUTURE_MS = 2 * 3600 * 1000
+PROBE_EVENTS = 100  # read back while CloudWatch's state is unknown
 RETRYABLE = {"ThrottlingException", "ServiceUnavailableException", "ServiceUnavailable",
              "InternalFailure", "RequestLimitExceeded", "Throttling"}
 
@@ -161,7 +163,7 @@ class CloudWatchShipper:
                     self._wake.clear()
                     if self.queue:
                         await self._drain(client)
-                    if self._healthy and self.held <= self.capacity // 2:
+                    if self.held == 0 or (self._healthy and self.held <= self.capacity // 2):
                         await self._read_back()
                     await self._save_state()
             except asyncio.CancelledError:
@@ -271,7 +273,9 @@ class CloudWatchShipper:
         return out
 
     async def _read_back(self) -> None:
-        room = min(self.capacity // 2 - self.held, MAX_BATCH_EVENTS)
+        # healthy: a batch's worth; else (nothing sent yet, or failing) a small probe
+        room = min(self.capacity // 2 - self.held,
+                   MAX_BATCH_EVENTS if self._healthy else PROBE_EVENTS)
         if room <= 0:
             return
         try:
