@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -85,6 +86,8 @@ def run_process(program: str, body: Callable[[asyncio.Event], Awaitable[None]]) 
     event; a StartupError is one line on stderr and a non-zero exit."""
 
     async def amain() -> int:
+        soft, hard = raise_file_limit()
+        log.info("process.file_limit", soft=soft, hard=hard)
         stop = asyncio.Event()
         stop_on_signals(stop)
         try:
@@ -98,3 +101,16 @@ def run_process(program: str, body: Callable[[asyncio.Event], Awaitable[None]]) 
     with contextlib.suppress(KeyboardInterrupt):
         code = asyncio.run(amain())
     raise SystemExit(code)
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (as Go's runtime does for the reference
+    agent): BPF maps, sockets and files share it. Returns (soft, hard) in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("process.file_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+    return soft, hard
