@@ -177,6 +177,7 @@ class Datapath:
             )
             if size is not None
         }
+        _recreate_stale_counters(map_dir)
         for name, size in _sizes_from_env().items():
             # a pinned map keeps its size (the test build's small tables survive restarts)
             sizes.setdefault(name, _sized(map_dir, name, None, name) or size)
@@ -600,6 +601,27 @@ def _grace_from_env() -> float:
         return float(os.environ.get(GRACE_ENV, GRACE))
     except ValueError:
         return GRACE
+
+
+# Maps whose contents may be dropped when their layout changed between versions (an
+# upgrade that adds a counter): the pin is removed and the map created anew. Every other
+# map holds enforcement state; a layout change there is refused by libbpf at load.
+_DISPOSABLE = {lay.MAP_STATS: lay.NpStats}
+
+
+def _recreate_stale_counters(map_dir: str) -> None:
+    for name, struct_type in _DISPOSABLE.items():
+        path = os.path.join(map_dir, name)
+        if not os.path.exists(path):
+            continue
+        with Map.from_pin(path) as pinned:
+            have = pinned.raw_value_size
+        want = ctypes.sizeof(struct_type)
+        if have != want:
+            os.unlink(path)
+            log.warning("datapath.map_recreated", map=name, old_value_size=have,
+                        new_value_size=want, reason="layout changed by an upgrade; "
+                        "its counters start again from zero")
 
 
 class PinnedSizeError(ValueError):

@@ -25,6 +25,9 @@ NP_MAX_POLICIES = 65536
 NP_CT_DEFAULT_ENTRIES = 524288
 NP_CT_MIN_ENTRIES = 32768
 NP_CT_MAX_ENTRIES = 1048576
+NP_CT_SYN_IDLE_NS = 10 * 1_000_000_000
+NP_CT_LEASE_NS = 60 * 1_000_000_000
+NP_CT_F_CLOSING = 1
 NP_EVENTS_DEFAULT_BYTES = 4 * 1024 * 1024
 NP_FRAG_ENTRIES = 8192
 NP_HOST_ADDRS = 64
@@ -191,7 +194,8 @@ class NpCtValue(Struct):
         ("pod_id", u32),
         ("origin", u8),
         ("reason", u8),
-        ("pad", u8 * 2),
+        ("flags", u8),
+        ("pad", u8),
     ]
 
 
@@ -240,6 +244,8 @@ class NpStats(Struct):
         ("missing_trie", u64),
         ("fragments_untracked", u64),
         ("malformed", u64),
+        ("ct_rejudged", u64),
+        ("ct_revoked", u64),
     ]
 
 

@@ -82,6 +82,7 @@ class Map:
         self.id = info.id
         self.type = info.type
         self.key_size = info.key_size
+        self.raw_value_size = info.value_size  # as the kernel declares it (one CPU's)
         self.max_entries = info.max_entries
         self.percpu = info.type in _PERCPU_TYPES
         self.ncpus = possible_cpus() if self.percpu else 1

@@ -27,6 +27,12 @@
 #define NP_CT_DEFAULT_ENTRIES 524288  /* conntrack map size unless set at load */
 #define NP_CT_MIN_ENTRIES 32768
 #define NP_CT_MAX_ENTRIES 1048576
+/* A tracked flow is judged by policy again (see policy.bpf.c, "tracked flows"):
+ * - a TCP SYN without ACK on an entry that saw FIN or RST, or idle this long: */
+#define NP_CT_SYN_IDLE_NS (10ULL * 1000000000ULL)
+/* - a packet of a non-TCP flow (UDP, SCTP, ICMP) this long after it was last judged: */
+#define NP_CT_LEASE_NS (60ULL * 1000000000ULL)
+#define NP_CT_F_CLOSING 1             /* np_ct_value.flags: a FIN or RST was seen */
 #define NP_EVENTS_DEFAULT_BYTES (4 * 1024 * 1024) /* ring buffer size unless set at load */
 #define NP_FRAG_ENTRIES 8192          /* fragment trackers (first fragment -> ports) */
 #define NP_HOST_ADDRS 64              /* node addresses always allowed */
@@ -145,7 +151,8 @@ struct np_ct_value {
 	__u32 pod_id;
 	__u8 origin;            /* NP_DIR_* of the packet that created the entry */
 	__u8 reason;            /* NP_REASON_* of the verdict that created it */
-	__u8 pad[2];
+	__u8 flags;             /* NP_CT_F_* */
+	__u8 pad;
 };
 _Static_assert(sizeof(struct np_ct_value) == 24, "np_ct_value size");
 
@@ -198,8 +205,10 @@ struct np_stats {
 	__u64 missing_trie;         /* pod record points at an absent trie: denied */
 	__u64 fragments_untracked;  /* later fragment without its first: judged port-less */
 	__u64 malformed;            /* IP header unreadable */
+	__u64 ct_rejudged;          /* tracked flows judged again (closed/idle SYN, lease) */
+	__u64 ct_revoked;           /* of those, denied now: entry removed, packet dropped */
 };
-_Static_assert(sizeof(struct np_stats) == 14 * 8, "np_stats size");
+_Static_assert(sizeof(struct np_stats) == 16 * 8, "np_stats size");
 
 /* np_pod_meta / np_policies: names for ids, read by user space (flow logs, CLI). */
 struct np_pod_meta {

@@ -43,6 +43,8 @@ struct np_l4 {
 	__u8 family;
 	__u8 ports_known;      /* 0: later fragment, ports unknown until looked up */
 	__u8 has_ports;        /* protocol carries ports (TCP, UDP, SCTP) */
+	__u8 tcp_flags;        /* TCP: the header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
+	__u8 pad_l4;
 };
 
 struct np_packet {
@@ -54,6 +56,11 @@ struct np_packet {
 	__u8 pad;
 	struct np_l4 inner;
 };
+
+#define NP_TCP_FIN 0x01
+#define NP_TCP_SYN 0x02
+#define NP_TCP_RST 0x04
+#define NP_TCP_ACK 0x10
 
 static __always_inline int np_proto_has_ports(__u8 protocol)
 {
@@ -75,6 +82,8 @@ static __always_inline void np_load_ports(struct __sk_buff *skb, __u32 off, stru
 	l4->sport = bpf_ntohs(ports[0]);
 	l4->dport = bpf_ntohs(ports[1]);
 	l4->ports_known = 1;
+	if (l4->protocol == NP_PROTO_TCP)
+		bpf_skb_load_bytes(skb, off + 13, &l4->tcp_flags, 1); /* truncated: stays 0 */
 }
 
 /* Inner header of an ICMP error: fixed header only, ports if present. */

@@ -16,6 +16,16 @@
  *      the port rules of that prefix (already merged with those of broader prefixes).
  * Every allowed new flow is recorded in np_ct so its replies pass even if the pod is
  * isolated later; decisions are reported on np_events when np_config asks for them.
+ *
+ * Tracked flows outlive a policy change (an established connection keeps going), but a
+ * revoked peer cannot use a warm entry for *new* traffic. A tracked flow's packet is
+ * judged by policy again, in the direction that created the entry, when:
+ *   - TCP: it is a SYN without ACK (a new connection) and the entry saw a FIN or RST,
+ *     or has been idle for NP_CT_SYN_IDLE_NS (a reused source port);
+ *   - any other protocol (UDP, SCTP, ICMP: no end is visible): NP_CT_LEASE_NS after the
+ *     flow was last judged, however busy it is (a revoked peer that keeps one source
+ *     port busy is cut within the lease).
+ * Allowed: the entry is renewed. Denied: the entry is removed and the packet dropped.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -324,6 +334,59 @@ static __always_inline int np_is_host(const struct np_ct_key *key)
 	return bpf_map_lookup_elem(&np_host_addrs, &a) != 0;
 }
 
+/* A tracked flow due to be judged again. A TCP SYN is a new connection: judged in its own
+ * direction, like any new flow (the entry is replaced). Any other packet continues the
+ * flow: judged in the direction that created the entry, on that direction's port. */
+static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_key *key,
+				      struct np_ct_value *ct, const struct np_pod *pod,
+				      __u8 direction, __u8 tcpf, struct np_stats *stats)
+{
+	struct np_decision d = {};
+	__u8 judged = key->protocol == NP_PROTO_TCP ? direction : ct->origin;
+	__u8 state = judged == NP_DIR_INGRESS ? pod->ingress_state : pod->egress_state;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (np_is_host(key)) {
+		d.verdict = NP_VERDICT_ALLOW;
+		d.reason = NP_REASON_HOST;
+	} else {
+		np_evaluate(key, judged == NP_DIR_INGRESS ? key->pod_port : key->peer_port, 1,
+			    state, judged == NP_DIR_INGRESS ? pod->ingress_trie : pod->egress_trie,
+			    &d);
+	}
+	if (d.verdict == NP_VERDICT_ALLOW) {
+		struct np_ct_value v = {
+			.last_seen_ns = now,
+			.created_ns = now,
+			.pod_id = pod->pod_id,
+			.origin = judged,
+			.reason = d.reason,
+		};
+
+		bpf_map_update_elem(&np_ct, key, &v, BPF_ANY);
+		if (stats)
+			stats->packets_allowed++;
+		if (np_config_flags() & NP_CFG_EMIT_ALLOW)
+			np_emit(skb, key, pod, &d, judged, stats);
+		return TC_ACT_OK;
+	}
+	bpf_map_delete_elem(&np_ct, key);
+	if (stats) {
+		stats->ct_revoked++;
+		stats->packets_denied++;
+		if (direction == NP_DIR_INGRESS) {
+			stats->ingress_denied_packets++;
+			stats->ingress_denied_bytes += skb->len;
+		} else {
+			stats->egress_denied_packets++;
+			stats->egress_denied_bytes += skb->len;
+		}
+	}
+	if (np_config_flags() & NP_CFG_EMIT_DENY)
+		np_emit(skb, key, pod, &d, judged, stats);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction)
 {
 	struct np_decision d = {};
@@ -367,16 +430,34 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	if (!port_known && stats)
 		stats->fragments_untracked++;
 
-	/* 1. A tracked flow passes in both directions, whatever the rules say now. */
+	/* 1. A tracked flow passes in both directions, whatever the rules say now, unless it
+	 *    is due to be judged again (see the top of this file). */
 	if (port_known) {
 		ct = bpf_map_lookup_elem(&np_ct, &key);
 		if (ct) {
-			ct->last_seen_ns = bpf_ktime_get_ns();
-			if (stats) {
-				stats->ct_hits++;
-				stats->packets_allowed++;
+			__u64 now = bpf_ktime_get_ns();
+			__u8 tcpf = pkt.l4.tcp_flags;
+			int again;
+
+			if (key.protocol == NP_PROTO_TCP)
+				again = (tcpf & (NP_TCP_SYN | NP_TCP_ACK)) == NP_TCP_SYN &&
+					((ct->flags & NP_CT_F_CLOSING) ||
+					 now - ct->last_seen_ns > NP_CT_SYN_IDLE_NS);
+			else
+				again = now - ct->created_ns > NP_CT_LEASE_NS;
+			if (!again) {
+				ct->last_seen_ns = now;
+				if (key.protocol == NP_PROTO_TCP && (tcpf & (NP_TCP_FIN | NP_TCP_RST)))
+					ct->flags |= NP_CT_F_CLOSING;
+				if (stats) {
+					stats->ct_hits++;
+					stats->packets_allowed++;
+				}
+				return TC_ACT_OK;
 			}
-			return TC_ACT_OK;
+			if (stats)
+				stats->ct_rejudged++;
+			return np_rejudge(skb, &key, ct, &pod, direction, tcpf, stats);
 		}
 	}
 	if (pkt.icmp_error) {

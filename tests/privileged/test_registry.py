@@ -4,6 +4,7 @@ restart), a full table is an error for the one caller, and removed pins come bac
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import shutil
@@ -192,3 +193,22 @@ def test_removed_pins_come_back(dp: Datapath, pin_root: str) -> None:
     with Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_PODS)) as raw:
         pods = TypedMap(raw, lay.u32, lay.NpPod)
         assert pods.lookup(lay.u32(4242)) is not None
+
+
+def test_an_upgrade_that_grows_the_counters_recreates_them(pin_root: str) -> None:
+    """A node upgraded from a version whose np_stats had fewer counters: the old pin
+    would make libbpf refuse the load; counters are disposable, so it is recreated."""
+    from bpf.maps import MAP_TYPE_PERCPU_ARRAY
+
+    os.makedirs(os.path.join(pin_root, "maps"))
+    old_size = ctypes.sizeof(lay.NpStats) - 16
+    with Map.create(map_type=MAP_TYPE_PERCPU_ARRAY, name=lay.MAP_STATS, key_size=4,
+                    value_size=old_size, max_entries=1) as old:
+        old.pin(os.path.join(pin_root, "maps", lay.MAP_STATS))
+    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 16)
+    try:
+        assert dp.stats()["ct_revoked"] == 0
+        with Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_STATS)) as pinned:
+            assert pinned.raw_value_size == ctypes.sizeof(lay.NpStats)
+    finally:
+        dp.close()

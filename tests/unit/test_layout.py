@@ -22,7 +22,7 @@ def header_defines() -> dict[str, int]:
                                  HEADER.read_text(), flags=re.M):
         if name == "NP_H":
             continue
-        expr = re.sub(r"(\d+)U\b", r"\1", expr)
+        expr = re.sub(r"(\d+)U?L?L?\b", r"\1", expr)
         assert re.fullmatch(r"[0-9 ()*+<-]+", expr), f"{name}: cannot evaluate {expr!r}"
         out[name] = int(eval(expr))  # digits and operators only, checked above
     return out
