@@ -62,8 +62,7 @@ from common.netlink import Netlink, NetlinkOpError
 from common.watching import WatchStats
 
 log = structlog.get_logger("agent.api")
-PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP,
-             "ICMP": 1}
+PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP, "ICMP": 1}
 MAX_WAIT = 600.0
 
 
@@ -100,26 +99,47 @@ class AgentApi:
         counts = self.dp.counts()
         conntrack, flowlogs = await asyncio.gather(
             _process_stats(self.settings.runtime_dir, CONNTRACK_SOCKET, "conntrack cleaner"),
-            _process_stats(self.settings.runtime_dir, FLOWLOGS_SOCKET, "flow-log shipper"))
+            _process_stats(self.settings.runtime_dir, FLOWLOGS_SOCKET, "flow-log shipper"),
+        )
         body = NodeStatus(
-            node=self.settings.node_name, mode=self.settings.enforcing_mode,
-            ready=not problems, problems=problems, pin_root=self.settings.bpf_pin_root,
-            ingress_prog_id=self.dp.ingress_prog.id, egress_prog_id=self.dp.egress_prog.id,
+            node=self.settings.node_name,
+            mode=self.settings.enforcing_mode,
+            ready=not problems,
+            problems=problems,
+            pin_root=self.settings.bpf_pin_root,
+            ingress_prog_id=self.dp.ingress_prog.id,
+            egress_prog_id=self.dp.egress_prog.id,
             pods=len(self.cache.pods),
             programmed=sum(1 for ref in self.cache.pods if self.enforcer.is_programmed(ref)),
-            tries=counts["tries"], portsets=counts["portsets"],
+            tries=counts["tries"],
+            portsets=counts["portsets"],
             policyendpoints=len(self.cache.endpoints),
-            policyendpoint_stubs=len(self.cache.stubs), rejected=len(self.cache.rejected),
-            failed={f"{r[0]}/{r[1]}": st.error for r, st in sorted(self.enforcer.status.items())
-                    if st.error},
-            tables={t: TableView(entries=e, capacity=c)
-                    for t, (e, c) in sorted(self.dp.occupancy().items())},
+            policyendpoint_stubs=len(self.cache.stubs),
+            rejected=len(self.cache.rejected),
+            failed={
+                f"{r[0]}/{r[1]}": st.error
+                for r, st in sorted(self.enforcer.status.items())
+                if st.error
+            },
+            tables={
+                t: TableView(entries=e, capacity=c)
+                for t, (e, c) in sorted(self.dp.occupancy().items())
+            },
             warnings=table_warnings(self.dp.occupancy()),
             datapath=stats,
-            watches={k: WatchView(synced=w.synced.is_set(), lists=w.lists, gone=w.gone,
-                                  errors=w.errors, events=w.events, last_error=w.last_error)
-                     for k, w in self.watches.items()},
-            conntrack=conntrack, flowlogs=flowlogs,
+            watches={
+                k: WatchView(
+                    synced=w.synced.is_set(),
+                    lists=w.lists,
+                    gone=w.gone,
+                    errors=w.errors,
+                    events=w.events,
+                    last_error=w.last_error,
+                )
+                for k, w in self.watches.items()
+            },
+            conntrack=conntrack,
+            flowlogs=flowlogs,
         )
         return _json(body)
 
@@ -152,22 +172,32 @@ class AgentApi:
         current = {e.key: e for e in self.cache.endpoints_for(ref)}
         programmed = st.programmed if st else {}
         return PodView(
-            namespace=pod.namespace, name=pod.name, uid=pod.uid, ips=list(pod.ips),
-            interface=link.name if link else "", ifindex=ifindex,
+            namespace=pod.namespace,
+            name=pod.name,
+            uid=pod.uid,
+            ips=list(pod.ips),
+            interface=link.name if link else "",
+            ifindex=ifindex,
             pod_id=st.pod_id if st else 0,
-            attached=bool(ifindex) and (ing_id, egr_id) == (self.dp.ingress_prog.id,
-                                                            self.dp.egress_prog.id),
-            ingress_prog_id=ing_id, egress_prog_id=egr_id,
+            attached=bool(ifindex)
+            and (ing_id, egr_id) == (self.dp.ingress_prog.id, self.dp.egress_prog.id),
+            ingress_prog_id=ing_id,
+            egress_prog_id=egr_id,
             programmed=self.enforcer.is_programmed(ref),
             programmed_at=st.programmed_at if st and st.programmed_at else None,
             error=st.error if st else "",
             failure=st.reason if st and st.error else "",
-            ingress=ingress, egress=egress,
-            policies=[PolicyRefView(
-                policyendpoint=f"{k[0]}/{k[1]}", policy=f"{e.policy[0]}/{e.policy[1]}",
-                generation=e.generation,
-                programmed_generation=programmed.get(f"{k[0]}/{k[1]}"))
-                for k, e in sorted(current.items())],
+            ingress=ingress,
+            egress=egress,
+            policies=[
+                PolicyRefView(
+                    policyendpoint=f"{k[0]}/{k[1]}",
+                    policy=f"{e.policy[0]}/{e.policy[1]}",
+                    generation=e.generation,
+                    programmed_generation=programmed.get(f"{k[0]}/{k[1]}"),
+                )
+                for k, e in sorted(current.items())
+            ],
         )
 
     def _directions(self, ifindex: int) -> tuple[DirectionView | None, DirectionView | None]:
@@ -175,38 +205,64 @@ class AgentApi:
         rec = self.dp.pod_record(ifindex)
         if rec is None:
             return None, None
-        return (self._direction(rec.ingress_state, rec.ingress_trie),
-                self._direction(rec.egress_state, rec.egress_trie))
+        return (
+            self._direction(rec.ingress_state, rec.ingress_trie),
+            self._direction(rec.egress_state, rec.egress_trie),
+        )
 
     def _direction(self, state: int, trie_id: int) -> DirectionView:
         view = DirectionView(state=lay.STATE_NAMES.get(state, str(state)), trie_id=trie_id)
         if state == lay.NP_STATE_POLICIES_APPLIED:
             trie = self.dp.read_trie(trie_id)
             if trie is not None:
-                view.rules = [RuleView(cidr=str(p), ports=self._ports(ps))
-                              for p, ps in sorted(trie.entries.items())]
+                view.rules = [
+                    RuleView(cidr=str(p), ports=self._ports(ps))
+                    for p, ps in sorted(trie.entries.items())
+                ]
         return view
 
     def _ports(self, ps: Portset) -> list[PortRuleView]:
         if ps.any_policy is not None:
-            return [PortRuleView(protocol="ANY", start_port=0, end_port=65535,
-                                 policy=self.dp.policy_name(ps.any_policy))]
-        return [PortRuleView(protocol=lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
-                             start_port=r.start, end_port=r.end,
-                             policy=self.dp.policy_name(r.policy_id)) for r in ps.rules]
+            return [
+                PortRuleView(
+                    protocol="ANY",
+                    start_port=0,
+                    end_port=65535,
+                    policy=self.dp.policy_name(ps.any_policy),
+                )
+            ]
+        return [
+            PortRuleView(
+                protocol=lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                start_port=r.start,
+                end_port=r.end,
+                policy=self.dp.policy_name(r.policy_id),
+            )
+            for r in ps.rules
+        ]
 
     # ---- policies ---------------------------------------------------------------------
     async def policies(self, _: web.Request) -> web.Response:
         by_policy: dict[tuple[str, str], PolicyView] = {}
         for e in self.cache.endpoints.values():
-            view = by_policy.setdefault(e.policy, PolicyView(
-                namespace=e.policy[0], name=e.policy[1], policyendpoints={}, pods=[],
-                rejected={}))
+            view = by_policy.setdefault(
+                e.policy,
+                PolicyView(
+                    namespace=e.policy[0],
+                    name=e.policy[1],
+                    policyendpoints={},
+                    pods=[],
+                    rejected={},
+                ),
+            )
             view.policyendpoints[e.name] = e.generation
-            view.pods = sorted(set(view.pods) | {f"{p[0]}/{p[1]}" for p in e.pods
-                                                 if p in self.cache.pods})
-        rejected = [PolicyView(namespace=k[0], name="?", policyendpoints={}, pods=[],
-                               rejected={k[1]: why}) for k, why in self.cache.rejected.items()]
+            view.pods = sorted(
+                set(view.pods) | {f"{p[0]}/{p[1]}" for p in e.pods if p in self.cache.pods}
+            )
+        rejected = [
+            PolicyView(namespace=k[0], name="?", policyendpoints={}, pods=[], rejected={k[1]: why})
+            for k, why in self.cache.rejected.items()
+        ]
         views = [by_policy[k] for k in sorted(by_policy)] + rejected
         return web.json_response([v.model_dump(mode="json") for v in views])
 
@@ -221,16 +277,26 @@ class AgentApi:
             raise web.HTTPNotFound(reason=f"pod {req.pod} is not on this node")
         if pod.host_network or st is None or not st.ifindex:
             why = "a hostNetwork pod" if pod.host_network else "its interface is not known yet"
-            return _json(ExplainResult(verdict="NOT_ENFORCED", reason="not-enforced",
-                                       summary=f"{req.pod} is not enforced: {why}",
-                                       pod=req.pod, ifindex=0, state=""))
+            return _json(
+                ExplainResult(
+                    verdict="NOT_ENFORCED",
+                    reason="not-enforced",
+                    summary=f"{req.pod} is not enforced: {why}",
+                    pod=req.pod,
+                    ifindex=0,
+                    state="",
+                )
+            )
         result = await self.worker.call(self._explain, req, st.ifindex)
         if result.state in ("POLICIES_APPLIED", "DEFAULT_DENY") and result.reason != "host":
             result.policyendpoints = deciding_objects(
-                self.enforcer.programmed_endpoints(ref), ingress=req.direction == "ingress",
-                peer=ipaddress.ip_address(req.peer), protocol=PROTOCOLS[req.protocol],
+                self.enforcer.programmed_endpoints(ref),
+                ingress=req.direction == "ingress",
+                peer=ipaddress.ip_address(req.peer),
+                protocol=PROTOCOLS[req.protocol],
                 port=0 if req.protocol == "ICMP" else req.port,
-                allowed=result.verdict == "ALLOW")
+                allowed=result.verdict == "ALLOW",
+            )
         return _json(result)
 
     def _explain(self, req: ExplainRequest, ifindex: int) -> ExplainResult:
@@ -239,27 +305,36 @@ class AgentApi:
         where = f"{req.direction} of {req.pod}"
         rec = self.dp.pod_record(ifindex)
 
-        def result(verdict: Literal["ALLOW", "DENY"], reason: str, summary: str,
-                   state: str) -> ExplainResult:
-            return ExplainResult(verdict=verdict, reason=reason, summary=summary,
-                                 pod=req.pod, ifindex=ifindex, state=state)
+        def result(
+            verdict: Literal["ALLOW", "DENY"], reason: str, summary: str, state: str
+        ) -> ExplainResult:
+            return ExplainResult(
+                verdict=verdict,
+                reason=reason,
+                summary=summary,
+                pod=req.pod,
+                ifindex=ifindex,
+                state=state,
+            )
 
         if rec is None:
-            return result("ALLOW", "unknown-pod",
-                          f"no record for interface {ifindex}: packets pass", "")
+            return result(
+                "ALLOW", "unknown-pod", f"no record for interface {ifindex}: packets pass", ""
+            )
         ingress = req.direction == "ingress"
         state = rec.ingress_state if ingress else rec.egress_state
         trie_id = rec.ingress_trie if ingress else rec.egress_trie
         name = lay.STATE_NAMES.get(state, str(state))
         if self.dp.is_host_address(peer):
-            return result("ALLOW", "host", f"{peer} is this node's address: always allowed",
-                          name)
+            return result("ALLOW", "host", f"{peer} is this node's address: always allowed", name)
         if state == lay.NP_STATE_DEFAULT_ALLOW:
-            return result("ALLOW", "default-allow",
-                          f"{where} is not isolated: everything is allowed", name)
+            return result(
+                "ALLOW", "default-allow", f"{where} is not isolated: everything is allowed", name
+            )
         if state != lay.NP_STATE_POLICIES_APPLIED:
-            return result("DENY", "default-deny", f"{where} is default-deny: nothing is allowed",
-                          name)
+            return result(
+                "DENY", "default-deny", f"{where} is default-deny: nothing is allowed", name
+            )
         trie = self.dp.read_trie(trie_id)
         if trie is None:
             return result("DENY", "missing-trie", f"{where} points at a missing rule set", name)
@@ -297,16 +372,23 @@ class AgentApi:
             pending = self._pending(refs, wanted, truth)
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
-                failed = {p: self.enforcer.status[r].error for p in pending
-                          if (r := _ref(p)) in self.enforcer.status
-                          and self.enforcer.status[r].error}
-                return _json(WaitResult(programmed=not pending, pending=pending, failed=failed,
-                                        waited=round(time.monotonic() - started, 3),
-                                        checked_with_api=truth is not None))
+                failed = {
+                    p: self.enforcer.status[r].error
+                    for p in pending
+                    if (r := _ref(p)) in self.enforcer.status and self.enforcer.status[r].error
+                }
+                return _json(
+                    WaitResult(
+                        programmed=not pending,
+                        pending=pending,
+                        failed=failed,
+                        waited=round(time.monotonic() - started, 3),
+                        checked_with_api=truth is not None,
+                    )
+                )
             async with self.enforcer.progress:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.enforcer.progress.wait(),
-                                           min(remaining, 0.5))
+                    await asyncio.wait_for(self.enforcer.progress.wait(), min(remaining, 0.5))
 
     def _wait_refs(self, wanted: list[str]) -> list[PodRef]:
         if wanted:
@@ -324,12 +406,17 @@ class AgentApi:
             except (KubeError, OSError, TimeoutError) as exc:
                 log.warning("wait.api_unavailable", namespace=ns, error=str(exc))
                 return None
-            out[ns] = {str((pe.get("metadata") or {}).get("name", "")):
-                       int((pe.get("metadata") or {}).get("generation") or 0) for pe in items}
+            out[ns] = {
+                str((pe.get("metadata") or {}).get("name", "")): int(
+                    (pe.get("metadata") or {}).get("generation") or 0
+                )
+                for pe in items
+            }
         return out
 
-    def _pending(self, refs: list[PodRef], wanted: list[str],
-                 truth: dict[str, dict[str, int]] | None) -> list[str]:
+    def _pending(
+        self, refs: list[PodRef], wanted: list[str], truth: dict[str, dict[str, int]] | None
+    ) -> list[str]:
         """Pods whose current PolicyEndpoints are not all in force. With the API's view
         of the pod's namespace (every PolicyEndpoint selecting a pod lives there): the
         watch must have delivered the current generation of each of them (so the agent
@@ -344,47 +431,83 @@ class AgentApi:
             if done and truth is not None:
                 current = truth.get(ref[0], {})
                 held = self.cache.endpoints_for(ref)
-                done = (all(seen.get((ref[0], n), -1) >= g for n, g in current.items())
-                        and all(e.name in current for e in held)
-                        and not any(e.key in self.cache.rejected for e in held))
+                done = (
+                    all(seen.get((ref[0], n), -1) >= g for n, g in current.items())
+                    and all(e.name in current for e in held)
+                    and not any(e.key in self.cache.rejected for e in held)
+                )
             if not done:
                 pending.append(f"{ref[0]}/{ref[1]}")
         return pending
 
 
-def _decide(dp: Datapath, trie: CompiledRules, req: ExplainRequest,
-            peer: ipaddress.IPv4Address | ipaddress.IPv6Address, *, state: str, where: str,
-            ifindex: int) -> ExplainResult:
+def _decide(
+    dp: Datapath,
+    trie: CompiledRules,
+    req: ExplainRequest,
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    *,
+    state: str,
+    where: str,
+    ifindex: int,
+) -> ExplainResult:
     """The rule walk of the datapath over a trie's live entries."""
     prefix = trie.lookup(peer)
     if prefix is None:
-        return ExplainResult(verdict="DENY", reason="no-peer-match", state=state,
-                             summary=f"{peer} is in no CIDR allowed for the {where}",
-                             pod=req.pod, ifindex=ifindex)
+        return ExplainResult(
+            verdict="DENY",
+            reason="no-peer-match",
+            state=state,
+            summary=f"{peer} is in no CIDR allowed for the {where}",
+            pod=req.pod,
+            ifindex=ifindex,
+        )
     ps = trie.entries[prefix]
     protocol = PROTOCOLS[req.protocol]
     port = 0 if req.protocol == "ICMP" else req.port
     policy_id = ps.allows(protocol, port)
     if policy_id is None:
-        what = ("an except block (nothing allowed)" if ps.allows_nothing
-                else f"{prefix}, whose rules do not allow {req.protocol} {port}")
-        return ExplainResult(verdict="DENY", reason="no-port-match", state=state,
-                             summary=f"{peer} matches {what} for the {where}",
-                             matched_cidr=str(prefix), pod=req.pod, ifindex=ifindex)
+        what = (
+            "an except block (nothing allowed)"
+            if ps.allows_nothing
+            else f"{prefix}, whose rules do not allow {req.protocol} {port}"
+        )
+        return ExplainResult(
+            verdict="DENY",
+            reason="no-port-match",
+            state=state,
+            summary=f"{peer} matches {what} for the {where}",
+            matched_cidr=str(prefix),
+            pod=req.pod,
+            ifindex=ifindex,
+        )
     if ps.any_policy is not None:
-        rule = PortRuleView(protocol="ANY", start_port=0, end_port=65535,
-                            policy=dp.policy_name(policy_id))
+        rule = PortRuleView(
+            protocol="ANY", start_port=0, end_port=65535, policy=dp.policy_name(policy_id)
+        )
     else:
         r = next(r for r in ps.rules if r.protocol == protocol and r.start <= port <= r.end)
-        rule = PortRuleView(protocol=req.protocol, start_port=r.start, end_port=r.end,
-                            policy=dp.policy_name(policy_id))
+        rule = PortRuleView(
+            protocol=req.protocol,
+            start_port=r.start,
+            end_port=r.end,
+            policy=dp.policy_name(policy_id),
+        )
     policy = rule.policy or f"policy #{policy_id}"
     return ExplainResult(
-        verdict="ALLOW", reason="rule", state=state, matched_cidr=str(prefix), rule=rule,
+        verdict="ALLOW",
+        reason="rule",
+        state=state,
+        matched_cidr=str(prefix),
+        rule=rule,
         policy=rule.policy or None,
-        summary=(f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
-                 f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"),
-        pod=req.pod, ifindex=ifindex)
+        summary=(
+            f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
+            f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"
+        ),
+        pod=req.pod,
+        ifindex=ifindex,
+    )
 
 
 def _ref(text: str) -> PodRef:
@@ -394,8 +517,11 @@ def _ref(text: str) -> PodRef:
 
 def table_warnings(occupancy: dict[str, tuple[int, int]]) -> list[str]:
     """Tables at or over TABLE_WARN of their capacity, as sentences."""
-    return [f"table {t} is {e}/{c} full ({e / c:.0%})"
-            for t, (e, c) in sorted(occupancy.items()) if c and e / c >= TABLE_WARN]
+    return [
+        f"table {t} is {e}/{c} full ({e / c:.0%})"
+        for t, (e, c) in sorted(occupancy.items())
+        if c and e / c >= TABLE_WARN
+    ]
 
 
 async def _process_stats(runtime_dir: str, sock: str, what: str) -> ProcessStats:

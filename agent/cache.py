@@ -97,15 +97,19 @@ def _int(value: object) -> int:
 
 
 class Cache:
-    def __init__(self, *, node_addresses: Callable[[], set[str]],
-                 on_rejected: Callable[[str, str, str], None] | None = None,
-                 on_ignored: Callable[[str], None] | None = None,
-                 on_pod_rejected: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node_addresses: Callable[[], set[str]],
+        on_rejected: Callable[[str, str, str], None] | None = None,
+        on_ignored: Callable[[str], None] | None = None,
+        on_pod_rejected: Callable[[], None] | None = None,
+    ) -> None:
         self.pods: dict[PodRef, LocalPod] = {}
-        self.endpoints: dict[Key, Endpoints] = {}      # objects of relevant policies
-        self.stubs: dict[Key, Stub] = {}               # objects of the others
+        self.endpoints: dict[Key, Endpoints] = {}  # objects of relevant policies
+        self.stubs: dict[Key, Stub] = {}  # objects of the others
         self.policies: dict[PolicyKey, set[Key]] = {}  # every object (kept or stub)
-        self.listing: dict[PodRef, set[Key]] = {}      # kept objects listing a pod
+        self.listing: dict[PodRef, set[Key]] = {}  # kept objects listing a pod
         self.rejected: dict[Key, str] = {}
         # the latest generation seen of every PolicyEndpoint, kept or not (an int each):
         # tells "programmed" callers whether the watch has delivered what the API has
@@ -129,8 +133,12 @@ class Cache:
     def reject_pod(self, exc: PodError) -> None:
         """A Pod object that cannot be used: logged and counted; what was known of the
         pod (its last valid version) stays in force."""
-        log.error("pod.rejected", pod=f"{exc.namespace}/{exc.name}", reason=exc.reason,
-                  kept="the last valid version, if any")
+        log.error(
+            "pod.rejected",
+            pod=f"{exc.namespace}/{exc.name}",
+            reason=exc.reason,
+            kept="the last valid version, if any",
+        )
         if self._on_pod_rejected is not None:
             self._on_pod_rejected()
 
@@ -155,15 +163,17 @@ class Cache:
         rules are their union."""
         out: list[Endpoints] = []
         for pk in self.selecting(pod):
-            out.extend(self.endpoints[k] for k in sorted(self.policies.get(pk, ()))
-                       if k in self.endpoints)
+            out.extend(
+                self.endpoints[k] for k in sorted(self.policies.get(pk, ())) if k in self.endpoints
+            )
         return out
 
     def incomplete(self, pod: PodRef) -> list[Key]:
         """Objects of the pod's policies not held yet (being fetched): until they are,
         the pod keeps its last programmed state."""
-        return sorted(k for pk in self.selecting(pod) for k in self.policies.get(pk, ())
-                      if k in self.stubs)
+        return sorted(
+            k for pk in self.selecting(pod) for k in self.policies.get(pk, ()) if k in self.stubs
+        )
 
     def take_dirty(self) -> set[PodRef]:
         dirty, self.dirty = self.dirty, set()
@@ -199,11 +209,16 @@ class Cache:
             return
         self._reported.add(mark)
         listed = sorted(ip for ref, ip in e.listed if ref == pod)
-        log.warning("policyendpoint.entry_ignored", reason="address-mismatch",
-                    policyendpoint=f"{e.namespace}/{e.name}", pod=f"{pod[0]}/{pod[1]}",
-                    listed=listed[:4], pod_ips=list(local.ips),
-                    detail="the entry names a local pod under an address that is not the "
-                           "pod's: not applied (stale, or another pod's)")
+        log.warning(
+            "policyendpoint.entry_ignored",
+            reason="address-mismatch",
+            policyendpoint=f"{e.namespace}/{e.name}",
+            pod=f"{pod[0]}/{pod[1]}",
+            listed=listed[:4],
+            pod_ips=list(local.ips),
+            detail="the entry names a local pod under an address that is not the "
+            "pod's: not applied (stale, or another pod's)",
+        )
         if self._on_ignored is not None:
             self._on_ignored("address-mismatch")
 
@@ -215,8 +230,12 @@ class Cache:
             self.changed.set()
 
     def _policy_pods(self, pk: PolicyKey) -> set[PodRef]:
-        return {ref for k in self.policies.get(pk, ()) if k in self.endpoints
-                for ref in self.endpoints[k].pods}
+        return {
+            ref
+            for k in self.policies.get(pk, ())
+            if k in self.endpoints
+            for ref in self.endpoints[k].pods
+        }
 
     def _relevant(self, pk: PolicyKey) -> bool:
         node = self._node_addresses()
@@ -281,8 +300,9 @@ class Cache:
         for ref in e.pods:
             self.listing.setdefault(ref, set()).add(e.key)
 
-    def _set_endpoints(self, key: Key, obj: dict[str, Any] | None, *,
-                       fetched: bool = False) -> None:
+    def _set_endpoints(
+        self, key: Key, obj: dict[str, Any] | None, *, fetched: bool = False
+    ) -> None:
         held = key in self.endpoints or key in self.stubs
         new: Endpoints | None = None
         if obj is None:
@@ -299,16 +319,24 @@ class Cache:
                 self.rejected[key] = exc.reason
                 if self._on_rejected is not None:
                     self._on_rejected(key[0], key[1], exc.reason)
-                log.error("policyendpoint.rejected", namespace=key[0], name=key[1],
-                          reason=exc.reason,
-                          keeping="last accepted version" if held else "none")
+                log.error(
+                    "policyendpoint.rejected",
+                    namespace=key[0],
+                    name=key[1],
+                    reason=exc.reason,
+                    keeping="last accepted version" if held else "none",
+                )
                 return
             self.rejected.pop(key, None)
             if new.foreign:
-                log.warning("policyendpoint.entry_ignored", reason="foreign-namespace",
-                            policyendpoint=f"{key[0]}/{key[1]}", entries=list(new.foreign[:4]),
-                            count=len(new.foreign),
-                            detail="an object applies only to pods of its own namespace")
+                log.warning(
+                    "policyendpoint.entry_ignored",
+                    reason="foreign-namespace",
+                    policyendpoint=f"{key[0]}/{key[1]}",
+                    entries=list(new.foreign[:4]),
+                    count=len(new.foreign),
+                    detail="an object applies only to pods of its own namespace",
+                )
                 if self._on_ignored is not None:
                     self._on_ignored("foreign-namespace")
         old_pk, old_pods = self._drop(key)
@@ -322,8 +350,11 @@ class Cache:
             self._keep(new)
             touched.add(new.policy_key)
             affected |= new.pods
-            if not fetched and self._listing_now and not (
-                    self._namespace_is_local(key[0]) or new.host_ips & self._node_addresses()):
+            if (
+                not fetched
+                and self._listing_now
+                and not (self._namespace_is_local(key[0]) or new.host_ips & self._node_addresses())
+            ):
                 # during a list: a namespace without local pods cannot be concerned
                 self._stub(new)
         for pk in touched:
@@ -346,9 +377,12 @@ class Cache:
         if self._relevant(pk):
             missing = {k for k in members if k in self.stubs}
             if missing:
-                log.info("policyendpoint.fetching", policy=f"{pk[0]}/{pk[1]}",
-                         objects=len(missing),
-                         reason="the policy now selects a local pod")
+                log.info(
+                    "policyendpoint.fetching",
+                    policy=f"{pk[0]}/{pk[1]}",
+                    objects=len(missing),
+                    reason="the policy now selects a local pod",
+                )
                 self._fetch |= missing
                 self.fetch_needed.set()
         else:

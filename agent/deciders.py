@@ -40,20 +40,26 @@ def _admits(rule: PeerRule, protocol: int, port: int) -> bool:
     return any(r.protocol == protocol and r.start <= port <= r.end for r in rule.ports)
 
 
-def deciding_objects(endpoints: Iterable[Endpoints], *, ingress: bool, peer: Address,
-                     protocol: int, port: int, allowed: bool) -> list[str]:
+def deciding_objects(
+    endpoints: Iterable[Endpoints],
+    *,
+    ingress: bool,
+    peer: Address,
+    protocol: int,
+    port: int,
+    allowed: bool,
+) -> list[str]:
     """``namespace/name`` of the objects that decided (sorted)."""
     isolating, in_cidr, admitting = set(), set(), set()
     for e in endpoints:
         name = f"{e.namespace}/{e.name}"
         if e.isolate_ingress if ingress else e.isolate_egress:
             isolating.add(name)
-        for rule in (e.ingress if ingress else e.egress):
+        for rule in e.ingress if ingress else e.egress:
             if not _holds(rule.cidr, peer):
                 continue
             in_cidr.add(name)
-            if (not any(_holds(x, peer) for x in rule.excepts)
-                    and _admits(rule, protocol, port)):
+            if not any(_holds(x, peer) for x in rule.excepts) and _admits(rule, protocol, port):
                 admitting.add(name)
     if allowed:
         return sorted(admitting)

@@ -20,8 +20,9 @@ from bpf.ruleset import PeerRule, compile_rules
 PolicyIds = Callable[[PodRef], int]
 
 
-def direction(endpoints: Sequence[Endpoints], *, ingress: bool,
-              policy_id: PolicyIds, truncate: bool = False) -> DirectionPolicy:
+def direction(
+    endpoints: Sequence[Endpoints], *, ingress: bool, policy_id: PolicyIds, truncate: bool = False
+) -> DirectionPolicy:
     isolating = [e for e in endpoints if (e.isolate_ingress if ingress else e.isolate_egress)]
     if not isolating:
         return ALLOW_ALL
@@ -32,17 +33,19 @@ def direction(endpoints: Sequence[Endpoints], *, ingress: bool,
     return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules, truncate=truncate))
 
 
-def pod_directions(endpoints: Sequence[Endpoints], *, strict: bool,
-                   policy_id: PolicyIds, truncate: bool = False
-                   ) -> tuple[DirectionPolicy, DirectionPolicy]:
+def pod_directions(
+    endpoints: Sequence[Endpoints], *, strict: bool, policy_id: PolicyIds, truncate: bool = False
+) -> tuple[DirectionPolicy, DirectionPolicy]:
     """(ingress, egress) for a pod listed by ``endpoints``. ``truncate``: a CIDR whose
     port rules exceed the datapath's limit keeps those that fit (fewer allowed ports;
     see bpf.ruleset) instead of raising RuleLimitError."""
     if not endpoints:
         default = DENY_ALL if strict else ALLOW_ALL
         return default, default
-    return (direction(endpoints, ingress=True, policy_id=policy_id, truncate=truncate),
-            direction(endpoints, ingress=False, policy_id=policy_id, truncate=truncate))
+    return (
+        direction(endpoints, ingress=True, policy_id=policy_id, truncate=truncate),
+        direction(endpoints, ingress=False, policy_id=policy_id, truncate=truncate),
+    )
 
 
 def weight(endpoints: Sequence[Endpoints]) -> int:

@@ -62,8 +62,7 @@ class PackedRules:
         from_bytes = int.from_bytes
         for ports, packed in self.groups:
             for family, length, raw in _PACKED.iter_unpack(packed):
-                yield PeerRule(Prefix(family, length, from_bytes(raw, "big")), (), ports,
-                               policy_id)
+                yield PeerRule(Prefix(family, length, from_bytes(raw, "big")), (), ports, policy_id)
         for r in self.others:
             yield r._replace(policy_id=policy_id) if policy_id else r
 
@@ -72,8 +71,9 @@ class PackedRules:
 
     def weight(self) -> int:
         """Port rules counted per CIDR (what compiling them costs, roughly)."""
-        return (sum(len(p) // _PACKED.size * max(1, len(ports)) for ports, p in self.groups)
-                + sum(max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others))
+        return sum(len(p) // _PACKED.size * max(1, len(ports)) for ports, p in self.groups) + sum(
+            max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others
+        )
 
     @classmethod
     def of(cls, rules: Iterable[PeerRule]) -> PackedRules:
@@ -85,7 +85,8 @@ class PackedRules:
                 continue
             p = Prefix.of(r.cidr)
             groups.setdefault(r.ports, bytearray()).extend(
-                _PACKED.pack(p.family, p.length, p.value.to_bytes(16, "big")))
+                _PACKED.pack(p.family, p.length, p.value.to_bytes(16, "big"))
+            )
         return cls(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
 
 
@@ -95,17 +96,17 @@ class Endpoints:
     name: str
     uid: str
     generation: int
-    policy: PodRef                  # the NetworkPolicy (namespace, name)
-    trigger_time: float | None      # epoch seconds of the change that produced it
+    policy: PodRef  # the NetworkPolicy (namespace, name)
+    trigger_time: float | None  # epoch seconds of the change that produced it
     isolate_ingress: bool
     isolate_egress: bool
-    group: str                      # target group within the policy ("" nearly always)
+    group: str  # target group within the policy ("" nearly always)
     listed: frozenset[tuple[PodRef, str]]  # (pod, podIP) of its own namespace's entries
-    pods: frozenset[PodRef]         # the pods of ``listed``
-    host_ips: frozenset[str]        # nodes of the selected pods
-    ingress: PackedRules            # policy_id 0: set at compile time
+    pods: frozenset[PodRef]  # the pods of ``listed``
+    host_ips: frozenset[str]  # nodes of the selected pods
+    ingress: PackedRules  # policy_id 0: set at compile time
     egress: PackedRules
-    foreign: tuple[str, ...] = ()   # "ns/name" of entries naming another namespace's pods
+    foreign: tuple[str, ...] = ()  # "ns/name" of entries naming another namespace's pods
 
     @property
     def key(self) -> PodRef:
@@ -134,9 +135,12 @@ def _prefix(c: Cidr) -> Prefix:
 
 @functools.lru_cache(maxsize=4096)
 def _ports(ports: tuple[PortSpec, ...]) -> tuple[PortRange, ...]:
-    return tuple(PortRange(_PROTOCOLS[p.protocol], 0, 65535) if p.port is None
-                 else PortRange(_PROTOCOLS[p.protocol], p.port, p.end_port or p.port)
-                 for p in ports)
+    return tuple(
+        PortRange(_PROTOCOLS[p.protocol], 0, 65535)
+        if p.port is None
+        else PortRange(_PROTOCOLS[p.protocol], p.port, p.end_port or p.port)
+        for p in ports
+    )
 
 
 def _rules(rules: list[Rule]) -> PackedRules:
@@ -152,8 +156,11 @@ def _rules(rules: list[Rule]) -> PackedRules:
         group = groups.get(ports)
         if group is None:
             group = groups[ports] = bytearray()
-        group += pack(NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6, c.length,
-                      c.value.to_bytes(16, "big"))
+        group += pack(
+            NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6,
+            c.length,
+            c.value.to_bytes(16, "big"),
+        )
     return PackedRules(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
 
 
@@ -181,10 +188,12 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
     spec, meta = pe.spec, pe.metadata
     if spec.policy_ref.namespace and spec.policy_ref.namespace != meta.namespace:
         raise PolicyEndpointError(
-            meta.namespace, meta.name,
+            meta.namespace,
+            meta.name,
             f"spec.policyRef.namespace: {bounded(spec.policy_ref.namespace)} is not the "
             f"object's namespace {bounded(meta.namespace)} (a policy's objects live in its "
-            f"namespace)")
+            f"namespace)",
+        )
     listed, foreign = [], []
     for e in spec.pod_selector_endpoints:
         if e.namespace != meta.namespace:
@@ -203,8 +212,11 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         group=meta.annotations.get(GROUP_ANNOTATION, ""),
         listed=frozenset(listed),
         pods=frozenset(ref for ref, _ in listed),
-        host_ips=frozenset(_address(e.host_ip) for e in spec.pod_selector_endpoints
-                           if e.host_ip and e.namespace == meta.namespace),
+        host_ips=frozenset(
+            _address(e.host_ip)
+            for e in spec.pod_selector_endpoints
+            if e.host_ip and e.namespace == meta.namespace
+        ),
         ingress=_rules(ingress),
         egress=_rules(egress),
         foreign=tuple(sorted(foreign)),

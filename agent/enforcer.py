@@ -66,6 +66,8 @@ def _lifecycle_period() -> float:
     except ValueError:
         return LIFECYCLE_PERIOD
     return value if 0 < value <= LIFECYCLE_PERIOD else LIFECYCLE_PERIOD
+
+
 # A pod whose rules weigh more than HEAVY_RULES port rules (see agent.desired.weight) is
 # compiled and switched on its own, after the lighter pods of its batch, and changes
 # that arrive meanwhile go first: one large object cannot queue every other pod behind it.
@@ -82,9 +84,9 @@ class PodStatus:
     ingress: str = ""
     egress: str = ""
     programmed: dict[str, int] = field(default_factory=dict)  # "ns/name" of PE -> generation
-    programmed_at: float = 0.0      # epoch seconds
+    programmed_at: float = 0.0  # epoch seconds
     error: str = ""
-    reason: str = ""                # table-full | rule-limit | kernel, with error
+    reason: str = ""  # table-full | rule-limit | kernel, with error
     inputs: tuple[object, ...] | None = None
 
 
@@ -111,8 +113,16 @@ class _Plan:
 
 
 class Enforcer:
-    def __init__(self, *, cache: Cache, hostnet: HostNet, worker: DatapathWorker,
-                 metrics: AgentMetrics, strict: bool, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        cache: Cache,
+        hostnet: HostNet,
+        worker: DatapathWorker,
+        metrics: AgentMetrics,
+        strict: bool,
+        netns: str | None = None,
+    ) -> None:
         self.cache = cache
         self.hostnet = hostnet
         self.worker = worker
@@ -123,9 +133,9 @@ class Enforcer:
         self.status: dict[PodRef, PodStatus] = {}
         self.bound: dict[int, PodRef] = {}
         self.attached: dict[int, tuple[int, int]] = {}
-        self.records: set[int] = set()          # ifindexes with a record in np_pods
-        self.synced = asyncio.Event()           # first full reconcile done
-        self.progress = asyncio.Condition()     # notified after every reconcile batch
+        self.records: set[int] = set()  # ifindexes with a record in np_pods
+        self.synced = asyncio.Event()  # first full reconcile done
+        self.progress = asyncio.Condition()  # notified after every reconcile batch
         self._new_links: set[int] = set()
         self._gone_links: set[int] = set()
         self._routes_changed = False
@@ -154,8 +164,10 @@ class Enforcer:
         self._wake.set()
 
     async def _wait(self, timeout: float | None = None) -> None:
-        waiters = [asyncio.ensure_future(self.cache.changed.wait()),
-                   asyncio.ensure_future(self._wake.wait())]
+        waiters = [
+            asyncio.ensure_future(self.cache.changed.wait()),
+            asyncio.ensure_future(self._wake.wait()),
+        ]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -173,8 +185,11 @@ class Enforcer:
             while not (self.cache.pods_synced and self.cache.endpoints_synced):
                 await self._interfaces()
                 await self._wait()
-            log.info("enforcer.synced", pods=len(self.cache.pods),
-                     policyendpoints=len(self.cache.endpoints))
+            log.info(
+                "enforcer.synced",
+                pods=len(self.cache.pods),
+                policyendpoints=len(self.cache.endpoints),
+            )
             dirty: set[PodRef] = set(self.cache.pods)
             first = True
             while True:
@@ -216,8 +231,9 @@ class Enforcer:
         if self.attached.get(ifindex) == want:
             return
         try:
-            await attach(self._nl, ifindex, ingress=self.dp.ingress_prog,
-                         egress=self.dp.egress_prog)
+            await attach(
+                self._nl, ifindex, ingress=self.dp.ingress_prog, egress=self.dp.egress_prog
+            )
             current = await attachment(self._nl, ifindex)
         except NetlinkOpError as exc:
             log.warning("enforcer.attach_failed", ifindex=ifindex, error=str(exc))
@@ -246,11 +262,15 @@ class Enforcer:
         fresh = sorted(i for i in new if i in self.hostnet.links and i not in self.records)
         if fresh:
             default = DENY_ALL if self.strict else ALLOW_ALL
-            await self.worker.call(self.dp.program_pods,
-                                   {i: PodPolicy(UNKNOWN_POD, default, default) for i in fresh})
+            await self.worker.call(
+                self.dp.program_pods, {i: PodPolicy(UNKNOWN_POD, default, default) for i in fresh}
+            )
             self.records.update(fresh)
-            log.info("enforcer.interfaces_attached", ifindexes=fresh,
-                     default="deny" if self.strict else "allow")
+            log.info(
+                "enforcer.interfaces_attached",
+                ifindexes=fresh,
+                default="deny" if self.strict else "allow",
+            )
         for ifindex in sorted(new):
             if ifindex in self.records:
                 await self._attach(ifindex)
@@ -266,8 +286,9 @@ class Enforcer:
         if unclaimed:
             default = DENY_ALL if self.strict else ALLOW_ALL
             await self.worker.call(
-                self.dp.program_pods, {i: PodPolicy(UNKNOWN_POD, default, default)
-                                       for i in unclaimed})
+                self.dp.program_pods,
+                {i: PodPolicy(UNKNOWN_POD, default, default) for i in unclaimed},
+            )
 
     # ---- reconcile ----------------------------------------------------------------------
     async def _reconcile(self, refs: set[PodRef]) -> None:
@@ -287,8 +308,12 @@ class Enforcer:
                 continue
             owner = self.bound.get(ifindex)
             if owner is not None and owner != ref:
-                log.warning("enforcer.interface_reassigned", ifindex=ifindex,
-                            old=f"{owner[0]}/{owner[1]}", new=f"{ref[0]}/{ref[1]}")
+                log.warning(
+                    "enforcer.interface_reassigned",
+                    ifindex=ifindex,
+                    old=f"{owner[0]}/{owner[1]}",
+                    new=f"{ref[0]}/{ref[1]}",
+                )
                 self._unbind(owner)
             if st.ifindex and st.ifindex != ifindex:
                 self.bound.pop(st.ifindex, None)
@@ -296,8 +321,11 @@ class Enforcer:
             if waiting:
                 # a policy selecting it is not all here yet (being fetched): keep the
                 # record in force rather than program a partial policy
-                log.debug("enforcer.pod_waits_for_objects", pod=f"{ref[0]}/{ref[1]}",
-                          objects=[f"{k[0]}/{k[1]}" for k in waiting[:4]])
+                log.debug(
+                    "enforcer.pod_waits_for_objects",
+                    pod=f"{ref[0]}/{ref[1]}",
+                    objects=[f"{k[0]}/{k[1]}" for k in waiting[:4]],
+                )
                 continue
             endpoints = tuple(self.cache.endpoints_for(ref))
             inputs = (self.strict, ifindex, pod.uid, endpoints)
@@ -317,8 +345,9 @@ class Enforcer:
             if self.cache.dirty and (light or i):
                 self.cache.dirty.update(p.ref for p in heavy[i:])
                 self.cache.changed.set()
-                log.info("enforcer.heavy_deferred", pods=len(heavy) - i,
-                         reason="other changes wait")
+                log.info(
+                    "enforcer.heavy_deferred", pods=len(heavy) - i, reason="other changes wait"
+                )
                 break
             await self._apply([plan])
 
@@ -362,8 +391,7 @@ class Enforcer:
             for e in plan.endpoints:
                 key = f"{e.namespace}/{e.name}"
                 if previous.get(key) != e.generation:
-                    self.metrics.observe_setup(namespace=e.namespace, name=e.name,
-                                               ms=elapsed_ms)
+                    self.metrics.observe_setup(namespace=e.namespace, name=e.name, ms=elapsed_ms)
                     if e.trigger_time:
                         self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
             for key in set(previous) - set(st.programmed):
@@ -396,8 +424,12 @@ class Enforcer:
                 try:
                     dp.program_pods({ifindex: pod})
                 except (BpfError, OSError) as exc:
-                    out[ifindex] = Outcome(pod.pod_id, error=str(exc), written=False,
-                                           reason="table-full" if _full(exc) else "kernel")
+                    out[ifindex] = Outcome(
+                        pod.pod_id,
+                        error=str(exc),
+                        written=False,
+                        reason="table-full" if _full(exc) else "kernel",
+                    )
 
         for plan in plans:
             if pending_entries >= PROGRAM_BATCH_ENTRIES:
@@ -414,29 +446,39 @@ class Enforcer:
                 continue
             ingress, egress, limit = compiled[plan.endpoints]
             if limit:
-                log.error("enforcer.rules_truncated", pod=where, error=limit,
-                          enforcing="the rules that fit (fewer allowed ports)")
+                log.error(
+                    "enforcer.rules_truncated",
+                    pod=where,
+                    error=limit,
+                    enforcing="the rules that fit (fewer allowed ports)",
+                )
             pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
-            pending_entries += sum(len(d.rules.entries) for d in (ingress, egress)
-                                   if d.rules is not None)
+            pending_entries += sum(
+                len(d.rules.entries) for d in (ingress, egress) if d.rules is not None
+            )
             out[plan.ifindex] = Outcome(
-                pod_id, lay.STATE_NAMES[ingress.state], lay.STATE_NAMES[egress.state],
+                pod_id,
+                lay.STATE_NAMES[ingress.state],
+                lay.STATE_NAMES[egress.state],
                 error=f"rule-limit: {limit}" if limit else "",
-                reason="rule-limit" if limit else "")
+                reason="rule-limit" if limit else "",
+            )
         if pods:
             flush()
         return [out[plan.ifindex] for plan in plans]
 
-    def _compile(self, endpoints: tuple[Endpoints, ...], policy_id: Callable[[PodRef], int]
-                 ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
+    def _compile(
+        self, endpoints: tuple[Endpoints, ...], policy_id: Callable[[PodRef], int]
+    ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
         """(ingress, egress, "" or the limit exceeded). Over the datapath's per-CIDR
         limit, the pod enforces what fits, never a stale allow."""
         try:
             ingress, egress = pod_directions(endpoints, strict=self.strict, policy_id=policy_id)
             return ingress, egress, ""
         except RuleLimitError as exc:
-            ingress, egress = pod_directions(endpoints, strict=self.strict,
-                                             policy_id=policy_id, truncate=True)
+            ingress, egress = pod_directions(
+                endpoints, strict=self.strict, policy_id=policy_id, truncate=True
+            )
             return ingress, egress, str(exc)
 
     async def _interface_for(self, pod: LocalPod) -> int | None:

@@ -22,8 +22,9 @@ CONCURRENCY = 8
 RETRY_DELAY = 1.0
 
 
-async def fetch_stubs(kube: KubeClient, cache: Cache, *,
-                      count: Callable[[str], None] | None = None) -> None:
+async def fetch_stubs(
+    kube: KubeClient, cache: Cache, *, count: Callable[[str], None] | None = None
+) -> None:
     """Runs until cancelled: every stub the cache asks for is fetched (a 404 means the
     watch will say it is gone; any other failure is retried after RETRY_DELAY)."""
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -50,9 +51,12 @@ async def fetch_stubs(kube: KubeClient, cache: Cache, *,
         failed = [k for k, r in zip(keys, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             _count(count, "failed")
-            log.warning("policyendpoint.fetch_failed", objects=len(failed),
-                        error=str(next(r for r in results if isinstance(r, BaseException))),
-                        retry_in=RETRY_DELAY)
+            log.warning(
+                "policyendpoint.fetch_failed",
+                objects=len(failed),
+                error=str(next(r for r in results if isinstance(r, BaseException))),
+                retry_in=RETRY_DELAY,
+            )
             await asyncio.sleep(RETRY_DELAY)
             cache.refetch(failed)
 

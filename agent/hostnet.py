@@ -29,7 +29,7 @@ class HostNet:
     prefixes: tuple[str, ...]
     netns: str | None = None
     links: dict[int, Link] = field(default_factory=dict)
-    host_routes: dict[str, int] = field(default_factory=dict)   # pod IP -> ifindex
+    host_routes: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex
     addresses: dict[tuple[int, str], int] = field(default_factory=dict)  # (ifindex, ip) -> scope
     on_change: Callable[[NetEvent], None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -42,8 +42,11 @@ class HostNet:
 
     def node_addresses(self) -> set[str]:
         pods = self.pod_interfaces()
-        return {ip for (idx, ip), scope in self.addresses.items()
-                if scope == _SCOPE_UNIVERSE and idx not in pods}
+        return {
+            ip
+            for (idx, ip), scope in self.addresses.items()
+            if scope == _SCOPE_UNIVERSE and idx not in pods
+        }
 
     async def interface_of(self, nl: Netlink, ip: str) -> int | None:
         """The pod interface ``ip`` is routed over, or None if it is not (yet)."""
@@ -81,8 +84,11 @@ class HostNet:
         for route in await nl.routes():
             self._apply_route(route, True)
         self.ready.set()
-        log.info("hostnet.loaded", pod_interfaces=len(self.pod_interfaces()),
-                 node_addresses=sorted(self.node_addresses()))
+        log.info(
+            "hostnet.loaded",
+            pod_interfaces=len(self.pod_interfaces()),
+            node_addresses=sorted(self.node_addresses()),
+        )
 
     async def run(self) -> None:
         """Subscribe, load the current state, then apply changes forever. Subscribing

@@ -47,8 +47,7 @@ log = structlog.get_logger("agent")
 
 def open_datapath(settings: Settings) -> Datapath:
     try:
-        return Datapath.open(settings.bpf_pin_root,
-                             ct_entries=settings.conntrack_cache_table_size)
+        return Datapath.open(settings.bpf_pin_root, ct_entries=settings.conntrack_cache_table_size)
     except PinnedSizeError as exc:
         raise StartupError(f"--conntrack-cache-table-size: {exc}") from None
     except BpfError as exc:
@@ -73,8 +72,13 @@ async def recover_pins(settings: Settings) -> None:
                 except (BpfError, ValueError) as exc:
                     log.warning("datapath.recovery_failed", prog_id=f.prog_id, error=str(exc))
                     continue
-                log.warning("datapath.recovered", from_program=f.prog_id, interface=link.name,
-                            maps=pinned, reason="pins were missing; live maps pinned again")
+                log.warning(
+                    "datapath.recovered",
+                    from_program=f.prog_id,
+                    interface=link.name,
+                    maps=pinned,
+                    reason="pins were missing; live maps pinned again",
+                )
                 return
 
 
@@ -82,10 +86,14 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     metrics = AgentMetrics()
     if not settings.enable_network_policy:
         log.info("agent.disabled", reason="--enable-network-policy is false")
-        await supervise({
-            "health": serve(health_app([]), settings.health_probe_bind_addr),
-            "metrics": serve(metrics_app(metrics), settings.metrics_bind_addr),
-        }, stop=stop, grace=settings.shutdown_timeout)
+        await supervise(
+            {
+                "health": serve(health_app([]), settings.health_probe_bind_addr),
+                "metrics": serve(metrics_app(metrics), settings.metrics_bind_addr),
+            },
+            stop=stop,
+            grace=settings.shutdown_timeout,
+        )
         return
 
     loop = asyncio.get_running_loop()
@@ -97,35 +105,48 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     worker = DatapathWorker(dp)
     kube: KubeClient | None = None
     try:
-        await worker.call(dp.set_event_flags, emit_deny=settings.enable_policy_event_logs,
-                          emit_allow=settings.enable_policy_event_logs
-                          and settings.log_level == "debug")
+        await worker.call(
+            dp.set_event_flags,
+            emit_deny=settings.enable_policy_event_logs,
+            emit_allow=settings.enable_policy_event_logs and settings.log_level == "debug",
+        )
         kube = await KubeClient.connect(settings.kubeconfig)
         hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
-        cache = Cache(node_addresses=hostnet.node_addresses,
-                      on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns,
-                                                                            name=name),
-                      on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
-                      on_pod_rejected=metrics.pods_rejected.inc)
-        enforcer = Enforcer(cache=cache, hostnet=hostnet, worker=worker, metrics=metrics,
-                            strict=settings.enforcing_mode == "strict")
+        cache = Cache(
+            node_addresses=hostnet.node_addresses,
+            on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns, name=name),
+            on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
+            on_pod_rejected=metrics.pods_rejected.inc,
+        )
+        enforcer = Enforcer(
+            cache=cache,
+            hostnet=hostnet,
+            worker=worker,
+            metrics=metrics,
+            strict=settings.enforcing_mode == "strict",
+        )
         pod_stats, pe_stats = WatchStats(), WatchStats()
 
         async def watch_pods() -> None:
-            await list_watch(kube, PODS, cache.pods_consumer(), stats=pod_stats,
-                             field_selector=f"spec.nodeName={settings.node_name}")
+            await list_watch(
+                kube,
+                PODS,
+                cache.pods_consumer(),
+                stats=pod_stats,
+                field_selector=f"spec.nodeName={settings.node_name}",
+            )
 
         async def watch_endpoints() -> None:
             # node addresses and local pods decide which ones concern us
             await hostnet.ready.wait()
             await pod_stats.synced.wait()
-            await list_watch(kube, POLICY_ENDPOINTS, cache.endpoints_consumer(),
-                             stats=pe_stats)
+            await list_watch(kube, POLICY_ENDPOINTS, cache.endpoints_consumer(), stats=pe_stats)
 
         async def fetch_endpoints() -> None:
             assert kube is not None
-            await fetch_stubs(kube, cache,
-                              count=lambda result: metrics.fetches.labels(result).inc())
+            await fetch_stubs(
+                kube, cache, count=lambda result: metrics.fetches.labels(result).inc()
+            )
 
         def ready() -> list[str]:
             problems = bpffs_ready() + global_maps_pinned(settings.bpf_pin_root)
@@ -136,10 +157,14 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
                 stuck = st.stalled(WatchSettings.stall_after)
                 if stuck:
-                    problems.append(f"watch {name} has not progressed for {stuck:.0f}s "
-                                    f"({st.last_error[:120]})")
-            problems += [f"table {t} is full ({e}/{c}): new pods cannot be programmed"
-                         for t, (e, c) in sorted(dp.occupancy().items()) if c and e >= c]
+                    problems.append(
+                        f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
+                    )
+            problems += [
+                f"table {t} is full ({e}/{c}): new pods cannot be programmed"
+                for t, (e, c) in sorted(dp.occupancy().items())
+                if c and e >= c
+            ]
             return problems
 
         def warnings() -> list[str]:
@@ -155,27 +180,51 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         async def list_endpoints(namespace: str) -> list[dict[str, Any]]:
             assert kube is not None
             items, _ = await asyncio.wait_for(
-                kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5)
+                kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5
+            )
             return items
 
-        api = AgentApi(settings=settings, cache=cache, enforcer=enforcer, hostnet=hostnet,
-                       worker=worker, watches={"pods": pod_stats, "policyendpoints": pe_stats},
-                       ready=ready, list_endpoints=list_endpoints)
-        log.info("agent.starting", node=settings.node_name, mode=settings.enforcing_mode,
-                 pin_root=settings.bpf_pin_root)
-        await supervise({
-            "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
-            "hostnet": hostnet.run(),
-            "watch-pods": watch_pods(),
-            "watch-policyendpoints": watch_endpoints(),
-            "fetch-policyendpoints": fetch_endpoints(),
-            "enforcer": enforcer.run(),
-            "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
-            "health": serve(health_app([ready], [warnings]), settings.health_probe_bind_addr),
-            "metrics": serve(metrics_app(metrics, refresh_metrics, [
-                socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
-                socket_path(settings.runtime_dir, FLOWLOGS_SOCKET)]), settings.metrics_bind_addr),
-        }, stop=stop, grace=settings.shutdown_timeout)
+        api = AgentApi(
+            settings=settings,
+            cache=cache,
+            enforcer=enforcer,
+            hostnet=hostnet,
+            worker=worker,
+            watches={"pods": pod_stats, "policyendpoints": pe_stats},
+            ready=ready,
+            list_endpoints=list_endpoints,
+        )
+        log.info(
+            "agent.starting",
+            node=settings.node_name,
+            mode=settings.enforcing_mode,
+            pin_root=settings.bpf_pin_root,
+        )
+        await supervise(
+            {
+                "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
+                "hostnet": hostnet.run(),
+                "watch-pods": watch_pods(),
+                "watch-policyendpoints": watch_endpoints(),
+                "fetch-policyendpoints": fetch_endpoints(),
+                "enforcer": enforcer.run(),
+                "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
+                "health": serve(health_app([ready], [warnings]), settings.health_probe_bind_addr),
+                "metrics": serve(
+                    metrics_app(
+                        metrics,
+                        refresh_metrics,
+                        [
+                            socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
+                            socket_path(settings.runtime_dir, FLOWLOGS_SOCKET),
+                        ],
+                    ),
+                    settings.metrics_bind_addr,
+                ),
+            },
+            stop=stop,
+            grace=settings.shutdown_timeout,
+        )
     finally:
         if kube is not None:
             await kube.close()

@@ -22,58 +22,91 @@ class AgentMetrics:
             "awsnodeagent_policy_programming_latency_seconds",
             "Time from a PolicyEndpoint change (networking.k8s.aws/last-change-trigger-time) "
             "to its rules being in force for a pod",
-            buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.setup_latency = Summary(
             "awsnodeagent_policy_setup_latency_ms",
-            "Time to program the pods of a PolicyEndpoint, ms", ["name", "namespace"],
-            registry=r)
+            "Time to program the pods of a PolicyEndpoint, ms",
+            ["name", "namespace"],
+            registry=r,
+        )
         self.teardown_latency = Summary(
             "awsnodeagent_policy_teardown_latency_ms",
-            "Time to remove a PolicyEndpoint from its pods, ms", ["name", "namespace"],
-            registry=r)
+            "Time to remove a PolicyEndpoint from its pods, ms",
+            ["name", "namespace"],
+            registry=r,
+        )
         self.rejected = Counter(
             "awsnodeagent_policyendpoint_rejected_total",
             "Invalid PolicyEndpoints rejected (not enforced; the last accepted version stays)",
-            ["namespace", "name"], registry=r)
+            ["namespace", "name"],
+            registry=r,
+        )
         self.ignored_entries = Counter(
             "awsnodeagent_policyendpoint_entries_ignored_total",
             "podSelectorEndpoints entries not applied: another namespace's pod "
             "(foreign-namespace), or a local pod's name under an address it does not have "
-            "(address-mismatch)", ["reason"], registry=r)
+            "(address-mismatch)",
+            ["reason"],
+            registry=r,
+        )
         self.fetches = Counter(
             "awsnodeagent_policyendpoint_fetches_total",
             "PolicyEndpoints fetched again because their policy came to select a local pod",
-            ["result"], registry=r)
+            ["result"],
+            registry=r,
+        )
         self.failures = Counter(
             "awsnodeagent_pod_programming_failures_total",
             "Pods whose programming failed, by reason: table-full (the pod keeps its record "
             "in force, retried), rule-limit (the rules that fit are enforced), kernel",
-            ["reason"], registry=r)
+            ["reason"],
+            registry=r,
+        )
         self.table_entries = Gauge(
-            "awsnodeagent_datapath_table_entries", "Entries in use in the datapath's tables",
-            ["table"], registry=r)
+            "awsnodeagent_datapath_table_entries",
+            "Entries in use in the datapath's tables",
+            ["table"],
+            registry=r,
+        )
         self.table_capacity = Gauge(
-            "awsnodeagent_datapath_table_capacity", "Capacity of the datapath's tables",
-            ["table"], registry=r)
-        self.pods = Gauge("awsnodeagent_pods", "Local pods by enforcement status", ["status"],
-                          registry=r)
-        self.reconciles = Counter("awsnodeagent_reconcile_batches_total",
-                                  "Programming batches applied to the datapath", registry=r)
-        self.errors = Counter("awsnodeagent_datapath_errors_total",
-                              "Datapath operations that failed (retried)", ["operation"],
-                              registry=r)
-        self.watch_relists = Gauge("awsnodeagent_watch_lists", "Lists done per resource",
-                                   ["resource"], registry=r)
-        self.watch_errors = Gauge("awsnodeagent_watch_errors", "Watch failures per resource",
-                                  ["resource"], registry=r)
+            "awsnodeagent_datapath_table_capacity",
+            "Capacity of the datapath's tables",
+            ["table"],
+            registry=r,
+        )
+        self.pods = Gauge(
+            "awsnodeagent_pods", "Local pods by enforcement status", ["status"], registry=r
+        )
+        self.reconciles = Counter(
+            "awsnodeagent_reconcile_batches_total",
+            "Programming batches applied to the datapath",
+            registry=r,
+        )
+        self.errors = Counter(
+            "awsnodeagent_datapath_errors_total",
+            "Datapath operations that failed (retried)",
+            ["operation"],
+            registry=r,
+        )
+        self.watch_relists = Gauge(
+            "awsnodeagent_watch_lists", "Lists done per resource", ["resource"], registry=r
+        )
+        self.watch_errors = Gauge(
+            "awsnodeagent_watch_errors", "Watch failures per resource", ["resource"], registry=r
+        )
         self.pods_rejected = Counter(
             "awsnodeagent_pod_objects_rejected",
-            "Pod objects refused as unusable (wrong field shapes); the last valid version "
-            "stays", registry=r)
+            "Pod objects refused as unusable (wrong field shapes); the last valid version stays",
+            registry=r,
+        )
         self.watch_malformed = Gauge(
             "awsnodeagent_watch_skipped_objects",
             "Watch events or objects skipped as malformed or not usable, per resource",
-            ["resource"], registry=r)
+            ["resource"],
+            registry=r,
+        )
 
     # ---- series labelled by a PolicyEndpoint: they end with it ------------------------
     def observe_setup(self, *, namespace: str, name: str, ms: float) -> None:

@@ -20,14 +20,19 @@ from common.preflight import bpffs_problem
 
 
 def global_maps_pinned(pin_root: str) -> list[str]:
-    missing = [n for n in (lay.MAP_PODS, lay.MAP_RULES, lay.MAP_CT, lay.MAP_EVENTS)
-               if not os.path.exists(os.path.join(pin_root, "maps", n))]
+    missing = [
+        n
+        for n in (lay.MAP_PODS, lay.MAP_RULES, lay.MAP_CT, lay.MAP_EVENTS)
+        if not os.path.exists(os.path.join(pin_root, "maps", n))
+    ]
     return [f"maps not pinned under {pin_root}/maps: {', '.join(missing)}"] if missing else []
 
 
-def metrics_app(metrics: AgentMetrics,
-                refresh: Callable[[], Awaitable[None]] | None = None,
-                neighbours: list[str] | None = None) -> web.Application:
+def metrics_app(
+    metrics: AgentMetrics,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+    neighbours: list[str] | None = None,
+) -> web.Application:
     """The agent's metrics, followed by those of the node's other processes (fetched from
     their sockets): one scrape target per node, as with the reference agent."""
 
@@ -42,8 +47,7 @@ def metrics_app(metrics: AgentMetrics,
             await refresh()
         parts = [generate_latest(metrics.registry)]
         parts += await asyncio.gather(*(fetch(p) for p in neighbours or []))
-        return web.Response(body=b"".join(parts),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=b"".join(parts), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", handler)

@@ -67,8 +67,8 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
             continue
         if not cmdline:  # kernel threads: softirq work is part of what is measured
             continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         out[int(entry)] = (name, int(fields[11]) + int(fields[12]))
     return out
 
@@ -131,8 +131,13 @@ def median(values: Sequence[float]) -> float:
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers], *[[_fmt(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(row, widths, strict=True))) for row in cells]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -152,8 +157,12 @@ def write_json(path: str | None, figures: dict[str, Any]) -> None:
         print(f"figures written to {path}")
 
 
-def bar_chart(path: str, title: str, groups: dict[str, dict[str, float]],
-              ylabel: str = "ratio to no program (1.0 = no cost)") -> None:
+def bar_chart(
+    path: str,
+    title: str,
+    groups: dict[str, dict[str, float]],
+    ylabel: str = "ratio to no program (1.0 = no cost)",
+) -> None:
     """Grouped bars: one group per configuration, one bar per metric."""
     try:
         import matplotlib

@@ -41,16 +41,15 @@ def populate(dp: Datapath, netns: str, n: int) -> None:
     keys, values = bytearray(), bytearray()
     seen = now_ns() - 10_000_000_000
     for i in range(n):
-        pod = _addr(i % 60000, 0x0A420000)          # 10.66.x.x
-        peer = _addr(i // 60000, 0x0A630000)        # 10.99.x.x
+        pod = _addr(i % 60000, 0x0A420000)  # 10.66.x.x
+        peer = _addr(i // 60000, 0x0A630000)  # 10.99.x.x
         pod_port, peer_port = 1024 + i % 60000, 80
         keys += struct.pack("<16s16sHHBB2xI", pod, peer, pod_port, peer_port, 6, 4, 7)
         values += struct.pack("<QQIBB2x", seen, seen, 1, lay.NP_DIR_EGRESS, 1)
         if i % 2 == 0:
             kernel.append((socket.AF_INET, pod, peer, 6, pod_port, peer_port))
         else:
-            kernel.append((socket.AF_INET, pod, _addr(i // 60000, 0x0A640000), 17,
-                           pod_port, 53))
+            kernel.append((socket.AF_INET, pod, _addr(i // 60000, 0x0A640000), 17, pod_port, 53))
     dp.ct.raw.update_batch(bytes(keys), bytes(values))
     with inside(netns):
         writer = ct.Writer()
@@ -79,10 +78,21 @@ def main() -> None:
     try:
         with open(MAX_PATH, "w") as f:
             f.write(str(max(int(old_max), n + 100_000)))
-        subprocess.run(["ip", "netns", "exec", netns, "sh", "-ec", """
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "sh",
+                "-ec",
+                """
             nft add table inet bench
             nft add chain inet bench forwarding '{ type filter hook forward priority 0; }'
-            nft add rule inet bench forwarding ct state new,established accept"""], check=True)
+            nft add rule inet bench forwarding ct state new,established accept""",
+            ],
+            check=True,
+        )
         dp = Datapath.open(pin_root, ct_entries=1 << 20)
         t = time.perf_counter()
         populate(dp, netns, n)
@@ -94,8 +104,12 @@ def main() -> None:
 
         res = Sweeper(dp.ct.raw, kernel_scan=kernel_scan).run()
         t = time.perf_counter()
-        dumped = subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-L"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
+        dumped = subprocess.run(
+            ["ip", "netns", "exec", netns, "conntrack", "-L"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
         dump_seconds = time.perf_counter() - t
         lines = dumped.stdout.count(b"\n")
     finally:
@@ -107,19 +121,26 @@ def main() -> None:
             f.write(old_max)
     ratio = res.duration / dump_seconds
     figures = {
-        "entries": n, "kernel_flows": res.kernel_entries, "removed": res.removed,
-        "kept": res.kept, "sweep_seconds": round(res.duration, 3),
+        "entries": n,
+        "kernel_flows": res.kernel_entries,
+        "removed": res.removed,
+        "kept": res.kept,
+        "sweep_seconds": round(res.duration, 3),
         "snapshot_seconds": round(res.snapshot_seconds, 3),
         "kernel_scan_seconds": round(res.kernel_seconds, 3),
-        "conntrack_L_seconds": round(dump_seconds, 3), "conntrack_L_lines": lines,
-        "sweep_to_dump_ratio": round(ratio, 2), "target_ratio": 2.0,
+        "conntrack_L_seconds": round(dump_seconds, 3),
+        "conntrack_L_lines": lines,
+        "sweep_to_dump_ratio": round(ratio, 2),
+        "target_ratio": 2.0,
         "setup_seconds": round(setup, 1),
     }
     print(f"{'map entries':<28}{n:>12,}")
     print(f"{'kernel flows':<28}{res.kernel_entries:>12,}")
     print(f"{'removed / kept':<28}{f'{res.removed:,} / {res.kept:,}':>12}")
-    print(f"{'sweep (s)':<28}{res.duration:>12.3f}   snapshot {res.snapshot_seconds:.3f}, "
-          f"kernel scan {res.kernel_seconds:.3f}")
+    print(
+        f"{'sweep (s)':<28}{res.duration:>12.3f}   snapshot {res.snapshot_seconds:.3f}, "
+        f"kernel scan {res.kernel_seconds:.3f}"
+    )
     print(f"{'conntrack -L (s)':<28}{dump_seconds:>12.3f}")
     print(f"{'sweep / conntrack -L':<28}{ratio:>12.2f}   (target <= 2.0)")
     if args.json:

@@ -96,14 +96,28 @@ class Node:
     def _start_servers(self) -> None:
         connrate = build_tool("connrate")
         ns = self.server.netns
-        for argv in (["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", str(RR_PORT)],
-                     [connrate, "serve", str(CPS_PORT)],
-                     ["iperf3", "-s", "-p", str(TPUT_PORT)]):
-            self.servers.append(subprocess.Popen(in_netns(ns, SERVER_CPU, argv),
-                                                 stdout=subprocess.DEVNULL,
-                                                 stderr=subprocess.DEVNULL))
-        subprocess.run(["nsenter", f"--net=/run/netns/{self.client.netns}", "sysctl", "-qw",
-                        "net.ipv4.ip_local_port_range=1024 65535"], check=True)
+        for argv in (
+            ["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", str(RR_PORT)],
+            [connrate, "serve", str(CPS_PORT)],
+            ["iperf3", "-s", "-p", str(TPUT_PORT)],
+        ):
+            self.servers.append(
+                subprocess.Popen(
+                    in_netns(ns, SERVER_CPU, argv),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        subprocess.run(
+            [
+                "nsenter",
+                f"--net=/run/netns/{self.client.netns}",
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_local_port_range=1024 65535",
+            ],
+            check=True,
+        )
         time.sleep(0.5)
 
     def server_pids(self) -> set[int]:
@@ -120,17 +134,29 @@ class Node:
 def measure(node: Node, metric: str, seconds: float) -> tuple[float, Noise]:
     ip = str(node.server.ipv4)
     if metric == "rr":
-        argv = ["sockperf", "pp", "--tcp", "-i", ip, "-p", str(RR_PORT), "-t",
-                str(max(1, round(seconds))), "--mps=max"]
+        argv = [
+            "sockperf",
+            "pp",
+            "--tcp",
+            "-i",
+            ip,
+            "-p",
+            str(RR_PORT),
+            "-t",
+            str(max(1, round(seconds))),
+            "--mps=max",
+        ]
     elif metric == "cps":
         argv = [build_tool("connrate"), "client", ip, str(CPS_PORT), str(seconds), "64"]
     else:
-        argv = ["iperf3", "-c", ip, "-p", str(TPUT_PORT), "-t", str(max(1, round(seconds))),
-                "-J"]
+        argv = ["iperf3", "-c", ip, "-p", str(TPUT_PORT), "-t", str(max(1, round(seconds))), "-J"]
     noise = Noise(exclude=node.server_pids())
     noise.start()
-    proc = subprocess.Popen(in_netns(node.client.netns, CLIENT_CPU, argv),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        in_netns(node.client.netns, CLIENT_CPU, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     client_pids = children(proc.pid)
     out, _ = proc.communicate(timeout=seconds + 60)
     noise.stop(exclude=client_pids | children(proc.pid))
@@ -141,8 +167,11 @@ def measure(node: Node, metric: str, seconds: float) -> tuple[float, Noise]:
 def _parse(metric: str, text: str) -> float:
     try:
         if metric == "rr":
-            m = re.search(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; "
-                          r"ReceivedMessages=(\d+)", text)
+            m = re.search(
+                r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; "
+                r"ReceivedMessages=(\d+)",
+                text,
+            )
             assert m, text[-500:]
             return int(m.group(2)) / float(m.group(1))
         if metric == "cps":
@@ -169,8 +198,9 @@ class Configs:
             for pod in (self.node.client, self.node.server):
                 await detach(nl, pod.ifindex)
         for argv in (["iptables", "-F", "FORWARD"], ["nft", "delete", "table", "inet", "bench"]):
-            await asyncio.to_thread(subprocess.run, in_netns(ns, None, argv),
-                                    capture_output=True, check=False)
+            await asyncio.to_thread(
+                subprocess.run, in_netns(ns, None, argv), capture_output=True, check=False
+            )
 
     async def ebpf(self, n: int) -> None:
         if self.dp is None:
@@ -180,12 +210,14 @@ class Configs:
             self.server_id = self.dp.register_pod(namespace="b", name="server", uid="s")
         dp = self.dp
         rules = compile_rules([PeerRule(c) for c in cidrs(n, self.node.client.ipv4)])
-        dp.program_pods({
-            self.node.client.ifindex: PodPolicy(self.client_id, ALLOW_ALL, ALLOW_ALL),
-            self.node.server.ifindex: PodPolicy(
-                self.server_id, DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules),
-                ALLOW_ALL),
-        })
+        dp.program_pods(
+            {
+                self.node.client.ifindex: PodPolicy(self.client_id, ALLOW_ALL, ALLOW_ALL),
+                self.node.server.ifindex: PodPolicy(
+                    self.server_id, DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules), ALLOW_ALL
+                ),
+            }
+        )
         dp.collect_garbage()
         async with Netlink(netns=self.node.sim.netns) as nl:
             for pod in (self.node.client, self.node.server):
@@ -193,13 +225,18 @@ class Configs:
 
     def iptables(self, n: int) -> None:
         veth = self.node.server.host_veth
-        lines = ["*filter", ":FORWARD ACCEPT [0:0]",
-                 "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
-        lines += [f"-A FORWARD -o {veth} -s {c} -j ACCEPT"
-                  for c in cidrs(n, self.node.client.ipv4)]
+        lines = [
+            "*filter",
+            ":FORWARD ACCEPT [0:0]",
+            "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        ]
+        lines += [f"-A FORWARD -o {veth} -s {c} -j ACCEPT" for c in cidrs(n, self.node.client.ipv4)]
         lines += [f"-A FORWARD -o {veth} -j DROP", "COMMIT", ""]
-        subprocess.run(in_netns(self.node.sim.netns, None, ["iptables-restore"]),
-                       input="\n".join(lines).encode(), check=True)
+        subprocess.run(
+            in_netns(self.node.sim.netns, None, ["iptables-restore"]),
+            input="\n".join(lines).encode(),
+            check=True,
+        )
 
     def nftables(self, n: int) -> None:
         veth = self.node.server.host_veth
@@ -218,8 +255,7 @@ table inet bench {{
         with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
             f.write(ruleset)
             f.flush()
-            subprocess.run(in_netns(self.node.sim.netns, None, ["nft", "-f", f.name]),
-                           check=True)
+            subprocess.run(in_netns(self.node.sim.netns, None, ["nft", "-f", f.name]), check=True)
 
     async def apply(self, name: str) -> float:
         """Configure node A as ``name``; returns the seconds it took."""
@@ -244,8 +280,9 @@ table inet bench {{
 # ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
 def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
     pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"
-    pod_ip, peer_in, peer_out = (ipaddress.IPv4Address(a) for a in
-                                 ("10.66.0.10", "11.255.255.1", "12.0.0.1"))
+    pod_ip, peer_in, peer_out = (
+        ipaddress.IPv4Address(a) for a in ("10.66.0.10", "11.255.255.1", "12.0.0.1")
+    )
     dp = Datapath.open(pin_root, ct_entries=65536)
     out = []
     try:
@@ -255,8 +292,13 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
             nets = cidrs(n, peer_in)
             started = time.monotonic()
             rules = compile_rules([PeerRule(c) for c in nets])
-            dp.program_pods({1: PodPolicy(pid, DirectionPolicy(
-                lay.NP_STATE_POLICIES_APPLIED, rules), ALLOW_ALL)})
+            dp.program_pods(
+                {
+                    1: PodPolicy(
+                        pid, DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules), ALLOW_ALL
+                    )
+                }
+            )
             dp.collect_garbage()
             load = time.monotonic() - started
             denied = pk.packet(src=peer_out, dst=pod_ip, protocol=pk.TCP, dport=80)
@@ -266,8 +308,14 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
             est = dp.ingress_prog.test_run(allowed, ifindex=1, repeat=repeat)
             if (new.retval, est.retval) != (2, 0):
                 raise RuntimeError(f"unexpected verdicts {new.retval}, {est.retval}")
-            out.append({"entries": len(nets), "new_flow_ns": new.duration_ns,
-                        "established_ns": est.duration_ns, "program_seconds": round(load, 2)})
+            out.append(
+                {
+                    "entries": len(nets),
+                    "new_flow_ns": new.duration_ns,
+                    "established_ns": est.duration_ns,
+                    "program_seconds": round(load, 2),
+                }
+            )
     finally:
         dp.close()
         Datapath.unpin(pin_root)
@@ -300,21 +348,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 noisy: list[str] = []
                 for i in range(runs):
                     # alternate which goes first, so a drift over time cancels out
-                    order = ((b, base_vals), (a, vals)) if i % 2 == 0 else (
-                        (a, vals), (b, base_vals))
+                    order = (
+                        ((b, base_vals), (a, vals)) if i % 2 == 0 else ((a, vals), (b, base_vals))
+                    )
                     for node, sink in order:
                         value, noise = await asyncio.to_thread(measure, node, metric, seconds)
                         sink.append(value)
                         if noise.noisy:
                             noisy.append(noise.describe())
                 ratio = median(vals) / median(base_vals) if median(base_vals) else float("nan")
-                row[metric] = {"value": median(vals), "baseline": median(base_vals),
-                               "ratio": round(ratio, 3), "runs": vals,
-                               "baseline_runs": base_vals, "noisy": noisy}
+                row[metric] = {
+                    "value": median(vals),
+                    "baseline": median(base_vals),
+                    "ratio": round(ratio, 3),
+                    "runs": vals,
+                    "baseline_runs": base_vals,
+                    "noisy": noisy,
+                }
             results[name] = row
-            print(f"  {name:<16} " + "  ".join(
-                f"{m} {row[m]['ratio']:.2f}{'*' if row[m]['noisy'] else ''}" for m in METRICS),
-                flush=True)
+            print(
+                f"  {name:<16} "
+                + "  ".join(
+                    f"{m} {row[m]['ratio']:.2f}{'*' if row[m]['noisy'] else ''}" for m in METRICS
+                ),
+                flush=True,
+            )
         await cfg.clear()
     finally:
         if cfg is not None:
@@ -324,8 +382,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await created.close()
     packet_sizes = (1000, 100000) if args.quick else (1000, 100000, 1000000)
     costs = await asyncio.to_thread(per_packet, packet_sizes, 20000 if args.quick else 200000)
-    return {"configs": results, "per_packet": costs, "runs": runs, "seconds": seconds,
-            "cpus": os.cpu_count()}
+    return {
+        "configs": results,
+        "per_packet": costs,
+        "runs": runs,
+        "seconds": seconds,
+        "cpus": os.cpu_count(),
+    }
 
 
 def report(figures: dict[str, Any]) -> None:
@@ -335,27 +398,43 @@ def report(figures: dict[str, Any]) -> None:
         for m in METRICS:
             r = row[m]
             cells.append(f"{r['ratio']:.2f}" + (" *" if r["noisy"] else ""))
-        cells += [row["rr"]["value"], row["cps"]["value"], row["tput"]["value"],
-                  row["setup_seconds"]]
+        cells += [
+            row["rr"]["value"],
+            row["cps"]["value"],
+            row["tput"]["value"],
+            row["setup_seconds"],
+        ]
         rows.append(cells)
     print()
-    print(f"Ratio to no program (median of {figures['runs']} runs of {figures['seconds']} s "
-          f"each, interleaved with the baseline; * = another process used >5% of a core)")
-    print(table(["config", "rr", "cps", "tput", "rr req/s", "conn/s", "Gbit/s", "setup s"],
-                rows))
-    noisy = {f"{n}/{m}": r[m]["noisy"] for n, r in figures["configs"].items() for m in METRICS
-             if r[m]["noisy"]}
+    print(
+        f"Ratio to no program (median of {figures['runs']} runs of {figures['seconds']} s "
+        f"each, interleaved with the baseline; * = another process used >5% of a core)"
+    )
+    print(table(["config", "rr", "cps", "tput", "rr req/s", "conn/s", "Gbit/s", "setup s"], rows))
+    noisy = {
+        f"{n}/{m}": r[m]["noisy"]
+        for n, r in figures["configs"].items()
+        for m in METRICS
+        if r[m]["noisy"]
+    }
     for where, who in noisy.items():
         print(f"  noisy {where}: {'; '.join(who)}")
     print()
     print("Per packet (BPF_PROG_TEST_RUN, ingress program)")
-    print(table(["trie entries", "new flow ns", "established ns", "program s"],
-                [[c["entries"], c["new_flow_ns"], c["established_ns"], c["program_seconds"]]
-                 for c in figures["per_packet"]]))
+    print(
+        table(
+            ["trie entries", "new flow ns", "established ns", "program s"],
+            [
+                [c["entries"], c["new_flow_ns"], c["established_ns"], c["program_seconds"]]
+                for c in figures["per_packet"]
+            ],
+        )
+    )
 
 
-def main(argv: Sequence[str] | None = None,
-         runner: Callable[[argparse.Namespace], Any] = run) -> None:
+def main(
+    argv: Sequence[str] | None = None, runner: Callable[[argparse.Namespace], Any] = run
+) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 run of 1 s, 1 and 1,000 CIDRs")
     p.add_argument("--runs", type=int, help="runs per configuration and metric (3)")
@@ -369,9 +448,11 @@ def main(argv: Sequence[str] | None = None,
     report(figures)
     write_json(args.json, figures)
     if args.chart:
-        bar_chart(args.chart, "TCP between two pods: ratio to no program",
-                  {n: {m: r[m]["ratio"] for m in METRICS} for n, r in
-                   figures["configs"].items()})
+        bar_chart(
+            args.chart,
+            "TCP between two pods: ratio to no program",
+            {n: {m: r[m]["ratio"] for m in METRICS} for n, r in figures["configs"].items()},
+        )
 
 
 if __name__ == "__main__":

@@ -68,17 +68,29 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def measure(flows: FlowLogs, ring: RingBuffer, dp: Datapath, pin_root: str, rate: int,
-                  seconds: float) -> dict[str, float]:
-    frame = pk.packet(src=ipaddress.ip_address("10.0.0.2"), dst=ipaddress.ip_address("10.0.0.1"),
-                      protocol=pk.TCP, dport=80)
+async def measure(
+    flows: FlowLogs, ring: RingBuffer, dp: Datapath, pin_root: str, rate: int, seconds: float
+) -> dict[str, float]:
+    frame = pk.packet(
+        src=ipaddress.ip_address("10.0.0.2"),
+        dst=ipaddress.ip_address("10.0.0.1"),
+        protocol=pk.TCP,
+        dport=80,
+    )
     lost0 = dp.stats()["events_lost"]
     written0 = flows.counts["written"]
     c0 = cpu()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PRODUCER, os.path.join(pin_root, "programs", lay.PROG_INGRESS),
-        frame.hex(), str(rate), str(seconds), stdout=asyncio.subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        sys.executable,
+        "-c",
+        PRODUCER,
+        os.path.join(pin_root, "programs", lay.PROG_INGRESS),
+        frame.hex(),
+        str(rate),
+        str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
     out, _ = await proc.communicate()
     sent = int(out.decode().strip() or 0)
     await asyncio.sleep(0.2)
@@ -87,8 +99,11 @@ async def measure(flows: FlowLogs, ring: RingBuffer, dp: Datapath, pin_root: str
     written = flows.counts["written"] - written0
     lost = dp.stats()["events_lost"] - lost0
     return {
-        "rate_asked": rate, "events_sent": sent, "events_written": written,
-        "ring_overruns": lost, "events_per_second": round(min(written, sent) / seconds),
+        "rate_asked": rate,
+        "events_sent": sent,
+        "events_written": written,
+        "ring_overruns": lost,
+        "events_per_second": round(min(written, sent) / seconds),
         "cpu_us_per_event": round((c1 - c0) / max(written, 1) * 1e6, 2),
         "zero_loss": lost == 0 and written == sent,
     }
@@ -100,12 +115,21 @@ async def amain(rates: list[int], seconds: float) -> list[dict[str, float]]:
     dp = Datapath.open(pin_root, ct_entries=32768)
     results = []
     try:
-        dp.program_pods({1: PodPolicy(dp.register_pod(namespace="bench", name="web", uid="u"),
-                                      DENY_ALL, DENY_ALL)})
+        dp.program_pods(
+            {
+                1: PodPolicy(
+                    dp.register_pod(namespace="bench", name="web", uid="u"), DENY_ALL, DENY_ALL
+                )
+            }
+        )
         dp.set_event_flags(emit_deny=True, emit_allow=False)
-        settings = Settings(enable_policy_event_logs=True, log_level="info",
-                            log_file=os.path.join(tmp, "flows.log"), bpf_pin_root=pin_root,
-                            node_name="bench")
+        settings = Settings(
+            enable_policy_event_logs=True,
+            log_level="info",
+            log_file=os.path.join(tmp, "flows.log"),
+            bpf_pin_root=pin_root,
+            node_name="bench",
+        )
         names = Names(pin_root)
         flows = FlowLogs(settings, stats_map=dp.stats_map, names=names)
         ring_map = Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_EVENTS))
@@ -135,10 +159,13 @@ async def cloudwatch(events: int) -> dict[str, float]:
     try:
         spill_dir = tempfile.mkdtemp(prefix="np-bench-spill-")
         spill = RotatingFile(os.path.join(spill_dir, "spill"), max_bytes=1 << 30, backups=0)
-        shipper = CloudWatchShipper(group="/aws/k8s-cluster/cluster",
-                                    stream="aws-network-policy-agent-audit-bench",
-                                    capacity=events + 1, spill=spill,
-                                    flush_interval=0.05)
+        shipper = CloudWatchShipper(
+            group="/aws/k8s-cluster/cluster",
+            stream="aws-network-policy-agent-audit-bench",
+            capacity=events + 1,
+            spill=spill,
+            flush_interval=0.05,
+        )
         task = asyncio.create_task(shipper.run(), name="bench-cloudwatch")
         now = int(time.time() * 1000)
         # a warm-up event creates the group and stream, outside the measurement
@@ -147,9 +174,12 @@ async def cloudwatch(events: int) -> dict[str, float]:
             await asyncio.sleep(0.01)
         c0, started = cpu(), time.monotonic()
         for i in range(events):
-            shipper.submit(now + i // 100, f"Node: bench;SIP: 10.0.{i // 256 % 256}."
-                           f"{i % 256};SPORT: {1024 + i % 60000};DIP: 10.66.0.1;DPORT: 80;"
-                           "PROTOCOL: TCP;PolicyVerdict: DENY")
+            shipper.submit(
+                now + i // 100,
+                f"Node: bench;SIP: 10.0.{i // 256 % 256}."
+                f"{i % 256};SPORT: {1024 + i % 60000};DIP: 10.66.0.1;DPORT: 80;"
+                "PROTOCOL: TCP;PolicyVerdict: DENY",
+            )
         while shipper.stats.shipped < events + 1:  # noqa: ASYNC110 (polling a counter)
             await asyncio.sleep(0.01)
         took = time.monotonic() - started
@@ -166,11 +196,16 @@ async def cloudwatch(events: int) -> dict[str, float]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {"events": events, "seconds": round(took, 2), "batches": batches,
-            "batches_per_second": round(batches / took, 1),
-            "events_per_second": round(events / took),
-            "cpu_us_per_event": round(cpu_s / events * 1e6, 2),
-            "retries": shipper.stats.retries, "spilled": shipper.stats.overflow}
+    return {
+        "events": events,
+        "seconds": round(took, 2),
+        "batches": batches,
+        "batches_per_second": round(batches / took, 1),
+        "events_per_second": round(events / took),
+        "cpu_us_per_event": round(cpu_s / events * 1e6, 2),
+        "retries": shipper.stats.retries,
+        "spilled": shipper.stats.overflow,
+    }
 
 
 def main() -> None:
@@ -187,21 +222,31 @@ def main() -> None:
     results = asyncio.run(amain(rates, seconds))
     print(f"{'rate asked':>12} {'written/s':>12} {'overruns':>9} {'CPU us/event':>13}  zero loss")
     for r in results:
-        print(f"{r['rate_asked']:>12,} {r['events_per_second']:>12,} {r['ring_overruns']:>9} "
-              f"{r['cpu_us_per_event']:>13}  {'yes' if r['zero_loss'] else 'NO'}")
-    best = max((r for r in results if r["zero_loss"]), key=lambda r: r["events_per_second"],
-               default=None)
-    summary = {"results": results, "target_events_per_second": 100_000,
-               "target_cpu_us_per_event": 10.0,
-               "max_zero_loss_events_per_second": best["events_per_second"] if best else 0}
-    print(f"sustained with zero loss: {summary['max_zero_loss_events_per_second']:,} events/s "
-          "(target 100,000 at <= 10 us CPU/event)")
+        print(
+            f"{r['rate_asked']:>12,} {r['events_per_second']:>12,} {r['ring_overruns']:>9} "
+            f"{r['cpu_us_per_event']:>13}  {'yes' if r['zero_loss'] else 'NO'}"
+        )
+    best = max(
+        (r for r in results if r["zero_loss"]), key=lambda r: r["events_per_second"], default=None
+    )
+    summary = {
+        "results": results,
+        "target_events_per_second": 100_000,
+        "target_cpu_us_per_event": 10.0,
+        "max_zero_loss_events_per_second": best["events_per_second"] if best else 0,
+    }
+    print(
+        f"sustained with zero loss: {summary['max_zero_loss_events_per_second']:,} events/s "
+        "(target 100,000 at <= 10 us CPU/event)"
+    )
     cw = asyncio.run(cloudwatch(50_000 if args.quick else args.cloudwatch_events))
     summary["cloudwatch"] = cw
-    print(f"CloudWatch (local moto server): {cw['events']:,} events in {cw['batches']} "
-          f"batches, {cw['seconds']} s: {cw['batches_per_second']} batches/s, "
-          f"{cw['events_per_second']:,} events/s, {cw['cpu_us_per_event']} us CPU/event, "
-          f"{cw['retries']} retries")
+    print(
+        f"CloudWatch (local moto server): {cw['events']:,} events in {cw['batches']} "
+        f"batches, {cw['seconds']} s: {cw['batches_per_second']} batches/s, "
+        f"{cw['events_per_second']:,} events/s, {cw['cpu_us_per_event']} us CPU/event, "
+        f"{cw['retries']} retries"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -45,8 +45,12 @@ from simnode.stack import NodeStack
 
 HZ = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-AGENT = ("--enable-network-policy=true", "--metrics-bind-addr=127.0.0.1:8162",
-         "--health-probe-bind-addr=127.0.0.1:8163", "--log-level=info")
+AGENT = (
+    "--enable-network-policy=true",
+    "--metrics-bind-addr=127.0.0.1:8162",
+    "--health-probe-bind-addr=127.0.0.1:8163",
+    "--log-level=info",
+)
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -80,21 +84,35 @@ async def usage(stack: NodeStack, seconds: float) -> dict[str, Usage]:
     started = time.monotonic()
     await asyncio.sleep(seconds)
     wall = time.monotonic() - started
-    return {n: Usage(round(_rss_mb(pid), 1), round((_ticks(pid) - before[n]) / HZ / wall, 3))
-            for n, pid in pids.items()}
+    return {
+        n: Usage(round(_rss_mb(pid), 1), round((_ticks(pid) - before[n]) / HZ / wall, 3))
+        for n, pid in pids.items()
+    }
 
 
 def policy(i: int, cidrs: int, *, variant: int = 0) -> dict[str, Any]:
     """NetworkPolicy p<i>: pod p<i> accepts from ``cidrs`` distinct /28s (and, as the
     changing part, one /32 that depends on ``variant``)."""
     base = int(ipaddress.IPv4Address("11.0.0.0")) + i * cidrs * 16
-    blocks = [{"ipBlock": {"cidr": str(ipaddress.IPv4Network((base + j * 16, 28)))}}
-              for j in range(cidrs - 1)]
-    blocks.append({"ipBlock": {"cidr": f"12.{variant // 65536 % 256}.{variant // 256 % 256}."
-                                       f"{variant % 256}/32"}})
-    return {"metadata": {"name": f"p{i}", "namespace": "bench"},
-            "spec": {"podSelector": {"matchLabels": {"app": f"p{i}"}},
-                     "policyTypes": ["Ingress"], "ingress": [{"from": blocks}]}}
+    blocks = [
+        {"ipBlock": {"cidr": str(ipaddress.IPv4Network((base + j * 16, 28)))}}
+        for j in range(cidrs - 1)
+    ]
+    blocks.append(
+        {
+            "ipBlock": {
+                "cidr": f"12.{variant // 65536 % 256}.{variant // 256 % 256}.{variant % 256}/32"
+            }
+        }
+    )
+    return {
+        "metadata": {"name": f"p{i}", "namespace": "bench"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": f"p{i}"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": blocks}],
+        },
+    }
 
 
 class Bench:
@@ -103,8 +121,9 @@ class Bench:
         self.sim = SimNode(tag)
         self.workdir = Path(tempfile.mkdtemp(prefix="np-bench-"))
         self.pin_root = f"/sys/fs/bpf/np-bench-{tag}"
-        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=self.workdir,
-                               ct_entries=262144)
+        self.stack = NodeStack(
+            self.sim, pin_root=self.pin_root, workdir=self.workdir, ct_entries=262144
+        )
         self.n_pods, self.n_cidrs, self.samples, self.window = pods, cidrs, samples, window
         self.pods: list[SimPod] = []
         self.figures: dict[str, Any] = {"pods": pods, "cidrs_per_pod": cidrs}
@@ -124,8 +143,10 @@ class Bench:
         # a pod for the single-pod latency, outside every policy
         self.probe = await self.sim.add_pod("single")
         self.stack.create_pod_object(self.probe, namespace="bench", labels={"app": "single"})
-        print(f"  {self.n_pods} pods and policies created in {time.monotonic() - started:.1f} s",
-              flush=True)
+        print(
+            f"  {self.n_pods} pods and policies created in {time.monotonic() - started:.1f} s",
+            flush=True,
+        )
 
     def freeze_store(self) -> None:
         """The fake API server's objects (hundreds of thousands of dicts, in this process)
@@ -138,8 +159,9 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                res = await self.stack.agent.get("/v1/wait", WaitResult,
-                                                 params={"timeout": "30"}, timeout=60)
+                res = await self.stack.agent.get(
+                    "/v1/wait", WaitResult, params={"timeout": "30"}, timeout=60
+                )
                 if res.programmed or time.monotonic() > deadline:
                     return res
             except Unavailable:
@@ -165,14 +187,19 @@ class Bench:
         agent_s = time.monotonic() - started
         use = await usage(self.stack, 1.0)
         self.figures["cold_start"] = {
-            "resolver_seconds": round(resolver_s, 2), "policyendpoints": expected,
-            "agent_seconds": round(agent_s, 2), "programmed": res.programmed,
+            "resolver_seconds": round(resolver_s, 2),
+            "policyendpoints": expected,
+            "agent_seconds": round(agent_s, 2),
+            "programmed": res.programmed,
             "agent_rss_mb": use["agent"].rss_mb,
             "reconcile_ms": self._first_reconcile_ms(),
         }
-        print(f"  cold start: resolver {resolver_s:.2f} s for {expected} PolicyEndpoints, "
-              f"agent {agent_s:.2f} s to {self.n_pods} pods programmed, "
-              f"RSS {use['agent'].rss_mb} MB", flush=True)
+        print(
+            f"  cold start: resolver {resolver_s:.2f} s for {expected} PolicyEndpoints, "
+            f"agent {agent_s:.2f} s to {self.n_pods} pods programmed, "
+            f"RSS {use['agent'].rss_mb} MB",
+            flush=True,
+        )
 
     def _first_reconcile_ms(self) -> float | None:
         import json
@@ -206,13 +233,22 @@ class Bench:
         to_maps: list[float] = []
         to_wait: list[float] = []
         for k in range(self.samples):
-            body: dict[str, Any] = {"metadata": {"name": "single-pe", "namespace": "bench"},
-                    "spec": {"policyRef": {"name": "single", "namespace": "bench"},
-                             "podIsolation": ["Ingress"],
-                             "podSelectorEndpoints": [{
-                                 "podIP": str(self.probe.ipv4), "hostIP": str(self.sim.node_ipv4),
-                                 "name": "single", "namespace": "bench"}],
-                             "ingress": [{"cidr": f"13.0.{k // 256 % 256}.{k % 256}/32"}]}}
+            body: dict[str, Any] = {
+                "metadata": {"name": "single-pe", "namespace": "bench"},
+                "spec": {
+                    "policyRef": {"name": "single", "namespace": "bench"},
+                    "podIsolation": ["Ingress"],
+                    "podSelectorEndpoints": [
+                        {
+                            "podIP": str(self.probe.ipv4),
+                            "hostIP": str(self.sim.node_ipv4),
+                            "name": "single",
+                            "namespace": "bench",
+                        }
+                    ],
+                    "ingress": [{"cidr": f"13.0.{k // 256 % 256}.{k % 256}/32"}],
+                },
+            }
             written, started = time.time(), time.monotonic()
             try:
                 current = store.get(fs.POLICY_ENDPOINTS, "bench", "single-pe")
@@ -220,8 +256,12 @@ class Bench:
                 store.update(fs.POLICY_ENDPOINTS, "bench", "single-pe", body)
             except fs.ApiError:
                 store.create(fs.POLICY_ENDPOINTS, "bench", body)
-            res = await self.stack.agent.get("/v1/wait", WaitResult, params=[
-                ("pod", "bench/single"), ("timeout", "10")], timeout=20)
+            res = await self.stack.agent.get(
+                "/v1/wait",
+                WaitResult,
+                params=[("pod", "bench/single"), ("timeout", "10")],
+                timeout=20,
+            )
             if res.programmed:
                 to_wait.append((time.monotonic() - started) * 1000)
                 view = await self.stack.agent.get("/v1/pods/bench/single", PodView)
@@ -247,8 +287,9 @@ class Bench:
             store.watchers.discard(watcher)
         return to_pe, to_programmed
 
-    async def _one_policy_change(self, k: int, watcher: fs.Watcher, to_pe: list[float],
-                                 to_programmed: list[float]) -> None:
+    async def _one_policy_change(
+        self, k: int, watcher: fs.Watcher, to_pe: list[float], to_programmed: list[float]
+    ) -> None:
         """One NetworkPolicy update, timed to its PolicyEndpoint and to "programmed"."""
         store = self.stack.api.store
         i = k % self.n_pods
@@ -263,19 +304,24 @@ class Bench:
             ev = await asyncio.wait_for(watcher.queue.get(), 30)
             pe = ev["object"] if ev else {}
             if pe.get("spec", {}).get("policyRef", {}).get("name") == f"p{i}" and any(
-                    e.get("cidr") == cidr for e in pe["spec"].get("ingress") or []):
+                e.get("cidr") == cidr for e in pe["spec"].get("ingress") or []
+            ):
                 break
         to_pe.append((time.monotonic() - started) * 1000)
-        res = await self.stack.agent.get("/v1/wait", WaitResult, params=[
-            ("pod", f"bench/p{i}"), ("timeout", "10")], timeout=20)
+        res = await self.stack.agent.get(
+            "/v1/wait", WaitResult, params=[("pod", f"bench/p{i}"), ("timeout", "10")], timeout=20
+        )
         if res.programmed:
             to_programmed.append((time.monotonic() - started) * 1000)
         await asyncio.sleep(0.02)
 
     async def changes_and_footprint(self) -> None:
         await self.stack.start("conntrack", "--conntrack-cache-cleanup-period=5")
-        await self.stack.start("flowlogs", "--enable-policy-event-logs=true",
-                               f"--log-file={self.workdir / 'flows.log'}")
+        await self.stack.start(
+            "flowlogs",
+            "--enable-policy-event-logs=true",
+            f"--log-file={self.workdir / 'flows.log'}",
+        )
         await asyncio.sleep(2)
         idle = await usage(self.stack, self.window)
         load_task = asyncio.create_task(usage(self.stack, self.window), name="bench-usage")
@@ -301,42 +347,66 @@ class Bench:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": round(pct(values, 50), 2),
-            "p99": round(pct(values, 99), 2),
-            "mean": round(statistics.fmean(values), 2) if values else float("nan"),
-            "max": round(max(values), 2) if values else float("nan")}
+    return {
+        "n": len(values),
+        "p50": round(pct(values, 50), 2),
+        "p99": round(pct(values, 99), 2),
+        "mean": round(statistics.fmean(values), 2) if values else float("nan"),
+        "max": round(max(values), 2) if values else float("nan"),
+    }
 
 
 def report(fig: dict[str, Any]) -> None:
     print()
     cs, rs = fig["cold_start"], fig["restart"]
-    print(table(["full node", "value"], [
-        ["pods x CIDRs", f"{fig['pods']} x {fig['cidrs_per_pod']}"],
-        ["resolver: policies -> PolicyEndpoints (s)", cs["resolver_seconds"]],
-        ["agent: start -> all programmed (s)", cs["agent_seconds"]],
-        ["agent: first full reconcile (ms)", cs["reconcile_ms"] or float("nan")],
-        ["agent RSS after (MB)", cs["agent_rss_mb"]],
-        ["agent restart -> re-adopted, all programmed (s)", rs["seconds"]],
-    ]))
+    print(
+        table(
+            ["full node", "value"],
+            [
+                ["pods x CIDRs", f"{fig['pods']} x {fig['cidrs_per_pod']}"],
+                ["resolver: policies -> PolicyEndpoints (s)", cs["resolver_seconds"]],
+                ["agent: start -> all programmed (s)", cs["agent_seconds"]],
+                ["agent: first full reconcile (ms)", cs["reconcile_ms"] or float("nan")],
+                ["agent RSS after (MB)", cs["agent_rss_mb"]],
+                ["agent restart -> re-adopted, all programmed (s)", rs["seconds"]],
+            ],
+        )
+    )
     print()
     lat = fig["latency_ms"]
-    print(table(["latency (ms)", "n", "p50", "p99", "max"], [
-        [k.replace("_", " "), v["n"], v["p50"], v["p99"], v["max"]] for k, v in lat.items()]))
+    print(
+        table(
+            ["latency (ms)", "n", "p50", "p99", "max"],
+            [[k.replace("_", " "), v["n"], v["p50"], v["p99"], v["max"]] for k, v in lat.items()],
+        )
+    )
     print()
     fp = fig["footprint"]
     names = sorted(fp["idle"])
-    print(table(["process", "RSS MB idle", "CPU idle", "RSS MB busy", "CPU busy"], [
-        [n, fp["idle"][n]["rss_mb"], fp["idle"][n]["cpu_cores"],
-         fp["under_changes"][n]["rss_mb"], fp["under_changes"][n]["cpu_cores"]]
-        for n in names]))
+    print(
+        table(
+            ["process", "RSS MB idle", "CPU idle", "RSS MB busy", "CPU busy"],
+            [
+                [
+                    n,
+                    fp["idle"][n]["rss_mb"],
+                    fp["idle"][n]["cpu_cores"],
+                    fp["under_changes"][n]["rss_mb"],
+                    fp["under_changes"][n]["cpu_cores"],
+                ]
+                for n in names
+            ],
+        )
+    )
     print("(CPU in cores; busy = while the latency samples above ran)")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     pods = args.pods or (25 if args.quick else 250)
     cidrs = args.cidrs or 1000
-    bench = Bench(pods, cidrs, samples=30 if args.quick else 200,
-                  window=3.0 if args.quick else 10.0)
+    bench = Bench(
+        pods, cidrs, samples=30 if args.quick else 200, window=3.0 if args.quick else 10.0
+    )
     try:
         await bench.setup()
         await bench.cold_start()

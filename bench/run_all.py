@@ -33,8 +33,11 @@ def run(name: str, out: Path, quick: bool) -> dict[str, Any] | None:
     print(f"== {name}", flush=True)
     started = time.monotonic()
     done = subprocess.run(argv, check=False)
-    print(f"== {name}: {'done' if done.returncode == 0 else 'FAILED'} in "
-          f"{time.monotonic() - started:.0f} s", flush=True)
+    print(
+        f"== {name}: {'done' if done.returncode == 0 else 'FAILED'} in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
     if done.returncode != 0 or not path.exists():
         return None
     figures: dict[str, Any] = json.loads(path.read_text())
@@ -46,17 +49,30 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     dp = results.get("datapath")
     if dp:
         for name, row in dp["configs"].items():
-            rows.append([f"datapath {name}: rr / cps / tput vs no program",
-                         f"{row['rr']['ratio']:.2f} / {row['cps']['ratio']:.2f} / "
-                         f"{row['tput']['ratio']:.2f}"])
+            rows.append(
+                [
+                    f"datapath {name}: rr / cps / tput vs no program",
+                    f"{row['rr']['ratio']:.2f} / {row['cps']['ratio']:.2f} / "
+                    f"{row['tput']['ratio']:.2f}",
+                ]
+            )
         for c in dp["per_packet"]:
-            rows.append([f"per packet, {c['entries']:,} entries: new / established (ns)",
-                         f"{c['new_flow_ns']} / {c['established_ns']}"])
+            rows.append(
+                [
+                    f"per packet, {c['entries']:,} entries: new / established (ns)",
+                    f"{c['new_flow_ns']} / {c['established_ns']}",
+                ]
+            )
     pg = results.get("programming")
     if pg:
         cs = pg["cold_start"]
-        rows.append([f"cold start {pg['pods']} pods x {pg['cidrs_per_pod']} CIDRs: "
-                     "agent start -> programmed (s)", cs["agent_seconds"]])
+        rows.append(
+            [
+                f"cold start {pg['pods']} pods x {pg['cidrs_per_pod']} CIDRs: "
+                "agent start -> programmed (s)",
+                cs["agent_seconds"],
+            ]
+        )
         rows.append(["  of which the first full reconcile (ms)", cs["reconcile_ms"]])
         rows.append(["  agent RSS after (MB)", cs["agent_rss_mb"]])
         rows.append(["agent restart -> re-adopted, programmed (s)", pg["restart"]["seconds"]])
@@ -64,23 +80,40 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
             rows.append([f"{k.replace('_', ' ')} p50 / p99 (ms)", f"{v['p50']} / {v['p99']}"])
     ct = results.get("conntrack_sweep")
     if ct:
-        rows.append([f"conntrack sweep of {ct['entries']:,} / conntrack -L",
-                     f"{ct['sweep_to_dump_ratio']:.2f}x ({ct['sweep_seconds']} s / "
-                     f"{ct['conntrack_L_seconds']} s)"])
+        rows.append(
+            [
+                f"conntrack sweep of {ct['entries']:,} / conntrack -L",
+                f"{ct['sweep_to_dump_ratio']:.2f}x ({ct['sweep_seconds']} s / "
+                f"{ct['conntrack_L_seconds']} s)",
+            ]
+        )
     fl = results.get("flowlogs_throughput")
     if fl:
-        rows.append(["flow log events/s with zero ring drops",
-                     fl["max_zero_loss_events_per_second"]])
+        rows.append(
+            ["flow log events/s with zero ring drops", fl["max_zero_loss_events_per_second"]]
+        )
         cw = fl.get("cloudwatch")
         if cw:
-            rows.append(["CloudWatch (moto) batches/s, events/s",
-                         f"{cw['batches_per_second']}, {cw['events_per_second']:,}"])
+            rows.append(
+                [
+                    "CloudWatch (moto) batches/s, events/s",
+                    f"{cw['batches_per_second']}, {cw['events_per_second']:,}",
+                ]
+            )
     sk = results.get("soak")
     if sk:
-        rows.append([f"soak {sk['minutes']} min, {sk['updates']:,} updates: agent RSS trend "
-                     "(MB/min)", sk["rss_mb_per_minute"]])
-        rows.append(["  largest event-loop lag (ms), tasks min-max",
-                     f"{sk['event_loop_lag_max_ms']}, {sk['tasks_min']}-{sk['tasks_max']}"])
+        rows.append(
+            [
+                f"soak {sk['minutes']} min, {sk['updates']:,} updates: agent RSS trend (MB/min)",
+                sk["rss_mb_per_minute"],
+            ]
+        )
+        rows.append(
+            [
+                "  largest event-loop lag (ms), tasks min-max",
+                f"{sk['event_loop_lag_max_ms']}, {sk['tasks_min']}-{sk['tasks_max']}",
+            ]
+        )
     return rows
 
 
@@ -99,8 +132,12 @@ def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     if dp:
         names = list(dp["configs"])
         for i, metric in enumerate(("rr", "cps", "tput")):
-            ax.bar([n + i * 0.27 for n in range(len(names))],
-                   [dp["configs"][c][metric]["ratio"] for c in names], 0.27, label=metric)
+            ax.bar(
+                [n + i * 0.27 for n in range(len(names))],
+                [dp["configs"][c][metric]["ratio"] for c in names],
+                0.27,
+                label=metric,
+            )
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xticks([n + 0.27 for n in range(len(names))])
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
@@ -110,10 +147,18 @@ def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     if pg:
         lat = pg["latency_ms"]
         keys = list(lat)
-        ax.bar([k.replace("_to_", "\n-> ").replace("_", " ") for k in keys],
-               [lat[k]["p99"] for k in keys], label="p99", color="tab:orange")
-        ax.bar([k.replace("_to_", "\n-> ").replace("_", " ") for k in keys],
-               [lat[k]["p50"] for k in keys], label="p50", color="tab:blue")
+        ax.bar(
+            [k.replace("_to_", "\n-> ").replace("_", " ") for k in keys],
+            [lat[k]["p99"] for k in keys],
+            label="p99",
+            color="tab:orange",
+        )
+        ax.bar(
+            [k.replace("_to_", "\n-> ").replace("_", " ") for k in keys],
+            [lat[k]["p50"] for k in keys],
+            label="p50",
+            color="tab:blue",
+        )
         ax.set_ylabel("ms")
         ax.set_title(f"Change latency ({pg['pods']} pods x {pg['cidrs_per_pod']} CIDRs)")
         ax.tick_params(axis="x", labelsize=8)
@@ -122,10 +167,18 @@ def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     if pg:
         fp = pg["footprint"]
         names = sorted(fp["idle"])
-        ax.bar([n - 0.2 for n in range(len(names))], [fp["idle"][n]["rss_mb"] for n in names],
-               0.4, label="idle")
-        ax.bar([n + 0.2 for n in range(len(names))],
-               [fp["under_changes"][n]["rss_mb"] for n in names], 0.4, label="under changes")
+        ax.bar(
+            [n - 0.2 for n in range(len(names))],
+            [fp["idle"][n]["rss_mb"] for n in names],
+            0.4,
+            label="idle",
+        )
+        ax.bar(
+            [n + 0.2 for n in range(len(names))],
+            [fp["under_changes"][n]["rss_mb"] for n in names],
+            0.4,
+            label="under changes",
+        )
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
         ax.set_ylabel("RSS MB")
@@ -134,10 +187,19 @@ def chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax = axes[1][1]
     if fl:
         rates = fl["results"]
-        ax.plot([r["rate_asked"] for r in rates], [r["events_per_second"] for r in rates],
-                marker="o", label="written/s")
-        ax.plot([r["rate_asked"] for r in rates], [r["rate_asked"] for r in rates],
-                linestyle="--", color="grey", label="offered")
+        ax.plot(
+            [r["rate_asked"] for r in rates],
+            [r["events_per_second"] for r in rates],
+            marker="o",
+            label="written/s",
+        )
+        ax.plot(
+            [r["rate_asked"] for r in rates],
+            [r["rate_asked"] for r in rates],
+            linestyle="--",
+            color="grey",
+            label="offered",
+        )
         ax.set_xlabel("events/s offered")
         ax.set_ylabel("events/s written (zero ring drops)")
         ax.set_title("Flow logs to file")

@@ -35,8 +35,12 @@ from simnode.churn import Churn, Vitals, vitals
 from simnode.node import SimNode
 from simnode.stack import NodeStack
 
-AGENT = ("--enable-network-policy=true", "--metrics-bind-addr=127.0.0.1:8162",
-         "--health-probe-bind-addr=127.0.0.1:8163", "--log-level=info")
+AGENT = (
+    "--enable-network-policy=true",
+    "--metrics-bind-addr=127.0.0.1:8162",
+    "--health-probe-bind-addr=127.0.0.1:8163",
+    "--log-level=info",
+)
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -66,14 +70,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pod = await sim.add_pod(f"p{i}")
             stack.create_pod_object(pod)
             pods.append(pod)
-        churn = Churn(stack, pods, endpoints=args.endpoints, rate=args.rate,
-                      pod_rate=args.pod_churn, rename_policies=not args.no_rename)
+        churn = Churn(
+            stack,
+            pods,
+            endpoints=args.endpoints,
+            rate=args.rate,
+            pod_rate=args.pod_churn,
+            rename_policies=not args.no_rename,
+        )
         churn.create()
         await stack.start("agent", *AGENT)
         for _ in range(600):
             with contextlib.suppress(Exception):
-                res = await stack.agent.get("/v1/wait", WaitResult, params={"timeout": "30"},
-                                            timeout=40)
+                res = await stack.agent.get(
+                    "/v1/wait", WaitResult, params={"timeout": "30"}, timeout=40
+                )
                 if res.programmed:
                     break
             await asyncio.sleep(0.2)
@@ -82,9 +93,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def sample() -> None:
             while True:
                 samples.append(await vitals(stack, started))
-                print(f"  t={samples[-1].at:>6}s rss={samples[-1].rss_mb} MB "
-                      f"lag_max={samples[-1].lag_max_s * 1000:.1f} ms "
-                      f"tasks={samples[-1].tasks} tables={samples[-1].tables}", flush=True)
+                print(
+                    f"  t={samples[-1].at:>6}s rss={samples[-1].rss_mb} MB "
+                    f"lag_max={samples[-1].lag_max_s * 1000:.1f} ms "
+                    f"tasks={samples[-1].tasks} tables={samples[-1].tables}",
+                    flush=True,
+                )
                 await asyncio.sleep(5)
 
         sampler = asyncio.create_task(sample(), name="soak-vitals")
@@ -103,15 +117,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     steady = [s for s in samples if s.at >= min(30.0, minutes * 60 / 4)]
     return {
-        "pods": args.pods, "endpoints": args.endpoints, "rate": args.rate,
-        "minutes": minutes, "updates": updates, "pods_recreated": recreated,
+        "pods": args.pods,
+        "endpoints": args.endpoints,
+        "rate": args.rate,
+        "minutes": minutes,
+        "updates": updates,
+        "pods_recreated": recreated,
         "policy_names": updates + args.endpoints if not args.no_rename else 100,
         "tables_first": samples[0].tables if samples else {},
-        "tables_max": {t: max(s.tables.get(t, 0) for s in samples)
-                       for t in (samples[-1].tables if samples else {})},
+        "tables_max": {
+            t: max(s.tables.get(t, 0) for s in samples)
+            for t in (samples[-1].tables if samples else {})
+        },
         "tables_last": samples[-1].tables if samples else {},
         "rss_mb_first": steady[0].rss_mb if steady else None,
-        "rss_mb_last": samples[-1].rss_mb, "rss_mb_max": max(s.rss_mb for s in samples),
+        "rss_mb_last": samples[-1].rss_mb,
+        "rss_mb_max": max(s.rss_mb for s in samples),
         "rss_mb_per_minute": round(slope([(s.at / 60, s.rss_mb) for s in steady]), 3),
         "event_loop_lag_max_ms": round(samples[-1].lag_max_s * 1000, 1),
         "tasks_min": min(s.tasks for s in steady) if steady else None,
@@ -126,31 +147,53 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pods", type=int, default=110)
     p.add_argument("--endpoints", type=int, default=1000)
     p.add_argument("--rate", type=float, default=20.0, help="updates per second")
-    p.add_argument("--pod-churn", type=float, default=2.0,
-                   help="pods re-created with a new UID per second (0: none)")
-    p.add_argument("--no-rename", action="store_true",
-                   help="keep 100 policy names instead of a new one per update")
+    p.add_argument(
+        "--pod-churn",
+        type=float,
+        default=2.0,
+        help="pods re-created with a new UID per second (0: none)",
+    )
+    p.add_argument(
+        "--no-rename",
+        action="store_true",
+        help="keep 100 policy names instead of a new one per update",
+    )
     p.add_argument("--quick", action="store_true", help="one minute")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     prepare()
     fig = asyncio.run(run(args))
     print()
-    print(table(["soak", "value"], [
-        ["pods / PolicyEndpoints / updates per s", f"{fig['pods']} / {fig['endpoints']} / "
-                                                   f"{fig['rate']}"],
-        ["minutes, updates applied", f"{fig['minutes']}, {fig['updates']:,}"],
-        ["pod UIDs re-created, policy names used", f"{fig['pods_recreated']:,}, "
-                                                   f"{fig['policy_names']:,}"],
-        *[[f"table {t}: first / max / last", f"{fig['tables_first'].get(t)} / {n} / "
-                                              f"{fig['tables_last'].get(t)}"]
-          for t, n in fig["tables_max"].items()],
-        ["agent RSS first / last / max (MB)", f"{fig['rss_mb_first']} / {fig['rss_mb_last']}"
-                                              f" / {fig['rss_mb_max']}"],
-        ["agent RSS trend (MB per minute)", fig["rss_mb_per_minute"]],
-        ["largest event-loop lag (ms)", fig["event_loop_lag_max_ms"]],
-        ["asyncio tasks min / max", f"{fig['tasks_min']} / {fig['tasks_max']}"],
-    ]))
+    print(
+        table(
+            ["soak", "value"],
+            [
+                [
+                    "pods / PolicyEndpoints / updates per s",
+                    f"{fig['pods']} / {fig['endpoints']} / {fig['rate']}",
+                ],
+                ["minutes, updates applied", f"{fig['minutes']}, {fig['updates']:,}"],
+                [
+                    "pod UIDs re-created, policy names used",
+                    f"{fig['pods_recreated']:,}, {fig['policy_names']:,}",
+                ],
+                *[
+                    [
+                        f"table {t}: first / max / last",
+                        f"{fig['tables_first'].get(t)} / {n} / {fig['tables_last'].get(t)}",
+                    ]
+                    for t, n in fig["tables_max"].items()
+                ],
+                [
+                    "agent RSS first / last / max (MB)",
+                    f"{fig['rss_mb_first']} / {fig['rss_mb_last']} / {fig['rss_mb_max']}",
+                ],
+                ["agent RSS trend (MB per minute)", fig["rss_mb_per_minute"]],
+                ["largest event-loop lag (ms)", fig["event_loop_lag_max_ms"]],
+                ["asyncio tasks min / max", f"{fig['tasks_min']} / {fig['tasks_max']}"],
+            ],
+        )
+    )
     write_json(args.json, fig)
 
 

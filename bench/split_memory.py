@@ -44,23 +44,35 @@ def _cidr(i: int, k: int) -> str:
     return f"11.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}/32"
 
 
-def objects(*, policy: int, layout: str, pod: dict[str, str], chunks: int,
-            entries: int) -> list[dict[str, Any]]:
+def objects(
+    *, policy: int, layout: str, pod: dict[str, str], chunks: int, entries: int
+) -> list[dict[str, Any]]:
     name = f"pol{policy}"
-    rules = [[{"cidr": _cidr(policy, c * entries + k)} for k in range(entries)]
-             for c in range(chunks - 1)]
+    rules = [
+        [{"cidr": _cidr(policy, c * entries + k)} for k in range(entries)]
+        for c in range(chunks - 1)
+    ]
 
-    def obj(suffix: str, pods: list[dict[str, str]], ingress: list[dict[str, Any]]
-            ) -> dict[str, Any]:
-        return {"metadata": {"name": f"{name}-{suffix}", "namespace": NS},
-                "spec": {"policyRef": {"name": name, "namespace": NS},
-                         "podIsolation": ["Ingress"], "podSelectorEndpoints": pods,
-                         "ingress": ingress, "egress": []}}
+    def obj(
+        suffix: str, pods: list[dict[str, str]], ingress: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {
+            "metadata": {"name": f"{name}-{suffix}", "namespace": NS},
+            "spec": {
+                "policyRef": {"name": name, "namespace": NS},
+                "podIsolation": ["Ingress"],
+                "podSelectorEndpoints": pods,
+                "ingress": ingress,
+                "egress": [],
+            },
+        }
 
     if layout == "single":
         return [obj("a0000", [pod], [e for chunk in rules for e in chunk])]
-    return [obj("a0000", [pod], []),
-            *(obj(f"r{c:04d}", [], chunk) for c, chunk in enumerate(rules))]
+    return [
+        obj("a0000", [pod], []),
+        *(obj(f"r{c:04d}", [], chunk) for c, chunk in enumerate(rules)),
+    ]
 
 
 class Bench:
@@ -70,11 +82,13 @@ class Bench:
         self.sim = SimNode(tag)
         self.workdir = Path(tempfile.mkdtemp(prefix="np-bench-split-"))
         self.pin_root = f"/sys/fs/bpf/np-bench-{tag}"
-        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=self.workdir,
-                               ct_entries=262144)
+        self.stack = NodeStack(
+            self.sim, pin_root=self.pin_root, workdir=self.workdir, ct_entries=262144
+        )
         self.pods: list[SimPod] = []
-        self.figures: dict[str, Any] = {k: getattr(args, k) for k in
-                                        ("pods", "policies", "chunks", "entries", "remote")}
+        self.figures: dict[str, Any] = {
+            k: getattr(args, k) for k in ("pods", "policies", "chunks", "entries", "remote")
+        }
 
     async def setup(self) -> None:
         await self.sim.start()
@@ -94,13 +108,22 @@ class Bench:
         for i in range(a.policies + a.remote):
             if i < a.policies:
                 p = self.pods[i % a.pods]
-                pod = {"podIP": str(p.ipv4), "hostIP": str(self.sim.node_ipv4),
-                       "name": p.name, "namespace": NS}
+                pod = {
+                    "podIP": str(p.ipv4),
+                    "hostIP": str(self.sim.node_ipv4),
+                    "name": p.name,
+                    "namespace": NS,
+                }
             else:
-                pod = {"podIP": f"10.250.{i // 256 % 256}.{i % 256}", "hostIP": REMOTE_HOST,
-                       "name": f"remote{i}", "namespace": NS}
-            for obj in objects(policy=i, layout=layout, pod=pod, chunks=a.chunks,
-                               entries=a.entries):
+                pod = {
+                    "podIP": f"10.250.{i // 256 % 256}.{i % 256}",
+                    "hostIP": REMOTE_HOST,
+                    "name": f"remote{i}",
+                    "namespace": NS,
+                }
+            for obj in objects(
+                policy=i, layout=layout, pod=pod, chunks=a.chunks, entries=a.entries
+            ):
                 store.create(fs.POLICY_ENDPOINTS, NS, obj)
                 count += 1
         store.compact()
@@ -112,8 +135,9 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                res = await self.stack.agent.get("/v1/wait", WaitResult,
-                                                 params={"timeout": "30"}, timeout=60)
+                res = await self.stack.agent.get(
+                    "/v1/wait", WaitResult, params={"timeout": "30"}, timeout=60
+                )
                 if res.programmed or time.monotonic() > deadline:
                     return res
             except Unavailable:
@@ -134,12 +158,20 @@ class Bench:
         await self.stack.stop("agent")
         Datapath.unpin(self.pin_root)
         gc.unfreeze()
-        out = {"objects": count, "programmed": res.programmed, "seconds": round(took, 2),
-               "agent_rss_mb": use["agent"].rss_mb, "kept": status.policyendpoints,
-               "stubs": status.policyendpoint_stubs, **phases}
-        print(f"  {layout}: {count} objects, every pod programmed in {took:.2f} s, "
-              f"RSS {use['agent'].rss_mb} MB, kept {out['kept']}, stubs {out['stubs']}",
-              flush=True)
+        out = {
+            "objects": count,
+            "programmed": res.programmed,
+            "seconds": round(took, 2),
+            "agent_rss_mb": use["agent"].rss_mb,
+            "kept": status.policyendpoints,
+            "stubs": status.policyendpoint_stubs,
+            **phases,
+        }
+        print(
+            f"  {layout}: {count} objects, every pod programmed in {took:.2f} s, "
+            f"RSS {use['agent'].rss_mb} MB, kept {out['kept']}, stubs {out['stubs']}",
+            flush=True,
+        )
         return out
 
     def _phases(self) -> dict[str, float]:
@@ -170,8 +202,11 @@ class Bench:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
     try:
-        print(f"split memory: {args.pods} pods, {args.policies} local + {args.remote} remote "
-              f"policies, {args.chunks} objects x {args.entries} entries", flush=True)
+        print(
+            f"split memory: {args.pods} pods, {args.policies} local + {args.remote} remote "
+            f"policies, {args.chunks} objects x {args.entries} entries",
+            flush=True,
+        )
         await bench.setup()
         for layout in ("controller", "single"):
             bench.figures[layout] = await bench.run_layout(layout)
@@ -179,10 +214,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await bench.close()
     f = bench.figures
     f["rss_ratio_split_vs_single"] = round(
-        f["controller"]["agent_rss_mb"] / f["single"]["agent_rss_mb"], 3)
-    print(table(["layout", "objects", "programmed s", "agent RSS MB", "kept", "stubs"],
-                [[k, f[k]["objects"], f[k]["seconds"], f[k]["agent_rss_mb"], f[k]["kept"],
-                  f[k]["stubs"]] for k in ("controller", "single")]))
+        f["controller"]["agent_rss_mb"] / f["single"]["agent_rss_mb"], 3
+    )
+    print(
+        table(
+            ["layout", "objects", "programmed s", "agent RSS MB", "kept", "stubs"],
+            [
+                [
+                    k,
+                    f[k]["objects"],
+                    f[k]["seconds"],
+                    f[k]["agent_rss_mb"],
+                    f[k]["kept"],
+                    f[k]["stubs"],
+                ]
+                for k in ("controller", "single")
+            ],
+        )
+    )
     return f
 
 

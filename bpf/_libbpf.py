@@ -171,7 +171,13 @@ _proto("bpf_prog_get_fd_by_id", c_int, c_uint)
 _proto("bpf_map_get_next_id", c_int, c_uint, ctypes.POINTER(c_uint))
 _proto("bpf_prog_get_next_id", c_int, c_uint, ctypes.POINTER(c_uint))
 _proto(
-    "bpf_map_create", c_int, c_int, c_str, c_uint, c_uint, c_uint,
+    "bpf_map_create",
+    c_int,
+    c_int,
+    c_str,
+    c_uint,
+    c_uint,
+    c_uint,
     ctypes.POINTER(BpfMapCreateOpts),
 )
 _proto("bpf_map_lookup_elem", c_int, c_int, c_ptr, c_ptr)
@@ -180,15 +186,22 @@ _proto("bpf_map_delete_elem", c_int, c_int, c_ptr)
 _proto("bpf_map_get_next_key", c_int, c_int, c_ptr, c_ptr)
 _BATCH_ARGS = (c_int, c_ptr, c_ptr, c_ptr, c_ptr, ctypes.POINTER(c_uint))
 _proto("bpf_map_lookup_batch", c_int, *_BATCH_ARGS, ctypes.POINTER(BpfMapBatchOpts))
+_proto("bpf_map_lookup_and_delete_batch", c_int, *_BATCH_ARGS, ctypes.POINTER(BpfMapBatchOpts))
 _proto(
-    "bpf_map_lookup_and_delete_batch", c_int, *_BATCH_ARGS, ctypes.POINTER(BpfMapBatchOpts)
-)
-_proto(
-    "bpf_map_update_batch", c_int, c_int, c_ptr, c_ptr, ctypes.POINTER(c_uint),
+    "bpf_map_update_batch",
+    c_int,
+    c_int,
+    c_ptr,
+    c_ptr,
+    ctypes.POINTER(c_uint),
     ctypes.POINTER(BpfMapBatchOpts),
 )
 _proto(
-    "bpf_map_delete_batch", c_int, c_int, c_ptr, ctypes.POINTER(c_uint),
+    "bpf_map_delete_batch",
+    c_int,
+    c_int,
+    c_ptr,
+    ctypes.POINTER(c_uint),
     ctypes.POINTER(BpfMapBatchOpts),
 )
 _proto("bpf_prog_test_run_opts", c_int, c_int, ctypes.POINTER(BpfTestRunOpts))

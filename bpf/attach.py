@@ -31,10 +31,10 @@ class Attachment:
 
 
 async def attach(nl: Netlink, ifindex: int, *, ingress: Program, egress: Program) -> None:
-    await nl.attach_bpf(ifindex, hook=POD_INGRESS_HOOK, prog_fd=ingress.fd,
-                        name=layout.PROG_INGRESS)
-    await nl.attach_bpf(ifindex, hook=POD_EGRESS_HOOK, prog_fd=egress.fd,
-                        name=layout.PROG_EGRESS)
+    await nl.attach_bpf(
+        ifindex, hook=POD_INGRESS_HOOK, prog_fd=ingress.fd, name=layout.PROG_INGRESS
+    )
+    await nl.attach_bpf(ifindex, hook=POD_EGRESS_HOOK, prog_fd=egress.fd, name=layout.PROG_EGRESS)
 
 
 async def detach(nl: Netlink, ifindex: int) -> None:

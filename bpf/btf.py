@@ -11,13 +11,15 @@ BTF_KIND_STRUCT = 4
 
 
 class _BtfType(ctypes.Structure):
-    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
-                ("size", ctypes.c_uint32)]
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
 
 class _BtfMember(ctypes.Structure):
-    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32),
-                ("offset", ctypes.c_uint32)]
+    _fields_ = [
+        ("name_off", ctypes.c_uint32),
+        ("type", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+    ]
 
 
 @dataclass(frozen=True)

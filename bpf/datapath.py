@@ -139,8 +139,9 @@ class Datapath:
         self._portsets: dict[Portset, _PortsetRef] = {}
         self._portset_by_id: dict[int, Portset] = {}
         self._records: dict[int, _Record] = {}
-        self.names = Registry(pod_meta=self.pod_meta, policies=self.policies,
-                              grace=_grace_from_env())
+        self.names = Registry(
+            pod_meta=self.pod_meta, policies=self.policies, grace=_grace_from_env()
+        )
         self._next_trie = 1
         self._next_portset = 1
 
@@ -172,8 +173,10 @@ class Datapath:
             name: size
             for name, size in (
                 (lay.MAP_CT, _sized(map_dir, lay.MAP_CT, ct_entries, "conntrack table size")),
-                (lay.MAP_EVENTS, _sized(map_dir, lay.MAP_EVENTS, events_bytes,
-                                        "event ring buffer size")),
+                (
+                    lay.MAP_EVENTS,
+                    _sized(map_dir, lay.MAP_EVENTS, events_bytes, "event ring buffer size"),
+                ),
             )
             if size is not None
         }
@@ -248,7 +251,8 @@ class Datapath:
                     self._tries[trie_id].refs += 1
         self.names.adopt(
             floor_pod=max((r.pod_id + 1 for r in self._records.values()), default=1),
-            floor_policy=next_policy)
+            floor_policy=next_policy,
+        )
         for portset in self._portsets:
             self.names.reference_policies(_policy_ids(portset), +1)
         self.names.retire_unreferenced_policies()
@@ -329,9 +333,7 @@ class Datapath:
                 if t in self._tries:
                     self._tries[t].refs -= 1
 
-    def _install_tries(
-        self, needed: Mapping[bytes, CompiledRules]
-    ) -> dict[bytes, int]:
+    def _install_tries(self, needed: Mapping[bytes, CompiledRules]) -> dict[bytes, int]:
         ids: dict[bytes, int] = {}
         new: list[tuple[int, CompiledRules, Map]] = []
         installed = False
@@ -399,8 +401,12 @@ class Datapath:
                 self._pin_trie(trie_id)
                 restored.append(path)
         if restored:
-            log.warning("datapath.pins_restored", count=len(restored), paths=restored[:8],
-                        reason="pins under the pin root were removed while the agent ran")
+            log.warning(
+                "datapath.pins_restored",
+                count=len(restored),
+                paths=restored[:8],
+                reason="pins under the pin root were removed while the agent ran",
+            )
         return restored
 
     def _trie_pin(self, trie_id: int) -> str:
@@ -428,9 +434,12 @@ class Datapath:
         )
         try:
             ids = self._portsets
-            keys = b"".join(_LPM_KEY.pack(NP_PREFIX_BITS + p.length, p.family,
-                                          p.value.to_bytes(_WIDTH[p.family], "big"))
-                            for p in compiled.entries)
+            keys = b"".join(
+                _LPM_KEY.pack(
+                    NP_PREFIX_BITS + p.length, p.family, p.value.to_bytes(_WIDTH[p.family], "big")
+                )
+                for p in compiled.entries
+            )
             values = b"".join(
                 _U32.pack(lay.NP_PORTSET_NONE if ps.allows_nothing else ids[ps].id)
                 for ps in compiled.entries.values()
@@ -584,7 +593,7 @@ def _policy_ids(portset: Portset) -> set[int]:
 
 
 SIZES_ENV = "NP_MAP_SIZES"  # tests only: "np_pod_meta=32,np_policies=32" (small capacities)
-GRACE_ENV = "NP_ID_GRACE"   # tests only: seconds a retired id keeps its name
+GRACE_ENV = "NP_ID_GRACE"  # tests only: seconds a retired id keeps its name
 
 
 def _sizes_from_env() -> dict[str, int]:
@@ -619,9 +628,13 @@ def _recreate_stale_counters(map_dir: str) -> None:
         want = ctypes.sizeof(struct_type)
         if have != want:
             os.unlink(path)
-            log.warning("datapath.map_recreated", map=name, old_value_size=have,
-                        new_value_size=want, reason="layout changed by an upgrade; "
-                        "its counters start again from zero")
+            log.warning(
+                "datapath.map_recreated",
+                map=name,
+                old_value_size=have,
+                new_value_size=want,
+                reason="layout changed by an upgrade; its counters start again from zero",
+            )
 
 
 class PinnedSizeError(ValueError):
@@ -684,8 +697,9 @@ def portset_to_map(ps: Portset) -> lay.NpPortset:
         return out
     out.count = len(ps.rules)
     for i, r in enumerate(ps.rules):
-        out.rules[i] = lay.NpPortRule(policy_id=r.policy_id, start_port=r.start,
-                                      end_port=r.end, protocol=r.protocol)
+        out.rules[i] = lay.NpPortRule(
+            policy_id=r.policy_id, start_port=r.start, end_port=r.end, protocol=r.protocol
+        )
     return out
 
 

@@ -58,8 +58,10 @@ class MapInfo:
 def map_info(fd: int, what: str = "map") -> MapInfo:
     info = lb.BpfMapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
-            f"{what}: get info")
+    lb.check(
+        lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"{what}: get info",
+    )
     return MapInfo(
         id=info.id,
         type=info.type,
@@ -252,8 +254,13 @@ class Map:
         while True:
             count = ctypes.c_uint32(chunk)
             rc = lb.lib.bpf_map_lookup_batch(
-                self.fd, None if first else token_in, token_out, keys, values,
-                ctypes.byref(count), ctypes.byref(opts),
+                self.fd,
+                None if first else token_in,
+                token_out,
+                keys,
+                values,
+                ctypes.byref(count),
+                ctypes.byref(opts),
             )
             err = ctypes.get_errno() if rc < 0 else 0
             if rc < 0 and err != errno.ENOENT:
@@ -269,7 +276,7 @@ class Map:
         ks, vs = self.key_size, self.value_size
         for kraw, vraw, count in self.batches(chunk=chunk):
             for i in range(count):
-                yield kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]
+                yield kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]
         self._batch_ok = True
 
     def update_batch(self, keys: bytes, values: bytes, *, elem_flags: int = BPF_ANY) -> None:
@@ -288,8 +295,11 @@ class Map:
             while done < total:
                 count = ctypes.c_uint32(total - done)
                 rc = lb.lib.bpf_map_update_batch(
-                    self.fd, ctypes.byref(kbuf, done * ks), ctypes.byref(vbuf, done * vs),
-                    ctypes.byref(count), ctypes.byref(opts),
+                    self.fd,
+                    ctypes.byref(kbuf, done * ks),
+                    ctypes.byref(vbuf, done * vs),
+                    ctypes.byref(count),
+                    ctypes.byref(opts),
                 )
                 if rc < 0:
                     err = ctypes.get_errno()
@@ -304,7 +314,7 @@ class Map:
             else:
                 return
         for i in range(total):
-            self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], elem_flags)
+            self.update(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs], elem_flags)
 
     def delete_batch(self, keys: bytes) -> None:
         """Delete many elements; every key must exist."""
@@ -323,7 +333,7 @@ class Map:
             err = ctypes.get_errno()
             if err in _NO_BATCH and count.value == 0:
                 for i in range(total):
-                    self.delete(keys[i * ks:(i + 1) * ks])
+                    self.delete(keys[i * ks : (i + 1) * ks])
                 return
             raise BpfError(err, f"map {self.name}: delete batch at element {count.value}")
 

@@ -56,14 +56,18 @@ class ProgInfo:
 def prog_info(fd: int, what: str = "program") -> ProgInfo:
     info = lb.BpfProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
-            f"{what}: get info")
+    lb.check(
+        lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"{what}: get info",
+    )
     ids = (ctypes.c_uint32 * info.nr_map_ids)()
     if info.nr_map_ids:
         again = lb.BpfProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
         size = ctypes.c_uint32(ctypes.sizeof(again))
-        lb.check(lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(again), ctypes.byref(size)),
-                f"{what}: get map ids")
+        lb.check(
+            lb.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(again), ctypes.byref(size)),
+            f"{what}: get map ids",
+        )
     return ProgInfo(
         id=info.id,
         type=info.type,
@@ -108,15 +112,21 @@ class Program:
         inp = ctypes.create_string_buffer(data, len(data))
         opts = lb.BpfTestRunOpts(
             sz=ctypes.sizeof(lb.BpfTestRunOpts),
-            data_in=ctypes.addressof(inp), data_size_in=len(data),
-            data_out=ctypes.addressof(out), data_size_out=len(out),
-            ctx_in=ctypes.addressof(ctx), ctx_size_in=ctypes.sizeof(ctx),
+            data_in=ctypes.addressof(inp),
+            data_size_in=len(data),
+            data_out=ctypes.addressof(out),
+            data_size_out=len(out),
+            ctx_in=ctypes.addressof(ctx),
+            ctx_size_in=ctypes.sizeof(ctx),
             repeat=repeat,
         )
-        lb.check(lb.lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
-                f"program {self.name}: test run")
-        return TestRun(retval=opts.retval, duration_ns=opts.duration,
-                       data=out.raw[: opts.data_size_out])
+        lb.check(
+            lb.lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
+            f"program {self.name}: test run",
+        )
+        return TestRun(
+            retval=opts.retval, duration_ns=opts.duration, data=out.raw[: opts.data_size_out]
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -132,11 +142,17 @@ class _SkbCtx(ctypes.Structure):
     context for test runs as long as the fields it does not allow to be set are zero."""
 
     _fields_ = [
-        ("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32), ("mark", ctypes.c_uint32),
-        ("queue_mapping", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
-        ("vlan_present", ctypes.c_uint32), ("vlan_tci", ctypes.c_uint32),
-        ("vlan_proto", ctypes.c_uint32), ("priority", ctypes.c_uint32),
-        ("ingress_ifindex", ctypes.c_uint32), ("ifindex", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32),
+        ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
     ]
 
 
@@ -150,8 +166,9 @@ class TestRun:
 def object_names(path: str) -> tuple[list[str], list[str]]:
     """Map and program names of an object file, read without loading it into the kernel."""
     opts = lb.BpfObjectOpenOpts(sz=ctypes.sizeof(lb.BpfObjectOpenOpts))
-    obj = lb.check_ptr(lb.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
-                      f"open BPF object {path}")
+    obj = lb.check_ptr(
+        lb.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)), f"open BPF object {path}"
+    )
     try:
         maps: list[str] = []
         m = lb.lib.bpf_object__next_map(obj, None)
@@ -224,8 +241,10 @@ class BpfObject:
         for name, size in sizes.items():
             if name not in handles:
                 raise BpfError(2, f"{path}: no map named {name}")
-            lb.check(lb.lib.bpf_map__set_max_entries(handles[name], size),
-                    f"map {name}: set max_entries {size}")
+            lb.check(
+                lb.lib.bpf_map__set_max_entries(handles[name], size),
+                f"map {name}: set max_entries {size}",
+            )
         lb.check(lb.lib.bpf_object__load(obj), f"load BPF object {path}")
 
         maps: dict[str, Map] = {}

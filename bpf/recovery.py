@@ -18,9 +18,17 @@ from bpf.maps import Map
 from bpf.objects import Program
 
 PINNED_BY_NAME = (
-    lay.MAP_PODS, lay.MAP_RULES, lay.MAP_PORTSETS, lay.MAP_CT, lay.MAP_FRAGS,
-    lay.MAP_HOST_ADDRS, lay.MAP_CONFIG, lay.MAP_STATS, lay.MAP_EVENTS,
-    lay.MAP_POD_META, lay.MAP_POLICIES,
+    lay.MAP_PODS,
+    lay.MAP_RULES,
+    lay.MAP_PORTSETS,
+    lay.MAP_CT,
+    lay.MAP_FRAGS,
+    lay.MAP_HOST_ADDRS,
+    lay.MAP_CONFIG,
+    lay.MAP_STATS,
+    lay.MAP_EVENTS,
+    lay.MAP_POD_META,
+    lay.MAP_POLICIES,
 )
 
 

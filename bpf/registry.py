@@ -61,28 +61,33 @@ class _Retiring:
 
 def _watermark(raw: bytes) -> int:
     text = raw.split(b"\0", 1)[0]
-    if text.startswith(_MARK) and text[len(_MARK):].isdigit():
-        return int(text[len(_MARK):])
+    if text.startswith(_MARK) and text[len(_MARK) :].isdigit():
+        return int(text[len(_MARK) :])
     return 0
 
 
 class Registry:
-    def __init__(self, *, pod_meta: TypedMap[ctypes.c_uint32, lay.NpPodMeta],
-                 policies: TypedMap[ctypes.c_uint32, lay.NpPolicyMeta],
-                 clock: Callable[[], float] = time.monotonic, grace: float = GRACE) -> None:
+    def __init__(
+        self,
+        *,
+        pod_meta: TypedMap[ctypes.c_uint32, lay.NpPodMeta],
+        policies: TypedMap[ctypes.c_uint32, lay.NpPolicyMeta],
+        clock: Callable[[], float] = time.monotonic,
+        grace: float = GRACE,
+    ) -> None:
         self.pod_meta = pod_meta
         self.policies = policies
         self.clock = clock
         self.grace = grace
-        self.pod_capacity = pod_meta.raw.max_entries - 1   # key 0 holds the watermark
+        self.pod_capacity = pod_meta.raw.max_entries - 1  # key 0 holds the watermark
         self.policy_capacity = policies.raw.max_entries - 1
-        self._pods: dict[str, int] = {}                    # uid -> id (live or retiring)
-        self._pod_names: dict[int, str] = {}               # id -> uid
-        self._policies: dict[tuple[str, str], int] = {}    # (namespace, name) -> id
+        self._pods: dict[str, int] = {}  # uid -> id (live or retiring)
+        self._pod_names: dict[int, str] = {}  # id -> uid
+        self._policies: dict[tuple[str, str], int] = {}  # (namespace, name) -> id
         self._policy_names: dict[int, tuple[str, str]] = {}
-        self._policy_refs: dict[int, int] = {}             # id -> installed port sets
-        self._retiring_pods: dict[str, _Retiring] = {}     # uid ->
-        self._retiring_policies: dict[int, float] = {}     # id -> deadline
+        self._policy_refs: dict[int, int] = {}  # id -> installed port sets
+        self._retiring_pods: dict[str, _Retiring] = {}  # uid ->
+        self._retiring_policies: dict[int, float] = {}  # id -> deadline
         self._next_pod = 1
         self._next_policy = 1
 
@@ -121,10 +126,15 @@ class Registry:
             raise TableFullError(lay.MAP_POD_META, self.pod_capacity)
         pod_id = self._next_pod
         self._next_pod += 1
-        self.pod_meta.update(U32(WATERMARK_KEY), lay.NpPodMeta(
-            uid=_MARK + str(self._next_pod).encode()))
-        self.pod_meta.update(U32(pod_id), lay.NpPodMeta(
-            namespace_=namespace.encode()[:63], name=name.encode()[:255], uid=uid.encode()[:39]))
+        self.pod_meta.update(
+            U32(WATERMARK_KEY), lay.NpPodMeta(uid=_MARK + str(self._next_pod).encode())
+        )
+        self.pod_meta.update(
+            U32(pod_id),
+            lay.NpPodMeta(
+                namespace_=namespace.encode()[:63], name=name.encode()[:255], uid=uid.encode()[:39]
+            ),
+        )
         self._pods[uid] = pod_id
         self._pod_names[pod_id] = uid
         return pod_id
@@ -157,10 +167,12 @@ class Registry:
             raise TableFullError(lay.MAP_POLICIES, self.policy_capacity)
         pid = self._next_policy
         self._next_policy += 1
-        self.policies.update(U32(WATERMARK_KEY), lay.NpPolicyMeta(
-            name=_MARK + str(self._next_policy).encode()))
-        self.policies.update(U32(pid), lay.NpPolicyMeta(
-            namespace_=namespace.encode()[:63], name=name.encode()[:255]))
+        self.policies.update(
+            U32(WATERMARK_KEY), lay.NpPolicyMeta(name=_MARK + str(self._next_policy).encode())
+        )
+        self.policies.update(
+            U32(pid), lay.NpPolicyMeta(namespace_=namespace.encode()[:63], name=name.encode()[:255])
+        )
         self._policies[key] = pid
         self._policy_names[pid] = key
         self._policy_refs[pid] = 0
@@ -193,15 +205,21 @@ class Registry:
         """Delete the names whose grace period is over (a pod id still carried by a
         record waits). Returns (pods, policies) freed."""
         now = self.clock()
-        pods = [uid for uid, r in self._retiring_pods.items()
-                if r.deadline <= now and r.id not in pods_in_records]
+        pods = [
+            uid
+            for uid, r in self._retiring_pods.items()
+            if r.deadline <= now and r.id not in pods_in_records
+        ]
         for uid in pods:
             pod_id = self._retiring_pods.pop(uid).id
             self.pod_meta.delete(U32(pod_id))
             del self._pods[uid]
             self._pod_names.pop(pod_id, None)
-        policies = [pid for pid, deadline in self._retiring_policies.items()
-                    if deadline <= now and self._policy_refs.get(pid, 0) <= 0]
+        policies = [
+            pid
+            for pid, deadline in self._retiring_policies.items()
+            if deadline <= now and self._policy_refs.get(pid, 0) <= 0
+        ]
         for pid in policies:
             del self._retiring_policies[pid]
             self.policies.delete(U32(pid))
@@ -219,5 +237,7 @@ class Registry:
 
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """table -> (entries, capacity)."""
-        return {lay.MAP_POD_META: (len(self._pods), self.pod_capacity),
-                lay.MAP_POLICIES: (len(self._policies), self.policy_capacity)}
+        return {
+            lay.MAP_POD_META: (len(self._pods), self.pod_capacity),
+            lay.MAP_POLICIES: (len(self._policies), self.policy_capacity),
+        }

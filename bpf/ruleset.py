@@ -166,8 +166,9 @@ class CompiledRules:
                 ps = self.entries[prefix]
                 if ps not in canon:
                     canon[ps] = ps.canonical()
-                h.update(_PREFIX.pack(prefix.family, prefix.length,
-                                      prefix.value.to_bytes(16, "big")))
+                h.update(
+                    _PREFIX.pack(prefix.family, prefix.length, prefix.value.to_bytes(16, "big"))
+                )
                 h.update(canon[ps])
             self._digest = h.digest()
         return self._digest
@@ -183,8 +184,12 @@ class CompiledRules:
         return None
 
 
-def normalise_ports(contributions: Iterable[tuple[int, tuple[PortRange, ...]]],
-                    *, where: object = "port set", truncate: bool = False) -> Portset:
+def normalise_ports(
+    contributions: Iterable[tuple[int, tuple[PortRange, ...]]],
+    *,
+    where: object = "port set",
+    truncate: bool = False,
+) -> Portset:
     """Union of (policy_id, ports) contributions as a normalised :class:`Portset`.
     Beyond ``NP_MAX_PORT_RULES`` ranges: RuleLimitError, or with ``truncate`` the first
     ranges that fit (fewer allowed ports: never more than the rules allow)."""
@@ -263,8 +268,9 @@ def compile_rules(rules: Sequence[PeerRule], *, truncate: bool = False) -> Compi
     listed in ``truncated``) instead of raising RuleLimitError."""
     cut: set[Portset] = set()
 
-    def normalise(contributions: tuple[tuple[int, tuple[PortRange, ...]], ...],
-                  where: Prefix) -> Portset:
+    def normalise(
+        contributions: tuple[tuple[int, tuple[PortRange, ...]], ...], where: Prefix
+    ) -> Portset:
         try:
             return normalise_ports(contributions, where=where)
         except RuleLimitError:
@@ -279,9 +285,10 @@ def compile_rules(rules: Sequence[PeerRule], *, truncate: bool = False) -> Compi
     return out
 
 
-def _compile(rules: Sequence[PeerRule],
-             normalise: Callable[[tuple[tuple[int, tuple[PortRange, ...]], ...], Prefix],
-                                 Portset]) -> CompiledRules:
+def _compile(
+    rules: Sequence[PeerRule],
+    normalise: Callable[[tuple[tuple[int, tuple[PortRange, ...]], ...], Prefix], Portset],
+) -> CompiledRules:
     by_cidr: dict[Prefix, list[int]] = {}
     excepts: list[frozenset[Prefix]] = []
     prefixes: set[Prefix] = set()
@@ -298,8 +305,10 @@ def _compile(rules: Sequence[PeerRule],
             excepts.append(none)
             continue
         inside = frozenset(
-            e for e in map(Prefix.of, rule.excepts)
-            if e.family == cidr.family and e.length >= cidr.length
+            e
+            for e in map(Prefix.of, rule.excepts)
+            if e.family == cidr.family
+            and e.length >= cidr.length
             and e.ancestor(cidr.length) == cidr
         )
         excepts.append(inside)
@@ -332,7 +341,8 @@ def _compile(rules: Sequence[PeerRule],
         anc_set = set(ancestors) if any_excepts else None
         contributions = tuple(
             (rules[i].policy_id, rules[i].ports)
-            for anc in ancestors for i in by_cidr.get(anc, ())
+            for anc in ancestors
+            for i in by_cidr.get(anc, ())
             if anc_set is None or not excepts[i] & anc_set
         )
         portset = normalised.get(contributions)

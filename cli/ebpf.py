@@ -38,11 +38,15 @@ class Pinned:
 
     def check(self) -> None:
         if not os.path.ismount("/sys/fs/bpf") and not os.path.isdir(self.pin_root):
-            raise CliError("bpffs is not mounted at /sys/fs/bpf: the agent cannot be running "
-                           "on this node (mount -t bpf bpf /sys/fs/bpf)")
+            raise CliError(
+                "bpffs is not mounted at /sys/fs/bpf: the agent cannot be running "
+                "on this node (mount -t bpf bpf /sys/fs/bpf)"
+            )
         if not os.path.exists(self.path("maps", lay.MAP_PODS)):
-            raise CliError(f"no datapath pinned under {self.pin_root} (is the agent installed "
-                           "on this node? see --bpf-pin-root)")
+            raise CliError(
+                f"no datapath pinned under {self.pin_root} (is the agent installed "
+                "on this node? see --bpf-pin-root)"
+            )
 
     def open(self, name: str) -> Map:
         return Map.from_pin(self.path("maps", name))
@@ -50,14 +54,18 @@ class Pinned:
 
 def _policy_names(pinned: Pinned) -> dict[int, str]:
     with pinned.open(lay.MAP_POLICIES) as raw:
-        return {k.value: f"{v.namespace_.decode()}/{v.name.decode()}"
-                for k, v in TypedMap(raw, lay.u32, lay.NpPolicyMeta).items()}
+        return {
+            k.value: f"{v.namespace_.decode()}/{v.name.decode()}"
+            for k, v in TypedMap(raw, lay.u32, lay.NpPolicyMeta).items()
+        }
 
 
 def _pod_names(pinned: Pinned) -> dict[int, tuple[str, str]]:
     with pinned.open(lay.MAP_POD_META) as raw:
-        return {k.value: (v.namespace_.decode(), v.name.decode())
-                for k, v in TypedMap(raw, lay.u32, lay.NpPodMeta).items()}
+        return {
+            k.value: (v.namespace_.decode(), v.name.decode())
+            for k, v in TypedMap(raw, lay.u32, lay.NpPodMeta).items()
+        }
 
 
 # ---- progs ---------------------------------------------------------------------------------
@@ -70,8 +78,15 @@ def progs() -> list[dict[str, Any]]:
             continue  # unloaded meanwhile
         try:
             if prog.name in PROGRAM_NAMES:
-                out.append({"type": prog.info.type, "id": prog.id, "name": prog.name,
-                            "tag": prog.info.tag, "map_ids": list(prog.info.map_ids)})
+                out.append(
+                    {
+                        "type": prog.info.type,
+                        "id": prog.id,
+                        "name": prog.name,
+                        "tag": prog.info.tag,
+                        "map_ids": list(prog.info.map_ids),
+                    }
+                )
         finally:
             prog.close()
     return out
@@ -80,8 +95,9 @@ def progs() -> list[dict[str, Any]]:
 def render_progs(items: list[dict[str, Any]]) -> str:
     lines = ["Programs currently loaded : "]
     for p in items:
-        lines.append(f"Type : {p['type']} ID : {p['id']} Associated maps count : "
-                     f"{len(p['map_ids'])}")
+        lines.append(
+            f"Type : {p['type']} ID : {p['id']} Associated maps count : {len(p['map_ids'])}"
+        )
         lines.append(SEPARATOR)
     return "\n".join(lines)
 
@@ -107,16 +123,23 @@ def maps(pinned: Pinned) -> list[dict[str, Any]]:
 
 
 def _map_entry(m: Map, name: str) -> dict[str, Any]:
-    return {"type": m.type, "id": m.id, "name": name, "key_size": m.key_size,
-            "value_size": m.info.value_size, "max_entries": m.max_entries}
+    return {
+        "type": m.type,
+        "id": m.id,
+        "name": name,
+        "key_size": m.key_size,
+        "value_size": m.info.value_size,
+        "max_entries": m.max_entries,
+    }
 
 
 def render_maps(items: list[dict[str, Any]]) -> str:
     lines = ["Maps currently loaded : "]
     for m in items:
         lines.append(f"Type : {m['type']} ID : {m['id']}")
-        lines.append(f"Keysize {m['key_size']} Valuesize {m['value_size']} "
-                     f"MaxEntries {m['max_entries']}")
+        lines.append(
+            f"Keysize {m['key_size']} Valuesize {m['value_size']} MaxEntries {m['max_entries']}"
+        )
         lines.append(SEPARATOR)
     return "\n".join(lines)
 
@@ -148,18 +171,23 @@ def loaded(pinned: Pinned) -> list[dict[str, Any]]:
                     inner = rules.lookup(trie_id.to_bytes(4, "little"))
                     trie_map = int.from_bytes(inner, "little") if inner else 0
                 path, prog_id = progs_by_dir[direction]
-                out.append({
-                    "pin_path": path, "pod": f"{ns}/{name}" if ns else name,
-                    "pod_identifier": f"{name}-{ns}" if ns else name,
-                    "ifindex": key.value, "direction": direction, "prog_id": prog_id,
-                    "state": lay.STATE_NAMES.get(state, str(state)),
-                    "maps": [
-                        {"name": f"{direction}_map", "id": trie_map},
-                        {"name": lay.MAP_PODS, "id": shared[lay.MAP_PODS]},
-                        {"name": lay.MAP_EVENTS, "id": shared[lay.MAP_EVENTS]},
-                        {"name": lay.MAP_CT, "id": shared[lay.MAP_CT]},
-                    ],
-                })
+                out.append(
+                    {
+                        "pin_path": path,
+                        "pod": f"{ns}/{name}" if ns else name,
+                        "pod_identifier": f"{name}-{ns}" if ns else name,
+                        "ifindex": key.value,
+                        "direction": direction,
+                        "prog_id": prog_id,
+                        "state": lay.STATE_NAMES.get(state, str(state)),
+                        "maps": [
+                            {"name": f"{direction}_map", "id": trie_map},
+                            {"name": lay.MAP_PODS, "id": shared[lay.MAP_PODS]},
+                            {"name": lay.MAP_EVENTS, "id": shared[lay.MAP_EVENTS]},
+                            {"name": lay.MAP_CT, "id": shared[lay.MAP_CT]},
+                        ],
+                    }
+                )
     return out
 
 
@@ -190,14 +218,27 @@ def dump(pinned: Pinned, map_id: int) -> dict[str, Any]:
         if m.name == lay.MAP_CT:
             return {"kind": "conntrack", "id": map_id, "entries": conntrack_entries(m)}
         if m.name == lay.MAP_PODS:
-            return {"kind": "pods", "id": map_id, "entries": [
-                {"ifindex": k.value, "pod_id": v.pod_id,
-                 "ingress": lay.STATE_NAMES.get(v.ingress_state, ""),
-                 "egress": lay.STATE_NAMES.get(v.egress_state, ""),
-                 "ingress_trie": v.ingress_trie, "egress_trie": v.egress_trie}
-                for k, v in TypedMap(m, lay.u32, lay.NpPod).items()]}
-        return {"kind": "raw", "id": map_id, "name": m.name, "entries": [
-            {"key": k.hex(), "value": v.hex()} for k, v in m.items()]}
+            return {
+                "kind": "pods",
+                "id": map_id,
+                "entries": [
+                    {
+                        "ifindex": k.value,
+                        "pod_id": v.pod_id,
+                        "ingress": lay.STATE_NAMES.get(v.ingress_state, ""),
+                        "egress": lay.STATE_NAMES.get(v.egress_state, ""),
+                        "ingress_trie": v.ingress_trie,
+                        "egress_trie": v.egress_trie,
+                    }
+                    for k, v in TypedMap(m, lay.u32, lay.NpPod).items()
+                ],
+            }
+        return {
+            "kind": "raw",
+            "id": map_id,
+            "name": m.name,
+            "entries": [{"key": k.hex(), "value": v.hex()} for k, v in m.items()],
+        }
 
 
 def _dump_rules(pinned: Pinned, trie: Map) -> list[dict[str, Any]]:
@@ -215,15 +256,28 @@ def _dump_rules(pinned: Pinned, trie: Map) -> list[dict[str, Any]]:
             ps = cache.get(ps_id, Portset())
             values = []
             if ps.any_policy is not None:
-                values.append({"protocol": "ANY PROTOCOL", "start_port": 0, "end_port": 0,
-                               "policy": policies.get(ps.any_policy, "")})
+                values.append(
+                    {
+                        "protocol": "ANY PROTOCOL",
+                        "start_port": 0,
+                        "end_port": 0,
+                        "policy": policies.get(ps.any_policy, ""),
+                    }
+                )
             for r in ps.rules:
-                values.append({"protocol": lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
-                               "start_port": r.start, "end_port": r.end,
-                               "policy": policies.get(r.policy_id, "")})
+                values.append(
+                    {
+                        "protocol": lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                        "start_port": r.start,
+                        "end_port": r.end,
+                        "policy": policies.get(r.policy_id, ""),
+                    }
+                )
             out.append({"cidr": str(prefix), "values": values})
-    return sorted(out, key=lambda e: (ipaddress.ip_network(e["cidr"]).version,
-                                      ipaddress.ip_network(e["cidr"])))
+    return sorted(
+        out,
+        key=lambda e: (ipaddress.ip_network(e["cidr"]).version, ipaddress.ip_network(e["cidr"])),
+    )
 
 
 def render_dump(result: dict[str, Any]) -> str:
@@ -234,11 +288,20 @@ def render_dump(result: dict[str, Any]) -> str:
     for e in result["entries"]:
         lines = [f"Key : IP/Prefixlen - {e['cidr']} ", "-------------------"]
         if not e["values"]:
-            lines += ["Value Entry :  0", "Protocol -  DENY (except)", "StartPort -  0",
-                      "Endport -  0", "-------------------"]
+            lines += [
+                "Value Entry :  0",
+                "Protocol -  DENY (except)",
+                "StartPort -  0",
+                "Endport -  0",
+                "-------------------",
+            ]
         for i, v in enumerate(e["values"]):
-            lines += [f"Value Entry :  {i}", f"Protocol -  {v['protocol']}",
-                      f"StartPort -  {v['start_port']}", f"Endport -  {v['end_port']}"]
+            lines += [
+                f"Value Entry :  {i}",
+                f"Protocol -  {v['protocol']}",
+                f"StartPort -  {v['start_port']}",
+                f"Endport -  {v['end_port']}",
+            ]
             if v["policy"]:
                 lines.append(f"Policy -  {v['policy']}")
             lines.append("-------------------")
@@ -253,16 +316,18 @@ def conntrack_entries(m: Map, limit: int | None = None) -> list[dict[str, Any]]:
     for k, v in TypedMap(m, lay.NpCtKey, lay.NpCtValue).items():
         pod = lay.addr_from(bytes(k.pod_addr), k.family)
         peer = lay.addr_from(bytes(k.peer_addr), k.family)
-        out.append({
-            "ifindex": k.ifindex, "protocol": lay.PROTOCOL_NAMES.get(k.protocol,
-                                                                    str(k.protocol)),
-            "pod": f"{pod}:{k.pod_port}" if k.family == 4 else f"[{pod}]:{k.pod_port}",
-            "peer": f"{peer}:{k.peer_port}" if k.family == 4 else f"[{peer}]:{k.peer_port}",
-            "origin": lay.DIRECTION_NAMES.get(v.origin, "?"),
-            "reason": lay.REASON_NAMES.get(v.reason, str(v.reason)),
-            "idle_seconds": round(max(0, now - v.last_seen_ns) / 1e9, 1),
-            "pod_id": v.pod_id,
-        })
+        out.append(
+            {
+                "ifindex": k.ifindex,
+                "protocol": lay.PROTOCOL_NAMES.get(k.protocol, str(k.protocol)),
+                "pod": f"{pod}:{k.pod_port}" if k.family == 4 else f"[{pod}]:{k.pod_port}",
+                "peer": f"{peer}:{k.peer_port}" if k.family == 4 else f"[{peer}]:{k.peer_port}",
+                "origin": lay.DIRECTION_NAMES.get(v.origin, "?"),
+                "reason": lay.REASON_NAMES.get(v.reason, str(v.reason)),
+                "idle_seconds": round(max(0, now - v.last_seen_ns) / 1e9, 1),
+                "pod_id": v.pod_id,
+            }
+        )
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -67,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR)
     common.add_argument("--bpf-pin-root", default=DEFAULT_PIN_ROOT)
-    p = argparse.ArgumentParser(prog="np-cli", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[common])
+    p = argparse.ArgumentParser(
+        prog="np-cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="node summary")
     pods = sub.add_parser("pods", parents=[common], help="local pods")
@@ -122,16 +125,31 @@ async def _run(args: argparse.Namespace) -> int:
             _emit(args, pods, render_pods(pods.root))
     elif args.command == "policies":
         pols = await agent.get("/v1/policies", Policies)
-        _emit(args, pols, table(["NAMESPACE", "POLICY", "POLICYENDPOINTS", "LOCAL PODS",
-                                 "REJECTED"],
-                                [[p.namespace, p.name, ", ".join(
-                                    f"{k}@{v}" for k, v in p.policyendpoints.items()),
-                                  ", ".join(p.pods), "; ".join(
-                                    f"{k}: {v}" for k, v in p.rejected.items())]
-                                 for p in pols.root]))
+        _emit(
+            args,
+            pols,
+            table(
+                ["NAMESPACE", "POLICY", "POLICYENDPOINTS", "LOCAL PODS", "REJECTED"],
+                [
+                    [
+                        p.namespace,
+                        p.name,
+                        ", ".join(f"{k}@{v}" for k, v in p.policyendpoints.items()),
+                        ", ".join(p.pods),
+                        "; ".join(f"{k}: {v}" for k, v in p.rejected.items()),
+                    ]
+                    for p in pols.root
+                ],
+            ),
+        )
     elif args.command == "explain":
-        req = ExplainRequest(pod=args.pod, peer=args.peer, port=args.port,
-                             protocol=args.protocol, direction=args.direction)
+        req = ExplainRequest(
+            pod=args.pod,
+            peer=args.peer,
+            port=args.port,
+            protocol=args.protocol,
+            direction=args.direction,
+        )
         explained = await agent.request("POST", "/v1/explain", ExplainResult, body=req)
         _emit(args, explained, render_explain(explained))
     elif args.command == "wait":
@@ -142,8 +160,9 @@ async def _run(args: argparse.Namespace) -> int:
     elif args.command == "conntrack":
         return await _conntrack(args)
     elif args.command == "flows":
-        client = LocalClient(socket_path(args.runtime_dir, FLOWLOGS_SOCKET),
-                             process="flow-log shipper")
+        client = LocalClient(
+            socket_path(args.runtime_dir, FLOWLOGS_SOCKET), process="flow-log shipper"
+        )
         flows = await client.get("/v1/flows", Flows, params={"limit": str(args.n)})
         _emit(args, flows, "\n".join(f.get("line", "") for f in flows.root))
     elif args.command == "ebpf":
@@ -152,8 +171,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _conntrack(args: argparse.Namespace) -> int:
-    client = LocalClient(socket_path(args.runtime_dir, CONNTRACK_SOCKET),
-                         process="conntrack cleaner")
+    client = LocalClient(
+        socket_path(args.runtime_dir, CONNTRACK_SOCKET), process="conntrack cleaner"
+    )
     try:
         stats: ProcessStats | None = await client.get("/v1/stats", ProcessStats)
     except Unavailable as exc:
@@ -172,9 +192,23 @@ async def _conntrack(args: argparse.Namespace) -> int:
     if stats is not None:
         lines.append(" ".join(f"{k}={v}" for k, v in sorted(stats.stats.items())))
     if args.dump:
-        lines.append(table(["IFINDEX", "PROTO", "POD", "PEER", "ORIGIN", "REASON", "IDLE(s)"],
-                           [[e["ifindex"], e["protocol"], e["pod"], e["peer"], e["origin"],
-                             e["reason"], e["idle_seconds"]] for e in entries]))
+        lines.append(
+            table(
+                ["IFINDEX", "PROTO", "POD", "PEER", "ORIGIN", "REASON", "IDLE(s)"],
+                [
+                    [
+                        e["ifindex"],
+                        e["protocol"],
+                        e["pod"],
+                        e["peer"],
+                        e["origin"],
+                        e["reason"],
+                        e["idle_seconds"],
+                    ]
+                    for e in entries
+                ],
+            )
+        )
     _emit(args, data, "\n".join(lines))
     return 0
 
@@ -200,14 +234,17 @@ def _ebpf(args: argparse.Namespace) -> int:
 # ---- rendering ---------------------------------------------------------------------------
 def render_status(st: NodeStatus) -> str:
     rows = [
-        ["node", st.node], ["mode", st.mode],
+        ["node", st.node],
+        ["mode", st.mode],
         ["ready", "yes" if st.ready else "no: " + "; ".join(st.problems)],
         ["pods (programmed/local)", f"{st.programmed}/{st.pods}"],
         ["policyendpoints", f"{st.policyendpoints} ({st.rejected} rejected)"],
         ["programs", f"ingress #{st.ingress_prog_id}, egress #{st.egress_prog_id}"],
         ["tries / port sets", f"{st.tries} / {st.portsets}"],
-        ["packets allowed / denied",
-         f"{st.datapath.get('packets_allowed', 0)} / {st.datapath.get('packets_denied', 0)}"],
+        [
+            "packets allowed / denied",
+            f"{st.datapath.get('packets_allowed', 0)} / {st.datapath.get('packets_denied', 0)}",
+        ],
         ["events lost", str(st.datapath.get("events_lost", 0))],
     ]
     for name, t in st.tables.items():
@@ -216,38 +253,60 @@ def render_status(st: NodeStatus) -> str:
     for pod, why in st.failed.items():
         rows.append([f"failed {pod}", why])
     for name, w in st.watches.items():
-        rows.append([f"watch {name}", f"{'synced' if w.synced else 'not synced'}, "
-                     f"{w.lists} lists, {w.errors} errors"])
+        rows.append(
+            [
+                f"watch {name}",
+                f"{'synced' if w.synced else 'not synced'}, {w.lists} lists, {w.errors} errors",
+            ]
+        )
     for name, proc in (("conntrack cleaner", st.conntrack), ("flow-log shipper", st.flowlogs)):
         rows.append([name, "running" if proc.running else f"not running ({proc.error})"])
     return table(["", ""], rows, header=False)
 
 
 def render_pods(pods: list[PodView]) -> str:
-    return table(["NAMESPACE", "NAME", "IPS", "INTERFACE", "INGRESS", "EGRESS", "PROGRAMMED",
-                  "POLICIES"],
-                 [[p.namespace, p.name, ",".join(p.ips), p.interface or "-",
-                   p.ingress.state if p.ingress else "-", p.egress.state if p.egress else "-",
-                   "yes" if p.programmed else f"no ({p.failure})" if p.failure else "no",
-                   ",".join(sorted({r.policy for r in p.policies})) or "-"] for p in pods])
+    return table(
+        ["NAMESPACE", "NAME", "IPS", "INTERFACE", "INGRESS", "EGRESS", "PROGRAMMED", "POLICIES"],
+        [
+            [
+                p.namespace,
+                p.name,
+                ",".join(p.ips),
+                p.interface or "-",
+                p.ingress.state if p.ingress else "-",
+                p.egress.state if p.egress else "-",
+                "yes" if p.programmed else f"no ({p.failure})" if p.failure else "no",
+                ",".join(sorted({r.policy for r in p.policies})) or "-",
+            ]
+            for p in pods
+        ],
+    )
 
 
 def render_pod(p: PodView) -> str:
-    out = [f"{p.namespace}/{p.name}  uid {p.uid}  ips {', '.join(p.ips)}",
-           f"interface {p.interface or '-'} (ifindex {p.ifindex}), programs "
-           f"{'attached' if p.attached else 'NOT attached'} "
-           f"(ingress #{p.ingress_prog_id}, egress #{p.egress_prog_id})",
-           f"programmed: {'yes' if p.programmed else 'no'}" + (f" ({p.error})" if p.error else "")]
+    out = [
+        f"{p.namespace}/{p.name}  uid {p.uid}  ips {', '.join(p.ips)}",
+        f"interface {p.interface or '-'} (ifindex {p.ifindex}), programs "
+        f"{'attached' if p.attached else 'NOT attached'} "
+        f"(ingress #{p.ingress_prog_id}, egress #{p.egress_prog_id})",
+        f"programmed: {'yes' if p.programmed else 'no'}" + (f" ({p.error})" if p.error else ""),
+    ]
     for ref in p.policies:
-        out.append(f"  {ref.policyendpoint} ({ref.policy}) generation {ref.generation}, "
-                   f"programmed {ref.programmed_generation}")
+        out.append(
+            f"  {ref.policyendpoint} ({ref.policy}) generation {ref.generation}, "
+            f"programmed {ref.programmed_generation}"
+        )
     for name, d in (("ingress", p.ingress), ("egress", p.egress)):
         if d is None:
             continue
         out.append(f"{name}: {d.state}" + (f" (trie {d.trie_id})" if d.trie_id else ""))
         for rule in d.rules:
-            ports = ", ".join(f"{r.protocol} {r.start_port}-{r.end_port} ({r.policy})"
-                              for r in rule.ports) or "nothing (except)"
+            ports = (
+                ", ".join(
+                    f"{r.protocol} {r.start_port}-{r.end_port} ({r.policy})" for r in rule.ports
+                )
+                or "nothing (except)"
+            )
             out.append(f"  {rule.cidr}: {ports}")
     return "\n".join(out)
 

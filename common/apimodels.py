@@ -13,10 +13,10 @@ class _Model(BaseModel):
 
 
 class PortRuleView(_Model):
-    protocol: str           # TCP | UDP | SCTP | ANY
+    protocol: str  # TCP | UDP | SCTP | ANY
     start_port: int
     end_port: int
-    policy: str             # namespace/name, or "" if unknown
+    policy: str  # namespace/name, or "" if unknown
 
 
 class RuleView(_Model):
@@ -27,15 +27,15 @@ class RuleView(_Model):
 
 
 class DirectionView(_Model):
-    state: str              # POLICIES_APPLIED | DEFAULT_ALLOW | DEFAULT_DENY
+    state: str  # POLICIES_APPLIED | DEFAULT_ALLOW | DEFAULT_DENY
     trie_id: int
     rules: list[RuleView] = Field(default_factory=list)
 
 
 class PolicyRefView(_Model):
-    policyendpoint: str     # namespace/name
-    policy: str             # namespace/name of the NetworkPolicy
-    generation: int         # current (from the API)
+    policyendpoint: str  # namespace/name
+    policy: str  # namespace/name of the NetworkPolicy
+    generation: int  # current (from the API)
     programmed_generation: int | None  # in force on the node (None: not yet)
 
 
@@ -47,24 +47,24 @@ class PodView(_Model):
     interface: str
     ifindex: int
     pod_id: int
-    attached: bool          # our programs are on the interface, the current ones
+    attached: bool  # our programs are on the interface, the current ones
     ingress_prog_id: int
     egress_prog_id: int
-    programmed: bool        # every PolicyEndpoint generation listing it is in force
+    programmed: bool  # every PolicyEndpoint generation listing it is in force
     programmed_at: float | None
     error: str
     ingress: DirectionView | None
     egress: DirectionView | None
     policies: list[PolicyRefView]
-    failure: str = ""       # why programming failed: table-full | rule-limit | kernel
+    failure: str = ""  # why programming failed: table-full | rule-limit | kernel
 
 
 class PolicyView(_Model):
     namespace: str
     name: str
-    policyendpoints: dict[str, int]   # name -> generation
-    pods: list[str]                   # local pods it selects (namespace/name)
-    rejected: dict[str, str]          # policyendpoint name -> reason
+    policyendpoints: dict[str, int]  # name -> generation
+    pods: list[str]  # local pods it selects (namespace/name)
+    rejected: dict[str, str]  # policyendpoint name -> reason
 
 
 class WatchView(_Model):
@@ -109,9 +109,9 @@ class NodeStatus(_Model):
     policyendpoints: int
     policyendpoint_stubs: int = 0  # objects of policies selecting no local pod (not kept)
     rejected: int
-    failed: dict[str, str] = {}      # pod -> why its programming failed
+    failed: dict[str, str] = {}  # pod -> why its programming failed
     tables: dict[str, TableView] = {}
-    warnings: list[str] = []         # tables near full
+    warnings: list[str] = []  # tables near full
     datapath: dict[str, int]
     watches: dict[str, WatchView]
     conntrack: ProcessStats
@@ -119,9 +119,9 @@ class NodeStatus(_Model):
 
 
 class ExplainRequest(_Model):
-    pod: str                          # namespace/name
-    peer: str                         # address of the other side
-    port: int = Field(ge=0, le=65535) # the destination port of a new flow
+    pod: str  # namespace/name
+    peer: str  # address of the other side
+    port: int = Field(ge=0, le=65535)  # the destination port of a new flow
     protocol: Literal["TCP", "UDP", "SCTP", "ICMP"] = "TCP"
     direction: Literal["ingress", "egress"] = "ingress"
 
@@ -140,8 +140,8 @@ class ExplainRequest(_Model):
 
 class ExplainResult(_Model):
     verdict: Literal["ALLOW", "DENY", "NOT_ENFORCED"]
-    reason: str          # datapath reason name (rule, default-allow, no-peer-match, ...)
-    summary: str         # one sentence for people
+    reason: str  # datapath reason name (rule, default-allow, no-peer-match, ...)
+    summary: str  # one sentence for people
     pod: str
     ifindex: int
     state: str
@@ -155,7 +155,7 @@ class ExplainResult(_Model):
 
 class WaitResult(_Model):
     programmed: bool
-    pending: list[str]    # pods not programmed yet (namespace/name)
+    pending: list[str]  # pods not programmed yet (namespace/name)
     failed: dict[str, str] = {}  # of those, the ones whose programming failed, and why
-    waited: float         # seconds
+    waited: float  # seconds
     checked_with_api: bool = False  # compared with the API server's current objects

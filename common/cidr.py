@@ -15,14 +15,17 @@ from common.echo import bounded
 
 
 class Cidr(NamedTuple):
-    version: int   # 4 or 6
+    version: int  # 4 or 6
     length: int
-    value: int     # the network address as an integer (host bits cleared)
+    value: int  # the network address as an integer (host bits cleared)
 
     def contains(self, other: Cidr) -> bool:
         bits = 32 if self.version == 4 else 128
-        return (other.version == self.version and other.length >= self.length
-                and other.value >> (bits - self.length) == self.value >> (bits - self.length))
+        return (
+            other.version == self.version
+            and other.length >= self.length
+            and other.value >> (bits - self.length) == self.value >> (bits - self.length)
+        )
 
 
 def parse(text: str) -> Cidr:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-ECHO_LIMIT = 200          # characters of one echoed value
-LOG_VALUE_LIMIT = 2000    # characters of any one value in a log event (a backstop)
+ECHO_LIMIT = 200  # characters of one echoed value
+LOG_VALUE_LIMIT = 2000  # characters of any one value in a log event (a backstop)
 
 
 def bounded(value: object, limit: int = ECHO_LIMIT) -> str:
@@ -25,8 +25,7 @@ def cut(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]}... ({len(text)} chars)"
 
 
-def bound_log_values(_: Any, __: str, event: MutableMapping[str, Any]
-                     ) -> MutableMapping[str, Any]:
+def bound_log_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: no string value of a log event is longer than
     LOG_VALUE_LIMIT, whatever a caller passed (lists and dicts are rendered first)."""
     for key, value in event.items():

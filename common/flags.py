@@ -41,8 +41,9 @@ class Settings(BaseModel):
     """Where decision (flow) logs are written (reference flag and default)."""
     conntrack_cache_cleanup_period: int = Field(default=300, ge=1, le=86400)
     """Seconds between conntrack cache sweeps (reference flag and default)."""
-    conntrack_cache_table_size: int = Field(default=524288, ge=NP_CT_MIN_ENTRIES,
-                                            le=NP_CT_MAX_ENTRIES)
+    conntrack_cache_table_size: int = Field(
+        default=524288, ge=NP_CT_MIN_ENTRIES, le=NP_CT_MAX_ENTRIES
+    )
     """Entries of the datapath's conntrack map (reference flag); fixed once the map exists."""
     metrics_bind_addr: str = ":8162"
     """host:port of the Prometheus endpoint (reference flag and default)."""
@@ -115,8 +116,9 @@ class Settings(BaseModel):
             try:
                 value = int(text, 8)
             except ValueError:
-                raise ValueError(f"expected an octal file mode such as 0600, got "
-                                 f"{text[:20]!r}") from None
+                raise ValueError(
+                    f"expected an octal file mode such as 0600, got {text[:20]!r}"
+                ) from None
         if isinstance(value, int) and not 0 <= value <= 0o666:
             raise ValueError(f"{value:04o} is not a mode from 0000 to 0666 (no execute bits)")
         return value
@@ -165,8 +167,12 @@ def _bool(text: str) -> bool:
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    for name in ("enable-network-policy", "enable-policy-event-logs",
-                 "enable-cloudwatch-logs", "enable-ipv6"):
+    for name in (
+        "enable-network-policy",
+        "enable-policy-event-logs",
+        "enable-cloudwatch-logs",
+        "enable-ipv6",
+    ):
         p.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="BOOL")
     p.add_argument("--log-level")
     p.add_argument("--log-file")
@@ -210,8 +216,12 @@ def _megabytes(text: str) -> int:
     return mb * 1024 * 1024
 
 
-def parse_settings(prog: str, description: str, argv: Sequence[str] | None = None,
-                   env: Mapping[str, str] | None = None) -> Settings:
+def parse_settings(
+    prog: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
     """Flags and environment -> Settings, or exit 2 naming the offending flag."""
     env = os.environ if env is None else env
     args = parser(prog, description).parse_args(argv)
@@ -229,16 +239,22 @@ def parse_settings(prog: str, description: str, argv: Sequence[str] | None = Non
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
         got = values.get(field)
-        sys.stderr.write(f"{prog}: invalid {flag_name(field)}={got!r}: "
-                         f"{err['msg'].removeprefix('Value error, ')}\n")
+        sys.stderr.write(
+            f"{prog}: invalid {flag_name(field)}={got!r}: "
+            f"{err['msg'].removeprefix('Value error, ')}\n"
+        )
         raise SystemExit(2) from None
     if settings.enable_cloudwatch_logs and not settings.enable_policy_event_logs:
-        sys.stderr.write(f"{prog}: invalid --enable-cloudwatch-logs=true: "
-                         "needs --enable-policy-event-logs=true\n")
+        sys.stderr.write(
+            f"{prog}: invalid --enable-cloudwatch-logs=true: "
+            "needs --enable-policy-event-logs=true\n"
+        )
         raise SystemExit(2)
     if settings.leader_election_renew_deadline >= settings.leader_election_lease_duration:
-        sys.stderr.write(f"{prog}: invalid --leader-election-renew-deadline="
-                         f"{settings.leader_election_renew_deadline}: must be shorter than "
-                         "--leader-election-lease-duration\n")
+        sys.stderr.write(
+            f"{prog}: invalid --leader-election-renew-deadline="
+            f"{settings.leader_election_renew_deadline}: must be shorter than "
+            "--leader-election-lease-duration\n"
+        )
         raise SystemExit(2)
     return settings

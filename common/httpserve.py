@@ -41,8 +41,8 @@ REQUEST_TIMEOUT = 30.0
 class ConnectionStats:
     active: int = 0
     accepted: int = 0
-    refused: int = 0      # over MAX_CONNECTIONS: closed at once
-    timed_out: int = 0    # no complete request head in time, or too slow overall
+    refused: int = 0  # over MAX_CONNECTIONS: closed at once
+    timed_out: int = 0  # no complete request head in time, or too slow overall
 
 
 @dataclass
@@ -52,7 +52,7 @@ class _Limiter:
     header_timeout: float
     request_timeout: float
     stats: ConnectionStats = field(default_factory=ConnectionStats)
-    guards: dict[Any, _Guard] = field(default_factory=dict)   # transport -> guard
+    guards: dict[Any, _Guard] = field(default_factory=dict)  # transport -> guard
     _full_logged: bool = False
 
     def full(self) -> bool:
@@ -62,9 +62,12 @@ class _Limiter:
         self.stats.refused += 1
         if not self._full_logged:
             self._full_logged = True
-            log.warning("http.connection_limit", server=self.name,
-                        limit=self.max_connections,
-                        effect="further connections are closed until some end")
+            log.warning(
+                "http.connection_limit",
+                server=self.name,
+                limit=self.max_connections,
+                effect="further connections are closed until some end",
+            )
         return True
 
 
@@ -103,8 +106,9 @@ class _Guard(asyncio.Protocol):
         """The request head is complete: the rest of the exchange has its own bound."""
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.limiter.request_timeout,
-                                                           self._expire)
+        self.timer = asyncio.get_running_loop().call_later(
+            self.limiter.request_timeout, self._expire
+        )
 
     def _expire(self) -> None:
         self.limiter.stats.timed_out += 1
@@ -132,8 +136,9 @@ class _Guard(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
-def health_app(ready_checks: list[ReadyCheck],
-               warning_checks: list[ReadyCheck] | None = None) -> web.Application:
+def health_app(
+    ready_checks: list[ReadyCheck], warning_checks: list[ReadyCheck] | None = None
+) -> web.Application:
     """``warning_checks`` are shown in /readyz's body but do not fail it (a table
     filling up: an operator must see it before it bites)."""
 
@@ -156,19 +161,30 @@ def health_app(ready_checks: list[ReadyCheck],
     return app
 
 
-async def serve(app: web.Application, bind_addr: str, *,
-                max_connections: int = MAX_CONNECTIONS,
-                header_timeout: float = HEADER_TIMEOUT,
-                request_timeout: float = REQUEST_TIMEOUT,
-                stats: ConnectionStats | None = None) -> None:
+async def serve(
+    app: web.Application,
+    bind_addr: str,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout: float = HEADER_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    stats: ConnectionStats | None = None,
+) -> None:
     """Serve until cancelled, within the bounds in the module docstring."""
     host, port = parse_bind_addr(bind_addr)
     limiter = _Limiter(bind_addr, max_connections, header_timeout, request_timeout)
     if stats is not None:
         limiter.stats = stats
     app.middlewares.append(_middleware(limiter))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1,
-                           keepalive_timeout=0, max_line_size=4096, max_field_size=4096)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=1,
+        keepalive_timeout=0,
+        max_line_size=4096,
+        max_field_size=4096,
+    )
     await runner.setup()
     handler = runner.server
     assert handler is not None
@@ -179,7 +195,8 @@ async def serve(app: web.Application, bind_addr: str, *,
         return _Guard(handler(), limiter)
 
     server = await asyncio.get_running_loop().create_server(
-        factory, host or None, port, reuse_address=True, backlog=128)
+        factory, host or None, port, reuse_address=True, backlog=128
+    )
     try:
         await asyncio.Event().wait()
     finally:
@@ -191,9 +208,9 @@ async def serve(app: web.Application, bind_addr: str, *,
 
 def _middleware(limiter: _Limiter) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
-    async def bounded_exchange(request: web.Request,
-                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                               ) -> web.StreamResponse:
+    async def bounded_exchange(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         guard = limiter.guards.get(request.transport)
         if guard is not None:
             guard.started()

@@ -71,7 +71,7 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 
 @dataclass(frozen=True)
 class Resource:
-    group: str          # "" for core
+    group: str  # "" for core
     version: str
     plural: str
     namespaced: bool
@@ -109,9 +109,9 @@ class GoneError(KubeError):
 
 @dataclass(frozen=True)
 class WatchEvent:
-    type: str       # ADDED | MODIFIED | DELETED | BOOKMARK | MALFORMED (see ``problem``)
+    type: str  # ADDED | MODIFIED | DELETED | BOOKMARK | MALFORMED (see ``problem``)
     object: Obj
-    problem: str = ""   # MALFORMED: what was wrong (bounded); the line is skipped
+    problem: str = ""  # MALFORMED: what was wrong (bounded); the line is skipped
     oversized: bool = False  # MALFORMED because it exceeded MAX_EVENT_BYTES
 
 
@@ -139,8 +139,7 @@ def parse_event(line: bytes) -> WatchEvent:
     if not isinstance(obj, dict):
         return _malformed(f"{etype} event's object is a {type(obj).__name__}")
     if etype != "ERROR" and not isinstance(obj.get("metadata") or {}, dict):
-        return _malformed(f"{etype} event's metadata is a "
-                          f"{type(obj.get('metadata')).__name__}")
+        return _malformed(f"{etype} event's metadata is a {type(obj.get('metadata')).__name__}")
     return WatchEvent(etype, obj)
 
 
@@ -210,13 +209,21 @@ class KubeClient:
     async def close(self) -> None:
         await self._api.close()
 
-    async def _call(self, method: str, path: str, *, query: dict[str, str] | None = None,
-                    body: Any = None, content_type: str = "application/json",
-                    accept: str = "application/json",
-                    timeout: float | aiohttp.ClientTimeout | None = 30.0) -> Any:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: float | aiohttp.ClientTimeout | None = 30.0,
+    ) -> Any:
         try:
             resp = await self._api.call_api(
-                path, method,
+                path,
+                method,
                 query_params=list((query or {}).items()),
                 header_params={"Accept": accept, "Content-Type": content_type},
                 body=body,
@@ -244,18 +251,29 @@ class KubeClient:
         return result
 
     # ---- verbs ------------------------------------------------------------------------
-    async def list(self, resource: Resource, *, namespace: str | None = None,
-                   label_selector: str | None = None, field_selector: str | None = None
-                   ) -> tuple[list[Obj], str]:
+    async def list(
+        self,
+        resource: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[Obj], str]:
         """Items and the list's resourceVersion (to watch from)."""
         query = _selectors(label_selector, field_selector)
         data = await self._json("GET", resource.path(namespace), query=query)
         return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
 
-    async def list_page(self, resource: Resource, *, limit: int, continue_token: str = "",
-                        namespace: str | None = None, label_selector: str | None = None,
-                        field_selector: str | None = None
-                        ) -> tuple[builtins.list[Obj], str, str]:
+    async def list_page(
+        self,
+        resource: Resource,
+        *,
+        limit: int,
+        continue_token: str = "",
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[builtins.list[Obj], str, str]:
         """One page of at most ``limit`` items: (items, resourceVersion, continue token;
         empty on the last page). Every page of one list has the first page's version. A
         continue token that expired raises GoneError: list again from the start."""
@@ -265,11 +283,15 @@ class KubeClient:
             query["continue"] = continue_token
         data = await self._json("GET", resource.path(namespace), query=query)
         meta = data.get("metadata") or {}
-        return (list(data.get("items") or []), str(meta.get("resourceVersion", "")),
-                str(meta.get("continue") or ""))
+        return (
+            list(data.get("items") or []),
+            str(meta.get("resourceVersion", "")),
+            str(meta.get("continue") or ""),
+        )
 
-    async def list_metadata(self, resource: Resource, *, namespace: str | None = None
-                            ) -> tuple[builtins.list[Obj], str]:
+    async def list_metadata(
+        self, resource: Resource, *, namespace: str | None = None
+    ) -> tuple[builtins.list[Obj], str]:
         """Items' metadata only (a PartialObjectMetadataList): names, generations and
         versions without the specs, whatever their size."""
         data = await self._json("GET", resource.path(namespace), accept=METADATA_ONLY)
@@ -281,31 +303,44 @@ class KubeClient:
     async def create(self, resource: Resource, namespace: str | None, body: Obj) -> Obj:
         return await self._json("POST", resource.path(namespace), body=body)
 
-    async def replace(self, resource: Resource, namespace: str | None, name: str,
-                      body: Obj) -> Obj:
+    async def replace(self, resource: Resource, namespace: str | None, name: str, body: Obj) -> Obj:
         return await self._json("PUT", resource.path(namespace, name), body=body)
 
-    async def patch(self, resource: Resource, namespace: str | None, name: str,
-                    patch: Obj) -> Obj:
-        return await self._json("PATCH", resource.path(namespace, name), body=patch,
-                                content_type="application/merge-patch+json")
+    async def patch(self, resource: Resource, namespace: str | None, name: str, patch: Obj) -> Obj:
+        return await self._json(
+            "PATCH",
+            resource.path(namespace, name),
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
 
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> Obj:
         return await self._json("DELETE", resource.path(namespace, name))
 
-    async def watch(self, resource: Resource, *, resource_version: str,
-                    namespace: str | None = None, label_selector: str | None = None,
-                    field_selector: str | None = None, timeout_seconds: int = 300,
-                    idle_timeout: float = 90.0, max_event_bytes: int = MAX_EVENT_BYTES
-                    ) -> AsyncIterator[WatchEvent]:
+    async def watch(
+        self,
+        resource: Resource,
+        *,
+        resource_version: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: int = 300,
+        idle_timeout: float = 90.0,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> AsyncIterator[WatchEvent]:
         """Stream events after ``resource_version`` (bookmarks included). Ends when the
         server closes the watch; raises :class:`GoneError` on 410, :class:`KubeError` on any
         other failure, including ``idle_timeout`` seconds of silence. A line that is not a
         well-formed event (garbage, a wrong shape, over ``max_event_bytes``) is yielded as
         a MALFORMED event, never raised."""
         query = _selectors(label_selector, field_selector)
-        query.update(watch="1", resourceVersion=resource_version, allowWatchBookmarks="true",
-                     timeoutSeconds=str(timeout_seconds))
+        query.update(
+            watch="1",
+            resourceVersion=resource_version,
+            allowWatchBookmarks="true",
+            timeoutSeconds=str(timeout_seconds),
+        )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout)
         resp = await self._call("GET", resource.path(namespace), query=query, timeout=timeout)
         try:
@@ -320,8 +355,10 @@ class KubeClient:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise KubeError(0, f"watch {resource.plural}: {exc!r}") from exc
                 if isinstance(line, int):
-                    yield _malformed(f"event of {line} bytes, over the {max_event_bytes} "
-                                     f"byte bound", oversized=True)
+                    yield _malformed(
+                        f"event of {line} bytes, over the {max_event_bytes} byte bound",
+                        oversized=True,
+                    )
                     continue
                 if not line.strip():
                     continue
@@ -329,9 +366,11 @@ class KubeClient:
                 if event.type == "ERROR":
                     obj = event.object
                     code = obj.get("code")
-                    raise _error(code if isinstance(code, int) else 500,
-                                 str(obj.get("message", ""))[:300],
-                                 reason=str(obj.get("reason", ""))[:100])
+                    raise _error(
+                        code if isinstance(code, int) else 500,
+                        str(obj.get("message", ""))[:300],
+                        reason=str(obj.get("reason", ""))[:100],
+                    )
                 yield event
         finally:
             resp.release()

@@ -67,8 +67,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         return web.json_response({"error": exc.reason}, status=exc.status)
     except ValidationError as exc:
-        return web.json_response({"error": "invalid request", "details": exc.errors(
-            include_url=False, include_context=False)}, status=400)
+        return web.json_response(
+            {
+                "error": "invalid request",
+                "details": exc.errors(include_url=False, include_context=False),
+            },
+            status=400,
+        )
     except ValueError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except Exception as exc:  # a fault of ours, not the caller's: logged, and still JSON
@@ -123,22 +128,35 @@ class LocalClient:
 
     def _unavailable(self, exc: BaseException) -> Unavailable:
         if not os.path.exists(self.path):
-            return Unavailable(f"{self.process} is not running (no socket at {self.path}; "
-                               "is it started, with the same --runtime-dir?)")
+            return Unavailable(
+                f"{self.process} is not running (no socket at {self.path}; "
+                "is it started, with the same --runtime-dir?)"
+            )
         if isinstance(exc, PermissionError) or "Permission denied" in str(exc):
             return Unavailable(f"permission denied on {self.path}: run as root")
         return Unavailable(f"{self.process} is not answering on {self.path}: {exc}")
 
-    async def request(self, method: str, route: str, model: type[M], *,
-                      params: Params | None = None, body: BaseModel | None = None,
-                      timeout: float = 10.0) -> M:
+    async def request(
+        self,
+        method: str,
+        route: str,
+        model: type[M],
+        *,
+        params: Params | None = None,
+        body: BaseModel | None = None,
+        timeout: float = 10.0,
+    ) -> M:
         connector = aiohttp.UnixConnector(path=self.path)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=client_timeout) as s,
-                s.request(method, f"http://localhost{route}", params=params,
-                          json=body.model_dump(mode="json") if body else None) as r,
+                s.request(
+                    method,
+                    f"http://localhost{route}",
+                    params=params,
+                    json=body.model_dump(mode="json") if body else None,
+                ) as r,
             ):
                 payload: Any = await r.json(content_type=None)
                 if r.status >= 400:
@@ -154,8 +172,9 @@ class LocalClient:
         connector = aiohttp.UnixConnector(path=self.path)
         try:
             async with (
-                aiohttp.ClientSession(connector=connector,
-                                      timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                aiohttp.ClientSession(
+                    connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+                ) as s,
                 s.get(f"http://localhost{route}") as r,
             ):
                 if r.status >= 400:
@@ -166,6 +185,7 @@ class LocalClient:
         except TimeoutError:
             raise Unavailable(f"{self.process} did not answer within {timeout}s") from None
 
-    async def get(self, route: str, model: type[M], *, params: Params | None = None,
-                  timeout: float = 10.0) -> M:
+    async def get(
+        self, route: str, model: type[M], *, params: Params | None = None, timeout: float = 10.0
+    ) -> M:
         return await self.request("GET", route, model, params=params, timeout=timeout)

@@ -11,16 +11,20 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 
 class LoopMonitor:
-    def __init__(self, registry: CollectorRegistry, prefix: str,
-                 interval: float = 0.1) -> None:
+    def __init__(self, registry: CollectorRegistry, prefix: str, interval: float = 0.1) -> None:
         self.interval = interval
-        self.lag = Histogram(f"{prefix}_event_loop_lag_seconds",
-                             "How late the event loop ran a timer", buckets=LAG_BUCKETS,
-                             registry=registry)
-        self.lag_max = Gauge(f"{prefix}_event_loop_lag_max_seconds",
-                             "Largest event-loop lag seen since start", registry=registry)
-        self.tasks = Gauge(f"{prefix}_asyncio_tasks", "asyncio tasks alive",
-                           registry=registry)
+        self.lag = Histogram(
+            f"{prefix}_event_loop_lag_seconds",
+            "How late the event loop ran a timer",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.lag_max = Gauge(
+            f"{prefix}_event_loop_lag_max_seconds",
+            "Largest event-loop lag seen since start",
+            registry=registry,
+        )
+        self.tasks = Gauge(f"{prefix}_asyncio_tasks", "asyncio tasks alive", registry=registry)
         self.worst = 0.0
 
     async def run(self) -> None:

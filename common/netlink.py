@@ -72,15 +72,15 @@ class Addr:
     index: int
     address: str
     prefixlen: int
-    scope: int          # 0 universe (global), 253 link, 254 host
+    scope: int  # 0 universe (global), 253 link, 254 host
 
 
 @dataclass(frozen=True)
 class Route:
-    dst: str            # "" for a default route
+    dst: str  # "" for a default route
     dst_len: int
     oif: int
-    family: int         # socket.AF_INET / AF_INET6
+    family: int  # socket.AF_INET / AF_INET6
     table: int
 
 
@@ -89,7 +89,7 @@ class NetEvent:
     """A change seen on a netlink subscription."""
 
     kind: Literal["link", "addr", "route"]
-    added: bool         # False: removed
+    added: bool  # False: removed
     link: Link | None = None
     addr: Addr | None = None
     route: Route | None = None
@@ -186,8 +186,13 @@ class Netlink:
     async def subscribe(self) -> None:
         """Join the link, address and route multicast groups: changes from now on are
         queued on this socket until read with :meth:`events`."""
-        groups = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
-                  | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        groups = (
+            RTMGRP_LINK
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE
+        )
         await self._sock.bind(groups=groups)
 
     async def events(self) -> AsyncIterator[NetEvent]:
@@ -212,9 +217,16 @@ class Netlink:
         await self.ensure_clsact(ifindex)
         try:
             await self._sock.tc(
-                "replace-filter", "bpf", ifindex, FILTER_HANDLE,
-                fd=prog_fd, name=name, parent=_PARENT[hook], prio=FILTER_PRIO,
-                classid=1, direct_action=True,
+                "replace-filter",
+                "bpf",
+                ifindex,
+                FILTER_HANDLE,
+                fd=prog_fd,
+                name=name,
+                parent=_PARENT[hook],
+                prio=FILTER_PRIO,
+                classid=1,
+                direct_action=True,
             )
         except NetlinkError as exc:
             raise _raise(exc, f"ifindex {ifindex}: attach {name} on tc {hook}") from exc
@@ -223,8 +235,12 @@ class Netlink:
         """Remove our filter from a hook; False if it was not there. Other filters stay."""
         try:
             await self._sock.tc(
-                "del-filter", "bpf", ifindex, FILTER_HANDLE,
-                parent=_PARENT[hook], prio=FILTER_PRIO,
+                "del-filter",
+                "bpf",
+                ifindex,
+                FILTER_HANDLE,
+                parent=_PARENT[hook],
+                prio=FILTER_PRIO,
             )
         except NetlinkError as exc:
             if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
@@ -265,8 +281,12 @@ def _link(msg: Any) -> Link:
 
 
 def _addr(msg: Any) -> Addr:
-    return Addr(index=msg["index"], address=msg.get_attr("IFA_ADDRESS") or "",
-                prefixlen=msg["prefixlen"], scope=msg["scope"])
+    return Addr(
+        index=msg["index"],
+        address=msg.get_attr("IFA_ADDRESS") or "",
+        prefixlen=msg["prefixlen"],
+        scope=msg["scope"],
+    )
 
 
 _RT_TABLE_MAIN = 254
@@ -277,8 +297,13 @@ def _route(msg: Any) -> Route | None:
     table = msg.get_attr("RTA_TABLE") or msg["table"]
     if table != _RT_TABLE_MAIN or msg["type"] != _RTN_UNICAST:
         return None
-    return Route(dst=msg.get_attr("RTA_DST") or "", dst_len=msg["dst_len"],
-                 oif=int(msg.get_attr("RTA_OIF") or 0), family=msg["family"], table=table)
+    return Route(
+        dst=msg.get_attr("RTA_DST") or "",
+        dst_len=msg["dst_len"],
+        oif=int(msg.get_attr("RTA_OIF") or 0),
+        family=msg["family"],
+        table=table,
+    )
 
 
 def _event(msg: Any) -> NetEvent | None:

@@ -76,8 +76,10 @@ def parse_pod(obj: Any) -> PodObject:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     ns = meta.get("namespace") if isinstance(meta, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
-    where = {"namespace": ns[:63] if isinstance(ns, str) else "",
-             "name": name[:253] if isinstance(name, str) else ""}
+    where = {
+        "namespace": ns[:63] if isinstance(ns, str) else "",
+        "name": name[:253] if isinstance(name, str) else "",
+    }
     try:
         return PodObject.model_validate(obj)
     except ValidationError as exc:

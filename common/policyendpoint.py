@@ -27,8 +27,6 @@ GROUP_ANNOTATION = "np-resolver.networking.k8s.aws/target-group"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
@@ -42,8 +40,8 @@ def _none_to_dict(value: Any) -> Any:
 
 
 class PortSpec(NamedTuple):
-    protocol: str            # TCP | UDP | SCTP
-    port: int | None         # None: every port of the protocol
+    protocol: str  # TCP | UDP | SCTP
+    port: int | None  # None: every port of the protocol
     end_port: int | None
 
 
@@ -91,11 +89,13 @@ def parse_rules(entries: Any, where: str) -> list[Rule]:
                 except ValueError as exc:
                     raise ValueError(f"{loc}.except: {exc}") from None
                 if ex.version != cidr.version:
-                    raise ValueError(f"{loc}.except: {bounded(raw)} is not of the family of "
-                                     f"cidr {bounded(text)}")
+                    raise ValueError(
+                        f"{loc}.except: {bounded(raw)} is not of the family of cidr {bounded(text)}"
+                    )
                 if not cidr.contains(ex):
-                    raise ValueError(f"{loc}.except: {bounded(raw)} is outside cidr "
-                                     f"{bounded(text)}")
+                    raise ValueError(
+                        f"{loc}.except: {bounded(raw)} is outside cidr {bounded(text)}"
+                    )
                 parsed.append(ex)
             excepts = tuple(parsed)
         ports = entry.get("ports")
@@ -164,16 +164,19 @@ class PolicyReference(_Model):
 class PolicyEndpointSpec(_Model):
     policy_ref: PolicyReference = Field(alias="policyRef")
     pod_selector: dict[str, Any] | None = Field(default=None, alias="podSelector")
-    pod_isolation: list[Literal["Ingress", "Egress"]] = Field(default_factory=list,
-                                                              alias="podIsolation")
-    pod_selector_endpoints: list[PodEndpoint] = Field(default_factory=list,
-                                                      alias="podSelectorEndpoints")
+    pod_isolation: list[Literal["Ingress", "Egress"]] = Field(
+        default_factory=list, alias="podIsolation"
+    )
+    pod_selector_endpoints: list[PodEndpoint] = Field(
+        default_factory=list, alias="podSelectorEndpoints"
+    )
     # raw entries: validated by parse_rules (see parse_with_rules)
     ingress: list[Any] = Field(default_factory=list)
     egress: list[Any] = Field(default_factory=list)
 
-    _none = field_validator("pod_isolation", "pod_selector_endpoints", "ingress", "egress",
-                            mode="before")(_none_to_list)
+    _none = field_validator(
+        "pod_isolation", "pod_selector_endpoints", "ingress", "egress", mode="before"
+    )(_none_to_list)
 
 
 class ObjectMeta(_Model):

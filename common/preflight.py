@@ -22,12 +22,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
-                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
-                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
-                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
-                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
-                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    ]
 
 
 def _fs_type(path: str) -> tuple[int, int] | None:
@@ -47,8 +55,10 @@ def bpffs_problem(path: str = "/sys/fs/bpf", *, try_mount: bool = True) -> str |
         else:
             refused = ctypes.get_errno() == errno.EPERM
     if info is None or info[0] != BPF_FS_MAGIC:
-        how = ("mount it on the node (`mount -t bpf bpf /sys/fs/bpf`, e.g. in the node's "
-               "user data) and into this container")
+        how = (
+            "mount it on the node (`mount -t bpf bpf /sys/fs/bpf`, e.g. in the node's "
+            "user data) and into this container"
+        )
         if refused:
             return f"bpffs is not mounted at {path} and mounting it was refused: {how}"
         return f"bpffs is not mounted at {path}: {how}"
@@ -63,9 +73,11 @@ def kernel_problem(release: str | None = None) -> str | None:
     if not m:
         return f"cannot read the kernel version from {release!r}"
     if (int(m.group(1)), int(m.group(2))) < MIN_KERNEL:
-        return (f"kernel {release} is too old: the datapath needs Linux "
-                f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (BPF ring buffer, BPF-to-BPF "
-                "global functions with pointer arguments)")
+        return (
+            f"kernel {release} is too old: the datapath needs Linux "
+            f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (BPF ring buffer, BPF-to-BPF "
+            "global functions with pointer arguments)"
+        )
     return None
 
 

@@ -61,8 +61,9 @@ async def supervise(
             log.error("supervisor.task_hung", task=running[t], grace=grace)
         for t in finished:
             if not t.cancelled() and t.exception() is not None:
-                log.error("supervisor.task_failed_on_stop", task=running[t],
-                          error=repr(t.exception()))
+                log.error(
+                    "supervisor.task_failed_on_stop", task=running[t], error=repr(t.exception())
+                )
     with contextlib.suppress(asyncio.CancelledError):
         await stopper
     if failure is not None:

@@ -88,9 +88,9 @@ class WatchStats:
     gone: int = 0
     errors: int = 0
     events: int = 0
-    malformed: int = 0        # events skipped: not a well-formed event
-    rejected: int = 0         # objects the consumer could not take (skipped)
-    relists: int = 0          # lists forced by repeated failures or an oversized event
+    malformed: int = 0  # events skipped: not a well-formed event
+    rejected: int = 0  # objects the consumer could not take (skipped)
+    relists: int = 0  # lists forced by repeated failures or an oversized event
     last_error: str = ""
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     progress_at: float = field(default_factory=time.monotonic)  # list, event, clean end
@@ -143,9 +143,15 @@ async def list_watch(
     while True:
         try:
             if rv is None:
-                rv, count = await _list(client, resource, consumer, settings=settings,
-                                        label_selector=label_selector,
-                                        field_selector=field_selector, stats=stats)
+                rv, count = await _list(
+                    client,
+                    resource,
+                    consumer,
+                    settings=settings,
+                    label_selector=label_selector,
+                    field_selector=field_selector,
+                    stats=stats,
+                )
                 stats.lists += 1
                 stats.synced.set()
                 stats.progressed()
@@ -153,15 +159,22 @@ async def list_watch(
                 log.info("watch.listed", resource=what, items=count, resource_version=rv)
             stats.watches += 1
             relist = ""
-            async for ev in client.watch(resource, resource_version=rv,
-                                         label_selector=label_selector,
-                                         field_selector=field_selector,
-                                         timeout_seconds=settings.server_timeout,
-                                         idle_timeout=settings.idle_timeout):
+            async for ev in client.watch(
+                resource,
+                resource_version=rv,
+                label_selector=label_selector,
+                field_selector=field_selector,
+                timeout_seconds=settings.server_timeout,
+                idle_timeout=settings.idle_timeout,
+            ):
                 if ev.type == "MALFORMED":
                     stats.malformed += 1
-                    log.warning("watch.malformed_event", resource=what, problem=ev.problem,
-                                resource_version=rv)
+                    log.warning(
+                        "watch.malformed_event",
+                        resource=what,
+                        problem=ev.problem,
+                        resource_version=rv,
+                    )
                     if ev.oversized:
                         relist = "an event over the size bound was skipped"
                         break
@@ -180,8 +193,7 @@ async def list_watch(
                 stats.progressed()  # the server ended the watch cleanly
             if relist:
                 stats.relists += 1
-                log.warning("watch.relisting", resource=what, reason=relist,
-                            resource_version=rv)
+                log.warning("watch.relisting", resource=what, reason=relist, resource_version=rv)
                 rv = None
         except GoneError:
             stats.gone += 1
@@ -190,49 +202,76 @@ async def list_watch(
         except KubeError as exc:
             again = failure(str(exc))
             delay = backoff * random.uniform(0.5, 1.5)
-            log.warning("watch.failed", resource=what, status=exc.status, error=str(exc)[:300],
-                        retry_in=round(delay, 3))
+            log.warning(
+                "watch.failed",
+                resource=what,
+                status=exc.status,
+                error=str(exc)[:300],
+                retry_in=round(delay, 3),
+            )
             if again and rv is not None:
                 stats.relists += 1
-                log.warning("watch.relisting", resource=what, resource_version=rv,
-                            reason=f"{settings.relist_after} failures at one resourceVersion")
+                log.warning(
+                    "watch.relisting",
+                    resource=what,
+                    resource_version=rv,
+                    reason=f"{settings.relist_after} failures at one resourceVersion",
+                )
                 rv = None
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, settings.backoff_max)
 
 
-def _apply(fn: Callable[[Any], None], arg: Any, obj: Obj, *, what: str,
-           stats: WatchStats) -> None:
+def _apply(fn: Callable[[Any], None], arg: Any, obj: Obj, *, what: str, stats: WatchStats) -> None:
     """Give one object to the consumer; one it cannot take is skipped, not fatal."""
     try:
         fn(arg)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
         stats.rejected += 1
         meta = obj.get("metadata") if isinstance(obj, dict) else None
-        name = (f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-                if isinstance(meta, dict) else "?")
-        log.error("watch.object_skipped", resource=what, object=name[:200],
-                  error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        name = (
+            f"{meta.get('namespace', '')}/{meta.get('name', '')}" if isinstance(meta, dict) else "?"
+        )
+        log.error(
+            "watch.object_skipped",
+            resource=what,
+            object=name[:200],
+            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+        )
 
 
-async def _list(client: KubeClient, resource: Resource, consumer: WatchConsumer, *,
-                settings: WatchSettings, label_selector: str | None,
-                field_selector: str | None, stats: WatchStats) -> tuple[str, int]:
+async def _list(
+    client: KubeClient,
+    resource: Resource,
+    consumer: WatchConsumer,
+    *,
+    settings: WatchSettings,
+    label_selector: str | None,
+    field_selector: str | None,
+    stats: WatchStats,
+) -> tuple[str, int]:
     """The full state, page by page, into the consumer: (resourceVersion, objects)."""
     consumer.begin()
     token, version, count = "", "", 0
     while True:
         items, page_version, token = await client.list_page(
-            resource, limit=settings.page_size, continue_token=token,
-            label_selector=label_selector, field_selector=field_selector)
+            resource,
+            limit=settings.page_size,
+            continue_token=token,
+            label_selector=label_selector,
+            field_selector=field_selector,
+        )
         version = version or page_version
         for obj in items:
             if isinstance(obj, dict) and isinstance(obj.get("metadata") or {}, dict):
                 _apply(consumer.add, obj, obj, what=resource.plural, stats=stats)
             else:
                 stats.malformed += 1
-                log.warning("watch.malformed_item", resource=resource.plural,
-                            problem=f"list item is a {type(obj).__name__}")
+                log.warning(
+                    "watch.malformed_item",
+                    resource=resource.plural,
+                    problem=f"list item is a {type(obj).__name__}",
+                )
         count += len(items)
         del items
         if not token:

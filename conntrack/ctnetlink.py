@@ -93,11 +93,12 @@ def _socket() -> socket.socket:
     return sock
 
 
-def _request(msg_type: int, flags: int, family: int, payload: bytes = b"", seq: int = 1
-             ) -> bytes:
+def _request(msg_type: int, flags: int, family: int, payload: bytes = b"", seq: int = 1) -> bytes:
     body = struct.pack("=BBH", family, 0, 0) + payload
-    return _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type,
-                       flags, seq, 0) + body
+    return (
+        _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type, flags, seq, 0)
+        + body
+    )
 
 
 def dump(family: int, on_entry: Callable[[Tuple, Tuple], None]) -> int:
@@ -112,8 +113,9 @@ def dump(family: int, on_entry: Callable[[Tuple, Tuple], None]) -> int:
                 data = sock.recv(1 << 20)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    raise CtnetlinkError(errno.ENOBUFS, "conntrack dump overran the socket "
-                                         "buffer; retry") from exc
+                    raise CtnetlinkError(
+                        errno.ENOBUFS, "conntrack dump overran the socket buffer; retry"
+                    ) from exc
                 raise
             off = 0
             while off + _NLMSG.size <= len(data):
@@ -142,8 +144,8 @@ def dump(family: int, on_entry: Callable[[Tuple, Tuple], None]) -> int:
 
 
 # ---- the cleaner's fast path -------------------------------------------------------------
-_V4_IP_NEST = 20   # nest header + two 8-byte IPv4 attributes
-_V6_IP_NEST = 44   # nest header + two 20-byte IPv6 attributes
+_V4_IP_NEST = 20  # nest header + two 8-byte IPv4 attributes
+_V6_IP_NEST = 44  # nest header + two 20-byte IPv6 attributes
 _ZERO_PORTS = b"\0\0\0\0"
 
 
@@ -165,12 +167,48 @@ def raw_tuple(src: bytes, dst: bytes, proto: int, sport_be: bytes, dport_be: byt
     (ctnetlink_dump_tuples): IP {src, dst}, PROTO {num, sport, dport}. Matching these raw
     bytes costs the scan one slice per tuple."""
     if len(src) == 4:
-        return _RAW_V4.pack(20, CTA_TUPLE_IP | _NEST, 8, CTA_IP_V4_SRC, src, 8, CTA_IP_V4_DST,
-                            dst, 28, CTA_TUPLE_PROTO | _NEST, 5, CTA_PROTO_NUM, proto, 6,
-                            CTA_PROTO_SRC_PORT, sport_be, 6, CTA_PROTO_DST_PORT, dport_be)
-    return _RAW_V6.pack(44, CTA_TUPLE_IP | _NEST, 20, CTA_IP_V6_SRC, src, 20, CTA_IP_V6_DST,
-                        dst, 28, CTA_TUPLE_PROTO | _NEST, 5, CTA_PROTO_NUM, proto, 6,
-                        CTA_PROTO_SRC_PORT, sport_be, 6, CTA_PROTO_DST_PORT, dport_be)
+        return _RAW_V4.pack(
+            20,
+            CTA_TUPLE_IP | _NEST,
+            8,
+            CTA_IP_V4_SRC,
+            src,
+            8,
+            CTA_IP_V4_DST,
+            dst,
+            28,
+            CTA_TUPLE_PROTO | _NEST,
+            5,
+            CTA_PROTO_NUM,
+            proto,
+            6,
+            CTA_PROTO_SRC_PORT,
+            sport_be,
+            6,
+            CTA_PROTO_DST_PORT,
+            dport_be,
+        )
+    return _RAW_V6.pack(
+        44,
+        CTA_TUPLE_IP | _NEST,
+        20,
+        CTA_IP_V6_SRC,
+        src,
+        20,
+        CTA_IP_V6_DST,
+        dst,
+        28,
+        CTA_TUPLE_PROTO | _NEST,
+        5,
+        CTA_PROTO_NUM,
+        proto,
+        6,
+        CTA_PROTO_SRC_PORT,
+        sport_be,
+        6,
+        CTA_PROTO_DST_PORT,
+        dport_be,
+    )
 
 
 def tuple_key(src: bytes, dst: bytes, sport_be: bytes, dport_be: bytes, proto: int) -> bytes:
@@ -185,8 +223,9 @@ def tuple_key(src: bytes, dst: bytes, sport_be: bytes, dport_be: bytes, proto: i
 def _slow_key(data: bytes, s: int, e: int, v6: bool) -> bytes:
     src, dst, proto, sport, dport = _tuple(data, s, e)
     alen = 16 if v6 else 4
-    return tuple_key(src[:alen], dst[:alen], struct.pack("!H", sport), struct.pack("!H", dport),
-                     proto)
+    return tuple_key(
+        src[:alen], dst[:alen], struct.pack("!H", sport), struct.pack("!H", dport), proto
+    )
 
 
 _HEAD = struct.Struct("=IH10x4xHH")  # nlmsghdr (len, type), nfgenmsg, first attribute
@@ -221,12 +260,15 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
                 count += 1
                 a2 = off + 20 + nest_len
                 # the common layout: ORIG then REPLY, both ported tuples of raw_len bytes
-                if a1len == nest_len and a1type & NLA_TYPE_MASK == CTA_TUPLE_ORIG \
-                        and nlattr(data, a2) == (nest_len, CTA_TUPLE_REPLY | NLA_F_NESTED):
-                    orig = data[off + 24:a2]
+                if (
+                    a1len == nest_len
+                    and a1type & NLA_TYPE_MASK == CTA_TUPLE_ORIG
+                    and nlattr(data, a2) == (nest_len, CTA_TUPLE_REPLY | NLA_F_NESTED)
+                ):
+                    orig = data[off + 24 : a2]
                     if orig in wanted:
                         found.add(orig)
-                    reply = data[a2 + 4:a2 + nest_len]
+                    reply = data[a2 + 4 : a2 + nest_len]
                     if reply in wanted:
                         found.add(reply)
                 else:
@@ -238,8 +280,9 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
                 off += (length + 3) & ~3
     except OSError as exc:
         if exc.errno == errno.ENOBUFS:
-            raise CtnetlinkError(errno.ENOBUFS, "conntrack dump overran the socket buffer; "
-                                 "retry") from exc
+            raise CtnetlinkError(
+                errno.ENOBUFS, "conntrack dump overran the socket buffer; retry"
+            ) from exc
         raise
     finally:
         sock.close()
@@ -255,8 +298,9 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def _tuple_attr(kind: int, src: bytes, dst: bytes, proto: int, sport: int, dport: int,
-                family: int) -> bytes:
+def _tuple_attr(
+    kind: int, src: bytes, dst: bytes, proto: int, sport: int, dport: int, family: int
+) -> bytes:
     if family == socket.AF_INET:
         ip = _attr(CTA_IP_V4_SRC, src[:4]) + _attr(CTA_IP_V4_DST, dst[:4])
     else:
@@ -278,26 +322,41 @@ class Writer:
     def close(self) -> None:
         self.sock.close()
 
-    def _entry(self, msg: int, flags: int, family: int, src: bytes, dst: bytes, proto: int,
-               sport: int, dport: int, timeout: int) -> bytes:
-        payload = (_tuple_attr(CTA_TUPLE_ORIG, src, dst, proto, sport, dport, family)
-                   + _tuple_attr(CTA_TUPLE_REPLY, dst, src, proto, dport, sport, family))
+    def _entry(
+        self,
+        msg: int,
+        flags: int,
+        family: int,
+        src: bytes,
+        dst: bytes,
+        proto: int,
+        sport: int,
+        dport: int,
+        timeout: int,
+    ) -> bytes:
+        payload = _tuple_attr(CTA_TUPLE_ORIG, src, dst, proto, sport, dport, family) + _tuple_attr(
+            CTA_TUPLE_REPLY, dst, src, proto, dport, sport, family
+        )
         if msg == IPCTNL_MSG_CT_NEW:
             payload += _attr(CTA_TIMEOUT, struct.pack("!I", timeout))
         self.seq += 1
         return _request(msg, flags, family, payload, seq=self.seq)
 
-    def send(self, msg: int, entries: list[tuple[int, bytes, bytes, int, int, int]], *,
-             timeout: int = 600) -> int:
+    def send(
+        self,
+        msg: int,
+        entries: list[tuple[int, bytes, bytes, int, int, int]],
+        *,
+        timeout: int = 600,
+    ) -> int:
         """Each entry: (family, src16, dst16, proto, sport, dport). Returns failures."""
         flags = NLM_F_REQUEST | NLM_F_ACK
         if msg == IPCTNL_MSG_CT_NEW:
             flags |= NLM_F_CREATE | NLM_F_EXCL
         failures = 0
         for i in range(0, len(entries), 256):
-            chunk = entries[i:i + 256]
-            self.sock.send(b"".join(self._entry(msg, flags, *e, timeout=timeout)
-                                    for e in chunk))
+            chunk = entries[i : i + 256]
+            self.sock.send(b"".join(self._entry(msg, flags, *e, timeout=timeout) for e in chunk))
             acks = 0
             while acks < len(chunk):
                 data = self.sock.recv(1 << 20)

@@ -40,21 +40,33 @@ class Cleaner:
         self._lock = asyncio.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.m_sweeps = Counter("awsnodeagent_conntrack_sweeps_total", "Sweeps done",
-                                registry=r)
-        self.m_removed = Counter("awsnodeagent_conntrack_removed_total",
-                                 "Entries removed (their flows were gone)", registry=r)
-        self.m_failures = Counter("awsnodeagent_conntrack_sweep_failures_total",
-                                  "Sweeps that failed (retried next period)", registry=r)
-        self.m_entries = Gauge("awsnodeagent_conntrack_entries",
-                               "Entries in the datapath's conntrack map at the last sweep",
-                               registry=r)
-        self.m_kernel = Gauge("awsnodeagent_conntrack_kernel_entries",
-                              "Flows in the kernel's conntrack table at the last sweep",
-                              registry=r)
-        self.m_duration = Histogram("awsnodeagent_conntrack_sweep_seconds", "Sweep duration",
-                                    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
-                                    registry=r)
+        self.m_sweeps = Counter("awsnodeagent_conntrack_sweeps_total", "Sweeps done", registry=r)
+        self.m_removed = Counter(
+            "awsnodeagent_conntrack_removed_total",
+            "Entries removed (their flows were gone)",
+            registry=r,
+        )
+        self.m_failures = Counter(
+            "awsnodeagent_conntrack_sweep_failures_total",
+            "Sweeps that failed (retried next period)",
+            registry=r,
+        )
+        self.m_entries = Gauge(
+            "awsnodeagent_conntrack_entries",
+            "Entries in the datapath's conntrack map at the last sweep",
+            registry=r,
+        )
+        self.m_kernel = Gauge(
+            "awsnodeagent_conntrack_kernel_entries",
+            "Flows in the kernel's conntrack table at the last sweep",
+            registry=r,
+        )
+        self.m_duration = Histogram(
+            "awsnodeagent_conntrack_sweep_seconds",
+            "Sweep duration",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
 
     async def sweep(self) -> SweepResult:
         async with self._lock:  # one sweep at a time, periodic or requested
@@ -73,12 +85,13 @@ class Cleaner:
         self.m_entries.set(res.map_entries)
         self.m_kernel.set(res.kernel_entries)
         self.m_duration.observe(res.duration)
-        log.info("conntrack.swept", **{k: v for k, v in res.as_dict().items()
-                                       if k != "started_at"})
+        log.info("conntrack.swept", **{k: v for k, v in res.as_dict().items() if k != "started_at"})
         if res.fallback:
-            log.warning("conntrack.kernel_table_empty",
-                        meaning="no kernel conntrack in this network namespace; only "
-                                "entries idle for long are removed")
+            log.warning(
+                "conntrack.kernel_table_empty",
+                meaning="no kernel conntrack in this network namespace; only "
+                "entries idle for long are removed",
+            )
         return res
 
     async def run(self) -> None:
@@ -91,8 +104,12 @@ class Cleaner:
         stats: dict[str, float | int | str] = {f"total_{k}": v for k, v in self.totals.items()}
         stats["period_seconds"] = self.period
         if self.last is not None:
-            stats.update({f"last_{k}": (int(v) if isinstance(v, bool) else v)
-                          for k, v in self.last.as_dict().items()})
+            stats.update(
+                {
+                    f"last_{k}": (int(v) if isinstance(v, bool) else v)
+                    for k, v in self.last.as_dict().items()
+                }
+            )
         return ProcessStats(running=True, stats=stats)
 
     def app(self) -> web.Application:
@@ -107,8 +124,7 @@ class Cleaner:
             return web.json_response(res.as_dict())
 
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry),
-                                content_type="text/plain")
+            return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
         app = make_app()
         app.router.add_get("/v1/stats", stats)
@@ -131,7 +147,8 @@ async def open_map(settings: Settings, stop: asyncio.Event) -> Map | None:
             f"invalid --conntrack-cache-table-size={settings.conntrack_cache_table_size}: "
             f"the conntrack map pinned at {path} has {size} entries; resizing means "
             "recreating the map and losing every tracked flow, so it is refused at run time "
-            f"(keep {size}, or change it on a new node)")
+            f"(keep {size}, or change it on a new node)"
+        )
     return m
 
 
@@ -148,15 +165,25 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         return {int.from_bytes(k, "little") for k in pods}
 
     try:
-        cleaner = Cleaner(Sweeper(ct, interfaces=interfaces),
-                          period=settings.conntrack_cache_cleanup_period)
-        log.info("conntrack.starting", period=settings.conntrack_cache_cleanup_period,
-                 entries=ct.max_entries, started=time.time())
-        await supervise({
-            "api": serve_unix(cleaner.app(),
-                              socket_path(settings.runtime_dir, CONNTRACK_SOCKET)),
-            "sweeper": cleaner.run(),
-        }, stop=stop, grace=settings.shutdown_timeout)
+        cleaner = Cleaner(
+            Sweeper(ct, interfaces=interfaces), period=settings.conntrack_cache_cleanup_period
+        )
+        log.info(
+            "conntrack.starting",
+            period=settings.conntrack_cache_cleanup_period,
+            entries=ct.max_entries,
+            started=time.time(),
+        )
+        await supervise(
+            {
+                "api": serve_unix(
+                    cleaner.app(), socket_path(settings.runtime_dir, CONNTRACK_SOCKET)
+                ),
+                "sweeper": cleaner.run(),
+            },
+            stop=stop,
+            grace=settings.shutdown_timeout,
+        )
     finally:
         ct.close()
         pods.close()

@@ -39,8 +39,8 @@ from conntrack.ctnetlink import _PORTED, raw_tuple, scan, tuple_key
 log = structlog.get_logger("conntrack.sweep")
 
 _KEY = struct.Struct("<16s16sHHBB2xI")  # struct np_ct_key
-_VALUE = struct.Struct("<QQIBB2x")      # struct np_ct_value
-_LAST_SEEN = struct.Struct("<Q")        # its first field
+_VALUE = struct.Struct("<QQIBB2x")  # struct np_ct_value
+_LAST_SEEN = struct.Struct("<Q")  # its first field
 assert _KEY.size == 44
 assert _VALUE.size == 24
 
@@ -52,18 +52,18 @@ def now_ns() -> int:
 
 @dataclass
 class SweepResult:
-    started_at: float = 0.0        # epoch seconds
-    duration: float = 0.0          # seconds
-    map_entries: int = 0           # in the snapshot
-    idle: int = 0                  # not used since the sweep began (candidates)
-    kernel_entries: int = 0        # flows in the kernel's table, both families
-    live: int = 0                  # candidates with a live kernel flow
-    touched: int = 0               # dead in the kernel but used meanwhile: kept
-    young: int = 0                 # kept by the fallback rule (not idle long enough)
+    started_at: float = 0.0  # epoch seconds
+    duration: float = 0.0  # seconds
+    map_entries: int = 0  # in the snapshot
+    idle: int = 0  # not used since the sweep began (candidates)
+    kernel_entries: int = 0  # flows in the kernel's table, both families
+    live: int = 0  # candidates with a live kernel flow
+    touched: int = 0  # dead in the kernel but used meanwhile: kept
+    young: int = 0  # kept by the fallback rule (not idle long enough)
     removed: int = 0
-    orphans: int = 0               # of the removed: their interface has no pod record
+    orphans: int = 0  # of the removed: their interface has no pod record
     kept: int = 0
-    fallback: bool = False         # the kernel had no flows: idle-time rule applied
+    fallback: bool = False  # the kernel had no flows: idle-time rule applied
     snapshot_seconds: float = 0.0
     kernel_seconds: float = 0.0
 
@@ -75,8 +75,8 @@ def key_of(raw_key: bytes) -> bytes:
     """The pod-sent direction of the flow a map entry tracks, as the kernel's table shows
     it (see ctnetlink.tuple_key)."""
     alen = 4 if raw_key[37] == lay.NP_FAMILY_IPV4 else 16
-    pod, peer = raw_key[0:alen], raw_key[16:16 + alen]
-    pod_port = raw_key[33:34] + raw_key[32:33]    # little-endian in the map, big on the wire
+    pod, peer = raw_key[0:alen], raw_key[16 : 16 + alen]
+    pod_port = raw_key[33:34] + raw_key[32:33]  # little-endian in the map, big on the wire
     peer_port = raw_key[35:36] + raw_key[34:35]
     return tuple_key(pod, peer, pod_port, peer_port, raw_key[36])
 
@@ -89,10 +89,16 @@ def _raw_chunks(v6: bool) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     sample = raw_tuple(src, dst, 6, b"\x03\x03", b"\x04\x04")
     a = sample.index(src)
     b = sample.index(dst)
-    c = b + alen + 8   # the protocol number sits after the PROTO nest and NUM headers
+    c = b + alen + 8  # the protocol number sits after the PROTO nest and NUM headers
     d = sample.index(b"\x03\x03")
     e = sample.index(b"\x04\x04")
-    return sample[:a], sample[a + alen:b], sample[b + alen:c], sample[c + 1:d], sample[d + 2:e]
+    return (
+        sample[:a],
+        sample[a + alen : b],
+        sample[b + alen : c],
+        sample[c + 1 : d],
+        sample[d + 2 : e],
+    )
 
 
 _V4_PARTS, _V6_PARTS = _raw_chunks(False), _raw_chunks(True)
@@ -105,9 +111,14 @@ _IFINDEX_AT = lay.NpCtKey.ifindex.offset
 
 
 class Sweeper:
-    def __init__(self, ct_map: Map, *, fallback_idle: float = 1500.0,
-                 kernel_scan: Callable[[int, set[bytes]], tuple[int, set[bytes]]] = scan,
-                 interfaces: Callable[[], set[int]] | None = None) -> None:
+    def __init__(
+        self,
+        ct_map: Map,
+        *,
+        fallback_idle: float = 1500.0,
+        kernel_scan: Callable[[int, set[bytes]], tuple[int, set[bytes]]] = scan,
+        interfaces: Callable[[], set[int]] | None = None,
+    ) -> None:
         """``interfaces``: the host interfaces with a pod record (np_pods' keys); None:
         not checked."""
         self.map = ct_map
@@ -129,18 +140,48 @@ class Sweeper:
             for i in range(count):
                 if unpack(values, i * vs)[0] >= started:
                     continue
-                k = keys[i * ks:(i + 1) * ks]
+                k = keys[i * ks : (i + 1) * ks]
                 proto = k[36]
                 if proto not in _PORTED:
                     idle[k] = key_of(k)
                 elif k[37] == lay.NP_FAMILY_IPV4:
                     p0, p1, p2, p3, p4 = _V4_PARTS
-                    idle[k] = join((p0, k[0:4], p1, k[16:20], p2, _PROTO_BYTE[proto], p3,
-                                    k[33:34], k[32:33], p4, k[35:36], k[34:35], _TAIL))
+                    idle[k] = join(
+                        (
+                            p0,
+                            k[0:4],
+                            p1,
+                            k[16:20],
+                            p2,
+                            _PROTO_BYTE[proto],
+                            p3,
+                            k[33:34],
+                            k[32:33],
+                            p4,
+                            k[35:36],
+                            k[34:35],
+                            _TAIL,
+                        )
+                    )
                 else:
                     p0, p1, p2, p3, p4 = _V6_PARTS
-                    idle[k] = join((p0, k[0:16], p1, k[16:32], p2, _PROTO_BYTE[proto], p3,
-                                    k[33:34], k[32:33], p4, k[35:36], k[34:35], _TAIL))
+                    idle[k] = join(
+                        (
+                            p0,
+                            k[0:16],
+                            p1,
+                            k[16:32],
+                            p2,
+                            _PROTO_BYTE[proto],
+                            p3,
+                            k[33:34],
+                            k[32:33],
+                            p4,
+                            k[35:36],
+                            k[34:35],
+                            _TAIL,
+                        )
+                    )
         return total, idle
 
     def run(self) -> SweepResult:
@@ -191,7 +232,8 @@ class Sweeper:
         orphans = [k for k in dead if k in orphaned]
         res.orphans = self.map.delete_unless(orphans, keep_orphan) if orphans else 0
         res.removed = res.orphans + self.map.delete_unless(
-            [k for k in dead if k not in orphaned], keep)
+            [k for k in dead if k not in orphaned], keep
+        )
         res.kept = res.idle - res.removed
         res.duration = time.monotonic() - t0
         return res

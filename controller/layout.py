@@ -38,8 +38,8 @@ KINDS = ("ingress", "egress", "podSelectorEndpoints")
 
 @dataclass(frozen=True)
 class Group:
-    label: str                 # "" for the first group, then "1", "2", ...
-    pods: list[Obj]            # podSelectorEndpoints entries
+    label: str  # "" for the first group, then "1", "2", ...
+    pods: list[Obj]  # podSelectorEndpoints entries
     ingress: list[Obj]
 
 
@@ -52,8 +52,7 @@ class Resolution:
     groups: list[Group]
     egress: list[Obj]
 
-    def spec(self, *, pods: Sequence[Obj], ingress: Sequence[Obj],
-             egress: Sequence[Obj]) -> Obj:
+    def spec(self, *, pods: Sequence[Obj], ingress: Sequence[Obj], egress: Sequence[Obj]) -> Obj:
         return {
             "policyRef": {"name": self.name, "namespace": self.namespace},
             "podSelector": dict(self.pod_selector),
@@ -81,8 +80,9 @@ class Held:
 
 
 def entry_key(entry: Mapping[str, Any]) -> str:
-    return hashlib.blake2b(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode(),
-                           digest_size=8).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(entry, sort_keys=True, separators=(",", ":")).encode(), digest_size=8
+    ).hexdigest()
 
 
 def keys_of(spec: Mapping[str, Any]) -> dict[str, frozenset[str]]:
@@ -90,7 +90,7 @@ def keys_of(spec: Mapping[str, Any]) -> dict[str, frozenset[str]]:
 
 
 def _chunks(items: Sequence[Obj], size: int) -> list[Sequence[Obj]]:
-    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def paired(res: Resolution, chunk_size: int) -> list[Desired]:
@@ -99,10 +99,16 @@ def paired(res: Resolution, chunk_size: int) -> list[Desired]:
         in_chunks, out_chunks = _chunks(g.ingress, chunk_size), _chunks(res.egress, chunk_size)
         for pod_chunk in _chunks(g.pods, chunk_size):
             for j in range(max(len(in_chunks), len(out_chunks))):
-                out.append(Desired(g.label, res.spec(
-                    pods=pod_chunk,
-                    ingress=in_chunks[j] if j < len(in_chunks) else [],
-                    egress=out_chunks[j] if j < len(out_chunks) else [])))
+                out.append(
+                    Desired(
+                        g.label,
+                        res.spec(
+                            pods=pod_chunk,
+                            ingress=in_chunks[j] if j < len(in_chunks) else [],
+                            egress=out_chunks[j] if j < len(out_chunks) else [],
+                        ),
+                    )
+                )
     return out
 
 
@@ -128,14 +134,15 @@ def packed(res: Resolution, chunk_size: int, held: Sequence[Held]) -> Plan:
     return plan
 
 
-def _pack_group(res: Resolution, g: Group, size: int, held: Sequence[Held],
-                plan: Plan) -> None:
+def _pack_group(res: Resolution, g: Group, size: int, held: Sequence[Held], plan: Plan) -> None:
     want = {"ingress": g.ingress, "egress": res.egress, "podSelectorEndpoints": g.pods}
     left = {kind: {entry_key(e): e for e in entries} for kind, entries in want.items()}
     objects: list[tuple[str | None, dict[str, list[Obj]]]] = []
     for h in held:  # what is still wanted stays where it is
-        content = {kind: [left[kind].pop(k) for k in sorted(h.keys.get(kind, ()))
-                          if k in left[kind]] for kind in KINDS}
+        content = {
+            kind: [left[kind].pop(k) for k in sorted(h.keys.get(kind, ())) if k in left[kind]]
+            for kind in KINDS
+        }
         objects.append((h.name, content))
     for kind in KINDS:  # top up, then new objects holding this kind only
         queue = [left[kind][k] for k in sorted(left[kind])]
@@ -155,9 +162,11 @@ def _pack_group(res: Resolution, g: Group, size: int, held: Sequence[Held],
         if name is not None and all(name != n for n, _ in kept):
             plan.deletes.append(name)
     for name, content in kept:
-        spec = res.spec(pods=_canonical(content["podSelectorEndpoints"]),
-                        ingress=_canonical(content["ingress"]),
-                        egress=_canonical(content["egress"]))
+        spec = res.spec(
+            pods=_canonical(content["podSelectorEndpoints"]),
+            ingress=_canonical(content["ingress"]),
+            egress=_canonical(content["egress"]),
+        )
         plan.writes.append((name, Desired(g.label, spec)))
 
 

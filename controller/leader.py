@@ -37,9 +37,18 @@ def _now() -> str:
 
 
 class LeaderElector:
-    def __init__(self, kube: KubeClient, *, namespace: str, name: str, identity: str,
-                 lease_duration: float, renew_deadline: float, retry_period: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        *,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration: float,
+        renew_deadline: float,
+        retry_period: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.kube = kube
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_duration = lease_duration
@@ -60,8 +69,12 @@ class LeaderElector:
                 break
             await asyncio.sleep(self.retry_period)
         self.is_leader.set()
-        log.info("leader.acquired", lease=f"{self.namespace}/{self.name}",
-                 identity=self.identity, transitions=self.transitions)
+        log.info(
+            "leader.acquired",
+            lease=f"{self.namespace}/{self.name}",
+            identity=self.identity,
+            transitions=self.transitions,
+        )
         renewed = self.clock()
         try:
             while True:
@@ -69,11 +82,17 @@ class LeaderElector:
                 if await self._try():
                     renewed = self.clock()
                 elif self.clock() - renewed > self.renew_deadline:
-                    log.error("leader.lost", lease=f"{self.namespace}/{self.name}",
-                              identity=self.identity, holder=self.holder,
-                              reason=f"not renewed for {self.renew_deadline}s")
-                    raise LeadershipLost(f"lease {self.namespace}/{self.name} not renewed "
-                                         f"within {self.renew_deadline}s")
+                    log.error(
+                        "leader.lost",
+                        lease=f"{self.namespace}/{self.name}",
+                        identity=self.identity,
+                        holder=self.holder,
+                        reason=f"not renewed for {self.renew_deadline}s",
+                    )
+                    raise LeadershipLost(
+                        f"lease {self.namespace}/{self.name} not renewed "
+                        f"within {self.renew_deadline}s"
+                    )
         except asyncio.CancelledError:
             await asyncio.shield(self._release())
             raise
@@ -96,8 +115,12 @@ class LeaderElector:
             return await self._create()
         spec: dict[str, Any] = dict(lease.get("spec") or {})
         holder = str(spec.get("holderIdentity") or "")
-        record = (holder, spec.get("renewTime"), spec.get("leaseDurationSeconds"),
-                  (lease.get("metadata") or {}).get("resourceVersion"))
+        record = (
+            holder,
+            spec.get("renewTime"),
+            spec.get("leaseDurationSeconds"),
+            (lease.get("metadata") or {}).get("resourceVersion"),
+        )
         if record != self._observed:
             self._observed, self._observed_at = record, now
         self.holder = holder
@@ -108,8 +131,11 @@ class LeaderElector:
         if holder != self.identity:
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
             spec["acquireTime"] = stamp
-        spec.update(holderIdentity=self.identity, renewTime=stamp,
-                    leaseDurationSeconds=math.ceil(self.lease_duration))
+        spec.update(
+            holderIdentity=self.identity,
+            renewTime=stamp,
+            leaseDurationSeconds=math.ceil(self.lease_duration),
+        )
         body = dict(lease, spec=spec)
         try:
             updated = await self.kube.replace(LEASES, self.namespace, self.name, body)
@@ -122,11 +148,18 @@ class LeaderElector:
 
     async def _create(self) -> bool:
         stamp = _now()
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {"holderIdentity": self.identity, "acquireTime": stamp,
-                         "renewTime": stamp, "leaseTransitions": 0,
-                         "leaseDurationSeconds": math.ceil(self.lease_duration)}}
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "spec": {
+                "holderIdentity": self.identity,
+                "acquireTime": stamp,
+                "renewTime": stamp,
+                "leaseTransitions": 0,
+                "leaseDurationSeconds": math.ceil(self.lease_duration),
+            },
+        }
         try:
             created = await self.kube.create(LEASES, self.namespace, body)
         except KubeError as exc:
@@ -140,9 +173,12 @@ class LeaderElector:
         spec = lease.get("spec") or {}
         self.holder = self.identity
         self.transitions = int(spec.get("leaseTransitions") or 0)
-        self._observed = (self.identity, spec.get("renewTime"),
-                          spec.get("leaseDurationSeconds"),
-                          (lease.get("metadata") or {}).get("resourceVersion"))
+        self._observed = (
+            self.identity,
+            spec.get("renewTime"),
+            spec.get("leaseDurationSeconds"),
+            (lease.get("metadata") or {}).get("resourceVersion"),
+        )
         self._observed_at = self.clock()
 
     async def _release(self) -> None:
@@ -150,13 +186,14 @@ class LeaderElector:
         if not self.is_leader.is_set():
             return
         with contextlib.suppress(KubeError, OSError, TimeoutError):
-            lease = await asyncio.wait_for(
-                self.kube.get(LEASES, self.namespace, self.name), 2)
+            lease = await asyncio.wait_for(self.kube.get(LEASES, self.namespace, self.name), 2)
             spec = dict(lease.get("spec") or {})
             if spec.get("holderIdentity") != self.identity:
                 return
             spec.update(holderIdentity="", leaseDurationSeconds=1, renewTime=_now())
             await asyncio.wait_for(
-                self.kube.replace(LEASES, self.namespace, self.name, dict(lease, spec=spec)), 2)
-            log.info("leader.released", lease=f"{self.namespace}/{self.name}",
-                     identity=self.identity)
+                self.kube.replace(LEASES, self.namespace, self.name, dict(lease, spec=spec)), 2
+            )
+            log.info(
+                "leader.released", lease=f"{self.namespace}/{self.name}", identity=self.identity
+            )

@@ -37,7 +37,7 @@ RESOLVER_SOCKET = "resolver.sock"
 
 class ResolverStatus(BaseModel):
     synced: bool
-    leader: bool                 # holds the Lease (always, without --leader-elect)
+    leader: bool  # holds the Lease (always, without --leader-elect)
     identity: str
     idle: bool
     observed_resource_version: int
@@ -50,25 +50,33 @@ class ResolverStatus(BaseModel):
     deletes: int
     conflicts: int
     errors: int
-    invalid: int                 # NetworkPolicies that could not be resolved
+    invalid: int  # NetworkPolicies that could not be resolved
     batches: int
     last_batch_ms: float
 
 
-def api(resolver: Resolver, elector: LeaderElector | None,
-        identity: str) -> web.Application:
+def api(resolver: Resolver, elector: LeaderElector | None, identity: str) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         s = resolver.stats
         body = ResolverStatus(
             synced=all(resolver.synced.values()),
-            leader=elector is None or elector.is_leader.is_set(), identity=identity,
+            leader=elector is None or elector.is_leader.is_set(),
+            identity=identity,
             idle=resolver.idle.is_set(),
-            observed_resource_version=s.observed_rv, policies=len(resolver.policies),
+            observed_resource_version=s.observed_rv,
+            policies=len(resolver.policies),
             pods=len(resolver.world.pods),
             policyendpoints=sum(len(v) for v in resolver.owned.values()),
-            writes=s.writes, creates=s.creates, updates=s.updates, deletes=s.deletes,
-            conflicts=s.conflicts, errors=s.errors, invalid=s.invalid, batches=s.batches,
-            last_batch_ms=s.last_batch_ms)
+            writes=s.writes,
+            creates=s.creates,
+            updates=s.updates,
+            deletes=s.deletes,
+            conflicts=s.conflicts,
+            errors=s.errors,
+            invalid=s.invalid,
+            batches=s.batches,
+            last_batch_ms=s.last_batch_ms,
+        )
         return web.json_response(body.model_dump())
 
     app = make_app()
@@ -79,28 +87,35 @@ def api(resolver: Resolver, elector: LeaderElector | None,
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     kube = await KubeClient.connect(settings.kubeconfig)
     try:
-        resolver = Resolver(kube, layout=settings.endpoint_layout,
-                            chunk_size=settings.endpoint_chunk_size)
+        resolver = Resolver(
+            kube, layout=settings.endpoint_layout, chunk_size=settings.endpoint_chunk_size
+        )
         identity = _identity()
         elector = None
         if settings.leader_elect:
             elector = LeaderElector(
-                kube, namespace=settings.leader_election_namespace,
-                name=settings.leader_election_id, identity=identity,
+                kube,
+                namespace=settings.leader_election_namespace,
+                name=settings.leader_election_id,
+                identity=identity,
                 lease_duration=settings.leader_election_lease_duration,
                 renew_deadline=settings.leader_election_renew_deadline,
-                retry_period=settings.leader_election_retry_period)
+                retry_period=settings.leader_election_retry_period,
+            )
 
-        watch_stats = {name: WatchStats() for name in ("networkpolicies", "pods", "namespaces",
-                                                      "services", "policyendpoints")}
+        watch_stats = {
+            name: WatchStats()
+            for name in ("networkpolicies", "pods", "namespaces", "services", "policyendpoints")
+        }
 
         def ready() -> list[str]:
             problems = [] if all(resolver.synced.values()) else ["watches not synced"]
             for name, st in watch_stats.items():
                 stuck = st.stalled(WatchSettings.stall_after)
                 if stuck:
-                    problems.append(f"watch {name} has not progressed for {stuck:.0f}s "
-                                    f"({st.last_error[:120]})")
+                    problems.append(
+                        f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
+                    )
             return problems
 
         async def resolve() -> None:
@@ -110,21 +125,32 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             await resolver.run()
 
         tasks = {
-            "api": serve_unix(api(resolver, elector, identity),
-                              socket_path(settings.runtime_dir, RESOLVER_SOCKET)),
+            "api": serve_unix(
+                api(resolver, elector, identity), socket_path(settings.runtime_dir, RESOLVER_SOCKET)
+            ),
             "health": serve(health_app([ready]), settings.health_probe_bind_addr),
             "metrics": serve(metrics_app(resolver.metrics), settings.metrics_bind_addr),
             "resolve": resolve(),
         }
         if elector is not None:
             tasks["leader-election"] = elector.run()
-        for name, resource in (("networkpolicies", NETWORK_POLICIES), ("pods", PODS),
-                               ("namespaces", NAMESPACES), ("services", SERVICES),
-                               ("policyendpoints", POLICY_ENDPOINTS)):
-            tasks[f"watch-{name}"] = list_watch(kube, resource, resolver.consumer(name),
-                                                stats=watch_stats[name])
-        log.info("resolver.starting", identity=identity, layout=settings.endpoint_layout,
-                 chunk_size=settings.endpoint_chunk_size, leader_elect=settings.leader_elect)
+        for name, resource in (
+            ("networkpolicies", NETWORK_POLICIES),
+            ("pods", PODS),
+            ("namespaces", NAMESPACES),
+            ("services", SERVICES),
+            ("policyendpoints", POLICY_ENDPOINTS),
+        ):
+            tasks[f"watch-{name}"] = list_watch(
+                kube, resource, resolver.consumer(name), stats=watch_stats[name]
+            )
+        log.info(
+            "resolver.starting",
+            identity=identity,
+            layout=settings.endpoint_layout,
+            chunk_size=settings.endpoint_chunk_size,
+            leader_elect=settings.leader_elect,
+        )
         await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)
     finally:
         await kube.close()

@@ -73,26 +73,42 @@ class World:
 def pod_from(obj: Obj) -> Pod:
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip")) or (
-        (status["podIP"],) if status.get("podIP") else ())
+        (status["podIP"],) if status.get("podIP") else ()
+    )
     ports = tuple(
         (p["name"], p.get("protocol") or "TCP", int(p["containerPort"]))
-        for c in spec.get("containers") or [] for p in c.get("ports") or [] if p.get("name"))
+        for c in spec.get("containers") or []
+        for p in c.get("ports") or []
+        if p.get("name")
+    )
     return Pod(
-        namespace=meta.get("namespace", ""), name=meta.get("name", ""),
-        labels=dict(meta.get("labels") or {}), ips=ips, host_ip=status.get("hostIP", ""),
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        labels=dict(meta.get("labels") or {}),
+        ips=ips,
+        host_ip=status.get("hostIP", ""),
         ready=bool(ips) and status.get("phase") not in ("Succeeded", "Failed"),
-        host_network=bool(spec.get("hostNetwork")), ports=ports,
+        host_network=bool(spec.get("hostNetwork")),
+        ports=ports,
     )
 
 
 def service_from(obj: Obj) -> Service:
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-    ips = tuple(ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")])
-                if ip and ip != "None")
-    ports = tuple((p.get("protocol") or "TCP", int(p["port"]),
-                   p.get("targetPort", p["port"])) for p in spec.get("ports") or [])
-    return Service(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
-                   cluster_ips=ips, selector=dict(spec.get("selector") or {}), ports=ports)
+    ips = tuple(
+        ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if ip and ip != "None"
+    )
+    ports = tuple(
+        (p.get("protocol") or "TCP", int(p["port"]), p.get("targetPort", p["port"]))
+        for p in spec.get("ports") or []
+    )
+    return Service(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        cluster_ips=ips,
+        selector=dict(spec.get("selector") or {}),
+        ports=ports,
+    )
 
 
 def policy_types(spec: Mapping[str, Any]) -> list[str]:
@@ -112,9 +128,11 @@ def _peers(world: World, namespace: str, peer: Mapping[str, Any]) -> list[Pod]:
         match_ns = compile_selector(ns_sel)
         namespaces = {n for n, labels in world.namespaces.items() if match_ns(labels)}
     match_pod = compile_selector(pod_sel if pod_sel is not None else {})
-    return [p for p in world.pods.values()
-            if p.namespace in namespaces and p.ready and not p.host_network
-            and match_pod(p.labels)]
+    return [
+        p
+        for p in world.pods.values()
+        if p.namespace in namespaces and p.ready and not p.host_network and match_pod(p.labels)
+    ]
 
 
 def _port(p: Mapping[str, Any], *, on: Pod | None) -> dict[str, Any] | None:
@@ -133,8 +151,9 @@ def _port(p: Mapping[str, Any], *, on: Pod | None) -> dict[str, Any] | None:
     return out
 
 
-def _ports(rule_ports: Sequence[Mapping[str, Any]] | None, *, on: Pod | None
-           ) -> list[dict[str, Any]] | None:
+def _ports(
+    rule_ports: Sequence[Mapping[str, Any]] | None, *, on: Pod | None
+) -> list[dict[str, Any]] | None:
     """Resolved ports of a rule: [] means every port; None means the rule has ports and
     none of them apply (the rule allows nothing here)."""
     if not rule_ports:
@@ -144,8 +163,10 @@ def _ports(rule_ports: Sequence[Mapping[str, Any]] | None, *, on: Pod | None
 
 
 def _has_named(rule_ports: Sequence[Mapping[str, Any]] | None) -> bool:
-    return any(isinstance(p.get("port"), str) and not str(p.get("port")).isdigit()
-               for p in rule_ports or [])
+    return any(
+        isinstance(p.get("port"), str) and not str(p.get("port")).isdigit()
+        for p in rule_ports or []
+    )
 
 
 def _entry(cidr: str, ports: list[dict[str, Any]], excepts: Iterable[str] = ()) -> Entry:
@@ -158,8 +179,9 @@ def _entry(cidr: str, ports: list[dict[str, Any]], excepts: Iterable[str] = ()) 
 
 
 # ---- rules ------------------------------------------------------------------------------
-def _ingress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]],
-             target: Pod) -> list[Entry]:
+def _ingress(
+    world: World, namespace: str, rules: Sequence[Mapping[str, Any]], target: Pod
+) -> list[Entry]:
     entries: list[Entry] = []
     for rule in rules:
         ports = _ports(rule.get("ports"), on=target)
@@ -193,8 +215,7 @@ def _egress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]]) ->
             if named:  # resolved on every destination pod of the cluster
                 for pod in world.pods.values():
                     if pod.ready and not pod.host_network:
-                        resolved = _ports([p for p in rule_ports or [] if _has_named([p])],
-                                          on=pod)
+                        resolved = _ports([p for p in rule_ports or [] if _has_named([p])], on=pod)
                         if resolved:
                             entries += [_entry(ip, resolved) for ip in pod.ips]
             continue
@@ -202,8 +223,11 @@ def _egress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]]) ->
             block = peer.get("ipBlock")
             if block:
                 if not rule_ports or numeric:
-                    entries.append(_entry(block["cidr"], _ports(numeric, on=None) or [],
-                                          block.get("except") or ()))
+                    entries.append(
+                        _entry(
+                            block["cidr"], _ports(numeric, on=None) or [], block.get("except") or ()
+                        )
+                    )
                 if named:
                     entries += _named_in_block(world, block, rule_ports or [])
                 continue
@@ -216,8 +240,9 @@ def _egress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]]) ->
     return _dedupe(entries)
 
 
-def _named_in_block(world: World, block: Mapping[str, Any],
-                    rule_ports: Sequence[Mapping[str, Any]]) -> list[Entry]:
+def _named_in_block(
+    world: World, block: Mapping[str, Any], rule_ports: Sequence[Mapping[str, Any]]
+) -> list[Entry]:
     cidr = ipaddress.ip_network(block["cidr"], strict=False)
     excepts = [ipaddress.ip_network(e, strict=False) for e in block.get("except") or []]
     out: list[Entry] = []
@@ -236,8 +261,12 @@ def _named_in_block(world: World, block: Mapping[str, Any],
     return out
 
 
-def _service_entries(world: World, namespace: str, peer: Mapping[str, Any],
-                     rule_ports: Sequence[Mapping[str, Any]] | None) -> list[Entry]:
+def _service_entries(
+    world: World,
+    namespace: str,
+    peer: Mapping[str, Any],
+    rule_ports: Sequence[Mapping[str, Any]] | None,
+) -> list[Entry]:
     ns_sel = peer.get("namespaceSelector")
     if ns_sel is None:
         namespaces = {namespace}
@@ -254,16 +283,18 @@ def _service_entries(world: World, namespace: str, peer: Mapping[str, Any],
         if not rule_ports:
             ports: list[dict[str, Any]] = []
         else:
-            ports = [{"protocol": proto, "port": port} for proto, port, target in svc.ports
-                     if any(_service_port_matches(p, proto, port, target) for p in rule_ports)]
+            ports = [
+                {"protocol": proto, "port": port}
+                for proto, port, target in svc.ports
+                if any(_service_port_matches(p, proto, port, target) for p in rule_ports)
+            ]
             if not ports:
                 continue
         out += [_entry(ip, _dedupe(ports)) for ip in svc.cluster_ips]
     return out
 
 
-def _service_port_matches(p: Mapping[str, Any], proto: str, port: int,
-                          target: int | str) -> bool:
+def _service_port_matches(p: Mapping[str, Any], proto: str, port: int, target: int | str) -> bool:
     if (p.get("protocol") or "TCP") != proto:
         return False
     want = p.get("port")
@@ -290,8 +321,7 @@ class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API woul
     have refused it); the message names the policy and the problem."""
 
 
-def resolve(policy: Mapping[str, Any], world: World,
-            chunk_size: int = MAX_ENTRIES) -> list[Obj]:
+def resolve(policy: Mapping[str, Any], world: World, chunk_size: int = MAX_ENTRIES) -> list[Obj]:
     """The specs of a NetworkPolicy's PolicyEndpoints in the paired layout (ordered,
     deterministic); InvalidPolicy if its content is malformed."""
     return [d.spec for d in paired(resolution(policy, world), chunk_size)]
@@ -320,9 +350,14 @@ def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     types = policy_types(spec)
     select = compile_selector(spec.get("podSelector") or {})
-    targets = sorted((p for p in world.pods.values()
-                      if p.namespace == namespace and p.ready and not p.host_network
-                      and select(p.labels)), key=lambda p: p.name)
+    targets = sorted(
+        (
+            p
+            for p in world.pods.values()
+            if p.namespace == namespace and p.ready and not p.host_network and select(p.labels)
+        ),
+        key=lambda p: p.name,
+    )
     ingress_rules = (spec.get("ingress") or []) if "Ingress" in types else []
     egress = _egress(world, namespace, spec.get("egress") or []) if "Egress" in types else []
 
@@ -334,13 +369,28 @@ def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     if not groups:
         groups[""] = (_ingress(world, namespace, ingress_rules, _NO_POD), [])
     return Resolution(
-        name=name, namespace=namespace, types=types,
+        name=name,
+        namespace=namespace,
+        types=types,
         pod_selector=spec.get("podSelector") or {},
-        groups=[Group(label="" if i == 0 else str(i), ingress=ingress,
-                      pods=[{"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name,
-                             "namespace": p.namespace} for p in pods])
-                for i, (ingress, pods) in enumerate(groups.values())],
-        egress=egress)
+        groups=[
+            Group(
+                label="" if i == 0 else str(i),
+                ingress=ingress,
+                pods=[
+                    {
+                        "podIP": _primary(p),
+                        "hostIP": p.host_ip,
+                        "name": p.name,
+                        "namespace": p.namespace,
+                    }
+                    for p in pods
+                ],
+            )
+            for i, (ingress, pods) in enumerate(groups.values())
+        ],
+        egress=egress,
+    )
 
 
 _NO_POD = Pod("", "", {}, (), "", False, False, ())

@@ -40,6 +40,7 @@ def compile_selector(selector: Mapping[str, Any] | None) -> Matcher:
 
     def matches(labels: Labels) -> bool:
         return all(labels.get(k) == v for k, v in match_labels.items()) and all(
-            c(labels) for c in checks)
+            c(labels) for c in checks
+        )
 
     return matches

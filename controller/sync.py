@@ -122,8 +122,9 @@ class Resolver:
             if deleted:
                 self.world.namespaces.pop(key[1], None)
             else:
-                self.world.namespaces[key[1]] = dict((obj.get("metadata") or {})
-                                                     .get("labels") or {})
+                self.world.namespaces[key[1]] = dict(
+                    (obj.get("metadata") or {}).get("labels") or {}
+                )
             self.dirty |= self._world_bound
         elif kind == "services":
             if deleted:
@@ -181,8 +182,7 @@ class Resolver:
             except InvalidPolicy as exc:
                 # not retried until it changes; its current objects stay as they are
                 self.stats.invalid += 1
-                log.error("resolver.policy_invalid", policy=f"{key[0]}/{key[1]}",
-                          error=str(exc))
+                log.error("resolver.policy_invalid", policy=f"{key[0]}/{key[1]}", error=str(exc))
             except _Retry:
                 self.dirty.add(key)
                 self.changed.set()
@@ -195,7 +195,8 @@ class Resolver:
             finally:
                 self.metrics.reconciliations.labels(POLICY_TYPE, result).inc()
                 self.metrics.reconcile_duration.labels(POLICY_TYPE).observe(
-                    time.monotonic() - started)
+                    time.monotonic() - started
+                )
         for uid in [u for u in self.owned if u not in live]:
             for ns, name in list(self.owned[uid]):
                 await self._delete(ns, name, uid)  # orphans of deleted policies
@@ -207,22 +208,34 @@ class Resolver:
         current = sorted(self.owned.get(uid, {}).values(), key=lambda o: o["metadata"]["name"])
         by_name = {o["metadata"]["name"]: o for o in current}
         if self.layout == "controller":
-            plan = packed(res, self.chunk_size, [
-                Held(o["metadata"]["name"], _group(o), o.get(HELD_KEYS) or {})
-                for o in current])
+            plan = packed(
+                res,
+                self.chunk_size,
+                [Held(o["metadata"]["name"], _group(o), o.get(HELD_KEYS) or {}) for o in current],
+            )
         else:
             desired = paired(res, self.chunk_size)
             plan = Plan(
-                writes=[(o["metadata"]["name"] if o else None, d) for d, o in
-                        zip(desired, [*current, *[None] * len(desired)], strict=False)],
-                deletes=[o["metadata"]["name"] for o in current[len(desired):]])
-        updates = [(by_name[n], d) for n, d in plan.writes
-                   if n is not None and (by_name[n].get(SPEC_DIGEST) != _digest(d.spec)
-                                         or _group(by_name[n]) != d.group)]
+                writes=[
+                    (o["metadata"]["name"] if o else None, d)
+                    for d, o in zip(desired, [*current, *[None] * len(desired)], strict=False)
+                ],
+                deletes=[o["metadata"]["name"] for o in current[len(desired) :]],
+            )
+        updates = [
+            (by_name[n], d)
+            for n, d in plan.writes
+            if n is not None
+            and (by_name[n].get(SPEC_DIGEST) != _digest(d.spec) or _group(by_name[n]) != d.group)
+        ]
         # objects that only gain entries are written before those that lose some, and
         # deletions come last: an entry moving between objects is never missing
-        updates.sort(key=lambda u: bool((u[0].get(HELD_KEYS) or {}) and any(
-            u[0][HELD_KEYS].get(k, frozenset()) - keys_of(u[1].spec)[k] for k in KINDS)))
+        updates.sort(
+            key=lambda u: bool(
+                (u[0].get(HELD_KEYS) or {})
+                and any(u[0][HELD_KEYS].get(k, frozenset()) - keys_of(u[1].spec)[k] for k in KINDS)
+            )
+        )
         for existing, d in updates:
             await self._update(existing, d, trigger)
         for name, d in plan.writes:
@@ -239,15 +252,23 @@ class Resolver:
         if desired.group:
             annotations[GROUP_ANNOTATION] = desired.group
         body = {
-            "apiVersion": API_VERSION, "kind": KIND,
+            "apiVersion": API_VERSION,
+            "kind": KIND,
             "metadata": {
-                "generateName": f"{meta['name']}-", "namespace": meta["namespace"],
+                "generateName": f"{meta['name']}-",
+                "namespace": meta["namespace"],
                 "labels": dict([MANAGED_BY]),
                 "annotations": annotations,
-                "ownerReferences": [{
-                    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                    "name": meta["name"], "uid": meta.get("uid", ""), "controller": True,
-                    "blockOwnerDeletion": True}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "networking.k8s.io/v1",
+                        "kind": "NetworkPolicy",
+                        "name": meta["name"],
+                        "uid": meta.get("uid", ""),
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
             "spec": spec,
         }
@@ -260,8 +281,9 @@ class Resolver:
         body = {k: v for k, v in existing.items() if k not in (SPEC_DIGEST, HELD_KEYS)}
         body["spec"] = desired.spec
         body["metadata"] = dict(existing["metadata"])
-        annotations = dict(existing["metadata"].get("annotations") or {},
-                           **{TRIGGER_ANNOTATION: _rfc3339(trigger)})
+        annotations = dict(
+            existing["metadata"].get("annotations") or {}, **{TRIGGER_ANNOTATION: _rfc3339(trigger)}
+        )
         annotations.pop(GROUP_ANNOTATION, None)
         if desired.group:
             annotations[GROUP_ANNOTATION] = desired.group
@@ -341,8 +363,9 @@ HELD_KEYS = "heldKeys"
 
 
 def _digest(spec: Obj) -> str:
-    return hashlib.blake2b(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode(),
-                           digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(spec, sort_keys=True, separators=(",", ":")).encode(), digest_size=16
+    ).hexdigest()
 
 
 def _compact(pe: Obj) -> Obj:
@@ -355,8 +378,7 @@ def _compact(pe: Obj) -> Obj:
 
 
 def _group(pe: Obj) -> str:
-    return str(((pe.get("metadata") or {}).get("annotations") or {})
-               .get(GROUP_ANNOTATION, ""))
+    return str(((pe.get("metadata") or {}).get("annotations") or {}).get(GROUP_ANNOTATION, ""))
 
 
 def _depends_on_world(policy: Obj) -> bool:
@@ -370,8 +392,9 @@ def _depends_on_world(policy: Obj) -> bool:
                 peers = rule.get(peers_key) or []
                 if any("podSelector" in p or "namespaceSelector" in p for p in peers):
                     return True
-                if not peers and any(isinstance(p.get("port"), str)
-                                     for p in rule.get("ports") or []):
+                if not peers and any(
+                    isinstance(p.get("port"), str) for p in rule.get("ports") or []
+                ):
                     return True
     except (AttributeError, TypeError):
         return True  # malformed: resolving it will say what is wrong
@@ -391,4 +414,3 @@ def _owner_uid(obj: Obj) -> str | None:
 def _rfc3339(ts: float) -> str:
     dt = datetime.fromtimestamp(ts, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond * 1000:09d}Z"
-

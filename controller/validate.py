@@ -40,8 +40,9 @@ def validate_spec(spec: Any) -> None:
         _list(types, "spec.policyTypes")
         for i, t in enumerate(types):
             if t not in ("Ingress", "Egress"):
-                raise PolicyInvalid(f"spec.policyTypes[{i}]",
-                                    f"{bounded(t)} is not Ingress or Egress")
+                raise PolicyInvalid(
+                    f"spec.policyTypes[{i}]", f"{bounded(t)} is not Ingress or Egress"
+                )
     for direction, peers_key in (("ingress", "from"), ("egress", "to")):
         for where, rule in _objects(spec.get(direction), f"spec.{direction}"):
             for at, peer in _objects(rule.get(peers_key), f"{where}.{peers_key}"):
@@ -90,8 +91,9 @@ def _selector(sel: Any, where: str) -> None:
             raise PolicyInvalid(f"{at}.key", "must not be empty")
         op = e.get("operator")
         if op not in OPERATORS:
-            raise PolicyInvalid(f"{at}.operator",
-                                f"{bounded(op)} is not one of {', '.join(OPERATORS)}")
+            raise PolicyInvalid(
+                f"{at}.operator", f"{bounded(op)} is not one of {', '.join(OPERATORS)}"
+            )
         values = e.get("values")
         if values is not None:
             _list(values, f"{at}.values")
@@ -161,8 +163,9 @@ def _port(port: Mapping[str, Any], where: str) -> None:
     if not _is_int(number) or not 1 <= number <= 65535:
         raise PolicyInvalid(f"{where}.port", f"{bounded(number)} is not a port (1-65535)")
     if end is not None and (not _is_int(end) or not number <= end <= 65535):
-        raise PolicyInvalid(f"{where}.endPort",
-                            f"{bounded(end)} is not a port from {number} to 65535")
+        raise PolicyInvalid(
+            f"{where}.endPort", f"{bounded(end)} is not a port from {number} to 65535"
+        )
 
 
 def _is_int(value: Any) -> bool:

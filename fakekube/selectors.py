@@ -48,18 +48,21 @@ LabelCheck = Callable[[Mapping[str, str]], bool]
 def _equals(key: str, value: str, *, negate: bool) -> LabelCheck:
     def check(labels: Mapping[str, str]) -> bool:
         return (labels.get(key) == value) != negate
+
     return check
 
 
 def _member(key: str, values: set[str], *, negate: bool) -> LabelCheck:
     def check(labels: Mapping[str, str]) -> bool:
         return (labels.get(key) in values) != negate
+
     return check
 
 
 def _exists(key: str, *, negate: bool) -> LabelCheck:
     def check(labels: Mapping[str, str]) -> bool:
         return (key in labels) != negate
+
     return check
 
 
@@ -98,6 +101,7 @@ def _field(obj: Mapping[str, Any], path: str) -> str:
 def _field_equals(path: str, value: str, *, negate: bool) -> Predicate:
     def check(obj: Mapping[str, Any]) -> bool:
         return (_field(obj, path) == value) != negate
+
     return check
 
 

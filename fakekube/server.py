@@ -43,8 +43,11 @@ def _key(obj: Obj) -> tuple[str, str]:
 def _routes_for(r: Resource) -> tuple[str, str | None, str | None]:
     base = f"/api/{r.version}" if not r.group else f"/apis/{r.group}/{r.version}"
     if r.namespaced:
-        return (f"{base}/{r.plural}", f"{base}/namespaces/{{namespace}}/{r.plural}",
-                f"{base}/namespaces/{{namespace}}/{r.plural}/{{name}}")
+        return (
+            f"{base}/{r.plural}",
+            f"{base}/namespaces/{{namespace}}/{r.plural}",
+            f"{base}/namespaces/{{namespace}}/{r.plural}/{{name}}",
+        )
     return (f"{base}/{r.plural}", None, f"{base}/{r.plural}/{{name}}")
 
 
@@ -52,7 +55,7 @@ class FakeKube:
     def __init__(self, *, bookmark_interval: float = 1.0, history_limit: int = 100_000) -> None:
         self.store = Store(history_limit=history_limit)
         self.bookmark_interval = bookmark_interval
-        self.requests: Counter[str] = Counter()   # "list pods", "watch policyendpoints", ...
+        self.requests: Counter[str] = Counter()  # "list pods", "watch policyendpoints", ...
         self._watch_tasks: set[asyncio.Task[Any]] = set()
         self._cut_at: dict[str, Callable[[Obj], bool]] = {}
         self._runner: web.AppRunner | None = None
@@ -81,8 +84,9 @@ class FakeKube:
                 app.router.add_put(item + "/status", self._item_put(r, status=True))
         return app
 
-    async def start(self, *, host: str = "127.0.0.1", port: int = 0,
-                    sock_factory: SocketFactory | None = None) -> str:
+    async def start(
+        self, *, host: str = "127.0.0.1", port: int = 0, sock_factory: SocketFactory | None = None
+    ) -> str:
         """Listen on ``host:port``, or on sockets from ``sock_factory`` (e.g. created in
         another network namespace; it must bind the same address on every call, as
         :meth:`resume` listens anew). Returns the server URL."""
@@ -95,6 +99,7 @@ class FakeKube:
                 s.bind((host, bound[0]))
                 bound[0] = s.getsockname()[1]  # resume() listens on the same port
                 return s
+
             sock_factory = default_factory
         self._sock_factory = sock_factory
         self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=0.5)
@@ -121,7 +126,9 @@ class FakeKube:
 
     def write_kubeconfig(self, path: str) -> None:
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "fake", "user": {"token": "fake-token"}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
@@ -186,9 +193,14 @@ class FakeKube:
         return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})
 
     def _bookmark(self, r: Resource) -> Obj:
-        return {"type": "BOOKMARK", "object": {
-            "kind": r.kind, "apiVersion": r.api_version,
-            "metadata": {"resourceVersion": str(self.store.rv)}}}
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": r.kind,
+                "apiVersion": r.api_version,
+                "metadata": {"resourceVersion": str(self.store.rv)},
+            },
+        }
 
     def _collection(self, r: Resource) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -201,9 +213,15 @@ class FakeKube:
                 self.requests[f"list {r.plural}"] += 1
                 metadata_only = "as=PartialObjectMetadataList" in request.headers.get("Accept", "")
                 limit, first_rv, after = self._continue(q)
-                items, rv = self.store.list(r, namespace=ns, labels=labels, fields=fields,
-                                            metadata_only=metadata_only, after=after,
-                                            limit=limit)
+                items, rv = self.store.list(
+                    r,
+                    namespace=ns,
+                    labels=labels,
+                    fields=fields,
+                    metadata_only=metadata_only,
+                    after=after,
+                    limit=limit,
+                )
                 rv = first_rv or rv
                 token = ""
                 if limit and len(items) > limit:
@@ -218,16 +236,30 @@ class FakeKube:
             if token:
                 meta["continue"] = token
             if metadata_only:
-                return web.json_response({
-                    "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                return web.json_response(
+                    {
+                        "kind": "PartialObjectMetadataList",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": meta,
+                        "items": [
+                            {
+                                "kind": "PartialObjectMetadata",
+                                "apiVersion": "meta.k8s.io/v1",
+                                "metadata": o["metadata"],
+                            }
+                            for o in items
+                        ],
+                    }
+                )
+            return web.json_response(
+                {
+                    "kind": f"{r.kind}List",
+                    "apiVersion": r.api_version,
                     "metadata": meta,
-                    "items": [{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                               "metadata": o["metadata"]} for o in items],
-                })
-            return web.json_response({
-                "kind": f"{r.kind}List", "apiVersion": r.api_version,
-                "metadata": meta, "items": items,
-            })
+                    "items": items,
+                }
+            )
+
         return handler
 
     def _continue(self, q: Mapping[str, str]) -> tuple[int, int, tuple[str, str] | None]:
@@ -245,14 +277,23 @@ class FakeKube:
         except (ValueError, KeyError, TypeError, IndexError):
             raise ApiError(400, "BadRequest", "invalid continue token") from None
         if rv < self.store.oldest_rv - 1:
-            raise ApiError(410, "Expired",
-                           "The provided continue parameter is too old to display a "
-                           "consistent list result. You can start a new list without "
-                           "the continue parameter.")
+            raise ApiError(
+                410,
+                "Expired",
+                "The provided continue parameter is too old to display a "
+                "consistent list result. You can start a new list without "
+                "the continue parameter.",
+            )
         return limit, rv, after
 
-    async def _watch(self, request: web.Request, r: Resource, ns: str | None,
-                     labels: str | None, fields: str | None) -> web.StreamResponse:
+    async def _watch(
+        self,
+        request: web.Request,
+        r: Resource,
+        ns: str | None,
+        labels: str | None,
+        fields: str | None,
+    ) -> web.StreamResponse:
         self.requests[f"watch {r.plural}"] += 1
         q = request.query
         rv_param = q.get("resourceVersion", "")
@@ -322,14 +363,15 @@ class FakeKube:
             self._watch_tasks.discard(task)
         return resp
 
-    async def _maybe_cut(self, request: web.Request, resp: web.StreamResponse, plural: str,
-                         item: Obj) -> bool:
+    async def _maybe_cut(
+        self, request: web.Request, resp: web.StreamResponse, plural: str, item: Obj
+    ) -> bool:
         match = self._cut_at.get(plural)
         obj = item.get("object")
         if match is None or not isinstance(obj, dict) or not match(obj):
             return False
         data = json.dumps(item).encode()
-        await resp.write(data[:len(data) // 2])
+        await resp.write(data[: len(data) // 2])
         if request.transport is not None:
             request.transport.abort()
         return True
@@ -351,17 +393,20 @@ class FakeKube:
             except json.JSONDecodeError:
                 return _error(ApiError(400, "BadRequest", "body is not JSON"))
             return web.json_response(obj, status=201)
+
         return handler
 
     def _item_get(self, r: Resource) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"get {r.plural}"] += 1
             try:
-                obj = self.store.get(r, request.match_info.get("namespace", ""),
-                                     request.match_info["name"])
+                obj = self.store.get(
+                    r, request.match_info.get("namespace", ""), request.match_info["name"]
+                )
             except ApiError as exc:
                 return _error(exc)
             return web.json_response(obj)
+
         return handler
 
     def _item_put(self, r: Resource, *, status: bool) -> Callable[[web.Request], Any]:
@@ -369,39 +414,52 @@ class FakeKube:
             self.requests[f"update {r.plural}"] += 1
             try:
                 body = await request.json()
-                obj = self.store.update(r, request.match_info.get("namespace", ""),
-                                        request.match_info["name"], body, status_only=status)
+                obj = self.store.update(
+                    r,
+                    request.match_info.get("namespace", ""),
+                    request.match_info["name"],
+                    body,
+                    status_only=status,
+                )
             except ApiError as exc:
                 return _error(exc)
             return web.json_response(obj)
+
         return handler
 
     def _item_patch(self, r: Resource) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"patch {r.plural}"] += 1
             ctype = request.content_type
-            if ctype not in ("application/merge-patch+json",
-                             "application/strategic-merge-patch+json"):
-                return _error(ApiError(415, "UnsupportedMediaType",
-                                       f"patch type {ctype} is not supported"))
+            if ctype not in (
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+            ):
+                return _error(
+                    ApiError(415, "UnsupportedMediaType", f"patch type {ctype} is not supported")
+                )
             try:
                 body = await request.json()
-                obj = self.store.patch(r, request.match_info.get("namespace", ""),
-                                       request.match_info["name"], body)
+                obj = self.store.patch(
+                    r, request.match_info.get("namespace", ""), request.match_info["name"], body
+                )
             except ApiError as exc:
                 return _error(exc)
             return web.json_response(obj)
+
         return handler
 
     def _item_delete(self, r: Resource) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"delete {r.plural}"] += 1
             try:
-                obj = self.store.delete(r, request.match_info.get("namespace", ""),
-                                        request.match_info["name"])
+                obj = self.store.delete(
+                    r, request.match_info.get("namespace", ""), request.match_info["name"]
+                )
             except ApiError as exc:
                 return _error(exc)
             return web.json_response(obj)
+
         return handler
 
 

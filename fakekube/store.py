@@ -24,7 +24,7 @@ Obj = dict[str, Any]
 
 @dataclass(frozen=True)
 class Resource:
-    group: str          # "" for the core group
+    group: str  # "" for the core group
     version: str
     plural: str
     kind: str
@@ -55,15 +55,22 @@ class ApiError(Exception):
         self.message = message
 
     def status(self) -> Obj:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
 
 
 @dataclass
 class Event:
     rv: int
     resource: Resource
-    type: str           # ADDED | MODIFIED | DELETED
+    type: str  # ADDED | MODIFIED | DELETED
     obj: Obj
     old: Obj | None
 
@@ -85,8 +92,9 @@ class Watcher:
         if self.namespace is not None and ns != self.namespace:
             return
         now = object_matches(ev.obj, labels=self.labels, fields=self.fields)
-        before = ev.old is not None and object_matches(ev.old, labels=self.labels,
-                                                       fields=self.fields)
+        before = ev.old is not None and object_matches(
+            ev.old, labels=self.labels, fields=self.fields
+        )
         kind = ev.type
         if ev.type == "MODIFIED":
             if now and not before:
@@ -123,14 +131,21 @@ class Store:
         self.objects: dict[Resource, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
         self.history: deque[Event] = deque()
         self.history_limit = history_limit
-        self.oldest_rv = 1      # watches from an older version get 410 Gone
+        self.oldest_rv = 1  # watches from an older version get 410 Gone
         self.watchers: set[Watcher] = set()
 
     # ---- reading ----------------------------------------------------------------------
-    def list(self, resource: Resource, *, namespace: str | None = None,
-             labels: str | None = None, fields: str | None = None,
-             metadata_only: bool = False, after: tuple[str, str] | None = None,
-             limit: int = 0) -> tuple[list[Obj], int]:
+    def list(
+        self,
+        resource: Resource,
+        *,
+        namespace: str | None = None,
+        labels: str | None = None,
+        fields: str | None = None,
+        metadata_only: bool = False,
+        after: tuple[str, str] | None = None,
+        limit: int = 0,
+    ) -> tuple[list[Obj], int]:
         """Copies of the matching objects (of their metadata only, if asked), in key
         order, those after the key ``after`` only; at most ``limit`` + 1 of them when a
         limit is given (the extra one tells the caller that more remain)."""
@@ -155,8 +170,7 @@ class Store:
 
     def events_since(self, resource: Resource, rv: int) -> Iterator[Event]:
         if rv < self.oldest_rv - 1:
-            raise ApiError(410, "Expired",
-                           f"too old resource version: {rv} ({self.oldest_rv - 1})")
+            raise ApiError(410, "Expired", f"too old resource version: {rv} ({self.oldest_rv - 1})")
         for ev in self.history:
             if ev.rv > rv and ev.resource == resource:
                 yield ev
@@ -190,8 +204,9 @@ class Store:
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         key = (meta.get("namespace", ""), meta["name"])
         if key in self.objects[resource]:
-            raise ApiError(409, "AlreadyExists",
-                           f'{resource.plural} "{meta["name"]}" already exists')
+            raise ApiError(
+                409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists'
+            )
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
         meta["generation"] = 1
@@ -201,8 +216,9 @@ class Store:
         self.objects[resource][key] = obj
         return self._commit(resource, "ADDED", obj, None)
 
-    def update(self, resource: Resource, namespace: str, name: str, body: Obj, *,
-               status_only: bool = False) -> Obj:
+    def update(
+        self, resource: Resource, namespace: str, name: str, body: Obj, *, status_only: bool = False
+    ) -> Obj:
         current = self.objects[resource].get((namespace, name))
         if current is None:
             raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
@@ -210,10 +226,13 @@ class Store:
         meta = obj.setdefault("metadata", {})
         want_rv = meta.get("resourceVersion")
         if want_rv and want_rv != current["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict",
-                           f'Operation cannot be fulfilled on {resource.plural} "{name}": '
-                           "the object has been modified; please apply your changes to the "
-                           "latest version and try again")
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {resource.plural} "{name}": '
+                "the object has been modified; please apply your changes to the "
+                "latest version and try again",
+            )
         if status_only:
             merged = copy.deepcopy(current)
             merged["status"] = obj.get("status", {})

@@ -57,8 +57,14 @@ MAX_SPAN_MS = 24 * 3600 * 1000 - 1
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_FUTURE_MS = 2 * 3600 * 1000
 PROBE_EVENTS = 100  # read back while CloudWatch's state is unknown
-RETRYABLE = {"ThrottlingException", "ServiceUnavailableException", "ServiceUnavailable",
-             "InternalFailure", "RequestLimitExceeded", "Throttling"}
+RETRYABLE = {
+    "ThrottlingException",
+    "ServiceUnavailableException",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "RequestLimitExceeded",
+    "Throttling",
+}
 
 
 def group_name(cluster: str) -> str:
@@ -79,10 +85,12 @@ def make_batches(events: list[Event]) -> list[list[Event]]:
     size = body = 0
     for ev in events:
         raw = len(ev[1].encode("utf-8"))
-        if cur and (len(cur) >= MAX_BATCH_EVENTS
-                    or size + raw + EVENT_OVERHEAD > MAX_BATCH_BYTES
-                    or body + raw + BODY_OVERHEAD > MAX_BODY_BYTES
-                    or ev[0] - cur[0][0] > MAX_SPAN_MS):
+        if cur and (
+            len(cur) >= MAX_BATCH_EVENTS
+            or size + raw + EVENT_OVERHEAD > MAX_BATCH_BYTES
+            or body + raw + BODY_OVERHEAD > MAX_BODY_BYTES
+            or ev[0] - cur[0][0] > MAX_SPAN_MS
+        ):
             batches.append(cur)
             cur, size, body = [], 0, 0
         cur.append(ev)
@@ -99,15 +107,15 @@ class ShipperStats:
     shipped: int = 0
     batches: int = 0
     retries: int = 0
-    overflow: int = 0          # spilled to the local file: queue full
-    rejected: int = 0          # refused by CloudWatch (too old / too new)
+    overflow: int = 0  # spilled to the local file: queue full
+    rejected: int = 0  # refused by CloudWatch (too old / too new)
     errors: int = 0
-    last_error: str = ""       # cleared when a batch is accepted again
+    last_error: str = ""  # cleared when a batch is accepted again
     backlog: int = 0
-    reshipped: int = 0         # read back from the spill files and queued again
-    spilled_waiting: int = 0   # spill files' bytes not read back yet
+    reshipped: int = 0  # read back from the spill files and queued again
+    spilled_waiting: int = 0  # spill files' bytes not read back yet
     shutdown_spilled: int = 0  # held at SIGTERM, spilled
-    lost_in_crash: int = 0     # held by a process that was killed (read from the state)
+    lost_in_crash: int = 0  # held by a process that was killed (read from the state)
 
 
 @dataclass
@@ -125,7 +133,7 @@ class CloudWatchShipper:
     _ready: bool = False
     _healthy: bool = False  # the last request to CloudWatch succeeded
     _inflight: list[Event] = field(default_factory=list)  # taken, not accepted yet
-    _reship: str = ""        # the spill file being read back
+    _reship: str = ""  # the spill file being read back
     _reship_offset: int = 0
     _saved_state: tuple[int, str, int] | None = None
 
@@ -153,8 +161,9 @@ class CloudWatchShipper:
         await asyncio.to_thread(self._recover)
         session = get_session()
         # our own backoff keeps the batch and counts every failure: no hidden retries
-        config = AioConfig(retries={"max_attempts": 1, "mode": "standard"},
-                           connect_timeout=5, read_timeout=30)
+        config = AioConfig(
+            retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=30
+        )
         async with session.create_client("logs", config=config) as client:
             try:
                 while True:
@@ -186,8 +195,11 @@ class CloudWatchShipper:
         held = state.get("held") if isinstance(state, dict) else None
         if isinstance(held, int) and held > 0:
             self.stats.lost_in_crash += held
-            log.error("cloudwatch.lost_in_crash", events=held,
-                      reason="the previous process stopped without spilling what it held")
+            log.error(
+                "cloudwatch.lost_in_crash",
+                events=held,
+                reason="the previous process stopped without spilling what it held",
+            )
         reship = state.get("reship") if isinstance(state, dict) else None
         offset = state.get("offset") if isinstance(state, dict) else None
         if isinstance(reship, str) and os.path.exists(reship) and isinstance(offset, int):
@@ -202,8 +214,7 @@ class CloudWatchShipper:
         tmp = self.state_path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"held": held, "reship": self._reship,
-                           "offset": self._reship_offset}, f)
+                json.dump({"held": held, "reship": self._reship, "offset": self._reship_offset}, f)
             os.replace(tmp, self.state_path)
             self._saved_state = state
         except OSError as exc:
@@ -221,18 +232,26 @@ class CloudWatchShipper:
         if held:
             written = self.spill.write_lines([f"{ts} {msg}\n" for ts, msg in held])
             self.stats.shutdown_spilled += written
-            log.info("cloudwatch.spilled_at_stop", events=written, lost=len(held) - written,
-                     file=self.spill.path)
+            log.info(
+                "cloudwatch.spilled_at_stop",
+                events=written,
+                lost=len(held) - written,
+                file=self.spill.path,
+            )
         self._write_state(0)
 
     def _spill_files(self) -> list[str]:
         """Spill files waiting to be read back, oldest first."""
-        pending = sorted(glob.glob(glob.escape(self.spill.path) + ".reship-*"),
-                         key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1]
-                         .isdigit() else 0)
+        pending = sorted(
+            glob.glob(glob.escape(self.spill.path) + ".reship-*"),
+            key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
+        )
         backups = [f"{self.spill.path}.{i}" for i in range(self.spill.backups, 0, -1)]
-        return [*pending, *(p for p in backups if os.path.exists(p)),
-                *([self.spill.path] if _size(self.spill.path) else [])]
+        return [
+            *pending,
+            *(p for p in backups if os.path.exists(p)),
+            *([self.spill.path] if _size(self.spill.path) else []),
+        ]
 
     def _spilled_bytes(self) -> int:
         return sum(_size(p) for p in self._spill_files()) - self._reship_offset
@@ -274,8 +293,9 @@ class CloudWatchShipper:
 
     async def _read_back(self) -> None:
         # healthy: a batch's worth; else (nothing sent yet, or failing) a small probe
-        room = min(self.capacity // 2 - self.held,
-                   MAX_BATCH_EVENTS if self._healthy else PROBE_EVENTS)
+        room = min(
+            self.capacity // 2 - self.held, MAX_BATCH_EVENTS if self._healthy else PROBE_EVENTS
+        )
         if room <= 0:
             return
         try:
@@ -292,8 +312,11 @@ class CloudWatchShipper:
             self.queue.extend(events)
             self.stats.reshipped += len(events)
             self.stats.backlog = len(self.queue)
-            log.info("cloudwatch.reshipping", events=len(events),
-                     waiting_bytes=self.stats.spilled_waiting)
+            log.info(
+                "cloudwatch.reshipping",
+                events=len(events),
+                waiting_bytes=self.stats.spilled_waiting,
+            )
             self._wake.set()
 
     async def _ensure(self, client: Any) -> None:
@@ -328,8 +351,10 @@ class CloudWatchShipper:
                 try:
                     await self._ensure(client)
                     resp = await client.put_log_events(
-                        logGroupName=self.group, logStreamName=self.stream,
-                        logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch])
+                        logGroupName=self.group,
+                        logStreamName=self.stream,
+                        logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch],
+                    )
                     break
                 except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
                     self._healthy = False
@@ -341,8 +366,12 @@ class CloudWatchShipper:
                     self.stats.retries += 1
                     self.stats.last_error = f"{code}: {exc}"[:300]
                     wait = delay * random.uniform(0.5, 1.5)
-                    log.warning("cloudwatch.retry", error=self.stats.last_error,
-                                retry_in=round(wait, 2), backlog=self.held)
+                    log.warning(
+                        "cloudwatch.retry",
+                        error=self.stats.last_error,
+                        retry_in=round(wait, 2),
+                        backlog=self.held,
+                    )
                     self.stats.backlog = self.held
                     await self._save_state()
                     await asyncio.sleep(wait)
@@ -356,7 +385,7 @@ class CloudWatchShipper:
             self.stats.rejected += refused
             self.stats.shipped += len(batch) - refused
             self.stats.batches += 1
-            del self._inflight[:len(batch)]
+            del self._inflight[: len(batch)]
             delay = 0.2
         self.stats.backlog = len(self.queue)
 

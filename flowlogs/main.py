@@ -42,7 +42,6 @@ log = structlog.get_logger("flowlogs")
 RECENT = 1000
 
 
-
 class DropCounters(Collector):
     """The reference's drop metrics, as Prometheus counters: the datapath's per-CPU
     totals, which only grow (read at each scrape by ``export``)."""
@@ -51,19 +50,27 @@ class DropCounters(Collector):
         self.values: dict[str, tuple[int, int]] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        packets = CounterMetricFamily("network_policy_drop_count",
-                                      "Packets dropped by policy", labels=["direction"])
-        octets = CounterMetricFamily("network_policy_drop_bytes",
-                                     "Bytes dropped by policy", labels=["direction"])
+        packets = CounterMetricFamily(
+            "network_policy_drop_count", "Packets dropped by policy", labels=["direction"]
+        )
+        octets = CounterMetricFamily(
+            "network_policy_drop_bytes", "Bytes dropped by policy", labels=["direction"]
+        )
         for direction, (count, size) in sorted(self.values.items()):
             packets.add_metric([direction], count)
             octets.add_metric([direction], size)
         yield packets
         yield octets
 
+
 class FlowLogs:
-    def __init__(self, settings: Settings, *, stats_map: TypedMap[ctypes.c_uint32, lay.NpStats],
-                 names: Names | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stats_map: TypedMap[ctypes.c_uint32, lay.NpStats],
+        names: Names | None,
+    ) -> None:
         self.settings = settings
         self.stats_map = stats_map
         self.names = names
@@ -76,29 +83,50 @@ class FlowLogs:
         self.cloudwatch: CloudWatchShipper | None = None
         self.formatter: Formatter | None = None
         if self.enabled and names is not None:
-            self.formatter = Formatter(node=settings.node_name or os.uname().nodename,
-                                       pod_name=names.pod, policy_name=names.policy)
-            self.sink = RotatingFile(settings.log_file, max_bytes=settings.flow_log_max_bytes,
-                                     backups=settings.flow_log_backups,
-                                     mode=settings.flow_log_file_mode)
+            self.formatter = Formatter(
+                node=settings.node_name or os.uname().nodename,
+                pod_name=names.pod,
+                policy_name=names.policy,
+            )
+            self.sink = RotatingFile(
+                settings.log_file,
+                max_bytes=settings.flow_log_max_bytes,
+                backups=settings.flow_log_backups,
+                mode=settings.flow_log_file_mode,
+            )
             if settings.enable_cloudwatch_logs:
-                self.spill = RotatingFile(settings.log_file + ".cloudwatch-spill",
-                                          max_bytes=settings.flow_log_max_bytes,
-                                          backups=settings.flow_log_backups,
-                                          mode=settings.flow_log_file_mode,
-                                          name="CloudWatch spill")
+                self.spill = RotatingFile(
+                    settings.log_file + ".cloudwatch-spill",
+                    max_bytes=settings.flow_log_max_bytes,
+                    backups=settings.flow_log_backups,
+                    mode=settings.flow_log_file_mode,
+                    name="CloudWatch spill",
+                )
                 self.cloudwatch = CloudWatchShipper(
                     group=group_name(settings.cluster_name),
                     stream=stream_name(settings.node_name or os.uname().nodename),
-                    capacity=settings.cloudwatch_queue_size, spill=self.spill)
+                    capacity=settings.cloudwatch_queue_size,
+                    spill=self.spill,
+                )
         self.registry = CollectorRegistry()
         r = self.registry
-        events = Counter("awsnodeagent_flowlogs_events_total",
-                         "Decision events by outcome", ["outcome"], registry=r)
+        events = Counter(
+            "awsnodeagent_flowlogs_events_total",
+            "Decision events by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self.m_read, self.m_written, self.m_filtered = (
-            events.labels("read"), events.labels("written"), events.labels("filtered"))
-        self.m_dropped = Gauge("awsnodeagent_flowlogs_dropped", "Decisions not recorded or "
-                               "not shipped, by reason (never silent)", ["reason"], registry=r)
+            events.labels("read"),
+            events.labels("written"),
+            events.labels("filtered"),
+        )
+        self.m_dropped = Gauge(
+            "awsnodeagent_flowlogs_dropped",
+            "Decisions not recorded or not shipped, by reason (never silent)",
+            ["reason"],
+            registry=r,
+        )
         self.drops = DropCounters()
         r.register(self.drops)
 
@@ -151,9 +179,12 @@ class FlowLogs:
     def stats(self) -> ProcessStats:
         dp = self.datapath_stats()
         stats: dict[str, float | int | str] = {
-            "enabled": int(self.enabled), "events_read": self.counts["read"],
-            "events_written": self.counts["written"], "events_filtered": self.counts["filtered"],
-            "ring_overruns": dp["events_lost"], "file": self.settings.log_file,
+            "enabled": int(self.enabled),
+            "events_read": self.counts["read"],
+            "events_written": self.counts["written"],
+            "events_filtered": self.counts["filtered"],
+            "ring_overruns": dp["events_lost"],
+            "file": self.settings.log_file,
             "file_rotations": self.sink.rotations if self.sink else 0,
             "file_reopened": self.sink.stats.reopened if self.sink else 0,
             "file_lost_disk_full": self.sink.stats.lost["disk_full"] if self.sink else 0,
@@ -164,22 +195,28 @@ class FlowLogs:
         }
         if self.cloudwatch is not None:
             cw = self.cloudwatch.stats
-            stats.update({"cloudwatch_group": self.cloudwatch.group,
-                          "cloudwatch_shipped": cw.shipped, "cloudwatch_batches": cw.batches,
-                          "cloudwatch_backlog": self.cloudwatch.held,
-                          "cloudwatch_overflow": cw.overflow,
-                          "cloudwatch_rejected": cw.rejected,
-                          "cloudwatch_retries": cw.retries,
-                          "cloudwatch_last_error": cw.last_error,
-                          "cloudwatch_spilled_waiting": cw.spilled_waiting,
-                          "cloudwatch_reshipped": cw.reshipped,
-                          "cloudwatch_lost_in_crash": cw.lost_in_crash})
+            stats.update(
+                {
+                    "cloudwatch_group": self.cloudwatch.group,
+                    "cloudwatch_shipped": cw.shipped,
+                    "cloudwatch_batches": cw.batches,
+                    "cloudwatch_backlog": self.cloudwatch.held,
+                    "cloudwatch_overflow": cw.overflow,
+                    "cloudwatch_rejected": cw.rejected,
+                    "cloudwatch_retries": cw.retries,
+                    "cloudwatch_last_error": cw.last_error,
+                    "cloudwatch_spilled_waiting": cw.spilled_waiting,
+                    "cloudwatch_reshipped": cw.reshipped,
+                    "cloudwatch_lost_in_crash": cw.lost_in_crash,
+                }
+            )
         return ProcessStats(running=True, stats=stats)
 
     def export(self) -> None:
         dp = self.datapath_stats()
-        self.drops.values = {d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"])
-                             for d in ("ingress", "egress")}
+        self.drops.values = {
+            d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"]) for d in ("ingress", "egress")
+        }
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
         if self.sink is not None:
             self.m_dropped.labels("file_disk_full").set(self.sink.stats.lost["disk_full"])
@@ -188,7 +225,8 @@ class FlowLogs:
             self.m_dropped.labels("cloudwatch_queue_full").set(self.cloudwatch.stats.overflow)
             self.m_dropped.labels("cloudwatch_rejected").set(self.cloudwatch.stats.rejected)
             self.m_dropped.labels("cloudwatch_lost_in_crash").set(
-                self.cloudwatch.stats.lost_in_crash)
+                self.cloudwatch.stats.lost_in_crash
+            )
 
     def app(self) -> web.Application:
         async def stats(_: web.Request) -> web.Response:
@@ -200,11 +238,23 @@ class FlowLogs:
             except ValueError:
                 raise web.HTTPBadRequest(reason="limit must be a number") from None
             items = list(self.recent)[-limit:]
-            return web.json_response([{
-                "time": r.timestamp_ns / 1e9, "line": r.line(), "verdict": r.verdict,
-                "pod": r.pod, "policy": r.policy, "src": f"{r.src_ip}:{r.src_port}",
-                "dst": f"{r.dst_ip}:{r.dst_port}", "protocol": r.protocol,
-                "direction": r.direction, "reason": r.reason} for r in items])
+            return web.json_response(
+                [
+                    {
+                        "time": r.timestamp_ns / 1e9,
+                        "line": r.line(),
+                        "verdict": r.verdict,
+                        "pod": r.pod,
+                        "policy": r.policy,
+                        "src": f"{r.src_ip}:{r.src_port}",
+                        "dst": f"{r.dst_ip}:{r.dst_port}",
+                        "protocol": r.protocol,
+                        "direction": r.direction,
+                        "reason": r.reason,
+                    }
+                    for r in items
+                ]
+            )
 
         async def metrics(_: web.Request) -> web.Response:
             self.export()
@@ -234,18 +284,19 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     if problems:
         raise StartupError("; ".join(problems))
     maps = os.path.join(settings.bpf_pin_root, "maps")
-    if not await preflight.wait_for_pin(os.path.join(maps, lay.MAP_EVENTS), stop,
-                                        event="flowlogs.waiting_for_maps"):
+    if not await preflight.wait_for_pin(
+        os.path.join(maps, lay.MAP_EVENTS), stop, event="flowlogs.waiting_for_maps"
+    ):
         return
-    stats_map = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_STATS)), ctypes.c_uint32,
-                         lay.NpStats)
+    stats_map = TypedMap(
+        Map.from_pin(os.path.join(maps, lay.MAP_STATS)), ctypes.c_uint32, lay.NpStats
+    )
     names = Names(settings.bpf_pin_root) if settings.enable_policy_event_logs else None
     flows = FlowLogs(settings, stats_map=stats_map, names=names)
     ring_map: Map | None = None
     ring: RingBuffer | None = None
     try:
-        tasks = {"api": serve_unix(flows.app(),
-                                   socket_path(settings.runtime_dir, FLOWLOGS_SOCKET))}
+        tasks = {"api": serve_unix(flows.app(), socket_path(settings.runtime_dir, FLOWLOGS_SOCKET))}
         if flows.enabled:
             ring_map = Map.from_pin(os.path.join(maps, lay.MAP_EVENTS))
             ring = RingBuffer(ring_map, flows.on_records)
@@ -253,10 +304,13 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             if flows.cloudwatch is not None:
                 tasks["cloudwatch"] = flows.cloudwatch.run()
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, flows.reopen)
-            log.info("flowlogs.starting", file=settings.log_file,
-                     format=settings.flow_log_format,
-                     cloudwatch=flows.cloudwatch.group if flows.cloudwatch else None,
-                     accept_logged=flows.debug)
+            log.info(
+                "flowlogs.starting",
+                file=settings.log_file,
+                format=settings.flow_log_format,
+                cloudwatch=flows.cloudwatch.group if flows.cloudwatch else None,
+                accept_logged=flows.debug,
+            )
         else:
             log.info("flowlogs.disabled", reason="--enable-policy-event-logs is false")
         await supervise(tasks, stop=stop, grace=settings.shutdown_timeout)

@@ -20,10 +20,12 @@ from bpf.maps import Map, TypedMap
 class Names:
     def __init__(self, pin_root: str) -> None:
         maps = os.path.join(pin_root, "maps")
-        self._pods = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_POD_META)),
-                              ctypes.c_uint32, lay.NpPodMeta)
-        self._policies = TypedMap(Map.from_pin(os.path.join(maps, lay.MAP_POLICIES)),
-                                  ctypes.c_uint32, lay.NpPolicyMeta)
+        self._pods = TypedMap(
+            Map.from_pin(os.path.join(maps, lay.MAP_POD_META)), ctypes.c_uint32, lay.NpPodMeta
+        )
+        self._policies = TypedMap(
+            Map.from_pin(os.path.join(maps, lay.MAP_POLICIES)), ctypes.c_uint32, lay.NpPolicyMeta
+        )
         self._pod_cache: OrderedDict[int, str] = OrderedDict()
         self._policy_cache: OrderedDict[int, str] = OrderedDict()
 

@@ -33,17 +33,17 @@ _REASON = lay.REASON_NAMES
 
 
 class FlowRecord(NamedTuple):
-    timestamp_ns: int   # wall clock
+    timestamp_ns: int  # wall clock
     src_ip: str
     src_port: int
     dst_ip: str
     dst_port: int
     protocol: str
-    verdict: str        # ACCEPT | DENY
-    direction: str      # ingress | egress (the pod's point of view)
+    verdict: str  # ACCEPT | DENY
+    direction: str  # ingress | egress (the pod's point of view)
     reason: str
-    pod: str            # namespace/name, or "?" if unknown
-    policy: str         # namespace/name of the allowing policy, or "-"
+    pod: str  # namespace/name, or "?" if unknown
+    policy: str  # namespace/name of the allowing policy, or "-"
     packet_len: int
 
     def line(self) -> str:
@@ -60,8 +60,9 @@ class Formatter:
 
     ``pod_name`` and ``policy_name`` map ids to ``namespace/name`` (see flowlogs.names)."""
 
-    def __init__(self, *, node: str, pod_name: Callable[[int], str],
-                 policy_name: Callable[[int], str]) -> None:
+    def __init__(
+        self, *, node: str, pod_name: Callable[[int], str], policy_name: Callable[[int], str]
+    ) -> None:
         self.node = node
         self.pod_name = pod_name
         self.policy_name = policy_name
@@ -78,27 +79,50 @@ class Formatter:
         if text is None:
             if len(self._addrs) > 100_000:
                 self._addrs.clear()
-            text = (socket.inet_ntop(socket.AF_INET, raw[:4]) if family == lay.NP_FAMILY_IPV4
-                    else socket.inet_ntop(socket.AF_INET6, raw))
+            text = (
+                socket.inet_ntop(socket.AF_INET, raw[:4])
+                if family == lay.NP_FAMILY_IPV4
+                else socket.inet_ntop(socket.AF_INET6, raw)
+            )
             self._addrs[key] = text
         return text
 
     def record(self, raw: bytes) -> FlowRecord:
-        (ts, pod_addr, peer_addr, pod_port, peer_port, proto, family, verdict, direction,
-         reason, pod_id, _ifindex, policy_id, packet_len) = EVENT.unpack_from(raw)
+        (
+            ts,
+            pod_addr,
+            peer_addr,
+            pod_port,
+            peer_port,
+            proto,
+            family,
+            verdict,
+            direction,
+            reason,
+            pod_id,
+            _ifindex,
+            policy_id,
+            packet_len,
+        ) = EVENT.unpack_from(raw)
         pod_ip, peer_ip = self._addr(pod_addr, family), self._addr(peer_addr, family)
         if direction == lay.NP_DIR_INGRESS:
             src, sport, dst, dport = peer_ip, peer_port, pod_ip, pod_port
         else:
             src, sport, dst, dport = pod_ip, pod_port, peer_ip, peer_port
         return FlowRecord(
-            timestamp_ns=ts + self.offset_ns, src_ip=src, src_port=sport, dst_ip=dst,
-            dst_port=dport, protocol=_PROTO.get(proto, str(proto)),
+            timestamp_ns=ts + self.offset_ns,
+            src_ip=src,
+            src_port=sport,
+            dst_ip=dst,
+            dst_port=dport,
+            protocol=_PROTO.get(proto, str(proto)),
             verdict="ACCEPT" if verdict == lay.NP_VERDICT_ALLOW else "DENY",
-            direction=_DIRECTION.get(direction, "?"), reason=_REASON.get(reason, str(reason)),
+            direction=_DIRECTION.get(direction, "?"),
+            reason=_REASON.get(reason, str(reason)),
             pod=self.pod_name(pod_id) or "?",
             policy=(self.policy_name(policy_id) or f"#{policy_id}") if policy_id else "-",
-            packet_len=packet_len)
+            packet_len=packet_len,
+        )
 
     @staticmethod
     def is_deny(raw: bytes) -> bool:
@@ -108,17 +132,34 @@ class Formatter:
         return f"{_stamp(r.timestamp_ns)} {r.line()}\n"
 
     def json(self, r: FlowRecord) -> str:
-        return json.dumps({
-            "time": _stamp(r.timestamp_ns), "node": self.node, "src_ip": r.src_ip,
-            "src_port": r.src_port, "dst_ip": r.dst_ip, "dst_port": r.dst_port,
-            "protocol": r.protocol, "verdict": r.verdict, "direction": r.direction,
-            "reason": r.reason, "pod": r.pod, "policy": r.policy, "bytes": r.packet_len,
-        }, separators=(",", ":")) + "\n"
+        return (
+            json.dumps(
+                {
+                    "time": _stamp(r.timestamp_ns),
+                    "node": self.node,
+                    "src_ip": r.src_ip,
+                    "src_port": r.src_port,
+                    "dst_ip": r.dst_ip,
+                    "dst_port": r.dst_port,
+                    "protocol": r.protocol,
+                    "verdict": r.verdict,
+                    "direction": r.direction,
+                    "reason": r.reason,
+                    "pod": r.pod,
+                    "policy": r.policy,
+                    "bytes": r.packet_len,
+                },
+                separators=(",", ":"),
+            )
+            + "\n"
+        )
 
     def cloudwatch(self, r: FlowRecord) -> str:
-        return (f"Node: {self.node};SIP: {r.src_ip};SPORT: {r.src_port};DIP: {r.dst_ip};"
-                f"DPORT: {r.dst_port};PROTOCOL: {r.protocol};PolicyVerdict: {r.verdict};"
-                f"Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}")
+        return (
+            f"Node: {self.node};SIP: {r.src_ip};SPORT: {r.src_port};DIP: {r.dst_ip};"
+            f"DPORT: {r.dst_port};PROTOCOL: {r.protocol};PolicyVerdict: {r.verdict};"
+            f"Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}"
+        )
 
 
 _last_second: list[object] = [None, ""]  # events come in bursts: format each second once

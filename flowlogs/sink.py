@@ -44,8 +44,9 @@ class SinkStats:
 
 
 class RotatingFile:
-    def __init__(self, path: str, *, max_bytes: int, backups: int, mode: int = 0o600,
-                 name: str = "flow log") -> None:
+    def __init__(
+        self, path: str, *, max_bytes: int, backups: int, mode: int = 0o600, name: str = "flow log"
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -55,8 +56,8 @@ class RotatingFile:
         self._fd = -1
         self._ident: tuple[int, int] = (0, 0)
         self._size = 0
-        self._torn = False            # the last write ended mid-line
-        self._failing: str | None = None   # reason while writes fail
+        self._torn = False  # the last write ended mid-line
+        self._failing: str | None = None  # reason while writes fail
         self._lost_while_failing = 0
         self._reopen = False
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -128,15 +129,25 @@ class RotatingFile:
         self._lost_while_failing += lost
         if self._failing != reason:
             self._failing = reason
-            log.error("flowlogs.file_unwritable", file=self.path, what=self.name,
-                      reason=reason, error=self.stats.last_error,
-                      effect="lines are counted as lost until writes succeed again")
+            log.error(
+                "flowlogs.file_unwritable",
+                file=self.path,
+                what=self.name,
+                reason=reason,
+                error=self.stats.last_error,
+                effect="lines are counted as lost until writes succeed again",
+            )
         return whole
 
     def _succeeded(self) -> None:
         if self._failing is not None:
-            log.warning("flowlogs.file_writable_again", file=self.path, what=self.name,
-                        lost_meanwhile=self._lost_while_failing, reason=self._failing)
+            log.warning(
+                "flowlogs.file_writable_again",
+                file=self.path,
+                what=self.name,
+                lost_meanwhile=self._lost_while_failing,
+                reason=self._failing,
+            )
             self._failing = None
             self._lost_while_failing = 0
             self.stats.last_error = ""
@@ -161,13 +172,13 @@ class RotatingFile:
             self._close_fd()
             self._open()
             self.stats.reopened += 1
-            log.warning("flowlogs.file_reopened", file=self.path, what=self.name,
-                        reason=why)
+            log.warning("flowlogs.file_reopened", file=self.path, what=self.name, reason=why)
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           self.mode)
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode
+        )
         st = os.fstat(self._fd)
         self._ident = (st.st_dev, st.st_ino)
         self._size = st.st_size

@@ -27,9 +27,9 @@ PAGE = 4096
 
 @dataclass
 class Vitals:
-    at: float           # seconds since the churn started
+    at: float  # seconds since the churn started
     rss_mb: float
-    lag_max_s: float    # largest event-loop lag since the agent started
+    lag_max_s: float  # largest event-loop lag since the agent started
     tasks: int
     tables: dict[str, int] = field(default_factory=dict)  # datapath table -> entries
 
@@ -40,7 +40,7 @@ class Churn:
     pods: list[SimPod]
     endpoints: int = 1000
     cidrs: int = 20
-    rate: float = 20.0               # updates per second
+    rate: float = 20.0  # updates per second
     namespace: str = "default"
     seed: int = 7
     # a node's history: pods re-created (same name and address, a new UID) per second,
@@ -60,18 +60,29 @@ class Churn:
         return {
             "metadata": {"name": f"churn-{i:05d}", "namespace": self.namespace},
             "spec": {
-                "policyRef": {"name": (f"churn-{i}-{gen}" if self.rename_policies
-                                       else f"churn-{i % 100}"),
-                              "namespace": self.namespace},
+                "policyRef": {
+                    "name": (f"churn-{i}-{gen}" if self.rename_policies else f"churn-{i % 100}"),
+                    "namespace": self.namespace,
+                },
                 "podIsolation": ["Ingress"],
                 "podSelectorEndpoints": [
-                    {"podIP": str(p.ipv4), "hostIP": str(self.stack.sim.node_ipv4),
-                     "name": p.name, "namespace": self.namespace} for p in targets],
-                "ingress": [{"cidr": f"{(base + j * 16) >> 24 & 255}."
-                                     f"{(base + j * 16) >> 16 & 255}."
-                                     f"{(base + j * 16) >> 8 & 255}.{(base + j * 16) & 255}/28",
-                             "ports": [{"protocol": "TCP", "port": 80 + j % 3}]}
-                            for j in range(self.cidrs)],
+                    {
+                        "podIP": str(p.ipv4),
+                        "hostIP": str(self.stack.sim.node_ipv4),
+                        "name": p.name,
+                        "namespace": self.namespace,
+                    }
+                    for p in targets
+                ],
+                "ingress": [
+                    {
+                        "cidr": f"{(base + j * 16) >> 24 & 255}."
+                        f"{(base + j * 16) >> 16 & 255}."
+                        f"{(base + j * 16) >> 8 & 255}.{(base + j * 16) & 255}/28",
+                        "ports": [{"protocol": "TCP", "port": 80 + j % 3}],
+                    }
+                    for j in range(self.cidrs)
+                ],
             },
         }
 
@@ -147,7 +158,10 @@ async def vitals(stack: NodeStack, started: float) -> Vitals:
     rss = await asyncio.to_thread(rss_mb, stack.procs["agent"].pid)
     m = await metrics(stack.sim.netns)
     st = await stack.agent.get("/v1/status", NodeStatus)
-    return Vitals(round(time.monotonic() - started, 1), round(rss, 1),
-                  m.get("awsnodeagent_event_loop_lag_max_seconds", float("nan")),
-                  int(m.get("awsnodeagent_asyncio_tasks", -1)),
-                  {name: t.entries for name, t in sorted(st.tables.items())})
+    return Vitals(
+        round(time.monotonic() - started, 1),
+        round(rss, 1),
+        m.get("awsnodeagent_event_loop_lag_max_seconds", float("nan")),
+        int(m.get("awsnodeagent_asyncio_tasks", -1)),
+        {name: t.entries for name, t in sorted(st.tables.items())},
+    )

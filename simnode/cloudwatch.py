@@ -32,14 +32,21 @@ class LocalCloudWatch:
 
     def environment(self) -> dict[str, str]:
         """What a client needs to use this endpoint."""
-        return {"AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": self.url, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}
+        return {
+            "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-west-2",
+        }
 
     def start(self, timeout: float = 20) -> None:
         exe = Path(sys.executable).parent / "moto_server"
         enter = [] if self.netns is None else ["nsenter", f"--net=/run/netns/{self.netns}"]
-        self.proc = subprocess.Popen([*enter, str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [*enter, str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -39,8 +39,14 @@ from simnode.stack import REPO, NodeStack
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 
 WALKTHROUGH = REPO / "examples" / "walkthrough"
-BOLD, GREEN, RED, DIM, YELLOW, RESET = ("\033[1m", "\033[32m", "\033[31m", "\033[2m",
-                                        "\033[33m", "\033[0m")
+BOLD, GREEN, RED, DIM, YELLOW, RESET = (
+    "\033[1m",
+    "\033[32m",
+    "\033[31m",
+    "\033[2m",
+    "\033[33m",
+    "\033[0m",
+)
 
 
 @dataclass(frozen=True)
@@ -70,24 +76,41 @@ class Flow:
         return f"{self.client:>18} -> {self.server}:{self.port}/{self.protocol}"
 
 
-FLOWS = (Flow("client-one", "demo-app", 80, "TCP"),
-         Flow("another-client-one", "demo-app", 80, "TCP"),
-         Flow("client-one", "coredns", 53, "UDP"))
+FLOWS = (
+    Flow("client-one", "demo-app", 80, "TCP"),
+    Flow("another-client-one", "demo-app", 80, "TCP"),
+    Flow("client-one", "coredns", 53, "UDP"),
+)
 
 # (title, manifest applied or None, expected verdict of each flow in FLOWS)
 STEPS: tuple[tuple[str, str | None, tuple[bool, bool, bool]], ...] = (
     ("No policy: every pod may talk to every pod", None, (True, True, True)),
     ("Deny all ingress to demo-app", "01-deny-all-ingress.yaml", (False, False, True)),
-    ("Allow client-one to demo-app on TCP 80", "03-allow-ingress-from-samens-client-one.yaml",
-     (True, False, True)),
-    ("Allow every pod of another-ns to demo-app", "04-allow-ingress-from-xns.yaml",
-     (True, True, True)),
-    ("Deny all egress from client-one, DNS included", "06-deny-egress-from-client-one.yaml",
-     (False, True, False)),
-    ("Allow client-one to reach the cluster DNS", "07-allow-egress-to-coredns.yaml",
-     (False, True, True)),
-    ("Allow client-one to reach demo-app on TCP 80", "08-allow-egress-to-demo-app.yaml",
-     (True, True, True)),
+    (
+        "Allow client-one to demo-app on TCP 80",
+        "03-allow-ingress-from-samens-client-one.yaml",
+        (True, False, True),
+    ),
+    (
+        "Allow every pod of another-ns to demo-app",
+        "04-allow-ingress-from-xns.yaml",
+        (True, True, True),
+    ),
+    (
+        "Deny all egress from client-one, DNS included",
+        "06-deny-egress-from-client-one.yaml",
+        (False, True, False),
+    ),
+    (
+        "Allow client-one to reach the cluster DNS",
+        "07-allow-egress-to-coredns.yaml",
+        (False, True, True),
+    ),
+    (
+        "Allow client-one to reach demo-app on TCP 80",
+        "08-allow-egress-to-demo-app.yaml",
+        (True, True, True),
+    ),
 )
 
 
@@ -97,8 +120,7 @@ class Demo:
         self.sim = SimNode(tag)
         self.pin_root = f"/sys/fs/bpf/np-demo-{os.getpid()}"
         self.workdir = workdir
-        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=workdir,
-                               node="demo-node")
+        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=workdir, node="demo-node")
         self.flow_log = workdir / "flows.log"
         self.color = color
         self.pods: dict[str, SimPod] = {}
@@ -113,8 +135,13 @@ class Demo:
 
     # ---- setting up -------------------------------------------------------------------
     async def setup(self) -> None:
-        print(self.c(BOLD, "Setting up a simulated node: network namespaces, veths, "
-                           "a fake API server, the four node processes"))
+        print(
+            self.c(
+                BOLD,
+                "Setting up a simulated node: network namespaces, veths, "
+                "a fake API server, the four node processes",
+            )
+        )
         await self.sim.start()
         await self.stack.start_api()
         store = self.stack.api.store
@@ -122,25 +149,38 @@ class Demo:
             store.create(fs.NAMESPACES, None, {"metadata": {"name": ns}})
         for spec in PODS:
             pod = await self.sim.add_pod(spec.name)
-            server = PodServer(name=f"{spec.namespace}/{spec.name}", netns=pod.netns,
-                               listen=spec.listen)
+            server = PodServer(
+                name=f"{spec.namespace}/{spec.name}", netns=pod.netns, listen=spec.listen
+            )
             await server.start()
             self.servers.append(server)
             self.pods[spec.name] = pod
             self.stack.create_pod_object(pod, namespace=spec.namespace, labels=spec.labels)
-            print(f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
-                  f"{pod.ipv6!s:<13} host veth {pod.host_veth}")
-        common = ("--enable-network-policy=true", "--enable-policy-event-logs=true",
-                  "--log-level=info", f"--log-file={self.flow_log}")
+            print(
+                f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
+                f"{pod.ipv6!s:<13} host veth {pod.host_veth}"
+            )
+        common = (
+            "--enable-network-policy=true",
+            "--enable-policy-event-logs=true",
+            "--log-level=info",
+            f"--log-file={self.flow_log}",
+        )
         await self.stack.start("resolver", *common)
-        await self.stack.start("agent", *common, "--metrics-bind-addr=127.0.0.1:8162",
-                               "--health-probe-bind-addr=127.0.0.1:8163")
+        await self.stack.start(
+            "agent",
+            *common,
+            "--metrics-bind-addr=127.0.0.1:8162",
+            "--health-probe-bind-addr=127.0.0.1:8163",
+        )
         await self.stack.start("conntrack", *common, "--conntrack-cache-cleanup-period=10")
         await self.stack.start("flowlogs", *common)
         status = await self._ready()
-        print(f"  np-agent ready on node {status.node} ({status.mode} mode), "
-              f"programs {status.ingress_prog_id}/{status.egress_prog_id}, "
-              f"pins under {status.pin_root}")
+        print(
+            f"  np-agent ready on node {status.node} ({status.mode} mode), "
+            f"programs {status.ingress_prog_id}/{status.egress_prog_id}, "
+            f"pins under {status.pin_root}"
+        )
         print(self.c(DIM, f"  process logs and the flow log are in {self.workdir}"))
 
     async def _ready(self, timeout: float = 30) -> NodeStatus:
@@ -158,8 +198,9 @@ class Demo:
             except Unavailable as exc:
                 last = str(exc)
             await asyncio.sleep(0.2)
-        raise RuntimeError(f"the node did not become ready in {timeout}s: {last}\n"
-                           f"{self._tail('agent')}")
+        raise RuntimeError(
+            f"the node did not become ready in {timeout}s: {last}\n{self._tail('agent')}"
+        )
 
     def _tail(self, name: str, lines: int = 15) -> str:
         path = self.stack.log_file(name)
@@ -167,28 +208,34 @@ class Demo:
         return "\n".join(text.splitlines()[-lines:])
 
     # ---- a step -----------------------------------------------------------------------
-    async def step(self, n: int, title: str, manifest: str | None,
-                   expect: tuple[bool, ...]) -> None:
+    async def step(
+        self, n: int, title: str, manifest: str | None, expect: tuple[bool, ...]
+    ) -> None:
         print()
         print(self.c(BOLD, f"Step {n}. {title}"))
         if manifest:
             policy = self.apply(WALKTHROUGH / manifest)
-            print(f"  kubectl apply -f examples/walkthrough/{manifest}  "
-                  f"(networkpolicy {policy})")
+            print(f"  kubectl apply -f examples/walkthrough/{manifest}  (networkpolicy {policy})")
             started = time.monotonic()
             done = await self.stack.settle(timeout=15)
             took = (time.monotonic() - started) * 1000
             state = "programmed" if done.programmed else self.c(RED, "NOT programmed")
-            print(f"  resolver wrote the PolicyEndpoints; np-agent reports every pod "
-                  f"{state} ({took:.0f} ms after the apply)")
+            print(
+                f"  resolver wrote the PolicyEndpoints; np-agent reports every pod "
+                f"{state} ({took:.0f} ms after the apply)"
+            )
         for flow, want in zip(FLOWS, expect, strict=True):
             results = [await self.probe(flow, family) for family in (4, 6)]
             verdicts = "  ".join(
                 f"IPv{f} " + (self.c(GREEN, "allowed") if ok else self.c(RED, "denied "))
-                for f, ok in zip((4, 6), results, strict=True))
+                for f, ok in zip((4, 6), results, strict=True)
+            )
             as_expected = all(ok == want for ok in results)
-            note = self.c(DIM, "as expected") if as_expected else self.c(
-                YELLOW, f"UNEXPECTED (walkthrough: {'allowed' if want else 'denied'})")
+            note = (
+                self.c(DIM, "as expected")
+                if as_expected
+                else self.c(YELLOW, f"UNEXPECTED (walkthrough: {'allowed' if want else 'denied'})")
+            )
             self.unexpected += not as_expected
             print(f"  {flow.label():<44} {verdicts}   {note}")
             if not all(results):
@@ -207,26 +254,36 @@ class Demo:
         # from an earlier step and pass as established
         self._next_port = 30000 if self._next_port >= 60000 else self._next_port + 1
         fn = tcp_probe if flow.protocol == "TCP" else udp_probe
-        return await fn(netns=client.netns, target=server.address(family), port=flow.port,
-                        timeout=0.4, expect=f"{self.namespace_of[flow.server]}/{flow.server}",
-                        source_port=self._next_port)
+        return await fn(
+            netns=client.netns,
+            target=server.address(family),
+            port=flow.port,
+            timeout=0.4,
+            expect=f"{self.namespace_of[flow.server]}/{flow.server}",
+            source_port=self._next_port,
+        )
 
     async def explain(self, flow: Flow) -> str:
         """The agent's account of the denial, asked on both ends (np-cli explain)."""
         client, server = self.pods[flow.client], self.pods[flow.server]
         asks = (
-            ExplainRequest(pod=f"{self.namespace_of[flow.client]}/{flow.client}",
-                           peer=str(server.ipv4), port=flow.port,
-                           protocol=flow.protocol,  # type: ignore[arg-type]
-                           direction="egress"),
-            ExplainRequest(pod=f"{self.namespace_of[flow.server]}/{flow.server}",
-                           peer=str(client.ipv4), port=flow.port,
-                           protocol=flow.protocol,  # type: ignore[arg-type]
-                           direction="ingress"),
+            ExplainRequest(
+                pod=f"{self.namespace_of[flow.client]}/{flow.client}",
+                peer=str(server.ipv4),
+                port=flow.port,
+                protocol=flow.protocol,  # type: ignore[arg-type]
+                direction="egress",
+            ),
+            ExplainRequest(
+                pod=f"{self.namespace_of[flow.server]}/{flow.server}",
+                peer=str(client.ipv4),
+                port=flow.port,
+                protocol=flow.protocol,  # type: ignore[arg-type]
+                direction="ingress",
+            ),
         )
         for ask in asks:
-            res = await self.stack.agent.request("POST", "/v1/explain", ExplainResult,
-                                                 body=ask)
+            res = await self.stack.agent.request("POST", "/v1/explain", ExplainResult, body=ask)
             if res.verdict == "DENY":
                 return res.summary
         return "no side denies it now (the policy changed since the probe?)"
@@ -266,10 +323,12 @@ class Demo:
             await self.step(n, title, manifest, expect)
         st = await self.stack.agent.get("/v1/status", NodeStatus)
         print()
-        print(self.c(BOLD, "Node status (np-cli status): ")
-              + f"{st.pods} pods, {st.programmed} programmed, {st.policyendpoints} "
-                f"PolicyEndpoints, datapath allowed {st.datapath.get('packets_allowed', 0)} "
-                f"and denied {st.datapath.get('packets_denied', 0)} packets")
+        print(
+            self.c(BOLD, "Node status (np-cli status): ")
+            + f"{st.pods} pods, {st.programmed} programmed, {st.policyendpoints} "
+            f"PolicyEndpoints, datapath allowed {st.datapath.get('packets_allowed', 0)} "
+            f"and denied {st.datapath.get('packets_denied', 0)} packets"
+        )
         if self.unexpected:
             print(self.c(YELLOW, f"{self.unexpected} probes differed from the walkthrough"))
             return 1
@@ -316,13 +375,15 @@ async def amain(*, color: bool, keep: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-color", action="store_true", help="plain output")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the processes' logs and the flow log")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs and the flow log"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("demo: run as root (it creates network namespaces and loads eBPF programs)")
-    sys.exit(asyncio.run(amain(color=not args.no_color and sys.stdout.isatty(),
-                               keep=args.keep_logs)))
+    sys.exit(
+        asyncio.run(amain(color=not args.no_color and sys.stdout.isatty(), keep=args.keep_logs))
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def run(script: str, *, netns: str | None = None) -> str:
         argv = ["ip", "netns", "exec", netns, *argv]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise CommandError(f"{' '.join(argv[:4])}...: exit {proc.returncode}: "
-                           f"{proc.stderr.strip()}\n--- script ---\n{script}")
+        raise CommandError(
+            f"{' '.join(argv[:4])}...: exit {proc.returncode}: "
+            f"{proc.stderr.strip()}\n--- script ---\n{script}"
+        )
     return proc.stdout
 
 
@@ -79,8 +81,10 @@ async def arun(script: str, *, netns: str | None = None) -> str:
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise CommandError(f"{' '.join(argv[:4])}...: exit {proc.returncode}: "
-                           f"{err.decode().strip()}\n--- script ---\n{script}")
+        raise CommandError(
+            f"{' '.join(argv[:4])}...: exit {proc.returncode}: "
+            f"{err.decode().strip()}\n--- script ---\n{script}"
+        )
     return out.decode()
 
 

@@ -23,8 +23,7 @@ def ethernet(ethertype: int, payload: bytes) -> bytes:
     return _MACS + struct.pack("!H", ethertype) + payload
 
 
-def l4(protocol: int, *, sport: int, dport: int, payload: bytes = b"",
-       icmp_type: int = 8) -> bytes:
+def l4(protocol: int, *, sport: int, dport: int, payload: bytes = b"", icmp_type: int = 8) -> bytes:
     if protocol == TCP:
         return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0) + payload
     if protocol == UDP:
@@ -36,22 +35,46 @@ def l4(protocol: int, *, sport: int, dport: int, payload: bytes = b"",
     return payload
 
 
-def ipv4(*, src: Address, dst: Address, protocol: int, body: bytes, options: bytes = b"",
-         ident: int = 1, frag_offset: int = 0, more_fragments: bool = False) -> bytes:
+def ipv4(
+    *,
+    src: Address,
+    dst: Address,
+    protocol: int,
+    body: bytes,
+    options: bytes = b"",
+    ident: int = 1,
+    frag_offset: int = 0,
+    more_fragments: bool = False,
+) -> bytes:
     """An IPv4 packet; ``frag_offset`` in bytes (multiple of 8); ``options`` padded to 4."""
     options = options + b"\x00" * (-len(options) % 4)
     ihl = 5 + len(options) // 4
     flags = (0x2000 if more_fragments else 0) | (frag_offset // 8)
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(body), ident, flags, 64, protocol, 0,
-        src.packed, dst.packed,
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        4 * ihl + len(body),
+        ident,
+        flags,
+        64,
+        protocol,
+        0,
+        src.packed,
+        dst.packed,
     )
     return ethernet(ETH_P_IP, header + options + body)
 
 
-def ipv6(*, src: Address, dst: Address, protocol: int, body: bytes,
-         ext: list[tuple[int, bytes]] | None = None,
-         fragment: tuple[int, bool, int] | None = None) -> bytes:
+def ipv6(
+    *,
+    src: Address,
+    dst: Address,
+    protocol: int,
+    body: bytes,
+    ext: list[tuple[int, bytes]] | None = None,
+    fragment: tuple[int, bool, int] | None = None,
+) -> bytes:
     """An IPv6 packet. ``ext``: (header type, options payload) for hop-by-hop (0),
     routing (43) or destination options (60), in order; ``fragment``: (offset in bytes,
     more fragments, identification), placed after them."""
@@ -69,13 +92,20 @@ def ipv6(*, src: Address, dst: Address, protocol: int, body: bytes,
         encoded += struct.pack("!BBHI", protocol, 0, (offset & 0xFFF8) | int(more), ident)
     first = headers[0] if headers else protocol
     payload = encoded + body
-    header = struct.pack("!IHBB16s16s", 0x60000000, len(payload), first, 64,
-                         src.packed, dst.packed)
+    header = struct.pack("!IHBB16s16s", 0x60000000, len(payload), first, 64, src.packed, dst.packed)
     return ethernet(ETH_P_IPV6, header + payload)
 
 
-def packet(*, src: Address, dst: Address, protocol: int, sport: int = 40000,
-           dport: int = 80, payload: bytes = b"x" * 16, icmp_type: int | None = None) -> bytes:
+def packet(
+    *,
+    src: Address,
+    dst: Address,
+    protocol: int,
+    sport: int = 40000,
+    dport: int = 80,
+    payload: bytes = b"x" * 16,
+    icmp_type: int | None = None,
+) -> bytes:
     """A complete unfragmented packet of either family."""
     if icmp_type is None:
         icmp_type = 8 if src.version == 4 else 128
@@ -86,6 +116,7 @@ def packet(*, src: Address, dst: Address, protocol: int, sport: int = 40000,
 
 
 def arp_request(*, sender: ipaddress.IPv4Address, target: ipaddress.IPv4Address) -> bytes:
-    body = struct.pack("!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, 1, _MACS[6:], sender.packed,
-                       b"\x00" * 6, target.packed)
+    body = struct.pack(
+        "!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, 1, _MACS[6:], sender.packed, b"\x00" * 6, target.packed
+    )
     return ethernet(ETH_P_ARP, body)

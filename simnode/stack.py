@@ -36,14 +36,26 @@ from simnode.node import SimNode, SimPod
 REPO = Path(__file__).resolve().parents[1]
 NODE = "node-1"
 # process name -> Python module (the console scripts np-agent, np-resolver, ... run these)
-MODULES = {"agent": "agent", "resolver": "controller", "conntrack": "conntrack",
-           "flowlogs": "flowlogs"}
+MODULES = {
+    "agent": "agent",
+    "resolver": "controller",
+    "conntrack": "conntrack",
+    "flowlogs": "flowlogs",
+}
 
 
 class NodeStack:
-    def __init__(self, sim: SimNode, *, pin_root: str, workdir: Path, node: str = NODE,
-                 mode: str = "standard", bookmark_interval: float = 0.5,
-                 ct_entries: int = 32768) -> None:
+    def __init__(
+        self,
+        sim: SimNode,
+        *,
+        pin_root: str,
+        workdir: Path,
+        node: str = NODE,
+        mode: str = "standard",
+        bookmark_interval: float = 0.5,
+        ct_entries: int = 32768,
+    ) -> None:
         self.sim = sim
         self.pin_root = pin_root
         self.workdir = workdir
@@ -57,8 +69,9 @@ class NodeStack:
         self.runs: Counter[str] = Counter()
         self._api_port = 0
         self.agent = LocalClient(socket_path(self.runtime_dir, AGENT_SOCKET))
-        self.resolver = LocalClient(socket_path(self.runtime_dir, RESOLVER_SOCKET),
-                                    process="resolver")
+        self.resolver = LocalClient(
+            socket_path(self.runtime_dir, RESOLVER_SOCKET), process="resolver"
+        )
 
     # ---- the API server ---------------------------------------------------------------
     async def start_api(self) -> None:
@@ -72,22 +85,47 @@ class NodeStack:
         await self.api.start(sock_factory=factory)
         self.api.write_kubeconfig(self.kubeconfig)
 
-    def create_pod_object(self, pod: SimPod, *, namespace: str = "default",
-                          name: str | None = None,
-                          labels: dict[str, str] | None = None,
-                          ports: Iterable[tuple[str, int, str]] = ()) -> dict[str, Any]:
+    def create_pod_object(
+        self,
+        pod: SimPod,
+        *,
+        namespace: str = "default",
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        ports: Iterable[tuple[str, int, str]] = (),
+    ) -> dict[str, Any]:
         """The Pod object of a simulated pod on this node, Running with both its IPs;
         ``ports`` are (name, containerPort, protocol) of its one container."""
-        return self.api.store.create(fs.PODS, namespace, {
-            "metadata": {"name": name or pod.name, "namespace": namespace,
-                         "labels": dict(labels or {})},
-            "spec": {"nodeName": self.node, "containers": [{"name": "main", "ports": [
-                {"name": n, "containerPort": p, "protocol": proto}
-                for n, p, proto in ports if n]}]},
-            "status": {"phase": "Running", "hostIP": str(self.sim.node_ipv4),
-                       "podIP": str(pod.ipv4),
-                       "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}]},
-        })
+        return self.api.store.create(
+            fs.PODS,
+            namespace,
+            {
+                "metadata": {
+                    "name": name or pod.name,
+                    "namespace": namespace,
+                    "labels": dict(labels or {}),
+                },
+                "spec": {
+                    "nodeName": self.node,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "ports": [
+                                {"name": n, "containerPort": p, "protocol": proto}
+                                for n, p, proto in ports
+                                if n
+                            ],
+                        }
+                    ],
+                },
+                "status": {
+                    "phase": "Running",
+                    "hostIP": str(self.sim.node_ipv4),
+                    "podIP": str(pod.ipv4),
+                    "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}],
+                },
+            },
+        )
 
     async def resolver_caught_up(self, timeout: float = 10.0) -> bool:
         """Wait until the resolver has seen every change made so far and written its
@@ -111,9 +149,9 @@ class NodeStack:
         deadline = time.monotonic() + timeout
         await self.resolver_caught_up(timeout)
         remaining = max(0.1, deadline - time.monotonic())
-        return await self.agent.get("/v1/wait", WaitResult,
-                                    params={"timeout": f"{remaining:.2f}"},
-                                    timeout=remaining + 5)
+        return await self.agent.get(
+            "/v1/wait", WaitResult, params={"timeout": f"{remaining:.2f}"}, timeout=remaining + 5
+        )
 
     # ---- processes --------------------------------------------------------------------
     def log_file(self, name: str) -> Path:
@@ -122,14 +160,16 @@ class NodeStack:
     def flags(self) -> list[str]:
         """The flags every process gets, as a DaemonSet would give them."""
         return [
-            f"--kubeconfig={self.kubeconfig}", f"--bpf-pin-root={self.pin_root}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--bpf-pin-root={self.pin_root}",
             f"--runtime-dir={self.runtime_dir}",
             f"--conntrack-cache-table-size={self.ct_entries}",
             f"--pod-interface-prefixes={self.sim.tag}h",
         ]
 
-    async def start(self, name: str, *extra: str, wrap: Sequence[str] = (),
-                    env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
+    async def start(
+        self, name: str, *extra: str, wrap: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
         """Start process ``name`` (a key of :data:`MODULES`); extras override flags.
         ``wrap`` is a command prefix run inside the namespace (e.g. ``setpriv`` with a
         reduced capability set, as a container runtime would apply it); ``env`` adds
@@ -137,21 +177,39 @@ class NodeStack:
         if name in self.procs and self.procs[name].returncode is None:
             raise RuntimeError(f"{name} is running")
         self.runs[name] += 1
-        environment = dict(os.environ, NETWORK_POLICY_ENFORCING_MODE=self.mode,
-                           MY_NODE_NAME=self.node, PYTHONPATH=str(REPO), **(env or {}))
+        environment = dict(
+            os.environ,
+            NETWORK_POLICY_ENFORCING_MODE=self.mode,
+            MY_NODE_NAME=self.node,
+            PYTHONPATH=str(REPO),
+            **(env or {}),
+        )
         # the resolver shares the node's network here (a Deployment pod in a cluster):
         # its health port must not take the agent's
-        own = (["--health-probe-bind-addr=127.0.0.1:0", "--metrics-bind-addr=127.0.0.1:0"]
-               if name == "resolver" else [])
-        args = ["nsenter", f"--net=/run/netns/{self.sim.netns}", *wrap, sys.executable,
-                "-m", MODULES[name], *self.flags(), *own, *extra]
+        own = (
+            ["--health-probe-bind-addr=127.0.0.1:0", "--metrics-bind-addr=127.0.0.1:0"]
+            if name == "resolver"
+            else []
+        )
+        args = [
+            "nsenter",
+            f"--net=/run/netns/{self.sim.netns}",
+            *wrap,
+            sys.executable,
+            "-m",
+            MODULES[name],
+            *self.flags(),
+            *own,
+            *extra,
+        ]
         with open(self.log_file(name), "a") as log:  # noqa: ASYNC230 (local file, tiny)
             log.write(f"---- run {self.runs[name]}\n")
             log.flush()
             # a session of its own: a Ctrl-C meant for the caller (the demo) must not
             # reach the processes, which the caller stops in order
-            proc = await asyncio.create_subprocess_exec(*args, env=environment, stdout=log,
-                                                        stderr=log, start_new_session=True)
+            proc = await asyncio.create_subprocess_exec(
+                *args, env=environment, stdout=log, stderr=log, start_new_session=True
+            )
         self.procs[name] = proc
         return proc
 

@@ -41,14 +41,23 @@ class _Udp(asyncio.DatagramProtocol):
 class PodServer:
     """TCP and UDP echo responders on ``ports`` in ``netns`` for both address families."""
 
-    def __init__(self, *, name: str, netns: str | None, ports: Iterable[int] = (80, 81),
-                 listen: Iterable[tuple[int, str]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        netns: str | None,
+        ports: Iterable[int] = (80, 81),
+        listen: Iterable[tuple[int, str]] | None = None,
+    ) -> None:
         """``ports`` are served over TCP and UDP; ``listen`` gives exact (port, protocol)
         pairs instead."""
         self.name = name
         self.netns = netns
-        self.listen = tuple(listen) if listen is not None else tuple(
-            (p, proto) for p in ports for proto in ("TCP", "UDP"))
+        self.listen = (
+            tuple(listen)
+            if listen is not None
+            else tuple((p, proto) for p in ports for proto in ("TCP", "UDP"))
+        )
         self.udp_received: Counter[str] = Counter()
         self.tcp_accepted: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
@@ -68,8 +77,9 @@ class PodServer:
                 if proto == "TCP":
                     self._servers.append(await asyncio.start_server(self._on_tcp, sock=sock))
                 else:
-                    transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self),
-                                                                       sock=sock)
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: _Udp(self), sock=sock
+                    )
                     self._transports.append(transport)
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -98,13 +108,20 @@ class PodServer:
         self._transports.clear()
 
 
-async def tcp_probe(*, netns: str | None, target: Address, port: int,
-                    timeout: float = 0.5, expect: str | None = None,
-                    source_port: int = 0) -> bool:
+async def tcp_probe(
+    *,
+    netns: str | None,
+    target: Address,
+    port: int,
+    timeout: float = 0.5,
+    expect: str | None = None,
+    source_port: int = 0,
+) -> bool:
     """Connect from ``netns`` and exchange one line; True if the answer came back.
     ``source_port`` pins the client port (0: the kernel's choice)."""
-    conn = await open_tcp(netns=netns, target=target, port=port, timeout=timeout,
-                          source_port=source_port)
+    conn = await open_tcp(
+        netns=netns, target=target, port=port, timeout=timeout, source_port=source_port
+    )
     if conn is None:
         return False
     try:
@@ -113,9 +130,15 @@ async def tcp_probe(*, netns: str | None, target: Address, port: int,
         await conn.close()
 
 
-async def udp_probe(*, netns: str | None, target: Address, port: int,
-                    timeout: float = 0.5, expect: str | None = None,
-                    source_port: int = 0) -> bool:
+async def udp_probe(
+    *,
+    netns: str | None,
+    target: Address,
+    port: int,
+    timeout: float = 0.5,
+    expect: str | None = None,
+    source_port: int = 0,
+) -> bool:
     """Send one datagram from a fresh socket (a new flow); True if the echo came back."""
     loop = asyncio.get_running_loop()
     sock = socket_in(netns, _family(target), socket.SOCK_DGRAM)
@@ -139,8 +162,9 @@ class TcpConnection:
         self.sock = sock
         self._buf = b""
 
-    async def exchange(self, payload: bytes, *, timeout: float = 0.5,
-                       expect: str | None = None) -> bool:
+    async def exchange(
+        self, payload: bytes, *, timeout: float = 0.5, expect: str | None = None
+    ) -> bool:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.sock_sendall(self.sock, payload + b"\n"), timeout)
@@ -159,8 +183,9 @@ class TcpConnection:
         self.sock.close()
 
 
-async def open_tcp(*, netns: str | None, target: Address, port: int,
-                   timeout: float = 0.5, source_port: int = 0) -> TcpConnection | None:
+async def open_tcp(
+    *, netns: str | None, target: Address, port: int, timeout: float = 0.5, source_port: int = 0
+) -> TcpConnection | None:
     loop = asyncio.get_running_loop()
     sock = socket_in(netns, _family(target), socket.SOCK_STREAM)
     if source_port:  # a failure to bind is an error, not a verdict

@@ -8,9 +8,17 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance")
-    group.addoption("--cases", action="append", default=[], metavar="DIR",
-                    help="directory of conformance scenarios (repeatable); default: "
-                         "../shared/conformance/cases (or the copy in tests/conformance/cases)"
-                         " plus the generated scenarios")
-    group.addoption("--no-generated", action="store_true",
-                    help="do not add the generated scenarios to the default directories")
+    group.addoption(
+        "--cases",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of conformance scenarios (repeatable); default: "
+        "../shared/conformance/cases (or the copy in tests/conformance/cases)"
+        " plus the generated scenarios",
+    )
+    group.addoption(
+        "--no-generated",
+        action="store_true",
+        help="do not add the generated scenarios to the default directories",
+    )

@@ -24,13 +24,10 @@ def _applies(rule: PeerRule, addr: Address) -> bool:
     cidr = _net(rule.cidr)
     if addr.version != cidr.version or addr not in cidr:
         return False
-    return not any(
-        _net(e).version == addr.version and addr in _net(e) for e in rule.excepts
-    )
+    return not any(_net(e).version == addr.version and addr in _net(e) for e in rule.excepts)
 
 
-def reference_allows(rules: list[PeerRule], addr: Address, protocol: int,
-                     port: int | None) -> bool:
+def reference_allows(rules: list[PeerRule], addr: Address, protocol: int, port: int | None) -> bool:
     intervals: list[tuple[int, int]] = []
     for rule in rules:
         if not _applies(rule, addr):

@@ -62,8 +62,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", params=list(LAYOUTS))
-async def cluster(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+async def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Cluster]:
     """One simulated node per resolver layout (every case runs in each)."""
     from tests.privileged.conftest import _require_privileges
 

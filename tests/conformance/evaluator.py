@@ -71,10 +71,11 @@ class Evaluator:
 
     # ---- actions ----------------------------------------------------------------------
     def apply(self, action: Obj) -> None:
-        (kind, arg), = action.items()
+        ((kind, arg),) = action.items()
         if kind in ("create_policy", "update_policy"):
-            policy = api_defaults(render(arg, address=self._addr_for_template,
-                                         node_ip=self.node_ip))
+            policy = api_defaults(
+                render(arg, address=self._addr_for_template, node_ip=self.node_ip)
+            )
             meta = policy["metadata"]
             self.policies[(meta.get("namespace", "default"), meta["name"])] = policy
         elif kind == "delete_policy":
@@ -84,8 +85,7 @@ class Evaluator:
             self.pods[(ns, name)].labels = dict(arg.get("labels") or {})
         elif kind == "set_namespace_labels":
             ns = arg["namespace"]
-            self.namespaces[ns] = {**(arg.get("labels") or {}),
-                                   "kubernetes.io/metadata.name": ns}
+            self.namespaces[ns] = {**(arg.get("labels") or {}), "kubernetes.io/metadata.name": ns}
         elif kind == "create_pod":
             ports = tuple(arg["ports"]) if arg.get("ports") else None
             spec = PodSpec(arg["ns"], arg["name"], dict(arg.get("labels") or {}))
@@ -103,16 +103,23 @@ class Evaluator:
 
     # ---- semantics --------------------------------------------------------------------
     def allowed(self, src: PodKey, dst: PodKey, port: int, protocol: str) -> bool:
-        return (self._direction_allows(src, dst, port, protocol, egress=True)
-                and self._direction_allows(dst, src, port, protocol, egress=False))
+        return self._direction_allows(
+            src, dst, port, protocol, egress=True
+        ) and self._direction_allows(dst, src, port, protocol, egress=False)
 
-    def _direction_allows(self, subject: PodKey, peer: PodKey, port: int, protocol: str, *,
-                          egress: bool) -> bool:
+    def _direction_allows(
+        self, subject: PodKey, peer: PodKey, port: int, protocol: str, *, egress: bool
+    ) -> bool:
         kind = "Egress" if egress else "Ingress"
-        selecting = [p for (ns, _), p in self.policies.items()
-                     if ns == subject[0] and kind in p["spec"]["policyTypes"]
-                     and _label_selector_matches(p["spec"].get("podSelector") or {},
-                                                 self.pods[subject].labels)]
+        selecting = [
+            p
+            for (ns, _), p in self.policies.items()
+            if ns == subject[0]
+            and kind in p["spec"]["policyTypes"]
+            and _label_selector_matches(
+                p["spec"].get("podSelector") or {}, self.pods[subject].labels
+            )
+        ]
         if not selecting:
             return True
         destination = peer if egress else subject
@@ -135,7 +142,8 @@ class Evaluator:
             return not any(
                 addr in ipaddress.ip_network(e, strict=False)
                 for e in block.get("except") or []
-                if ipaddress.ip_network(e, strict=False).version == addr.version)
+                if ipaddress.ip_network(e, strict=False).version == addr.version
+            )
         ns_sel = peer.get("namespaceSelector")
         if ns_sel is None:
             if pod[0] != policy["metadata"].get("namespace", "default"):
@@ -156,8 +164,11 @@ class Evaluator:
                 return True
             if isinstance(want, str) and not want.isdigit():
                 for cp in self.pods[destination].ports:
-                    if cp.get("name") == want and cp.get("protocol", "TCP") == protocol \
-                            and int(cp["port"]) == port:
+                    if (
+                        cp.get("name") == want
+                        and cp.get("protocol", "TCP") == protocol
+                        and int(cp["port"]) == port
+                    ):
                         return True
                 continue
             low = int(want)
@@ -168,8 +179,7 @@ class Evaluator:
 
     def matrix(self, port: int, protocol: str) -> dict[tuple[PodKey, PodKey], bool]:
         keys = sorted(self.pods)
-        return {(s, d): self.allowed(s, d, port, protocol) for s in keys for d in keys
-                if s != d}
+        return {(s, d): self.allowed(s, d, port, protocol) for s in keys for d in keys if s != d}
 
     def copy(self) -> Evaluator:
         return copy.deepcopy(self)

@@ -31,14 +31,24 @@ def _address(family: int):  # type: ignore[no-untyped-def]
 
     def address(key: PodKey) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         n = index.setdefault(key, len(index) + 1)
-        return (ipaddress.IPv4Address(f"10.66.0.{n}") if family == 4
-                else ipaddress.IPv6Address(f"fd00:66::{n:x}"))
+        return (
+            ipaddress.IPv4Address(f"10.66.0.{n}")
+            if family == 4
+            else ipaddress.IPv6Address(f"fd00:66::{n:x}")
+        )
 
     return address
 
 
-def policy(name: str, ns: str, *, target: Obj | None = None, ingress: list[Obj] | None = None,
-           egress: list[Obj] | None = None, types: list[str] | None = None) -> Obj:
+def policy(
+    name: str,
+    ns: str,
+    *,
+    target: Obj | None = None,
+    ingress: list[Obj] | None = None,
+    egress: list[Obj] | None = None,
+    types: list[str] | None = None,
+) -> Obj:
     spec: Obj = {"podSelector": target if target is not None else {"matchLabels": {"pod": "a"}}}
     if ingress is not None:
         spec["ingress"] = ingress
@@ -51,21 +61,36 @@ def policy(name: str, ns: str, *, target: Obj | None = None, ingress: list[Obj] 
 
 def _expect(matrix: dict[tuple[PodKey, PodKey], bool]) -> Obj:
     default = Counter(matrix.values()).most_common(1)[0][0]
-    rules = [{"from": {"ns": s[0], "pod": s[1]}, "to": {"ns": d[0], "pod": d[1]},
-              "allow": v} for (s, d), v in sorted(matrix.items()) if v != default]
+    rules = [
+        {"from": {"ns": s[0], "pod": s[1]}, "to": {"ns": d[0], "pod": d[1]}, "allow": v}
+        for (s, d), v in sorted(matrix.items())
+        if v != default
+    ]
     return {"default": "allow" if default else "deny", "rules": rules}
 
 
-def scenario(name: str, description: str, steps: list[list[Obj]], *,
-             probes: list[tuple[int, str]] = PROBES_TWO, family: int = 4) -> Obj:
+def scenario(
+    name: str,
+    description: str,
+    steps: list[list[Obj]],
+    *,
+    probes: list[tuple[int, str]] = PROBES_TWO,
+    family: int = 4,
+) -> Obj:
     ev = Evaluator.of(standard_world(family), _address(family))
     out_steps = []
     for actions in steps:
         for a in actions:
             ev.apply(copy.deepcopy(a))
-        out_steps.append({"actions": actions, "probes": [
-            {"port": port, "protocol": proto, "expect": _expect(ev.matrix(port, proto))}
-            for port, proto in probes]})
+        out_steps.append(
+            {
+                "actions": actions,
+                "probes": [
+                    {"port": port, "protocol": proto, "expect": _expect(ev.matrix(port, proto))}
+                    for port, proto in probes
+                ],
+            }
+        )
     doc: Obj = {"name": name, "source": f"generated: {description}"}
     if family == 6:
         doc["world"] = {"family": "ipv6"}
@@ -80,23 +105,68 @@ def _peers(family: int) -> list[tuple[str, list[Obj]]]:
         ("all-pods-same-ns", [{"podSelector": {}}]),
         ("all-namespaces", [{"namespaceSelector": {}}]),
         ("ns-y", [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]),
-        ("ns-y-or-z", [{"namespaceSelector": {"matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["y", "z"]}]}}]),
-        ("ns-y-pod-c", [{"namespaceSelector": {"matchLabels": {
-            "kubernetes.io/metadata.name": "y"}}, "podSelector": {"matchLabels": {"pod": "c"}}}]),
-        ("pod-in-b-c", [{"podSelector": {"matchExpressions": [
-            {"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]),
-        ("pod-not-b", [{"podSelector": {"matchExpressions": [
-            {"key": "pod", "operator": "NotIn", "values": ["b"]}]}}]),
-        ("two-peers", [{"podSelector": {"matchLabels": {"pod": "c"}}},
-                       {"namespaceSelector": {"matchLabels": {
-                           "kubernetes.io/metadata.name": "z"}}}]),
+        (
+            "ns-y-or-z",
+            [
+                {
+                    "namespaceSelector": {
+                        "matchExpressions": [
+                            {
+                                "key": "kubernetes.io/metadata.name",
+                                "operator": "In",
+                                "values": ["y", "z"],
+                            }
+                        ]
+                    }
+                }
+            ],
+        ),
+        (
+            "ns-y-pod-c",
+            [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}},
+                    "podSelector": {"matchLabels": {"pod": "c"}},
+                }
+            ],
+        ),
+        (
+            "pod-in-b-c",
+            [
+                {
+                    "podSelector": {
+                        "matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]
+                    }
+                }
+            ],
+        ),
+        (
+            "pod-not-b",
+            [
+                {
+                    "podSelector": {
+                        "matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["b"]}]
+                    }
+                }
+            ],
+        ),
+        (
+            "two-peers",
+            [
+                {"podSelector": {"matchLabels": {"pod": "c"}}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "z"}}},
+            ],
+        ),
         ("ipblock-host", [{"ipBlock": {"cidr": "{{host x/b}}"}}]),
         ("ipblock-host-other-ns", [{"ipBlock": {"cidr": "{{host y/c}}"}}]),
-        ("ipblock-all-except", [{"ipBlock": {"cidr": everything,
-                                             "except": ["{{host x/b}}", "{{host z/a}}"]}}]),
-        ("ipblock-net-except", [{"ipBlock": {"cidr": "{{net x/b 4}}",
-                                             "except": ["{{host y/a}}"]}}]),
+        (
+            "ipblock-all-except",
+            [{"ipBlock": {"cidr": everything, "except": ["{{host x/b}}", "{{host z/a}}"]}}],
+        ),
+        (
+            "ipblock-net-except",
+            [{"ipBlock": {"cidr": "{{net x/b 4}}", "except": ["{{host y/a}}"]}}],
+        ),
     ]
 
 
@@ -130,110 +200,338 @@ def all_scenarios() -> list[Obj]:
     # targets x namespaces
     for tname, target in TARGETS:
         for ns in ("x", "y"):
-            out.append(scenario(
-                f"gen-target-{tname}-in-{ns}", f"ingress from pod b, targets {tname} in {ns}",
-                [[{"create_policy": policy("p", ns, target=target, ingress=allow_b)}]]))
+            out.append(
+                scenario(
+                    f"gen-target-{tname}-in-{ns}",
+                    f"ingress from pod b, targets {tname} in {ns}",
+                    [[{"create_policy": policy("p", ns, target=target, ingress=allow_b)}]],
+                )
+            )
     # peers x direction x family
     for family in (4, 6):
         for pname, peers in _peers(family):
-            out.append(scenario(
-                f"gen-peer-ingress-{pname}-v{family}", f"ingress to x/a from {pname}",
-                [[{"create_policy": policy("p", "x", ingress=[{"from": peers}])}]],
-                family=family))
-            out.append(scenario(
-                f"gen-peer-egress-{pname}-v{family}", f"egress from x/a to {pname}",
-                [[{"create_policy": policy("p", "x", egress=[{"to": peers}],
-                                           types=["Egress"])}]], family=family))
+            out.append(
+                scenario(
+                    f"gen-peer-ingress-{pname}-v{family}",
+                    f"ingress to x/a from {pname}",
+                    [[{"create_policy": policy("p", "x", ingress=[{"from": peers}])}]],
+                    family=family,
+                )
+            )
+            out.append(
+                scenario(
+                    f"gen-peer-egress-{pname}-v{family}",
+                    f"egress from x/a to {pname}",
+                    [
+                        [
+                            {
+                                "create_policy": policy(
+                                    "p", "x", egress=[{"to": peers}], types=["Egress"]
+                                )
+                            }
+                        ]
+                    ],
+                    family=family,
+                )
+            )
     # ports x direction
     for family in (4, 6):
         for portname, ports in PORTS:
-            out.append(scenario(
-                f"gen-ports-ingress-{portname}-v{family}", f"ingress to x/a on {portname}",
-                [[{"create_policy": policy("p", "x", ingress=[{"ports": ports}])}]],
-                probes=PROBES_ALL, family=family))
-            out.append(scenario(
-                f"gen-ports-egress-{portname}-v{family}", f"egress from x/a on {portname}",
-                [[{"create_policy": policy("p", "x", egress=[{"ports": ports}],
-                                           types=["Egress"])}]],
-                probes=PROBES_ALL, family=family))
+            out.append(
+                scenario(
+                    f"gen-ports-ingress-{portname}-v{family}",
+                    f"ingress to x/a on {portname}",
+                    [[{"create_policy": policy("p", "x", ingress=[{"ports": ports}])}]],
+                    probes=PROBES_ALL,
+                    family=family,
+                )
+            )
+            out.append(
+                scenario(
+                    f"gen-ports-egress-{portname}-v{family}",
+                    f"egress from x/a on {portname}",
+                    [
+                        [
+                            {
+                                "create_policy": policy(
+                                    "p", "x", egress=[{"ports": ports}], types=["Egress"]
+                                )
+                            }
+                        ]
+                    ],
+                    probes=PROBES_ALL,
+                    family=family,
+                )
+            )
     # the policy in another namespace (nil namespaceSelector means *that* namespace)
     for pname, peers in _peers(4):
-        out.append(scenario(
-            f"gen-peer-ingress-{pname}-policy-in-z", f"ingress to z/a from {pname}",
-            [[{"create_policy": policy("p", "z", ingress=[{"from": peers}])}]]))
+        out.append(
+            scenario(
+                f"gen-peer-ingress-{pname}-policy-in-z",
+                f"ingress to z/a from {pname}",
+                [[{"create_policy": policy("p", "z", ingress=[{"from": peers}])}]],
+            )
+        )
     # ports with peers (the rule needs both)
     for portname, ports in PORTS:
-        out.append(scenario(
-            f"gen-ports-and-peer-{portname}", f"ingress to x/a from ns y on {portname}",
-            [[{"create_policy": policy("p", "x", ingress=[{"from": _peers(4)[3][1],
-                                                           "ports": ports}])}]],
-            probes=PROBES_ALL))
-        out.append(scenario(
-            f"gen-egress-named-no-to-{portname}", f"egress from x/a, no 'to', on {portname}",
-            [[{"create_policy": policy("p", "x", egress=[{"ports": ports}],
-                                       types=["Egress"], target={})}]], probes=PROBES_ALL))
+        out.append(
+            scenario(
+                f"gen-ports-and-peer-{portname}",
+                f"ingress to x/a from ns y on {portname}",
+                [
+                    [
+                        {
+                            "create_policy": policy(
+                                "p", "x", ingress=[{"from": _peers(4)[3][1], "ports": ports}]
+                            )
+                        }
+                    ]
+                ],
+                probes=PROBES_ALL,
+            )
+        )
+        out.append(
+            scenario(
+                f"gen-egress-named-no-to-{portname}",
+                f"egress from x/a, no 'to', on {portname}",
+                [
+                    [
+                        {
+                            "create_policy": policy(
+                                "p", "x", egress=[{"ports": ports}], types=["Egress"], target={}
+                            )
+                        }
+                    ]
+                ],
+                probes=PROBES_ALL,
+            )
+        )
     # stacking
-    for i, (p1, p2) in enumerate([
-        ("tcp-80", "udp-any"), ("named-80-tcp", "tcp-81"), ("range-80-81", "sctp-80"),
-        ("udp-80", "tcp-80-udp-81"),
-    ]):
+    for i, (p1, p2) in enumerate(
+        [
+            ("tcp-80", "udp-any"),
+            ("named-80-tcp", "tcp-81"),
+            ("range-80-81", "sctp-80"),
+            ("udp-80", "tcp-80-udp-81"),
+        ]
+    ):
         by_name = dict(PORTS)
-        out.append(scenario(
-            f"gen-stack-{p1}-{p2}", f"two policies on x/a: {p1} from y, {p2} from z",
-            [[{"create_policy": policy("p1", "x", ingress=[{"from": _peers(4)[3][1],
-                                                            "ports": by_name[p1]}])}],
-             [{"create_policy": policy("p2", "x", ingress=[{"from": [{"namespaceSelector": {
-                 "matchLabels": {"kubernetes.io/metadata.name": "z"}}}],
-                 "ports": by_name[p2]}])}]], probes=PROBES_ALL))
-        out.append(scenario(
-            f"gen-stack-both-directions-{i}", f"ingress and egress policies on x/a ({p1})",
-            [[{"create_policy": policy("in", "x", ingress=[{"ports": by_name[p1]}])},
-              {"create_policy": policy("out", "x", egress=[{"to": _peers(4)[3][1]}],
-                                       types=["Egress"])}]], probes=PROBES_ALL))
+        out.append(
+            scenario(
+                f"gen-stack-{p1}-{p2}",
+                f"two policies on x/a: {p1} from y, {p2} from z",
+                [
+                    [
+                        {
+                            "create_policy": policy(
+                                "p1", "x", ingress=[{"from": _peers(4)[3][1], "ports": by_name[p1]}]
+                            )
+                        }
+                    ],
+                    [
+                        {
+                            "create_policy": policy(
+                                "p2",
+                                "x",
+                                ingress=[
+                                    {
+                                        "from": [
+                                            {
+                                                "namespaceSelector": {
+                                                    "matchLabels": {
+                                                        "kubernetes.io/metadata.name": "z"
+                                                    }
+                                                }
+                                            }
+                                        ],
+                                        "ports": by_name[p2],
+                                    }
+                                ],
+                            )
+                        }
+                    ],
+                ],
+                probes=PROBES_ALL,
+            )
+        )
+        out.append(
+            scenario(
+                f"gen-stack-both-directions-{i}",
+                f"ingress and egress policies on x/a ({p1})",
+                [
+                    [
+                        {"create_policy": policy("in", "x", ingress=[{"ports": by_name[p1]}])},
+                        {
+                            "create_policy": policy(
+                                "out", "x", egress=[{"to": _peers(4)[3][1]}], types=["Egress"]
+                            )
+                        },
+                    ]
+                ],
+                probes=PROBES_ALL,
+            )
+        )
     # label changes
     role = [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]
-    out.append(scenario("gen-labels-peer-gains-role", "peer x/c gains role=client", [
-        [{"create_policy": policy("p", "x", ingress=role)}],
-        [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c", "role": "client"}}}],
-        [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c"}}}]]))
-    out.append(scenario("gen-labels-target-gains-label", "x/b becomes a target", [
-        [{"create_policy": policy("p", "x", target={"matchLabels": {"locked": "yes"}},
-                                  ingress=allow_b)}],
-        [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c", "locked": "yes"}}}]]))
-    out.append(scenario("gen-labels-target-loses-label", "x/a stops being a target", [
-        [{"create_policy": policy("p", "x", ingress=[])}],
-        [{"set_pod_labels": {"pod": "x/a", "labels": {"app": "a"}}}]]))
+    out.append(
+        scenario(
+            "gen-labels-peer-gains-role",
+            "peer x/c gains role=client",
+            [
+                [{"create_policy": policy("p", "x", ingress=role)}],
+                [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c", "role": "client"}}}],
+                [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c"}}}],
+            ],
+        )
+    )
+    out.append(
+        scenario(
+            "gen-labels-target-gains-label",
+            "x/b becomes a target",
+            [
+                [
+                    {
+                        "create_policy": policy(
+                            "p", "x", target={"matchLabels": {"locked": "yes"}}, ingress=allow_b
+                        )
+                    }
+                ],
+                [{"set_pod_labels": {"pod": "x/c", "labels": {"pod": "c", "locked": "yes"}}}],
+            ],
+        )
+    )
+    out.append(
+        scenario(
+            "gen-labels-target-loses-label",
+            "x/a stops being a target",
+            [
+                [{"create_policy": policy("p", "x", ingress=[])}],
+                [{"set_pod_labels": {"pod": "x/a", "labels": {"app": "a"}}}],
+            ],
+        )
+    )
     ns_team = [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]
     for ns in ("y", "z"):
-        out.append(scenario(f"gen-labels-namespace-{ns}-joins", f"namespace {ns} joins team", [
-            [{"create_policy": policy("p", "x", ingress=ns_team)}],
-            [{"set_namespace_labels": {"namespace": ns, "labels": {"team": "blue"}}}],
-            [{"set_namespace_labels": {"namespace": ns, "labels": {}}}]]))
-    out.append(scenario("gen-labels-egress-peer", "egress peer y/b gains role=client", [
-        [{"create_policy": policy("p", "x", egress=[{"to": [{"namespaceSelector": {},
-                                                              "podSelector": {"matchLabels": {
-                                                                  "role": "client"}}}]}],
-                                  types=["Egress"])}],
-        [{"set_pod_labels": {"pod": "y/b", "labels": {"pod": "b", "role": "client"}}}]]))
+        out.append(
+            scenario(
+                f"gen-labels-namespace-{ns}-joins",
+                f"namespace {ns} joins team",
+                [
+                    [{"create_policy": policy("p", "x", ingress=ns_team)}],
+                    [{"set_namespace_labels": {"namespace": ns, "labels": {"team": "blue"}}}],
+                    [{"set_namespace_labels": {"namespace": ns, "labels": {}}}],
+                ],
+            )
+        )
+    out.append(
+        scenario(
+            "gen-labels-egress-peer",
+            "egress peer y/b gains role=client",
+            [
+                [
+                    {
+                        "create_policy": policy(
+                            "p",
+                            "x",
+                            egress=[
+                                {
+                                    "to": [
+                                        {
+                                            "namespaceSelector": {},
+                                            "podSelector": {"matchLabels": {"role": "client"}},
+                                        }
+                                    ]
+                                }
+                            ],
+                            types=["Egress"],
+                        )
+                    }
+                ],
+                [{"set_pod_labels": {"pod": "y/b", "labels": {"pod": "b", "role": "client"}}}],
+            ],
+        )
+    )
     # create / update / delete
-    out.append(scenario("gen-lifecycle-create-update-delete", "ports changed, then deleted", [
-        [{"create_policy": policy("p", "x", ingress=[{"ports": dict(PORTS)["tcp-80"]}])}],
-        [{"update_policy": policy("p", "x", ingress=[{"ports": dict(PORTS)["tcp-81"]}])}],
-        [{"delete_policy": {"name": "p", "namespace": "x"}}]], probes=PROBES_ALL))
-    out.append(scenario("gen-lifecycle-new-peer-pod", "a new pod matches the peer selector", [
-        [{"create_policy": policy("p", "x", ingress=role)}],
-        [{"create_pod": {"ns": "y", "name": "d", "labels": {"pod": "d", "role": "client"}}}],
-        [{"delete_pod": {"pod": "y/d"}}]]))
-    out.append(scenario("gen-lifecycle-new-target-pod", "a new pod is a target", [
-        [{"create_policy": policy("p", "x", target={"matchLabels": {"pod": "d"}},
-                                  ingress=allow_b)}],
-        [{"create_pod": {"ns": "x", "name": "d", "labels": {"pod": "d"}}}],
-        [{"delete_pod": {"pod": "x/d"}}]]))
-    out.append(scenario("gen-lifecycle-deny-all-both", "deny all both ways, then allow all", [
-        [{"create_policy": policy("deny", "y", target={}, ingress=[], egress=[],
-                                  types=["Ingress", "Egress"])}],
-        [{"create_policy": policy("allow", "y", target={}, ingress=[{}], egress=[{}],
-                                  types=["Ingress", "Egress"])}]]))
+    out.append(
+        scenario(
+            "gen-lifecycle-create-update-delete",
+            "ports changed, then deleted",
+            [
+                [{"create_policy": policy("p", "x", ingress=[{"ports": dict(PORTS)["tcp-80"]}])}],
+                [{"update_policy": policy("p", "x", ingress=[{"ports": dict(PORTS)["tcp-81"]}])}],
+                [{"delete_policy": {"name": "p", "namespace": "x"}}],
+            ],
+            probes=PROBES_ALL,
+        )
+    )
+    out.append(
+        scenario(
+            "gen-lifecycle-new-peer-pod",
+            "a new pod matches the peer selector",
+            [
+                [{"create_policy": policy("p", "x", ingress=role)}],
+                [
+                    {
+                        "create_pod": {
+                            "ns": "y",
+                            "name": "d",
+                            "labels": {"pod": "d", "role": "client"},
+                        }
+                    }
+                ],
+                [{"delete_pod": {"pod": "y/d"}}],
+            ],
+        )
+    )
+    out.append(
+        scenario(
+            "gen-lifecycle-new-target-pod",
+            "a new pod is a target",
+            [
+                [
+                    {
+                        "create_policy": policy(
+                            "p", "x", target={"matchLabels": {"pod": "d"}}, ingress=allow_b
+                        )
+                    }
+                ],
+                [{"create_pod": {"ns": "x", "name": "d", "labels": {"pod": "d"}}}],
+                [{"delete_pod": {"pod": "x/d"}}],
+            ],
+        )
+    )
+    out.append(
+        scenario(
+            "gen-lifecycle-deny-all-both",
+            "deny all both ways, then allow all",
+            [
+                [
+                    {
+                        "create_policy": policy(
+                            "deny",
+                            "y",
+                            target={},
+                            ingress=[],
+                            egress=[],
+                            types=["Ingress", "Egress"],
+                        )
+                    }
+                ],
+                [
+                    {
+                        "create_policy": policy(
+                            "allow",
+                            "y",
+                            target={},
+                            ingress=[{}],
+                            egress=[{}],
+                            types=["Ingress", "Egress"],
+                        )
+                    }
+                ],
+            ],
+        )
+    )
     return out
 
 

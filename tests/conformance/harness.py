@@ -71,8 +71,9 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 
 
 class Cluster:
-    def __init__(self, sim: SimNode, *, workdir: Path, pin_root: str,
-                 layout: str = "paired") -> None:
+    def __init__(
+        self, sim: SimNode, *, workdir: Path, pin_root: str, layout: str = "paired"
+    ) -> None:
         self.layout = layout
         self.sim = sim
         self.rig = AgentRig(sim, pin_root=pin_root, workdir=workdir)
@@ -99,7 +100,7 @@ class Cluster:
         return self.pods[key].sim.address(family)
 
     async def prepare(self, world: WorldSpec) -> None:
-        for (ns, name) in list(self.store.objects[fs.NETWORK_POLICIES]):
+        for ns, name in list(self.store.objects[fs.NETWORK_POLICIES]):
             self.store.delete(fs.NETWORK_POLICIES, ns, name)
         wanted_ns = set(world.namespaces) | {p.namespace for p in world.pods}
         for ns in sorted(wanted_ns):
@@ -107,22 +108,24 @@ class Cluster:
             try:
                 current = self.store.get(fs.NAMESPACES, "", ns)
             except fs.ApiError:
-                self.store.create(fs.NAMESPACES, None, {"metadata": {"name": ns,
-                                                                     "labels": labels}})
+                self.store.create(fs.NAMESPACES, None, {"metadata": {"name": ns, "labels": labels}})
                 continue
             if current["metadata"].get("labels") != labels:
                 current["metadata"]["labels"] = labels
                 self.store.update(fs.NAMESPACES, "", ns, current)
         wanted = {p.key: p for p in world.pods}
-        for key in [k for k in self.pods if k not in wanted
-                    or tuple(self.pods[k].spec.ports) != tuple(wanted[k].ports)]:
+        for key in [
+            k
+            for k in self.pods
+            if k not in wanted or tuple(self.pods[k].spec.ports) != tuple(wanted[k].ports)
+        ]:
             await self._delete_pod(key)
         for key, spec in wanted.items():
             if key in self.pods:
                 self._set_labels(key, spec.labels)
             else:
                 await self._create_pod(spec)
-        for (_, ns) in list(self.store.objects[fs.NAMESPACES]):
+        for _, ns in list(self.store.objects[fs.NAMESPACES]):
             if ns not in wanted_ns:
                 self.store.delete(fs.NAMESPACES, "", ns)
         await self.settle()
@@ -130,14 +133,19 @@ class Cluster:
     async def _create_pod(self, spec: PodSpec) -> None:
         sim = await self.sim.add_pod(f"{spec.namespace}-{spec.name}")
         listen = [(int(p["port"]), str(p.get("protocol", "TCP"))) for p in spec.ports]
-        server = PodServer(name=f"{spec.namespace}/{spec.name}", netns=sim.netns,
-                           listen=listen)
+        server = PodServer(name=f"{spec.namespace}/{spec.name}", netns=sim.netns, listen=listen)
         await server.start()
         self.pods[spec.key] = LivePod(spec, sim, server)
         self.rig.create_pod_object(
-            sim, namespace=spec.namespace, name=spec.name, labels=dict(spec.labels),
-            ports=[(str(p.get("name") or ""), int(p["port"]), str(p.get("protocol", "TCP")))
-                   for p in spec.ports])
+            sim,
+            namespace=spec.namespace,
+            name=spec.name,
+            labels=dict(spec.labels),
+            ports=[
+                (str(p.get("name") or ""), int(p["port"]), str(p.get("protocol", "TCP")))
+                for p in spec.ports
+            ],
+        )
 
     async def _delete_pod(self, key: PodKey) -> None:
         live = self.pods.pop(key)
@@ -154,11 +162,15 @@ class Cluster:
 
     # ---- actions ----------------------------------------------------------------------
     async def apply(self, action: Obj, family: int) -> None:
-        (kind, arg), = action.items()
+        ((kind, arg),) = action.items()
         if kind in ("create_policy", "update_policy"):
-            body = api_defaults(render(arg, address=lambda k: self.address(k, family),
-                                       node_ip=str(self.sim.node_ipv4 if family == 4
-                                                   else self.sim.node_ipv6)))
+            body = api_defaults(
+                render(
+                    arg,
+                    address=lambda k: self.address(k, family),
+                    node_ip=str(self.sim.node_ipv4 if family == 4 else self.sim.node_ipv6),
+                )
+            )
             ns = body["metadata"].setdefault("namespace", "default")
             if kind == "create_policy":
                 self.store.create(fs.NETWORK_POLICIES, ns, body)
@@ -174,8 +186,10 @@ class Cluster:
         elif kind == "set_namespace_labels":
             ns = arg["namespace"]
             current = self.store.get(fs.NAMESPACES, "", ns)
-            current["metadata"]["labels"] = {**(arg.get("labels") or {}),
-                                             "kubernetes.io/metadata.name": ns}
+            current["metadata"]["labels"] = {
+                **(arg.get("labels") or {}),
+                "kubernetes.io/metadata.name": ns,
+            }
             self.store.update(fs.NAMESPACES, "", ns, current)
         elif kind == "create_pod":
             spec = PodSpec(arg["ns"], arg["name"], dict(arg.get("labels") or {}))
@@ -207,35 +221,49 @@ class Cluster:
         fn = tcp_probe if probe.protocol == "TCP" else udp_probe
 
         async def one(src: PodKey, dst: PodKey) -> bool:
-            return await fn(netns=self.pods[src].sim.netns, target=self.address(dst, family),
-                            port=probe.port, timeout=PROBE_TIMEOUT,
-                            expect=f"{dst[0]}/{dst[1]}", source_port=self._source_port(src))
+            return await fn(
+                netns=self.pods[src].sim.netns,
+                target=self.address(dst, family),
+                port=probe.port,
+                timeout=PROBE_TIMEOUT,
+                expect=f"{dst[0]}/{dst[1]}",
+                source_port=self._source_port(src),
+            )
 
         results = await asyncio.gather(*(one(s, d) for s, d in cells))
         return dict(zip(cells, results, strict=True))
 
-    async def explain(self, probe: Probe, family: int,
-                      observed: dict[tuple[PodKey, PodKey], bool]) -> list[str]:
+    async def explain(
+        self, probe: Probe, family: int, observed: dict[tuple[PodKey, PodKey], bool]
+    ) -> list[str]:
         """Cells where the agent's explanation disagrees with the traffic."""
         if probe.protocol not in ("TCP", "UDP", "SCTP"):
             return []
 
         async def direction(subject: PodKey, peer: PodKey, way: str) -> bool:
-            req = ExplainRequest(pod=f"{subject[0]}/{subject[1]}",
-                                 peer=str(self.address(peer, family)), port=probe.port,
-                                 protocol=probe.protocol, direction=way)  # type: ignore[arg-type]
+            req = ExplainRequest(
+                pod=f"{subject[0]}/{subject[1]}",
+                peer=str(self.address(peer, family)),
+                port=probe.port,
+                protocol=probe.protocol,  # type: ignore[arg-type]
+                direction=way,  # type: ignore[arg-type]
+            )
             res = await self.agent.request("POST", "/v1/explain", ExplainResult, body=req)
             return res.verdict != "DENY"
 
         async def cell(src: PodKey, dst: PodKey) -> bool:
-            out, into = await asyncio.gather(direction(src, dst, "egress"),
-                                             direction(dst, src, "ingress"))
+            out, into = await asyncio.gather(
+                direction(src, dst, "egress"), direction(dst, src, "ingress")
+            )
             return out and into
 
         cells = sorted(observed)
         predicted = await asyncio.gather(*(cell(s, d) for s, d in cells))
-        return [f"{_k(s)}->{_k(d)} traffic {_v(observed[(s, d)])} explain {_v(p)}"
-                for (s, d), p in zip(cells, predicted, strict=True) if p != observed[(s, d)]]
+        return [
+            f"{_k(s)}->{_k(d)} traffic {_v(observed[(s, d)])} explain {_v(p)}"
+            for (s, d), p in zip(cells, predicted, strict=True)
+            if p != observed[(s, d)]
+        ]
 
     # ---- a scenario -------------------------------------------------------------------
     async def run(self, scenario: Scenario) -> CaseResult:
@@ -261,9 +289,10 @@ class Cluster:
                 disagree = await self.explain(probe, family, cells)
                 if disagree:
                     result.ok = False
-                    result.message = (f"step {i} {probe.port}/{probe.protocol}: explain "
-                                      f"disagrees on {len(disagree)} cells: "
-                                      + "; ".join(disagree[:4]))
+                    result.message = (
+                        f"step {i} {probe.port}/{probe.protocol}: explain "
+                        f"disagrees on {len(disagree)} cells: " + "; ".join(disagree[:4])
+                    )
                     return result
         return result
 
@@ -276,19 +305,21 @@ def _v(allowed: bool) -> str:
     return "allow" if allowed else "deny"
 
 
-def _mismatches(probes: list[Probe], observed: list[dict[tuple[PodKey, PodKey], bool]],
-                pods: list[PodKey]) -> list[str]:
+def _mismatches(
+    probes: list[Probe], observed: list[dict[tuple[PodKey, PodKey], bool]], pods: list[PodKey]
+) -> list[str]:
     out: list[str] = []
     for probe, cells in zip(probes, observed, strict=True):
         want = expected(probe, pods)
         for cell in sorted(want):
             if want[cell] != cells[cell]:
-                out.append(f"{probe.port}/{probe.protocol} {_k(cell[0])}->{_k(cell[1])} "
-                           f"expected {_v(want[cell])} got {_v(cells[cell])}")
+                out.append(
+                    f"{probe.port}/{probe.protocol} {_k(cell[0])}->{_k(cell[1])} "
+                    f"expected {_v(want[cell])} got {_v(cells[cell])}"
+                )
     return out
 
 
 def summary(results: list[CaseResult]) -> str:
     passed = sum(1 for r in results if r.ok)
     return f"{passed} passed, {len(results) - passed} failed"
-

@@ -87,9 +87,15 @@ def load(path: Path) -> Scenario:
         world = WorldSpec(
             family=family,
             namespaces={k: dict(v or {}) for k, v in (world_raw.get("namespaces") or {}).items()},
-            pods=[PodSpec(p["ns"], p["name"], dict(p.get("labels") or {}),
-                          tuple(p["ports"]) if p.get("ports") else DEFAULT_PORTS)
-                  for p in world_raw.get("pods") or []],
+            pods=[
+                PodSpec(
+                    p["ns"],
+                    p["name"],
+                    dict(p.get("labels") or {}),
+                    tuple(p["ports"]) if p.get("ports") else DEFAULT_PORTS,
+                )
+                for p in world_raw.get("pods") or []
+            ],
         )
         for p in world.pods:
             world.namespaces.setdefault(p.namespace, {})
@@ -97,13 +103,23 @@ def load(path: Path) -> Scenario:
         world = standard_world(family)
     steps = []
     for s in raw.get("steps") or []:
-        probes = [Probe(int(p["port"]), str(p.get("protocol", "TCP")).upper(),
-                        str(p["expect"].get("default", "allow")) == "allow",
-                        list(p["expect"].get("rules") or []))
-                  for p in s.get("probes") or []]
+        probes = [
+            Probe(
+                int(p["port"]),
+                str(p.get("protocol", "TCP")).upper(),
+                str(p["expect"].get("default", "allow")) == "allow",
+                list(p["expect"].get("rules") or []),
+            )
+            for p in s.get("probes") or []
+        ]
         steps.append(Step(list(s.get("actions") or []), probes))
-    return Scenario(name=str(raw.get("name") or path.stem), source=str(raw.get("source", "")),
-                    world=world, steps=steps, path=str(path))
+    return Scenario(
+        name=str(raw.get("name") or path.stem),
+        source=str(raw.get("source", "")),
+        world=world,
+        steps=steps,
+        path=str(path),
+    )
 
 
 def discover(directories: list[Path]) -> Iterator[Path]:

@@ -21,8 +21,11 @@ def synthetic_address(family: int):  # type: ignore[no-untyped-def]
 
     def address(key: PodKey) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         n = index.setdefault(key, len(index) + 1)
-        return (ipaddress.IPv4Address(f"10.66.0.{n}") if family == 4
-                else ipaddress.IPv6Address(f"fd00:66::{n:x}"))
+        return (
+            ipaddress.IPv4Address(f"10.66.0.{n}")
+            if family == 4
+            else ipaddress.IPv6Address(f"fd00:66::{n:x}")
+        )
 
     return address
 
@@ -38,8 +41,10 @@ def check(scenario: Scenario) -> list[str]:
             got = ev.matrix(probe.port, probe.protocol)
             wrong = sorted(k for k in want if want[k] != got[k])
             if wrong:
-                problems.append(f"step {i} {probe.port}/{probe.protocol}: {len(wrong)} cells, "
-                                f"first {wrong[0]}: expected {want[wrong[0]]}")
+                problems.append(
+                    f"step {i} {probe.port}/{probe.protocol}: {len(wrong)} cells, "
+                    f"first {wrong[0]}: expected {want[wrong[0]]}"
+                )
     return problems
 
 

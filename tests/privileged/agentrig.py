@@ -26,16 +26,21 @@ from simnode.traffic import PodServer, tcp_probe, udp_probe
 
 # client (None: the node), target, port, protocol, family
 Case = tuple[SimPod | None, SimPod, int, str, int]
-AGENT_FLAGS = ("--enable-network-policy=true", "--metrics-bind-addr=127.0.0.1:8162",
-               "--health-probe-bind-addr=127.0.0.1:8163", "--log-level=debug")
+AGENT_FLAGS = (
+    "--enable-network-policy=true",
+    "--metrics-bind-addr=127.0.0.1:8162",
+    "--health-probe-bind-addr=127.0.0.1:8163",
+    "--log-level=debug",
+)
 
 
 class AgentRig(NodeStack):
     """A :class:`NodeStack` with the agent in focus: pods with servers, PolicyEndpoints
     written straight to the API (no resolver), probes and the pinned state."""
 
-    def __init__(self, sim: SimNode, *, pin_root: str, workdir: Path,
-                 mode: str = "standard") -> None:
+    def __init__(
+        self, sim: SimNode, *, pin_root: str, workdir: Path, mode: str = "standard"
+    ) -> None:
         super().__init__(sim, pin_root=pin_root, workdir=workdir, mode=mode)
         self.servers: dict[str, PodServer] = {}
         self.pods: dict[str, SimPod] = {}
@@ -61,8 +66,9 @@ class AgentRig(NodeStack):
 
     async def settle_agent(self, timeout: float = 30) -> None:
         """Every local pod programmed with the current PolicyEndpoints."""
-        res = await self.agent.get("/v1/wait", WaitResult, params={"timeout": str(timeout)},
-                                   timeout=timeout + 10)
+        res = await self.agent.get(
+            "/v1/wait", WaitResult, params={"timeout": str(timeout)}, timeout=timeout + 10
+        )
         assert res.programmed, f"not programmed after {timeout}s: {res.pending}"
 
     def records(self) -> dict[int, lay.NpPod]:
@@ -92,10 +98,19 @@ class AgentRig(NodeStack):
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run np-cli against this agent (from the host, like an operator)."""
         return subprocess.run(
-            [sys.executable, "-m", "cli", *args, f"--runtime-dir={self.runtime_dir}",
-             f"--bpf-pin-root={self.pin_root}"],
-            capture_output=True, text=True, check=False, env=dict(os.environ,
-                                                                  PYTHONPATH=str(REPO)))
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                *args,
+                f"--runtime-dir={self.runtime_dir}",
+                f"--bpf-pin-root={self.pin_root}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
 
     async def acli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return await asyncio.to_thread(self.cli, *args)
@@ -124,9 +139,15 @@ class AgentRig(NodeStack):
         return status == 200
 
     # ---- pods -------------------------------------------------------------------------
-    async def add_pod(self, name: str, *, namespace: str = "default",
-                      labels: dict[str, str] | None = None, ports: Iterable[int] = (80, 81),
-                      create_object: bool = True) -> SimPod:
+    async def add_pod(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        labels: dict[str, str] | None = None,
+        ports: Iterable[int] = (80, 81),
+        create_object: bool = True,
+    ) -> SimPod:
         pod = await self.sim.add_pod(name)
         server = PodServer(name=name, netns=pod.netns, ports=ports)
         await server.start()
@@ -137,14 +158,25 @@ class AgentRig(NodeStack):
         return pod
 
     def endpoint(self, pod: SimPod, namespace: str = "default") -> dict[str, str]:
-        return {"podIP": str(pod.ipv4), "hostIP": str(self.sim.node_ipv4),
-                "name": pod.name, "namespace": namespace}
+        return {
+            "podIP": str(pod.ipv4),
+            "hostIP": str(self.sim.node_ipv4),
+            "name": pod.name,
+            "namespace": namespace,
+        }
 
-    def policy_endpoint(self, name: str, *, targets: list[SimPod], policy: str | None = None,
-                        namespace: str = "default", isolation: list[str] | None = None,
-                        ingress: list[dict[str, Any]] | None = None,
-                        egress: list[dict[str, Any]] | None = None,
-                        trigger_time: str | None = None) -> dict[str, Any]:
+    def policy_endpoint(
+        self,
+        name: str,
+        *,
+        targets: list[SimPod],
+        policy: str | None = None,
+        namespace: str = "default",
+        isolation: list[str] | None = None,
+        ingress: list[dict[str, Any]] | None = None,
+        egress: list[dict[str, Any]] | None = None,
+        trigger_time: str | None = None,
+    ) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": name, "namespace": namespace}
         if trigger_time:
             meta["annotations"] = {"networking.k8s.aws/last-change-trigger-time": trigger_time}
@@ -154,7 +186,8 @@ class AgentRig(NodeStack):
                 "policyRef": {"name": policy or name, "namespace": namespace},
                 "podIsolation": isolation if isolation is not None else ["Ingress"],
                 "podSelectorEndpoints": [self.endpoint(p, namespace) for p in targets],
-                "ingress": ingress or [], "egress": egress or [],
+                "ingress": ingress or [],
+                "egress": egress or [],
             },
         }
 
@@ -165,28 +198,45 @@ class AgentRig(NodeStack):
         except fs.ApiError:
             self.api.store.create(fs.POLICY_ENDPOINTS, meta["namespace"], body)
             return
-        body = dict(body, metadata=dict(meta, resourceVersion=current["metadata"]
-                                        ["resourceVersion"]))
+        body = dict(
+            body, metadata=dict(meta, resourceVersion=current["metadata"]["resourceVersion"])
+        )
         self.api.store.update(fs.POLICY_ENDPOINTS, meta["namespace"], meta["name"], body)
 
     def delete(self, name: str, namespace: str = "default") -> None:
         self.api.store.delete(fs.POLICY_ENDPOINTS, namespace, name)
 
     # ---- traffic ----------------------------------------------------------------------
-    async def probe(self, client: SimPod | None, target: SimPod, *, port: int = 80,
-                    protocol: str = "TCP", family: int = 4, timeout: float = 0.4) -> bool:
+    async def probe(
+        self,
+        client: SimPod | None,
+        target: SimPod,
+        *,
+        port: int = 80,
+        protocol: str = "TCP",
+        family: int = 4,
+        timeout: float = 0.4,
+    ) -> bool:
         netns = client.netns if client else self.sim.netns
         fn = tcp_probe if protocol == "TCP" else udp_probe
-        return await fn(netns=netns, target=target.address(family), port=port,
-                        timeout=timeout, expect=target.name)
+        return await fn(
+            netns=netns,
+            target=target.address(family),
+            port=port,
+            timeout=timeout,
+            expect=target.name,
+        )
 
-    async def matrix(self, cases: Sequence[Case]
-                     ) -> list[bool]:
-        return list(await asyncio.gather(*(
-            self.probe(c, t, port=p, protocol=pr, family=f) for c, t, p, pr, f in cases)))
+    async def matrix(self, cases: Sequence[Case]) -> list[bool]:
+        return list(
+            await asyncio.gather(
+                *(self.probe(c, t, port=p, protocol=pr, family=f) for c, t, p, pr, f in cases)
+            )
+        )
 
-    async def converge(self, cases: Sequence[Case],
-                       expect: list[bool], timeout: float = 10) -> None:
+    async def converge(
+        self, cases: Sequence[Case], expect: list[bool], timeout: float = 10
+    ) -> None:
         last: list[bool] = []
 
         async def check() -> bool:
@@ -202,8 +252,9 @@ class AgentRig(NodeStack):
             await server.close()
 
 
-def allow_from(*peers: SimPod, ports: list[dict[str, object]] | None = None
-               ) -> list[dict[str, object]]:
+def allow_from(
+    *peers: SimPod, ports: list[dict[str, object]] | None = None
+) -> list[dict[str, object]]:
     rules: list[dict[str, object]] = []
     for p in peers:
         for ip in (p.ipv4, p.ipv6):
@@ -214,8 +265,13 @@ def allow_from(*peers: SimPod, ports: list[dict[str, object]] | None = None
     return rules
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float,
-                     what: str | Callable[[], str], interval: float = 0.1) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.1,
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

@@ -30,8 +30,12 @@ def _require_privileges() -> None:
         if shutil.which(tool) is None:
             problems.append(f"{tool} (iproute2) is missing")
     if problems:
-        pytest.fail("privileged test cannot run: " + "; ".join(problems)
-                    + " (run ./scripts/test.sh as root)", pytrace=False)
+        pytest.fail(
+            "privileged test cannot run: "
+            + "; ".join(problems)
+            + " (run ./scripts/test.sh as root)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -35,25 +35,44 @@ class PodNet:
             await attach(nl, pod.ifindex, ingress=self.dp.ingress_prog, egress=self.dp.egress_prog)
         return pod
 
-    def program(self, pod: SimPod, *, ingress: DirectionPolicy = ALLOW_ALL,
-                egress: DirectionPolicy = ALLOW_ALL) -> None:
+    def program(
+        self,
+        pod: SimPod,
+        *,
+        ingress: DirectionPolicy = ALLOW_ALL,
+        egress: DirectionPolicy = ALLOW_ALL,
+    ) -> None:
         record = self.dp.pod_record(pod.ifindex)
         assert record is not None
         self.dp.program_pods({pod.ifindex: PodPolicy(record.pod_id, ingress, egress)})
 
-    async def probe(self, client: SimPod | None, target: SimPod, *, port: int = 80,
-                    protocol: str = "TCP", family: int = 4, timeout: float = 0.5) -> bool:
+    async def probe(
+        self,
+        client: SimPod | None,
+        target: SimPod,
+        *,
+        port: int = 80,
+        protocol: str = "TCP",
+        family: int = 4,
+        timeout: float = 0.5,
+    ) -> bool:
         """Real traffic from ``client`` (None: the node itself) to ``target``."""
         netns = client.netns if client else self.sim.netns
         probe = tcp_probe if protocol == "TCP" else udp_probe
-        return await probe(netns=netns, target=target.address(family), port=port,
-                           timeout=timeout, expect=target.name)
+        return await probe(
+            netns=netns,
+            target=target.address(family),
+            port=port,
+            timeout=timeout,
+            expect=target.name,
+        )
 
-    async def matrix(self, cases: Sequence[Case]
-                     ) -> list[bool]:
-        return list(await asyncio.gather(*(
-            self.probe(c, t, port=p, protocol=proto, family=f) for c, t, p, proto, f in cases
-        )))
+    async def matrix(self, cases: Sequence[Case]) -> list[bool]:
+        return list(
+            await asyncio.gather(
+                *(self.probe(c, t, port=p, protocol=proto, family=f) for c, t, p, proto, f in cases)
+            )
+        )
 
     async def close(self) -> None:
         for server in self.servers.values():

@@ -44,7 +44,8 @@ async def tracked(pods: PodNet) -> AsyncIterator[tuple[SimPod, SimPod]]:
     from simnode.traffic import open_tcp
 
     client, server = await pods.add_pod("client"), await pods.add_pod("server")
-    await arun(f"""
+    await arun(
+        f"""
         nft add table inet nptest
         nft add chain inet nptest forwarding '{{ type filter hook forward priority 0; }}'
         nft add rule inet nptest forwarding ct state new,established accept
@@ -52,7 +53,9 @@ async def tracked(pods: PodNet) -> AsyncIterator[tuple[SimPod, SimPod]]:
         nft add chain ip nptestnat prerouting '{{ type nat hook prerouting priority -100; }}'
         nft add rule ip nptestnat prerouting ip daddr {SERVICE_IP} tcp dport 80 \
             dnat to {server.ipv4}:80
-        """, netns=pods.sim.netns)
+        """,
+        netns=pods.sim.netns,
+    )
     background = await open_tcp(netns=server.netns, target=client.ipv4, port=81)
     assert background is not None
     try:
@@ -65,17 +68,18 @@ def ct_entries(dp: Datapath) -> dict[bytes, lay.NpCtValue]:
     return {bytes(k): v for k, v in dp.ct.items()}
 
 
-def fake_entry(dp: Datapath, *, ifindex: int, pod: str, peer: str, port: int,
-               idle_seconds: float) -> bytes:
+def fake_entry(
+    dp: Datapath, *, ifindex: int, pod: str, peer: str, port: int, idle_seconds: float
+) -> bytes:
     import ipaddress
 
-    key = lay.NpCtKey(pod_port=40000 + port, peer_port=port, protocol=6, family=4,
-                      ifindex=ifindex)
+    key = lay.NpCtKey(pod_port=40000 + port, peer_port=port, protocol=6, family=4, ifindex=ifindex)
     key.pod_addr[:4] = list(ipaddress.IPv4Address(pod).packed)
     key.peer_addr[:4] = list(ipaddress.IPv4Address(peer).packed)
     seen = now_ns() - int(idle_seconds * 1e9)
-    dp.ct.update(key, lay.NpCtValue(last_seen_ns=seen, created_ns=seen, pod_id=9,
-                                    origin=lay.NP_DIR_EGRESS))
+    dp.ct.update(
+        key, lay.NpCtValue(last_seen_ns=seen, created_ns=seen, pod_id=9, origin=lay.NP_DIR_EGRESS)
+    )
     return bytes(key)
 
 
@@ -89,8 +93,9 @@ def sweeper(dp: Datapath, netns: str, **kw: object) -> Sweeper:
     return Sweeper(dp.ct.raw, kernel_scan=kernel_scan, **kw)  # type: ignore[arg-type]
 
 
-async def test_stale_entries_go_and_live_flows_stay(pods: PodNet,
-                                                    tracked: tuple[SimPod, SimPod]) -> None:
+async def test_stale_entries_go_and_live_flows_stay(
+    pods: PodNet, tracked: tuple[SimPod, SimPod]
+) -> None:
     client, server = tracked
     from simnode.traffic import open_tcp, udp_probe
 
@@ -101,9 +106,17 @@ async def test_stale_entries_go_and_live_flows_stay(pods: PodNet,
         assert await udp_probe(netns=client.netns, target=server.ipv6, port=81, expect="server")
         live = ct_entries(pods.dp)
         assert len(live) >= 4, "TCP and UDP flows, each tracked at both veths"
-        stale = [fake_entry(pods.dp, ifindex=client.ifindex, pod=str(client.ipv4),
-                            peer=f"10.66.9.{i}", port=80 + i, idle_seconds=5)
-                 for i in range(3)]
+        stale = [
+            fake_entry(
+                pods.dp,
+                ifindex=client.ifindex,
+                pod=str(client.ipv4),
+                peer=f"10.66.9.{i}",
+                port=80 + i,
+                idle_seconds=5,
+            )
+            for i in range(3)
+        ]
         res: SweepResult = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns).run)
         after = ct_entries(pods.dp)
         assert res.removed == 3
@@ -125,8 +138,11 @@ async def test_a_flow_reusing_a_freed_port_is_never_removed(
 
     assert await tcp_probe(netns=client.netns, target=server.ipv4, port=80, source_port=port)
     await forget_kernel_flow(pods, port)  # the old flow is gone from the kernel
-    mine = [k for k, v in ct_entries(pods.dp).items()
-            if lay.NpCtKey.from_buffer_copy(k).pod_port == port]
+    mine = [
+        k
+        for k, v in ct_entries(pods.dp).items()
+        if lay.NpCtKey.from_buffer_copy(k).pod_port == port
+    ]
     assert mine, "the finished flow's entry is still in the map"
 
     reused: list[bool] = []
@@ -154,8 +170,9 @@ async def forget_kernel_flow(pods: PodNet, port: int) -> None:
     """Let the connection finish closing (a late FIN would re-create the kernel entry:
     the kernel tracks TCP loosely), then drop the kernel's entry for it."""
     await asyncio.sleep(0.5)
-    await arun(f"conntrack -D -p tcp --orig-port-src {port} >/dev/null 2>&1 || true",
-               netns=pods.sim.netns)
+    await arun(
+        f"conntrack -D -p tcp --orig-port-src {port} >/dev/null 2>&1 || true", netns=pods.sim.netns
+    )
     await asyncio.sleep(0.05)
 
 
@@ -176,8 +193,9 @@ def _connect_from(client: SimPod, server: SimPod, port: int) -> bool:
         sock.close()
 
 
-async def test_clusterip_flows_are_kept_on_both_sides(pods: PodNet,
-                                                      tracked: tuple[SimPod, SimPod]) -> None:
+async def test_clusterip_flows_are_kept_on_both_sides(
+    pods: PodNet, tracked: tuple[SimPod, SimPod]
+) -> None:
     import ipaddress
 
     from simnode.traffic import open_tcp
@@ -188,9 +206,13 @@ async def test_clusterip_flows_are_kept_on_both_sides(pods: PodNet,
     try:
         assert await conn.exchange(b"via service", expect="server")
         entries = ct_entries(pods.dp)
-        peers = {(lay.NpCtKey.from_buffer_copy(k).ifindex,
-                  str(lay.addr_from(bytes(lay.NpCtKey.from_buffer_copy(k).peer_addr), 4)))
-                 for k in entries}
+        peers = {
+            (
+                lay.NpCtKey.from_buffer_copy(k).ifindex,
+                str(lay.addr_from(bytes(lay.NpCtKey.from_buffer_copy(k).peer_addr), 4)),
+            )
+            for k in entries
+        }
         assert (client.ifindex, SERVICE_IP) in peers, "the client saw the service address"
         assert (server.ifindex, str(client.ipv4)) in peers, "the backend saw the client"
         res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns).run)
@@ -205,10 +227,22 @@ async def test_with_no_kernel_flows_only_long_idle_entries_go(pods: PodNet) -> N
     """No flow at all in the kernel's table: perhaps no kernel conntrack here. Then the
     table proves nothing, and only entries idle for longer than the fallback go."""
     client = await pods.add_pod("client")
-    recent = fake_entry(pods.dp, ifindex=client.ifindex, pod=str(client.ipv4),
-                        peer="10.66.9.1", port=81, idle_seconds=5)
-    ancient = fake_entry(pods.dp, ifindex=client.ifindex, pod=str(client.ipv4),
-                         peer="10.66.9.2", port=82, idle_seconds=60)
+    recent = fake_entry(
+        pods.dp,
+        ifindex=client.ifindex,
+        pod=str(client.ipv4),
+        peer="10.66.9.1",
+        port=81,
+        idle_seconds=5,
+    )
+    ancient = fake_entry(
+        pods.dp,
+        ifindex=client.ifindex,
+        pod=str(client.ipv4),
+        peer="10.66.9.2",
+        port=82,
+        idle_seconds=60,
+    )
     res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, fallback_idle=30).run)
     assert (res.kernel_entries, res.fallback, res.young, res.removed) == (0, True, 1, 1)
     assert recent in ct_entries(pods.dp)
@@ -220,25 +254,48 @@ def runtime_dir(tmp_path: Path) -> str:
     return str(tmp_path / "run")
 
 
-async def test_the_cleaner_process(pods: PodNet, tracked: tuple[SimPod, SimPod], pin_root: str,
-                                   runtime_dir: str) -> None:
+async def test_the_cleaner_process(
+    pods: PodNet, tracked: tuple[SimPod, SimPod], pin_root: str, runtime_dir: str
+) -> None:
     client, _ = tracked
-    stale = fake_entry(pods.dp, ifindex=client.ifindex, pod=str(client.ipv4),
-                       peer="10.66.9.9", port=99, idle_seconds=5)
+    stale = fake_entry(
+        pods.dp,
+        ifindex=client.ifindex,
+        pod=str(client.ipv4),
+        peer="10.66.9.9",
+        port=99,
+        idle_seconds=5,
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    base = [sys.executable, "-m", "conntrack", f"--bpf-pin-root={pin_root}",
-            f"--runtime-dir={runtime_dir}"]
+    base = [
+        sys.executable,
+        "-m",
+        "conntrack",
+        f"--bpf-pin-root={pin_root}",
+        f"--runtime-dir={runtime_dir}",
+    ]
     # the map was made with 32768 entries: another size is refused, naming the flag
-    refused = await asyncio.to_thread(subprocess.run, [*base,
-                                                       "--conntrack-cache-table-size=65536"],
-                                      capture_output=True, text=True, env=env, check=False)
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [*base, "--conntrack-cache-table-size=65536"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert refused.returncode == 2
     assert "invalid --conntrack-cache-table-size=65536" in refused.stderr
     assert "32768" in refused.stderr
     proc = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net=/run/netns/{pods.sim.netns}", *base,
-        "--conntrack-cache-table-size=32768", "--conntrack-cache-cleanup-period=1",
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        "nsenter",
+        f"--net=/run/netns/{pods.sim.netns}",
+        *base,
+        "--conntrack-cache-table-size=32768",
+        "--conntrack-cache-cleanup-period=1",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     client_api = LocalClient(socket_path(runtime_dir, CONNTRACK_SOCKET), process="cleaner")
     try:
         for _ in range(100):
@@ -260,7 +317,8 @@ async def test_the_cleaner_process(pods: PodNet, tracked: tuple[SimPod, SimPod],
 
 
 async def test_entries_of_a_removed_pods_interface_go_at_once(
-        pods: PodNet, tracked: tuple[SimPod, SimPod]) -> None:
+    pods: PodNet, tracked: tuple[SimPod, SimPod]
+) -> None:
     """A pod is deleted while its connection is still in the kernel's table (established
     TCP is kept for days): the entries tracked at its interface go at the next sweep, the
     other side's stay while the flow lives."""
@@ -272,21 +330,26 @@ async def test_entries_of_a_removed_pods_interface_go_at_once(
     try:
         assert await conn.exchange(b"hello", expect="server")
         entries = ct_entries(pods.dp)
-        at_server = {k for k, _ in entries.items()
-                     if lay.NpCtKey.from_buffer_copy(k).ifindex == server.ifindex}
+        at_server = {
+            k
+            for k, _ in entries.items()
+            if lay.NpCtKey.from_buffer_copy(k).ifindex == server.ifindex
+        }
         at_client = set(entries) - at_server
         assert at_server
         assert at_client
         # with every interface live, nothing goes: the kernel still tracks the flows
         live_ifs = {client.ifindex, server.ifindex}
-        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns,
-                                              interfaces=lambda: live_ifs).run)
+        res = await asyncio.to_thread(
+            sweeper(pods.dp, pods.sim.netns, interfaces=lambda: live_ifs).run
+        )
         assert res.removed == 0
         assert set(ct_entries(pods.dp)) == set(entries)
         # the server pod is gone (its record removed): its interface's entries go
         live_ifs = {client.ifindex}
-        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns,
-                                              interfaces=lambda: live_ifs).run)
+        res = await asyncio.to_thread(
+            sweeper(pods.dp, pods.sim.netns, interfaces=lambda: live_ifs).run
+        )
         after = set(ct_entries(pods.dp))
         assert res.orphans == len(at_server), res
         assert not after & at_server

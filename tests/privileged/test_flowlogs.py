@@ -35,11 +35,19 @@ async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
 
 async def start(pin_root: str, tmp_path: Path, *extra: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowlogs", "--enable-policy-event-logs=true",
-        f"--bpf-pin-root={pin_root}", f"--runtime-dir={tmp_path / 'run'}",
-        f"--log-file={tmp_path / 'flows.log'}", "--node-name=node-1", *extra,
+        sys.executable,
+        "-m",
+        "flowlogs",
+        "--enable-policy-event-logs=true",
+        f"--bpf-pin-root={pin_root}",
+        f"--runtime-dir={tmp_path / 'run'}",
+        f"--log-file={tmp_path / 'flows.log'}",
+        "--node-name=node-1",
+        *extra,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -63,9 +71,21 @@ async def lines_with(path: Path, *needles: str, timeout: float = 10) -> list[str
 async def test_denied_packets_become_lines(pods: PodNet, pin_root: str, tmp_path: Path) -> None:
     client, server = await pods.add_pod("client"), await pods.add_pod("server")
     policy = pods.dp.policy_id(namespace="default", name="allow-client")
-    pods.program(server, ingress=DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules([
-        PeerRule(_host(client), policy_id=policy, ports=(PortRange(lay.NP_PROTO_TCP, 81, 81),))
-    ])))
+    pods.program(
+        server,
+        ingress=DirectionPolicy(
+            lay.NP_STATE_POLICIES_APPLIED,
+            compile_rules(
+                [
+                    PeerRule(
+                        _host(client),
+                        policy_id=policy,
+                        ports=(PortRange(lay.NP_PROTO_TCP, 81, 81),),
+                    )
+                ]
+            ),
+        ),
+    )
     proc = await start(pin_root, tmp_path, "--log-level=info")
     log = tmp_path / "flows.log"
     try:
@@ -74,8 +94,9 @@ async def test_denied_packets_become_lines(pods: PodNet, pin_root: str, tmp_path
         assert await pods.probe(client, server, port=81)  # ACCEPT: not logged at info
         denied = await lines_with(log, "Verdict DENY", f"Src IP: {client.ipv4}")
         line = denied[0]
-        assert f"Dest IP: {server.ipv4} Dest Port: 80 Proto TCP Verdict DENY Direction ingress" \
-            in line
+        assert (
+            f"Dest IP: {server.ipv4} Dest Port: 80 Proto TCP Verdict DENY Direction ingress" in line
+        )
         assert line.endswith("Pod default/server Policy -")
         text = await asyncio.to_thread(log.read_text)
         assert "Verdict ACCEPT" not in text
@@ -85,23 +106,31 @@ async def test_denied_packets_become_lines(pods: PodNet, pin_root: str, tmp_path
         assert int(stats.stats["events_filtered"]) >= 1, "ACCEPT events were filtered out"
         assert int(stats.stats["ring_overruns"]) == 0
         metrics = await api.text("/metrics")
-        drop = [ln for ln in metrics.splitlines()
-                if ln.startswith('network_policy_drop_count_total{direction="ingress"}')]
+        drop = [
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith('network_policy_drop_count_total{direction="ingress"}')
+        ]
         assert drop
         assert float(drop[0].split()[-1]) >= 1
         assert "awsnodeagent_flowlogs_dropped" in metrics
-        cli = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "cli", "flows", "-n", "5", f"--runtime-dir={tmp_path / 'run'}"],
-            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
-            check=False)
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "cli", "flows", "-n", "5", f"--runtime-dir={tmp_path / 'run'}"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            check=False,
+        )
         assert cli.returncode == 0, cli.stderr
         assert "Verdict DENY" in cli.stdout
     finally:
         await stop(proc)
 
 
-async def test_debug_level_logs_accepts_as_json(pods: PodNet, pin_root: str,
-                                                tmp_path: Path) -> None:
+async def test_debug_level_logs_accepts_as_json(
+    pods: PodNet, pin_root: str, tmp_path: Path
+) -> None:
     client, server = await pods.add_pod("client"), await pods.add_pod("server")
     pods.program(client, egress=DENY_ALL)
     proc = await start(pin_root, tmp_path, "--log-level=debug", "--flow-log-format=json")
@@ -111,14 +140,21 @@ async def test_debug_level_logs_accepts_as_json(pods: PodNet, pin_root: str,
         assert await pods.probe(server, client, port=80, family=6)
         assert not await pods.probe(client, server, port=80, family=6)
         await lines_with(log, '"verdict":"ACCEPT"', '"pod":"default/client"')
-        accepts = [json.loads(ln) for ln in await lines_with(log, '"verdict":"ACCEPT"',
-                                                             f'"src_ip":"{server.ipv6}"')]
+        accepts = [
+            json.loads(ln)
+            for ln in await lines_with(log, '"verdict":"ACCEPT"', f'"src_ip":"{server.ipv6}"')
+        ]
         # one new flow, judged (and logged) at both ends
         assert {(a["direction"], a["pod"]) for a in accepts} == {
-            ("egress", "default/server"), ("ingress", "default/client")}
+            ("egress", "default/server"),
+            ("ingress", "default/client"),
+        }
         deny = json.loads((await lines_with(log, '"verdict":"DENY"'))[0])
         assert (deny["direction"], deny["pod"], deny["reason"]) == (
-            "egress", "default/client", "default-deny")
+            "egress",
+            "default/client",
+            "default-deny",
+        )
     finally:
         await stop(proc)
 

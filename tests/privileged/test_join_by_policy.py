@@ -12,21 +12,33 @@ from tests.privileged.agentrig import AgentRig, allow_from
 TCP4, TCP6 = ("TCP", 4), ("TCP", 6)
 
 
-def pod_chunk(rig: AgentRig, name: str, policy: str, *targets: SimPod,
-              isolation: list[str] | None = None) -> dict[str, Any]:
+def pod_chunk(
+    rig: AgentRig, name: str, policy: str, *targets: SimPod, isolation: list[str] | None = None
+) -> dict[str, Any]:
     """An object holding only pods, as the controller writes it."""
-    return rig.policy_endpoint(name, policy=policy, targets=list(targets),
-                               isolation=isolation or ["Ingress"])
+    return rig.policy_endpoint(
+        name, policy=policy, targets=list(targets), isolation=isolation or ["Ingress"]
+    )
 
 
-def rule_chunk(rig: AgentRig, name: str, policy: str, *,
-               ingress: list[dict[str, Any]] | None = None,
-               egress: list[dict[str, Any]] | None = None,
-               isolation: list[str] | None = None) -> dict[str, Any]:
+def rule_chunk(
+    rig: AgentRig,
+    name: str,
+    policy: str,
+    *,
+    ingress: list[dict[str, Any]] | None = None,
+    egress: list[dict[str, Any]] | None = None,
+    isolation: list[str] | None = None,
+) -> dict[str, Any]:
     """An object holding only entries (no pods)."""
-    return rig.policy_endpoint(name, policy=policy, targets=[],
-                               isolation=isolation or ["Ingress"], ingress=ingress,
-                               egress=egress)
+    return rig.policy_endpoint(
+        name,
+        policy=policy,
+        targets=[],
+        isolation=isolation or ["Ingress"],
+        ingress=ingress,
+        egress=egress,
+    )
 
 
 async def _three(rig: AgentRig) -> tuple[SimPod, SimPod, SimPod]:
@@ -37,10 +49,15 @@ async def _three(rig: AgentRig) -> tuple[SimPod, SimPod, SimPod]:
     return web, ok, other
 
 
-def _cases(web: SimPod, ok: SimPod, other: SimPod
-           ) -> list[tuple[SimPod | None, SimPod, int, str, int]]:
-    return [(ok, web, 80, *TCP4), (ok, web, 80, *TCP6),
-            (other, web, 80, *TCP4), (other, web, 80, *TCP6)]
+def _cases(
+    web: SimPod, ok: SimPod, other: SimPod
+) -> list[tuple[SimPod | None, SimPod, int, str, int]]:
+    return [
+        (ok, web, 80, *TCP4),
+        (ok, web, 80, *TCP6),
+        (other, web, 80, *TCP4),
+        (other, web, 80, *TCP6),
+    ]
 
 
 async def test_rule_chunk_after_the_pod_chunk(rig: AgentRig) -> None:
@@ -53,10 +70,22 @@ async def test_rule_chunk_after_the_pod_chunk(rig: AgentRig) -> None:
     await rig.settle_agent()
     # explain names the object whose entry decided, not just the policy
     for peer, verdict, objects in (
-            (ok, "ALLOW", ["default/allow-ok-def34"]),
-            (other, "DENY", ["default/allow-ok-abc12", "default/allow-ok-def34"])):
-        out = await rig.acli("explain", "default/web", "--peer", str(peer.ipv4), "--port", "80",
-                             "--protocol", "TCP", "--direction", "ingress", "--json")
+        (ok, "ALLOW", ["default/allow-ok-def34"]),
+        (other, "DENY", ["default/allow-ok-abc12", "default/allow-ok-def34"]),
+    ):
+        out = await rig.acli(
+            "explain",
+            "default/web",
+            "--peer",
+            str(peer.ipv4),
+            "--port",
+            "80",
+            "--protocol",
+            "TCP",
+            "--direction",
+            "ingress",
+            "--json",
+        )
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         assert (answer["verdict"], answer["policyendpoints"]) == (verdict, objects)
@@ -93,14 +122,14 @@ async def test_entries_moved_between_chunks_and_pods_moved(rig: AgentRig) -> Non
     web, ok, other = await _three(rig)
     cases = [*_cases(web, ok, other), (web, ok, 80, *TCP4)]
     # pods and rules spread over three objects, one of them mixed
-    rig.apply(rig.policy_endpoint("p-aaaaa", policy="p", targets=[web],
-                                  ingress=allow_from(ok)[:1]))   # ok's IPv4
+    rig.apply(
+        rig.policy_endpoint("p-aaaaa", policy="p", targets=[web], ingress=allow_from(ok)[:1])
+    )  # ok's IPv4
     rig.apply(rule_chunk(rig, "p-bbbbb", "p", ingress=allow_from(ok)[1:]))  # ok's IPv6
     await rig.converge(cases, [True, True, False, False, True])
     # both of ok's entries move into one object, the other object keeps nothing
     rig.apply(rule_chunk(rig, "p-bbbbb", "p", ingress=[]))
-    rig.apply(rig.policy_endpoint("p-aaaaa", policy="p", targets=[web],
-                                  ingress=allow_from(ok)))
+    rig.apply(rig.policy_endpoint("p-aaaaa", policy="p", targets=[web], ingress=allow_from(ok)))
     await rig.settle_agent()
     assert await rig.matrix(cases) == [True, True, False, False, True]
     # the pod moves to a pod-only object; ok's pod joins the policy's pods too
@@ -110,8 +139,7 @@ async def test_entries_moved_between_chunks_and_pods_moved(rig: AgentRig) -> Non
     await rig.converge(cases, [True, True, False, False, False])
 
 
-async def test_two_policies_sharing_pods_and_directions_in_separate_chunks(
-        rig: AgentRig) -> None:
+async def test_two_policies_sharing_pods_and_directions_in_separate_chunks(rig: AgentRig) -> None:
     web, ok, other = await _three(rig)
     cases = [*_cases(web, ok, other), (web, ok, 80, *TCP4), (web, other, 80, *TCP4)]
     # policy a: ingress from ok, its pods in one object, its rules in another
@@ -159,13 +187,14 @@ async def test_only_the_pods_own_namespace_and_address_select(rig: AgentRig) -> 
     rig.apply(stray)
     # b's name with another pod's address and a foreign node
     forged = rig.policy_endpoint("forged-11111", policy="forged", targets=[])
-    forged["spec"]["podSelectorEndpoints"] = [{"podIP": str(client.ipv4),
-                                               "hostIP": "192.0.2.77", "name": "b",
-                                               "namespace": "default"}]
+    forged["spec"]["podSelectorEndpoints"] = [
+        {"podIP": str(client.ipv4), "hostIP": "192.0.2.77", "name": "b", "namespace": "default"}
+    ]
     rig.apply(forged)
     # a legitimate change afterwards proves the agent has processed everything before it
-    rig.apply(rig.policy_endpoint("real-11111", policy="real", targets=[client],
-                                  isolation=["Ingress"]))
+    rig.apply(
+        rig.policy_endpoint("real-11111", policy="real", targets=[client], isolation=["Ingress"])
+    )
     await rig.converge([*cases, (a, client, 80, *TCP4)], [True, True, True, False])
     await rig.settle_agent()
     assert await rig.matrix(cases) == [True, True, True]
@@ -174,5 +203,6 @@ async def test_only_the_pods_own_namespace_and_address_select(rig: AgentRig) -> 
     assert ("policyendpoint.entry_ignored", "address-mismatch") in events
     status, metrics = await rig.http(8162, "/metrics")
     assert status == 200
-    assert 'awsnodeagent_policyendpoint_entries_ignored_total{reason="foreign-namespace"}' \
-        in metrics
+    assert (
+        'awsnodeagent_policyendpoint_entries_ignored_total{reason="foreign-namespace"}' in metrics
+    )

@@ -101,17 +101,22 @@ def test_a_pod_id_still_in_a_record_waits(dp: Datapath, clock: Clock) -> None:
 
 def test_a_pod_back_within_grace_keeps_its_id(dp: Datapath, clock: Clock) -> None:
     pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
-    dp.retire_pods_except(set())           # a re-list briefly missed it
-    dp.retire_pods_except({"uid-web"})     # and it is back
+    dp.retire_pods_except(set())  # a re-list briefly missed it
+    dp.retire_pods_except({"uid-web"})  # and it is back
     clock.now += dp.names.grace + 1
     assert dp.free_ids() == (0, 0)
     assert dp.register_pod(namespace="ns", name="web", uid="uid-web") == pod_id
 
 
 def _rules(*policy_ids: int) -> DirectionPolicy:
-    rules = [PeerRule(ipaddress.ip_network(f"10.9.{i}.0/24"),
-                      ports=(PortRange(lay.NP_PROTO_TCP, 80 + i, 80 + i),), policy_id=pid)
-             for i, pid in enumerate(policy_ids)]
+    rules = [
+        PeerRule(
+            ipaddress.ip_network(f"10.9.{i}.0/24"),
+            ports=(PortRange(lay.NP_PROTO_TCP, 80 + i, 80 + i),),
+            policy_id=pid,
+        )
+        for i, pid in enumerate(policy_ids)
+    ]
     return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules))
 
 
@@ -161,7 +166,7 @@ def test_restart_never_hands_out_an_id_again(small: None, pin_root: str, clock: 
     try:
         assert _pod_names(dp) == {first[2]: "u2"}  # adopted: only what was kept
         again = dp.register_pod(namespace="ns", name="p", uid="u0")
-        assert again > max(first)               # u0 was freed: a new id, never an old one
+        assert again > max(first)  # u0 was freed: a new id, never an old one
         assert dp.register_pod(namespace="ns", name="p", uid="u2") == first[2]
         assert dp.policy_id(namespace="ns", name="gone") > pol
         # adopted ids of pods that are no longer live are pruned after the first listing
@@ -183,8 +188,12 @@ def test_removed_pins_come_back(dp: Datapath, pin_root: str) -> None:
     shutil.rmtree(os.path.join(pin_root, "tries"))
     os.unlink(os.path.join(pin_root, "maps", lay.MAP_PODS))
     # the next change still works, and re-creates what was removed
-    dp.program_pods({4242: PodPolicy(pod_id, _rules(pid, pid + 0), ALLOW_ALL),
-                     4243: PodPolicy(pod_id, _rules(), ALLOW_ALL)})
+    dp.program_pods(
+        {
+            4242: PodPolicy(pod_id, _rules(pid, pid + 0), ALLOW_ALL),
+            4243: PodPolicy(pod_id, _rules(), ALLOW_ALL),
+        }
+    )
     assert os.path.exists(os.path.join(pin_root, "maps", lay.MAP_PODS))
     for trie in tries:
         assert os.path.exists(os.path.join(pin_root, "tries", trie))
@@ -202,8 +211,13 @@ def test_an_upgrade_that_grows_the_counters_recreates_them(pin_root: str) -> Non
 
     os.makedirs(os.path.join(pin_root, "maps"))
     old_size = ctypes.sizeof(lay.NpStats) - 16
-    with Map.create(map_type=MAP_TYPE_PERCPU_ARRAY, name=lay.MAP_STATS, key_size=4,
-                    value_size=old_size, max_entries=1) as old:
+    with Map.create(
+        map_type=MAP_TYPE_PERCPU_ARRAY,
+        name=lay.MAP_STATS,
+        key_size=4,
+        value_size=old_size,
+        max_entries=1,
+    ) as old:
         old.pin(os.path.join(pin_root, "maps", lay.MAP_STATS))
     dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 16)
     try:

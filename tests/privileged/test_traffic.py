@@ -55,37 +55,51 @@ async def trio(pods: PodNet) -> tuple[SimPod, SimPod, SimPod]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_default_allow(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                             family: int) -> None:
+async def test_default_allow(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     c1, c2, server = trio
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c2, server, 81, "UDP", family),
-        (server, c1, 80, "TCP", family), (None, server, 80, "TCP", family),
-    ]) == [True, True, True, True]
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c2, server, 81, "UDP", family),
+            (server, c1, 80, "TCP", family),
+            (None, server, 80, "TCP", family),
+        ]
+    ) == [True, True, True, True]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_default_deny_ingress(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                                    family: int) -> None:
+async def test_default_deny_ingress(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     c1, c2, server = trio
     pods.program(server, ingress=DENY_ALL)
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c2, server, 80, "UDP", family),
-        (server, c1, 80, "TCP", family),     # the server's egress is not isolated
-        (None, server, 80, "TCP", family),   # the node is always allowed
-        (c1, c2, 80, "TCP", family),
-    ]) == [False, False, True, True, True]
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c2, server, 80, "UDP", family),
+            (server, c1, 80, "TCP", family),  # the server's egress is not isolated
+            (None, server, 80, "TCP", family),  # the node is always allowed
+            (c1, c2, 80, "TCP", family),
+        ]
+    ) == [False, False, True, True, True]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_allow_by_cidr(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                             family: int) -> None:
+async def test_allow_by_cidr(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     c1, c2, server = trio
     pods.program(server, ingress=applied(PeerRule(host(c1, family))))
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c1, server, 81, "UDP", family),
-        (c2, server, 80, "TCP", family), (c2, server, 81, "UDP", family),
-    ]) == [True, True, False, False]
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c1, server, 81, "UDP", family),
+            (c2, server, 80, "TCP", family),
+            (c2, server, 81, "UDP", family),
+        ]
+    ) == [True, True, False, False]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -93,33 +107,45 @@ async def test_except(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family:
     c1, c2, server = trio
     pod_net = net("10.66.0.0/16") if family == 4 else net("fd00:66::/64")
     pods.program(server, ingress=applied(PeerRule(pod_net, excepts=(host(c2, family),))))
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c2, server, 80, "TCP", family),
-        (c2, server, 80, "UDP", family),
-    ]) == [True, False, False]
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c2, server, 80, "TCP", family),
+            (c2, server, 80, "UDP", family),
+        ]
+    ) == [True, False, False]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_ports_and_protocols(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                                   family: int) -> None:
+async def test_ports_and_protocols(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     c1, _, server = trio
-    pods.program(server, ingress=applied(
-        PeerRule(host(c1, family), ports=(PortRange(TCP, 80, 80), PortRange(UDP, 81, 81)))))
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c1, server, 81, "TCP", family),
-        (c1, server, 80, "UDP", family), (c1, server, 81, "UDP", family),
-    ]) == [True, False, False, True]
+    pods.program(
+        server,
+        ingress=applied(
+            PeerRule(host(c1, family), ports=(PortRange(TCP, 80, 80), PortRange(UDP, 81, 81)))
+        ),
+    )
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c1, server, 81, "TCP", family),
+            (c1, server, 80, "UDP", family),
+            (c1, server, 81, "UDP", family),
+        ]
+    ) == [True, False, False, True]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_port_range(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                          family: int) -> None:
+async def test_port_range(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int) -> None:
     c1, _, server = trio
-    pods.program(server, ingress=applied(PeerRule(host(c1, family),
-                                                  ports=(PortRange(TCP, 8000, 8010),))))
-    assert await pods.matrix([
-        (c1, server, p, "TCP", family) for p in (8000, 8005, 8010, 8011, 80)
-    ]) == [True, True, True, False, False]
+    pods.program(
+        server, ingress=applied(PeerRule(host(c1, family), ports=(PortRange(TCP, 8000, 8010),)))
+    )
+    assert await pods.matrix(
+        [(c1, server, p, "TCP", family) for p in (8000, 8005, 8010, 8011, 80)]
+    ) == [True, True, True, False, False]
 
 
 async def test_more_than_24_ports_on_one_cidr(pods: PodNet) -> None:
@@ -128,40 +154,55 @@ async def test_more_than_24_ports_on_one_cidr(pods: PodNet) -> None:
     server = await pods.add_pod("many", ports=ports)
     client = await pods.add_pod("client")
     allowed = ports[::2]
-    pods.program(server, ingress=applied(PeerRule(
-        net("10.66.0.0/16"), ports=tuple(PortRange(TCP, p, p) for p in allowed))))
+    pods.program(
+        server,
+        ingress=applied(
+            PeerRule(net("10.66.0.0/16"), ports=tuple(PortRange(TCP, p, p) for p in allowed))
+        ),
+    )
     got = await pods.matrix([(client, server, p, "TCP", 4) for p in ports])
     assert len(allowed) == 40
     assert [p for p, ok in zip(ports, got, strict=True) if ok] == allowed
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_overlapping_cidrs_keep_broader_ports(pods: PodNet,
-                                                    trio: tuple[SimPod, SimPod, SimPod],
-                                                    family: int) -> None:
+async def test_overlapping_cidrs_keep_broader_ports(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     c1, c2, server = trio
     pod_net = net("10.66.0.0/16") if family == 4 else net("fd00:66::/64")
-    pods.program(server, ingress=applied(
-        PeerRule(pod_net, ports=(PortRange(TCP, 80, 80),)),
-        PeerRule(host(c1, family), ports=(PortRange(TCP, 81, 81),)),
-    ))
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c1, server, 81, "TCP", family),
-        (c2, server, 80, "TCP", family), (c2, server, 81, "TCP", family),
-    ]) == [True, True, True, False]
+    pods.program(
+        server,
+        ingress=applied(
+            PeerRule(pod_net, ports=(PortRange(TCP, 80, 80),)),
+            PeerRule(host(c1, family), ports=(PortRange(TCP, 81, 81),)),
+        ),
+    )
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c1, server, 81, "TCP", family),
+            (c2, server, 80, "TCP", family),
+            (c2, server, 81, "TCP", family),
+        ]
+    ) == [True, True, True, False]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_egress_rules(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                            family: int) -> None:
+async def test_egress_rules(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int) -> None:
     c1, c2, server = trio
-    pods.program(c1, egress=applied(PeerRule(host(server, family),
-                                             ports=(PortRange(TCP, 80, 80),))))
-    assert await pods.matrix([
-        (c1, server, 80, "TCP", family), (c1, server, 81, "TCP", family),
-        (c1, c2, 80, "TCP", family), (c2, server, 81, "TCP", family),
-        (server, c1, 80, "TCP", family),  # ingress to c1 is not isolated
-    ]) == [True, False, False, True, True]
+    pods.program(
+        c1, egress=applied(PeerRule(host(server, family), ports=(PortRange(TCP, 80, 80),)))
+    )
+    assert await pods.matrix(
+        [
+            (c1, server, 80, "TCP", family),
+            (c1, server, 81, "TCP", family),
+            (c1, c2, 80, "TCP", family),
+            (c2, server, 81, "TCP", family),
+            (server, c1, 80, "TCP", family),  # ingress to c1 is not isolated
+        ]
+    ) == [True, False, False, True, True]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -192,21 +233,27 @@ async def test_arp_and_neighbour_discovery_pass_for_isolated_pods(
     await arun("ip neigh flush all", netns=pods.sim.netns)
     await arun("ip neigh flush all; ip -6 neigh flush all", netns=server.netns)
     # the node reaches the pod only if ARP / NS / NA cross the programs both ways
-    assert await pods.matrix([(None, server, 80, "TCP", 4), (None, server, 80, "TCP", 6)]) \
-        == [True, True]
-    neigh = await arun(f"ip neigh show dev {server.host_veth}; "
-                       f"ip -6 neigh show dev {server.host_veth}", netns=pods.sim.netns)
+    assert await pods.matrix([(None, server, 80, "TCP", 4), (None, server, 80, "TCP", 6)]) == [
+        True,
+        True,
+    ]
+    neigh = await arun(
+        f"ip neigh show dev {server.host_veth}; ip -6 neigh show dev {server.host_veth}",
+        netns=pods.sim.netns,
+    )
     assert str(server.ipv4) in neigh
     assert str(server.ipv6) in neigh
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_fragmented_datagrams(pods: PodNet, trio: tuple[SimPod, SimPod, SimPod],
-                                    family: int) -> None:
+async def test_fragmented_datagrams(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod], family: int
+) -> None:
     """A 4000-byte datagram crosses the 1500-byte veths in fragments, both ways."""
     c1, _, server = trio
-    pods.program(server, ingress=applied(PeerRule(host(c1, family),
-                                                  ports=(PortRange(UDP, 80, 80),))))
+    pods.program(
+        server, ingress=applied(PeerRule(host(c1, family), ports=(PortRange(UDP, 80, 80),)))
+    )
 
     async def send_big(port: int) -> bool:
         loop = asyncio.get_running_loop()
@@ -227,20 +274,26 @@ async def test_fragmented_datagrams(pods: PodNet, trio: tuple[SimPod, SimPod, Si
     assert not await send_big(81)
 
 
-async def test_decision_events_from_real_traffic(pods: PodNet,
-                                                 trio: tuple[SimPod, SimPod, SimPod]) -> None:
+async def test_decision_events_from_real_traffic(
+    pods: PodNet, trio: tuple[SimPod, SimPod, SimPod]
+) -> None:
     c1, c2, server = trio
     policy = pods.dp.policy_id(namespace="shop", name="web")
-    pods.program(server, ingress=applied(PeerRule(host(c1, 4), policy_id=policy,
-                                                  ports=(PortRange(TCP, 80, 80),))))
+    pods.program(
+        server,
+        ingress=applied(PeerRule(host(c1, 4), policy_id=policy, ports=(PortRange(TCP, 80, 80),))),
+    )
     pods.dp.set_event_flags(emit_deny=True, emit_allow=True)
     events: list[lay.NpEvent] = []
-    ring = RingBuffer(pods.dp.events,
-                      lambda b: events.extend(lay.NpEvent.from_buffer_copy(r) for r in b))
+    ring = RingBuffer(
+        pods.dp.events, lambda b: events.extend(lay.NpEvent.from_buffer_copy(r) for r in b)
+    )
     ring.attach()
     try:
-        assert await pods.matrix([(c1, server, 80, "TCP", 4), (c2, server, 80, "TCP", 4)]) \
-            == [True, False]
+        assert await pods.matrix([(c1, server, 80, "TCP", 4), (c2, server, 80, "TCP", 4)]) == [
+            True,
+            False,
+        ]
         await asyncio.sleep(0.05)
     finally:
         ring.close()
@@ -253,7 +306,12 @@ async def test_decision_events_from_real_traffic(pods: PodNet,
     assert lay.addr_from(bytes(a.peer_addr), 4) == c1.ipv4
     assert lay.addr_from(bytes(a.pod_addr), 4) == server.ipv4
     assert (a.pod_port, a.protocol, a.direction, a.reason, a.policy_id) == (
-        80, TCP, lay.NP_DIR_INGRESS, lay.NP_REASON_RULE, policy)
+        80,
+        TCP,
+        lay.NP_DIR_INGRESS,
+        lay.NP_REASON_RULE,
+        policy,
+    )
     assert a.pod_id == pods.dp.register_pod(namespace="default", name="server", uid="uid-server")
     assert lay.addr_from(bytes(d.peer_addr), 4) == c2.ipv4
     assert (d.reason, d.policy_id, d.pod_port) == (lay.NP_REASON_NO_PEER_MATCH, 0, 80)
@@ -291,20 +349,31 @@ async def main():
 asyncio.run(main())
 """
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     old_prog = int(out.decode().split()[-1])
 
-    assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) \
-        == [True, False], "enforced after the loader exited"
+    assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) == [
+        True,
+        False,
+    ], "enforced after the loader exited"
 
     # a trie pin left behind by a process stopped between retiring and unpinning it
     tries_dir = os.path.join(pin_root, "tries")
-    with Map.create(map_type=MAP_TYPE_LPM_TRIE, name="stale", key_size=24, value_size=4,
-                    max_entries=1, flags=BPF_F_NO_PREALLOC) as stale:
+    with Map.create(
+        map_type=MAP_TYPE_LPM_TRIE,
+        name="stale",
+        key_size=24,
+        value_size=4,
+        max_entries=1,
+        flags=BPF_F_NO_PREALLOC,
+    ) as stale:
         stale.pin(os.path.join(tries_dir, "99999"))
 
     adopted = Datapath.open(pin_root)
@@ -323,15 +392,17 @@ asyncio.run(main())
         async with Netlink(netns=pods.sim.netns) as nl:
             before = await attachment(nl, late.ifindex)
             assert before.ingress_prog_id == old_prog != adopted.ingress_prog.id
-            await attach(nl, late.ifindex, ingress=adopted.ingress_prog,
-                         egress=adopted.egress_prog)
+            await attach(nl, late.ifindex, ingress=adopted.ingress_prog, egress=adopted.egress_prog)
             after = await attachment(nl, late.ifindex)
             assert after.is_current(ingress=adopted.ingress_prog, egress=adopted.egress_prog)
         # the adopter's changes take effect
-        adopted.program_pods({late.ifindex: PodPolicy(rec.pod_id, applied(PeerRule(host(c2, 4))),
-                                                      ALLOW_ALL)})
-        assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) \
-            == [False, True]
+        adopted.program_pods(
+            {late.ifindex: PodPolicy(rec.pod_id, applied(PeerRule(host(c2, 4))), ALLOW_ALL)}
+        )
+        assert await pods.matrix([(c1, late, 80, "TCP", 4), (c2, late, 80, "TCP", 4)]) == [
+            False,
+            True,
+        ]
         # every live trie is pinned (explain reads them without CAP_SYS_ADMIN); a retired
         # one is unpinned when collected
         assert str(rec.ingress_trie) in os.listdir(tries_dir)
@@ -352,8 +423,11 @@ async def test_continuous_traffic_across_200_atomic_swaps(
     c1, c2, server = trio
     set_a = applied(PeerRule(host(c1, 4)), PeerRule(host(c1, 6)))
     set_b = applied(
-        PeerRule(net("10.66.0.0/16"), excepts=(host(c2, 4),),
-                 ports=(PortRange(TCP, 80, 81), PortRange(UDP, 80, 80))),
+        PeerRule(
+            net("10.66.0.0/16"),
+            excepts=(host(c2, 4),),
+            ports=(PortRange(TCP, 80, 81), PortRange(UDP, 80, 80)),
+        ),
         PeerRule(net("fd00:66::/64"), excepts=(host(c2, 6),), ports=(PortRange(TCP, 80, 80),)),
         *(PeerRule(net(f"192.168.{i}.0/24")) for i in range(50)),
     )
@@ -367,8 +441,11 @@ async def test_continuous_traffic_across_200_atomic_swaps(
                 return
             family = 4 if i % 2 else 6
             proto = "UDP" if i % 3 == 0 and family == 4 else "TCP"
-            results[bucket].append(await pods.probe(client, server, port=80, protocol=proto,
-                                                    family=family, timeout=0.3))
+            results[bucket].append(
+                await pods.probe(
+                    client, server, port=80, protocol=proto, family=family, timeout=0.3
+                )
+            )
 
     def swap(i: int) -> None:
         pods.program(server, ingress=set_b if i % 2 == 0 else set_a)

@@ -40,8 +40,9 @@ class Pod:
     def __init__(self, dp: Datapath) -> None:
         self.dp = dp
 
-    def program(self, *, ingress: DirectionPolicy = ALLOW_ALL,
-                egress: DirectionPolicy = ALLOW_ALL) -> None:
+    def program(
+        self, *, ingress: DirectionPolicy = ALLOW_ALL, egress: DirectionPolicy = ALLOW_ALL
+    ) -> None:
         self.dp.program_pods({LO: PodPolicy(pod_id=7, ingress=ingress, egress=egress)})
         self.dp.collect_garbage()
         self.flush_ct()
@@ -56,10 +57,19 @@ class Pod:
     def from_pod(self, frame: bytes) -> int:
         return self.dp.egress_prog.test_run(frame, ifindex=LO).retval
 
-    def tcp_in(self, family: int, port: int, *, peer: ipaddress.IPv4Address
-               | ipaddress.IPv6Address | None = None, sport: int = 40000) -> int:
-        return self.to_pod(pk.packet(src=peer or PEER[family], dst=POD[family], protocol=TCP,
-                                     sport=sport, dport=port))
+    def tcp_in(
+        self,
+        family: int,
+        port: int,
+        *,
+        peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+        sport: int = 40000,
+    ) -> int:
+        return self.to_pod(
+            pk.packet(
+                src=peer or PEER[family], dst=POD[family], protocol=TCP, sport=sport, dport=port
+            )
+        )
 
 
 @pytest.fixture
@@ -93,8 +103,9 @@ def test_default_allow_and_default_deny(pod: Pod, family: int, protocol: int) ->
 
 def test_arp_and_neighbour_discovery_pass_when_isolated(pod: Pod) -> None:
     pod.program(ingress=DENY_ALL, egress=DENY_ALL)
-    arp = pk.arp_request(sender=ipaddress.IPv4Address(PEER[4]),
-                         target=ipaddress.IPv4Address(POD[4]))
+    arp = pk.arp_request(
+        sender=ipaddress.IPv4Address(PEER[4]), target=ipaddress.IPv4Address(POD[4])
+    )
     assert pod.to_pod(arp) == OK
     assert pod.from_pod(arp) == OK
     for icmp_type in (133, 134, 135, 136, 137):
@@ -163,8 +174,12 @@ def test_ipv4_options_do_not_shift_the_ports(pod: Pod) -> None:
 
 def test_ipv6_extension_headers_are_walked(pod: Pod) -> None:
     pod.program(ingress=applied(PeerRule(net("fd00:66::/64"), ports=(PortRange(UDP, 53, 53),))))
-    chains = [[], [(0, b"\x01\x00\x00\x00")], [(0, b""), (60, b"\x01" * 10)],
-              [(0, b""), (43, b"\x00" * 6), (60, b"")]]
+    chains = [
+        [],
+        [(0, b"\x01\x00\x00\x00")],
+        [(0, b""), (60, b"\x01" * 10)],
+        [(0, b""), (43, b"\x00" * 6), (60, b"")],
+    ]
     for i, chain in enumerate(chains):
         for dport, verdict in ((53, OK), (54, SHOT)):
             body = pk.l4(UDP, sport=30000 + i, dport=dport)
@@ -174,16 +189,28 @@ def test_ipv6_extension_headers_are_walked(pod: Pod) -> None:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_fragments_are_judged_on_the_first_fragments_ports(pod: Pod, family: int) -> None:
-    pod.program(ingress=applied(PeerRule(net("10.66.0.0/24"), ports=(PortRange(UDP, 53, 53),)),
-                                PeerRule(net("fd00:66::/64"), ports=(PortRange(UDP, 53, 53),))))
+    pod.program(
+        ingress=applied(
+            PeerRule(net("10.66.0.0/24"), ports=(PortRange(UDP, 53, 53),)),
+            PeerRule(net("fd00:66::/64"), ports=(PortRange(UDP, 53, 53),)),
+        )
+    )
 
     def frag(*, dport: int | None, offset: int, more: bool, ident: int) -> bytes:
         body = pk.l4(UDP, sport=7777, dport=dport, payload=b"y" * 32) if dport else b"z" * 64
         if family == 4:
-            return pk.ipv4(src=PEER[4], dst=POD[4], protocol=UDP, body=body, ident=ident,
-                           frag_offset=offset, more_fragments=more)
-        return pk.ipv6(src=PEER[6], dst=POD[6], protocol=UDP, body=body,
-                       fragment=(offset, more, ident))
+            return pk.ipv4(
+                src=PEER[4],
+                dst=POD[4],
+                protocol=UDP,
+                body=body,
+                ident=ident,
+                frag_offset=offset,
+                more_fragments=more,
+            )
+        return pk.ipv6(
+            src=PEER[6], dst=POD[6], protocol=UDP, body=body, fragment=(offset, more, ident)
+        )
 
     # allowed datagram: first fragment allowed, later ones follow its verdict
     assert pod.to_pod(frag(dport=53, offset=0, more=True, ident=100)) == OK
@@ -195,8 +222,12 @@ def test_fragments_are_judged_on_the_first_fragments_ports(pod: Pod, family: int
     # a later fragment whose first fragment never came: only all-ports rules could allow
     assert pod.to_pod(frag(dport=None, offset=40, more=False, ident=102)) == SHOT
     assert pod.dp.stats()["fragments_untracked"] >= 1
-    pod.program(ingress=applied(PeerRule(net("10.66.0.0/24"), ports=(PortRange(UDP),)),
-                                PeerRule(net("fd00:66::/64"), ports=(PortRange(UDP),))))
+    pod.program(
+        ingress=applied(
+            PeerRule(net("10.66.0.0/24"), ports=(PortRange(UDP),)),
+            PeerRule(net("fd00:66::/64"), ports=(PortRange(UDP),)),
+        )
+    )
     assert pod.to_pod(frag(dport=None, offset=40, more=False, ident=103)) == OK
 
 
@@ -211,9 +242,13 @@ def test_more_port_rules_than_the_reference_agent_on_one_cidr(pod: Pod) -> None:
 
 
 def test_missing_trie_fails_closed(pod: Pod) -> None:
-    rec = lay.NpPod(pod_id=7, ingress_trie=999, egress_trie=0,
-                    ingress_state=lay.NP_STATE_POLICIES_APPLIED,
-                    egress_state=lay.NP_STATE_DEFAULT_ALLOW)
+    rec = lay.NpPod(
+        pod_id=7,
+        ingress_trie=999,
+        egress_trie=0,
+        ingress_state=lay.NP_STATE_POLICIES_APPLIED,
+        egress_state=lay.NP_STATE_DEFAULT_ALLOW,
+    )
     pod.dp.pods.update(lay.u32(LO), rec)
     assert pod.tcp_in(4, 80) == SHOT
     assert pod.dp.stats()["packets_denied"] == 1
@@ -236,12 +271,16 @@ def test_decision_events(pod: Pod) -> None:
     from bpf.ringbuf import RingBuffer
 
     events: list[lay.NpEvent] = []
-    ring = RingBuffer(pod.dp.events,
-                      lambda batch: events.extend(lay.NpEvent.from_buffer_copy(b) for b in batch))
+    ring = RingBuffer(
+        pod.dp.events, lambda batch: events.extend(lay.NpEvent.from_buffer_copy(b) for b in batch)
+    )
     try:
         policy = pod.dp.policy_id(namespace="default", name="allow-web")
-        pod.program(ingress=applied(PeerRule(net("10.66.0.20/32"), policy_id=policy,
-                                             ports=(PortRange(TCP, 80, 80),))))
+        pod.program(
+            ingress=applied(
+                PeerRule(net("10.66.0.20/32"), policy_id=policy, ports=(PortRange(TCP, 80, 80),))
+            )
+        )
         pod.dp.set_event_flags(emit_deny=False, emit_allow=False)
         assert pod.tcp_in(4, 81) == SHOT
         assert ring.consume() == 0, "no events unless asked for"
@@ -263,7 +302,10 @@ def test_decision_events(pod: Pod) -> None:
     assert (deny.pod_id, deny.ifindex, deny.packet_len) == (7, LO, len(denied))
     assert deny.policy_id == 0
     assert (allow.verdict, allow.reason, allow.policy_id) == (
-        lay.NP_VERDICT_ALLOW, lay.NP_REASON_RULE, policy)
+        lay.NP_VERDICT_ALLOW,
+        lay.NP_REASON_RULE,
+        policy,
+    )
     assert allow.timestamp_ns >= deny.timestamp_ns > 0
 
 
@@ -273,24 +315,41 @@ HOSTS = [ip(f"10.66.{a}.{b}") for a in (0, 1) for b in (1, 20, 130, 200)]
 
 @st.composite
 def rules_strategy(draw: st.DrawFn) -> list[PeerRule]:
-    nets = [ipaddress.IPv4Network(n) for n in (
-        "10.66.0.0/16", "10.66.0.0/24", "10.66.0.0/25", "10.66.0.128/25",
-        "10.66.1.0/24", "10.66.0.20/32", "10.66.1.200/32",
-    )]
-    port_choices = [PortRange(TCP, 80, 80), PortRange(TCP, 8000, 8010), PortRange(UDP, 53, 53),
-                    PortRange(UDP), PortRange(TCP, 0, 1023)]
+    nets = [
+        ipaddress.IPv4Network(n)
+        for n in (
+            "10.66.0.0/16",
+            "10.66.0.0/24",
+            "10.66.0.0/25",
+            "10.66.0.128/25",
+            "10.66.1.0/24",
+            "10.66.0.20/32",
+            "10.66.1.200/32",
+        )
+    ]
+    port_choices = [
+        PortRange(TCP, 80, 80),
+        PortRange(TCP, 8000, 8010),
+        PortRange(UDP, 53, 53),
+        PortRange(UDP),
+        PortRange(TCP, 0, 1023),
+    ]
     out = []
     for _ in range(draw(st.integers(0, 5))):
         cidr = draw(st.sampled_from(nets))
-        excepts = tuple(n for n in draw(st.lists(st.sampled_from(nets), max_size=2))
-                        if n.subnet_of(cidr) and n != cidr)
+        excepts = tuple(
+            n
+            for n in draw(st.lists(st.sampled_from(nets), max_size=2))
+            if n.subnet_of(cidr) and n != cidr
+        )
         ports = tuple(draw(st.lists(st.sampled_from(port_choices), max_size=3, unique=True)))
         out.append(PeerRule(cidr, excepts, ports, policy_id=draw(st.integers(1, 3))))
     return out
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(rules=rules_strategy(), egress=st.booleans())
 def test_programs_agree_with_reference(pod: Pod, rules: list[PeerRule], egress: bool) -> None:
     policy = applied(*rules)
@@ -299,8 +358,14 @@ def test_programs_agree_with_reference(pod: Pod, rules: list[PeerRule], egress: 
     else:
         pod.program(ingress=policy)
     for i, peer in enumerate(HOSTS):
-        for protocol, port in ((TCP, 80), (TCP, 81), (TCP, 8005), (UDP, 53), (UDP, 9999),
-                               (TCP, 1023)):
+        for protocol, port in (
+            (TCP, 80),
+            (TCP, 81),
+            (TCP, 8005),
+            (UDP, 53),
+            (UDP, 9999),
+            (TCP, 1023),
+        ):
             expect = reference_allows(rules, peer, protocol, port)
             sport = 20000 + i * 16 + port % 16
             if egress:

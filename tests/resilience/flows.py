@@ -29,10 +29,10 @@ class Tally:
 class FlowCounter:
     server: PodServer
     target: SimPod
-    clients: dict[str, SimPod]   # name -> pod
-    allowed: set[str]            # the clients the policy allows
+    clients: dict[str, SimPod]  # name -> pod
+    allowed: set[str]  # the clients the policy allows
     port: int = 5000
-    interval: float = 0.01       # per client: 100 new flows per second
+    interval: float = 0.01  # per client: 100 new flows per second
     _sent: dict[str, int] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
     _marks: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
@@ -66,23 +66,25 @@ class FlowCounter:
         """Remember the counters at the start of ``phase``."""
         self._marks[phase] = {n: (self._sent[n], self._received(n)) for n in self.clients}
 
-    async def tally(self, since: str | None = None, *, settle: float = 0.3
-                    ) -> dict[str, Tally]:
+    async def tally(self, since: str | None = None, *, settle: float = 0.3) -> dict[str, Tally]:
         """Counts per client (since the mark ``since``, or from the start). Sending
         pauses while the datagrams in flight arrive (``settle`` seconds), so that every
         datagram counted as sent had its chance to be received."""
         self._running.clear()
         await asyncio.sleep(settle)
         base = self._marks.get(since or "", {})
-        out = {n: Tally(self._sent[n] - base.get(n, (0, 0))[0],
-                        self._received(n) - base.get(n, (0, 0))[1]) for n in self.clients}
+        out = {
+            n: Tally(
+                self._sent[n] - base.get(n, (0, 0))[0], self._received(n) - base.get(n, (0, 0))[1]
+            )
+            for n in self.clients
+        }
         self._running.set()
         return out
 
     def lapses(self, counts: dict[str, Tally]) -> tuple[int, int]:
         """(allowed datagrams dropped, denied datagrams passed)."""
-        dropped = sum(max(0, t.sent - t.received) for n, t in counts.items()
-                      if n in self.allowed)
+        dropped = sum(max(0, t.sent - t.received) for n, t in counts.items() if n in self.allowed)
         passed = sum(t.received for n, t in counts.items() if n not in self.allowed)
         return dropped, passed
 

@@ -18,13 +18,23 @@ OBJECTS = 300
 
 
 def _cidr(rng: random.Random) -> Any:
-    return rng.choice([
-        f"10.{rng.randrange(256)}.{rng.randrange(256)}.0/24",
-        f"fd00:{rng.randrange(65536):x}::/64",
-        f"10.0.0.{rng.randrange(256)}",
-        "10.0.0.0/33", "::/129", "300.1.1.1/8", "", "nonsense", "10.0.0.0/-1",
-        42, None, ["10.0.0.0/8"], {"cidr": "10.0.0.0/8"},
-    ])
+    return rng.choice(
+        [
+            f"10.{rng.randrange(256)}.{rng.randrange(256)}.0/24",
+            f"fd00:{rng.randrange(65536):x}::/64",
+            f"10.0.0.{rng.randrange(256)}",
+            "10.0.0.0/33",
+            "::/129",
+            "300.1.1.1/8",
+            "",
+            "nonsense",
+            "10.0.0.0/-1",
+            42,
+            None,
+            ["10.0.0.0/8"],
+            {"cidr": "10.0.0.0/8"},
+        ]
+    )
 
 
 def _entry(rng: random.Random) -> Any:
@@ -37,25 +47,39 @@ def _entry(rng: random.Random) -> Any:
     if kind == 2:
         entry["except"] = ["192.168.0.0/16"]  # outside most CIDRs
     if kind in (3, 4):
-        entry["ports"] = [rng.choice([
-            {"protocol": "TCP", "port": rng.randrange(1, 65536)},
-            {"protocol": "UDP"}, {"protocol": "ICMP", "port": 1},
-            {"port": 0}, {"port": 70000}, {"port": "http"}, {"port": 90, "endPort": 80},
-            {"endPort": 80}, {"protocol": None, "port": "8080"}, "TCP/80", None,
-        ]) for _ in range(rng.randrange(1, 4))]
+        entry["ports"] = [
+            rng.choice(
+                [
+                    {"protocol": "TCP", "port": rng.randrange(1, 65536)},
+                    {"protocol": "UDP"},
+                    {"protocol": "ICMP", "port": 1},
+                    {"port": 0},
+                    {"port": 70000},
+                    {"port": "http"},
+                    {"port": 90, "endPort": 80},
+                    {"endPort": 80},
+                    {"protocol": None, "port": "8080"},
+                    "TCP/80",
+                    None,
+                ]
+            )
+            for _ in range(rng.randrange(1, 4))
+        ]
     return entry
 
 
-def generate(rng: random.Random, i: int, victims: list[SimPod], node_ip: str
-             ) -> dict[str, Any]:
+def generate(rng: random.Random, i: int, victims: list[SimPod], node_ip: str) -> dict[str, Any]:
     targets = rng.sample(victims, rng.randrange(1, len(victims) + 1))
     size = rng.choice([0, 1, 3, 10, 50, 2000])
     spec: dict[str, Any] = {
         "policyRef": {"name": f"gen-{i % 20}", "namespace": "default"},
-        "podIsolation": rng.choice([["Ingress"], ["Egress"], ["Ingress", "Egress"], [],
-                                    ["Sideways"], "Ingress", None]),
-        "podSelectorEndpoints": [{"podIP": str(p.ipv4), "hostIP": node_ip,
-                                  "name": p.name, "namespace": "default"} for p in targets],
+        "podIsolation": rng.choice(
+            [["Ingress"], ["Egress"], ["Ingress", "Egress"], [], ["Sideways"], "Ingress", None]
+        ),
+        "podSelectorEndpoints": [
+            {"podIP": str(p.ipv4), "hostIP": node_ip, "name": p.name, "namespace": "default"}
+            for p in targets
+        ],
         "ingress": [_entry(rng) for _ in range(size)],
         "egress": rng.choice([[], [_entry(rng) for _ in range(3)], None, "all", 5]),
     }
@@ -66,11 +90,17 @@ def generate(rng: random.Random, i: int, victims: list[SimPod], node_ip: str
 
 
 async def test_generated_policyendpoints_are_rejected_or_enforced(rig: AgentRig) -> None:
-    server, client, other = (await rig.add_pod("server"), await rig.add_pod("client"),
-                             await rig.add_pod("other"))
+    server, client, other = (
+        await rig.add_pod("server"),
+        await rig.add_pod("client"),
+        await rig.add_pod("other"),
+    )
     victims = [await rig.add_pod(f"victim{i}", ports=()) for i in range(4)]
-    rig.apply(rig.policy_endpoint("bystander-00000", policy="bystander", targets=[server],
-                                  ingress=allow_from(client)))
+    rig.apply(
+        rig.policy_endpoint(
+            "bystander-00000", policy="bystander", targets=[server], ingress=allow_from(client)
+        )
+    )
     await rig.start_agent("--log-level=info")
     await rig.ready()
     expect = [True, False]
@@ -89,14 +119,20 @@ async def test_generated_policyendpoints_are_rejected_or_enforced(rig: AgentRig)
     assert 0.2 * OBJECTS < len(invalid) < 0.9 * OBJECTS, len(invalid)  # a real mix
 
     async def all_rejected() -> bool:
-        rejected = {ln["name"]: ln["reason"] for ln in rig.log_lines()
-                    if ln.get("event") == "policyendpoint.rejected"}
+        rejected = {
+            ln["name"]: ln["reason"]
+            for ln in rig.log_lines()
+            if ln.get("event") == "policyendpoint.rejected"
+        }
         return rejected == invalid
 
     await eventually(all_rejected, timeout=30, what="one rejection line per invalid object")
     _, metrics = await rig.http(8162, "/metrics")
-    counted = [ln for ln in metrics.splitlines()
-               if ln.startswith("awsnodeagent_policyendpoint_rejected_total{")]
+    counted = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("awsnodeagent_policyendpoint_rejected_total{")
+    ]
     assert len(counted) == len(invalid)
     assert rig.proc is not None
     assert rig.proc.returncode is None, "the agent survived"

@@ -15,10 +15,13 @@ from fakekube import store as fs
 from simnode.node import SimPod
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
-POD_META, POLICIES = 12, 8          # capacities: 11 and 7 ids (key 0 is the watermark)
-ROUNDS = 7                          # 4 UIDs and 2 policy names a round: 28 and 14 in all
-CHURN_ENV = {"NP_MAP_SIZES": f"{lay.MAP_POD_META}={POD_META},{lay.MAP_POLICIES}={POLICIES}",
-             "NP_ID_GRACE": "0.5", "NP_LIFECYCLE_PERIOD": "0.5"}
+POD_META, POLICIES = 12, 8  # capacities: 11 and 7 ids (key 0 is the watermark)
+ROUNDS = 7  # 4 UIDs and 2 policy names a round: 28 and 14 in all
+CHURN_ENV = {
+    "NP_MAP_SIZES": f"{lay.MAP_POD_META}={POD_META},{lay.MAP_POLICIES}={POLICIES}",
+    "NP_ID_GRACE": "0.5",
+    "NP_LIFECYCLE_PERIOD": "0.5",
+}
 TCP80 = [{"protocol": "TCP", "port": 80}]
 
 
@@ -26,13 +29,19 @@ def _pod_object(rig: AgentRig, pod: SimPod, name: str) -> None:
     rig.create_pod_object(pod, name=name, labels={"app": pod.name})
 
 
-def _policy(rig: AgentRig, name: str, targets: list[tuple[str, str]], peer: SimPod,
-            pods: dict[str, SimPod]) -> dict[str, Any]:
-    body = rig.policy_endpoint(name, policy=name, targets=[],
-                               ingress=allow_from(peer, ports=TCP80))
+def _policy(
+    rig: AgentRig, name: str, targets: list[tuple[str, str]], peer: SimPod, pods: dict[str, SimPod]
+) -> dict[str, Any]:
+    body = rig.policy_endpoint(name, policy=name, targets=[], ingress=allow_from(peer, ports=TCP80))
     body["spec"]["podSelectorEndpoints"] = [
-        {"podIP": str(pods[t].ipv4), "hostIP": str(rig.sim.node_ipv4), "name": obj,
-         "namespace": "default"} for t, obj in targets]
+        {
+            "podIP": str(pods[t].ipv4),
+            "hostIP": str(rig.sim.node_ipv4),
+            "name": obj,
+            "namespace": "default",
+        }
+        for t, obj in targets
+    ]
     return body
 
 
@@ -47,8 +56,9 @@ async def test_churn_past_every_capacity(rig: AgentRig, tmp_path: Path) -> None:
     pods = {p.name: p for p in churned}
     flow_log = tmp_path / "flows.log"
     await rig.start_agent("--enable-policy-event-logs=true", env=CHURN_ENV)
-    await rig.start_process("flowlogs", "--enable-policy-event-logs=true",
-                            f"--log-file={flow_log}", "--log-level=info")
+    await rig.start_process(
+        "flowlogs", "--enable-policy-event-logs=true", f"--log-file={flow_log}", "--log-level=info"
+    )
     await rig.ready()
 
     names: dict[str, str] = {}
@@ -69,8 +79,11 @@ async def test_churn_past_every_capacity(rig: AgentRig, tmp_path: Path) -> None:
             rig.delete(name)
         previous = current
         web, b = pods["web"], pods["b"]
-        await rig.converge([(peer, web, 80, "TCP", 4), (peer, web, 81, "TCP", 4),
-                            (b, web, 80, "TCP", 4)], [True, False, False], timeout=30)
+        await rig.converge(
+            [(peer, web, 80, "TCP", 4), (peer, web, 81, "TCP", 4), (b, web, 80, "TCP", 4)],
+            [True, False, False],
+            timeout=30,
+        )
         await rig.settle_agent(timeout=30)
 
     # the tables come back to what is live: 5 pods, 2 policy names
@@ -92,18 +105,22 @@ async def test_churn_past_every_capacity(rig: AgentRig, tmp_path: Path) -> None:
     pods["fresh"] = fresh
     rig.apply(_policy(rig, "fresh-only-peer", [("fresh", "fresh")], peer, pods))
     await rig.settle_agent(timeout=30)
-    await rig.converge([(peer, fresh, 80, "TCP", 4), (pods["a"], fresh, 80, "TCP", 4)],
-                       [True, False])
+    await rig.converge(
+        [(peer, fresh, 80, "TCP", 4), (pods["a"], fresh, 80, "TCP", 4)], [True, False]
+    )
 
     # flow logs name the pods as they are now, never an earlier incarnation's name
     from tests.privileged.test_flowlogs import lines_with
-    denied = await lines_with(flow_log, f"Src IP: {pods['a'].ipv4}",
-                              f"Dest IP: {fresh.ipv4}", "Verdict DENY")
+
+    denied = await lines_with(
+        flow_log, f"Src IP: {pods['a'].ipv4}", f"Dest IP: {fresh.ipv4}", "Verdict DENY"
+    )
     assert denied[0].endswith("Pod default/fresh Policy -"), denied[0]
     assert not await rig.probe(pods["b"], pods["web"], port=80)
     last = f"web-{ROUNDS - 1}"
-    denied = await lines_with(flow_log, f"Src IP: {pods['b'].ipv4}",
-                              f"Dest IP: {pods['web'].ipv4}", "Verdict DENY")
+    denied = await lines_with(
+        flow_log, f"Src IP: {pods['b'].ipv4}", f"Dest IP: {pods['web'].ipv4}", "Verdict DENY"
+    )
     assert denied[-1].endswith(f"Pod default/{last} Policy -"), denied[-1]
     text = await asyncio.to_thread(flow_log.read_text)
     for line in text.splitlines():

@@ -22,36 +22,51 @@ from simnode.traffic import PodServer
 from tests.privileged.agentrig import AgentRig
 from tests.resilience.flows import FlowCounter
 
-LOAD_PODS = 40          # other pods whose large policies make reconciles long
+LOAD_PODS = 40  # other pods whose large policies make reconciles long
 LOAD_CIDRS = 1000
 KILL_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.6)  # seconds after a big change
 
 
 def _load_policy(rig: AgentRig, i: int, pod: SimPod, generation: int) -> dict[str, Any]:
     base = 0x0B000000 + (i * LOAD_CIDRS + generation % 7) * 16
-    cidrs = [f"{(base + j * 16) >> 24 & 255}.{(base + j * 16) >> 16 & 255}."
-             f"{(base + j * 16) >> 8 & 255}.{(base + j * 16) & 255}/28"
-             for j in range(LOAD_CIDRS)]
-    return rig.policy_endpoint(f"load{i}-00000", policy=f"load{i}", targets=[pod],
-                               ingress=[{"cidr": c} for c in cidrs])
+    cidrs = [
+        f"{(base + j * 16) >> 24 & 255}.{(base + j * 16) >> 16 & 255}."
+        f"{(base + j * 16) >> 8 & 255}.{(base + j * 16) & 255}/28"
+        for j in range(LOAD_CIDRS)
+    ]
+    return rig.policy_endpoint(
+        f"load{i}-00000", policy=f"load{i}", targets=[pod], ingress=[{"cidr": c} for c in cidrs]
+    )
 
 
-def _server_policy(rig: AgentRig, server: SimPod, good: SimPod, generation: int
-                   ) -> dict[str, Any]:
+def _server_policy(rig: AgentRig, server: SimPod, good: SimPod, generation: int) -> dict[str, Any]:
     """Allows ``good`` (UDP, any port); the rest changes with ``generation`` (an address
     nobody uses) so that every change really swaps the server's rules."""
-    return rig.policy_endpoint("server-00000", policy="server", targets=[server], ingress=[
-        {"cidr": f"{good.ipv4}/32", "ports": [{"protocol": "UDP"}]},
-        {"cidr": f"192.0.2.{generation % 250}/32"}])
+    return rig.policy_endpoint(
+        "server-00000",
+        policy="server",
+        targets=[server],
+        ingress=[
+            {"cidr": f"{good.ipv4}/32", "ports": [{"protocol": "UDP"}]},
+            {"cidr": f"192.0.2.{generation % 250}/32"},
+        ],
+    )
 
 
 async def _build_variant(out: Path) -> str:
     """The datapath built with one harmless extra instruction: an upgrade's programs."""
     obj = out / "policy-variant.bpf.o"
     proc = await asyncio.create_subprocess_exec(
-        "make", "-s", "-C", str(REPO / "bpf"), "check", f"OUT={out}",
-        "EXTRA_CFLAGS=-DNP_BUILD_VARIANT=2", stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
+        "make",
+        "-s",
+        "-C",
+        str(REPO / "bpf"),
+        "check",
+        f"OUT={out}",
+        "EXTRA_CFLAGS=-DNP_BUILD_VARIANT=2",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     os.rename(out / "policy.bpf.o", obj)
@@ -69,7 +84,8 @@ async def _attached_tag(rig: AgentRig, ifindex: int) -> str:
 
 
 async def test_no_allowed_drop_and_no_denied_pass_through_faults(
-        rig: AgentRig, tmp_path: Path) -> None:
+    rig: AgentRig, tmp_path: Path
+) -> None:
     server = await rig.add_pod("server", ports=())
     good, bad = await rig.add_pod("good", ports=()), await rig.add_pod("bad", ports=())
     udp = PodServer(name="server", netns=server.netns, listen=[(5000, "UDP")])
@@ -82,11 +98,13 @@ async def test_no_allowed_drop_and_no_denied_pass_through_faults(
         rig.apply(_load_policy(rig, i, pod, generation))
     await rig.start_agent("--log-level=info")
     await rig.ready(timeout=30)
-    await rig.converge([(good, server, 5000, "UDP", 4), (bad, server, 5000, "UDP", 4)],
-                       [True, False])
+    await rig.converge(
+        [(good, server, 5000, "UDP", 4), (bad, server, 5000, "UDP", 4)], [True, False]
+    )
 
-    flows = FlowCounter(server=udp, target=server, clients={"good": good, "bad": bad},
-                        allowed={"good"})
+    flows = FlowCounter(
+        server=udp, target=server, clients={"good": good, "bad": bad}, allowed={"good"}
+    )
     flows.start()
     report: dict[str, tuple[int, int, int]] = {}
 
@@ -123,6 +141,7 @@ async def test_no_allowed_drop_and_no_denied_pass_through_faults(
             await rig.start_agent("--log-level=info")
             await rig.ready(timeout=30)
             await rig.settle_agent()
+
         return fault
 
     variant = await _build_variant(tmp_path)
@@ -172,17 +191,19 @@ async def test_no_allowed_drop_and_no_denied_pass_through_faults(
         await phase("baseline", baseline)
         await phase("SIGTERM, 1 s down, restart", sigterm_and_restart)
         for delay in KILL_DELAYS:
-            await phase(f"kill -9 {delay * 1000:.0f} ms into a reconcile",
-                        kill_mid_reconcile(delay))
+            await phase(
+                f"kill -9 {delay * 1000:.0f} ms into a reconcile", kill_mid_reconcile(delay)
+            )
         await phase("upgrade to new programs and back", upgrade_and_back)
         await phase("API watches dropped x3", watches_dropped)
         await phase("API history lost (410)", history_lost)
-        await phase("API unreachable 60 s, agent restarted meanwhile",
-                    unreachable_for_a_minute)
+        await phase("API unreachable 60 s, agent restarted meanwhile", unreachable_for_a_minute)
     finally:
         await flows.stop()
-    lines = [f"{name:<48} datagrams {n:>6}  allowed dropped {d}  denied passed {p}"
-             for name, (n, d, p) in report.items()]
+    lines = [
+        f"{name:<48} datagrams {n:>6}  allowed dropped {d}  denied passed {p}"
+        for name, (n, d, p) in report.items()
+    ]
     print("\n" + "\n".join(lines))
     total = sum(n for n, _, _ in report.values())
     assert total > 10_000, f"too little traffic to prove anything: {total}"

@@ -62,6 +62,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 async def deny(client: SimPod, server: SimPod, count: int) -> None:
     """``count`` UDP datagrams the server's policy denies (one DENY event each: a
     new source port for each, so none is a tracked flow)."""
+
     def send() -> None:
         for i in range(count):
             s = socket_in(client.netns, socket.AF_INET, socket.SOCK_DGRAM)
@@ -71,7 +72,9 @@ async def deny(client: SimPod, server: SimPod, count: int) -> None:
                 s.close()
             if i % 200 == 199:
                 import time
+
                 time.sleep(0.01)  # let the shipper drain (the ring holds 1 MB)
+
     await asyncio.to_thread(send)
 
 
@@ -112,8 +115,7 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_a_deleted_file_is_opened_again(pods: PodNet, pin_root: str,
-                                              tmp_path: Path) -> None:
+async def test_a_deleted_file_is_opened_again(pods: PodNet, pin_root: str, tmp_path: Path) -> None:
     client, server = await two_pods(pods)
     proc = await start(pin_root, tmp_path, "--log-level=info")
     log = tmp_path / "flows.log"
@@ -144,11 +146,13 @@ async def test_a_deleted_file_is_opened_again(pods: PodNet, pin_root: str,
 
 
 async def test_a_full_disk_is_counted_and_writing_resumes(
-        pods: PodNet, pin_root: str, tmp_path: Path, tiny_disk: Path) -> None:
+    pods: PodNet, pin_root: str, tmp_path: Path, tiny_disk: Path
+) -> None:
     client, server = await two_pods(pods)
     log = tiny_disk / "flows.log"
-    proc = await start(pin_root, tmp_path, "--log-level=info", f"--log-file={log}",
-                       "--flow-log-max-bytes=10000000")
+    proc = await start(
+        pin_root, tmp_path, "--log-level=info", f"--log-file={log}", "--flow-log-max-bytes=10000000"
+    )
     filler = tiny_disk / "filler"
     try:
         await draining(tmp_path)
@@ -174,8 +178,7 @@ async def test_a_full_disk_is_counted_and_writing_resumes(
         assert all(ln.endswith(" Policy -") for ln in lines[-40:])
         api = LocalClient(socket_path(str(tmp_path / "run"), FLOWLOGS_SOCKET))
         metrics = await api.text("/metrics")
-        assert f'awsnodeagent_flowlogs_dropped{{reason="file_disk_full"}} {float(lost)}' \
-            in metrics
+        assert f'awsnodeagent_flowlogs_dropped{{reason="file_disk_full"}} {float(lost)}' in metrics
     finally:
         proc.terminate()
         _, err = await proc.communicate()
@@ -188,7 +191,8 @@ async def test_a_full_disk_is_counted_and_writing_resumes(
 
 
 async def test_cloudwatch_events_survive_sigterm_and_are_counted_after_kill_9(
-        pods: PodNet, pin_root: str, tmp_path: Path) -> None:
+    pods: PodNet, pin_root: str, tmp_path: Path
+) -> None:
     """CloudWatch unreachable: SIGTERM spills what is held and the next process ships
     it; kill -9 loses what was held, and the next process counts it."""
     import json
@@ -266,8 +270,10 @@ async def test_cloudwatch_events_survive_sigterm_and_are_counted_after_kill_9(
                     last = await stats(tmp_path)
                 except Unavailable:
                     return False
-                return int(last.get("cloudwatch_reshipped", 0)) == 80 and \
-                    int(last.get("cloudwatch_shipped", 0)) >= 80
+                return (
+                    int(last.get("cloudwatch_reshipped", 0)) == 80
+                    and int(last.get("cloudwatch_shipped", 0)) >= 80
+                )
 
             await eventually(shipped, timeout=30, what=lambda: f"stats {last}")
             assert last["cloudwatch_lost_in_crash"] == 50

@@ -45,8 +45,7 @@ async def test_removed_pins_are_restored_without_a_restart(rig: AgentRig) -> Non
     os.unlink(os.path.join(rig.pin_root, "maps", lay.MAP_PODS))
     assert await rig.matrix(cases) == [True, False]  # the programs hold their maps
     # the next change works, and the agent re-creates what it owns
-    rig.apply(rig.policy_endpoint("allow-ok", targets=[web],
-                                  ingress=allow_from(ok, other)))
+    rig.apply(rig.policy_endpoint("allow-ok", targets=[web], ingress=allow_from(ok, other)))
     await rig.converge(cases, [True, True])
     await rig.settle_agent()
 
@@ -54,15 +53,25 @@ async def test_removed_pins_are_restored_without_a_restart(rig: AgentRig) -> Non
         return any(ln.get("event") == "datapath.pins_restored" for ln in rig.log_lines())
 
     await eventually(restored, timeout=10, what="datapath.pins_restored in the log")
-    assert await asyncio.to_thread(os.path.exists,
-                                   os.path.join(rig.pin_root, "maps", lay.MAP_PODS))
+    assert await asyncio.to_thread(os.path.exists, os.path.join(rig.pin_root, "maps", lay.MAP_PODS))
     assert await asyncio.to_thread(os.listdir, os.path.join(rig.pin_root, "tries"))
     failed = [ln for ln in rig.log_lines() if ln.get("event") == "enforcer.program_failed"]
     assert failed == []
     assert (await rig.http(8163, "/readyz"))[0] == 200
     # the CLI reads the pins again
-    out = await rig.acli("explain", "default/web", "--peer", str(other.ipv4), "--port", "80",
-                         "--protocol", "TCP", "--direction", "ingress", "--json")
+    out = await rig.acli(
+        "explain",
+        "default/web",
+        "--peer",
+        str(other.ipv4),
+        "--port",
+        "80",
+        "--protocol",
+        "TCP",
+        "--direction",
+        "ingress",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["verdict"] == "ALLOW"
 
@@ -71,14 +80,16 @@ async def test_over_the_rule_limit_fails_safe_and_later_changes_apply(rig: Agent
     web, ok, other = await _web_ok_other(rig)
     cases = [(ok, web, 80, "TCP", 4), (ok, web, 81, "TCP", 4), (other, web, 82, "TCP", 4)]
     # one policy allows 80, 81 and 200 odd ports from anywhere: within the limit
-    first = _anywhere([{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 81},
-                       *_odd_ports(1001, 200)])
+    first = _anywhere(
+        [{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 81}, *_odd_ports(1001, 200)]
+    )
     rig.apply(rig.policy_endpoint("ports-a", targets=[web], ingress=first))
     await rig.converge(cases, [True, True, False])
     await rig.settle_agent()
     # a second, valid policy adds 200 more to the same CIDR: 402 ranges, over the limit
-    rig.apply(rig.policy_endpoint("ports-b", targets=[web],
-                                  ingress=_anywhere(_odd_ports(3001, 200))))
+    rig.apply(
+        rig.policy_endpoint("ports-b", targets=[web], ingress=_anywhere(_odd_ports(3001, 200)))
+    )
 
     async def reported() -> bool:
         res = await rig.agent.get("/v1/wait", WaitResult, params={"timeout": "0"})
@@ -108,8 +119,9 @@ async def test_over_the_rule_limit_fails_safe_and_later_changes_apply(rig: Agent
 async def test_one_huge_object_does_not_hold_up_other_pods(rig: AgentRig) -> None:
     web, ok, other = await _web_ok_other(rig)
     # 10,000 odd ports on one CIDR: compiled (and truncated to the limit) on its own
-    rig.apply(rig.policy_endpoint("huge", targets=[web],
-                                  ingress=_anywhere(_odd_ports(10001, 10_000))))
+    rig.apply(
+        rig.policy_endpoint("huge", targets=[web], ingress=_anywhere(_odd_ports(10001, 10_000)))
+    )
     await asyncio.sleep(0.05)
     # meanwhile a small change for another pod
     started = time.monotonic()
@@ -137,8 +149,11 @@ async def test_metric_series_end_with_their_objects(rig: AgentRig) -> None:
     _, before = await rig.http(8162, "/metrics")
     names = [f"churn-pe-{i:04d}" for i in range(300)]
     for i, name in enumerate(names):
-        rig.apply(rig.policy_endpoint(name, targets=[web, ok, other][i % 3:i % 3 + 1],
-                                      ingress=allow_from(ok)))
+        rig.apply(
+            rig.policy_endpoint(
+                name, targets=[web, ok, other][i % 3 : i % 3 + 1], ingress=allow_from(ok)
+            )
+        )
     await rig.settle_agent(timeout=60)
     _, during = await rig.http(8162, "/metrics")
     assert sum(1 for line in during.splitlines() if "churn-pe-" in line) >= len(names)

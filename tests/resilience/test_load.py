@@ -51,9 +51,14 @@ async def test_memory_lag_and_tasks_stay_flat_under_churn(rig: AgentRig) -> None
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
     samples.append(await vitals(rig, started))
-    print("\n" + "\n".join(f"t={s.at:>5}s rss={s.rss_mb} MB lag_max={s.lag_max_s * 1000:.1f} ms "
-                           f"tasks={s.tasks} tries={t}"
-                           for s, t in zip(samples, tries, strict=False)))
+    print(
+        "\n"
+        + "\n".join(
+            f"t={s.at:>5}s rss={s.rss_mb} MB lag_max={s.lag_max_s * 1000:.1f} ms "
+            f"tasks={s.tasks} tries={t}"
+            for s, t in zip(samples, tries, strict=False)
+        )
+    )
     steady = [s for s in samples if s.at >= WARMUP_SECONDS]
     half = len(steady) // 2
     first, second = steady[:half], steady[half:]

@@ -34,19 +34,29 @@ class Replicas:
         rundir.mkdir(exist_ok=True)
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: ASYNC230, SIM115 (tiny, local)
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", f"--kubeconfig={self.workdir / 'kubeconfig'}",
-            f"--runtime-dir={rundir}", "--health-probe-bind-addr=127.0.0.1:0",
-            "--metrics-bind-addr=127.0.0.1:0", "--log-level=info",
-            "--endpoint-layout=controller", "--endpoint-chunk-size=2",
+            sys.executable,
+            "-m",
+            "controller",
+            f"--kubeconfig={self.workdir / 'kubeconfig'}",
+            f"--runtime-dir={rundir}",
+            "--health-probe-bind-addr=127.0.0.1:0",
+            "--metrics-bind-addr=127.0.0.1:0",
+            "--log-level=info",
+            "--endpoint-layout=controller",
+            "--endpoint-chunk-size=2",
             f"--leader-election-lease-duration={LEASE}",
             f"--leader-election-renew-deadline={RENEW}",
             f"--leader-election-retry-period={RETRY}",
-            stdout=log, stderr=log, env=dict(os.environ, POD_NAME=name, PYTHONPATH=str(REPO)))
+            stdout=log,
+            stderr=log,
+            env=dict(os.environ, POD_NAME=name, PYTHONPATH=str(REPO)),
+        )
         log.close()
 
     async def status(self, name: str) -> ResolverStatus | None:
-        client = LocalClient(socket_path(str(self.workdir / name), RESOLVER_SOCKET),
-                             process="resolver")
+        client = LocalClient(
+            socket_path(str(self.workdir / name), RESOLVER_SOCKET), process="resolver"
+        )
         try:
             return await client.get("/v1/status", ResolverStatus, timeout=2)
         except Unavailable:
@@ -80,10 +90,11 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
 
 
 def _pod(name: str, ip: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": "x", "labels": labels},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
-            "status": {"phase": "Running", "hostIP": "172.31.0.1", "podIP": ip,
-                       "podIPs": [{"ip": ip}]}}
+    return {
+        "metadata": {"name": name, "namespace": "x", "labels": labels},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "hostIP": "172.31.0.1", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }
 
 
 async def until(check: Any, timeout: float, what: str) -> float:
@@ -96,8 +107,10 @@ async def until(check: Any, timeout: float, what: str) -> float:
 
 
 def _endpoints(server: FakeKube) -> dict[str, str]:
-    return {o["metadata"]["name"]: o["metadata"]["resourceVersion"]
-            for o in server.store.list(fs.POLICY_ENDPOINTS)[0]}
+    return {
+        o["metadata"]["name"]: o["metadata"]["resourceVersion"]
+        for o in server.store.list(fs.POLICY_ENDPOINTS)[0]
+    }
 
 
 async def test_standby_takes_over_a_killed_leader_without_rewriting(replicas: Replicas) -> None:
@@ -105,10 +118,18 @@ async def test_standby_takes_over_a_killed_leader_without_rewriting(replicas: Re
     st.create(fs.NAMESPACES, None, {"metadata": {"name": "x"}})
     for i in range(5):
         st.create(fs.PODS, "x", _pod(f"p{i}", f"10.0.0.{i + 1}", {"app": "a" if i < 3 else "b"}))
-    st.create(fs.NETWORK_POLICIES, "x", {"metadata": {"name": "allow-b"}, "spec": {
-        "podSelector": {"matchLabels": {"app": "a"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}],
-        "egress": [{"to": [{"ipBlock": {"cidr": f"192.168.{i}.0/24"}} for i in range(5)]}]}})
+    st.create(
+        fs.NETWORK_POLICIES,
+        "x",
+        {
+            "metadata": {"name": "allow-b"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}],
+                "egress": [{"to": [{"ipBlock": {"cidr": f"192.168.{i}.0/24"}} for i in range(5)]}],
+            },
+        },
+    )
 
     await replicas.start("replica-a")
 
@@ -153,16 +174,14 @@ async def test_standby_takes_over_a_killed_leader_without_rewriting(replicas: Re
     await until(b_settled, 20, "replica-b resolved everything as the leader")
     await asyncio.sleep(0.5)
     assert _endpoints(replicas.server) == before, "the handover rewrote an object"
-    touched = [ev for ev in st.history
-               if ev.rv > rv_at_kill and ev.resource == fs.POLICY_ENDPOINTS]
+    touched = [ev for ev in st.history if ev.rv > rv_at_kill and ev.resource == fs.POLICY_ENDPOINTS]
     assert touched == [], "no PolicyEndpoint written or deleted by the handover"
 
     # the new leader writes what changes
     st.create(fs.PODS, "x", _pod("p9", "10.0.0.9", {"app": "b"}))
 
     async def updated() -> bool:
-        return any(ev.resource == fs.POLICY_ENDPOINTS for ev in st.history
-                   if ev.rv > rv_at_kill)
+        return any(ev.resource == fs.POLICY_ENDPOINTS for ev in st.history if ev.rv > rv_at_kill)
 
     await until(updated, 10, "replica-b writes the change")
 

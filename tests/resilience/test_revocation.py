@@ -43,13 +43,18 @@ async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
 
 
 def allow(client: SimPod) -> DirectionPolicy:
-    return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules([
-        PeerRule(ipaddress.ip_network(f"{client.ipv4}/32"))]))
+    return DirectionPolicy(
+        lay.NP_STATE_POLICIES_APPLIED,
+        compile_rules([PeerRule(ipaddress.ip_network(f"{client.ipv4}/32"))]),
+    )
 
 
 def entries(dp: Datapath, *, ifindex: int, port: int) -> dict[bytes, lay.NpCtValue]:
-    return {bytes(k): v for k, v in dp.ct.items()
-            if k.ifindex == ifindex and port in (k.pod_port, k.peer_port)}
+    return {
+        bytes(k): v
+        for k, v in dp.ct.items()
+        if k.ifindex == ifindex and port in (k.pod_port, k.peer_port)
+    }
 
 
 def age(dp: Datapath, *, ifindex: int, port: int, seconds: float) -> int:
@@ -64,8 +69,9 @@ def age(dp: Datapath, *, ifindex: int, port: int, seconds: float) -> int:
 
 
 async def connect(client: SimPod, server: SimPod) -> socket.socket | None:
-    conn = await open_tcp(netns=client.netns, target=server.ipv4, port=80, timeout=0.5,
-                          source_port=PORT)
+    conn = await open_tcp(
+        netns=client.netns, target=server.ipv4, port=80, timeout=0.5, source_port=PORT
+    )
     if conn is None:
         return None
     ok = await conn.exchange(b"hi", expect="server")
@@ -142,8 +148,9 @@ async def test_a_syn_on_an_idle_entry_is_judged_again(pods: PodNet) -> None:
         pods.dp.ct.update(lay.NpCtKey.from_buffer_copy(raw), v)
     # a SYN on it within NP_CT_SYN_IDLE_NS would pass (a retransmission of the first);
     # after that it is a new connection
-    assert age(pods.dp, ifindex=server.ifindex, port=PORT,
-               seconds=lay.NP_CT_SYN_IDLE_NS / 1e9 + 1) > 0
+    assert (
+        age(pods.dp, ifindex=server.ifindex, port=PORT, seconds=lay.NP_CT_SYN_IDLE_NS / 1e9 + 1) > 0
+    )
     assert await connect(client, server) is None
 
 
@@ -168,8 +175,10 @@ async def test_a_busy_udp_flow_of_a_revoked_peer_ends_at_its_lease(pods: PodNet)
         pods.program(server, ingress=DENY_ALL)
         assert await echo(), "within its lease the flow goes on (like an established one)"
         # the lease is over (NP_CT_LEASE_NS after it was judged): judged again, denied
-        assert age(pods.dp, ifindex=server.ifindex, port=PORT,
-                   seconds=lay.NP_CT_LEASE_NS / 1e9 + 1) > 0
+        assert (
+            age(pods.dp, ifindex=server.ifindex, port=PORT, seconds=lay.NP_CT_LEASE_NS / 1e9 + 1)
+            > 0
+        )
         assert not await echo()
         assert entries(pods.dp, ifindex=server.ifindex, port=PORT) == {}
         assert not await echo()

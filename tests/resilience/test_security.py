@@ -21,12 +21,15 @@ SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETKEY"
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKENzzzSECRET//////////wEaDA=="
 
 
-async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig,
-                                                              tmp_path: Path) -> None:
+async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig, tmp_path: Path) -> None:
     cloudwatch = LocalCloudWatch(netns=rig.sim.netns)  # where the node's processes run
     cloudwatch.start()
-    env = dict(cloudwatch.environment(), AWS_ACCESS_KEY_ID=ACCESS_KEY,
-               AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_SESSION_TOKEN=SESSION_TOKEN)
+    env = dict(
+        cloudwatch.environment(),
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_SESSION_TOKEN=SESSION_TOKEN,
+    )
     flow_log = tmp_path / "flows.log"
     try:
         server, client = await rig.add_pod("server"), await rig.add_pod("client")
@@ -34,9 +37,14 @@ async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig,
         await rig.start_agent("--enable-policy-event-logs=true")
         await rig.ready()
         await rig.settle_agent()
-        await rig.start("flowlogs", "--enable-policy-event-logs=true",
-                        "--enable-cloudwatch-logs=true", "--log-level=debug",
-                        f"--log-file={flow_log}", env=env)
+        await rig.start(
+            "flowlogs",
+            "--enable-policy-event-logs=true",
+            "--enable-cloudwatch-logs=true",
+            "--log-level=debug",
+            f"--log-file={flow_log}",
+            env=env,
+        )
         stats = LocalClient(socket_path(rig.runtime_dir, FLOWLOGS_SOCKET), process="flowlogs")
 
         async def shipped() -> bool:
@@ -53,8 +61,9 @@ async def test_no_credentials_in_logs_files_stats_or_metrics(rig: AgentRig,
         for _ in range(20):
             await rig.probe(client, server)
             await asyncio.sleep(0.2)
-        await eventually(lambda: _logged(rig, "cloudwatch.retry"), timeout=30,
-                         what="failed calls logged")
+        await eventually(
+            lambda: _logged(rig, "cloudwatch.retry"), timeout=30, what="failed calls logged"
+        )
         outputs = {
             "process log": rig.log_file("flowlogs").read_text(errors="replace"),
             "flow log": flow_log.read_text(errors="replace") if flow_log.exists() else "",

@@ -42,12 +42,14 @@ def _closed_by_peer(s: socket.socket) -> bool:
 
 
 async def test_idle_and_partial_connections_cannot_stop_the_agent(rig: AgentRig) -> None:
-    web, ok, other = (await rig.add_pod("web"), await rig.add_pod("ok"),
-                      await rig.add_pod("other"))
-    await rig.start("agent", "--enable-network-policy=true",
-                    "--metrics-bind-addr=127.0.0.1:8162",
-                    "--health-probe-bind-addr=127.0.0.1:8163",
-                    wrap=["prlimit", f"--nofile={NOFILE}:{NOFILE}"])
+    web, ok, other = (await rig.add_pod("web"), await rig.add_pod("ok"), await rig.add_pod("other"))
+    await rig.start(
+        "agent",
+        "--enable-network-policy=true",
+        "--metrics-bind-addr=127.0.0.1:8162",
+        "--health-probe-bind-addr=127.0.0.1:8163",
+        wrap=["prlimit", f"--nofile={NOFILE}:{NOFILE}"],
+    )
     await rig.ready()
     held: list[socket.socket] = []
     try:
@@ -60,8 +62,9 @@ async def test_idle_and_partial_connections_cannot_stop_the_agent(rig: AgentRig)
         # policy programming goes on: BPF maps still get descriptors
         cases = [(ok, web, 80, "TCP", 4), (other, web, 80, "TCP", 4)]
         for i in range(3):  # a few changes, each needing new tries (maps)
-            rig.apply(rig.policy_endpoint("allow-ok", targets=[web],
-                                          ingress=allow_from(ok)[: 1 + i % 2]))
+            rig.apply(
+                rig.policy_endpoint("allow-ok", targets=[web], ingress=allow_from(ok)[: 1 + i % 2])
+            )
             await rig.converge(cases, [True, False])
         # the held partial requests are cut after the header timeout; probes answer
         await asyncio.sleep(6)

@@ -24,8 +24,11 @@ FAST = WatchSettings(backoff_initial=0.05, backoff_max=0.2, relist_after=3, stal
 
 
 def pod(name: str, **status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": "default"}, "spec": {"nodeName": "n1"},
-            "status": {"phase": "Running", **status}}
+    return {
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": "Running", **status},
+    }
 
 
 class Recorder:
@@ -70,10 +73,12 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, KubeClient]]:
 
 
 @contextlib.asynccontextmanager
-async def watching(client: KubeClient, rec: Recorder, stats: WatchStats
-                   ) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(list_watch(client, PODS, rec, stats=stats, settings=FAST),
-                               name="test-watch")
+async def watching(
+    client: KubeClient, rec: Recorder, stats: WatchStats
+) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(
+        list_watch(client, PODS, rec, stats=stats, settings=FAST), name="test-watch"
+    )
     try:
         await asyncio.wait_for(stats.synced.wait(), 5)
         yield task
@@ -86,6 +91,7 @@ async def watching(client: KubeClient, rec: Recorder, stats: WatchStats
 async def until(check: Any, what: str, timeout: float = 5) -> None:
     async def ok() -> bool:
         return bool(check())
+
     await eventually(ok, timeout=timeout, what=what)
 
 
@@ -94,11 +100,15 @@ async def test_garbage_and_wrong_shapes_are_skipped(api: tuple[FakeKube, KubeCli
     rec, stats = Recorder(), WatchStats()
     async with watching(client, rec, stats) as task:
         await until(lambda: server.inject("pods", b"") >= 1, "a live watch")
-        bad = (b"this is not json\n", b'"a string"\n', b'{"type": "ADDED"}\n',
-               b'{"type": "ADDED", "object": "x"}\n',
-               b'{"type": "ADDED", "object": {"metadata": "x"}}\n',
-               json.dumps({"type": "ADDED", "object": pod("str-status") | {
-                   "status": "x"}}).encode() + b"\n")
+        bad = (
+            b"this is not json\n",
+            b'"a string"\n',
+            b'{"type": "ADDED"}\n',
+            b'{"type": "ADDED", "object": "x"}\n',
+            b'{"type": "ADDED", "object": {"metadata": "x"}}\n',
+            json.dumps({"type": "ADDED", "object": pod("str-status") | {"status": "x"}}).encode()
+            + b"\n",
+        )
         for i, raw in enumerate(bad):
             server.inject("pods", raw)
             server.store.create(fs.PODS, "default", pod(f"after-{i}"))
@@ -109,16 +119,21 @@ async def test_garbage_and_wrong_shapes_are_skipped(api: tuple[FakeKube, KubeCli
         assert stats.rejected == 1  # the consumer could not take the string status
 
 
-async def test_an_oversized_event_is_skipped_then_listed(api: tuple[FakeKube, KubeClient]
-                                                         ) -> None:
+async def test_an_oversized_event_is_skipped_then_listed(api: tuple[FakeKube, KubeClient]) -> None:
     server, client = api
     rec, stats = Recorder(), WatchStats()
     async with watching(client, rec, stats) as task:
         await until(lambda: server.inject("pods", b"") >= 1, "a live watch")
+
         # a 5 MiB event (aiohttp's line limit crashed the agent on it) is taken
         def big(name: str, mib: int) -> bytes:
-            obj = pod(name) | {"metadata": {"name": name, "namespace": "default",
-                                            "annotations": {"x": "y" * (mib * 2**20)}}}
+            obj = pod(name) | {
+                "metadata": {
+                    "name": name,
+                    "namespace": "default",
+                    "annotations": {"x": "y" * (mib * 2**20)},
+                }
+            }
             return json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n"
 
         server.inject("pods", big("big", 5))
@@ -137,8 +152,7 @@ async def test_an_oversized_event_is_skipped_then_listed(api: tuple[FakeKube, Ku
         assert not task.done()
 
 
-async def test_a_stream_that_breaks_at_one_event_relists(api: tuple[FakeKube, KubeClient]
-                                                         ) -> None:
+async def test_a_stream_that_breaks_at_one_event_relists(api: tuple[FakeKube, KubeClient]) -> None:
     server, client = api
     rec, stats = Recorder(), WatchStats()
     async with watching(client, rec, stats):
@@ -159,7 +173,8 @@ async def test_a_stream_that_breaks_at_one_event_relists(api: tuple[FakeKube, Ku
 
 
 async def test_a_watch_failing_without_progress_is_reported(
-        api: tuple[FakeKube, KubeClient]) -> None:
+    api: tuple[FakeKube, KubeClient],
+) -> None:
     server, client = api
     rec, stats = Recorder(), WatchStats()
     async with watching(client, rec, stats):
@@ -167,17 +182,18 @@ async def test_a_watch_failing_without_progress_is_reported(
         await asyncio.sleep(FAST.stall_after + 0.2)
         assert stats.stalled(FAST.stall_after) == 0  # quiet is not stalled
         await server.pause()
-        await until(lambda: stats.stalled(FAST.stall_after) > FAST.stall_after,
-                    "reported stalled", 5)
+        await until(
+            lambda: stats.stalled(FAST.stall_after) > FAST.stall_after, "reported stalled", 5
+        )
         await server.resume()
         await until(lambda: stats.stalled(FAST.stall_after) == 0, "progress again", 10)
 
 
 # ---- the real agent ----------------------------------------------------------------------
 
+
 async def test_the_agent_survives_a_hostile_api_server(rig: AgentRig) -> None:
-    web, ok, other = (await rig.add_pod("web"), await rig.add_pod("ok"),
-                      await rig.add_pod("other"))
+    web, ok, other = (await rig.add_pod("web"), await rig.add_pod("ok"), await rig.add_pod("other"))
     await rig.start_agent()
     await rig.ready()
     cases = [(ok, web, 80, "TCP", 4), (other, web, 80, "TCP", 4)]
@@ -193,8 +209,9 @@ async def test_the_agent_survives_a_hostile_api_server(rig: AgentRig) -> None:
     rig.api.inject("policyendpoints", b'{"type": "MODIFIED", "object": "allow-ok"}\n')
     huge = rig.policy_endpoint("huge", targets=[web], ingress=allow_from(other))
     huge["metadata"]["annotations"] = {"pad": "x" * (9 * 2**20)}
-    rig.api.inject("policyendpoints",
-                   json.dumps({"type": "ADDED", "object": huge}).encode() + b"\n")
+    rig.api.inject(
+        "policyendpoints", json.dumps({"type": "ADDED", "object": huge}).encode() + b"\n"
+    )
     # a Pod whose podIPs have the wrong shape, on the pod watch and in the store (so
     # every re-list meets it too)
     bad = rig.create_pod_object(other, name="bad-ips")
@@ -209,8 +226,10 @@ async def test_the_agent_survives_a_hostile_api_server(rig: AgentRig) -> None:
     assert {"watch.malformed_event", "watch.relisting", "pod.rejected"} <= events, events
     assert "supervisor.task_failed" not in events
     _, metrics = await rig.http(8162, "/metrics")
-    assert "awsnodeagent_pod_objects_rejected_total 1.0" in metrics or \
-        "awsnodeagent_pod_objects_rejected_total 2.0" in metrics, metrics[-2000:]
+    assert (
+        "awsnodeagent_pod_objects_rejected_total 1.0" in metrics
+        or "awsnodeagent_pod_objects_rejected_total 2.0" in metrics
+    ), metrics[-2000:]
     # the log lines about them are short
     longest = max(len(line) for line in rig.log_path.read_text().splitlines())
     assert longest < 4096, longest

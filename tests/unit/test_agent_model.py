@@ -18,37 +18,66 @@ from common.policyendpoint import GROUP_ANNOTATION, PolicyEndpointError
 NODE_IP = "172.31.255.1"
 
 
-def pe(name: str, *, pods: list[tuple[str, str, str]], isolation: list[str] | None = None,
-       ingress: list[dict[str, Any]] | None = None, egress: list[dict[str, Any]] | None = None,
-       policy: str = "p", namespace: str = "default", generation: int = 1) -> dict[str, Any]:
+def pe(
+    name: str,
+    *,
+    pods: list[tuple[str, str, str]],
+    isolation: list[str] | None = None,
+    ingress: list[dict[str, Any]] | None = None,
+    egress: list[dict[str, Any]] | None = None,
+    policy: str = "p",
+    namespace: str = "default",
+    generation: int = 1,
+) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "namespace": namespace, "generation": generation,
-                     "annotations": {"networking.k8s.aws/last-change-trigger-time":
-                                     "2026-01-02T03:04:05.123456789Z"}},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "generation": generation,
+            "annotations": {
+                "networking.k8s.aws/last-change-trigger-time": "2026-01-02T03:04:05.123456789Z"
+            },
+        },
         "spec": {
             "policyRef": {"name": policy, "namespace": namespace},
             "podIsolation": isolation if isolation is not None else [],
-            "podSelectorEndpoints": [{"podIP": ip, "hostIP": host, "name": n,
-                                      "namespace": namespace} for n, ip, host in pods],
-            "ingress": ingress, "egress": egress,
+            "podSelectorEndpoints": [
+                {"podIP": ip, "hostIP": host, "name": n, "namespace": namespace}
+                for n, ip, host in pods
+            ],
+            "ingress": ingress,
+            "egress": egress,
         },
     }
 
 
 def test_compaction_of_a_policyendpoint() -> None:
-    ep = from_api(pe("web-1", pods=[("a", "10.0.0.1", NODE_IP)], isolation=["Ingress"],
-                     ingress=[{"cidr": "10.1.0.0/16", "except": ["10.1.2.0/24"],
-                               "ports": [{"port": 80, "endPort": 90}, {"protocol": "UDP"}]},
-                              {"cidr": "10.9.9.9"}],
-                     egress=[{"domainName": "example.com"}]))
+    ep = from_api(
+        pe(
+            "web-1",
+            pods=[("a", "10.0.0.1", NODE_IP)],
+            isolation=["Ingress"],
+            ingress=[
+                {
+                    "cidr": "10.1.0.0/16",
+                    "except": ["10.1.2.0/24"],
+                    "ports": [{"port": 80, "endPort": 90}, {"protocol": "UDP"}],
+                },
+                {"cidr": "10.9.9.9"},
+            ],
+            egress=[{"domainName": "example.com"}],
+        )
+    )
     assert ep.policy == ("default", "p")
     assert ep.isolate_ingress
     assert ep.isolate_egress, "an entry in a direction isolates it, even an FQDN one"
     rules = sorted(ep.ingress, key=lambda r: str(r.cidr))
     assert [str(r.cidr) for r in rules] == ["10.1.0.0/16", "10.9.9.9/32"]
     assert [str(e) for e in rules[0].excepts] == ["10.1.2.0/24"]
-    assert rules[0].ports == (PortRange(lay.NP_PROTO_TCP, 80, 90),
-                              PortRange(lay.NP_PROTO_UDP, 0, 65535))
+    assert rules[0].ports == (
+        PortRange(lay.NP_PROTO_TCP, 80, 90),
+        PortRange(lay.NP_PROTO_UDP, 0, 65535),
+    )
     assert rules[1].ports == ()
     assert len(ep.ingress) == 2
     # kept compact: the plain /32 packed, the rule with an except as it is
@@ -69,8 +98,9 @@ def test_egress_entries_isolate_egress_even_without_pod_isolation() -> None:
     [
         pytest.param({"cidr": "10.0.0.0/33"}, id="prefix too long"),
         pytest.param({"cidr": "10.0.0.0/8", "ports": [{"port": 0}]}, id="port zero"),
-        pytest.param({"cidr": "10.0.0.0/8", "ports": [{"port": "http"}]},
-                     id="unresolved named port"),
+        pytest.param(
+            {"cidr": "10.0.0.0/8", "ports": [{"port": "http"}]}, id="unresolved named port"
+        ),
         pytest.param({"cidr": "10.0.0.0/8", "ports": [{"endPort": 80}]}, id="endPort alone"),
         pytest.param({"cidr": "10.0.0.0/8", "ports": [{"protocol": "icmp"}]}, id="bad protocol"),
         pytest.param({}, id="no cidr"),
@@ -96,25 +126,52 @@ def states(endpoints: list[Endpoints], *, strict: bool) -> tuple[str, str]:
     [
         pytest.param(False, [], ("DEFAULT_ALLOW", "DEFAULT_ALLOW"), id="standard without policy"),
         pytest.param(True, [], ("DEFAULT_DENY", "DEFAULT_DENY"), id="strict without policy"),
-        pytest.param(True, [{"isolation": ["Ingress"]}], ("POLICIES_APPLIED", "DEFAULT_ALLOW"),
-                     id="strict with an ingress policy allows the other direction"),
-        pytest.param(False, [{"isolation": ["Ingress", "Egress"]}],
-                     ("POLICIES_APPLIED", "POLICIES_APPLIED"), id="isolated without rules"),
-        pytest.param(False, [{"isolation": []}, {"isolation": ["Egress"]}],
-                     ("DEFAULT_ALLOW", "POLICIES_APPLIED"), id="union of isolation"),
+        pytest.param(
+            True,
+            [{"isolation": ["Ingress"]}],
+            ("POLICIES_APPLIED", "DEFAULT_ALLOW"),
+            id="strict with an ingress policy allows the other direction",
+        ),
+        pytest.param(
+            False,
+            [{"isolation": ["Ingress", "Egress"]}],
+            ("POLICIES_APPLIED", "POLICIES_APPLIED"),
+            id="isolated without rules",
+        ),
+        pytest.param(
+            False,
+            [{"isolation": []}, {"isolation": ["Egress"]}],
+            ("DEFAULT_ALLOW", "POLICIES_APPLIED"),
+            id="union of isolation",
+        ),
     ],
 )
 def test_desired_states(strict: bool, pes: list[dict[str, Any]], expect: tuple[str, str]) -> None:
-    endpoints = [from_api(pe(f"x-{i}", pods=[("a", "10.0.0.1", NODE_IP)], **kw))
-                 for i, kw in enumerate(pes)]
+    endpoints = [
+        from_api(pe(f"x-{i}", pods=[("a", "10.0.0.1", NODE_IP)], **kw)) for i, kw in enumerate(pes)
+    ]
     assert states(endpoints, strict=strict) == expect
 
 
 def test_union_of_rules_carries_each_policys_id() -> None:
-    one = from_api(pe("p-1", policy="p", pods=[], isolation=["Ingress"],
-                      ingress=[{"cidr": "10.0.0.0/8", "ports": [{"port": 80}]}]))
-    two = from_api(pe("q-1", policy="q", pods=[], isolation=["Ingress"],
-                      ingress=[{"cidr": "10.1.0.0/16", "ports": [{"port": 443}]}]))
+    one = from_api(
+        pe(
+            "p-1",
+            policy="p",
+            pods=[],
+            isolation=["Ingress"],
+            ingress=[{"cidr": "10.0.0.0/8", "ports": [{"port": 80}]}],
+        )
+    )
+    two = from_api(
+        pe(
+            "q-1",
+            policy="q",
+            pods=[],
+            isolation=["Ingress"],
+            ingress=[{"cidr": "10.1.0.0/16", "ports": [{"port": 443}]}],
+        )
+    )
     ingress, _ = pod_directions([one, two], strict=False, policy_id=ids)
     assert ingress.rules is not None
     c = ingress.rules
@@ -129,39 +186,74 @@ def test_cache_keeps_only_what_concerns_this_node() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     pods = cache.pods_consumer()
     endpoints = cache.endpoints_consumer()
-    pods.replace([{"metadata": {"name": "a", "namespace": "default", "uid": "u1"},
-                   "spec": {}, "status": {"podIP": "10.0.0.1"}}])
-    endpoints.replace([
-        pe("here-1", policy="here", pods=[("a", "10.0.0.1", NODE_IP)]),
-        pe("elsewhere-1", policy="elsewhere", pods=[("z", "10.9.0.1", "172.31.0.99")]),
-        pe("elsewhere-2", policy="elsewhere", pods=[], ingress=[{"cidr": "10.0.0.0/8"}]),
-        # a pod not seen yet, on this node
-        pe("soon-1", policy="soon", pods=[("b", "10.0.0.2", NODE_IP)]),
-    ])
+    pods.replace(
+        [
+            {
+                "metadata": {"name": "a", "namespace": "default", "uid": "u1"},
+                "spec": {},
+                "status": {"podIP": "10.0.0.1"},
+            }
+        ]
+    )
+    endpoints.replace(
+        [
+            pe("here-1", policy="here", pods=[("a", "10.0.0.1", NODE_IP)]),
+            pe("elsewhere-1", policy="elsewhere", pods=[("z", "10.9.0.1", "172.31.0.99")]),
+            pe("elsewhere-2", policy="elsewhere", pods=[], ingress=[{"cidr": "10.0.0.0/8"}]),
+            # a pod not seen yet, on this node
+            pe("soon-1", policy="soon", pods=[("b", "10.0.0.2", NODE_IP)]),
+        ]
+    )
     assert set(cache.endpoints) == {("default", "here-1"), ("default", "soon-1")}
     assert set(cache.stubs) == {("default", "elsewhere-1"), ("default", "elsewhere-2")}
     assert cache.take_dirty() == {("default", "a")}
-    pods.apply(WatchEvent("ADDED", {"metadata": {"name": "b", "namespace": "default"},
-                                    "spec": {}, "status": {"podIP": "10.0.0.2"}}))
+    pods.apply(
+        WatchEvent(
+            "ADDED",
+            {
+                "metadata": {"name": "b", "namespace": "default"},
+                "spec": {},
+                "status": {"podIP": "10.0.0.2"},
+            },
+        )
+    )
     assert [e.name for e in cache.endpoints_for(("default", "b"))] == ["soon-1"]
 
 
 def _local(cache: Cache, *pods: tuple[str, str, str]) -> None:
-    cache.pods_consumer().replace([
-        {"metadata": {"name": n, "namespace": ns, "uid": f"u-{n}"}, "spec": {},
-         "status": {"podIP": ip}} for ns, n, ip in pods])
+    cache.pods_consumer().replace(
+        [
+            {
+                "metadata": {"name": n, "namespace": ns, "uid": f"u-{n}"},
+                "spec": {},
+                "status": {"podIP": ip},
+            }
+            for ns, n, ip in pods
+        ]
+    )
 
 
 def test_a_policy_split_into_pod_and_rule_chunks_is_joined() -> None:
     """The AWS controller's layout: pods in one object, the ingress entries in another."""
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "web", "10.0.0.1"))
-    cache.endpoints_consumer().replace([
-        pe("allow-ok-abc12", policy="allow-ok", isolation=["Ingress"],
-           pods=[("web", "10.0.0.1", NODE_IP)]),
-        pe("allow-ok-def34", policy="allow-ok", isolation=["Ingress"], pods=[],
-           ingress=[{"cidr": "10.0.0.9"}]),
-    ])
+    cache.endpoints_consumer().replace(
+        [
+            pe(
+                "allow-ok-abc12",
+                policy="allow-ok",
+                isolation=["Ingress"],
+                pods=[("web", "10.0.0.1", NODE_IP)],
+            ),
+            pe(
+                "allow-ok-def34",
+                policy="allow-ok",
+                isolation=["Ingress"],
+                pods=[],
+                ingress=[{"cidr": "10.0.0.9"}],
+            ),
+        ]
+    )
     got = cache.endpoints_for(("default", "web"))
     assert [e.name for e in got] == ["allow-ok-abc12", "allow-ok-def34"]
     ingress, egress = pod_directions(got, strict=False, policy_id=ids)
@@ -181,8 +273,11 @@ def test_rule_chunk_before_pod_chunk_is_fetched_and_the_pod_waits() -> None:
     endpoints.apply(WatchEvent("ADDED", rules))
     assert set(cache.stubs) == {("default", "p-rules")}, "no local pod: a stub only"
     assert not cache.fetch_needed.is_set()
-    endpoints.apply(WatchEvent("ADDED", pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)],
-                                           isolation=["Ingress"])))
+    endpoints.apply(
+        WatchEvent(
+            "ADDED", pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)], isolation=["Ingress"])
+        )
+    )
     web = ("default", "web")
     assert cache.incomplete(web) == [("default", "p-rules")]
     assert cache.fetch_needed.is_set()
@@ -203,8 +298,12 @@ def test_a_policy_that_stops_selecting_local_pods_becomes_stubs() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "web", "10.0.0.1"))
     endpoints = cache.endpoints_consumer()
-    endpoints.replace([pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)]),
-                       pe("p-rules", pods=[], ingress=[{"cidr": "10.0.0.9"}])])
+    endpoints.replace(
+        [
+            pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)]),
+            pe("p-rules", pods=[], ingress=[{"cidr": "10.0.0.9"}]),
+        ]
+    )
     assert set(cache.endpoints) == {("default", "p-pods"), ("default", "p-rules")}
     endpoints.apply(WatchEvent("MODIFIED", pe("p-pods", pods=[], generation=2)))
     assert cache.endpoints == {}
@@ -220,10 +319,12 @@ def test_only_the_objects_own_namespace_selects() -> None:
     _local(cache, ("default", "a", "10.0.0.1"), ("other-ns", "d", "10.0.0.4"))
     evil = pe("evil-1", namespace="evil", pods=[], isolation=["Ingress"])
     evil["spec"]["podSelectorEndpoints"] = [
-        {"podIP": "10.0.0.1", "hostIP": NODE_IP, "name": "a", "namespace": "default"}]
+        {"podIP": "10.0.0.1", "hostIP": NODE_IP, "name": "a", "namespace": "default"}
+    ]
     mixed = pe("d-1", pods=[], isolation=["Ingress"])
     mixed["spec"]["podSelectorEndpoints"] = [
-        {"podIP": "10.0.0.4", "hostIP": NODE_IP, "name": "d", "namespace": "other-ns"}]
+        {"podIP": "10.0.0.4", "hostIP": NODE_IP, "name": "d", "namespace": "other-ns"}
+    ]
     cache.endpoints_consumer().replace([evil, mixed])
     assert cache.endpoints_for(("default", "a")) == []
     assert cache.endpoints_for(("other-ns", "d")) == []
@@ -234,8 +335,9 @@ def test_an_entry_under_another_address_is_not_a_selection() -> None:
     ignored: list[str] = []
     cache = Cache(node_addresses=lambda: {NODE_IP}, on_ignored=ignored.append)
     _local(cache, ("default", "b", "10.0.0.2"))
-    cache.endpoints_consumer().replace([
-        pe("x-1", pods=[("b", "10.0.0.77", "172.31.0.99")], isolation=["Ingress"])])
+    cache.endpoints_consumer().replace(
+        [pe("x-1", pods=[("b", "10.0.0.77", "172.31.0.99")], isolation=["Ingress"])]
+    )
     assert cache.endpoints_for(("default", "b")) == []
     assert cache.endpoints_for(("default", "b")) == []
     assert ignored == ["address-mismatch"], "logged and counted once per object version"
@@ -244,8 +346,9 @@ def test_an_entry_under_another_address_is_not_a_selection() -> None:
 def test_hostnetwork_entries_are_skipped() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "h", NODE_IP))
-    cache.endpoints_consumer().replace([pe("h-1", pods=[("h", NODE_IP, NODE_IP)],
-                                           isolation=["Ingress"])])
+    cache.endpoints_consumer().replace(
+        [pe("h-1", pods=[("h", NODE_IP, NODE_IP)], isolation=["Ingress"])]
+    )
     assert cache.endpoints_for(("default", "h")) == []
 
 
@@ -263,11 +366,18 @@ def test_policyref_in_another_namespace_is_rejected() -> None:
 def test_objects_of_one_policy_name_in_two_namespaces_are_not_joined() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "a", "10.0.0.1"), ("other", "c", "10.0.0.3"))
-    cache.endpoints_consumer().replace([
-        pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], isolation=["Ingress"]),
-        pe("p-2", namespace="other", pods=[("c", "10.0.0.3", NODE_IP)],
-           isolation=["Ingress"], ingress=[{"cidr": "10.9.0.0/16"}]),
-    ])
+    cache.endpoints_consumer().replace(
+        [
+            pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], isolation=["Ingress"]),
+            pe(
+                "p-2",
+                namespace="other",
+                pods=[("c", "10.0.0.3", NODE_IP)],
+                isolation=["Ingress"],
+                ingress=[{"cidr": "10.9.0.0/16"}],
+            ),
+        ]
+    )
     assert [e.name for e in cache.endpoints_for(("default", "a"))] == ["p-1"]
 
 
@@ -284,16 +394,23 @@ def test_target_groups_of_one_policy_are_joined_apart() -> None:
 
 def test_cache_rejection_keeps_the_last_accepted_version() -> None:
     seen: list[tuple[str, str, str]] = []
-    cache = Cache(node_addresses=lambda: {NODE_IP},
-                  on_rejected=lambda ns, n, why: seen.append((ns, n, why)))
+    cache = Cache(
+        node_addresses=lambda: {NODE_IP}, on_rejected=lambda ns, n, why: seen.append((ns, n, why))
+    )
     pods, endpoints = cache.pods_consumer(), cache.endpoints_consumer()
-    pods.replace([{"metadata": {"name": "a", "namespace": "default"}, "spec": {},
-                   "status": {"podIP": "10.0.0.1"}}])
+    pods.replace(
+        [
+            {
+                "metadata": {"name": "a", "namespace": "default"},
+                "spec": {},
+                "status": {"podIP": "10.0.0.1"},
+            }
+        ]
+    )
     good = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "10.0.0.0/8"}])
     endpoints.replace([good])
     cache.take_dirty()
-    bad = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "nonsense"}],
-             generation=2)
+    bad = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "nonsense"}], generation=2)
     endpoints.apply(WatchEvent("MODIFIED", bad))
     assert cache.endpoints[("default", "p-1")].generation == 1
     assert cache.take_dirty() == set(), "nothing to reprogram"

@@ -19,8 +19,13 @@ Obj = dict[str, Any]
 def render(values: Obj | None = None) -> list[Obj]:
     chart = helm.Chart.load(CHART)
     out = chart.render(values or {}, name="np", namespace="kube-system", is_install=True)
-    return [doc for path, text in sorted(out.items()) if path.endswith(".yaml")
-            for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in sorted(out.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def one(objs: list[Obj], kind: str, name_part: str = "") -> Obj:
@@ -40,8 +45,13 @@ def settings_of(container: Obj, mode: str = "standard") -> Any:
 
 
 def test_lint_is_clean() -> None:
-    for values in ({}, {"resolver": {"enabled": True}, "nodeAgent": {
-            "enablePolicyEventLogs": True, "enableCloudWatchLogs": True}}):
+    for values in (
+        {},
+        {
+            "resolver": {"enabled": True},
+            "nodeAgent": {"enablePolicyEventLogs": True, "enableCloudWatchLogs": True},
+        },
+    ):
         report = helm.lint(CHART, values, strict=True)
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert report["errors"] == [], report
@@ -65,74 +75,120 @@ def test_defaults_render_the_node_agent_with_minimal_privileges() -> None:
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"] == {"drop": ["ALL"], "add": wanted_caps[name]}
-        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/sys/fs/bpf",
-                                                                "/var/run/np-agent"}
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/sys/fs/bpf", "/var/run/np-agent"}
     agent = cs["agent"]
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8163}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8163}
-    assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {"metrics": 8162,
-                                                                         "health": 8163}
+    assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {
+        "metrics": 8162,
+        "health": 8163,
+    }
     volumes = {v["name"]: v["hostPath"] for v in pod["volumes"]}
-    assert volumes == {"bpffs": {"path": "/sys/fs/bpf", "type": "Directory"},
-                       "run": {"path": "/var/run/np-agent", "type": "DirectoryOrCreate"}}
-    assert one(objs, "CustomResourceDefinition")["metadata"]["name"] == \
-        "policyendpoints.networking.k8s.aws"
+    assert volumes == {
+        "bpffs": {"path": "/sys/fs/bpf", "type": "Directory"},
+        "run": {"path": "/var/run/np-agent", "type": "DirectoryOrCreate"},
+    }
+    assert (
+        one(objs, "CustomResourceDefinition")["metadata"]["name"]
+        == "policyendpoints.networking.k8s.aws"
+    )
     assert not [o for o in objs if o["kind"] == "Deployment"]  # resolver off
 
 
 def test_rbac_grants_exactly_the_verbs_used() -> None:
     objs = render({"resolver": {"enabled": True}})
-    (agent,) = [r for r in objs if r["kind"] == "ClusterRole"
-                and not r["metadata"]["name"].endswith("resolver")]
+    (agent,) = [
+        r
+        for r in objs
+        if r["kind"] == "ClusterRole" and not r["metadata"]["name"].endswith("resolver")
+    ]
     assert agent["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["networking.k8s.aws"], "resources": ["policyendpoints"],
-         "verbs": ["list", "watch"]},
+        {
+            "apiGroups": ["networking.k8s.aws"],
+            "resources": ["policyendpoints"],
+            "verbs": ["list", "watch"],
+        },
     ]
     resolver = one(objs, "ClusterRole", "resolver")
     assert resolver["rules"] == [
-        {"apiGroups": [""], "resources": ["pods", "namespaces", "services"],
-         "verbs": ["list", "watch"]},
-        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-         "verbs": ["list", "watch"]},
-        {"apiGroups": ["networking.k8s.aws"], "resources": ["policyendpoints"],
-         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        {
+            "apiGroups": [""],
+            "resources": ["pods", "namespaces", "services"],
+            "verbs": ["list", "watch"],
+        },
+        {
+            "apiGroups": ["networking.k8s.io"],
+            "resources": ["networkpolicies"],
+            "verbs": ["list", "watch"],
+        },
+        {
+            "apiGroups": ["networking.k8s.aws"],
+            "resources": ["policyendpoints"],
+            "verbs": ["get", "list", "watch", "create", "update", "delete"],
+        },
     ]
     for binding in (o for o in objs if o["kind"] == "ClusterRoleBinding"):
         role = binding["roleRef"]["name"]
         sa = binding["subjects"][0]["name"]
-        assert any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == sa
-                   for o in objs), sa
+        assert any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == sa for o in objs), sa
         assert any(o["kind"] == "ClusterRole" and o["metadata"]["name"] == role for o in objs)
 
 
 def test_every_value_reaches_the_processes_as_its_flag() -> None:
-    objs = render({
-        "enableNetworkPolicy": True, "clusterName": "prod",
-        "nodeAgent": {
-            "enforcingMode": "strict", "enablePolicyEventLogs": True,
-            "enableCloudWatchLogs": True, "enableIpv6": True,
-            "networkPolicyAgentLogFileLocation": "/var/log/np/flows.log",
-            "metricsBindAddr": "0.0.0.0:9162", "healthProbeBindAddr": ":9163",
-            "conntrackCacheCleanupPeriod": 60, "conntrackCacheTableSize": 1048576,
-            "logLevel": "info", "podInterfacePrefixes": "lxc", "shutdownTimeout": 20,
-            "flowLogFormat": "json", "flowLogMaxBytes": 2147483648, "flowLogBackups": 9,
-            "cloudwatchQueueSize": 5000000,
-        }})
+    objs = render(
+        {
+            "enableNetworkPolicy": True,
+            "clusterName": "prod",
+            "nodeAgent": {
+                "enforcingMode": "strict",
+                "enablePolicyEventLogs": True,
+                "enableCloudWatchLogs": True,
+                "enableIpv6": True,
+                "networkPolicyAgentLogFileLocation": "/var/log/np/flows.log",
+                "metricsBindAddr": "0.0.0.0:9162",
+                "healthProbeBindAddr": ":9163",
+                "conntrackCacheCleanupPeriod": 60,
+                "conntrackCacheTableSize": 1048576,
+                "logLevel": "info",
+                "podInterfacePrefixes": "lxc",
+                "shutdownTimeout": 20,
+                "flowLogFormat": "json",
+                "flowLogMaxBytes": 2147483648,
+                "flowLogBackups": 9,
+                "cloudwatchQueueSize": 5000000,
+            },
+        }
+    )
     cs = containers(objs)
     assert set(cs) == {"agent", "conntrack", "flowlogs"}
     for c in cs.values():
         s = settings_of(c, mode="strict")
         # large integers survive Helm's float handling (no 1.048576e+06)
-        assert (s.conntrack_cache_table_size, s.flow_log_max_bytes,
-                s.cloudwatch_queue_size) == (1048576, 2147483648, 5000000)
-        assert (s.enable_network_policy, s.enable_policy_event_logs,
-                s.enable_cloudwatch_logs, s.enable_ipv6) == (True, True, True, True)
+        assert (s.conntrack_cache_table_size, s.flow_log_max_bytes, s.cloudwatch_queue_size) == (
+            1048576,
+            2147483648,
+            5000000,
+        )
+        assert (
+            s.enable_network_policy,
+            s.enable_policy_event_logs,
+            s.enable_cloudwatch_logs,
+            s.enable_ipv6,
+        ) == (True, True, True, True)
         assert (s.log_level, s.log_file, s.flow_log_format, s.flow_log_backups) == (
-            "info", "/var/log/np/flows.log", "json", 9)
+            "info",
+            "/var/log/np/flows.log",
+            "json",
+            9,
+        )
         assert (s.metrics_bind_addr, s.health_probe_bind_addr) == ("0.0.0.0:9162", ":9163")
-        assert (s.conntrack_cache_cleanup_period, s.pod_interface_prefixes,
-                s.shutdown_timeout, s.enforcing_mode) == (60, ("lxc",), 20.0, "strict")
+        assert (
+            s.conntrack_cache_cleanup_period,
+            s.pod_interface_prefixes,
+            s.shutdown_timeout,
+            s.enforcing_mode,
+        ) == (60, ("lxc",), 20.0, "strict")
     assert {p["containerPort"] for p in cs["agent"]["ports"]} == {9162, 9163}
     assert cs["agent"]["readinessProbe"]["httpGet"]["port"] == 9163
     flow_env = {e["name"]: e.get("value") for e in cs["flowlogs"]["env"]}
@@ -142,8 +198,7 @@ def test_every_value_reaches_the_processes_as_its_flag() -> None:
 
 @pytest.mark.parametrize("timeout", [1, 10, 37.5, 120])
 def test_grace_period_outlasts_every_process_shutdown_timeout(timeout: float) -> None:
-    objs = render({"nodeAgent": {"shutdownTimeout": timeout},
-                   "resolver": {"enabled": True}})
+    objs = render({"nodeAgent": {"shutdownTimeout": timeout}, "resolver": {"enabled": True}})
     for kind in ("DaemonSet", "Deployment"):
         spec = one(objs, kind)["spec"]["template"]["spec"]
         grace = spec["terminationGracePeriodSeconds"]
@@ -163,8 +218,13 @@ def test_resolver_runs_unprivileged_as_non_root() -> None:
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"] == dep["spec"]["selector"]
     role = one(objs, "Role", "resolver")
-    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                              "verbs": ["get", "create", "update"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }
+    ]
     spec = dep["spec"]["template"]["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert "hostNetwork" not in spec
@@ -186,15 +246,18 @@ def test_optional_parts() -> None:
     assert init["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
 
 
-@pytest.mark.parametrize(("values", "key"), [
-    ({"nodeAgent": {"conntrackCacheTableSize": 1000}}, "conntrackCacheTableSize"),
-    ({"nodeAgent": {"enforcingMode": "enforcing"}}, "enforcingMode"),
-    ({"nodeAgent": {"logLevel": "verbose"}}, "logLevel"),
-    ({"nodeAgent": {"shutdownTimeout": 0}}, "shutdownTimeout"),
-    ({"nodeAgent": {"bpfPinRoot": "/tmp/pins"}}, "bpfPinRoot"),
-    ({"resolver": {"endpointLayout": "cross"}}, "endpointLayout"),
-    ({"resolver": {"endpointChunkSize": 0}}, "endpointChunkSize"),
-])
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"nodeAgent": {"conntrackCacheTableSize": 1000}}, "conntrackCacheTableSize"),
+        ({"nodeAgent": {"enforcingMode": "enforcing"}}, "enforcingMode"),
+        ({"nodeAgent": {"logLevel": "verbose"}}, "logLevel"),
+        ({"nodeAgent": {"shutdownTimeout": 0}}, "shutdownTimeout"),
+        ({"nodeAgent": {"bpfPinRoot": "/tmp/pins"}}, "bpfPinRoot"),
+        ({"resolver": {"endpointLayout": "cross"}}, "endpointLayout"),
+        ({"resolver": {"endpointChunkSize": 0}}, "endpointChunkSize"),
+    ],
+)
 def test_invalid_values_are_refused_naming_the_key(values: Obj, key: str) -> None:
     with pytest.raises(helm.HelmError) as err:
         render(values)

@@ -54,8 +54,9 @@ async def all_events() -> list[dict[str, Any]]:
 
 
 def spill_file(tmp_path: Path, backups: int = 2) -> RotatingFile:
-    return RotatingFile(str(tmp_path / "flows.log.cloudwatch-spill"), max_bytes=1 << 20,
-                        backups=backups)
+    return RotatingFile(
+        str(tmp_path / "flows.log.cloudwatch-spill"), max_bytes=1 << 20, backups=backups
+    )
 
 
 def spilled_lines(spill: RotatingFile) -> list[str]:
@@ -65,8 +66,14 @@ def spilled_lines(spill: RotatingFile) -> list[str]:
 @pytest.fixture
 async def shipper(tmp_path: Path) -> AsyncIterator[tuple[CloudWatchShipper, RotatingFile]]:
     spill = spill_file(tmp_path)
-    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=30_000,
-                          spill=spill, flush_interval=0.1, backoff_max=0.5)
+    s = CloudWatchShipper(
+        group=GROUP,
+        stream=STREAM,
+        capacity=30_000,
+        spill=spill,
+        flush_interval=0.1,
+        backoff_max=0.5,
+    )
     task = asyncio.create_task(s.run(), name="cloudwatch")
     try:
         yield s, spill
@@ -83,12 +90,15 @@ async def wait_shipped(s: CloudWatchShipper, n: int, timeout: float = 30) -> Non
         await asyncio.sleep(0.05)
 
 
-async def test_group_stream_and_batches(moto: Moto, shipper: tuple[CloudWatchShipper, RotatingFile]
-                                        ) -> None:
+async def test_group_stream_and_batches(
+    moto: Moto, shipper: tuple[CloudWatchShipper, RotatingFile]
+) -> None:
     s, _ = shipper
     now = int(time.time() * 1000)
-    events = [(now + i // 10, f"Node: n;SIP: 10.0.0.{i % 250};PolicyVerdict: DENY #{i}")
-              for i in range(25_000)]
+    events = [
+        (now + i // 10, f"Node: n;SIP: 10.0.0.{i % 250};PolicyVerdict: DENY #{i}")
+        for i in range(25_000)
+    ]
     for ts, msg in events:
         s.submit(ts, msg)
     await wait_shipped(s, 25_000)
@@ -118,8 +128,9 @@ async def test_large_messages_respect_the_byte_limit(
 
 async def test_outage_then_recovery_loses_nothing(moto: Moto, tmp_path: Path) -> None:
     spill = spill_file(tmp_path)
-    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
-                          flush_interval=0.1, backoff_max=0.5)
+    s = CloudWatchShipper(
+        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
+    )
     task = asyncio.create_task(s.run(), name="cloudwatch")
     try:
         now = int(time.time() * 1000)
@@ -155,10 +166,18 @@ async def test_outage_then_recovery_loses_nothing(moto: Moto, tmp_path: Path) ->
 
 
 async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
-        moto: Moto, tmp_path: Path) -> None:
+    moto: Moto, tmp_path: Path
+) -> None:
     spill = spill_file(tmp_path)
-    s = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
-                          flush_interval=0.1, backoff_max=0.5, shutdown_flush=0.5)
+    s = CloudWatchShipper(
+        group=GROUP,
+        stream=STREAM,
+        capacity=1000,
+        spill=spill,
+        flush_interval=0.1,
+        backoff_max=0.5,
+        shutdown_flush=0.5,
+    )
     task = asyncio.create_task(s.run(), name="cloudwatch")
     now = int(time.time() * 1000)
     moto.stop()
@@ -176,8 +195,9 @@ async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
     # the next process ships them once CloudWatch is back
     moto.start()
     spill = spill_file(tmp_path)
-    s2 = CloudWatchShipper(group=GROUP, stream=STREAM, capacity=1000, spill=spill,
-                           flush_interval=0.1, backoff_max=0.5)
+    s2 = CloudWatchShipper(
+        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
+    )
     task = asyncio.create_task(s2.run(), name="cloudwatch")
     try:
         s2.submit(now + 1000, "fresh")
@@ -189,6 +209,5 @@ async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         spill.close()
-
 
     assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == moto.url

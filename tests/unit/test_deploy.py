@@ -65,8 +65,7 @@ def test_image_copies_every_package_and_dockerignore_lets_them_in() -> None:
 
 def test_every_command_the_chart_runs_is_a_console_script() -> None:
     scripts = project()["project"]["scripts"]
-    objs = render({"nodeAgent": {"enablePolicyEventLogs": True},
-                   "resolver": {"enabled": True}})
+    objs = render({"nodeAgent": {"enablePolicyEventLogs": True}, "resolver": {"enabled": True}})
     commands = {c["command"][0] for c in containers(objs).values()}
     resolver = next(o for o in objs if o["kind"] == "Deployment")
     commands |= {c["command"][0] for c in resolver["spec"]["template"]["spec"]["containers"]}
@@ -78,10 +77,18 @@ def test_the_wheel_carries_the_committed_bpf_object(tmp_path: Path) -> None:
     """What the image installs: the package built from this tree, with the prebuilt
     object byte-identical to the committed one."""
     src = tmp_path / "src"  # a copy: an in-tree build would leave build/ behind
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "tests", "*.egg-info", "__pycache__", ".*_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(tmp_path), str(src)], check=True, capture_output=True)
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "tests", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("np_node_agent-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -89,10 +96,17 @@ def test_the_wheel_carries_the_committed_bpf_object(tmp_path: Path) -> None:
         z.extract("bpf/policy.bpf.o", tmp_path / "x")
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = z.read(entry_points).decode()
-    assert filecmp.cmp(tmp_path / "x" / "bpf" / "policy.bpf.o", REPO / "bpf" / "policy.bpf.o",
-                       shallow=False)
-    for script in ("np-agent", "np-conntrack", "np-flowlogs", "np-resolver", "np-cli",
-                   "aws-eks-na-cli"):
+    assert filecmp.cmp(
+        tmp_path / "x" / "bpf" / "policy.bpf.o", REPO / "bpf" / "policy.bpf.o", shallow=False
+    )
+    for script in (
+        "np-agent",
+        "np-conntrack",
+        "np-flowlogs",
+        "np-resolver",
+        "np-cli",
+        "aws-eks-na-cli",
+    ):
         assert f"{script} =" in scripts
 
 
@@ -133,8 +147,7 @@ def test_kind_stack_installs_the_chart_with_the_resolver(compose: dict[str, Any]
     image = compose["services"]["image"]["image"]
     assert f"{values['image']['repository']}:{values['image']['tag']}" == image
     objs = render(values)  # the values are valid for the chart (schema included)
-    assert any(o["kind"] == "Deployment" and "resolver" in o["metadata"]["name"]
-               for o in objs)
+    assert any(o["kind"] == "Deployment" and "resolver" in o["metadata"]["name"] for o in objs)
     pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == image
     assert pod["containers"][0]["imagePullPolicy"] == "Never"  # loaded into the node

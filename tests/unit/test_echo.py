@@ -19,10 +19,16 @@ HUGE = "10." + "9" * 1_000_000 + "/8"
 
 
 def endpoint(cidr: str) -> dict[str, Any]:
-    return {"metadata": {"name": "pe", "namespace": "default", "generation": 1},
-            "spec": {"policyRef": {"name": "p", "namespace": "default"},
-                     "podIsolation": ["Ingress"], "podSelectorEndpoints": [],
-                     "ingress": [{"cidr": cidr}], "egress": []}}
+    return {
+        "metadata": {"name": "pe", "namespace": "default", "generation": 1},
+        "spec": {
+            "policyRef": {"name": "p", "namespace": "default"},
+            "podIsolation": ["Ingress"],
+            "podSelectorEndpoints": [],
+            "ingress": [{"cidr": cidr}],
+            "egress": [],
+        },
+    }
 
 
 def test_a_megabyte_cidr_gives_a_short_reason() -> None:

@@ -13,12 +13,28 @@ def res(*, pods: int, ingress: int, egress: int, groups: int = 1) -> Resolution:
         return [{"cidr": f"{prefix}.{i // 250}.{i % 250}"} for i in range(n)]
 
     return Resolution(
-        name="p", namespace="x", types=["Ingress", "Egress"], pod_selector={},
-        groups=[Group(label="" if g == 0 else str(g),
-                      pods=[{"podIP": f"10.{g}.0.{i}", "hostIP": "172.31.0.1",
-                             "name": f"g{g}-{i}", "namespace": "x"} for i in range(pods)],
-                      ingress=entries(f"11.{g}", ingress)) for g in range(groups)],
-        egress=entries("12.0", egress))
+        name="p",
+        namespace="x",
+        types=["Ingress", "Egress"],
+        pod_selector={},
+        groups=[
+            Group(
+                label="" if g == 0 else str(g),
+                pods=[
+                    {
+                        "podIP": f"10.{g}.0.{i}",
+                        "hostIP": "172.31.0.1",
+                        "name": f"g{g}-{i}",
+                        "namespace": "x",
+                    }
+                    for i in range(pods)
+                ],
+                ingress=entries(f"11.{g}", ingress),
+            )
+            for g in range(groups)
+        ],
+        egress=entries("12.0", egress),
+    )
 
 
 def joined(plan: Plan, group: str = "") -> dict[str, set[str]]:
@@ -33,16 +49,20 @@ def joined(plan: Plan, group: str = "") -> dict[str, set[str]]:
 
 
 def held_of(plan: Plan) -> list[Held]:
-    return [Held(name or f"new-{i}", d.group, keys_of(d.spec))
-            for i, (name, d) in enumerate(plan.writes)]
+    return [
+        Held(name or f"new-{i}", d.group, keys_of(d.spec))
+        for i, (name, d) in enumerate(plan.writes)
+    ]
 
 
 def test_controller_layout_packs_each_kind_independently() -> None:
     r = res(pods=5, ingress=3, egress=7)
     plan = packed(r, 2, [])
     assert all(name is None for name, _ in plan.writes)
-    sizes = [(len(d.spec["podSelectorEndpoints"]), len(d.spec["ingress"]), len(d.spec["egress"]))
-             for _, d in plan.writes]
+    sizes = [
+        (len(d.spec["podSelectorEndpoints"]), len(d.spec["ingress"]), len(d.spec["egress"]))
+        for _, d in plan.writes
+    ]
     # ingress fills two objects, egress tops them up then needs two more, pods top up all
     # four and need one more holding only pods
     assert sizes == [(2, 2, 2), (2, 1, 2), (1, 0, 2), (0, 0, 1)]
@@ -59,8 +79,10 @@ def test_new_objects_hold_one_kind_when_existing_ones_are_full() -> None:
     assert len(first.writes) == 1
     grown = res(pods=4, ingress=4, egress=0)
     plan = packed(grown, 2, held_of(first))
-    kinds = [tuple(bool(d.spec[k]) for k in ("podSelectorEndpoints", "ingress", "egress"))
-             for _, d in plan.writes]
+    kinds = [
+        tuple(bool(d.spec[k]) for k in ("podSelectorEndpoints", "ingress", "egress"))
+        for _, d in plan.writes
+    ]
     assert kinds == [(True, True, False), (True, True, False)]
     assert plan.writes[0][0] == "new-0", "the existing object is kept"
     assert plan.writes[0][1].spec == first.writes[0][1].spec, "its entries stay where they are"
@@ -85,7 +107,8 @@ def test_an_unchanged_policy_plans_the_same_objects() -> None:
     first = packed(r, 3, [])
     again = packed(r, 3, held_of(first))
     assert [(n, d.spec) for n, d in again.writes] == [
-        (f"new-{i}", d.spec) for i, (_, d) in enumerate(first.writes)]
+        (f"new-{i}", d.spec) for i, (_, d) in enumerate(first.writes)
+    ]
     assert again.deletes == []
 
 
@@ -98,8 +121,7 @@ def test_target_groups_are_packed_apart_and_each_carries_the_egress() -> None:
             assert len(got["ingress"]) == 2
             assert len(got["egress"]) == 2
         assert {d.group for _, d in plan.writes} == {"", "1"}
-    stale = packed(res(pods=3, ingress=2, egress=2, groups=1), 200,
-                   held_of(packed(r, 200, [])))
+    stale = packed(res(pods=3, ingress=2, egress=2, groups=1), 200, held_of(packed(r, 200, [])))
     assert stale.deletes == ["new-1"], "the vanished group's object goes"
 
 

@@ -26,10 +26,14 @@ from fakekube.selectors import SelectorError, field_selector, label_selector
 from fakekube.server import FakeKube
 
 
-def pod(name: str, *, ns: str = "default", node: str = "n1", labels: dict[str, str] | None = None
-        ) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": ns, "labels": labels or {}},
-            "spec": {"nodeName": node}, "status": {"phase": "Running"}}
+def pod(
+    name: str, *, ns: str = "default", node: str = "n1", labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running"},
+    }
 
 
 @pytest.fixture
@@ -77,13 +81,17 @@ async def test_crud_and_selectors(api: tuple[FakeKube, KubeClient]) -> None:
     assert [i["metadata"]["name"] for i in items] == ["a"]
     items, _ = await client.list(PODS, label_selector="app in (x,y)")
     assert len(items) == 2
-    created = await client.create(POLICY_ENDPOINTS, "default", {
-        "metadata": {"generateName": "web-"}, "spec": {"policyRef": {"name": "web"}}})
+    created = await client.create(
+        POLICY_ENDPOINTS,
+        "default",
+        {"metadata": {"generateName": "web-"}, "spec": {"policyRef": {"name": "web"}}},
+    )
     name = created["metadata"]["name"]
     assert name.startswith("web-")
     assert created["metadata"]["generation"] == 1
-    updated = await client.patch(POLICY_ENDPOINTS, "default", name,
-                                 {"spec": {"podIsolation": ["Ingress"]}})
+    updated = await client.patch(
+        POLICY_ENDPOINTS, "default", name, {"spec": {"podIsolation": ["Ingress"]}}
+    )
     assert updated["metadata"]["generation"] == 2
     stale = dict(created)
     with pytest.raises(KubeError) as conflict:
@@ -98,9 +106,11 @@ async def test_crud_and_selectors(api: tuple[FakeKube, KubeClient]) -> None:
     assert meta[0]["kind"] == "PartialObjectMetadata"
     assert "spec" not in meta[0]
     # NetworkPolicies are defaulted as the real API server does
-    np_ = await client.create(NETWORK_POLICIES, "default", {
-        "metadata": {"name": "p"},
-        "spec": {"egress": [{"ports": [{"port": 53}]}]}})
+    np_ = await client.create(
+        NETWORK_POLICIES,
+        "default",
+        {"metadata": {"name": "p"}, "spec": {"egress": [{"ports": [{"port": 53}]}]}},
+    )
     assert np_["spec"]["podSelector"] == {}
     assert np_["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert np_["spec"]["egress"][0]["ports"][0]["protocol"] == "TCP"
@@ -118,8 +128,9 @@ async def test_watch_replays_from_version_and_filters(api: tuple[FakeKube, KubeC
     await client.create(PODS, "default", pod("b", node="n2"))
     await client.patch(PODS, "default", "a", {"spec": {"nodeName": "n2"}})  # leaves n1
     seen: list[tuple[str, str]] = []
-    async for ev in client.watch(PODS, resource_version=rv, field_selector="spec.nodeName=n1",
-                                 timeout_seconds=1):
+    async for ev in client.watch(
+        PODS, resource_version=rv, field_selector="spec.nodeName=n1", timeout_seconds=1
+    ):
         if ev.type != "BOOKMARK":
             seen.append((ev.type, ev.object["metadata"]["name"]))
     assert seen == [("ADDED", "a"), ("DELETED", "a")]
@@ -161,14 +172,16 @@ async def wait_for(cond: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_list_watch_survives_410_drops_and_outages(
-    api: tuple[FakeKube, KubeClient]
-) -> None:
+async def test_list_watch_survives_410_drops_and_outages(api: tuple[FakeKube, KubeClient]) -> None:
     server, client = api
     rec, stats = Recorder(), WatchStats()
     settings = WatchSettings(backoff_initial=0.05, backoff_max=0.2, idle_timeout=2)
-    task = asyncio.create_task(list_watch(client, PODS, rec, field_selector="spec.nodeName=n1",
-                                          settings=settings, stats=stats), name="watch")
+    task = asyncio.create_task(
+        list_watch(
+            client, PODS, rec, field_selector="spec.nodeName=n1", settings=settings, stats=stats
+        ),
+        name="watch",
+    )
     try:
         await client.create(PODS, "default", pod("a"))
         await wait_for(lambda: "a" in rec.state)
@@ -230,8 +243,9 @@ async def test_paginated_lists_and_paged_list_watch(api: tuple[FakeKube, KubeCli
         await client.list_page(PODS, limit=10, continue_token=token)
     # list_watch takes the state page by page, then watches from the list's version
     rec = Recorder()
-    task = asyncio.create_task(list_watch(client, PODS, rec,
-                                          settings=WatchSettings(page_size=7)), name="watch")
+    task = asyncio.create_task(
+        list_watch(client, PODS, rec, settings=WatchSettings(page_size=7)), name="watch"
+    )
     try:
         await wait_for(lambda: rec.replaced == 1)
         assert len(rec.state) == len(server.store.objects[fs.PODS])

@@ -14,8 +14,12 @@ from common.preflight import bpffs_problem, kernel_problem
 def test_reference_defaults() -> None:
     s = parse_settings("t", "t", [], env={})
     assert s == Settings()
-    assert (s.enable_network_policy, s.enable_policy_event_logs, s.enable_cloudwatch_logs,
-            s.enable_ipv6) == (False, False, False, False)
+    assert (
+        s.enable_network_policy,
+        s.enable_policy_event_logs,
+        s.enable_cloudwatch_logs,
+        s.enable_ipv6,
+    ) == (False, False, False, False)
     assert s.log_level == "debug"
     assert s.log_file == "/var/log/aws-routed-eni/network-policy-agent.log"
     assert (s.conntrack_cache_cleanup_period, s.conntrack_cache_table_size) == (300, 524288)
@@ -24,10 +28,18 @@ def test_reference_defaults() -> None:
 
 
 def test_flags_and_environment() -> None:
-    s = parse_settings("t", "t", [
-        "--enable-network-policy=true", "--enable-policy-event-logs", "--log-level=info",
-        "--conntrack-cache-table-size=32768", "--pod-interface-prefixes=eni, cali",
-    ], env={"NETWORK_POLICY_ENFORCING_MODE": "Strict", "MY_NODE_NAME": "ip-10-0-0-1"})
+    s = parse_settings(
+        "t",
+        "t",
+        [
+            "--enable-network-policy=true",
+            "--enable-policy-event-logs",
+            "--log-level=info",
+            "--conntrack-cache-table-size=32768",
+            "--pod-interface-prefixes=eni, cali",
+        ],
+        env={"NETWORK_POLICY_ENFORCING_MODE": "Strict", "MY_NODE_NAME": "ip-10-0-0-1"},
+    )
     assert s.enable_network_policy
     assert s.enable_policy_event_logs
     assert s.enforcing_mode == "strict"
@@ -38,24 +50,45 @@ def test_flags_and_environment() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        pytest.param(["--conntrack-cache-table-size=1000"], {},
-                     "invalid --conntrack-cache-table-size='1000'", id="table size too small"),
-        pytest.param(["--conntrack-cache-table-size=2000000"], {},
-                     "invalid --conntrack-cache-table-size='2000000'", id="table size too big"),
+        pytest.param(
+            ["--conntrack-cache-table-size=1000"],
+            {},
+            "invalid --conntrack-cache-table-size='1000'",
+            id="table size too small",
+        ),
+        pytest.param(
+            ["--conntrack-cache-table-size=2000000"],
+            {},
+            "invalid --conntrack-cache-table-size='2000000'",
+            id="table size too big",
+        ),
         pytest.param(["--log-level=verbose"], {}, "invalid --log-level='verbose'", id="log level"),
-        pytest.param(["--metrics-bind-addr=:99999"], {}, "invalid --metrics-bind-addr",
-                     id="port out of range"),
-        pytest.param([], {"NETWORK_POLICY_ENFORCING_MODE": "lenient"},
-                     "invalid NETWORK_POLICY_ENFORCING_MODE='lenient'", id="enforcing mode"),
-        pytest.param(["--enable-cloudwatch-logs=true"], {},
-                     "invalid --enable-cloudwatch-logs=true: needs --enable-policy-event-logs",
-                     id="cloudwatch without event logs"),
-        pytest.param(["--enable-network-policy=maybe"], {}, "--enable-network-policy",
-                     id="not a boolean"),
+        pytest.param(
+            ["--metrics-bind-addr=:99999"],
+            {},
+            "invalid --metrics-bind-addr",
+            id="port out of range",
+        ),
+        pytest.param(
+            [],
+            {"NETWORK_POLICY_ENFORCING_MODE": "lenient"},
+            "invalid NETWORK_POLICY_ENFORCING_MODE='lenient'",
+            id="enforcing mode",
+        ),
+        pytest.param(
+            ["--enable-cloudwatch-logs=true"],
+            {},
+            "invalid --enable-cloudwatch-logs=true: needs --enable-policy-event-logs",
+            id="cloudwatch without event logs",
+        ),
+        pytest.param(
+            ["--enable-network-policy=maybe"], {}, "--enable-network-policy", id="not a boolean"
+        ),
     ],
 )
-def test_bad_values_exit_2_naming_the_flag(argv: list[str], env: dict[str, str], message: str,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_values_exit_2_naming_the_flag(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_settings("np-agent", "t", argv, env=env)
     assert exc.value.code == 2
@@ -63,20 +96,34 @@ def test_bad_values_exit_2_naming_the_flag(argv: list[str], env: dict[str, str],
 
 
 def test_the_agent_binary_refuses_bad_flags_and_a_missing_node_name() -> None:
-    bad = subprocess.run([sys.executable, "-m", "agent", "--conntrack-cache-table-size=5"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent", "--conntrack-cache-table-size=5"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "--conntrack-cache-table-size" in bad.stderr
-    no_node = subprocess.run([sys.executable, "-m", "agent", "--enable-network-policy=true"],
-                             capture_output=True, text=True, check=False,
-                             env={"PATH": "/usr/bin:/bin"})
+    no_node = subprocess.run(
+        [sys.executable, "-m", "agent", "--enable-network-policy=true"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert no_node.returncode == 2
     assert "--node-name" in no_node.stderr
 
 
-@pytest.mark.parametrize(("text", "expect"), [(":8162", ("", 8162)), ("8163", ("", 8163)),
-                                               ("127.0.0.1:1", ("127.0.0.1", 1)),
-                                               ("[::1]:80", ("::1", 80))])
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (":8162", ("", 8162)),
+        ("8163", ("", 8163)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("[::1]:80", ("::1", 80)),
+    ],
+)
 def test_bind_addresses(text: str, expect: tuple[str, int]) -> None:
     assert parse_bind_addr(text) == expect
 

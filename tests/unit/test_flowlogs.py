@@ -26,15 +26,34 @@ def raw_event(*, direction: int, verdict: int, family: int = 4, policy_id: int =
     if family == 4:
         pod, peer = socket.inet_aton("10.0.45.6"), socket.inet_aton("10.0.12.34")
     else:
-        pod, peer = (socket.inet_pton(socket.AF_INET6, "fd00::6"),
-                     socket.inet_pton(socket.AF_INET6, "fd00::34"))
-    return EVENT.pack(123, pod.ljust(16, b"\0"), peer.ljust(16, b"\0"), 8080, 43512, 6, family,
-                      verdict, direction, lay.NP_REASON_NO_PEER_MATCH, 7, 3, policy_id, 60)
+        pod, peer = (
+            socket.inet_pton(socket.AF_INET6, "fd00::6"),
+            socket.inet_pton(socket.AF_INET6, "fd00::34"),
+        )
+    return EVENT.pack(
+        123,
+        pod.ljust(16, b"\0"),
+        peer.ljust(16, b"\0"),
+        8080,
+        43512,
+        6,
+        family,
+        verdict,
+        direction,
+        lay.NP_REASON_NO_PEER_MATCH,
+        7,
+        3,
+        policy_id,
+        60,
+    )
 
 
 def formatter() -> Formatter:
-    return Formatter(node="ip-10-0-0-1", pod_name={7: "default/web"}.get,  # type: ignore[arg-type]
-                     policy_name={5: "default/allow-web"}.get)  # type: ignore[arg-type]
+    return Formatter(
+        node="ip-10-0-0-1",
+        pod_name={7: "default/web"}.get,  # type: ignore[arg-type]
+        policy_name={5: "default/allow-web"}.get,  # type: ignore[arg-type]
+    )
 
 
 def test_reference_line_format_and_direction() -> None:
@@ -42,20 +61,29 @@ def test_reference_line_format_and_direction() -> None:
     deny_in = f.record(raw_event(direction=lay.NP_DIR_INGRESS, verdict=lay.NP_VERDICT_DENY))
     assert deny_in.line() == (
         "Flow Info: Src IP: 10.0.12.34 Src Port: 43512 Dest IP: 10.0.45.6 Dest Port: 8080 "
-        "Proto TCP Verdict DENY Direction ingress Pod default/web Policy -")
-    out = f.record(raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_ALLOW,
-                             family=6, policy_id=5))
-    assert out.line().startswith("Flow Info: Src IP: fd00::6 Src Port: 8080 Dest IP: fd00::34 "
-                                 "Dest Port: 43512 Proto TCP Verdict ACCEPT Direction egress")
+        "Proto TCP Verdict DENY Direction ingress Pod default/web Policy -"
+    )
+    out = f.record(
+        raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_ALLOW, family=6, policy_id=5)
+    )
+    assert out.line().startswith(
+        "Flow Info: Src IP: fd00::6 Src Port: 8080 Dest IP: fd00::34 "
+        "Dest Port: 43512 Proto TCP Verdict ACCEPT Direction egress"
+    )
     assert out.policy == "default/allow-web"
     assert f.text(deny_in).endswith(" " + deny_in.line() + "\n")
     assert f.text(deny_in)[:4].isdigit()
     assert f.cloudwatch(deny_in).startswith(
         "Node: ip-10-0-0-1;SIP: 10.0.12.34;SPORT: 43512;DIP: 10.0.45.6;DPORT: 8080;"
-        "PROTOCOL: TCP;PolicyVerdict: DENY")
+        "PROTOCOL: TCP;PolicyVerdict: DENY"
+    )
     js = json.loads(f.json(deny_in))
-    assert (js["verdict"], js["pod"], js["dst_port"], js["node"]) == ("DENY", "default/web",
-                                                                     8080, "ip-10-0-0-1")
+    assert (js["verdict"], js["pod"], js["dst_port"], js["node"]) == (
+        "DENY",
+        "default/web",
+        8080,
+        "ip-10-0-0-1",
+    )
     assert Formatter.is_deny(raw_event(direction=0, verdict=lay.NP_VERDICT_DENY))
     assert not Formatter.is_deny(raw_event(direction=0, verdict=lay.NP_VERDICT_ALLOW))
 

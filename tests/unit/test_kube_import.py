@@ -22,7 +22,8 @@ print(len(loaded))
 
 def test_no_api_or_model_classes_are_imported() -> None:
     """Each process would otherwise carry ~35 MB of classes it never uses."""
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 20

@@ -18,8 +18,9 @@ HEADER = Path(__file__).resolve().parents[2] / "bpf" / "np.h"
 
 def header_defines() -> dict[str, int]:
     out = {}
-    for name, expr in re.findall(r"^#define (NP_[A-Z0-9_]+)\s+(.+?)\s*(?:/\*.*)?$",
-                                 HEADER.read_text(), flags=re.M):
+    for name, expr in re.findall(
+        r"^#define (NP_[A-Z0-9_]+)\s+(.+?)\s*(?:/\*.*)?$", HEADER.read_text(), flags=re.M
+    ):
         if name == "NP_H":
             continue
         expr = re.sub(r"(\d+)U?L?L?\b", r"\1", expr)

@@ -34,8 +34,9 @@ async def test_a_burst_beyond_128_callers_is_served(tmp_path: Path) -> None:
         client = LocalClient(path, process="test")
         # 600 connections at once: three times aiohttp's default listen queue of 128,
         # which made callers fail with "Can not write request body"
-        answers = await asyncio.gather(*(
-            client.request("POST", "/v1/echo", Echo, body=Echo(n=i)) for i in range(600)))
+        answers = await asyncio.gather(
+            *(client.request("POST", "/v1/echo", Echo, body=Echo(n=i)) for i in range(600))
+        )
         assert [a.n for a in answers] == list(range(600))
         assert BACKLOG >= 600
     finally:

@@ -28,8 +28,11 @@ def clang_version() -> str:
 def test_committed_objects_are_fresh(tmp_path: Path) -> None:
     sources = sorted(BPF_DIR.glob("*.bpf.c"))
     assert sources, "no BPF sources"
-    subprocess.run(["make", "-s", "-C", str(BPF_DIR), "check", f"OUT={tmp_path}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(BPF_DIR), "check", f"OUT={tmp_path}"],
+        check=True,
+        capture_output=True,
+    )
     same_compiler = (BPF_DIR / "BUILD").read_text().strip() == clang_version()
     for src in sources:
         committed = BPF_DIR / (src.name[: -len(".c")] + ".o")

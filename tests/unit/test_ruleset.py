@@ -40,53 +40,85 @@ CASES = [
     ),
     pytest.param(
         [PeerRule(net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),))],
-        [("10.2.0.1", TCP, 80, True), ("10.1.0.1", TCP, 80, False),
-         ("10.1.255.255", UDP, 53, False)],
+        [
+            ("10.2.0.1", TCP, 80, True),
+            ("10.1.0.1", TCP, 80, False),
+            ("10.1.255.255", UDP, 53, False),
+        ],
         id="except carves a hole",
     ),
     pytest.param(
-        [PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 80, 80),)),
-         PeerRule(net("10.1.2.0/24"), ports=(PortRange(TCP, 443, 443),))],
-        [("10.1.2.3", TCP, 443, True), ("10.1.2.3", TCP, 80, True),
-         ("10.3.0.1", TCP, 443, False), ("10.3.0.1", TCP, 80, True)],
+        [
+            PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 80, 80),)),
+            PeerRule(net("10.1.2.0/24"), ports=(PortRange(TCP, 443, 443),)),
+        ],
+        [
+            ("10.1.2.3", TCP, 443, True),
+            ("10.1.2.3", TCP, 80, True),
+            ("10.3.0.1", TCP, 443, False),
+            ("10.3.0.1", TCP, 80, True),
+        ],
         id="longest match keeps the ports of broader cidrs",
     ),
     pytest.param(
-        [PeerRule(net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),),
-                  ports=(PortRange(TCP, 80, 80),)),
-         PeerRule(net("10.1.2.0/24"), ports=(PortRange(TCP, 443, 443),))],
-        [("10.1.2.3", TCP, 443, True), ("10.1.2.3", TCP, 80, False),
-         ("10.1.3.1", TCP, 80, False), ("10.2.0.1", TCP, 80, True)],
+        [
+            PeerRule(
+                net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),), ports=(PortRange(TCP, 80, 80),)
+            ),
+            PeerRule(net("10.1.2.0/24"), ports=(PortRange(TCP, 443, 443),)),
+        ],
+        [
+            ("10.1.2.3", TCP, 443, True),
+            ("10.1.2.3", TCP, 80, False),
+            ("10.1.3.1", TCP, 80, False),
+            ("10.2.0.1", TCP, 80, True),
+        ],
         id="a broader cidr's ports do not reach into its except",
     ),
     pytest.param(
-        [PeerRule(net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),)),
-         PeerRule(net("10.0.0.0/8"), ports=(PortRange(UDP, 53, 53),))],
+        [
+            PeerRule(net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),)),
+            PeerRule(net("10.0.0.0/8"), ports=(PortRange(UDP, 53, 53),)),
+        ],
         [("10.1.0.1", UDP, 53, True), ("10.1.0.1", TCP, 53, False), ("10.5.0.1", TCP, 1, True)],
         id="an except of one rule does not cancel another rule on the same cidr",
     ),
     pytest.param(
         [PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 8000, 8010),))],
-        [("10.0.0.1", TCP, 8000, True), ("10.0.0.1", TCP, 8010, True),
-         ("10.0.0.1", TCP, 8011, False), ("10.0.0.1", UDP, 8005, False)],
+        [
+            ("10.0.0.1", TCP, 8000, True),
+            ("10.0.0.1", TCP, 8010, True),
+            ("10.0.0.1", TCP, 8011, False),
+            ("10.0.0.1", UDP, 8005, False),
+        ],
         id="endPort range is inclusive and protocol specific",
     ),
     pytest.param(
         [PeerRule(net("10.0.0.0/8"), ports=(PortRange(UDP),))],
-        [("10.0.0.1", UDP, 1, True), ("10.0.0.1", UDP, None, True),
-         ("10.0.0.1", TCP, 1, False), ("10.0.0.1", TCP, None, False)],
+        [
+            ("10.0.0.1", UDP, 1, True),
+            ("10.0.0.1", UDP, None, True),
+            ("10.0.0.1", TCP, 1, False),
+            ("10.0.0.1", TCP, None, False),
+        ],
         id="any port of one protocol, also for fragments with unknown ports",
     ),
     pytest.param(
-        [PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 0, 1000),)),
-         PeerRule(net("10.0.0.0/16"), ports=(PortRange(TCP, 1001, 65535),))],
+        [
+            PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 0, 1000),)),
+            PeerRule(net("10.0.0.0/16"), ports=(PortRange(TCP, 1001, 65535),)),
+        ],
         [("10.0.0.1", TCP, None, True), ("10.1.0.1", TCP, None, False)],
         id="full coverage assembled from two cidrs allows unknown ports",
     ),
     pytest.param(
         [PeerRule(net("fd00::/64")), PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 80, 80),))],
-        [("fd00::1", TCP, 443, True), ("fd01::1", TCP, 443, False),
-         ("10.0.0.1", TCP, 80, True), ("10.0.0.1", TCP, 81, False)],
+        [
+            ("fd00::1", TCP, 443, True),
+            ("fd01::1", TCP, 443, False),
+            ("10.0.0.1", TCP, 80, True),
+            ("10.0.0.1", TCP, 81, False),
+        ],
         id="both families in one trie",
     ),
     pytest.param(
@@ -121,17 +153,20 @@ def test_semantics(rules: list[PeerRule], queries: list[tuple[str, int, int | No
 
 
 def test_redundant_entries_are_dropped() -> None:
-    compiled = compile_rules([
-        PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 80, 80),)),
-        PeerRule(net("10.1.0.0/16"), ports=(PortRange(TCP, 80, 80),)),
-    ])
+    compiled = compile_rules(
+        [
+            PeerRule(net("10.0.0.0/8"), ports=(PortRange(TCP, 80, 80),)),
+            PeerRule(net("10.1.0.0/16"), ports=(PortRange(TCP, 80, 80),)),
+        ]
+    )
     assert [str(p) for p in compiled.entries] == ["10.0.0.0/8"]
 
 
 def test_except_without_an_allowing_ancestor_is_not_stored() -> None:
     compiled = compile_rules([PeerRule(net("10.0.0.0/8"), excepts=(net("10.1.0.0/16"),))])
     assert {str(p): ps.allows_nothing for p, ps in compiled.entries.items()} == {
-        "10.0.0.0/8": False, "10.1.0.0/16": True,
+        "10.0.0.0/8": False,
+        "10.1.0.0/16": True,
     }
 
 
@@ -155,8 +190,9 @@ def test_attribution_lowest_policy_id_wins_overlaps() -> None:
 
 
 def test_adjacent_ranges_of_one_policy_merge() -> None:
-    ps = normalise_ports([(1, (PortRange(UDP, 10, 19), PortRange(UDP, 20, 29),
-                               PortRange(UDP, 25, 40)))])
+    ps = normalise_ports(
+        [(1, (PortRange(UDP, 10, 19), PortRange(UDP, 20, 29), PortRange(UDP, 25, 40)))]
+    )
     assert ps.rules == (PortRule(UDP, 10, 40, 1),)
 
 
@@ -234,9 +270,13 @@ def peer_rules(draw: st.DrawFn) -> PeerRule:
 @given(
     rules=st.lists(peer_rules(), max_size=6),
     queries=st.lists(
-        st.tuples(st.integers(0, 255), st.sampled_from([TCP, UDP, 1]),
-                  st.sampled_from([80, 81, 443, 8000, 8007, 8080, 9999, None])),
-        min_size=1, max_size=20,
+        st.tuples(
+            st.integers(0, 255),
+            st.sampled_from([TCP, UDP, 1]),
+            st.sampled_from([80, 81, 443, 8000, 8007, 8080, 9999, None]),
+        ),
+        min_size=1,
+        max_size=20,
     ),
 )
 def test_compiled_matches_reference(
@@ -250,8 +290,13 @@ def test_compiled_matches_reference(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12), st.integers(1, 5)),
-                min_size=1, max_size=25))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 12), st.integers(1, 5)),
+        min_size=1,
+        max_size=25,
+    )
+)
 def test_port_labels_match_a_port_by_port_reading(spans: list[tuple[int, int, int]]) -> None:
     """Each port is labelled with the lowest policy id of the ranges covering it."""
     from bpf.ruleset import _label_ranges
@@ -266,13 +311,18 @@ def test_port_labels_match_a_port_by_port_reading(spans: list[tuple[int, int, in
     flat = {port: pol for s, e, pol in got for port in range(s, e + 1)}
     assert flat == by_port
     assert all(a[1] < b[0] for a, b in itertools.pairwise(got)), "disjoint, sorted"
-    assert all(not (a[2] == b[2] and a[1] + 1 == b[0])
-               for a, b in itertools.pairwise(got)), "adjacent ranges merged"
+    assert all(not (a[2] == b[2] and a[1] + 1 == b[0]) for a, b in itertools.pairwise(got)), (
+        "adjacent ranges merged"
+    )
 
 
 def test_ten_thousand_ports_on_one_cidr_raise_or_truncate_to_what_fits() -> None:
-    rules = [PeerRule(ipaddress.ip_network("10.0.0.0/8"),
-                      ports=tuple(PortRange(NP_PROTO_TCP, p, p) for p in range(1, 20001, 2)))]
+    rules = [
+        PeerRule(
+            ipaddress.ip_network("10.0.0.0/8"),
+            ports=tuple(PortRange(NP_PROTO_TCP, p, p) for p in range(1, 20001, 2)),
+        )
+    ]
     with pytest.raises(RuleLimitError, match="10000 distinct port ranges"):
         compile_rules(rules)
     cut = compile_rules(rules, truncate=True)

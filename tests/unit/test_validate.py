@@ -18,39 +18,59 @@ def _ingress_peer(peer: Any) -> dict[str, Any]:
     return {"podSelector": {}, "ingress": [{"from": [peer]}]}
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    (["junk"], "spec"),
-    ({"policyTypes": ["Ingress", "Sideways"]}, "spec.policyTypes[1]"),
-    ({"policyTypes": "Ingress"}, "spec.policyTypes"),
-    ({"podSelector": {"matchLabels": {"app": 5}}}, "spec.podSelector.matchLabels[app]"),
-    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
-     "spec.podSelector.matchExpressions[0].values"),
-    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists",
-                                            "values": ["x"]}]}},
-     "spec.podSelector.matchExpressions[0].values"),
-    ({"ingress": {"from": []}}, "spec.ingress"),
-    (_ingress_port({"protocol": True}), "spec.ingress[0].ports[0].protocol"),
-    (_ingress_port({"protocol": "ICMP"}), "spec.ingress[0].ports[0].protocol"),
-    (_ingress_port({"port": 0}), "spec.ingress[0].ports[0].port"),
-    (_ingress_port({"port": 70000}), "spec.ingress[0].ports[0].port"),
-    (_ingress_port({"port": True}), "spec.ingress[0].ports[0].port"),
-    (_ingress_port({"port": "Not_A_Name"}), "spec.ingress[0].ports[0].port"),
-    (_ingress_port({"port": 80, "endPort": 79}), "spec.ingress[0].ports[0].endPort"),
-    (_ingress_port({"port": "http", "endPort": 90}), "spec.ingress[0].ports[0].endPort"),
-    (_ingress_port({"endPort": 90}), "spec.ingress[0].ports[0].endPort"),
-    (_ingress_peer({}), "spec.ingress[0].from[0]"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}),
-     "spec.ingress[0].from[0]"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.1"}}), "spec.ingress[0].from[0].ipBlock.cidr"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.0/33"}}),
-     "spec.ingress[0].from[0].ipBlock.cidr"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
-    (_ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (["junk"], "spec"),
+        ({"policyTypes": ["Ingress", "Sideways"]}, "spec.policyTypes[1]"),
+        ({"policyTypes": "Ingress"}, "spec.policyTypes"),
+        ({"podSelector": {"matchLabels": {"app": 5}}}, "spec.podSelector.matchLabels[app]"),
+        (
+            {"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
+            "spec.podSelector.matchExpressions[0].values",
+        ),
+        (
+            {
+                "podSelector": {
+                    "matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]
+                }
+            },
+            "spec.podSelector.matchExpressions[0].values",
+        ),
+        ({"ingress": {"from": []}}, "spec.ingress"),
+        (_ingress_port({"protocol": True}), "spec.ingress[0].ports[0].protocol"),
+        (_ingress_port({"protocol": "ICMP"}), "spec.ingress[0].ports[0].protocol"),
+        (_ingress_port({"port": 0}), "spec.ingress[0].ports[0].port"),
+        (_ingress_port({"port": 70000}), "spec.ingress[0].ports[0].port"),
+        (_ingress_port({"port": True}), "spec.ingress[0].ports[0].port"),
+        (_ingress_port({"port": "Not_A_Name"}), "spec.ingress[0].ports[0].port"),
+        (_ingress_port({"port": 80, "endPort": 79}), "spec.ingress[0].ports[0].endPort"),
+        (_ingress_port({"port": "http", "endPort": 90}), "spec.ingress[0].ports[0].endPort"),
+        (_ingress_port({"endPort": 90}), "spec.ingress[0].ports[0].endPort"),
+        (_ingress_peer({}), "spec.ingress[0].from[0]"),
+        (
+            _ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}),
+            "spec.ingress[0].from[0]",
+        ),
+        (_ingress_peer({"ipBlock": {"cidr": "10.0.0.1"}}), "spec.ingress[0].from[0].ipBlock.cidr"),
+        (
+            _ingress_peer({"ipBlock": {"cidr": "10.0.0.0/33"}}),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (
+            _ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+        ),
+        (
+            _ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+        ),
+        (
+            _ingress_peer({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+        ),
+    ],
+)
 def test_refused_naming_the_field(spec: Any, field: str) -> None:
     with pytest.raises(PolicyInvalid) as exc:
         validate_spec(spec)
@@ -62,15 +82,23 @@ def test_refused_naming_the_field(spec: Any, field: str) -> None:
     assert str(refused.value) == f"networkpolicy default/np: {exc.value}"
 
 
-@pytest.mark.parametrize("spec", [
-    {},
-    {"podSelector": {"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["b"]}]},
-     "policyTypes": ["Ingress", "Egress"], "egress": [{}]},
-    _ingress_port({"protocol": "SCTP", "port": 80, "endPort": 80}),
-    _ingress_port({"port": "http-alt"}),
-    _ingress_port({"port": "8080"}),  # a quoted number, read as the number
-    _ingress_peer({"ipBlock": {"cidr": "10.0.0.1/8", "except": ["10.1.0.0/16"]}}),
-    _ingress_peer({"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {
+            "podSelector": {
+                "matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["b"]}]
+            },
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": [{}],
+        },
+        _ingress_port({"protocol": "SCTP", "port": 80, "endPort": 80}),
+        _ingress_port({"port": "http-alt"}),
+        _ingress_port({"port": "8080"}),  # a quoted number, read as the number
+        _ingress_peer({"ipBlock": {"cidr": "10.0.0.1/8", "except": ["10.1.0.0/16"]}}),
+        _ingress_peer({"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}),
+    ],
+)
 def test_valid_policies_pass(spec: dict[str, Any]) -> None:
     validate_spec(spec)
