@@ -293,49 +293,58 @@ class Enforcer:
     # ---- reconcile ----------------------------------------------------------------------
     async def _reconcile(self, refs: set[PodRef]) -> None:
         assert self._nl is not None
-        plans: list[_Plan] = []
-        for ref in sorted(refs):
-            pod = self.cache.pods.get(ref)
-            st = self.status.get(ref)
-            if pod is None or pod.host_network or not pod.ips:
-                if pod is None and st is not None:
-                    self._unbind(ref)
-                continue
-            st = self.status.setdefault(ref, PodStatus(pod.namespace, pod.name, pod.uid))
-            st.uid = pod.uid
-            ifindex = await self._interface_for(pod)
-            if ifindex is None:
-                continue
-            owner = self.bound.get(ifindex)
-            if owner is not None and owner != ref:
-                log.warning(
-                    "enforcer.interface_reassigned",
-                    ifindex=ifindex,
-                    old=f"{owner[0]}/{owner[1]}",
-                    new=f"{ref[0]}/{ref[1]}",
-                )
-                self._unbind(owner)
-            if st.ifindex and st.ifindex != ifindex:
-                self.bound.pop(st.ifindex, None)
-            waiting = self.cache.incomplete(ref)
-            if waiting:
-                # a policy selecting it is not all here yet (being fetched): keep the
-                # record in force rather than program a partial policy
-                log.debug(
-                    "enforcer.pod_waits_for_objects",
-                    pod=f"{ref[0]}/{ref[1]}",
-                    objects=[f"{k[0]}/{k[1]}" for k in waiting[:4]],
-                )
-                continue
-            endpoints = tuple(self.cache.endpoints_for(ref))
-            inputs = (self.strict, ifindex, pod.uid, endpoints)
-            if st.inputs == inputs:
-                continue
-            plans.append(_Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints)))
-        if not plans:
-            return
-        # light pods first, together; heavy ones each on its own, and only while no
-        # other change waits (the rest stay dirty for the next pass)
+        plans = [p for ref in sorted(refs) if (p := await self._plan(ref)) is not None]
+        if plans:
+            await self._run(plans)
+
+    async def _plan(self, ref: PodRef) -> _Plan | None:
+        """What programming the pod needs now; None if nothing (or not yet)."""
+        pod = self.cache.pods.get(ref)
+        if pod is None or pod.host_network or not pod.ips:
+            if pod is None and ref in self.status:
+                self._unbind(ref)
+            return None
+        st = self.status.setdefault(ref, PodStatus(pod.namespace, pod.name, pod.uid))
+        st.uid = pod.uid
+        ifindex = await self._interface_for(pod)
+        if ifindex is None:
+            return None
+        self._claim(ref, st, ifindex)
+        waiting = self.cache.incomplete(ref)
+        if waiting:
+            # a policy selecting it is not all here yet (being fetched): keep the
+            # record in force rather than program a partial policy
+            log.debug(
+                "enforcer.pod_waits_for_objects",
+                pod=f"{ref[0]}/{ref[1]}",
+                objects=[f"{k[0]}/{k[1]}" for k in waiting[:4]],
+            )
+            return None
+        endpoints = tuple(self.cache.endpoints_for(ref))
+        plan = _Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints))
+        return None if st.inputs == self._inputs(plan) else plan
+
+    def _inputs(self, plan: _Plan) -> tuple[object, ...]:
+        """Everything a pod's record is compiled from: unchanged, nothing to do."""
+        return (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+
+    def _claim(self, ref: PodRef, st: PodStatus, ifindex: int) -> None:
+        """The interface is the pod's now (a re-created pod may take another's)."""
+        owner = self.bound.get(ifindex)
+        if owner is not None and owner != ref:
+            log.warning(
+                "enforcer.interface_reassigned",
+                ifindex=ifindex,
+                old=f"{owner[0]}/{owner[1]}",
+                new=f"{ref[0]}/{ref[1]}",
+            )
+            self._unbind(owner)
+        if st.ifindex and st.ifindex != ifindex:
+            self.bound.pop(st.ifindex, None)
+
+    async def _run(self, plans: list[_Plan]) -> None:
+        """Light pods first, together; heavy ones each on its own, and only while no
+        other change waits (the rest stay dirty for the next pass)."""
         plans.sort(key=lambda p: p.weight)
         light = [p for p in plans if p.weight < HEAVY_RULES]
         heavy = [p for p in plans if p.weight >= HEAVY_RULES]
@@ -369,7 +378,7 @@ class Enforcer:
         elapsed_ms = (time.monotonic() - started) * 1000
         for plan, out in zip(plans, results, strict=True):
             st = self.status[plan.ref]
-            inputs = (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+            inputs = self._inputs(plan)
             st.error, st.reason = out.error, out.reason
             if out.error:
                 self.metrics.failures.labels(out.reason).inc()

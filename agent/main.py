@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -82,6 +82,129 @@ async def recover_pins(settings: Settings) -> None:
                 return
 
 
+class Node:
+    """The agent's parts on one node, and what its tasks and probes ask of them."""
+
+    def __init__(
+        self, settings: Settings, dp: Datapath, kube: KubeClient, metrics: AgentMetrics
+    ) -> None:
+        self.settings = settings
+        self.dp = dp
+        self.kube = kube
+        self.metrics = metrics
+        self.worker = DatapathWorker(dp)
+        self.hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
+        self.cache = Cache(
+            node_addresses=self.hostnet.node_addresses,
+            on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns, name=name),
+            on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
+            on_pod_rejected=metrics.pods_rejected.inc,
+        )
+        self.enforcer = Enforcer(
+            cache=self.cache,
+            hostnet=self.hostnet,
+            worker=self.worker,
+            metrics=metrics,
+            strict=settings.enforcing_mode == "strict",
+        )
+        self.watches = {"pods": WatchStats(), "policyendpoints": WatchStats()}
+
+    # ---- tasks ----------------------------------------------------------------------
+    async def watch_pods(self) -> None:
+        await list_watch(
+            self.kube,
+            PODS,
+            self.cache.pods_consumer(),
+            stats=self.watches["pods"],
+            field_selector=f"spec.nodeName={self.settings.node_name}",
+        )
+
+    async def watch_endpoints(self) -> None:
+        # node addresses and local pods decide which ones concern us
+        await self.hostnet.ready.wait()
+        await self.watches["pods"].synced.wait()
+        await list_watch(
+            self.kube,
+            POLICY_ENDPOINTS,
+            self.cache.endpoints_consumer(),
+            stats=self.watches["policyendpoints"],
+        )
+
+    async def fetch_endpoints(self) -> None:
+        await fetch_stubs(
+            self.kube, self.cache, count=lambda result: self.metrics.fetches.labels(result).inc()
+        )
+
+    # ---- probes and metrics -----------------------------------------------------------
+    def ready(self) -> list[str]:
+        problems = bpffs_ready() + global_maps_pinned(self.settings.bpf_pin_root)
+        if not all(st.synced.is_set() for st in self.watches.values()):
+            problems.append("watches not synced")
+        elif not self.enforcer.synced.is_set():
+            problems.append("initial reconcile not done")
+        for name, st in self.watches.items():
+            stuck = st.stalled(WatchSettings.stall_after)
+            if stuck:
+                problems.append(
+                    f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
+                )
+        problems += [
+            f"table {t} is full ({e}/{c}): new pods cannot be programmed"
+            for t, (e, c) in sorted(self.dp.occupancy().items())
+            if c and e >= c
+        ]
+        return problems
+
+    def warnings(self) -> list[str]:
+        return table_warnings(self.dp.occupancy())
+
+    async def refresh_metrics(self) -> None:
+        # the drop counters come from the flow-log shipper (appended to /metrics)
+        for name, st in self.watches.items():
+            self.metrics.watch_relists.labels(name).set(st.lists)
+            self.metrics.watch_errors.labels(name).set(st.errors)
+            self.metrics.watch_malformed.labels(name).set(st.malformed + st.rejected)
+
+    async def list_endpoints(self, namespace: str) -> list[dict[str, Any]]:
+        items, _ = await asyncio.wait_for(
+            self.kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5
+        )
+        return items
+
+    def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
+        settings = self.settings
+        api = AgentApi(
+            settings=settings,
+            cache=self.cache,
+            enforcer=self.enforcer,
+            hostnet=self.hostnet,
+            worker=self.worker,
+            watches=self.watches,
+            ready=self.ready,
+            list_endpoints=self.list_endpoints,
+        )
+        others = [
+            socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
+            socket_path(settings.runtime_dir, FLOWLOGS_SOCKET),
+        ]
+        return {
+            "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
+            "hostnet": self.hostnet.run(),
+            "watch-pods": self.watch_pods(),
+            "watch-policyendpoints": self.watch_endpoints(),
+            "fetch-policyendpoints": self.fetch_endpoints(),
+            "enforcer": self.enforcer.run(),
+            "loop-monitor": LoopMonitor(self.metrics.registry, "awsnodeagent").run(),
+            "health": serve(
+                health_app([self.ready], [self.warnings]), settings.health_probe_bind_addr
+            ),
+            "metrics": serve(
+                metrics_app(self.metrics, self.refresh_metrics, others),
+                settings.metrics_bind_addr,
+            ),
+        }
+
+
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     metrics = AgentMetrics()
     if not settings.enable_network_policy:
@@ -96,103 +219,20 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         )
         return
 
-    loop = asyncio.get_running_loop()
     problems = preflight.problems(settings.bpf_pin_root)
     if problems:
         raise StartupError("; ".join(problems))
     await recover_pins(settings)
-    dp = await loop.run_in_executor(None, open_datapath, settings)
-    worker = DatapathWorker(dp)
+    dp = await asyncio.get_running_loop().run_in_executor(None, open_datapath, settings)
     kube: KubeClient | None = None
+    node: Node | None = None
     try:
-        await worker.call(
+        kube = await KubeClient.connect(settings.kubeconfig)
+        node = Node(settings, dp, kube, metrics)
+        await node.worker.call(
             dp.set_event_flags,
             emit_deny=settings.enable_policy_event_logs,
             emit_allow=settings.enable_policy_event_logs and settings.log_level == "debug",
-        )
-        kube = await KubeClient.connect(settings.kubeconfig)
-        hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
-        cache = Cache(
-            node_addresses=hostnet.node_addresses,
-            on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns, name=name),
-            on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
-            on_pod_rejected=metrics.pods_rejected.inc,
-        )
-        enforcer = Enforcer(
-            cache=cache,
-            hostnet=hostnet,
-            worker=worker,
-            metrics=metrics,
-            strict=settings.enforcing_mode == "strict",
-        )
-        pod_stats, pe_stats = WatchStats(), WatchStats()
-
-        async def watch_pods() -> None:
-            await list_watch(
-                kube,
-                PODS,
-                cache.pods_consumer(),
-                stats=pod_stats,
-                field_selector=f"spec.nodeName={settings.node_name}",
-            )
-
-        async def watch_endpoints() -> None:
-            # node addresses and local pods decide which ones concern us
-            await hostnet.ready.wait()
-            await pod_stats.synced.wait()
-            await list_watch(kube, POLICY_ENDPOINTS, cache.endpoints_consumer(), stats=pe_stats)
-
-        async def fetch_endpoints() -> None:
-            assert kube is not None
-            await fetch_stubs(
-                kube, cache, count=lambda result: metrics.fetches.labels(result).inc()
-            )
-
-        def ready() -> list[str]:
-            problems = bpffs_ready() + global_maps_pinned(settings.bpf_pin_root)
-            if not (pod_stats.synced.is_set() and pe_stats.synced.is_set()):
-                problems.append("watches not synced")
-            elif not enforcer.synced.is_set():
-                problems.append("initial reconcile not done")
-            for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
-                stuck = st.stalled(WatchSettings.stall_after)
-                if stuck:
-                    problems.append(
-                        f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
-                    )
-            problems += [
-                f"table {t} is full ({e}/{c}): new pods cannot be programmed"
-                for t, (e, c) in sorted(dp.occupancy().items())
-                if c and e >= c
-            ]
-            return problems
-
-        def warnings() -> list[str]:
-            return table_warnings(dp.occupancy())
-
-        async def refresh_metrics() -> None:
-            # the drop counters come from the flow-log shipper (appended to /metrics)
-            for name, st in (("pods", pod_stats), ("policyendpoints", pe_stats)):
-                metrics.watch_relists.labels(name).set(st.lists)
-                metrics.watch_errors.labels(name).set(st.errors)
-                metrics.watch_malformed.labels(name).set(st.malformed + st.rejected)
-
-        async def list_endpoints(namespace: str) -> list[dict[str, Any]]:
-            assert kube is not None
-            items, _ = await asyncio.wait_for(
-                kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5
-            )
-            return items
-
-        api = AgentApi(
-            settings=settings,
-            cache=cache,
-            enforcer=enforcer,
-            hostnet=hostnet,
-            worker=worker,
-            watches={"pods": pod_stats, "policyendpoints": pe_stats},
-            ready=ready,
-            list_endpoints=list_endpoints,
         )
         log.info(
             "agent.starting",
@@ -200,35 +240,12 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             mode=settings.enforcing_mode,
             pin_root=settings.bpf_pin_root,
         )
-        await supervise(
-            {
-                "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
-                "hostnet": hostnet.run(),
-                "watch-pods": watch_pods(),
-                "watch-policyendpoints": watch_endpoints(),
-                "fetch-policyendpoints": fetch_endpoints(),
-                "enforcer": enforcer.run(),
-                "loop-monitor": LoopMonitor(metrics.registry, "awsnodeagent").run(),
-                "health": serve(health_app([ready], [warnings]), settings.health_probe_bind_addr),
-                "metrics": serve(
-                    metrics_app(
-                        metrics,
-                        refresh_metrics,
-                        [
-                            socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
-                            socket_path(settings.runtime_dir, FLOWLOGS_SOCKET),
-                        ],
-                    ),
-                    settings.metrics_bind_addr,
-                ),
-            },
-            stop=stop,
-            grace=settings.shutdown_timeout,
-        )
+        await supervise(node.tasks(), stop=stop, grace=settings.shutdown_timeout)
     finally:
         if kube is not None:
             await kube.close()
-        worker.close()
+        if node is not None:
+            node.worker.close()
         dp.close()
         log.info("agent.stopped", datapath="left enforcing (pinned)")
 
