@@ -285,10 +285,14 @@ def compile_rules(rules: Sequence[PeerRule], *, truncate: bool = False) -> Compi
     return out
 
 
-def _compile(
+Contributions = tuple[tuple[int, tuple[PortRange, ...]], ...]
+Normalise = Callable[[Contributions, Prefix], Portset]
+
+
+def _index(
     rules: Sequence[PeerRule],
-    normalise: Callable[[tuple[tuple[int, tuple[PortRange, ...]], ...], Prefix], Portset],
-) -> CompiledRules:
+) -> tuple[dict[Prefix, list[int]], list[frozenset[Prefix]], set[Prefix]]:
+    """Rules by CIDR, each rule's except blocks (those inside its CIDR), every prefix."""
     by_cidr: dict[Prefix, list[int]] = {}
     excepts: list[frozenset[Prefix]] = []
     prefixes: set[Prefix] = set()
@@ -313,29 +317,22 @@ def _compile(
         )
         excepts.append(inside)
         prefixes.update(inside)
+    return by_cidr, excepts, prefixes
 
+
+def _compile(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules:
+    by_cidr, excepts, prefixes = _index(rules)
     lengths: dict[int, list[int]] = {NP_FAMILY_IPV4: [], NP_FAMILY_IPV6: []}
     for p in prefixes:
         lengths[p.family].append(p.length)
     for fam in lengths:
         lengths[fam] = sorted(set(lengths[fam]))
     any_excepts = any(excepts)
-
     # Many prefixes see the same contributions: normalise each distinct set once.
-    normalised: dict[tuple[tuple[int, tuple[PortRange, ...]], ...], Portset] = {}
-    kept: dict[Prefix, Portset] = {}
+    normalised: dict[Contributions, Portset] = {}
     if not any_excepts and all(len(v) <= 1 for v in lengths.values()):
-        # The common case (pod IPs, or ipBlocks of one size): no prefix contains another,
-        # so each keeps exactly the rules given for it.
-        for p, indexes in by_cidr.items():
-            contributions = tuple((rules[i].policy_id, rules[i].ports) for i in indexes)
-            portset = normalised.get(contributions)
-            if portset is None:
-                portset = normalise(contributions, p)
-                normalised[contributions] = portset
-            if not portset.allows_nothing:
-                kept[p] = portset
-        return CompiledRules(entries=kept)
+        return _compile_flat(rules, by_cidr, normalise, normalised)
+    kept: dict[Prefix, Portset] = {}
     for p in sorted(prefixes):
         ancestors = [p.ancestor(n) for n in lengths[p.family] if n <= p.length]
         anc_set = set(ancestors) if any_excepts else None
@@ -349,12 +346,36 @@ def _compile(
         if portset is None:
             portset = normalise(contributions, p) if contributions else NOTHING
             normalised[contributions] = portset
-        nearest = None
-        for n in reversed(lengths[p.family]):
-            if n < p.length and (a := p.ancestor(n)) in kept:
-                nearest = kept[a]
-                break
+        nearest = _nearest(p, lengths[p.family], kept)
         if nearest == portset or (nearest is None and portset.allows_nothing):
             continue
         kept[p] = portset
     return CompiledRules(entries=kept)
+
+
+def _compile_flat(
+    rules: Sequence[PeerRule],
+    by_cidr: dict[Prefix, list[int]],
+    normalise: Normalise,
+    normalised: dict[Contributions, Portset],
+) -> CompiledRules:
+    """The common case (pod IPs, or ipBlocks of one size, no excepts): no prefix contains
+    another, so each keeps exactly the rules given for it."""
+    kept: dict[Prefix, Portset] = {}
+    for p, indexes in by_cidr.items():
+        contributions = tuple((rules[i].policy_id, rules[i].ports) for i in indexes)
+        portset = normalised.get(contributions)
+        if portset is None:
+            portset = normalise(contributions, p)
+            normalised[contributions] = portset
+        if not portset.allows_nothing:
+            kept[p] = portset
+    return CompiledRules(entries=kept)
+
+
+def _nearest(p: Prefix, lengths: list[int], kept: dict[Prefix, Portset]) -> Portset | None:
+    """The port set of the longest kept prefix containing ``p`` (what ``p`` inherits)."""
+    for n in reversed(lengths):
+        if n < p.length and (a := p.ancestor(n)) in kept:
+            return kept[a]
+    return None

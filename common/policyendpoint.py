@@ -77,30 +77,32 @@ def parse_rules(entries: Any, where: str) -> list[Rule]:
             cidr = fast_cidr(text)
         except ValueError as exc:
             raise ValueError(f"{loc}.cidr: {exc}") from None
-        excepts: tuple[Cidr, ...] = ()
-        raw_excepts = entry.get("except")
-        if raw_excepts:
-            if not isinstance(raw_excepts, list):
-                raise ValueError(f"{loc}.except: must be a list")
-            parsed = []
-            for raw in raw_excepts:
-                try:
-                    ex = fast_cidr(raw)
-                except ValueError as exc:
-                    raise ValueError(f"{loc}.except: {exc}") from None
-                if ex.version != cidr.version:
-                    raise ValueError(
-                        f"{loc}.except: {bounded(raw)} is not of the family of cidr {bounded(text)}"
-                    )
-                if not cidr.contains(ex):
-                    raise ValueError(
-                        f"{loc}.except: {bounded(raw)} is outside cidr {bounded(text)}"
-                    )
-                parsed.append(ex)
-            excepts = tuple(parsed)
+        excepts = _excepts(entry.get("except"), cidr, text, loc)
         ports = entry.get("ports")
         out.append(Rule(cidr, excepts, _ports(ports, f"{loc}.ports") if ports else ()))
     return out
+
+
+def _excepts(raw_excepts: Any, cidr: Cidr, text: Any, loc: str) -> tuple[Cidr, ...]:
+    """An entry's except blocks: each of the cidr's family and inside it."""
+    if not raw_excepts:
+        return ()
+    if not isinstance(raw_excepts, list):
+        raise ValueError(f"{loc}.except: must be a list")
+    parsed = []
+    for raw in raw_excepts:
+        try:
+            ex = fast_cidr(raw)
+        except ValueError as exc:
+            raise ValueError(f"{loc}.except: {exc}") from None
+        if ex.version != cidr.version:
+            raise ValueError(
+                f"{loc}.except: {bounded(raw)} is not of the family of cidr {bounded(text)}"
+            )
+        if not cidr.contains(ex):
+            raise ValueError(f"{loc}.except: {bounded(raw)} is outside cidr {bounded(text)}")
+        parsed.append(ex)
+    return tuple(parsed)
 
 
 def _ports(ports: Any, where: str) -> tuple[PortSpec, ...]:

@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -99,48 +99,6 @@ def _request(msg_type: int, flags: int, family: int, payload: bytes = b"", seq: 
         _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type, flags, seq, 0)
         + body
     )
-
-
-def dump(family: int, on_entry: Callable[[Tuple, Tuple], None]) -> int:
-    """Call ``on_entry(orig, reply)`` for every entry of ``family`` (socket.AF_INET or
-    AF_INET6) in this network namespace's table. Returns the number of entries."""
-    sock = _socket()
-    try:
-        sock.send(_request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family))
-        count = 0
-        while True:
-            try:
-                data = sock.recv(1 << 20)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    raise CtnetlinkError(
-                        errno.ENOBUFS, "conntrack dump overran the socket buffer; retry"
-                    ) from exc
-                raise
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-                if length < _NLMSG.size:
-                    return count
-                if mtype == NLMSG_DONE:
-                    return count
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
-                    if code:
-                        raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
-                    return count
-                orig = reply = None
-                for kind, s, e in _attrs(data, off + _NLMSG.size + 4, off + length):
-                    if kind == CTA_TUPLE_ORIG:
-                        orig = _tuple(data, s, e)
-                    elif kind == CTA_TUPLE_REPLY:
-                        reply = _tuple(data, s, e)
-                if orig is not None and reply is not None:
-                    on_entry(orig, reply)
-                    count += 1
-                off += (length + 3) & ~3
-    finally:
-        sock.close()
 
 
 # ---- the cleaner's fast path -------------------------------------------------------------
@@ -235,49 +193,16 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
     """Walk this namespace's ``family`` table; return (entries seen, the members of
     ``wanted`` that some entry's original or reply tuple has, see ``tuple_key``). Memory
     stays bounded by ``wanted``, whatever the size of the kernel's table."""
-    v6 = family == socket.AF_INET6
-    raw_len = RAW_V6_LEN if v6 else RAW_V4_LEN
-    nest_len = raw_len + 4
-    head, nlattr = _HEAD.unpack_from, _NLATTR.unpack_from
     found: set[bytes] = set()
     count = 0
     sock = _socket()
     try:
         sock.send(_request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family))
         while True:
-            data = sock.recv(1 << 20)
-            off, end = 0, len(data)
-            while off + 16 <= end:
-                length, mtype = _NLMSG.unpack_from(data, off)[:2]
-                if mtype == NLMSG_DONE or length < 16:
-                    return count, found  # DONE is shorter than an entry: checked first
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, off + 16)[0]
-                    if code:
-                        raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
-                    return count, found
-                _, _, a1len, a1type = head(data, off)
-                count += 1
-                a2 = off + 20 + nest_len
-                # the common layout: ORIG then REPLY, both ported tuples of raw_len bytes
-                if (
-                    a1len == nest_len
-                    and a1type & NLA_TYPE_MASK == CTA_TUPLE_ORIG
-                    and nlattr(data, a2) == (nest_len, CTA_TUPLE_REPLY | NLA_F_NESTED)
-                ):
-                    orig = data[off + 24 : a2]
-                    if orig in wanted:
-                        found.add(orig)
-                    reply = data[a2 + 4 : a2 + nest_len]
-                    if reply in wanted:
-                        found.add(reply)
-                else:
-                    for kind, s, e in _attrs(data, off + 20, off + length):
-                        if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
-                            key = _slow_key(data, s, e, v6)
-                            if key in wanted:
-                                found.add(key)
-                off += (length + 3) & ~3
+            seen, done = _scan_buffer(sock.recv(1 << 20), family == socket.AF_INET6, wanted, found)
+            count += seen
+            if done:
+                return count, found
     except OSError as exc:
         if exc.errno == errno.ENOBUFS:
             raise CtnetlinkError(
@@ -286,6 +211,52 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
         raise
     finally:
         sock.close()
+
+
+def _scan_buffer(data: bytes, v6: bool, wanted: set[bytes], found: set[bytes]) -> tuple[int, bool]:
+    """One receive buffer of the dump: (entries in it, whether the dump ended)."""
+    nest_len = (RAW_V6_LEN if v6 else RAW_V4_LEN) + 4
+    head, nlattr = _HEAD.unpack_from, _NLATTR.unpack_from
+    count, off, end = 0, 0, len(data)
+    while off + 16 <= end:
+        length, mtype = _NLMSG.unpack_from(data, off)[:2]
+        if mtype == NLMSG_DONE or length < 16:
+            return count, True  # DONE is shorter than an entry: checked first
+        if mtype == NLMSG_ERROR:
+            code = -struct.unpack_from("=i", data, off + 16)[0]
+            if code:
+                raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
+            return count, True
+        _, _, a1len, a1type = head(data, off)
+        count += 1
+        a2 = off + 20 + nest_len
+        # the common layout: ORIG then REPLY, both ported tuples of raw_len bytes
+        if (
+            a1len == nest_len
+            and a1type & NLA_TYPE_MASK == CTA_TUPLE_ORIG
+            and nlattr(data, a2) == (nest_len, CTA_TUPLE_REPLY | NLA_F_NESTED)
+        ):
+            orig = data[off + 24 : a2]
+            if orig in wanted:
+                found.add(orig)
+            reply = data[a2 + 4 : a2 + nest_len]
+            if reply in wanted:
+                found.add(reply)
+        else:
+            _scan_slow(data, off, length, v6, wanted, found)
+        off += (length + 3) & ~3
+    return count, False
+
+
+def _scan_slow(
+    data: bytes, off: int, length: int, v6: bool, wanted: set[bytes], found: set[bytes]
+) -> None:
+    """An entry in another layout (unported protocols, extra attributes first)."""
+    for kind, s, e in _attrs(data, off + 20, off + length):
+        if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+            key = _slow_key(data, s, e, v6)
+            if key in wanted:
+                found.add(key)
 
 
 # ---- writing entries (tests and benchmarks create kernel flows without traffic) ---------
