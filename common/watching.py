@@ -126,100 +126,144 @@ async def list_watch(
     stats: WatchStats | None = None,
 ) -> None:
     """Run forever (until cancelled)."""
-    stats = stats or WatchStats()
-    rv: str | None = None
-    backoff = settings.backoff_initial
-    what = resource.plural
-    failures_at: tuple[str | None, int] = (None, 0)  # (resourceVersion, failures in a row)
+    loop = _Loop(
+        client,
+        resource,
+        consumer,
+        settings,
+        stats or WatchStats(),
+        label_selector=label_selector,
+        field_selector=field_selector,
+    )
+    await loop.run()
 
-    def failure(error: str) -> bool:
+
+class _Loop:
+    """The state of one list-watch: the version reached and the failures at it."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        resource: Resource,
+        consumer: WatchConsumer,
+        settings: WatchSettings,
+        stats: WatchStats,
+        *,
+        label_selector: str | None,
+        field_selector: str | None,
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.consumer = consumer
+        self.settings = settings
+        self.stats = stats
+        self.label_selector = label_selector
+        self.field_selector = field_selector
+        self.rv: str | None = None
+        self.backoff = settings.backoff_initial
+        self.failures_at: tuple[str | None, int] = (None, 0)
+
+    def failure(self, error: str) -> bool:
         """Count a failure at the current version; True when it is time to list again."""
-        nonlocal failures_at
-        stats.failed(error)
-        same = failures_at[0] == rv
-        failures_at = (rv, failures_at[1] + 1 if same else 1)
-        return failures_at[1] >= settings.relist_after
+        self.stats.failed(error)
+        same = self.failures_at[0] == self.rv
+        self.failures_at = (self.rv, self.failures_at[1] + 1 if same else 1)
+        return self.failures_at[1] >= self.settings.relist_after
 
-    while True:
-        try:
-            if rv is None:
-                rv, count = await _list(
-                    client,
-                    resource,
-                    consumer,
-                    settings=settings,
-                    label_selector=label_selector,
-                    field_selector=field_selector,
-                    stats=stats,
-                )
-                stats.lists += 1
-                stats.synced.set()
-                stats.progressed()
-                failures_at = (None, 0)
-                log.info("watch.listed", resource=what, items=count, resource_version=rv)
-            stats.watches += 1
-            relist = ""
-            async for ev in client.watch(
-                resource,
-                resource_version=rv,
-                label_selector=label_selector,
-                field_selector=field_selector,
-                timeout_seconds=settings.server_timeout,
-                idle_timeout=settings.idle_timeout,
-            ):
-                if ev.type == "MALFORMED":
-                    stats.malformed += 1
-                    log.warning(
-                        "watch.malformed_event",
-                        resource=what,
-                        problem=ev.problem,
-                        resource_version=rv,
-                    )
-                    if ev.oversized:
-                        relist = "an event over the size bound was skipped"
-                        break
-                    if failure(f"malformed event: {ev.problem}"):
-                        relist = f"{settings.relist_after} failures at one resourceVersion"
-                        break
-                    continue
-                rv = _version(ev.object) or rv
-                backoff = settings.backoff_initial
-                stats.progressed()
-                if ev.type == "BOOKMARK":
-                    continue
-                stats.events += 1
-                _apply(consumer.apply, ev, ev.object, what=what, stats=stats)
-            else:
-                stats.progressed()  # the server ended the watch cleanly
-            if relist:
-                stats.relists += 1
-                log.warning("watch.relisting", resource=what, reason=relist, resource_version=rv)
-                rv = None
-        except GoneError:
-            stats.gone += 1
-            log.info("watch.gone", resource=what, resource_version=rv)
-            rv = None
-        except KubeError as exc:
-            again = failure(str(exc))
-            delay = backoff * random.uniform(0.5, 1.5)
-            log.warning(
-                "watch.failed",
-                resource=what,
-                status=exc.status,
-                error=str(exc)[:300],
-                retry_in=round(delay, 3),
-            )
-            if again and rv is not None:
-                stats.relists += 1
+    def relist(self, reason: str) -> None:
+        self.stats.relists += 1
+        log.warning(
+            "watch.relisting",
+            resource=self.resource.plural,
+            reason=reason,
+            resource_version=self.rv,
+        )
+        self.rv = None
+
+    async def run(self) -> None:
+        what = self.resource.plural
+        while True:
+            try:
+                if self.rv is None:
+                    await self.list()
+                await self.watch()
+            except GoneError:
+                self.stats.gone += 1
+                log.info("watch.gone", resource=what, resource_version=self.rv)
+                self.rv = None
+            except KubeError as exc:
+                again = self.failure(str(exc))
+                delay = self.backoff * random.uniform(0.5, 1.5)
                 log.warning(
-                    "watch.relisting",
+                    "watch.failed",
                     resource=what,
-                    resource_version=rv,
-                    reason=f"{settings.relist_after} failures at one resourceVersion",
+                    status=exc.status,
+                    error=str(exc)[:300],
+                    retry_in=round(delay, 3),
                 )
-                rv = None
-            await asyncio.sleep(delay)
-            backoff = min(backoff * 2, settings.backoff_max)
+                if again and self.rv is not None:
+                    self.relist(f"{self.settings.relist_after} failures at one resourceVersion")
+                await asyncio.sleep(delay)
+                self.backoff = min(self.backoff * 2, self.settings.backoff_max)
+
+    async def list(self) -> None:
+        self.rv, count = await _list(
+            self.client,
+            self.resource,
+            self.consumer,
+            settings=self.settings,
+            stats=self.stats,
+            label_selector=self.label_selector,
+            field_selector=self.field_selector,
+        )
+        self.stats.lists += 1
+        self.stats.synced.set()
+        self.stats.progressed()
+        self.failures_at = (None, 0)
+        log.info(
+            "watch.listed", resource=self.resource.plural, items=count, resource_version=self.rv
+        )
+
+    async def watch(self) -> None:
+        assert self.rv is not None
+        self.stats.watches += 1
+        settings, what = self.settings, self.resource.plural
+        async for ev in self.client.watch(
+            self.resource,
+            resource_version=self.rv,
+            timeout_seconds=settings.server_timeout,
+            idle_timeout=settings.idle_timeout,
+            label_selector=self.label_selector,
+            field_selector=self.field_selector,
+        ):
+            if ev.type == "MALFORMED":
+                if self.malformed(ev):
+                    return
+                continue
+            self.rv = _version(ev.object) or self.rv
+            self.backoff = settings.backoff_initial
+            self.stats.progressed()
+            if ev.type != "BOOKMARK":
+                self.stats.events += 1
+                _apply(self.consumer.apply, ev, ev.object, what=what, stats=self.stats)
+        self.stats.progressed()  # the server ended the watch cleanly
+
+    def malformed(self, ev: WatchEvent) -> bool:
+        """Skip a malformed event; True if the watch must end for a re-list."""
+        self.stats.malformed += 1
+        log.warning(
+            "watch.malformed_event",
+            resource=self.resource.plural,
+            problem=ev.problem,
+            resource_version=self.rv,
+        )
+        if ev.oversized:
+            self.relist("an event over the size bound was skipped")
+            return True
+        if self.failure(f"malformed event: {ev.problem}"):
+            self.relist(f"{self.settings.relist_after} failures at one resourceVersion")
+            return True
+        return False
 
 
 def _apply(fn: Callable[[Any], None], arg: Any, obj: Obj, *, what: str, stats: WatchStats) -> None:

@@ -205,39 +205,57 @@ def _egress(world: World, namespace: str, rules: Sequence[Mapping[str, Any]]) ->
     entries: list[Entry] = []
     for rule in rules:
         rule_ports = rule.get("ports")
-        numeric = [p for p in rule_ports or [] if not _has_named([p])]
-        named = _has_named(rule_ports)
         peers = rule.get("to") or []
         if not peers:
-            if not rule_ports or numeric:
-                ports = _ports(numeric, on=None) if numeric else []
-                entries += [_entry(ALL_V4, ports or []), _entry(ALL_V6, ports or [])]
-            if named:  # resolved on every destination pod of the cluster
-                for pod in world.pods.values():
-                    if pod.ready and not pod.host_network:
-                        resolved = _ports([p for p in rule_ports or [] if _has_named([p])], on=pod)
-                        if resolved:
-                            entries += [_entry(ip, resolved) for ip in pod.ips]
+            entries += _egress_anywhere(world, rule_ports)
             continue
         for peer in peers:
-            block = peer.get("ipBlock")
-            if block:
-                if not rule_ports or numeric:
-                    entries.append(
-                        _entry(
-                            block["cidr"], _ports(numeric, on=None) or [], block.get("except") or ()
-                        )
-                    )
-                if named:
-                    entries += _named_in_block(world, block, rule_ports or [])
-                continue
-            for pod in _peers(world, namespace, peer):
-                resolved = _ports(rule_ports, on=pod)
-                if resolved is not None:
-                    entries += [_entry(ip, resolved) for ip in pod.ips]
-            if peer.get("podSelector") is not None:
-                entries += _service_entries(world, namespace, peer, rule_ports)
+            entries += _egress_peer(world, namespace, peer, rule_ports)
     return _dedupe(entries)
+
+
+def _egress_anywhere(world: World, rule_ports: Sequence[Mapping[str, Any]] | None) -> list[Entry]:
+    """A rule without peers: every address on its numeric ports, and each pod of the
+    cluster on what its named ports resolve to there."""
+    numeric = [p for p in rule_ports or [] if not _has_named([p])]
+    entries: list[Entry] = []
+    if not rule_ports or numeric:
+        ports = _ports(numeric, on=None) if numeric else []
+        entries += [_entry(ALL_V4, ports or []), _entry(ALL_V6, ports or [])]
+    if _has_named(rule_ports):
+        named = [p for p in rule_ports or [] if _has_named([p])]
+        for pod in world.pods.values():
+            if pod.ready and not pod.host_network:
+                resolved = _ports(named, on=pod)
+                if resolved:
+                    entries += [_entry(ip, resolved) for ip in pod.ips]
+    return entries
+
+
+def _egress_peer(
+    world: World,
+    namespace: str,
+    peer: Mapping[str, Any],
+    rule_ports: Sequence[Mapping[str, Any]] | None,
+) -> list[Entry]:
+    block = peer.get("ipBlock")
+    entries: list[Entry] = []
+    if block:
+        numeric = [p for p in rule_ports or [] if not _has_named([p])]
+        if not rule_ports or numeric:
+            entries.append(
+                _entry(block["cidr"], _ports(numeric, on=None) or [], block.get("except") or ())
+            )
+        if _has_named(rule_ports):
+            entries += _named_in_block(world, block, rule_ports or [])
+        return entries
+    for pod in _peers(world, namespace, peer):
+        resolved = _ports(rule_ports, on=pod)
+        if resolved is not None:
+            entries += [_entry(ip, resolved) for ip in pod.ips]
+    if peer.get("podSelector") is not None:
+        entries += _service_entries(world, namespace, peer, rule_ports)
+    return entries
 
 
 def _named_in_block(

@@ -101,48 +101,59 @@ class Resolver:
     def _set(self, kind: str, obj: Obj, deleted: bool) -> None:
         self._observe(obj)
         key = _key(obj)
-        if kind == "networkpolicies":
-            self._by_namespace.setdefault(key[0], set()).discard(key)
-            self._world_bound.discard(key)
-            if deleted:
-                self.policies.pop(key, None)
-            else:
-                self.policies[key] = obj
-                self._by_namespace[key[0]].add(key)
-                if _depends_on_world(obj):
-                    self._world_bound.add(key)
-            self.dirty.add(key)
-        elif kind == "pods":
-            if deleted:
-                self.world.pods.pop(key, None)
-            else:
-                self.world.pods[key] = pod_from(obj)
-            self.dirty |= self._by_namespace.get(key[0], set()) | self._world_bound
-        elif kind == "namespaces":
-            if deleted:
-                self.world.namespaces.pop(key[1], None)
-            else:
-                self.world.namespaces[key[1]] = dict(
-                    (obj.get("metadata") or {}).get("labels") or {}
-                )
-            self.dirty |= self._world_bound
-        elif kind == "services":
-            if deleted:
-                self.world.services.pop(key, None)
-            else:
-                self.world.services[key] = service_from(obj)
-            self.dirty |= self._world_bound
-        elif kind == "policyendpoints":
-            owner = _owner_uid(obj)
-            if owner is None:
-                return  # not ours
-            bucket = self.owned.setdefault(owner, {})
-            if deleted:
-                bucket.pop(key, None)
-            elif _rv(obj) >= _rv(bucket.get(key, {})):
-                bucket[key] = _compact(obj)
+        if kind == "policyendpoints":
+            self._set_endpoints(key, obj, deleted)
             return  # our own writes do not trigger a resolution
+        {
+            "networkpolicies": self._set_policy,
+            "pods": self._set_pod,
+            "namespaces": self._set_namespace,
+            "services": self._set_service,
+        }[kind](key, obj, deleted)
         self._touch()
+
+    def _set_policy(self, key: Key, obj: Obj, deleted: bool) -> None:
+        self._by_namespace.setdefault(key[0], set()).discard(key)
+        self._world_bound.discard(key)
+        if deleted:
+            self.policies.pop(key, None)
+        else:
+            self.policies[key] = obj
+            self._by_namespace[key[0]].add(key)
+            if _depends_on_world(obj):
+                self._world_bound.add(key)
+        self.dirty.add(key)
+
+    def _set_pod(self, key: Key, obj: Obj, deleted: bool) -> None:
+        if deleted:
+            self.world.pods.pop(key, None)
+        else:
+            self.world.pods[key] = pod_from(obj)
+        self.dirty |= self._by_namespace.get(key[0], set()) | self._world_bound
+
+    def _set_namespace(self, key: Key, obj: Obj, deleted: bool) -> None:
+        if deleted:
+            self.world.namespaces.pop(key[1], None)
+        else:
+            self.world.namespaces[key[1]] = dict((obj.get("metadata") or {}).get("labels") or {})
+        self.dirty |= self._world_bound
+
+    def _set_service(self, key: Key, obj: Obj, deleted: bool) -> None:
+        if deleted:
+            self.world.services.pop(key, None)
+        else:
+            self.world.services[key] = service_from(obj)
+        self.dirty |= self._world_bound
+
+    def _set_endpoints(self, key: Key, obj: Obj, deleted: bool) -> None:
+        owner = _owner_uid(obj)
+        if owner is None:
+            return  # not ours
+        bucket = self.owned.setdefault(owner, {})
+        if deleted:
+            bucket.pop(key, None)
+        elif _rv(obj) >= _rv(bucket.get(key, {})):
+            bucket[key] = _compact(obj)
 
     # ---- the loop ---------------------------------------------------------------------
     async def run(self) -> None:

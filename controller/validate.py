@@ -87,22 +87,25 @@ def _selector(sel: Any, where: str) -> None:
             _string(v, f"{where}.matchLabels[{k}]")
     exprs = sel.get("matchExpressions")
     for at, e in _objects(exprs, f"{where}.matchExpressions"):
-        if not _string(e.get("key"), f"{at}.key"):
-            raise PolicyInvalid(f"{at}.key", "must not be empty")
-        op = e.get("operator")
-        if op not in OPERATORS:
-            raise PolicyInvalid(
-                f"{at}.operator", f"{bounded(op)} is not one of {', '.join(OPERATORS)}"
-            )
-        values = e.get("values")
-        if values is not None:
-            _list(values, f"{at}.values")
-            for k, v in enumerate(values):
-                _string(v, f"{at}.values[{k}]")
-        if op in ("In", "NotIn") and not values:
-            raise PolicyInvalid(f"{at}.values", f"must be non-empty for {op}")
-        if op in ("Exists", "DoesNotExist") and values:
-            raise PolicyInvalid(f"{at}.values", f"must be empty for {op}")
+        _expression(e, at)
+
+
+def _expression(e: Mapping[str, Any], at: str) -> None:
+    """One matchExpressions entry: a key, a known operator, values as it requires."""
+    if not _string(e.get("key"), f"{at}.key"):
+        raise PolicyInvalid(f"{at}.key", "must not be empty")
+    op = e.get("operator")
+    if op not in OPERATORS:
+        raise PolicyInvalid(f"{at}.operator", f"{bounded(op)} is not one of {', '.join(OPERATORS)}")
+    values = e.get("values")
+    if values is not None:
+        _list(values, f"{at}.values")
+        for k, v in enumerate(values):
+            _string(v, f"{at}.values[{k}]")
+    if op in ("In", "NotIn") and not values:
+        raise PolicyInvalid(f"{at}.values", f"must be non-empty for {op}")
+    if op in ("Exists", "DoesNotExist") and values:
+        raise PolicyInvalid(f"{at}.values", f"must be empty for {op}")
 
 
 def _peer(peer: Mapping[str, Any], where: str) -> None:
