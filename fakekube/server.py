@@ -296,23 +296,9 @@ class FakeKube:
     ) -> web.StreamResponse:
         self.requests[f"watch {r.plural}"] += 1
         q = request.query
-        rv_param = q.get("resourceVersion", "")
-        bookmarks = q.get("allowWatchBookmarks") in ("1", "true")
-        timeout = float(q.get("timeoutSeconds", "0") or 0)
         watcher = Watcher(r, ns, labels, fields)
-        backlog: list[Obj] = []
         try:
-            if rv_param in ("", "0"):
-                items, _ = self.store.list(r, namespace=ns, labels=labels, fields=fields)
-                backlog = [{"type": "ADDED", "object": o} for o in items]
-            else:
-                probe = Watcher(r, ns, labels, fields)
-                for ev in self.store.events_since(r, int(rv_param)):
-                    probe.offer(ev)
-                while not probe.queue.empty():
-                    item = probe.queue.get_nowait()
-                    if item is not None:
-                        backlog.append(item)
+            backlog = self._backlog(r, ns, labels, fields, q.get("resourceVersion", ""))
         except ApiError as exc:
             if exc.code != 410:
                 return _error(exc)
@@ -325,32 +311,15 @@ class FakeKube:
         assert task is not None
         task.watcher = watcher  # type: ignore[attr-defined]
         self._watch_tasks.add(task)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout > 0 else None
         try:
-            for item in backlog:
-                if await self._maybe_cut(request, resp, r.plural, item):
-                    return resp
-                await _send(resp, item)
-            while True:
-                wait = self.bookmark_interval if bookmarks else 3600.0
-                if deadline is not None:
-                    wait = min(wait, deadline - loop.time())
-                    if wait <= 0:
-                        break
-                try:
-                    item = await asyncio.wait_for(watcher.queue.get(), wait)
-                except TimeoutError:
-                    if bookmarks:
-                        await _send(resp, self._bookmark(r))
-                    continue
-                if item is None:
-                    break
-                if item.get("type") == "BOOKMARK" and not bookmarks:
-                    continue
-                if await self._maybe_cut(request, resp, r.plural, item):
-                    return resp
-                await _send(resp, item)
+            await self._stream(
+                request,
+                resp,
+                watcher,
+                backlog,
+                bookmarks=q.get("allowWatchBookmarks") in ("1", "true"),
+                timeout=float(q.get("timeoutSeconds", "0") or 0),
+            )
         except asyncio.CancelledError:
             # a dropped watch: close the transport so the client sees the cut
             if request.transport is not None:
@@ -362,6 +331,63 @@ class FakeKube:
             self.store.watchers.discard(watcher)
             self._watch_tasks.discard(task)
         return resp
+
+    def _backlog(
+        self, r: Resource, ns: str | None, labels: str | None, fields: str | None, rv: str
+    ) -> list[Obj]:
+        """What a watch from ``rv`` sends first: every object (from "" or "0"), or the
+        events since ``rv`` that match (ApiError 410 if they are compacted away)."""
+        if rv in ("", "0"):
+            items, _ = self.store.list(r, namespace=ns, labels=labels, fields=fields)
+            return [{"type": "ADDED", "object": o} for o in items]
+        probe = Watcher(r, ns, labels, fields)
+        for ev in self.store.events_since(r, int(rv)):
+            probe.offer(ev)
+        backlog = []
+        while not probe.queue.empty():
+            item = probe.queue.get_nowait()
+            if item is not None:
+                backlog.append(item)
+        return backlog
+
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        watcher: Watcher,
+        backlog: list[Obj],
+        *,
+        bookmarks: bool,
+        timeout: float,
+    ) -> None:
+        """The backlog, then each event as it comes, until the timeout or a cut."""
+        r = watcher.resource
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        for item in backlog:
+            if await self._maybe_cut(request, resp, r.plural, item):
+                return
+            await _send(resp, item)
+        while True:
+            wait = self.bookmark_interval if bookmarks else 3600.0
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    return
+            try:
+                next_item: Obj | None = await asyncio.wait_for(watcher.queue.get(), wait)
+            except TimeoutError:
+                if bookmarks:
+                    await _send(resp, self._bookmark(r))
+                continue
+            if next_item is None:
+                return
+            item = next_item
+            if item.get("type") == "BOOKMARK" and not bookmarks:
+                continue
+            if await self._maybe_cut(request, resp, r.plural, item):
+                return
+            await _send(resp, item)
 
     async def _maybe_cut(
         self, request: web.Request, resp: web.StreamResponse, plural: str, item: Obj

@@ -83,6 +83,92 @@ async def _attached_tag(rig: AgentRig, ifindex: int) -> str:
         prog.close()
 
 
+class Faults:
+    """Each fault the node goes through, with the policy changes made meanwhile."""
+
+    def __init__(self, rig: AgentRig, server: SimPod, good: SimPod, load: list[SimPod]) -> None:
+        self.rig = rig
+        self.server = server
+        self.good = good
+        self.load = load
+        self.generation = 0
+        self.variant = ""
+        self.committed_tag = ""
+
+    async def restart(self, sig: int = signal.SIGTERM) -> None:
+        expected = 0 if sig == signal.SIGTERM else -sig
+        assert await self.rig.stop_agent(sig) == expected
+        await self.rig.start_agent("--log-level=info")
+        await self.rig.ready(timeout=30)
+
+    async def big_change(self) -> None:
+        self.generation += 1
+        rig = self.rig
+        rig.apply(_server_policy(rig, self.server, self.good, self.generation))
+        for i, pod in enumerate(self.load):
+            rig.apply(_load_policy(rig, i, pod, self.generation))
+
+    async def baseline(self) -> None:
+        await asyncio.sleep(1)
+
+    async def sigterm_and_restart(self) -> None:
+        await self.big_change()
+        await asyncio.sleep(0.1)
+        assert await self.rig.stop_agent(signal.SIGTERM) == 0
+        await asyncio.sleep(1)  # nothing runs: the pinned datapath enforces alone
+        await self.rig.start_agent("--log-level=info")
+        await self.rig.ready(timeout=30)
+
+    def kill_mid_reconcile(self, delay: float) -> Any:
+        async def fault() -> None:
+            await self.big_change()
+            await asyncio.sleep(delay)
+            await self.restart(signal.SIGKILL)
+            await self.rig.settle_agent()
+
+        return fault
+
+    async def upgrade_and_back(self) -> None:
+        rig = self.rig
+        assert await rig.stop_agent(signal.SIGTERM) == 0
+        await rig.start_agent("--log-level=info", env={"NP_BPF_OBJECT": self.variant})
+        await rig.ready(timeout=30)
+        assert await _attached_tag(rig, self.server.ifindex) != self.committed_tag, "not upgraded"
+        await self.big_change()
+        await rig.settle_agent()
+        await asyncio.sleep(0.5)
+        await self.restart()
+        assert await _attached_tag(rig, self.server.ifindex) == self.committed_tag
+
+    async def watches_dropped(self) -> None:
+        for _ in range(3):
+            await self.rig.api.drop_watches()
+            await self.big_change()
+            await self.rig.settle_agent()
+
+    async def history_lost(self) -> None:
+        # the API server restarts with a compacted history: watches from old versions
+        # get 410 and re-list; changes made meanwhile are picked up
+        await self.rig.api.drop_watches()
+        self.rig.api.compact()
+        await self.big_change()
+        self.rig.api.compact()
+        await self.rig.settle_agent()
+
+    async def unreachable_for_a_minute(self) -> None:
+        rig = self.rig
+        await rig.api.pause()
+        await asyncio.sleep(20)
+        # the agent restarts while the API server is away: it must keep what is pinned
+        assert await rig.stop_agent(signal.SIGTERM) == 0
+        await rig.start_agent("--log-level=info")
+        await asyncio.sleep(40)
+        await rig.api.resume()
+        await self.big_change()
+        await rig.ready(timeout=60)
+        await rig.settle_agent()
+
+
 async def test_no_allowed_drop_and_no_denied_pass_through_faults(
     rig: AgentRig, tmp_path: Path
 ) -> None:
@@ -92,16 +178,15 @@ async def test_no_allowed_drop_and_no_denied_pass_through_faults(
     await udp.start()
     rig.servers["server-udp"] = udp
     load = [await rig.add_pod(f"load{i}", ports=()) for i in range(LOAD_PODS)]
-    generation = 0
-    rig.apply(_server_policy(rig, server, good, generation))
+    faults = Faults(rig, server, good, load)
+    rig.apply(_server_policy(rig, server, good, 0))
     for i, pod in enumerate(load):
-        rig.apply(_load_policy(rig, i, pod, generation))
+        rig.apply(_load_policy(rig, i, pod, 0))
     await rig.start_agent("--log-level=info")
     await rig.ready(timeout=30)
     await rig.converge(
         [(good, server, 5000, "UDP", 4), (bad, server, 5000, "UDP", 4)], [True, False]
     )
-
     flows = FlowCounter(
         server=udp, target=server, clients={"good": good, "bad": bad}, allowed={"good"}
     )
@@ -115,89 +200,23 @@ async def test_no_allowed_drop_and_no_denied_pass_through_faults(
         dropped, passed = flows.lapses(counts)
         report[name] = (counts["good"].sent + counts["bad"].sent, dropped, passed)
 
-    async def big_change() -> None:
-        nonlocal generation
-        generation += 1
-        rig.apply(_server_policy(rig, server, good, generation))
-        for i, pod in enumerate(load):
-            rig.apply(_load_policy(rig, i, pod, generation))
-
-    async def baseline() -> None:
-        await asyncio.sleep(1)
-
-    async def sigterm_and_restart() -> None:
-        await big_change()
-        await asyncio.sleep(0.1)
-        assert await rig.stop_agent(signal.SIGTERM) == 0
-        await asyncio.sleep(1)  # nothing runs: the pinned datapath enforces alone
-        await rig.start_agent("--log-level=info")
-        await rig.ready(timeout=30)
-
-    def kill_mid_reconcile(delay: float) -> Any:
-        async def fault() -> None:
-            await big_change()
-            await asyncio.sleep(delay)
-            assert await rig.stop_agent(signal.SIGKILL) == -signal.SIGKILL
-            await rig.start_agent("--log-level=info")
-            await rig.ready(timeout=30)
-            await rig.settle_agent()
-
-        return fault
-
-    variant = await _build_variant(tmp_path)
-    committed_tag = await _attached_tag(rig, server.ifindex)
-
-    async def upgrade_and_back() -> None:
-        assert await rig.stop_agent(signal.SIGTERM) == 0
-        await rig.start_agent("--log-level=info", env={"NP_BPF_OBJECT": variant})
-        await rig.ready(timeout=30)
-        assert await _attached_tag(rig, server.ifindex) != committed_tag, "not upgraded"
-        await big_change()
-        await rig.settle_agent()
-        await asyncio.sleep(0.5)
-        assert await rig.stop_agent(signal.SIGTERM) == 0
-        await rig.start_agent("--log-level=info")
-        await rig.ready(timeout=30)
-        assert await _attached_tag(rig, server.ifindex) == committed_tag
-
-    async def watches_dropped() -> None:
-        for _ in range(3):
-            await rig.api.drop_watches()
-            await big_change()
-            await rig.settle_agent()
-
-    async def history_lost() -> None:
-        # the API server restarts with a compacted history: watches from old versions
-        # get 410 and re-list; changes made meanwhile are picked up
-        await rig.api.drop_watches()
-        rig.api.compact()
-        await big_change()
-        rig.api.compact()
-        await rig.settle_agent()
-
-    async def unreachable_for_a_minute() -> None:
-        await rig.api.pause()
-        await asyncio.sleep(20)
-        # the agent restarts while the API server is away: it must keep what is pinned
-        assert await rig.stop_agent(signal.SIGTERM) == 0
-        await rig.start_agent("--log-level=info")
-        await asyncio.sleep(40)
-        await rig.api.resume()
-        await big_change()
-        await rig.ready(timeout=60)
-        await rig.settle_agent()
-
+    faults.variant = await _build_variant(tmp_path)
+    faults.committed_tag = await _attached_tag(rig, server.ifindex)
+    phases = [
+        ("baseline", faults.baseline),
+        ("SIGTERM, 1 s down, restart", faults.sigterm_and_restart),
+        *[
+            (f"kill -9 {delay * 1000:.0f} ms into a reconcile", faults.kill_mid_reconcile(delay))
+            for delay in KILL_DELAYS
+        ],
+        ("upgrade to new programs and back", faults.upgrade_and_back),
+        ("API watches dropped x3", faults.watches_dropped),
+        ("API history lost (410)", faults.history_lost),
+        ("API unreachable 60 s, agent restarted meanwhile", faults.unreachable_for_a_minute),
+    ]
     try:
-        await phase("baseline", baseline)
-        await phase("SIGTERM, 1 s down, restart", sigterm_and_restart)
-        for delay in KILL_DELAYS:
-            await phase(
-                f"kill -9 {delay * 1000:.0f} ms into a reconcile", kill_mid_reconcile(delay)
-            )
-        await phase("upgrade to new programs and back", upgrade_and_back)
-        await phase("API watches dropped x3", watches_dropped)
-        await phase("API history lost (410)", history_lost)
-        await phase("API unreachable 60 s, agent restarted meanwhile", unreachable_for_a_minute)
+        for name, fault in phases:
+            await phase(name, fault)
     finally:
         await flows.stop()
     lines = [
