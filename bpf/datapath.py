@@ -657,7 +657,7 @@ def _sized(map_dir: str, name: str, wanted: int | None, what: str) -> int | None
 
 
 # ---- conversions between models and map structs ---------------------------------------
-_LPM_KEY = struct.Struct("<IB16s3x")  # struct np_lpm_key
+_LPM_KEY = lay.packer(lay.NpLpmKey)
 _U32 = struct.Struct("<I")
 _WIDTH = {lay.NP_FAMILY_IPV4: 4, lay.NP_FAMILY_IPV6: 16}
 NP_PREFIX_BITS = lay.NP_LPM_FAMILY_BITS

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from typing import ClassVar
+import struct
+from typing import Any, ClassVar
 
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
@@ -106,6 +107,43 @@ class Struct(ctypes.Structure):
     @classmethod
     def from_bytes(cls, data: bytes) -> Struct:
         return cls.from_buffer_copy(data)
+
+
+_CODES: dict[type, str] = {u8: "B", u16: "H", u32: "I", u64: "Q"}
+
+
+def packer(mirror: type[Struct]) -> struct.Struct:
+    """A :class:`struct.Struct` with exactly the mirror's layout (little-endian, every
+    gap and ``pad*`` field as padding, byte arrays as ``bytes``): for hot paths that
+    unpack many records at once. Derived, never written by hand, so it follows the
+    mirror (which the BTF test checks)."""
+    fmt, at = "<", 0
+    for field in mirror._fields_:
+        name, ctype = field[0], field[1]
+        off = getattr(mirror, name).offset
+        if off > at:
+            fmt += f"{off - at}x"
+        size = ctypes.sizeof(ctype)
+        kind: Any = ctype
+        if name.startswith("pad"):
+            fmt += f"{size}x"
+        elif issubclass(kind, ctypes.Array):
+            elem, length = kind._type_, kind._length_
+            # bytes and strings as bytes; arrays of structs as their raw bytes
+            fmt += f"{length}{_CODES[elem]}" if elem in _CODES and elem is not u8 else f"{size}s"
+        else:
+            fmt += _CODES[kind]
+        at = off + size
+    if ctypes.sizeof(mirror) > at:
+        fmt += f"{ctypes.sizeof(mirror) - at}x"
+    out = struct.Struct(fmt)
+    assert out.size == ctypes.sizeof(mirror), (mirror, fmt)
+    return out
+
+
+def offset(mirror: type[Struct], field: str) -> int:
+    """Byte offset of ``field`` in the mirror (for reading one field of raw bytes)."""
+    return int(getattr(mirror, field).offset)
 
 
 def addr_bytes(address: Address) -> bytes:

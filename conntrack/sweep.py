@@ -38,11 +38,16 @@ from conntrack.ctnetlink import _PORTED, raw_tuple, scan, tuple_key
 
 log = structlog.get_logger("conntrack.sweep")
 
-_KEY = struct.Struct("<16s16sHHBB2xI")  # struct np_ct_key
-_VALUE = struct.Struct("<QQIBB2x")  # struct np_ct_value
-_LAST_SEEN = struct.Struct("<Q")  # its first field
-assert _KEY.size == 44
-assert _VALUE.size == 24
+_KEY = lay.packer(lay.NpCtKey)
+_VALUE = lay.packer(lay.NpCtValue)
+_LAST_SEEN = struct.Struct("<Q")  # np_ct_value.last_seen_ns (u64), read in place
+_LAST_SEEN_AT = lay.offset(lay.NpCtValue, "last_seen_ns")
+# byte offsets in a raw np_ct_key (the sweep reads keys as bytes, many at once)
+_PEER_AT = lay.offset(lay.NpCtKey, "peer_addr")
+_POD_PORT_AT = lay.offset(lay.NpCtKey, "pod_port")
+_PEER_PORT_AT = lay.offset(lay.NpCtKey, "peer_port")
+_PROTO_AT = lay.offset(lay.NpCtKey, "protocol")
+_FAMILY_AT = lay.offset(lay.NpCtKey, "family")
 
 
 def now_ns() -> int:
@@ -74,11 +79,12 @@ class SweepResult:
 def key_of(raw_key: bytes) -> bytes:
     """The pod-sent direction of the flow a map entry tracks, as the kernel's table shows
     it (see ctnetlink.tuple_key)."""
-    alen = 4 if raw_key[37] == lay.NP_FAMILY_IPV4 else 16
-    pod, peer = raw_key[0:alen], raw_key[16 : 16 + alen]
-    pod_port = raw_key[33:34] + raw_key[32:33]  # little-endian in the map, big on the wire
-    peer_port = raw_key[35:36] + raw_key[34:35]
-    return tuple_key(pod, peer, pod_port, peer_port, raw_key[36])
+    alen = 4 if raw_key[_FAMILY_AT] == lay.NP_FAMILY_IPV4 else 16
+    pod, peer = raw_key[0:alen], raw_key[_PEER_AT : _PEER_AT + alen]
+    pp, qp = _POD_PORT_AT, _PEER_PORT_AT  # little-endian in the map, big on the wire
+    pod_port = raw_key[pp + 1 : pp + 2] + raw_key[pp : pp + 1]
+    peer_port = raw_key[qp + 1 : qp + 2] + raw_key[qp : qp + 1]
+    return tuple_key(pod, peer, pod_port, peer_port, raw_key[_PROTO_AT])
 
 
 def _raw_chunks(v6: bool) -> tuple[bytes, bytes, bytes, bytes, bytes]:
@@ -134,54 +140,47 @@ class Sweeper:
         unpack = _LAST_SEEN.unpack_from
         join = b"".join
         total = 0
-        ks, vs = _KEY.size, _VALUE.size
+        ks, vs, seen_at = _KEY.size, _VALUE.size, _LAST_SEEN_AT
+        proto_at, family_at, v4 = _PROTO_AT, _FAMILY_AT, lay.NP_FAMILY_IPV4
+        # the key's fields as slices (ports swapped: little-endian in the map)
+        pod4, peer4 = slice(0, 4), slice(_PEER_AT, _PEER_AT + 4)
+        pod6, peer6 = slice(0, 16), slice(_PEER_AT, _PEER_AT + 16)
+        pp, qp = _POD_PORT_AT, _PEER_PORT_AT
+        pp_hi, pp_lo, qp_hi, qp_lo = (
+            slice(pp + 1, pp + 2),
+            slice(pp, pp + 1),
+            slice(qp + 1, qp + 2),
+            slice(qp, qp + 1),
+        )
         for keys, values, count in self.map.batches():
             total += count
             for i in range(count):
-                if unpack(values, i * vs)[0] >= started:
+                if unpack(values, i * vs + seen_at)[0] >= started:
                     continue
                 k = keys[i * ks : (i + 1) * ks]
-                proto = k[36]
+                proto = k[proto_at]
                 if proto not in _PORTED:
                     idle[k] = key_of(k)
-                elif k[37] == lay.NP_FAMILY_IPV4:
-                    p0, p1, p2, p3, p4 = _V4_PARTS
-                    idle[k] = join(
-                        (
-                            p0,
-                            k[0:4],
-                            p1,
-                            k[16:20],
-                            p2,
-                            _PROTO_BYTE[proto],
-                            p3,
-                            k[33:34],
-                            k[32:33],
-                            p4,
-                            k[35:36],
-                            k[34:35],
-                            _TAIL,
-                        )
+                    continue
+                p0, p1, p2, p3, p4 = _V4_PARTS if k[family_at] == v4 else _V6_PARTS
+                pod, peer = (pod4, peer4) if k[family_at] == v4 else (pod6, peer6)
+                idle[k] = join(
+                    (
+                        p0,
+                        k[pod],
+                        p1,
+                        k[peer],
+                        p2,
+                        _PROTO_BYTE[proto],
+                        p3,
+                        k[pp_hi],
+                        k[pp_lo],
+                        p4,
+                        k[qp_hi],
+                        k[qp_lo],
+                        _TAIL,
                     )
-                else:
-                    p0, p1, p2, p3, p4 = _V6_PARTS
-                    idle[k] = join(
-                        (
-                            p0,
-                            k[0:16],
-                            p1,
-                            k[16:32],
-                            p2,
-                            _PROTO_BYTE[proto],
-                            p3,
-                            k[33:34],
-                            k[32:33],
-                            p4,
-                            k[35:36],
-                            k[34:35],
-                            _TAIL,
-                        )
-                    )
+                )
         return total, idle
 
     def run(self) -> SweepResult:

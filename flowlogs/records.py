@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,8 +23,8 @@ from typing import NamedTuple
 
 from bpf import layout as lay
 
-EVENT = struct.Struct("<Q16s16sHHBBBBB3xIIII4x")  # struct np_event
-assert EVENT.size == 72
+EVENT = lay.packer(lay.NpEvent)  # struct np_event, unpacked whole per record
+_VERDICT_AT = lay.offset(lay.NpEvent, "verdict")
 
 _PROTO = dict(lay.PROTOCOL_NAMES)
 _DIRECTION = lay.DIRECTION_NAMES
@@ -126,7 +125,7 @@ class Formatter:
 
     @staticmethod
     def is_deny(raw: bytes) -> bool:
-        return raw[46] == lay.NP_VERDICT_DENY  # np_event.verdict
+        return raw[_VERDICT_AT] == lay.NP_VERDICT_DENY
 
     def text(self, r: FlowRecord) -> str:
         return f"{_stamp(r.timestamp_ns)} {r.line()}\n"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import socket
-import struct
 from pathlib import Path
 
 from bpf import layout as lay
@@ -89,8 +89,50 @@ def test_reference_line_format_and_direction() -> None:
 
 
 def test_event_struct_matches_the_mirror() -> None:
-    assert EVENT.size == struct.calcsize("<Q16s16sHHBBBBB3xIIII4x") == 72
-    assert EVENT.size == lay.NpEvent.__basicsize__ or EVENT.size == 72
+    event = lay.NpEvent(
+        timestamp_ns=7,
+        pod_port=80,
+        peer_port=4242,
+        protocol=6,
+        family=4,
+        verdict=lay.NP_VERDICT_DENY,
+        direction=1,
+        reason=3,
+        pod_id=9,
+        ifindex=11,
+        policy_id=13,
+        packet_len=60,
+    )
+    raw = bytes(event)
+    assert EVENT.size == ctypes.sizeof(lay.NpEvent) == len(raw)
+    (
+        ts,
+        _pod,
+        _peer,
+        pod_port,
+        peer_port,
+        proto,
+        family,
+        verdict,
+        direction,
+        reason,
+        pod_id,
+        ifindex,
+        policy_id,
+        packet_len,
+    ) = EVENT.unpack(raw)
+    assert (ts, pod_port, peer_port, proto, family, verdict, direction, reason) == (
+        7,
+        80,
+        4242,
+        6,
+        4,
+        lay.NP_VERDICT_DENY,
+        1,
+        3,
+    )
+    assert (pod_id, ifindex, policy_id, packet_len) == (9, 11, 13, 60)
+    assert Formatter.is_deny(raw)
 
 
 def test_rotation_keeps_a_bounded_number_of_backups(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,46 @@ def test_map_and_program_names() -> None:
     assert named == set(maps)
     assert {layout.PROG_INGRESS, layout.PROG_EGRESS} == set(progs)
     assert all(len(n) <= 15 for n in maps + progs), "kernel truncates names at 15 chars"
+
+
+@pytest.mark.parametrize("mirror", layout.MIRRORS, ids=lambda m: m._c_name)
+def test_packers_follow_the_mirrors(mirror: type[layout.Struct]) -> None:
+    """The struct formats the hot paths use (conntrack sweep, flow records, trie keys)
+    are derived from the mirrors: each field unpacks at the mirror's offset."""
+    import ctypes
+
+    pk = layout.packer(mirror)
+    assert pk.size == ctypes.sizeof(mirror)
+    inst = mirror()
+    numeric: dict[str, list[int]] = {}
+    for n, field in enumerate(mirror._fields_, start=1):
+        name, ctype = field[0], field[1]
+        kind: Any = ctype
+        if name.startswith("pad"):
+            continue
+        if not issubclass(kind, ctypes.Array):
+            setattr(inst, name, n)
+            numeric[name] = [n]
+        elif kind._type_ is ctypes.c_char:
+            setattr(inst, name, b"x" * (n % 8 + 1))
+        elif kind._type_ in (layout.u16, layout.u32, layout.u64):
+            arr = getattr(inst, name)
+            for i in range(len(arr)):
+                arr[i] = n + i
+            numeric[name] = list(arr)
+        else:  # bytes, or an array of structs: raw bytes
+            ctypes.memset(
+                ctypes.addressof(inst) + getattr(mirror, name).offset, n, ctypes.sizeof(kind)
+            )
+    raw = bytes(inst)
+    expected: list[Any] = []
+    for field in mirror._fields_:
+        name, ctype = field[0], field[1]
+        if name.startswith("pad"):
+            continue
+        if name in numeric:
+            expected.extend(numeric[name])
+        else:
+            at = getattr(mirror, name).offset
+            expected.append(raw[at : at + ctypes.sizeof(ctype)])
+    assert list(pk.unpack(raw)) == expected
