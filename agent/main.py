@@ -24,8 +24,9 @@ from agent.probes import bpffs_ready, global_maps_pinned, metrics_app
 from agent.worker import DatapathWorker
 from bpf import layout as lay
 from bpf import recovery
-from bpf.datapath import Datapath, PinnedSizeError
+from bpf.datapath import Datapath
 from bpf.errors import BpfError
+from bpf.loading import PinnedSizeError
 from common import logs, preflight
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve

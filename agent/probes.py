@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.metrics import AgentMetrics
 from bpf import layout as lay
+from bpf.pins import PinPaths
 from common.localapi import ApiError, LocalClient, Unavailable
 from common.preflight import bpffs_problem
 
@@ -23,9 +24,13 @@ def global_maps_pinned(pin_root: str) -> list[str]:
     missing = [
         n
         for n in (lay.MAP_PODS, lay.MAP_RULES, lay.MAP_CT, lay.MAP_EVENTS)
-        if not os.path.exists(os.path.join(pin_root, "maps", n))
+        if not os.path.exists(PinPaths(pin_root).map(n))
     ]
-    return [f"maps not pinned under {pin_root}/maps: {', '.join(missing)}"] if missing else []
+    return (
+        [f"maps not pinned under {PinPaths(pin_root).maps}: {', '.join(missing)}"]
+        if missing
+        else []
+    )
 
 
 def metrics_app(

@@ -16,6 +16,7 @@ import os
 from bpf import layout as lay
 from bpf.maps import Map
 from bpf.objects import Program
+from bpf.pins import PinPaths
 
 PINNED_BY_NAME = (
     lay.MAP_PODS,
@@ -33,7 +34,7 @@ PINNED_BY_NAME = (
 
 
 def pins_missing(pin_root: str) -> bool:
-    return not os.path.exists(os.path.join(pin_root, "maps", lay.MAP_PODS))
+    return not os.path.exists(PinPaths(pin_root).map(lay.MAP_PODS))
 
 
 def repin_from_program(prog_id: int, pin_root: str) -> list[str]:
@@ -46,7 +47,7 @@ def repin_from_program(prog_id: int, pin_root: str) -> list[str]:
         map_ids = prog.info.map_ids
     finally:
         prog.close()
-    map_dir = os.path.join(pin_root, "maps")
+    map_dir = PinPaths(pin_root).maps
     os.makedirs(map_dir, mode=0o700, exist_ok=True)
     pinned = []
     for map_id in map_ids:

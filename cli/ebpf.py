@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bpf import layout as lay
-from bpf.datapath import portset_from_map, prefix_from_key
+from bpf.codec import portset_from_map, prefix_from_key
 from bpf.errors import BpfError
 from bpf.inspect import program_ids
 from bpf.maps import MAP_TYPE_LPM_TRIE, Map, TypedMap
 from bpf.objects import Program
+from bpf.pins import PinPaths
 from bpf.ruleset import Portset
 
 SEPARATOR = "=" * 88
@@ -42,14 +43,14 @@ class Pinned:
                 "bpffs is not mounted at /sys/fs/bpf: the agent cannot be running "
                 "on this node (mount -t bpf bpf /sys/fs/bpf)"
             )
-        if not os.path.exists(self.path("maps", lay.MAP_PODS)):
+        if not os.path.exists(PinPaths(self.pin_root).map(lay.MAP_PODS)):
             raise CliError(
                 f"no datapath pinned under {self.pin_root} (is the agent installed "
                 "on this node? see --bpf-pin-root)"
             )
 
     def open(self, name: str) -> Map:
-        return Map.from_pin(self.path("maps", name))
+        return Map.from_pin(PinPaths(self.pin_root).map(name))
 
 
 def _policy_names(pinned: Pinned) -> dict[int, str]:
@@ -106,7 +107,7 @@ def render_progs(items: list[dict[str, Any]]) -> str:
 def maps(pinned: Pinned) -> list[dict[str, Any]]:
     pinned.check()
     out = []
-    names = sorted(os.listdir(pinned.path("maps")))
+    names = sorted(os.listdir(PinPaths(pinned.pin_root).maps))
     for name in names:
         with pinned.open(name) as m:
             out.append(_map_entry(m, name))
@@ -155,8 +156,8 @@ def loaded(pinned: Pinned) -> list[dict[str, Any]]:
             shared[name] = m.id
     progs_by_dir = {}
     for direction, name in (("ingress", lay.PROG_INGRESS), ("egress", lay.PROG_EGRESS)):
-        prog = Program.from_pin(pinned.path("programs", name))
-        progs_by_dir[direction] = (pinned.path("programs", name), prog.id)
+        prog = Program.from_pin(PinPaths(pinned.pin_root).program(name))
+        progs_by_dir[direction] = (PinPaths(pinned.pin_root).program(name), prog.id)
         prog.close()
     out = []
     with pinned.open(lay.MAP_PODS) as raw_pods, pinned.open(lay.MAP_RULES) as rules:

@@ -38,7 +38,6 @@ from common.apimodels import (
     ProcessStats,
     WaitResult,
 )
-from common.flags import DEFAULT_PIN_ROOT, DEFAULT_RUNTIME_DIR
 from common.localapi import (
     AGENT_SOCKET,
     CONNTRACK_SOCKET,
@@ -48,6 +47,7 @@ from common.localapi import (
     Unavailable,
     socket_path,
 )
+from common.paths import DEFAULT_PIN_ROOT, DEFAULT_RUNTIME_DIR
 
 
 class Pods(RootModel[list[PodView]]):

@@ -16,10 +16,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bpf.layout import NP_CT_MAX_ENTRIES, NP_CT_MIN_ENTRIES
+from common.paths import DEFAULT_PIN_ROOT, DEFAULT_RUNTIME_DIR
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/netpol"
-DEFAULT_RUNTIME_DIR = "/var/run/np-agent"
+# the datapath's conntrack map bounds (bpf/np.h NP_CT_MIN/MAX_ENTRIES: tests/unit/test_flags
+# checks they agree; common does not import bpf, the dependency runs bpf -> common)
+CT_MIN_ENTRIES = 32768
+CT_MAX_ENTRIES = 1048576
 
 
 class Settings(BaseModel):
@@ -41,9 +43,7 @@ class Settings(BaseModel):
     """Where decision (flow) logs are written (reference flag and default)."""
     conntrack_cache_cleanup_period: int = Field(default=300, ge=1, le=86400)
     """Seconds between conntrack cache sweeps (reference flag and default)."""
-    conntrack_cache_table_size: int = Field(
-        default=524288, ge=NP_CT_MIN_ENTRIES, le=NP_CT_MAX_ENTRIES
-    )
+    conntrack_cache_table_size: int = Field(default=524288, ge=CT_MIN_ENTRIES, le=CT_MAX_ENTRIES)
     """Entries of the datapath's conntrack map (reference flag); fixed once the map exists."""
     metrics_bind_addr: str = ":8162"
     """host:port of the Prometheus endpoint (reference flag and default)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from bpf import layout as lay
 from bpf.errors import BpfError
 from bpf.maps import Map
+from bpf.pins import PinPaths
 from common import logs, preflight
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
@@ -136,7 +136,7 @@ class Cleaner:
 async def open_map(settings: Settings, stop: asyncio.Event) -> Map | None:
     """The pinned conntrack map, once the agent has created it; its size must be the
     flag's (resizing would mean recreating it and losing every tracked flow)."""
-    path = os.path.join(settings.bpf_pin_root, "maps", lay.MAP_CT)
+    path = PinPaths(settings.bpf_pin_root).map(lay.MAP_CT)
     if not await preflight.wait_for_pin(path, stop, event="conntrack.waiting_for_map"):
         return None
     m = Map.from_pin(path)
@@ -159,7 +159,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     ct = await open_map(settings, stop)
     if ct is None:
         return
-    pods = Map.from_pin(os.path.join(settings.bpf_pin_root, "maps", lay.MAP_PODS))
+    pods = Map.from_pin(PinPaths(settings.bpf_pin_root).map(lay.MAP_PODS))
 
     def interfaces() -> set[int]:
         return {int.from_bytes(k, "little") for k in pods}

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
+from bpf.pins import PinPaths
 from bpf.ringbuf import RingBuffer
 from common import logs, preflight
 from common.apimodels import ProcessStats
@@ -283,14 +284,12 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     problems = preflight.problems(settings.bpf_pin_root)
     if problems:
         raise StartupError("; ".join(problems))
-    maps = os.path.join(settings.bpf_pin_root, "maps")
+    pins = PinPaths(settings.bpf_pin_root)
     if not await preflight.wait_for_pin(
-        os.path.join(maps, lay.MAP_EVENTS), stop, event="flowlogs.waiting_for_maps"
+        pins.map(lay.MAP_EVENTS), stop, event="flowlogs.waiting_for_maps"
     ):
         return
-    stats_map = TypedMap(
-        Map.from_pin(os.path.join(maps, lay.MAP_STATS)), ctypes.c_uint32, lay.NpStats
-    )
+    stats_map = TypedMap(Map.from_pin(pins.map(lay.MAP_STATS)), ctypes.c_uint32, lay.NpStats)
     names = Names(settings.bpf_pin_root) if settings.enable_policy_event_logs else None
     flows = FlowLogs(settings, stats_map=stats_map, names=names)
     ring_map: Map | None = None
@@ -298,7 +297,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     try:
         tasks = {"api": serve_unix(flows.app(), socket_path(settings.runtime_dir, FLOWLOGS_SOCKET))}
         if flows.enabled:
-            ring_map = Map.from_pin(os.path.join(maps, lay.MAP_EVENTS))
+            ring_map = Map.from_pin(pins.map(lay.MAP_EVENTS))
             ring = RingBuffer(ring_map, flows.on_records)
             tasks["drain"] = flows.drain(ring, stop)
             if flows.cloudwatch is not None:

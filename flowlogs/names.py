@@ -10,21 +10,21 @@ pods and policies that are gone (bpf.registry), and a node lives for months.
 from __future__ import annotations
 
 import ctypes
-import os
 from collections import OrderedDict
 
 from bpf import layout as lay
 from bpf.maps import Map, TypedMap
+from bpf.pins import PinPaths
 
 
 class Names:
     def __init__(self, pin_root: str) -> None:
-        maps = os.path.join(pin_root, "maps")
+        pins = PinPaths(pin_root)
         self._pods = TypedMap(
-            Map.from_pin(os.path.join(maps, lay.MAP_POD_META)), ctypes.c_uint32, lay.NpPodMeta
+            Map.from_pin(pins.map(lay.MAP_POD_META)), ctypes.c_uint32, lay.NpPodMeta
         )
         self._policies = TypedMap(
-            Map.from_pin(os.path.join(maps, lay.MAP_POLICIES)), ctypes.c_uint32, lay.NpPolicyMeta
+            Map.from_pin(pins.map(lay.MAP_POLICIES)), ctypes.c_uint32, lay.NpPolicyMeta
         )
         self._pod_cache: OrderedDict[int, str] = OrderedDict()
         self._policy_cache: OrderedDict[int, str] = OrderedDict()

@@ -12,8 +12,9 @@ import pytest
 
 from bpf import layout as lay
 from bpf.attach import attachment
-from bpf.datapath import TRIES_DIR, Datapath
+from bpf.datapath import Datapath
 from bpf.maps import Map
+from bpf.pins import TRIES_DIR
 from common.netlink import Netlink
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod

@@ -23,6 +23,7 @@ CHURN_ENV = {
     "NP_LIFECYCLE_PERIOD": "0.5",
 }
 TCP80 = [{"protocol": "TCP", "port": 80}]
+UDP81 = [{"protocol": "UDP", "port": 81}]  # the second policy's own rule: its id stays in use
 
 
 def _pod_object(rig: AgentRig, pod: SimPod, name: str) -> None:
@@ -30,9 +31,14 @@ def _pod_object(rig: AgentRig, pod: SimPod, name: str) -> None:
 
 
 def _policy(
-    rig: AgentRig, name: str, targets: list[tuple[str, str]], peer: SimPod, pods: dict[str, SimPod]
+    rig: AgentRig,
+    name: str,
+    targets: list[tuple[str, str]],
+    peer: SimPod,
+    pods: dict[str, SimPod],
+    ports: list[dict[str, Any]] = TCP80,
 ) -> dict[str, Any]:
-    body = rig.policy_endpoint(name, policy=name, targets=[], ingress=allow_from(peer, ports=TCP80))
+    body = rig.policy_endpoint(name, policy=name, targets=[], ingress=allow_from(peer, ports=ports))
     body["spec"]["podSelectorEndpoints"] = [
         {
             "podIP": str(pods[t].ipv4),
@@ -73,8 +79,10 @@ async def test_churn_past_every_capacity(rig: AgentRig, tmp_path: Path) -> None:
             _pod_object(rig, p, names[p.name])
         targets = [(p.name, names[p.name]) for p in churned]
         current = [f"allow-peer-{r}", f"also-peer-{r}"]  # two new policy names a round
-        for name in current:
-            rig.apply(_policy(rig, name, targets, peer, pods))
+        # (two policies with the same rule would merge into one port rule carrying one
+        # id: each has a rule of its own, so both ids stay in use)
+        rig.apply(_policy(rig, current[0], targets, peer, pods))
+        rig.apply(_policy(rig, current[1], targets, peer, pods, ports=UDP81))
         for name in previous:
             rig.delete(name)
         previous = current

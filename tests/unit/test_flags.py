@@ -137,3 +137,15 @@ def test_preflight_messages(tmp_path: object) -> None:
     assert problem is not None
     assert problem.startswith("bpffs is not mounted at")
     assert "mount -t bpf" in problem
+
+
+def test_conntrack_bounds_agree_with_the_datapath() -> None:
+    """common does not import bpf (the dependency runs bpf -> common): the flag's
+    bounds are literals, held equal to bpf/np.h's here."""
+    from bpf import layout
+    from common import flags
+
+    assert (flags.CT_MIN_ENTRIES, flags.CT_MAX_ENTRIES) == (
+        layout.NP_CT_MIN_ENTRIES,
+        layout.NP_CT_MAX_ENTRIES,
+    )

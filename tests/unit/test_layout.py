@@ -11,7 +11,7 @@ import pytest
 
 from bpf import layout
 from bpf.btf import Btf
-from bpf.datapath import object_path
+from bpf.loading import object_path
 from bpf.objects import object_names
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "np.h"

@@ -1,0 +1,66 @@
+"""Conversions between the rule models (bpf.ruleset) and the map structs (bpf.layout)."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from bpf import layout as lay
+from bpf.ruleset import PortRule, Portset, Prefix
+
+LPM_KEY = lay.packer(lay.NpLpmKey)
+U32_PACK = struct.Struct("<I")
+WIDTH = {lay.NP_FAMILY_IPV4: 4, lay.NP_FAMILY_IPV6: 16}
+NP_PREFIX_BITS = lay.NP_LPM_FAMILY_BITS
+
+
+def lpm_key_bytes(p: Prefix) -> bytes:
+    """np_lpm_key of a prefix, packed."""
+    return LPM_KEY.pack(
+        NP_PREFIX_BITS + p.length, p.family, p.value.to_bytes(WIDTH[p.family], "big")
+    )
+
+
+def prefix_from_key(key: lay.NpLpmKey) -> Prefix:
+    width = 4 if key.family == lay.NP_FAMILY_IPV4 else 16
+    value = int.from_bytes(bytes(key.addr)[:width], "big")
+    return Prefix(key.family, key.prefixlen - lay.NP_LPM_FAMILY_BITS, value)
+
+
+def host_key(address: lay.Address) -> lay.NpAddr:
+    key = lay.NpAddr(family=lay.addr_family(address))
+    ctypes.memmove(key.addr, lay.addr_bytes(address), 16)
+    return key
+
+
+def portset_to_map(ps: Portset) -> lay.NpPortset:
+    out = lay.NpPortset()
+    if ps.any_policy is not None:
+        out.flags = lay.NP_PORTSET_F_ANY
+        out.any_policy = ps.any_policy
+        return out
+    out.count = len(ps.rules)
+    for i, r in enumerate(ps.rules):
+        out.rules[i] = lay.NpPortRule(
+            policy_id=r.policy_id, start_port=r.start, end_port=r.end, protocol=r.protocol
+        )
+    return out
+
+
+def portset_from_map(raw: lay.NpPortset) -> Portset:
+    if raw.flags & lay.NP_PORTSET_F_ANY:
+        return Portset(any_policy=raw.any_policy)
+    rules = tuple(
+        PortRule(r.protocol, r.start_port, r.end_port, r.policy_id)
+        for r in raw.rules[: min(raw.count, lay.NP_MAX_PORT_RULES)]
+    )
+    return Portset(rules=rules)
+
+
+def policy_ids(portset: Portset) -> set[int]:
+    """The policy ids a port set carries (0, none, excluded)."""
+    ids = {r.policy_id for r in portset.rules}
+    if portset.any_policy is not None:
+        ids.add(portset.any_policy)
+    ids.discard(0)
+    return ids

@@ -1,0 +1,294 @@
+"""The interned store of rule tries and port sets.
+
+Tries (``np_rules`` inner LPM maps) and port sets (``np_portsets``) are immutable and
+interned by content: pods with equal rules share one trie, equal port sets are stored
+once. :meth:`RuleStore.install` builds missing tries (one batched insert into the outer
+map, which costs one RCU grace period however many tries it carries); a trie no record
+uses any more is *retired* (``refs`` 0) and removed by :meth:`RuleStore.collect_garbage`:
+the batched delete from the outer map returns only after an RCU grace period, after
+which no program can still be reading the retired port sets. Policy ids carried by port
+sets are referenced in the registry while the port set lives.
+
+Not thread-safe: the datapath's owner calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from bpf import layout as lay
+from bpf.codec import U32_PACK, lpm_key_bytes, policy_ids, portset_from_map, portset_to_map
+from bpf.codec import prefix_from_key as _prefix_from_key
+from bpf.errors import BpfError
+from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map, TypedMap
+from bpf.pins import PinPaths
+from bpf.registry import Registry
+from bpf.ruleset import NOTHING, CompiledRules, Portset
+
+log = structlog.get_logger("bpf.store")
+U32 = ctypes.c_uint32
+
+
+@dataclass
+class Trie:
+    id: int
+    digest: bytes
+    portsets: frozenset[int]
+    refs: int = 0
+
+
+@dataclass
+class _PortsetRef:
+    id: int
+    refs: int = 0
+
+
+class RuleStore:
+    def __init__(
+        self,
+        *,
+        rules: Map,
+        portsets: TypedMap[ctypes.c_uint32, lay.NpPortset],
+        names: Registry,
+        pins: PinPaths,
+    ) -> None:
+        self.rules = rules
+        self.portsets = portsets
+        self.names = names
+        self.pins = pins
+        self.tries: dict[int, Trie] = {}
+        self._trie_by_key: dict[bytes, int] = {}
+        self._portsets: dict[Portset, _PortsetRef] = {}
+        self._portset_by_id: dict[int, Portset] = {}
+        self._next_trie = 1
+        self._next_portset = 1
+
+    # ---- adoption -------------------------------------------------------------------
+    def adopt(self) -> int:
+        """Read the pinned tries and port sets; returns the lowest policy id never used
+        by them (ids stay unique even if their names were lost)."""
+        next_policy = 1
+        for key, ps in self.portsets.items():
+            portset = portset_from_map(ps)
+            self._portsets[portset] = _PortsetRef(key.value)
+            self._portset_by_id[key.value] = portset
+            self._next_portset = max(self._next_portset, key.value + 1)
+            next_policy = max(next_policy, max(policy_ids(portset), default=0) + 1)
+        live: set[int] = set()
+        for raw_key in list(self.rules):
+            trie_id = int.from_bytes(raw_key, "little")
+            entries = self.read_trie(trie_id)
+            if entries is None:
+                continue
+            live.add(trie_id)
+            if not os.path.exists(self.pins.trie(trie_id)):
+                self._pin_trie(trie_id)  # state from before tries were pinned
+            trie = Trie(trie_id, entries.digest(), frozenset(self._ids_of(entries)))
+            self.tries[trie_id] = trie
+            self._trie_by_key[trie.digest] = trie_id
+            for ps_id in trie.portsets:
+                self._portset_ref(ps_id).refs += 1
+            self._next_trie = max(self._next_trie, trie_id + 1)
+        for name in os.listdir(self.pins.tries):
+            if not name.isdigit() or int(name) not in live:
+                # retired by a process that stopped before unpinning it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pins.tries, name))
+        return next_policy
+
+    def reference_adopted_policies(self) -> None:
+        for portset in self._portsets:
+            self.names.reference_policies(policy_ids(portset), +1)
+
+    # ---- references from pod records ------------------------------------------------
+    def ref(self, trie_ids: Iterable[int], delta: int) -> None:
+        for t in trie_ids:
+            if t in self.tries:
+                self.tries[t].refs += delta
+
+    # ---- installing -----------------------------------------------------------------
+    def install(
+        self, needed: Mapping[bytes, CompiledRules], restore_pins: Callable[[], object]
+    ) -> dict[bytes, int]:
+        """Trie ids for each needed rule set (by digest), building those missing."""
+        ids: dict[bytes, int] = {}
+        new: list[tuple[int, CompiledRules, Map]] = []
+        installed = False
+        try:
+            for key, compiled in needed.items():
+                if key in self._trie_by_key:
+                    ids[key] = self._trie_by_key[key]
+                    continue
+                trie_id = self._next_trie
+                self._next_trie += 1
+                self._install_portsets(compiled)
+                built = self._build_trie(trie_id, compiled)
+                new.append((trie_id, compiled, built))
+                # pinned: explain, the CLI and a restarted agent open it by path, which
+                # needs no CAP_SYS_ADMIN (opening a map by id does)
+                try:
+                    built.pin(self.pins.trie(trie_id))
+                except BpfError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    restore_pins()  # the tries directory was removed: re-create
+                    built.pin(self.pins.trie(trie_id))
+                ids[key] = trie_id
+            if new:
+                self.rules.update_batch(
+                    b"".join(bytes(U32(t)) for t, _, _ in new),
+                    b"".join(bytes(U32(m.fd)) for _, _, m in new),
+                )
+                installed = True
+                for trie_id, compiled, _ in new:
+                    key = compiled.digest()
+                    trie = Trie(trie_id, key, frozenset(self._ids_of(compiled)))
+                    self.tries[trie_id] = trie
+                    self._trie_by_key[key] = trie_id
+                    for ps_id in trie.portsets:
+                        self._portset_ref(ps_id).refs += 1
+        finally:
+            for trie_id, _, m in new:
+                m.close()  # the outer map holds its own reference
+                if not installed:
+                    self._unpin_trie(trie_id)
+        return ids
+
+    def _build_trie(self, trie_id: int, compiled: CompiledRules) -> Map:
+        trie = Map.create(
+            map_type=MAP_TYPE_LPM_TRIE,
+            name=f"np_t_{trie_id}",
+            key_size=ctypes.sizeof(lay.NpLpmKey),
+            value_size=ctypes.sizeof(lay.NpLpmValue),
+            max_entries=max(1, len(compiled.entries)),
+            flags=BPF_F_NO_PREALLOC,
+        )
+        try:
+            ids = self._portsets
+            keys = b"".join(lpm_key_bytes(p) for p in compiled.entries)
+            values = b"".join(
+                U32_PACK.pack(lay.NP_PORTSET_NONE if ps.allows_nothing else ids[ps].id)
+                for ps in compiled.entries.values()
+            )
+            trie.update_batch(keys, values)
+        except BaseException:
+            trie.close()
+            raise
+        return trie
+
+    def _install_portsets(self, compiled: CompiledRules) -> None:
+        keys = bytearray()
+        values = bytearray()
+        added: list[Portset] = []
+        for ps in set(compiled.entries.values()):
+            if ps.allows_nothing or ps in self._portsets:
+                continue
+            ps_id = self._next_portset
+            self._next_portset += 1
+            keys += bytes(U32(ps_id))
+            values += bytes(portset_to_map(ps))
+            self._portsets[ps] = _PortsetRef(ps_id)
+            self._portset_by_id[ps_id] = ps
+            added.append(ps)
+        self.portsets.raw.update_batch(bytes(keys), bytes(values))
+        for ps in added:
+            self.names.reference_policies(policy_ids(ps), +1)
+
+    def _portset_ref(self, portset_id: int) -> _PortsetRef:
+        return self._portsets[self._portset_by_id[portset_id]]
+
+    def _ids_of(self, compiled: CompiledRules) -> Iterable[int]:
+        for ps in compiled.entries.values():
+            if not ps.allows_nothing:
+                yield self._portsets[ps].id
+
+    # ---- the end of tries and port sets -------------------------------------------
+    def collect_garbage(self) -> tuple[int, int]:
+        """Remove retired tries, then port sets no trie uses. Returns (tries, portsets)."""
+        retired = [t for t in self.tries.values() if t.refs <= 0]
+        if retired:
+            # one batched delete: the kernel waits an RCU grace period before returning
+            self.rules.delete_batch(b"".join(bytes(U32(t.id)) for t in retired))
+            for t in retired:
+                self._unpin_trie(t.id)
+                del self.tries[t.id]
+                del self._trie_by_key[t.digest]
+                for ps_id in t.portsets:
+                    self._portset_ref(ps_id).refs -= 1
+        unused = [(ps, ref) for ps, ref in self._portsets.items() if ref.refs <= 0]
+        if unused:
+            self.portsets.raw.delete_batch(b"".join(bytes(U32(ref.id)) for _, ref in unused))
+            for ps, ref in unused:
+                del self._portsets[ps]
+                del self._portset_by_id[ref.id]
+                self.names.reference_policies(policy_ids(ps), -1)
+        return len(retired), len(unused)
+
+    # ---- pins ---------------------------------------------------------------------
+    def restore_trie_pins(self) -> list[str]:
+        restored = []
+        for trie_id in list(self.tries):
+            path = self.pins.trie(trie_id)
+            if not os.path.exists(path):
+                self._pin_trie(trie_id)
+                restored.append(path)
+        return restored
+
+    def _pin_trie(self, trie_id: int) -> None:
+        raw = self.rules.lookup(bytes(U32(trie_id)))
+        if raw is None:
+            return
+        with Map.from_id(int.from_bytes(raw, "little")) as inner:
+            inner.pin(self.pins.trie(trie_id))
+
+    def _unpin_trie(self, trie_id: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pins.trie(trie_id))
+
+    # ---- reading back -------------------------------------------------------------
+    def read_trie(self, trie_id: int) -> CompiledRules | None:
+        """A trie's entries as stored in the kernel, port sets included: read from the
+        maps, not from this object's bookkeeping (what explain and the CLI show)."""
+        raw = self.rules.lookup(bytes(U32(trie_id)))
+        if raw is None:
+            return None
+        inner_id = int.from_bytes(raw, "little")
+        out = CompiledRules()
+        portsets: dict[int, Portset] = {}
+        try:
+            inner = Map.from_pin(self.pins.trie(trie_id))
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            inner = Map.from_id(inner_id)  # not pinned (yet): needs CAP_SYS_ADMIN
+        with inner:
+            for k, v in inner.items():
+                key = lay.NpLpmKey.from_buffer_copy(k)
+                ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id
+                if ps_id not in portsets:
+                    portsets[ps_id] = self.read_portset(ps_id)
+                out.entries[_prefix_from_key(key)] = portsets[ps_id]
+        return out
+
+    def read_portset(self, portset_id: int) -> Portset:
+        if portset_id == lay.NP_PORTSET_NONE:
+            return NOTHING
+        raw = self.portsets.lookup(U32(portset_id))
+        if raw is None:
+            raise BpfError(2, f"port set {portset_id} referenced by a trie is missing")
+        return portset_from_map(raw)
+
+    # ---- bookkeeping ----------------------------------------------------------------
+    def sizes(self) -> tuple[int, int, int]:
+        """(live tries, retired tries, port sets). May be read from the event loop while
+        the owner changes the tables: the trie table is copied in one C-level call (under
+        the GIL) before it is walked."""
+        tries = list(self.tries.values())
+        return len(tries), sum(1 for t in tries if t.refs <= 0), len(self._portsets)
