@@ -40,7 +40,7 @@ from common.localapi import (
 )
 from common.loopmon import LoopMonitor
 from common.netlink import Netlink
-from common.supervisor import StartupError, run_process, supervise
+from common.supervisor import FlagError, StartupError, run_process, supervise
 from common.watching import WatchSettings, WatchStats, list_watch
 
 log = structlog.get_logger("agent")
@@ -50,7 +50,9 @@ def open_datapath(settings: Settings) -> Datapath:
     try:
         return Datapath.open(settings.bpf_pin_root, ct_entries=settings.conntrack_cache_table_size)
     except PinnedSizeError as exc:
-        raise StartupError(f"--conntrack-cache-table-size: {exc}") from None
+        raise FlagError(
+            f"invalid --conntrack-cache-table-size={settings.conntrack_cache_table_size}: {exc}"
+        ) from None
     except BpfError as exc:
         log.debug("datapath.load_failed", detail=exc.detail)
         raise StartupError(f"cannot load the datapath: {exc.strerror}") from None

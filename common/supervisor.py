@@ -78,8 +78,15 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 
 
 class StartupError(Exception):
-    """A condition that prevents a process from starting, as one line. The process exits
-    2 when it names an invalid flag (``invalid --flag=...``), 1 otherwise."""
+    """A condition that prevents a process from starting, as one line: exit 1."""
+
+    exit_code = 1
+
+
+class FlagError(StartupError):
+    """A flag's value that cannot work here (``invalid --flag=value: why``): exit 2."""
+
+    exit_code = 2
 
 
 def run_process(program: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> NoReturn:
@@ -95,7 +102,7 @@ def run_process(program: str, body: Callable[[asyncio.Event], Awaitable[None]]) 
             await body(stop)
         except StartupError as exc:
             sys.stderr.write(f"{program}: {exc}\n")
-            return 2 if "invalid --" in str(exc) else 1
+            return exc.exit_code
         return 0
 
     code = 0  # a Ctrl-C before the signal handlers are in place: nothing started yet

@@ -25,7 +25,7 @@ from common import logs, preflight
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import CONNTRACK_SOCKET, make_app, serve_unix, socket_path
-from common.supervisor import StartupError, run_process, supervise
+from common.supervisor import FlagError, StartupError, run_process, supervise
 from conntrack.sweep import Sweeper, SweepResult
 
 log = structlog.get_logger("conntrack")
@@ -143,7 +143,7 @@ async def open_map(settings: Settings, stop: asyncio.Event) -> Map | None:
     if m.max_entries != settings.conntrack_cache_table_size:
         size = m.max_entries
         m.close()
-        raise StartupError(
+        raise FlagError(
             f"invalid --conntrack-cache-table-size={settings.conntrack_cache_table_size}: "
             f"the conntrack map pinned at {path} has {size} entries; resizing means "
             "recreating the map and losing every tracked flow, so it is refused at run time "

@@ -51,6 +51,7 @@ class ResolverStatus(BaseModel):
     conflicts: int
     errors: int
     invalid: int  # NetworkPolicies that could not be resolved
+    bugs: int = 0  # resolutions that raised (a resolver bug: see the log)
     batches: int
     last_batch_ms: float
 
@@ -74,6 +75,7 @@ def api(resolver: Resolver, elector: LeaderElector | None, identity: str) -> web
             conflicts=s.conflicts,
             errors=s.errors,
             invalid=s.invalid,
+            bugs=s.bugs,
             batches=s.batches,
             last_batch_ms=s.last_batch_ms,
         )

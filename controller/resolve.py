@@ -27,7 +27,7 @@ from typing import Any
 
 from controller.layout import Group, Resolution, paired
 from controller.selectors import compile_selector
-from controller.validate import PolicyInvalid, validate_spec
+from controller.validate import InvalidPolicy, validate_spec
 
 MAX_ENTRIES = 200  # entries (and pods) per object: the controller's --endpoint-chunk-size
 ALL_V4, ALL_V6 = "0.0.0.0/0", "::/0"
@@ -334,11 +334,6 @@ def _dedupe(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- the policy --------------------------------------------------------------------------
-class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API would)
-    """A NetworkPolicy this resolver cannot resolve (the API server's validation would
-    have refused it); the message names the policy and the problem."""
-
-
 def resolve(policy: Mapping[str, Any], world: World, chunk_size: int = MAX_ENTRIES) -> list[Obj]:
     """The specs of a NetworkPolicy's PolicyEndpoints in the paired layout (ordered,
     deterministic); InvalidPolicy if its content is malformed."""
@@ -351,15 +346,13 @@ def resolution(policy: Mapping[str, Any], world: World) -> Resolution:
     meta = policy.get("metadata") or {} if isinstance(policy, Mapping) else {}
     where = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
     try:
+        # validated first: anything raised past validation is a resolver bug, and
+        # surfaces as one (never as "bad input")
         res = _resolve(policy, world)
-        json.dumps([res.egress, [(g.pods, g.ingress) for g in res.groups]])
-        return res
-    except InvalidPolicy:
-        raise
-    except PolicyInvalid as exc:
+    except InvalidPolicy as exc:
         raise InvalidPolicy(f"networkpolicy {where}: {exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise InvalidPolicy(f"networkpolicy {where}: {type(exc).__name__}: {exc}") from None
+    json.dumps([res.egress, [(g.pods, g.ingress) for g in res.groups]])
+    return res
 
 
 def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:

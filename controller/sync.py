@@ -28,7 +28,8 @@ from common.policyendpoint import API_VERSION, GROUP_ANNOTATION, KIND, TRIGGER_A
 from common.watching import Replacing
 from controller.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
 from controller.metrics import POLICY_TYPE, ResolverMetrics
-from controller.resolve import InvalidPolicy, World, pod_from, resolution, service_from
+from controller.resolve import World, pod_from, resolution, service_from
+from controller.validate import InvalidPolicy
 
 log = structlog.get_logger("resolver")
 
@@ -58,6 +59,7 @@ class ResolverStats:
     conflicts: int = 0
     errors: int = 0
     invalid: int = 0
+    bugs: int = 0  # policies whose resolution raised: a resolver bug, logged
     batches: int = 0
     observed_rv: int = 0
     last_batch_ms: float = 0.0
@@ -203,6 +205,13 @@ class Resolver:
                 self.dirty.add(key)
                 self.changed.set()  # try again at the next round
                 await asyncio.sleep(0.2)
+            except Exception:  # a bug in the resolver, not bad input: loud, and contained
+                self.stats.bugs += 1
+                log.exception(
+                    "resolver.bug",
+                    policy=f"{key[0]}/{key[1]}",
+                    effect="this policy's objects stay as they were",
+                )
             finally:
                 self.metrics.reconciliations.labels(POLICY_TYPE, result).inc()
                 self.metrics.reconcile_duration.labels(POLICY_TYPE).observe(

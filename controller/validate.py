@@ -23,24 +23,25 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 _SVC_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
 
-class PolicyInvalid(ValueError):  # noqa: N818 (a condition of the input)
-    """``field: problem``."""
+class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API would)
+    """A NetworkPolicy the API server's validation would refuse: ``field: problem``
+    (the resolver prefixes the policy's name)."""
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+    def __init__(self, field: str, problem: str = "") -> None:
+        super().__init__(f"{field}: {problem}" if problem else field)
 
 
 def validate_spec(spec: Any) -> None:
-    """Raise PolicyInvalid naming the first field the API server would refuse."""
+    """Raise InvalidPolicy naming the first field the API server would refuse."""
     if not isinstance(spec, Mapping):
-        raise PolicyInvalid("spec", "must be an object")
+        raise InvalidPolicy("spec", "must be an object")
     _selector(spec.get("podSelector"), "spec.podSelector")
     types = spec.get("policyTypes")
     if types is not None:
         _list(types, "spec.policyTypes")
         for i, t in enumerate(types):
             if t not in ("Ingress", "Egress"):
-                raise PolicyInvalid(
+                raise InvalidPolicy(
                     f"spec.policyTypes[{i}]", f"{bounded(t)} is not Ingress or Egress"
                 )
     for direction, peers_key in (("ingress", "from"), ("egress", "to")):
@@ -58,18 +59,18 @@ def _objects(value: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
     _list(value, where)
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
-            raise PolicyInvalid(f"{where}[{i}]", "must be an object")
+            raise InvalidPolicy(f"{where}[{i}]", "must be an object")
         yield f"{where}[{i}]", item
 
 
 def _list(value: Any, where: str) -> None:
     if not isinstance(value, list):
-        raise PolicyInvalid(where, "must be a list")
+        raise InvalidPolicy(where, "must be a list")
 
 
 def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise PolicyInvalid(where, f"{bounded(value)} is not a string")
+        raise InvalidPolicy(where, f"{bounded(value)} is not a string")
     return value
 
 
@@ -77,11 +78,11 @@ def _selector(sel: Any, where: str) -> None:
     if sel is None:
         return
     if not isinstance(sel, Mapping):
-        raise PolicyInvalid(where, "must be an object")
+        raise InvalidPolicy(where, "must be an object")
     labels = sel.get("matchLabels")
     if labels is not None:
         if not isinstance(labels, Mapping):
-            raise PolicyInvalid(f"{where}.matchLabels", "must be an object")
+            raise InvalidPolicy(f"{where}.matchLabels", "must be an object")
         for k, v in labels.items():
             _string(k, f"{where}.matchLabels")
             _string(v, f"{where}.matchLabels[{k}]")
@@ -93,19 +94,19 @@ def _selector(sel: Any, where: str) -> None:
 def _expression(e: Mapping[str, Any], at: str) -> None:
     """One matchExpressions entry: a key, a known operator, values as it requires."""
     if not _string(e.get("key"), f"{at}.key"):
-        raise PolicyInvalid(f"{at}.key", "must not be empty")
+        raise InvalidPolicy(f"{at}.key", "must not be empty")
     op = e.get("operator")
     if op not in OPERATORS:
-        raise PolicyInvalid(f"{at}.operator", f"{bounded(op)} is not one of {', '.join(OPERATORS)}")
+        raise InvalidPolicy(f"{at}.operator", f"{bounded(op)} is not one of {', '.join(OPERATORS)}")
     values = e.get("values")
     if values is not None:
         _list(values, f"{at}.values")
         for k, v in enumerate(values):
             _string(v, f"{at}.values[{k}]")
     if op in ("In", "NotIn") and not values:
-        raise PolicyInvalid(f"{at}.values", f"must be non-empty for {op}")
+        raise InvalidPolicy(f"{at}.values", f"must be non-empty for {op}")
     if op in ("Exists", "DoesNotExist") and values:
-        raise PolicyInvalid(f"{at}.values", f"must be empty for {op}")
+        raise InvalidPolicy(f"{at}.values", f"must be empty for {op}")
 
 
 def _peer(peer: Mapping[str, Any], where: str) -> None:
@@ -113,14 +114,14 @@ def _peer(peer: Mapping[str, Any], where: str) -> None:
     selectors = [k for k in ("podSelector", "namespaceSelector") if peer.get(k) is not None]
     if block is None:
         if not selectors:
-            raise PolicyInvalid(where, "must specify a podSelector, namespaceSelector or ipBlock")
+            raise InvalidPolicy(where, "must specify a podSelector, namespaceSelector or ipBlock")
         for k in selectors:
             _selector(peer[k], f"{where}.{k}")
         return
     if selectors:
-        raise PolicyInvalid(where, "may not specify both ipBlock and another peer")
+        raise InvalidPolicy(where, "may not specify both ipBlock and another peer")
     if not isinstance(block, Mapping):
-        raise PolicyInvalid(f"{where}.ipBlock", "must be an object")
+        raise InvalidPolicy(f"{where}.ipBlock", "must be an object")
     cidr = _cidr(block.get("cidr"), f"{where}.ipBlock.cidr")
     excepts = block.get("except")
     if excepts is None:
@@ -130,7 +131,7 @@ def _peer(peer: Mapping[str, Any], where: str) -> None:
         at = f"{where}.ipBlock.except[{i}]"
         net = _cidr(e, at)
         if not (cidr.contains(net) and net.length > cidr.length):
-            raise PolicyInvalid(at, f"{e} must be a strict subset of {block['cidr']}")
+            raise InvalidPolicy(at, f"{e} must be a strict subset of {block['cidr']}")
 
 
 def _cidr(value: Any, where: str) -> Cidr:
@@ -138,35 +139,35 @@ def _cidr(value: Any, where: str) -> Cidr:
     PolicyEndpoints allow)."""
     text = _string(value, where)
     if "/" not in text:
-        raise PolicyInvalid(where, f"{bounded(text)} is not a CIDR (address/length)")
+        raise InvalidPolicy(where, f"{bounded(text)} is not a CIDR (address/length)")
     try:
         return parse_cidr(text)
     except ValueError as exc:
-        raise PolicyInvalid(where, str(exc)) from None
+        raise InvalidPolicy(where, str(exc)) from None
 
 
 def _port(port: Mapping[str, Any], where: str) -> None:
     protocol = port.get("protocol")
     if protocol is not None and protocol not in PROTOCOLS:
-        raise PolicyInvalid(f"{where}.protocol", f"{bounded(protocol)} is not TCP, UDP or SCTP")
+        raise InvalidPolicy(f"{where}.protocol", f"{bounded(protocol)} is not TCP, UDP or SCTP")
     number = port.get("port")
     end = port.get("endPort")
     if number is None:
         if end is not None:
-            raise PolicyInvalid(f"{where}.endPort", "requires a numeric port")
+            raise InvalidPolicy(f"{where}.endPort", "requires a numeric port")
         return
     if isinstance(number, str) and number.isdigit():
         number = int(number)  # lenient: a quoted number is read as the number
     if isinstance(number, str):
         if not _SVC_NAME.match(number):
-            raise PolicyInvalid(f"{where}.port", f"{bounded(number)} is not a valid port name")
+            raise InvalidPolicy(f"{where}.port", f"{bounded(number)} is not a valid port name")
         if end is not None:
-            raise PolicyInvalid(f"{where}.endPort", "may not be used with a named port")
+            raise InvalidPolicy(f"{where}.endPort", "may not be used with a named port")
         return
     if not _is_int(number) or not 1 <= number <= 65535:
-        raise PolicyInvalid(f"{where}.port", f"{bounded(number)} is not a port (1-65535)")
+        raise InvalidPolicy(f"{where}.port", f"{bounded(number)} is not a port (1-65535)")
     if end is not None and (not _is_int(end) or not number <= end <= 65535):
-        raise PolicyInvalid(
+        raise InvalidPolicy(
             f"{where}.endPort", f"{bounded(end)} is not a port from {number} to 65535"
         )
 

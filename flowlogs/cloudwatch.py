@@ -57,6 +57,7 @@ MAX_SPAN_MS = 24 * 3600 * 1000 - 1
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_FUTURE_MS = 2 * 3600 * 1000
 PROBE_EVENTS = 100  # read back while CloudWatch's state is unknown
+REFUSED_PAUSE = 300.0  # seconds without read-back after a batch was refused for good
 RETRYABLE = {
     "ThrottlingException",
     "ServiceUnavailableException",
@@ -136,6 +137,7 @@ class CloudWatchShipper:
     _reship: str = ""  # the spill file being read back
     _reship_offset: int = 0
     _saved_state: tuple[int, str, int] | None = None
+    _refused_at: float = -REFUSED_PAUSE  # a batch refused for good: read-back pauses
 
     @property
     def held(self) -> int:
@@ -292,6 +294,8 @@ class CloudWatchShipper:
         return out
 
     async def _read_back(self) -> None:
+        if time.monotonic() - self._refused_at < REFUSED_PAUSE:
+            return  # what was refused would be refused again: not in a loop
         # healthy: a batch's worth; else (nothing sent yet, or failing) a small probe
         room = min(
             self.capacity // 2 - self.held, MAX_BATCH_EVENTS if self._healthy else PROBE_EVENTS
@@ -337,6 +341,57 @@ class CloudWatchShipper:
         self._ready = True
         log.info("cloudwatch.ready", group=self.group, stream=self.stream)
 
+    async def _put(self, client: Any, batch: list[Event]) -> Any:
+        """PutLogEvents for one batch, retried with backoff while the failure may pass
+        (throttling, outages, a deleted group or stream). A failure that will not pass
+        (a non-retryable error code: the request or the permissions are wrong) is
+        counted, the batch spilled, and None returned: the queue goes on."""
+        delay = 0.2
+        while True:
+            try:
+                await self._ensure(client)
+                resp = await client.put_log_events(
+                    logGroupName=self.group,
+                    logStreamName=self.stream,
+                    logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch],
+                )
+            except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+                self._healthy = False
+                code = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
+                self.stats.last_error = f"{code}: {exc}"[:300]
+                if isinstance(exc, ClientError) and code == "ResourceNotFoundException":
+                    self._ready = False  # group or stream deleted: create again
+                elif isinstance(exc, ClientError) and code not in RETRYABLE:
+                    self.stats.errors += 1
+                    written = self.spill.write_lines([f"{ts} {msg}\n" for ts, msg in batch])
+                    self.stats.overflow += written
+                    log.error(
+                        "cloudwatch.batch_refused",
+                        error=self.stats.last_error,
+                        events=len(batch),
+                        spilled=written,
+                        file=self.spill.path,
+                    )
+                    return None
+                self.stats.retries += 1
+                wait = delay * random.uniform(0.5, 1.5)
+                log.warning(
+                    "cloudwatch.retry",
+                    error=self.stats.last_error,
+                    retry_in=round(wait, 2),
+                    backlog=self.held,
+                )
+                self.stats.backlog = self.held
+                await self._save_state()
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            if not self._healthy and self.stats.last_error:
+                log.info("cloudwatch.recovered", after=self.stats.last_error[:120])
+            self._healthy = True
+            self.stats.last_error = ""
+            return resp
+
     async def _drain(self, client: Any) -> None:
         """Ship what is queued now; retry (keeping the batch) until it is accepted."""
         pending = sorted([*self._inflight, *self.queue])
@@ -345,48 +400,17 @@ class CloudWatchShipper:
         fresh = [e for e in pending if now_ms - MAX_AGE_MS < e[0] < now_ms + MAX_FUTURE_MS]
         self.stats.rejected += len(pending) - len(fresh)
         self._inflight = fresh
-        delay = 0.2
         for batch in make_batches(fresh):
-            while True:
-                try:
-                    await self._ensure(client)
-                    resp = await client.put_log_events(
-                        logGroupName=self.group,
-                        logStreamName=self.stream,
-                        logEvents=[{"timestamp": ts, "message": msg} for ts, msg in batch],
-                    )
-                    break
-                except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
-                    self._healthy = False
-                    code = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-                    if isinstance(exc, ClientError) and code == "ResourceNotFoundException":
-                        self._ready = False  # group or stream deleted: create again
-                    elif isinstance(exc, ClientError) and code not in RETRYABLE:
-                        self.stats.errors += 1
-                    self.stats.retries += 1
-                    self.stats.last_error = f"{code}: {exc}"[:300]
-                    wait = delay * random.uniform(0.5, 1.5)
-                    log.warning(
-                        "cloudwatch.retry",
-                        error=self.stats.last_error,
-                        retry_in=round(wait, 2),
-                        backlog=self.held,
-                    )
-                    self.stats.backlog = self.held
-                    await self._save_state()
-                    await asyncio.sleep(wait)
-                    delay = min(delay * 2, self.backoff_max)
-            if not self._healthy and self.stats.last_error:
-                log.info("cloudwatch.recovered", after=self.stats.last_error[:120])
-            self._healthy = True
-            self.stats.last_error = ""
+            resp = await self._put(client, batch)
+            if resp is None:  # refused for good: spilled (read back later), go on
+                del self._inflight[: len(batch)]
+                continue
             rejected = resp.get("rejectedLogEventsInfo") or {}
             refused = _rejected_count(rejected, len(batch)) if rejected else 0
             self.stats.rejected += refused
             self.stats.shipped += len(batch) - refused
             self.stats.batches += 1
             del self._inflight[: len(batch)]
-            delay = 0.2
         self.stats.backlog = len(self.queue)
 
 

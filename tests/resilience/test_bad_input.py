@@ -17,7 +17,8 @@ from agent.desired import pod_directions
 from agent.endpoints import from_api
 from bpf.errors import RuleLimitError
 from common.policyendpoint import PolicyEndpointError
-from controller.resolve import InvalidPolicy, Pod, World, resolve
+from controller.resolve import Pod, World, resolve
+from controller.validate import InvalidPolicy
 
 SETTINGS = settings(
     max_examples=300,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from controller.resolve import InvalidPolicy, World, resolve
-from controller.validate import PolicyInvalid, validate_spec
+from controller.resolve import World, resolve
+from controller.validate import InvalidPolicy, validate_spec
 
 
 def _ingress_port(port: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def _ingress_peer(peer: Any) -> dict[str, Any]:
     ],
 )
 def test_refused_naming_the_field(spec: Any, field: str) -> None:
-    with pytest.raises(PolicyInvalid) as exc:
+    with pytest.raises(InvalidPolicy) as exc:
         validate_spec(spec)
     assert str(exc.value).startswith(f"{field}: "), str(exc.value)
     # the resolver refuses it with the policy's name and the same field
@@ -102,3 +102,17 @@ def test_refused_naming_the_field(spec: Any, field: str) -> None:
 )
 def test_valid_policies_pass(spec: dict[str, Any]) -> None:
     validate_spec(spec)
+
+
+def test_a_resolver_bug_is_not_reported_as_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only validation failures are InvalidPolicy: an error past validation is a bug
+    in the resolver and surfaces as itself."""
+    from controller import resolve as resolve_module
+
+    def broken(policy: Any, world: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(resolve_module, "_resolve", broken)
+    policy = {"metadata": {"namespace": "default", "name": "np"}, "spec": {"podSelector": {}}}
+    with pytest.raises(KeyError):
+        resolve(policy, World())
