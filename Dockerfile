@@ -18,7 +18,7 @@ COPY bpf/ bpf/
 COPY common/ common/
 COPY agent/ agent/
 COPY cli/ cli/
-COPY controller/ controller/
+COPY resolver/ resolver/
 COPY conntrack/ conntrack/
 COPY flowlogs/ flowlogs/
 COPY simnode/ simnode/

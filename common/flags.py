@@ -83,7 +83,7 @@ class Settings(BaseModel):
     """np-resolver: pods, ingress entries and egress entries per PolicyEndpoint at most
     (the AWS controller's flag and default)."""
     endpoint_layout: Literal["paired", "controller"] = "paired"
-    """np-resolver: how a policy's objects are laid out (see controller.layout): every
+    """np-resolver: how a policy's objects are laid out (see resolver.layout): every
     pod chunk paired with every rule chunk, or packed independently as the AWS
     controller does (pod-only and rule-only objects)."""
     leader_elect: bool = True

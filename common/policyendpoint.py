@@ -20,7 +20,7 @@ API_VERSION = "networking.k8s.aws/v1alpha1"
 KIND = "PolicyEndpoint"
 TRIGGER_ANNOTATION = "networking.k8s.aws/last-change-trigger-time"
 # The target group of an object within its policy, written by np-resolver where ingress
-# named ports resolve differently on different targets (see controller.layout); agents
+# named ports resolve differently on different targets (see resolver.layout); agents
 # join objects by (namespace, policyRef.name, group). Absent: the one group.
 GROUP_ANNOTATION = "np-resolver.networking.k8s.aws/target-group"
 

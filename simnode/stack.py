@@ -27,9 +27,9 @@ from typing import Any
 
 from common.apimodels import WaitResult
 from common.localapi import AGENT_SOCKET, LocalClient, Unavailable, socket_path
-from controller.main import RESOLVER_SOCKET, ResolverStatus
 from fakekube import store as fs
 from fakekube.server import FakeKube
+from resolver.main import RESOLVER_SOCKET, ResolverStatus
 from simnode.netns import socket_in
 from simnode.node import SimNode, SimPod
 
@@ -38,7 +38,7 @@ NODE = "node-1"
 # process name -> Python module (the console scripts np-agent, np-resolver, ... run these)
 MODULES = {
     "agent": "agent",
-    "resolver": "controller",
+    "resolver": "resolver",
     "conntrack": "conntrack",
     "flowlogs": "flowlogs",
 }

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.localapi import AGENT_SOCKET, CONNTRACK_SOCKET, FLOWLOGS_SOCKET, socket_path
-from controller.main import RESOLVER_SOCKET
+from resolver.main import RESOLVER_SOCKET
 from simnode.node import SimNode
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
 

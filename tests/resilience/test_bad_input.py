@@ -17,8 +17,8 @@ from agent.desired import pod_directions
 from agent.endpoints import from_api
 from bpf.errors import RuleLimitError
 from common.policyendpoint import PolicyEndpointError
-from controller.resolve import Pod, World, resolve
-from controller.validate import InvalidPolicy
+from resolver.resolve import Pod, World, resolve
+from resolver.validate import InvalidPolicy
 
 SETTINGS = settings(
     max_examples=300,

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from common.localapi import LocalClient, Unavailable, socket_path
-from controller.main import RESOLVER_SOCKET, ResolverStatus
 from fakekube import store as fs
 from fakekube.server import FakeKube
+from resolver.main import RESOLVER_SOCKET, ResolverStatus
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE, RENEW, RETRY = 3.0, 2.0, 0.25

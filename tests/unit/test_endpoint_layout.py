@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.layout import Group, Held, Plan, Resolution, keys_of, packed, paired
+from resolver.layout import Group, Held, Plan, Resolution, keys_of, packed, paired
 
 
 def res(*, pods: int, ingress: int, egress: int, groups: int = 1) -> Resolution:

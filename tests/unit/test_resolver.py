@@ -11,10 +11,10 @@ import pytest
 
 from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
 from common.watching import list_watch
-from controller.resolve import World, pod_from, resolve, service_from
-from controller.sync import Resolver
 from fakekube import store as fs
 from fakekube.server import FakeKube
+from resolver.resolve import World, pod_from, resolve, service_from
+from resolver.sync import Resolver
 
 
 def pod(

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from controller.resolve import World, resolve
-from controller.validate import InvalidPolicy, validate_spec
+from resolver.resolve import World, resolve
+from resolver.validate import InvalidPolicy, validate_spec
 
 
 def _ingress_port(port: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def test_valid_policies_pass(spec: dict[str, Any]) -> None:
 def test_a_resolver_bug_is_not_reported_as_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only validation failures are InvalidPolicy: an error past validation is a bug
     in the resolver and surfaces as itself."""
-    from controller import resolve as resolve_module
+    from resolver import resolve as resolve_module
 
     def broken(policy: Any, world: Any) -> Any:
         raise KeyError("a bug")

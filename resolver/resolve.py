@@ -10,11 +10,11 @@ and better where it is wrong (pure; no API access).
   podSelector matches, with the Service's port numbers (policies see traffic before
   kube-proxy's DNAT).
 - Named ports: ingress resolves them on each target pod (targets resolving differently
-  form separate target groups, see ``controller.layout``, so the union stays exact);
+  form separate target groups, see ``resolver.layout``, so the union stays exact);
   egress resolves them on each destination pod, also for rules without ``to`` (the
   reference controller drops those). A rule whose named ports resolve to nothing allows
   nothing.
-- How the result is laid out into objects (chunks, layouts): ``controller.layout``.
+- How the result is laid out into objects (chunks, layouts): ``resolver.layout``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.layout import Group, Resolution, paired
-from controller.selectors import compile_selector
-from controller.validate import InvalidPolicy, validate_spec
+from resolver.layout import Group, Resolution, paired
+from resolver.selectors import compile_selector
+from resolver.validate import InvalidPolicy, validate_spec
 
 MAX_ENTRIES = 200  # entries (and pods) per object: the controller's --endpoint-chunk-size
 ALL_V4, ALL_V6 = "0.0.0.0/0", "::/0"

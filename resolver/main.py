@@ -27,9 +27,9 @@ from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SE
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import run_process, supervise
 from common.watching import WatchSettings, WatchStats, list_watch
-from controller.leader import LeaderElector
-from controller.metrics import metrics_app
-from controller.sync import Resolver
+from resolver.leader import LeaderElector
+from resolver.metrics import metrics_app
+from resolver.sync import Resolver
 
 log = structlog.get_logger("resolver")
 RESOLVER_SOCKET = "resolver.sock"

@@ -26,10 +26,10 @@ import structlog
 from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
 from common.policyendpoint import API_VERSION, GROUP_ANNOTATION, KIND, TRIGGER_ANNOTATION
 from common.watching import Replacing
-from controller.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
-from controller.metrics import POLICY_TYPE, ResolverMetrics
-from controller.resolve import World, pod_from, resolution, service_from
-from controller.validate import InvalidPolicy
+from resolver.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
+from resolver.metrics import POLICY_TYPE, ResolverMetrics
+from resolver.resolve import World, pod_from, resolution, service_from
+from resolver.validate import InvalidPolicy
 
 log = structlog.get_logger("resolver")
 

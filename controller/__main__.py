@@ -1,3 +1,0 @@
-from controller.main import main
-
-main()

@@ -1,0 +1,3 @@
+from resolver.main import main
+
+main()
