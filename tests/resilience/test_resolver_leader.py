@@ -36,7 +36,7 @@ class Replicas:
         self.procs[name] = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "controller",
+            "resolver",
             f"--kubeconfig={self.workdir / 'kubeconfig'}",
             f"--runtime-dir={rundir}",
             "--health-probe-bind-addr=127.0.0.1:0",
