@@ -417,12 +417,6 @@ class _Pods:
         self.cache.pods_synced = True
         self.cache.changed.set()  # a (re)list is news even when it changed nothing
 
-    def replace(self, items: list[dict[str, Any]]) -> None:
-        self.begin()
-        for obj in items:
-            self.add(obj)
-        self.end()
-
     def apply(self, event: WatchEvent) -> None:
         if event.type == "DELETED":
             key = pod_key(event.object)
@@ -469,12 +463,6 @@ class _Endpoints:
             c._settle(pk)
         c.endpoints_synced = True
         c.changed.set()
-
-    def replace(self, items: list[dict[str, Any]]) -> None:
-        self.begin()
-        for obj in items:
-            self.add(obj)
-        self.end()
 
     def apply(self, event: WatchEvent) -> None:
         meta = event.object.get("metadata") or {}

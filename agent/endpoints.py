@@ -75,20 +75,6 @@ class PackedRules:
             max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others
         )
 
-    @classmethod
-    def of(cls, rules: Iterable[PeerRule]) -> PackedRules:
-        groups: dict[tuple[PortRange, ...], bytearray] = {}
-        others = []
-        for r in rules:
-            if r.excepts:
-                others.append(r)
-                continue
-            p = Prefix.of(r.cidr)
-            groups.setdefault(r.ports, bytearray()).extend(
-                _PACKED.pack(p.family, p.length, p.value.to_bytes(16, "big"))
-            )
-        return cls(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
-
 
 @dataclass(frozen=True, slots=True)
 class Endpoints:

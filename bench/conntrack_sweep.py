@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 
+from bench import ctwriter
 from bench.common import prepare
 from bpf import layout as lay
 from bpf.datapath import Datapath
@@ -52,7 +53,7 @@ def populate(dp: Datapath, netns: str, n: int) -> None:
             kernel.append((socket.AF_INET, pod, _addr(i // 60000, 0x0A640000), 17, pod_port, 53))
     dp.ct.raw.update_batch(bytes(keys), bytes(values))
     with inside(netns):
-        writer = ct.Writer()
+        writer = ctwriter.Writer()
         try:
             failures = writer.send(ct.IPCTNL_MSG_CT_NEW, kernel, timeout=3600)
         finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 from typing import Any
 
 from bpf.errors import BpfError, LibbpfMissingError
@@ -239,8 +238,3 @@ def check_ptr(ptr: int | None, what: str) -> int:
     if not ptr:
         raise BpfError(last_errno(), what)
     return ptr
-
-
-def close_fd(fd: int) -> None:
-    if fd >= 0:
-        os.close(fd)

@@ -26,9 +26,6 @@ class Attachment:
     ingress_prog_id: int
     egress_prog_id: int
 
-    def is_current(self, *, ingress: Program, egress: Program) -> bool:
-        return (self.ingress_prog_id, self.egress_prog_id) == (ingress.id, egress.id)
-
 
 async def attach(nl: Netlink, ifindex: int, *, ingress: Program, egress: Program) -> None:
     await nl.attach_bpf(

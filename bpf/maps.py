@@ -18,20 +18,14 @@ from bpf import _libbpf as lb
 from bpf.errors import BpfError
 
 # enum bpf_map_type (uapi), the subset the project uses
-MAP_TYPE_HASH = 1
-MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
-MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_LRU_PERCPU_HASH = 10
 MAP_TYPE_LPM_TRIE = 11
 MAP_TYPE_ARRAY_OF_MAPS = 12
 MAP_TYPE_HASH_OF_MAPS = 13
-MAP_TYPE_RINGBUF = 27
 
 BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
 BPF_F_NO_PREALLOC = 1
 
 _PERCPU_TYPES = {MAP_TYPE_PERCPU_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_PERCPU_HASH}
@@ -405,6 +399,3 @@ class TypedMap(Generic[K, V]):
             keys += bytes(k)
             values += bytes(v)
         self.raw.update_batch(bytes(keys), bytes(values))
-
-    def delete_many(self, keys: Iterable[K]) -> None:
-        self.raw.delete_batch(b"".join(bytes(k) for k in keys))

@@ -63,9 +63,6 @@ class PortRange:
             raise ValueError("an any-protocol rule covers every port")
 
 
-ALL_TRAFFIC = (PortRange(NP_PROTO_ANY),)
-
-
 class Prefix(NamedTuple):
     """A prefix as the datapath keys it: family, prefix length and the address as int."""
 

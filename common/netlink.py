@@ -150,12 +150,6 @@ class Netlink:
             out.append(_link(msg))
         return out
 
-    async def link_by_name(self, name: str) -> Link | None:
-        for link in await self.links():
-            if link.name == name:
-                return link
-        return None
-
     async def addresses(self) -> list[Addr]:
         return [_addr(msg) async for msg in await self._sock.addr("dump")]
 

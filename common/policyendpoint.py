@@ -202,9 +202,6 @@ class PolicyEndpoint(_Model):
     metadata: ObjectMeta
     spec: PolicyEndpointSpec
 
-    def to_k8s(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
-
 
 class PolicyEndpointError(ValueError):
     """A PolicyEndpoint the agent must not enforce; ``reason`` is one line."""
@@ -215,11 +212,6 @@ class PolicyEndpointError(ValueError):
         self.namespace = namespace
         self.name = name
         self.reason = reason
-
-
-def parse(obj: dict[str, Any]) -> PolicyEndpoint:
-    """Validate a PolicyEndpoint as read from the API; raises PolicyEndpointError."""
-    return parse_with_rules(obj)[0]
 
 
 def parse_with_rules(obj: dict[str, Any]) -> tuple[PolicyEndpoint, list[Rule], list[Rule]]:

@@ -394,7 +394,10 @@ asyncio.run(main())
             assert before.ingress_prog_id == old_prog != adopted.ingress_prog.id
             await attach(nl, late.ifindex, ingress=adopted.ingress_prog, egress=adopted.egress_prog)
             after = await attachment(nl, late.ifindex)
-            assert after.is_current(ingress=adopted.ingress_prog, egress=adopted.egress_prog)
+            assert (after.ingress_prog_id, after.egress_prog_id) == (
+                adopted.ingress_prog.id,
+                adopted.egress_prog.id,
+            )
         # the adopter's changes take effect
         adopted.program_pods(
             {late.ifindex: PodPolicy(rec.pod_id, applied(PeerRule(host(c2, 4))), ALLOW_ALL)}

@@ -18,6 +18,14 @@ from common.policyendpoint import GROUP_ANNOTATION, PolicyEndpointError
 NODE_IP = "172.31.255.1"
 
 
+def full_state(consumer: Any, items: list[dict[str, Any]]) -> None:
+    """A (re)list delivering ``items``, as list_watch does."""
+    consumer.begin()
+    for obj in items:
+        consumer.add(obj)
+    consumer.end()
+
+
 def pe(
     name: str,
     *,
@@ -186,23 +194,25 @@ def test_cache_keeps_only_what_concerns_this_node() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     pods = cache.pods_consumer()
     endpoints = cache.endpoints_consumer()
-    pods.replace(
+    full_state(
+        pods,
         [
             {
                 "metadata": {"name": "a", "namespace": "default", "uid": "u1"},
                 "spec": {},
                 "status": {"podIP": "10.0.0.1"},
             }
-        ]
+        ],
     )
-    endpoints.replace(
+    full_state(
+        endpoints,
         [
             pe("here-1", policy="here", pods=[("a", "10.0.0.1", NODE_IP)]),
             pe("elsewhere-1", policy="elsewhere", pods=[("z", "10.9.0.1", "172.31.0.99")]),
             pe("elsewhere-2", policy="elsewhere", pods=[], ingress=[{"cidr": "10.0.0.0/8"}]),
             # a pod not seen yet, on this node
             pe("soon-1", policy="soon", pods=[("b", "10.0.0.2", NODE_IP)]),
-        ]
+        ],
     )
     assert set(cache.endpoints) == {("default", "here-1"), ("default", "soon-1")}
     assert set(cache.stubs) == {("default", "elsewhere-1"), ("default", "elsewhere-2")}
@@ -221,7 +231,8 @@ def test_cache_keeps_only_what_concerns_this_node() -> None:
 
 
 def _local(cache: Cache, *pods: tuple[str, str, str]) -> None:
-    cache.pods_consumer().replace(
+    full_state(
+        cache.pods_consumer(),
         [
             {
                 "metadata": {"name": n, "namespace": ns, "uid": f"u-{n}"},
@@ -229,7 +240,7 @@ def _local(cache: Cache, *pods: tuple[str, str, str]) -> None:
                 "status": {"podIP": ip},
             }
             for ns, n, ip in pods
-        ]
+        ],
     )
 
 
@@ -237,7 +248,8 @@ def test_a_policy_split_into_pod_and_rule_chunks_is_joined() -> None:
     """The AWS controller's layout: pods in one object, the ingress entries in another."""
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "web", "10.0.0.1"))
-    cache.endpoints_consumer().replace(
+    full_state(
+        cache.endpoints_consumer(),
         [
             pe(
                 "allow-ok-abc12",
@@ -252,7 +264,7 @@ def test_a_policy_split_into_pod_and_rule_chunks_is_joined() -> None:
                 pods=[],
                 ingress=[{"cidr": "10.0.0.9"}],
             ),
-        ]
+        ],
     )
     got = cache.endpoints_for(("default", "web"))
     assert [e.name for e in got] == ["allow-ok-abc12", "allow-ok-def34"]
@@ -267,7 +279,7 @@ def test_rule_chunk_before_pod_chunk_is_fetched_and_the_pod_waits() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "web", "10.0.0.1"))
     endpoints = cache.endpoints_consumer()
-    endpoints.replace([])
+    full_state(endpoints, [])
     rules = pe("p-rules", pods=[], isolation=["Ingress"], ingress=[{"cidr": "10.0.0.9"}])
     rules["metadata"]["resourceVersion"] = "7"
     endpoints.apply(WatchEvent("ADDED", rules))
@@ -298,11 +310,12 @@ def test_a_policy_that_stops_selecting_local_pods_becomes_stubs() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "web", "10.0.0.1"))
     endpoints = cache.endpoints_consumer()
-    endpoints.replace(
+    full_state(
+        endpoints,
         [
             pe("p-pods", pods=[("web", "10.0.0.1", NODE_IP)]),
             pe("p-rules", pods=[], ingress=[{"cidr": "10.0.0.9"}]),
-        ]
+        ],
     )
     assert set(cache.endpoints) == {("default", "p-pods"), ("default", "p-rules")}
     endpoints.apply(WatchEvent("MODIFIED", pe("p-pods", pods=[], generation=2)))
@@ -325,7 +338,7 @@ def test_only_the_objects_own_namespace_selects() -> None:
     mixed["spec"]["podSelectorEndpoints"] = [
         {"podIP": "10.0.0.4", "hostIP": NODE_IP, "name": "d", "namespace": "other-ns"}
     ]
-    cache.endpoints_consumer().replace([evil, mixed])
+    full_state(cache.endpoints_consumer(), [evil, mixed])
     assert cache.endpoints_for(("default", "a")) == []
     assert cache.endpoints_for(("other-ns", "d")) == []
     assert ignored == ["foreign-namespace", "foreign-namespace"]
@@ -335,8 +348,9 @@ def test_an_entry_under_another_address_is_not_a_selection() -> None:
     ignored: list[str] = []
     cache = Cache(node_addresses=lambda: {NODE_IP}, on_ignored=ignored.append)
     _local(cache, ("default", "b", "10.0.0.2"))
-    cache.endpoints_consumer().replace(
-        [pe("x-1", pods=[("b", "10.0.0.77", "172.31.0.99")], isolation=["Ingress"])]
+    full_state(
+        cache.endpoints_consumer(),
+        [pe("x-1", pods=[("b", "10.0.0.77", "172.31.0.99")], isolation=["Ingress"])],
     )
     assert cache.endpoints_for(("default", "b")) == []
     assert cache.endpoints_for(("default", "b")) == []
@@ -346,8 +360,9 @@ def test_an_entry_under_another_address_is_not_a_selection() -> None:
 def test_hostnetwork_entries_are_skipped() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "h", NODE_IP))
-    cache.endpoints_consumer().replace(
-        [pe("h-1", pods=[("h", NODE_IP, NODE_IP)], isolation=["Ingress"])]
+    full_state(
+        cache.endpoints_consumer(),
+        [pe("h-1", pods=[("h", NODE_IP, NODE_IP)], isolation=["Ingress"])],
     )
     assert cache.endpoints_for(("default", "h")) == []
 
@@ -357,7 +372,7 @@ def test_policyref_in_another_namespace_is_rejected() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP}, on_rejected=lambda ns, n, why: seen.append(why))
     obj = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)])
     obj["spec"]["policyRef"]["namespace"] = "elsewhere"
-    cache.endpoints_consumer().replace([obj])
+    full_state(cache.endpoints_consumer(), [obj])
     assert cache.endpoints == {}
     assert seen
     assert seen[0].startswith("spec.policyRef.namespace")
@@ -366,7 +381,8 @@ def test_policyref_in_another_namespace_is_rejected() -> None:
 def test_objects_of_one_policy_name_in_two_namespaces_are_not_joined() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
     _local(cache, ("default", "a", "10.0.0.1"), ("other", "c", "10.0.0.3"))
-    cache.endpoints_consumer().replace(
+    full_state(
+        cache.endpoints_consumer(),
         [
             pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], isolation=["Ingress"]),
             pe(
@@ -376,7 +392,7 @@ def test_objects_of_one_policy_name_in_two_namespaces_are_not_joined() -> None:
                 isolation=["Ingress"],
                 ingress=[{"cidr": "10.9.0.0/16"}],
             ),
-        ]
+        ],
     )
     assert [e.name for e in cache.endpoints_for(("default", "a"))] == ["p-1"]
 
@@ -387,7 +403,7 @@ def test_target_groups_of_one_policy_are_joined_apart() -> None:
     one = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "10.1.0.0/16"}])
     two = pe("p-2", pods=[("b", "10.0.0.2", NODE_IP)], ingress=[{"cidr": "10.2.0.0/16"}])
     two["metadata"]["annotations"][GROUP_ANNOTATION] = "1"
-    cache.endpoints_consumer().replace([one, two])
+    full_state(cache.endpoints_consumer(), [one, two])
     assert [e.name for e in cache.endpoints_for(("default", "a"))] == ["p-1"]
     assert [e.name for e in cache.endpoints_for(("default", "b"))] == ["p-2"]
 
@@ -398,17 +414,18 @@ def test_cache_rejection_keeps_the_last_accepted_version() -> None:
         node_addresses=lambda: {NODE_IP}, on_rejected=lambda ns, n, why: seen.append((ns, n, why))
     )
     pods, endpoints = cache.pods_consumer(), cache.endpoints_consumer()
-    pods.replace(
+    full_state(
+        pods,
         [
             {
                 "metadata": {"name": "a", "namespace": "default"},
                 "spec": {},
                 "status": {"podIP": "10.0.0.1"},
             }
-        ]
+        ],
     )
     good = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "10.0.0.0/8"}])
-    endpoints.replace([good])
+    full_state(endpoints, [good])
     cache.take_dirty()
     bad = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], ingress=[{"cidr": "nonsense"}], generation=2)
     endpoints.apply(WatchEvent("MODIFIED", bad))
@@ -423,8 +440,8 @@ def test_cache_rejection_keeps_the_last_accepted_version() -> None:
 
 def test_an_empty_list_still_wakes_the_enforcer() -> None:
     cache = Cache(node_addresses=lambda: {NODE_IP})
-    cache.pods_consumer().replace([])
-    cache.endpoints_consumer().replace([])
+    full_state(cache.pods_consumer(), [])
+    full_state(cache.endpoints_consumer(), [])
     assert cache.pods_synced
     assert cache.endpoints_synced
     assert cache.changed.is_set()

@@ -13,7 +13,7 @@ import structlog
 from common import logs
 from common.echo import LOG_VALUE_LIMIT, bounded
 from common.podobject import PodError, parse_pod
-from common.policyendpoint import PolicyEndpointError, parse
+from common.policyendpoint import PolicyEndpointError, parse_with_rules
 
 HUGE = "10." + "9" * 1_000_000 + "/8"
 
@@ -33,7 +33,7 @@ def endpoint(cidr: str) -> dict[str, Any]:
 
 def test_a_megabyte_cidr_gives_a_short_reason() -> None:
     with pytest.raises(PolicyEndpointError) as err:
-        parse(endpoint(HUGE))
+        parse_with_rules(endpoint(HUGE))
     assert len(err.value.reason) < 1000
     assert "chars)" in err.value.reason  # says how long the value was
     assert len(str(err.value)) < 1100
