@@ -27,7 +27,7 @@ from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
 from agent.worker import DatapathWorker
 from bpf import layout as lay
-from bpf.attach import attachment
+from bpf.attach import attachment, ours
 from bpf.datapath import Datapath
 from bpf.ruleset import CompiledRules, Portset
 from common.apimodels import (
@@ -62,7 +62,7 @@ from common.netlink import Netlink, NetlinkOpError
 from common.watching import WatchStats
 
 log = structlog.get_logger("agent.api")
-PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP, "ICMP": 1}
+PROTOCOLS = {**lay.PROTOCOL_NUMBERS, "ICMP": 1}  # explain also answers for ICMP
 MAX_WAIT = 600.0
 
 
@@ -145,16 +145,18 @@ class AgentApi:
 
     # ---- pods -------------------------------------------------------------------------
     async def pods(self, _: web.Request) -> web.Response:
-        views = [await self._pod_view(ref) for ref in sorted(self.cache.pods)]
+        async with Netlink() as nl:  # one socket for every pod's attachment
+            views = [await self._pod_view(ref, nl) for ref in sorted(self.cache.pods)]
         return web.json_response([v.model_dump(mode="json") for v in views])
 
     async def pod(self, request: web.Request) -> web.Response:
         ref = (request.match_info["namespace"], request.match_info["name"])
         if ref not in self.cache.pods:
             raise web.HTTPNotFound(reason=f"pod {ref[0]}/{ref[1]} is not on this node")
-        return _json(await self._pod_view(ref))
+        async with Netlink() as nl:
+            return _json(await self._pod_view(ref, nl))
 
-    async def _pod_view(self, ref: PodRef) -> PodView:
+    async def _pod_view(self, ref: PodRef, nl: Netlink) -> PodView:
         pod = self.cache.pods[ref]
         st = self.enforcer.status.get(ref)
         ifindex = st.ifindex if st else 0
@@ -163,8 +165,7 @@ class AgentApi:
         if ifindex:
             ingress, egress = await self.worker.call(self._directions, ifindex)
             try:
-                async with Netlink() as nl:
-                    att = await attachment(nl, ifindex)
+                att = await attachment(nl, ifindex)
                 ing_id, egr_id = att.ingress_prog_id, att.egress_prog_id
             except NetlinkOpError:
                 pass
@@ -179,8 +180,7 @@ class AgentApi:
             interface=link.name if link else "",
             ifindex=ifindex,
             pod_id=st.pod_id if st else 0,
-            attached=bool(ifindex)
-            and (ing_id, egr_id) == (self.dp.ingress_prog.id, self.dp.egress_prog.id),
+            attached=bool(ifindex) and (ing_id, egr_id) == ours(self.dp),
             ingress_prog_id=ing_id,
             egress_prog_id=egr_id,
             programmed=self.enforcer.is_programmed(ref),

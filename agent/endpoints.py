@@ -37,7 +37,7 @@ PodRef = tuple[str, str]  # (namespace, name)
 # agents that ignore the annotation join the groups, which allows the union of the groups'
 # ports (what the AWS controller itself writes), never less.
 PolicyKey = tuple[str, str, str]
-_PROTOCOLS = {"TCP": lay.NP_PROTO_TCP, "UDP": lay.NP_PROTO_UDP, "SCTP": lay.NP_PROTO_SCTP}
+_PROTOCOLS = lay.PROTOCOL_NUMBERS
 
 
 _PACKED = struct.Struct(">BB16s")  # family, prefix length, address (big-endian, 16 bytes)

@@ -33,7 +33,7 @@ from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
 from agent.worker import DatapathWorker
 from bpf import layout as lay
-from bpf.attach import attach, attachment
+from bpf.attach import attach, attachment, ours
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.errors import BpfError, RuleLimitError
 from bpf.registry import TableFullError
@@ -227,8 +227,7 @@ class Enforcer:
 
     async def _attach(self, ifindex: int) -> None:
         assert self._nl is not None
-        want = (self.dp.ingress_prog.id, self.dp.egress_prog.id)
-        if self.attached.get(ifindex) == want:
+        if self.attached.get(ifindex) == ours(self.dp):
             return
         try:
             await attach(

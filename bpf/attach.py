@@ -10,10 +10,17 @@ at a newly loaded program never leaves it unfiltered.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from bpf import layout
 from bpf.objects import Program
 from common.netlink import HOOK_EGRESS, HOOK_INGRESS, Netlink
+
+
+class HasPrograms(Protocol):
+    ingress_prog: Program
+    egress_prog: Program
+
 
 POD_INGRESS_HOOK = HOOK_EGRESS
 POD_EGRESS_HOOK = HOOK_INGRESS
@@ -45,3 +52,9 @@ async def attachment(nl: Netlink, ifindex: int) -> Attachment:
         if f.name in (layout.PROG_INGRESS, layout.PROG_EGRESS):
             ids[f.hook] = f.prog_id
     return Attachment(ingress_prog_id=ids[POD_INGRESS_HOOK], egress_prog_id=ids[POD_EGRESS_HOOK])
+
+
+def ours(dp: HasPrograms) -> tuple[int, int]:
+    """(ingress, egress) program ids of the loaded datapath: an interface whose
+    attachment equals this runs our current programs."""
+    return dp.ingress_prog.id, dp.egress_prog.id

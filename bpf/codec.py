@@ -6,6 +6,7 @@ import ctypes
 import struct
 
 from bpf import layout as lay
+from bpf.maps import TypedMap
 from bpf.ruleset import PortRule, Portset, Prefix
 
 LPM_KEY = lay.packer(lay.NpLpmKey)
@@ -64,3 +65,26 @@ def policy_ids(portset: Portset) -> set[int]:
         ids.add(portset.any_policy)
     ids.discard(0)
     return ids
+
+
+def meta_ref(meta: lay.NpPodMeta | lay.NpPolicyMeta) -> tuple[str, str]:
+    """(namespace, name) of a pod or policy name entry (np_pod_meta, np_policies)."""
+    return (
+        meta.namespace_.decode(errors="replace"),
+        meta.name.decode(errors="replace"),
+    )
+
+
+def meta_name(meta: lay.NpPodMeta | lay.NpPolicyMeta) -> str:
+    """``namespace/name`` of a pod or policy name entry."""
+    ns, name = meta_ref(meta)
+    return f"{ns}/{name}"
+
+
+def sum_stats(stats_map: TypedMap[ctypes.c_uint32, lay.NpStats]) -> dict[str, int]:
+    """The datapath's counters (np_stats, one slot per CPU), summed."""
+    totals = dict.fromkeys((f[0] for f in lay.NpStats._fields_), 0)
+    for cpu in stats_map.lookup_percpu(ctypes.c_uint32(0)):
+        for name in totals:
+            totals[name] += getattr(cpu, name)
+    return totals

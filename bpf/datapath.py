@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from bpf import layout as lay
-from bpf.codec import host_key
+from bpf.codec import host_key, meta_name, sum_stats
 from bpf.loading import grace_from_env, load_object
 from bpf.maps import Map, TypedMap
 from bpf.objects import BpfObject, Program
@@ -266,7 +266,7 @@ class Datapath:
     def policy_name(self, policy_id: int) -> str:
         """namespace/name of a policy id, from the pinned names ("" if unknown)."""
         meta = self.policies.lookup(U32(policy_id)) if policy_id else None
-        return f"{meta.namespace_.decode()}/{meta.name.decode()}" if meta else ""
+        return meta_name(meta) if meta else ""
 
     def is_host_address(self, address: lay.Address) -> bool:
         return self.host_addrs.lookup(host_key(address)) is not None
@@ -318,11 +318,7 @@ class Datapath:
 
     def stats(self) -> dict[str, int]:
         """Datapath counters summed over CPUs."""
-        totals = dict.fromkeys((f[0] for f in lay.NpStats._fields_), 0)
-        for cpu in self.stats_map.lookup_percpu(U32(0)):
-            for name in totals:
-                totals[name] += getattr(cpu, name)
-        return totals
+        return sum_stats(self.stats_map)
 
 
 def _trie_of(d: DirectionPolicy, ids: Mapping[bytes, int]) -> int:

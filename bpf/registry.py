@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import structlog
 
 from bpf import layout as lay
+from bpf.codec import meta_ref
 from bpf.errors import BpfError
 from bpf.maps import TypedMap
 
@@ -109,7 +110,7 @@ class Registry:
             if key.value == WATERMARK_KEY:
                 self._next_policy = max(self._next_policy, _watermark(bytes(pol.name)))
                 continue
-            name = (pol.namespace_.decode(), pol.name.decode())
+            name = meta_ref(pol)
             self._policies[name] = key.value
             self._policy_names[key.value] = name
             self._policy_refs.setdefault(key.value, 0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bpf import layout as lay
-from bpf.codec import portset_from_map, prefix_from_key
+from bpf.codec import meta_name, meta_ref, portset_from_map, prefix_from_key
 from bpf.errors import BpfError
 from bpf.inspect import program_ids
 from bpf.maps import MAP_TYPE_LPM_TRIE, Map, TypedMap
@@ -55,18 +55,12 @@ class Pinned:
 
 def _policy_names(pinned: Pinned) -> dict[int, str]:
     with pinned.open(lay.MAP_POLICIES) as raw:
-        return {
-            k.value: f"{v.namespace_.decode()}/{v.name.decode()}"
-            for k, v in TypedMap(raw, lay.u32, lay.NpPolicyMeta).items()
-        }
+        return {k.value: meta_name(v) for k, v in TypedMap(raw, lay.u32, lay.NpPolicyMeta).items()}
 
 
 def _pod_names(pinned: Pinned) -> dict[int, tuple[str, str]]:
     with pinned.open(lay.MAP_POD_META) as raw:
-        return {
-            k.value: (v.namespace_.decode(), v.name.decode())
-            for k, v in TypedMap(raw, lay.u32, lay.NpPodMeta).items()
-        }
+        return {k.value: meta_ref(v) for k, v in TypedMap(raw, lay.u32, lay.NpPodMeta).items()}
 
 
 # ---- progs ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from bpf import layout as lay
+from bpf.codec import sum_stats
 from bpf.maps import Map, TypedMap
 from bpf.pins import PinPaths
 from bpf.ringbuf import RingBuffer
@@ -171,11 +172,7 @@ class FlowLogs:
             ring.consume()  # what arrived before the stop
 
     def datapath_stats(self) -> dict[str, int]:
-        totals = dict.fromkeys((f[0] for f in lay.NpStats._fields_), 0)
-        for cpu in self.stats_map.lookup_percpu(ctypes.c_uint32(0)):
-            for name in totals:
-                totals[name] += getattr(cpu, name)
-        return totals
+        return sum_stats(self.stats_map)
 
     def stats(self) -> ProcessStats:
         dp = self.datapath_stats()

@@ -13,6 +13,7 @@ import ctypes
 from collections import OrderedDict
 
 from bpf import layout as lay
+from bpf.codec import meta_name
 from bpf.maps import Map, TypedMap
 from bpf.pins import PinPaths
 
@@ -41,7 +42,7 @@ class Names:
         meta = self._pods.lookup(ctypes.c_uint32(pod_id)) if pod_id else None
         if meta is None:
             return ""  # not cached: the agent may name it a moment later
-        name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+        name = meta_name(meta)
         _remember(self._pod_cache, pod_id, name)
         return name
 
@@ -53,7 +54,7 @@ class Names:
         meta = self._policies.lookup(ctypes.c_uint32(policy_id)) if policy_id else None
         if meta is None:
             return ""
-        name = f"{meta.namespace_.decode()}/{meta.name.decode()}"
+        name = meta_name(meta)
         _remember(self._policy_cache, policy_id, name)
         return name
 

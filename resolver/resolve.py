@@ -119,14 +119,18 @@ def policy_types(spec: Mapping[str, Any]) -> list[str]:
 
 
 # ---- peers and ports -------------------------------------------------------------------
-def _peers(world: World, namespace: str, peer: Mapping[str, Any]) -> list[Pod]:
-    pod_sel = peer.get("podSelector")
+def _peer_namespaces(world: World, namespace: str, peer: Mapping[str, Any]) -> set[str]:
+    """The namespaces a peer's namespaceSelector picks (none given: the policy's own)."""
     ns_sel = peer.get("namespaceSelector")
     if ns_sel is None:
-        namespaces = {namespace}
-    else:
-        match_ns = compile_selector(ns_sel)
-        namespaces = {n for n, labels in world.namespaces.items() if match_ns(labels)}
+        return {namespace}
+    match_ns = compile_selector(ns_sel)
+    return {n for n, labels in world.namespaces.items() if match_ns(labels)}
+
+
+def _peers(world: World, namespace: str, peer: Mapping[str, Any]) -> list[Pod]:
+    pod_sel = peer.get("podSelector")
+    namespaces = _peer_namespaces(world, namespace, peer)
     match_pod = compile_selector(pod_sel if pod_sel is not None else {})
     return [
         p
@@ -285,12 +289,7 @@ def _service_entries(
     peer: Mapping[str, Any],
     rule_ports: Sequence[Mapping[str, Any]] | None,
 ) -> list[Entry]:
-    ns_sel = peer.get("namespaceSelector")
-    if ns_sel is None:
-        namespaces = {namespace}
-    else:
-        match_ns = compile_selector(ns_sel)
-        namespaces = {n for n, labels in world.namespaces.items() if match_ns(labels)}
+    namespaces = _peer_namespaces(world, namespace, peer)
     matches = compile_selector(peer.get("podSelector"))
     out: list[Entry] = []
     for svc in world.services.values():
