@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,7 +27,7 @@ CT_MAX_ENTRIES = 1048576
 class Settings(BaseModel):
     """Validated settings; every field names its unit and why it exists."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     enable_network_policy: bool = False
     """Enforce NetworkPolicy at all (reference flag). Off: the agent only reports health."""
@@ -165,45 +165,58 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# Settings read from the environment only (the reference's variable), never a flag.
+ENV_ONLY = frozenset({"enforcing_mode"})
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Every Settings field is a flag (its name with dashes; help from its docstring),
+    plus the reference agent's names for the flow log's rotation."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    for name in (
-        "enable-network-policy",
-        "enable-policy-event-logs",
-        "enable-cloudwatch-logs",
-        "enable-ipv6",
-    ):
-        p.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="BOOL")
-    p.add_argument("--log-level")
-    p.add_argument("--log-file")
-    p.add_argument("--conntrack-cache-cleanup-period", metavar="SECONDS")
-    p.add_argument("--conntrack-cache-table-size", metavar="ENTRIES")
-    p.add_argument("--metrics-bind-addr", metavar="HOST:PORT")
-    p.add_argument("--health-probe-bind-addr", metavar="HOST:PORT")
-    p.add_argument("--node-name")
-    p.add_argument("--kubeconfig")
-    p.add_argument("--bpf-pin-root")
-    p.add_argument("--runtime-dir")
-    p.add_argument("--pod-interface-prefixes", metavar="P1,P2")
-    p.add_argument("--shutdown-timeout", metavar="SECONDS")
-    p.add_argument("--flow-log-format", metavar="text|json")
-    p.add_argument("--flow-log-max-bytes", metavar="BYTES")
-    p.add_argument("--flow-log-backups", metavar="N")
-    p.add_argument("--flow-log-file-mode", metavar="OCTAL")
-    p.add_argument("--cluster-name")
-    p.add_argument("--cloudwatch-queue-size", metavar="EVENTS")
+    for field, info in Settings.model_fields.items():
+        if field in ENV_ONLY:
+            continue
+        kind = info.annotation
+        kw: dict[str, Any] = {
+            "dest": field,
+            "help": (info.description or "").replace("%", "%%"),
+            "metavar": _metavar(kind, info.description or ""),
+        }
+        if kind is bool:
+            kw.update(type=_bool, nargs="?", const=True)
+        p.add_argument(f"--{field.replace('_', '-')}", **kw)
     # the reference agent's names for the (flow) log file's rotation: MB and files
-    p.add_argument("--log-file-max-size", metavar="MB", type=_megabytes, dest="flow_log_max_bytes")
-    p.add_argument("--log-file-max-backups", metavar="N", dest="flow_log_backups")
-    p.add_argument("--endpoint-chunk-size", metavar="N")
-    p.add_argument("--endpoint-layout", metavar="paired|controller")
-    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, metavar="BOOL")
-    p.add_argument("--leader-election-namespace")
-    p.add_argument("--leader-election-id")
-    p.add_argument("--leader-election-lease-duration", metavar="SECONDS")
-    p.add_argument("--leader-election-renew-deadline", metavar="SECONDS")
-    p.add_argument("--leader-election-retry-period", metavar="SECONDS")
+    p.add_argument(
+        "--log-file-max-size",
+        metavar="MB",
+        type=_megabytes,
+        dest="flow_log_max_bytes",
+        help="--flow-log-max-bytes in MB (the reference agent's flag)",
+    )
+    p.add_argument(
+        "--log-file-max-backups",
+        metavar="N",
+        dest="flow_log_backups",
+        help="--flow-log-backups (the reference agent's flag)",
+    )
     return p
+
+
+def _metavar(kind: Any, doc: str) -> str | None:
+    if kind is bool:
+        return "BOOL"
+    if get_origin(kind) is Literal:
+        return "|".join(str(a) for a in get_args(kind))
+    if kind == tuple[str, ...]:
+        return "A,B"
+    low = doc.lower()
+    if "octal" in low:
+        return "OCTAL"
+    if "host:port" in low:
+        return "HOST:PORT"
+    if kind in (int, float):
+        return "SECONDS" if "seconds" in low else "N"
+    return None
 
 
 def _megabytes(text: str) -> int:

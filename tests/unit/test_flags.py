@@ -149,3 +149,20 @@ def test_conntrack_bounds_agree_with_the_datapath() -> None:
         layout.NP_CT_MIN_ENTRIES,
         layout.NP_CT_MAX_ENTRIES,
     )
+
+
+def test_every_setting_is_a_flag_with_its_reason() -> None:
+    """Flags are generated from the Settings fields: none is declared twice, and
+    --help shows each field's reason."""
+    from common.flags import ENV_ONLY, Settings, parser
+
+    p = parser("np-test", "test")
+    by_dest = {a.dest: a for a in p._actions}
+    for field, info in Settings.model_fields.items():
+        if field in ENV_ONLY:
+            assert field not in by_dest
+            continue
+        action = by_dest[field]
+        assert f"--{field.replace('_', '-')}" in action.option_strings
+        assert info.description
+        assert action.help == info.description.replace("%", "%%")
