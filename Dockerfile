@@ -21,8 +21,6 @@ COPY cli/ cli/
 COPY resolver/ resolver/
 COPY conntrack/ conntrack/
 COPY flowlogs/ flowlogs/
-COPY simnode/ simnode/
-COPY fakekube/ fakekube/
 # every dependency ships a wheel: nothing is compiled here either
 RUN python -m venv /opt/np \
  && /opt/np/bin/pip install --only-binary=:all: --no-compile . \

@@ -61,6 +61,11 @@ def test_image_copies_every_package_and_dockerignore_lets_them_in() -> None:
     for pkg in packages:
         assert pkg in copied, f"Dockerfile does not copy {pkg}/"
         assert f"!{pkg}/" in ignore, f".dockerignore excludes {pkg}/"
+    # test and demo infrastructure stays out of the product
+    for infra in ("simnode", "fakekube", "tests", "bench"):
+        assert infra not in packages
+        assert infra not in copied
+        assert f"!{infra}/" not in ignore
 
 
 def test_every_command_the_chart_runs_is_a_console_script() -> None:
