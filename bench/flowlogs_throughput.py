@@ -95,6 +95,7 @@ async def measure(
     sent = int(out.decode().strip() or 0)
     await asyncio.sleep(0.2)
     ring.consume()
+    await asyncio.to_thread(flows.wait_idle, 30)  # the writer thread has written it all
     c1 = cpu()
     written = flows.counts["written"] - written0
     lost = dp.stats()["events_lost"] - lost0
@@ -134,11 +135,14 @@ async def amain(rates: list[int], seconds: float) -> list[dict[str, float]]:
         flows = FlowLogs(settings, stats_map=dp.stats_map, names=names)
         ring_map = Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_EVENTS))
         ring = RingBuffer(ring_map, flows.on_records)
+        flows.start_writer()
         ring.attach()
         try:
             for rate in rates:
                 results.append(await measure(flows, ring, dp, pin_root, rate, seconds))
         finally:
+            ring.detach()
+            await asyncio.to_thread(flows.stop_writer)
             ring.close()
             ring_map.close()
             flows.close()

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -42,6 +44,7 @@ from flowlogs.sink import RotatingFile
 
 log = structlog.get_logger("flowlogs")
 RECENT = 1000
+MAX_PENDING = 1_000_000  # events handed to the writer thread and not written yet
 
 
 class DropCounters(Collector):
@@ -79,7 +82,14 @@ class FlowLogs:
         self.debug = settings.log_level == "debug"
         self.enabled = settings.enable_policy_event_logs
         self.recent: deque[FlowRecord] = deque(maxlen=RECENT)
-        self.counts = {"read": 0, "written": 0, "filtered": 0}
+        self.counts = {"read": 0, "written": 0, "filtered": 0, "writer_behind": 0}
+        # the ring buffer's reader hands batches to one writer thread (file, names)
+        self._pending: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._pending_events = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.sink: RotatingFile | None = None
         self.spill: RotatingFile | None = None
         self.cloudwatch: CloudWatchShipper | None = None
@@ -134,12 +144,25 @@ class FlowLogs:
 
     # ---- the hot path -------------------------------------------------------------------
     def on_records(self, batch: list[bytes]) -> None:
+        """The ring buffer's reader (on the event loop): hand the batch to the writer
+        thread and return. Past MAX_PENDING events waiting, a batch is dropped and
+        counted (``writer_behind``) rather than held."""
+        with self._lock:
+            if self._pending_events + len(batch) > MAX_PENDING:
+                self.counts["writer_behind"] += len(batch)
+                return
+            self._pending_events += len(batch)
+        self._pending.put(batch)
+
+    def _write(self, batch: list[bytes]) -> None:
+        """Writer thread: format, name (pinned maps), write the file, queue for
+        CloudWatch (handed to the loop)."""
         fmt, sink = self.formatter, self.sink
         assert fmt is not None
         assert sink is not None
         render = fmt.json if self.settings.flow_log_format == "json" else fmt.text
         lines = []
-        cw = self.cloudwatch
+        shipped: list[tuple[int, str]] = []
         filtered = 0
         for raw in batch:
             if not self.debug and not fmt.is_deny(raw):
@@ -148,9 +171,12 @@ class FlowLogs:
             record = fmt.record(raw)
             lines.append(render(record))
             self.recent.append(record)
-            if cw is not None:
-                cw.submit(record.timestamp_ns // 1_000_000, fmt.cloudwatch(record))
+            if self.cloudwatch is not None:
+                shipped.append((record.timestamp_ns // 1_000_000, fmt.cloudwatch(record)))
         written = sink.write_lines(lines)  # what is not written is counted by the sink
+        if shipped and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing: counted below
+                self._loop.call_soon_threadsafe(self._ship, shipped)
         self.counts["read"] += len(batch)
         self.counts["written"] += written
         self.counts["filtered"] += filtered
@@ -158,8 +184,46 @@ class FlowLogs:
         self.m_written.inc(written)
         self.m_filtered.inc(filtered)
 
+    def _ship(self, events: list[tuple[int, str]]) -> None:
+        cw = self.cloudwatch
+        assert cw is not None
+        for ts, message in events:
+            cw.submit(ts, message)
+
+    def _write_loop(self) -> None:
+        while (batch := self._pending.get()) is not None:
+            try:
+                self._write(batch)
+            except Exception:  # one bad batch must not end the writer
+                log.exception("flowlogs.write_failed", events=len(batch))
+            finally:
+                with self._lock:
+                    self._pending_events -= len(batch)
+                    if not self._pending_events:
+                        self._idle.notify_all()
+
+    def start_writer(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="flowlogs-writer", daemon=True
+        )
+        self._writer.start()
+
+    def stop_writer(self) -> None:
+        """Blocking: the writer finishes what is queued, then ends."""
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join()
+            self._writer = None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Blocking: until every batch handed over is written (benchmarks, tests)."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending_events == 0, timeout)
+
     # ---- tasks ----------------------------------------------------------------------------
     async def drain(self, ring: RingBuffer, stop: asyncio.Event) -> None:
+        self.start_writer()
         ring.attach()
         try:
             while not stop.is_set():
@@ -170,6 +234,7 @@ class FlowLogs:
         finally:
             ring.detach()
             ring.consume()  # what arrived before the stop
+            await asyncio.to_thread(self.stop_writer)
 
     def datapath_stats(self) -> dict[str, int]:
         return sum_stats(self.stats_map)
@@ -181,6 +246,7 @@ class FlowLogs:
             "events_read": self.counts["read"],
             "events_written": self.counts["written"],
             "events_filtered": self.counts["filtered"],
+            "events_writer_behind": self.counts["writer_behind"],
             "ring_overruns": dp["events_lost"],
             "file": self.settings.log_file,
             "file_rotations": self.sink.rotations if self.sink else 0,
@@ -216,6 +282,7 @@ class FlowLogs:
             d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"]) for d in ("ingress", "egress")
         }
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
+        self.m_dropped.labels("writer_behind").set(self.counts["writer_behind"])
         if self.sink is not None:
             self.m_dropped.labels("file_disk_full").set(self.sink.stats.lost["disk_full"])
             self.m_dropped.labels("file_error").set(self.sink.stats.lost["file_error"])
