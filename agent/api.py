@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -25,11 +25,12 @@ from agent.deciders import deciding_objects
 from agent.endpoints import PodRef
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
+from agent.verdict import PROTOCOLS, Snapshot, decide, trie_policy_ids
 from agent.worker import DatapathWorker
 from bpf import layout as lay
 from bpf.attach import attachment, ours
 from bpf.datapath import Datapath
-from bpf.ruleset import CompiledRules, Portset
+from bpf.ruleset import Portset
 from common.apimodels import (
     TABLE_WARN,
     DirectionView,
@@ -62,7 +63,6 @@ from common.netlink import Netlink, NetlinkOpError
 from common.watching import WatchStats
 
 log = structlog.get_logger("agent.api")
-PROTOCOLS = {**lay.PROTOCOL_NUMBERS, "ICMP": 1}  # explain also answers for ICMP
 MAX_WAIT = 600.0
 
 
@@ -287,7 +287,7 @@ class AgentApi:
                     state="",
                 )
             )
-        result = await self.worker.call(self._explain, req, st.ifindex)
+        result = decide(req, await self.worker.call(self._snapshot, req, st.ifindex))
         if result.state in ("POLICIES_APPLIED", "DEFAULT_DENY") and result.reason != "host":
             result.policyendpoints = deciding_objects(
                 self.enforcer.programmed_endpoints(ref),
@@ -299,46 +299,23 @@ class AgentApi:
             )
         return _json(result)
 
-    def _explain(self, req: ExplainRequest, ifindex: int) -> ExplainResult:
-        """Worker thread: walk the datapath's decision on the live maps."""
-        peer = ipaddress.ip_address(req.peer)
-        where = f"{req.direction} of {req.pod}"
+    def _snapshot(self, req: ExplainRequest, ifindex: int) -> Snapshot:
+        """Worker thread: what the decision reads from the live maps."""
         rec = self.dp.pod_record(ifindex)
-
-        def result(
-            verdict: Literal["ALLOW", "DENY"], reason: str, summary: str, state: str
-        ) -> ExplainResult:
-            return ExplainResult(
-                verdict=verdict,
-                reason=reason,
-                summary=summary,
-                pod=req.pod,
-                ifindex=ifindex,
-                state=state,
-            )
-
-        if rec is None:
-            return result(
-                "ALLOW", "unknown-pod", f"no record for interface {ifindex}: packets pass", ""
-            )
-        ingress = req.direction == "ingress"
-        state = rec.ingress_state if ingress else rec.egress_state
-        trie_id = rec.ingress_trie if ingress else rec.egress_trie
-        name = lay.STATE_NAMES.get(state, str(state))
-        if self.dp.is_host_address(peer):
-            return result("ALLOW", "host", f"{peer} is this node's address: always allowed", name)
-        if state == lay.NP_STATE_DEFAULT_ALLOW:
-            return result(
-                "ALLOW", "default-allow", f"{where} is not isolated: everything is allowed", name
-            )
-        if state != lay.NP_STATE_POLICIES_APPLIED:
-            return result(
-                "DENY", "default-deny", f"{where} is default-deny: nothing is allowed", name
-            )
-        trie = self.dp.read_trie(trie_id)
-        if trie is None:
-            return result("DENY", "missing-trie", f"{where} points at a missing rule set", name)
-        return _decide(self.dp, trie, req, peer, state=name, where=where, ifindex=ifindex)
+        trie = None
+        if rec is not None:
+            ingress = req.direction == "ingress"
+            state = rec.ingress_state if ingress else rec.egress_state
+            if state == lay.NP_STATE_POLICIES_APPLIED:
+                trie = self.dp.read_trie(rec.ingress_trie if ingress else rec.egress_trie)
+        names = {pid: self.dp.policy_name(pid) for pid in trie_policy_ids(trie)} if trie else {}
+        return Snapshot(
+            ifindex=ifindex,
+            record=rec,
+            peer_is_host=self.dp.is_host_address(ipaddress.ip_address(req.peer)),
+            trie=trie,
+            policy_names=names,
+        )
 
     # ---- wait -------------------------------------------------------------------------
     async def wait(self, request: web.Request) -> web.Response:
@@ -439,75 +416,6 @@ class AgentApi:
             if not done:
                 pending.append(f"{ref[0]}/{ref[1]}")
         return pending
-
-
-def _decide(
-    dp: Datapath,
-    trie: CompiledRules,
-    req: ExplainRequest,
-    peer: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    *,
-    state: str,
-    where: str,
-    ifindex: int,
-) -> ExplainResult:
-    """The rule walk of the datapath over a trie's live entries."""
-    prefix = trie.lookup(peer)
-    if prefix is None:
-        return ExplainResult(
-            verdict="DENY",
-            reason="no-peer-match",
-            state=state,
-            summary=f"{peer} is in no CIDR allowed for the {where}",
-            pod=req.pod,
-            ifindex=ifindex,
-        )
-    ps = trie.entries[prefix]
-    protocol = PROTOCOLS[req.protocol]
-    port = 0 if req.protocol == "ICMP" else req.port
-    policy_id = ps.allows(protocol, port)
-    if policy_id is None:
-        what = (
-            "an except block (nothing allowed)"
-            if ps.allows_nothing
-            else f"{prefix}, whose rules do not allow {req.protocol} {port}"
-        )
-        return ExplainResult(
-            verdict="DENY",
-            reason="no-port-match",
-            state=state,
-            summary=f"{peer} matches {what} for the {where}",
-            matched_cidr=str(prefix),
-            pod=req.pod,
-            ifindex=ifindex,
-        )
-    if ps.any_policy is not None:
-        rule = PortRuleView(
-            protocol="ANY", start_port=0, end_port=65535, policy=dp.policy_name(policy_id)
-        )
-    else:
-        r = next(r for r in ps.rules if r.protocol == protocol and r.start <= port <= r.end)
-        rule = PortRuleView(
-            protocol=req.protocol,
-            start_port=r.start,
-            end_port=r.end,
-            policy=dp.policy_name(policy_id),
-        )
-    policy = rule.policy or f"policy #{policy_id}"
-    return ExplainResult(
-        verdict="ALLOW",
-        reason="rule",
-        state=state,
-        matched_cidr=str(prefix),
-        rule=rule,
-        policy=rule.policy or None,
-        summary=(
-            f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
-            f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"
-        ),
-        pod=req.pod,
-        ifindex=ifindex,
-    )
 
 
 def _ref(text: str) -> PodRef:

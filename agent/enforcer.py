@@ -17,34 +17,30 @@ pod is programmed" means to callers (local API, ``wait``).
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from agent.cache import Cache, LocalPod
-from agent.desired import pod_directions, weight
+from agent.desired import weight
 from agent.endpoints import Endpoints, PodRef
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
+from agent.programming import Plan, Programmer
 from agent.worker import DatapathWorker
 from bpf import layout as lay
 from bpf.attach import attach, attachment, ours
-from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, DirectionPolicy, PodPolicy
-from bpf.errors import BpfError, RuleLimitError
-from bpf.registry import TableFullError
+from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, PodPolicy
+from bpf.errors import BpfError
 from common import memory
 from common.netlink import NetEvent, Netlink, NetlinkOpError
 
 log = structlog.get_logger("agent.enforcer")
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
-# trie entries compiled before a batch of pods is switched (bounds the peak memory)
-PROGRAM_BATCH_ENTRIES = 32768
 # Retired tries are collected once programming has been quiet for GC_QUIET seconds, or
 # when GC_MAX_RETIRED of them wait, or GC_MAX_DELAY after the first of them retired: removing
 # them from np_rules makes the kernel wait an RCU grace period (~8 ms), during which the
@@ -74,6 +70,16 @@ def _lifecycle_period() -> float:
 HEAVY_RULES = 20_000
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a pod's record is compiled from: the same inputs, the same record."""
+
+    strict: bool
+    ifindex: int
+    uid: str
+    endpoints: tuple[Endpoints, ...]
+
+
 @dataclass
 class PodStatus:
     namespace: str
@@ -87,29 +93,7 @@ class PodStatus:
     programmed_at: float = 0.0  # epoch seconds
     error: str = ""
     reason: str = ""  # table-full | rule-limit | kernel, with error
-    inputs: tuple[object, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What programming one pod did. ``written``: a record is in force (with
-    ``reason == "rule-limit"``, the rules that fit: fewer allowed ports, never more)."""
-
-    pod_id: int = 0
-    ingress: str = ""
-    egress: str = ""
-    error: str = ""
-    reason: str = ""
-    written: bool = True
-
-
-@dataclass
-class _Plan:
-    ref: PodRef
-    uid: str
-    ifindex: int
-    endpoints: tuple[Endpoints, ...]
-    weight: int = 0
+    inputs: Inputs | None = None  # what the record in force was compiled from
 
 
 class Enforcer:
@@ -129,6 +113,7 @@ class Enforcer:
         self.dp: Datapath = worker.dp
         self.metrics = metrics
         self.strict = strict
+        self.programmer = Programmer(worker.dp, strict=strict)  # on the worker thread only
         self.netns = netns
         self.status: dict[PodRef, PodStatus] = {}
         self.bound: dict[int, PodRef] = {}
@@ -219,7 +204,7 @@ class Enforcer:
         present = self.hostnet.links
         stale = [i for i in self.dp.pod_ifindexes() if i not in present]
         if stale:
-            await self.worker.call(self._remove, stale)
+            await self.worker.call(self.programmer.remove, stale)
         self.records = set(self.dp.pod_ifindexes()) - set(stale)
         for ifindex in sorted(self.records):
             await self._attach(ifindex)
@@ -249,7 +234,7 @@ class Enforcer:
         gone, self._gone_links = self._gone_links, set()
         gone = {i for i in gone if i not in self.hostnet.links}
         if gone:
-            await self.worker.call(self._remove, sorted(gone & self.records))
+            await self.worker.call(self.programmer.remove, sorted(gone & self.records))
             self.records -= gone
             for ifindex in gone:
                 self.attached.pop(ifindex, None)
@@ -274,10 +259,6 @@ class Enforcer:
             if ifindex in self.records:
                 await self._attach(ifindex)
 
-    def _remove(self, ifindexes: Sequence[int]) -> None:
-        """Worker thread: drop records (their pods' ids stay named for late flow logs)."""
-        self.dp.remove_pods(ifindexes)
-
     async def _release_unclaimed(self) -> None:
         """After the first full reconcile: interfaces no local pod claims keep (or get)
         the mode's default, with no pod identity."""
@@ -296,7 +277,7 @@ class Enforcer:
         if plans:
             await self._run(plans)
 
-    async def _plan(self, ref: PodRef) -> _Plan | None:
+    async def _plan(self, ref: PodRef) -> Plan | None:
         """What programming the pod needs now; None if nothing (or not yet)."""
         pod = self.cache.pods.get(ref)
         if pod is None or pod.host_network or not pod.ips:
@@ -320,12 +301,12 @@ class Enforcer:
             )
             return None
         endpoints = tuple(self.cache.endpoints_for(ref))
-        plan = _Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints))
+        plan = Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints))
         return None if st.inputs == self._inputs(plan) else plan
 
-    def _inputs(self, plan: _Plan) -> tuple[object, ...]:
+    def _inputs(self, plan: Plan) -> Inputs:
         """Everything a pod's record is compiled from: unchanged, nothing to do."""
-        return (self.strict, plan.ifindex, plan.uid, plan.endpoints)
+        return Inputs(self.strict, plan.ifindex, plan.uid, plan.endpoints)
 
     def _claim(self, ref: PodRef, st: PodStatus, ifindex: int) -> None:
         """The interface is the pod's now (a re-created pod may take another's)."""
@@ -341,7 +322,7 @@ class Enforcer:
         if st.ifindex and st.ifindex != ifindex:
             self.bound.pop(st.ifindex, None)
 
-    async def _run(self, plans: list[_Plan]) -> None:
+    async def _run(self, plans: list[Plan]) -> None:
         """Light pods first, together; heavy ones each on its own, and only while no
         other change waits (the rest stay dirty for the next pass)."""
         plans.sort(key=lambda p: p.weight)
@@ -359,10 +340,10 @@ class Enforcer:
                 break
             await self._apply([plan])
 
-    async def _apply(self, plans: list[_Plan]) -> None:
+    async def _apply(self, plans: list[Plan]) -> None:
         started = time.monotonic()
         try:
-            results = await self.worker.call(self._program, plans)
+            results = await self.worker.call(self.programmer.program, plans)
         except (BpfError, OSError) as exc:
             self.metrics.errors.labels("program").inc()
             log.error("enforcer.program_failed", pods=len(plans), error=str(exc))
@@ -407,88 +388,6 @@ class Enforcer:
                 self.metrics.observe_teardown(namespace=ns, name=name, ms=elapsed_ms)
         log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
 
-    def _program(self, plans: Sequence[_Plan]) -> list[Outcome]:
-        """Worker thread: compile and switch every planned pod. Pods are switched in
-        batches of about PROGRAM_BATCH_ENTRIES trie entries: compiled rules are large
-        (a full node's would take tens of MB at once) and are dropped once their tries
-        are built. A failure is the failing pod's alone: its record in force stays,
-        every other pod of the batch is switched."""
-        dp = self.dp
-        compiled: dict[tuple[Endpoints, ...], tuple[DirectionPolicy, DirectionPolicy, str]] = {}
-        pods: dict[int, PodPolicy] = {}
-        out: dict[int, Outcome] = {}
-        pending_entries = 0
-
-        def policy_id(ref: PodRef) -> int:
-            return dp.policy_id(namespace=ref[0], name=ref[1])
-
-        def flush() -> None:
-            try:
-                dp.program_pods(pods)
-                return
-            except (BpfError, OSError):
-                pass
-            for ifindex, pod in pods.items():  # find the pod that fails, switch the rest
-                try:
-                    dp.program_pods({ifindex: pod})
-                except (BpfError, OSError) as exc:
-                    out[ifindex] = Outcome(
-                        pod.pod_id,
-                        error=str(exc),
-                        written=False,
-                        reason="table-full" if _full(exc) else "kernel",
-                    )
-
-        for plan in plans:
-            if pending_entries >= PROGRAM_BATCH_ENTRIES:
-                flush()
-                pods, compiled, pending_entries = {}, {}, 0
-            where = f"{plan.ref[0]}/{plan.ref[1]}"
-            try:
-                pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
-                if plan.endpoints not in compiled:
-                    compiled[plan.endpoints] = self._compile(plan.endpoints, policy_id)
-            except TableFullError as exc:
-                log.error("enforcer.pod_failed", pod=where, reason="table-full", error=str(exc))
-                out[plan.ifindex] = Outcome(error=str(exc), reason="table-full", written=False)
-                continue
-            ingress, egress, limit = compiled[plan.endpoints]
-            if limit:
-                log.error(
-                    "enforcer.rules_truncated",
-                    pod=where,
-                    error=limit,
-                    enforcing="the rules that fit (fewer allowed ports)",
-                )
-            pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
-            pending_entries += sum(
-                len(d.rules.entries) for d in (ingress, egress) if d.rules is not None
-            )
-            out[plan.ifindex] = Outcome(
-                pod_id,
-                lay.STATE_NAMES[ingress.state],
-                lay.STATE_NAMES[egress.state],
-                error=f"rule-limit: {limit}" if limit else "",
-                reason="rule-limit" if limit else "",
-            )
-        if pods:
-            flush()
-        return [out[plan.ifindex] for plan in plans]
-
-    def _compile(
-        self, endpoints: tuple[Endpoints, ...], policy_id: Callable[[PodRef], int]
-    ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
-        """(ingress, egress, "" or the limit exceeded). Over the datapath's per-CIDR
-        limit, the pod enforces what fits, never a stale allow."""
-        try:
-            ingress, egress = pod_directions(endpoints, strict=self.strict, policy_id=policy_id)
-            return ingress, egress, ""
-        except RuleLimitError as exc:
-            ingress, egress = pod_directions(
-                endpoints, strict=self.strict, policy_id=policy_id, truncate=True
-            )
-            return ingress, egress, str(exc)
-
     async def _interface_for(self, pod: LocalPod) -> int | None:
         assert self._nl is not None
         for ip in pod.ips:
@@ -527,7 +426,7 @@ class Enforcer:
         self._last_lifecycle = now
         live = {p.uid for p in self.cache.pods.values() if p.uid}
         try:
-            await self.worker.call(self._end_ids, live)
+            await self.worker.call(self.programmer.end_ids, live)
         except (BpfError, OSError) as exc:
             self.metrics.errors.labels("lifecycle").inc()
             log.error("enforcer.lifecycle_failed", error=str(exc))
@@ -538,12 +437,6 @@ class Enforcer:
                 self.cache.dirty.update(retry)
                 self.cache.changed.set()
         self.metrics.prune(self.cache.generations)
-
-    def _end_ids(self, live_uids: set[str]) -> None:
-        """Worker thread: see _lifecycle."""
-        self.dp.retire_pods_except(live_uids)
-        self.dp.free_ids()
-        self.dp.restore_pins()
 
     def _unbind(self, ref: PodRef) -> None:
         st = self.status.pop(ref, None)
@@ -570,7 +463,7 @@ class Enforcer:
         st = self.status.get(ref)
         if st is None or st.inputs is None or st.error:
             return ()
-        endpoints = st.inputs[3]
+        endpoints = st.inputs.endpoints
         assert isinstance(endpoints, tuple)
         return endpoints
 
@@ -581,10 +474,6 @@ class Enforcer:
             return False
         want = {f"{e.namespace}/{e.name}": e.generation for e in self.cache.endpoints_for(ref)}
         return st.programmed == want
-
-
-def _full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
 
 def _parse_ips(addrs: set[str]) -> list[lay.Address]:
