@@ -23,11 +23,11 @@ from agent.metrics import AgentMetrics
 from agent.probes import bpffs_ready, global_maps_pinned, metrics_app
 from agent.worker import DatapathWorker
 from bpf import layout as lay
-from bpf import recovery
+from bpf import preflight, recovery
 from bpf.datapath import Datapath
 from bpf.errors import BpfError
 from bpf.loading import PinnedSizeError
-from common import logs, preflight
+from common import logs
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient

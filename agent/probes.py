@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.metrics import AgentMetrics
 from bpf import layout as lay
 from bpf.pins import PinPaths
+from bpf.preflight import bpffs_problem
 from common.localapi import ApiError, LocalClient, Unavailable
-from common.preflight import bpffs_problem
 
 
 def global_maps_pinned(pin_root: str) -> list[str]:

@@ -18,10 +18,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bpf import layout as lay
+from bpf import preflight
 from bpf.errors import BpfError
 from bpf.maps import Map
 from bpf.pins import PinPaths
-from common import logs, preflight
+from common import logs
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import CONNTRACK_SOCKET, make_app, serve_unix, socket_path

@@ -28,11 +28,12 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from bpf import layout as lay
+from bpf import preflight
 from bpf.codec import sum_stats
 from bpf.maps import Map, TypedMap
 from bpf.pins import PinPaths
 from bpf.ringbuf import RingBuffer
-from common import logs, preflight
+from common import logs
 from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import FLOWLOGS_SOCKET, make_app, serve_unix, socket_path

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from bpf.preflight import bpffs_problem, kernel_problem
 from common.flags import Settings, parse_bind_addr, parse_settings
-from common.preflight import bpffs_problem, kernel_problem
 
 
 def test_reference_defaults() -> None:
