@@ -25,24 +25,20 @@ from agent.deciders import deciding_objects
 from agent.endpoints import PodRef
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
-from agent.verdict import PROTOCOLS, Snapshot, decide, trie_policy_ids
+from agent.mapview import MapReader
+from agent.verdict import PROTOCOLS, decide
 from agent.worker import DatapathWorker
-from bpf import layout as lay
 from bpf.attach import attachment, ours
 from bpf.datapath import Datapath
-from bpf.ruleset import Portset
 from common.apimodels import (
     TABLE_WARN,
-    DirectionView,
     ExplainRequest,
     ExplainResult,
     NodeStatus,
     PodView,
     PolicyRefView,
     PolicyView,
-    PortRuleView,
     ProcessStats,
-    RuleView,
     TableView,
     WaitResult,
     WatchView,
@@ -81,6 +77,11 @@ class AgentApi:
     @property
     def dp(self) -> Datapath:
         return self.worker.dp
+
+    @property
+    def reader(self) -> MapReader:
+        """The worker-thread side (call it through ``self.worker``)."""
+        return MapReader(self.worker.dp)
 
     def app(self) -> web.Application:
         app = make_app()
@@ -163,7 +164,7 @@ class AgentApi:
         ingress = egress = None
         ing_id = egr_id = 0
         if ifindex:
-            ingress, egress = await self.worker.call(self._directions, ifindex)
+            ingress, egress = await self.worker.call(self.reader.directions, ifindex)
             try:
                 att = await attachment(nl, ifindex)
                 ing_id, egr_id = att.ingress_prog_id, att.egress_prog_id
@@ -199,47 +200,6 @@ class AgentApi:
                 for k, e in sorted(current.items())
             ],
         )
-
-    def _directions(self, ifindex: int) -> tuple[DirectionView | None, DirectionView | None]:
-        """Worker thread: both directions of a pod as the maps hold them."""
-        rec = self.dp.pod_record(ifindex)
-        if rec is None:
-            return None, None
-        return (
-            self._direction(rec.ingress_state, rec.ingress_trie),
-            self._direction(rec.egress_state, rec.egress_trie),
-        )
-
-    def _direction(self, state: int, trie_id: int) -> DirectionView:
-        view = DirectionView(state=lay.STATE_NAMES.get(state, str(state)), trie_id=trie_id)
-        if state == lay.NP_STATE_POLICIES_APPLIED:
-            trie = self.dp.read_trie(trie_id)
-            if trie is not None:
-                view.rules = [
-                    RuleView(cidr=str(p), ports=self._ports(ps))
-                    for p, ps in sorted(trie.entries.items())
-                ]
-        return view
-
-    def _ports(self, ps: Portset) -> list[PortRuleView]:
-        if ps.any_policy is not None:
-            return [
-                PortRuleView(
-                    protocol="ANY",
-                    start_port=0,
-                    end_port=65535,
-                    policy=self.dp.policy_name(ps.any_policy),
-                )
-            ]
-        return [
-            PortRuleView(
-                protocol=lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
-                start_port=r.start,
-                end_port=r.end,
-                policy=self.dp.policy_name(r.policy_id),
-            )
-            for r in ps.rules
-        ]
 
     # ---- policies ---------------------------------------------------------------------
     async def policies(self, _: web.Request) -> web.Response:
@@ -287,7 +247,7 @@ class AgentApi:
                     state="",
                 )
             )
-        result = decide(req, await self.worker.call(self._snapshot, req, st.ifindex))
+        result = decide(req, await self.worker.call(self.reader.snapshot, req, st.ifindex))
         if result.state in ("POLICIES_APPLIED", "DEFAULT_DENY") and result.reason != "host":
             result.policyendpoints = deciding_objects(
                 self.enforcer.programmed_endpoints(ref),
@@ -298,24 +258,6 @@ class AgentApi:
                 allowed=result.verdict == "ALLOW",
             )
         return _json(result)
-
-    def _snapshot(self, req: ExplainRequest, ifindex: int) -> Snapshot:
-        """Worker thread: what the decision reads from the live maps."""
-        rec = self.dp.pod_record(ifindex)
-        trie = None
-        if rec is not None:
-            ingress = req.direction == "ingress"
-            state = rec.ingress_state if ingress else rec.egress_state
-            if state == lay.NP_STATE_POLICIES_APPLIED:
-                trie = self.dp.read_trie(rec.ingress_trie if ingress else rec.egress_trie)
-        names = {pid: self.dp.policy_name(pid) for pid in trie_policy_ids(trie)} if trie else {}
-        return Snapshot(
-            ifindex=ifindex,
-            record=rec,
-            peer_is_host=self.dp.is_host_address(ipaddress.ip_address(req.peer)),
-            trie=trie,
-            policy_names=names,
-        )
 
     # ---- wait -------------------------------------------------------------------------
     async def wait(self, request: web.Request) -> web.Response:
