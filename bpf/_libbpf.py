@@ -208,6 +208,7 @@ _proto("bpf_prog_test_run_opts", c_int, c_int, ctypes.POINTER(BpfTestRunOpts))
 _proto("ring_buffer__new", c_ptr, c_int, RING_SAMPLE_FN, c_ptr, c_ptr)
 _proto("ring_buffer__free", None, c_ptr)
 _proto("ring_buffer__consume", c_int, c_ptr)
+_proto("ring_buffer__poll", c_int, c_ptr, c_int)
 _proto("ring_buffer__epoll_fd", c_int, c_ptr)
 
 _proto("btf__parse_elf", c_ptr, c_str, c_ptr)

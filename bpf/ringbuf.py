@@ -1,4 +1,5 @@
-"""Consume a BPF ring buffer from asyncio without blocking the loop.
+"""Consume a BPF ring buffer: from a thread of its own (:meth:`RingBuffer.poll`), or
+from asyncio without blocking the loop (:meth:`RingBuffer.attach`).
 
 libbpf's ``ring_buffer`` exposes an epoll fd that becomes readable when records are
 available; the loop watches it with ``add_reader`` and drains with the non-blocking
@@ -43,6 +44,18 @@ class RingBuffer:
         batch, self._batch = self._batch, []
         if n < 0:
             lb.check(n, f"ring buffer {self._ring.name}: consume")
+        if batch:
+            self.consumed += len(batch)
+            self._on_records(batch)
+        return len(batch)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for records (the GIL is released while waiting),
+        then drain them; returns how many. For a thread of its own."""
+        n = lb.lib.ring_buffer__poll(self._rb, timeout_ms)
+        batch, self._batch = self._batch, []
+        if n < 0 and n != -4:  # -EINTR: a signal, not an error
+            lb.check(n, f"ring buffer {self._ring.name}: poll")
         if batch:
             self.consumed += len(batch)
             self._on_records(batch)

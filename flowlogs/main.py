@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import queue
 import signal
 import sys
 import threading
@@ -45,7 +44,7 @@ from flowlogs.sink import RotatingFile
 
 log = structlog.get_logger("flowlogs")
 RECENT = 1000
-MAX_PENDING = 1_000_000  # events handed to the writer thread and not written yet
+READ_POLL_MS = 200  # the reader thread's wait for records, between checks for a stop
 
 
 class DropCounters(Collector):
@@ -83,13 +82,11 @@ class FlowLogs:
         self.debug = settings.log_level == "debug"
         self.enabled = settings.enable_policy_event_logs
         self.recent: deque[FlowRecord] = deque(maxlen=RECENT)
-        self.counts = {"read": 0, "written": 0, "filtered": 0, "writer_behind": 0}
-        # the ring buffer's reader hands batches to one writer thread (file, names)
-        self._pending: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
-        self._pending_events = 0
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._writer: threading.Thread | None = None
+        self.counts = {"read": 0, "written": 0, "filtered": 0}
+        # one reader thread drains the ring buffer and writes (file, names): the event
+        # loop only serves the API and CloudWatch
+        self._stop_reading = threading.Event()
+        self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.sink: RotatingFile | None = None
         self.spill: RotatingFile | None = None
@@ -145,15 +142,11 @@ class FlowLogs:
 
     # ---- the hot path -------------------------------------------------------------------
     def on_records(self, batch: list[bytes]) -> None:
-        """The ring buffer's reader (on the event loop): hand the batch to the writer
-        thread and return. Past MAX_PENDING events waiting, a batch is dropped and
-        counted (``writer_behind``) rather than held."""
-        with self._lock:
-            if self._pending_events + len(batch) > MAX_PENDING:
-                self.counts["writer_behind"] += len(batch)
-                return
-            self._pending_events += len(batch)
-        self._pending.put(batch)
+        """The reader thread's callback: write the batch (see :meth:`_write`)."""
+        try:
+            self._write(batch)
+        except Exception:  # one bad batch must not end the reader
+            log.exception("flowlogs.write_failed", events=len(batch))
 
     def _write(self, batch: list[bytes]) -> None:
         """Writer thread: format, name (pinned maps), write the file, queue for
@@ -191,41 +184,31 @@ class FlowLogs:
         for ts, message in events:
             cw.submit(ts, message)
 
-    def _write_loop(self) -> None:
-        while (batch := self._pending.get()) is not None:
-            try:
-                self._write(batch)
-            except Exception:  # one bad batch must not end the writer
-                log.exception("flowlogs.write_failed", events=len(batch))
-            finally:
-                with self._lock:
-                    self._pending_events -= len(batch)
-                    if not self._pending_events:
-                        self._idle.notify_all()
+    def _read_loop(self, ring: RingBuffer) -> None:
+        """Reader thread: wait on the ring buffer (the GIL is released meanwhile), then
+        format, name, write: none of it on the event loop."""
+        while not self._stop_reading.is_set():
+            ring.poll(READ_POLL_MS)
+        ring.consume()  # what arrived before the stop
 
-    def start_writer(self) -> None:
+    def start_reader(self, ring: RingBuffer) -> None:
         self._loop = asyncio.get_running_loop()
-        self._writer = threading.Thread(
-            target=self._write_loop, name="flowlogs-writer", daemon=True
+        self._stop_reading.clear()
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(ring,), name="flowlogs-reader", daemon=True
         )
-        self._writer.start()
+        self._reader.start()
 
-    def stop_writer(self) -> None:
-        """Blocking: the writer finishes what is queued, then ends."""
-        if self._writer is not None:
-            self._pending.put(None)
-            self._writer.join()
-            self._writer = None
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Blocking: until every batch handed over is written (benchmarks, tests)."""
-        with self._lock:
-            return self._idle.wait_for(lambda: self._pending_events == 0, timeout)
+    def stop_reader(self) -> None:
+        """Blocking: the reader drains what arrived and ends."""
+        self._stop_reading.set()
+        if self._reader is not None:
+            self._reader.join()
+            self._reader = None
 
     # ---- tasks ----------------------------------------------------------------------------
     async def drain(self, ring: RingBuffer, stop: asyncio.Event) -> None:
-        self.start_writer()
-        ring.attach()
+        self.start_reader(ring)
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -233,9 +216,7 @@ class FlowLogs:
                 if self.formatter is not None:
                     self.formatter.resync_clock()
         finally:
-            ring.detach()
-            ring.consume()  # what arrived before the stop
-            await asyncio.to_thread(self.stop_writer)
+            await asyncio.to_thread(self.stop_reader)
 
     def datapath_stats(self) -> dict[str, int]:
         return sum_stats(self.stats_map)
@@ -247,7 +228,6 @@ class FlowLogs:
             "events_read": self.counts["read"],
             "events_written": self.counts["written"],
             "events_filtered": self.counts["filtered"],
-            "events_writer_behind": self.counts["writer_behind"],
             "ring_overruns": dp["events_lost"],
             "file": self.settings.log_file,
             "file_rotations": self.sink.rotations if self.sink else 0,
@@ -283,7 +263,6 @@ class FlowLogs:
             d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"]) for d in ("ingress", "egress")
         }
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
-        self.m_dropped.labels("writer_behind").set(self.counts["writer_behind"])
         if self.sink is not None:
             self.m_dropped.labels("file_disk_full").set(self.sink.stats.lost["disk_full"])
             self.m_dropped.labels("file_error").set(self.sink.stats.lost["file_error"])
