@@ -41,7 +41,7 @@ from common.localapi import (
 from common.loopmon import LoopMonitor
 from common.netlink import Netlink
 from common.supervisor import FlagError, StartupError, run_process, supervise
-from common.watching import WatchSettings, WatchStats, list_watch
+from common.watching import WatchStats, list_watch, stalled_problems
 
 log = structlog.get_logger("agent")
 
@@ -145,12 +145,7 @@ class Node:
             problems.append("watches not synced")
         elif not self.enforcer.synced.is_set():
             problems.append("initial reconcile not done")
-        for name, st in self.watches.items():
-            stuck = st.stalled(WatchSettings.stall_after)
-            if stuck:
-                problems.append(
-                    f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
-                )
+        problems += stalled_problems(self.watches)
         problems += [
             f"table {t} is full ({e}/{c}): new pods cannot be programmed"
             for t, (e, c) in sorted(self.dp.occupancy().items())

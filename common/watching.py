@@ -329,3 +329,15 @@ def _version(obj: Obj) -> str | None:
     meta = obj.get("metadata") or {}
     rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
     return str(rv)[:64] if rv else None
+
+
+def stalled_problems(watches: dict[str, WatchStats], bound: float | None = None) -> list[str]:
+    """Readiness problems: each watch failing without progress for over ``bound``
+    seconds (WatchSettings.stall_after by default)."""
+    limit = WatchSettings.stall_after if bound is None else bound
+    out = []
+    for name, st in watches.items():
+        stuck = st.stalled(limit)
+        if stuck:
+            out.append(f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})")
+    return out

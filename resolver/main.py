@@ -26,7 +26,7 @@ from common.httpserve import health_app, serve
 from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import run_process, supervise
-from common.watching import WatchSettings, WatchStats, list_watch
+from common.watching import WatchStats, list_watch, stalled_problems
 from resolver.leader import LeaderElector
 from resolver.metrics import metrics_app
 from resolver.sync import Resolver
@@ -112,13 +112,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
 
         def ready() -> list[str]:
             problems = [] if all(resolver.synced.values()) else ["watches not synced"]
-            for name, st in watch_stats.items():
-                stuck = st.stalled(WatchSettings.stall_after)
-                if stuck:
-                    problems.append(
-                        f"watch {name} has not progressed for {stuck:.0f}s ({st.last_error[:120]})"
-                    )
-            return problems
+            return problems + stalled_problems(watch_stats)
 
         async def resolve() -> None:
             if elector is not None:

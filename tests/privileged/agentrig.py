@@ -115,6 +115,33 @@ class AgentRig(NodeStack):
     async def acli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return await asyncio.to_thread(self.cli, *args)
 
+    async def explain(
+        self,
+        pod: str,
+        peer: SimPod,
+        *,
+        port: int = 80,
+        protocol: str = "TCP",
+        direction: str = "ingress",
+    ) -> dict[str, Any]:
+        """``np-cli explain --json`` for a new flow from ``peer``'s IPv4 address."""
+        out = await self.acli(
+            "explain",
+            pod,
+            "--peer",
+            str(peer.ipv4),
+            "--port",
+            str(port),
+            "--protocol",
+            protocol,
+            "--direction",
+            direction,
+            "--json",
+        )
+        assert out.returncode == 0, out.stderr
+        answer: dict[str, Any] = json.loads(out.stdout)
+        return answer
+
     async def http(self, port: int, path: str) -> tuple[int, str]:
         loop = asyncio.get_running_loop()
         sock = socket_in(self.sim.netns, socket.AF_INET, socket.SOCK_STREAM)

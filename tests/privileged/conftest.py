@@ -18,6 +18,7 @@ from bpf.datapath import Datapath
 from simnode.netns import exists
 from simnode.node import SimNode, unique_tag
 from tests.privileged.agentrig import AgentRig
+from tests.privileged.podnet import PodNet
 
 
 def _require_privileges() -> None:
@@ -58,6 +59,16 @@ def datapath(pin_root: str) -> Iterator[Datapath]:
         yield dp
     finally:
         dp.close()
+
+
+@pytest.fixture
+async def podnet(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
+    """The datapath attached to the simulated node's pods (no agent)."""
+    pn = PodNet(sim, datapath)
+    try:
+        yield pn
+    finally:
+        await pn.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ rule-only objects joined by ``policyRef``, fed to the real agent, proven with tr
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from simnode.node import SimPod
@@ -73,21 +72,7 @@ async def test_rule_chunk_after_the_pod_chunk(rig: AgentRig) -> None:
         (ok, "ALLOW", ["default/allow-ok-def34"]),
         (other, "DENY", ["default/allow-ok-abc12", "default/allow-ok-def34"]),
     ):
-        out = await rig.acli(
-            "explain",
-            "default/web",
-            "--peer",
-            str(peer.ipv4),
-            "--port",
-            "80",
-            "--protocol",
-            "TCP",
-            "--direction",
-            "ingress",
-            "--json",
-        )
-        assert out.returncode == 0, out.stderr
-        answer = json.loads(out.stdout)
+        answer = await rig.explain("default/web", peer)
         assert (answer["verdict"], answer["policyendpoints"]) == (verdict, objects)
 
     # the rule chunk moves to a third object (the controller re-packs): still allowed

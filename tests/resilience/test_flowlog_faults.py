@@ -12,38 +12,25 @@ import socket
 import stat
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bpf.datapath import DENY_ALL, Datapath
+from bpf.datapath import DENY_ALL
 from common.apimodels import ProcessStats
 from common.localapi import FLOWLOGS_SOCKET, LocalClient, Unavailable, socket_path
 from simnode.netns import socket_in
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from tests.privileged.agentrig import eventually
 from tests.privileged.podnet import PodNet
 from tests.privileged.test_flowlogs import start, stop
 
 
 @pytest.fixture
-def datapath(pin_root: str) -> Iterator[Datapath]:
-    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 20)
-    try:
-        yield dp
-    finally:
-        dp.close()
-
-
-@pytest.fixture
-async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
-    pn = PodNet(sim, datapath)
-    datapath.set_event_flags(emit_deny=True, emit_allow=False)
-    try:
-        yield pn
-    finally:
-        await pn.close()
+def pods(podnet: PodNet) -> PodNet:
+    podnet.dp.set_event_flags(emit_deny=True, emit_allow=False)
+    return podnet
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -17,7 +16,7 @@ from bpf import layout as lay
 from bpf.datapath import DENY_ALL, Datapath, DirectionPolicy
 from bpf.ruleset import PeerRule, compile_rules
 from simnode.netns import arun, socket_in
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from simnode.traffic import open_tcp
 from tests.privileged.podnet import PodNet
 
@@ -25,21 +24,8 @@ PORT = 40123  # the client's fixed source port, reused as a revoked client would
 
 
 @pytest.fixture
-def datapath(pin_root: str) -> Iterator[Datapath]:
-    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 20)
-    try:
-        yield dp
-    finally:
-        dp.close()
-
-
-@pytest.fixture
-async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
-    pn = PodNet(sim, datapath)
-    try:
-        yield pn
-    finally:
-        await pn.close()
+def pods(podnet: PodNet) -> PodNet:
+    return podnet
 
 
 def allow(client: SimPod) -> DirectionPolicy:

@@ -9,10 +9,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from common.kube import PODS, KubeClient, WatchEvent
 from common.watching import WatchSettings, WatchStats, list_watch
@@ -57,19 +54,6 @@ class Recorder:
             self.state.pop(name, None)
         else:
             self.state[name] = event.object
-
-
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, KubeClient]]:
-    server = FakeKube(bookmark_interval=0.2)
-    await server.start()
-    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
-    client = await KubeClient.connect(str(tmp_path / "kubeconfig"))
-    try:
-        yield server, client
-    finally:
-        await client.close()
-        await server.stop()
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,19 +32,6 @@ def pod(
         "spec": {"nodeName": node},
         "status": {"phase": "Running"},
     }
-
-
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, KubeClient]]:
-    server = FakeKube(bookmark_interval=0.2)
-    await server.start()
-    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
-    client = await KubeClient.connect(str(tmp_path / "kubeconfig"))
-    try:
-        yield server, client
-    finally:
-        await client.close()
-        await server.stop()
 
 
 @pytest.mark.parametrize(

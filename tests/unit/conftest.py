@@ -1,0 +1,3 @@
+"""Fixtures shared by the unit tests."""
+
+from tests.kubeapi import api  # noqa: F401 (the fake API server fixture)
