@@ -365,6 +365,7 @@ class CloudWatchShipper:
                     self.stats.errors += 1
                     written = self.spill.write_lines([f"{ts} {msg}\n" for ts, msg in batch])
                     self.stats.overflow += written
+                    self._refused_at = time.monotonic()
                     log.error(
                         "cloudwatch.batch_refused",
                         error=self.stats.last_error,

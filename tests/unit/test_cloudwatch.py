@@ -211,3 +211,52 @@ async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
         spill.close()
 
     assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == moto.url
+
+
+async def test_a_batch_refused_for_good_is_counted_spilled_and_the_queue_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint that refuses every request with a non-retryable error (as CloudWatch
+    does without permission): the batch is not retried forever."""
+    from aiohttp import web
+
+    async def refuse(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"__type": "AccessDeniedException", "message": "not authorized"}, status=400
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH_LOGS", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    spill = spill_file(tmp_path)
+    s = CloudWatchShipper(
+        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
+    )
+    task = asyncio.create_task(s.run(), name="cloudwatch")
+    try:
+        now = int(time.time() * 1000)
+        for i in range(10):
+            s.submit(now + i, f"refused {i}")
+        for _ in range(100):
+            if s.stats.errors >= 1 and s.held == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert s.stats.errors >= 1
+        assert s.held == 0, "the queue went on"
+        assert "AccessDeniedException" in s.stats.last_error
+        assert len(spilled_lines(spill)) == 10, (s.stats, os.listdir(tmp_path))
+        assert s.stats.retries == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        spill.close()
+        await runner.cleanup()
