@@ -92,11 +92,13 @@ class _Guard(asyncio.Protocol):
         self.limiter = limiter
         self.transport: asyncio.BaseTransport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # counted when created, not when connection_made runs: asyncio accepts a whole
+        # batch (creating every protocol) before any of their connection_made calls
+        limiter.stats.active += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         lim = self.limiter
-        lim.stats.active += 1
         lim.stats.accepted += 1
         lim.guards[transport] = self
         self.timer = asyncio.get_running_loop().call_later(lim.header_timeout, self._expire)
@@ -131,8 +133,8 @@ class _Guard(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         lim = self.limiter
-        if lim.guards.pop(self.transport, None) is not None:
-            lim.stats.active -= 1
+        lim.guards.pop(self.transport, None)
+        lim.stats.active -= 1
         self.inner.connection_lost(exc)
 
 

@@ -9,7 +9,7 @@ import contextlib
 import socket
 
 from simnode.netns import socket_in
-from tests.privileged.agentrig import AgentRig, allow_from
+from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 NOFILE = 512
 HOLD = 300  # per port: far over the connection cap, together over the file limit
@@ -57,8 +57,17 @@ async def test_idle_and_partial_connections_cannot_stop_the_agent(rig: AgentRig)
         held += await _open(rig, 8162, HOLD, b"")
         held += await _open(rig, 8163, HOLD, b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.5)
-        refused = sum(1 for s in held if _closed_by_peer(s))
-        assert refused >= 2 * (HOLD - 64), f"only {refused} of {2 * HOLD} closed at once"
+        # the agent holds at most 64 per port; the rest were closed (at once, or when
+        # their head did not come in time: on a slow machine both happen meanwhile)
+        # (a connection still in the listen backlog is closed once accepted)
+        still_open = 2 * HOLD
+
+        async def bounded() -> bool:
+            nonlocal still_open
+            still_open = sum(1 for s in held if not _closed_by_peer(s))
+            return still_open <= 2 * 64
+
+        await eventually(bounded, timeout=3, what=lambda: f"{still_open} connections held")
         # policy programming goes on: BPF maps still get descriptors
         cases = [(ok, web, 80, "TCP", 4), (other, web, 80, "TCP", 4)]
         for i in range(3):  # a few changes, each needing new tries (maps)
