@@ -8,6 +8,7 @@ datapath enforcing the last programmed state; a new run adopts it without a gap.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from bpf import preflight, recovery
 from bpf.datapath import Datapath
 from bpf.errors import BpfError
 from bpf.loading import PinnedSizeError
-from common import logs
+from common import logs, memory
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
 from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
@@ -185,7 +186,7 @@ class Node:
             socket_path(settings.runtime_dir, CONNTRACK_SOCKET),
             socket_path(settings.runtime_dir, FLOWLOGS_SOCKET),
         ]
-        return {
+        tasks: dict[str, Coroutine[Any, Any, None]] = {
             "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
             "hostnet": self.hostnet.run(),
             "watch-pods": self.watch_pods(),
@@ -201,6 +202,9 @@ class Node:
                 settings.metrics_bind_addr,
             ),
         }
+        if os.environ.get(memory.PROFILE_ENV):  # diagnostics only (see common.memory)
+            tasks["memory-profile"] = memory.profile(os.environ[memory.PROFILE_ENV])
+        return tasks
 
 
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:

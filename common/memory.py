@@ -24,3 +24,33 @@ def release() -> None:
     gc.collect()
     if _libc is not None:
         _trim(0)
+
+
+PROFILE_ENV = "NP_MEMORY_PROFILE"  # a file: allocation growth written there every minute
+
+
+async def profile(path: str, period: float = 60.0, top: int = 25) -> None:
+    """A diagnostic task (run when $NP_MEMORY_PROFILE names a file): tracemalloc from
+    start, and every ``period`` the ``top`` source lines whose allocations grew most since
+    the first snapshot, appended to ``path``. Costs memory and CPU: not for production."""
+    import asyncio
+    import time
+    import tracemalloc
+
+    tracemalloc.start(8)
+    await asyncio.sleep(period)
+    base = tracemalloc.take_snapshot()
+    while True:
+        await asyncio.sleep(period)
+        snap = tracemalloc.take_snapshot()
+        stats = snap.compare_to(base, "traceback")[:top]
+        lines = [f"==== {time.strftime('%H:%M:%S')} traced {tracemalloc.get_traced_memory()}"]
+        for st in stats:
+            lines.append(f"{st.size_diff / 1024:+.1f} KiB {st.count_diff:+d} blocks")
+            lines += [f"    {frame}" for frame in st.traceback.format()[-6:]]
+        await asyncio.to_thread(_append, path, "\n".join(lines) + "\n")
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
