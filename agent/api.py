@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import math
 import time
@@ -78,7 +79,7 @@ class AgentApi:
     def dp(self) -> Datapath:
         return self.worker.dp
 
-    @property
+    @functools.cached_property
     def reader(self) -> MapReader:
         """The worker-thread side (call it through ``self.worker``)."""
         return MapReader(self.worker.dp)

@@ -235,16 +235,15 @@ class Datapath:
         processes and a restart do. Returns what was restored."""
         restored: list[str] = []
         self.pins.make_dirs()
-        for name, prog in self.obj.programs.items():
-            path = self.pins.program(name)
-            if not os.path.exists(path):
-                prog.pin(path)
-                restored.append(path)
-        for name, m in self.obj.maps.items():
-            path = self.pins.map(name)
-            if not name.startswith(".") and not os.path.exists(path):
-                m.pin(path)
-                restored.append(path)
+        # one listing per directory (this runs every few seconds)
+        programs = set(os.listdir(self.pins.programs))
+        for name in [n for n in self.obj.programs if n not in programs]:
+            self.obj.programs[name].pin(self.pins.program(name))
+            restored.append(self.pins.program(name))
+        maps = set(os.listdir(self.pins.maps))
+        for name in [n for n in self.obj.maps if not n.startswith(".") and n not in maps]:
+            self.obj.maps[name].pin(self.pins.map(name))
+            restored.append(self.pins.map(name))
         restored += self.store.restore_trie_pins()
         if restored:
             log.warning(

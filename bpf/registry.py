@@ -232,10 +232,6 @@ class Registry:
             log.info("registry.freed", pods=len(pods), policies=len(policies))
         return len(pods), len(policies)
 
-    def pending(self) -> bool:
-        """Ids wait for their grace period to end."""
-        return bool(self._retiring_pods or self._retiring_policies)
-
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """table -> (entries, capacity)."""
         return {

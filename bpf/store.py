@@ -24,8 +24,14 @@ from dataclasses import dataclass
 import structlog
 
 from bpf import layout as lay
-from bpf.codec import U32_PACK, lpm_key_bytes, policy_ids, portset_from_map, portset_to_map
-from bpf.codec import prefix_from_key as _prefix_from_key
+from bpf.codec import (
+    U32_PACK,
+    lpm_key_bytes,
+    policy_ids,
+    portset_from_map,
+    portset_to_map,
+    prefix_from_key,
+)
 from bpf.errors import BpfError
 from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map, TypedMap
 from bpf.pins import PinPaths
@@ -233,12 +239,12 @@ class RuleStore:
 
     # ---- pins ---------------------------------------------------------------------
     def restore_trie_pins(self) -> list[str]:
+        """Pin the live tries whose pin is gone (one listing of the directory)."""
+        present = set(os.listdir(self.pins.tries))
         restored = []
-        for trie_id in list(self.tries):
-            path = self.pins.trie(trie_id)
-            if not os.path.exists(path):
-                self._pin_trie(trie_id)
-                restored.append(path)
+        for trie_id in [t for t in self.tries if str(t) not in present]:
+            self._pin_trie(trie_id)
+            restored.append(self.pins.trie(trie_id))
         return restored
 
     def _pin_trie(self, trie_id: int) -> None:
@@ -274,7 +280,7 @@ class RuleStore:
                 ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id
                 if ps_id not in portsets:
                     portsets[ps_id] = self.read_portset(ps_id)
-                out.entries[_prefix_from_key(key)] = portsets[ps_id]
+                out.entries[prefix_from_key(key)] = portsets[ps_id]
         return out
 
     def read_portset(self, portset_id: int) -> Portset:

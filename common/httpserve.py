@@ -38,28 +38,19 @@ REQUEST_TIMEOUT = 30.0
 
 
 @dataclass
-class ConnectionStats:
-    active: int = 0
-    accepted: int = 0
-    refused: int = 0  # over MAX_CONNECTIONS: closed at once
-    timed_out: int = 0  # no complete request head in time, or too slow overall
-
-
-@dataclass
 class _Limiter:
     name: str
     max_connections: int
     header_timeout: float
     request_timeout: float
-    stats: ConnectionStats = field(default_factory=ConnectionStats)
+    active: int = 0  # connections open now (counted from protocol creation)
     guards: dict[Any, _Guard] = field(default_factory=dict)  # transport -> guard
     _full_logged: bool = False
 
     def full(self) -> bool:
-        if self.stats.active < self.max_connections:
+        if self.active < self.max_connections:
             self._full_logged = False
             return False
-        self.stats.refused += 1
         if not self._full_logged:
             self._full_logged = True
             log.warning(
@@ -94,12 +85,11 @@ class _Guard(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         # counted when created, not when connection_made runs: asyncio accepts a whole
         # batch (creating every protocol) before any of their connection_made calls
-        limiter.stats.active += 1
+        limiter.active += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         lim = self.limiter
-        lim.stats.accepted += 1
         lim.guards[transport] = self
         self.timer = asyncio.get_running_loop().call_later(lim.header_timeout, self._expire)
         self.inner.connection_made(transport)
@@ -113,7 +103,6 @@ class _Guard(asyncio.Protocol):
         )
 
     def _expire(self) -> None:
-        self.limiter.stats.timed_out += 1
         if self.transport is not None:
             _abort(self.transport)
 
@@ -134,7 +123,7 @@ class _Guard(asyncio.Protocol):
             self.timer.cancel()
         lim = self.limiter
         lim.guards.pop(self.transport, None)
-        lim.stats.active -= 1
+        lim.active -= 1
         self.inner.connection_lost(exc)
 
 
@@ -170,13 +159,10 @@ async def serve(
     max_connections: int = MAX_CONNECTIONS,
     header_timeout: float = HEADER_TIMEOUT,
     request_timeout: float = REQUEST_TIMEOUT,
-    stats: ConnectionStats | None = None,
 ) -> None:
     """Serve until cancelled, within the bounds in the module docstring."""
     host, port = parse_bind_addr(bind_addr)
     limiter = _Limiter(bind_addr, max_connections, header_timeout, request_timeout)
-    if stats is not None:
-        limiter.stats = stats
     app.middlewares.append(_middleware(limiter))
     runner = web.AppRunner(
         app,

@@ -39,7 +39,6 @@ class _Meta(_Lenient):
 
 class _Spec(_Lenient):
     host_network: bool = Field(default=False, alias="hostNetwork")
-    node_name: str = Field(default="", max_length=253, alias="nodeName")
 
 
 class _PodIP(_Lenient):

@@ -14,6 +14,7 @@ from common.apimodels import NodeStatus
 from fakekube import store as fs
 from simnode.node import SimPod
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
+from tests.privileged.test_flowlogs import lines_with
 
 POD_META, POLICIES = 12, 8  # capacities: 11 and 7 ids (key 0 is the watermark)
 ROUNDS = 7  # 4 UIDs and 2 policy names a round: 28 and 14 in all
@@ -118,8 +119,6 @@ async def test_churn_past_every_capacity(rig: AgentRig, tmp_path: Path) -> None:
     )
 
     # flow logs name the pods as they are now, never an earlier incarnation's name
-    from tests.privileged.test_flowlogs import lines_with
-
     denied = await lines_with(
         flow_log, f"Src IP: {pods['a'].ipv4}", f"Dest IP: {fresh.ipv4}", "Verdict DENY"
     )

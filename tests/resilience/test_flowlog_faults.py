@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +59,6 @@ async def deny(client: SimPod, server: SimPod, count: int) -> None:
             finally:
                 s.close()
             if i % 200 == 199:
-                import time
-
                 time.sleep(0.01)  # let the shipper drain (the ring holds 1 MB)
 
     await asyncio.to_thread(send)

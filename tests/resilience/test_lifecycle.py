@@ -5,6 +5,7 @@ gone. Each proven against the real agent with real packets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -158,3 +159,32 @@ async def test_metric_series_end_with_their_objects(rig: AgentRig) -> None:
     _, after = await rig.http(8162, "/metrics")
     # what is left is about the size it was: series of live objects only
     assert len(after) < 2 * len(before) + 4096, (len(before), len(after))
+
+
+async def test_a_full_table_shows_everywhere_and_fails_readiness(rig: AgentRig) -> None:
+    """The README's promise: a table near full shows in /readyz's body, np-cli status
+    and the gauges; a full one fails /readyz (new pods cannot be programmed)."""
+    pods = [await rig.add_pod(f"p{i}") for i in range(4)]
+    # np_pod_meta holds 3 ids (key 0 is the watermark): the fourth pod cannot get one
+    await rig.start_agent(env={**FAST, "NP_MAP_SIZES": f"{lay.MAP_POD_META}=4"})
+    rig.apply(rig.policy_endpoint("iso", targets=pods, ingress=[]))
+    body = ""
+
+    async def unready() -> bool:
+        nonlocal body
+        status, body = await rig.http(8163, "/readyz")
+        return status == 503 and "table np_pod_meta is full (3/3)" in body
+
+    await eventually(unready, timeout=20, what=lambda: f"/readyz said {body}")
+    answer = json.loads(body)
+    assert "table np_pod_meta is 3/3 full (100%)" in answer["warnings"]
+    st = await rig.agent.get("/v1/status", NodeStatus)
+    assert (st.tables[lay.MAP_POD_META].entries, st.tables[lay.MAP_POD_META].capacity) == (3, 3)
+    assert len(st.failed) == 1
+    assert next(iter(st.failed.values())).startswith("map np_pod_meta: full")
+    out = await rig.acli("status")
+    assert "table np_pod_meta" in out.stdout
+    assert "3/3  <- nearly full" in out.stdout, out.stdout
+    _, metrics = await rig.http(8162, "/metrics")
+    assert 'awsnodeagent_datapath_table_entries{table="np_pod_meta"} 3.0' in metrics
+    assert 'awsnodeagent_datapath_table_capacity{table="np_pod_meta"} 3.0' in metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -61,6 +62,31 @@ def spill_file(tmp_path: Path, backups: int = 2) -> RotatingFile:
 
 def spilled_lines(spill: RotatingFile) -> list[str]:
     return Path(spill.path).read_text().splitlines() if os.path.exists(spill.path) else []
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, **kw: Any
+) -> AsyncIterator[tuple[CloudWatchShipper, RotatingFile]]:
+    """A shipper (queue of 1,000, fast retries) on a spill file, running until the block
+    ends (cancelled, as SIGTERM does)."""
+    spill = spill_file(tmp_path)
+    s = CloudWatchShipper(
+        group=GROUP,
+        stream=STREAM,
+        capacity=1000,
+        spill=spill,
+        flush_interval=0.1,
+        backoff_max=0.5,
+        **kw,
+    )
+    task = asyncio.create_task(s.run(), name="cloudwatch")
+    try:
+        yield s, spill
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        spill.close()
 
 
 @pytest.fixture
@@ -127,12 +153,7 @@ async def test_large_messages_respect_the_byte_limit(
 
 
 async def test_outage_then_recovery_loses_nothing(moto: Moto, tmp_path: Path) -> None:
-    spill = spill_file(tmp_path)
-    s = CloudWatchShipper(
-        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
-    )
-    task = asyncio.create_task(s.run(), name="cloudwatch")
-    try:
+    async with running(tmp_path) as (s, spill):
         now = int(time.time() * 1000)
         for i in range(100):
             s.submit(now + i, f"before outage {i}")
@@ -159,56 +180,31 @@ async def test_outage_then_recovery_loses_nothing(moto: Moto, tmp_path: Path) ->
         assert s.stats.rejected == 0
         assert s.stats.last_error == "", "cleared once CloudWatch accepts again"
         assert not [n for n in os.listdir(tmp_path) if "reship" in n]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        spill.close()
 
 
 async def test_stop_spills_what_is_held_and_the_next_process_ships_it(
     moto: Moto, tmp_path: Path
 ) -> None:
-    spill = spill_file(tmp_path)
-    s = CloudWatchShipper(
-        group=GROUP,
-        stream=STREAM,
-        capacity=1000,
-        spill=spill,
-        flush_interval=0.1,
-        backoff_max=0.5,
-        shutdown_flush=0.5,
-    )
-    task = asyncio.create_task(s.run(), name="cloudwatch")
     now = int(time.time() * 1000)
     moto.stop()
-    for i in range(500):
-        s.submit(now + i, f"held {i}")
-    for _ in range(100):
-        if s.stats.retries >= 1:
-            break
-        await asyncio.sleep(0.05)
-    task.cancel()  # SIGTERM: the supervisor cancels the task
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(tmp_path, shutdown_flush=0.5) as (s, spill):
+        for i in range(500):
+            s.submit(now + i, f"held {i}")
+        for _ in range(100):
+            if s.stats.retries >= 1:
+                break
+            await asyncio.sleep(0.05)
+    # the block's end cancelled the task, as the supervisor does at SIGTERM
     assert s.stats.shutdown_spilled == 500
     assert len(spilled_lines(spill)) == 500
-    spill.close()
     # the next process ships them once CloudWatch is back
     moto.start()
-    spill = spill_file(tmp_path)
-    s2 = CloudWatchShipper(
-        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
-    )
-    task = asyncio.create_task(s2.run(), name="cloudwatch")
-    try:
+    async with running(tmp_path) as (s2, _):
         s2.submit(now + 1000, "fresh")
         await wait_shipped(s2, 501)
         got = {e["message"] for e in await all_events()}
         assert {f"held {i}" for i in range(500)} | {"fresh"} <= got
         assert s2.stats.lost_in_crash == 0
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        spill.close()
 
     assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == moto.url
 
@@ -237,26 +233,19 @@ async def test_a_batch_refused_for_good_is_counted_spilled_and_the_queue_goes_on
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    spill = spill_file(tmp_path)
-    s = CloudWatchShipper(
-        group=GROUP, stream=STREAM, capacity=1000, spill=spill, flush_interval=0.1, backoff_max=0.5
-    )
-    task = asyncio.create_task(s.run(), name="cloudwatch")
     try:
-        now = int(time.time() * 1000)
-        for i in range(10):
-            s.submit(now + i, f"refused {i}")
-        for _ in range(100):
-            if s.stats.errors >= 1 and s.held == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert s.stats.errors >= 1
-        assert s.held == 0, "the queue went on"
-        assert "AccessDeniedException" in s.stats.last_error
-        assert len(spilled_lines(spill)) == 10, (s.stats, os.listdir(tmp_path))
-        assert s.stats.retries == 0
+        async with running(tmp_path) as (s, spill):
+            now = int(time.time() * 1000)
+            for i in range(10):
+                s.submit(now + i, f"refused {i}")
+            for _ in range(100):
+                if s.stats.errors >= 1 and s.held == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert s.stats.errors >= 1
+            assert s.held == 0, "the queue went on"
+            assert "AccessDeniedException" in s.stats.last_error
+            assert len(spilled_lines(spill)) == 10, (s.stats, os.listdir(tmp_path))
+            assert s.stats.retries == 0
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        spill.close()
         await runner.cleanup()
