@@ -23,6 +23,13 @@ policy is never programmed. During a (re)list, objects of namespaces with a loca
 are kept whole until the list ends (chunks of one policy may come in any order), then
 those of irrelevant policies become stubs.
 
+**Selection by labels.** A pod the controller has not listed in any object yet (a pod
+the CNI is setting up has no address, so no object can list it) is selected by the
+policies of its namespace whose ``podSelector`` (every object of a policy carries it)
+matches its labels: a new replica gets its policies before its first packet, not after
+the controller's next pass. Once any object lists the pod, the listings alone decide,
+as before.
+
 An invalid PolicyEndpoint is rejected with one log line and a counter; the version last
 accepted (if any) stays in force, so no pod's enforcement changes because of bad input.
 """
@@ -36,7 +43,7 @@ from typing import Any
 
 import structlog
 
-from agent.endpoints import Endpoints, PodRef, PolicyKey, from_api
+from agent.endpoints import Endpoints, PodRef, PolicyKey, from_api, matcher
 from common.kube import WatchEvent
 from common.podobject import PodError, parse_pod, pod_key
 from common.policyendpoint import PolicyEndpointError
@@ -55,6 +62,7 @@ class LocalPod:
     host_network: bool
     phase: str
     deleting: bool
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> PodRef:
@@ -69,6 +77,7 @@ class Stub:
     policy_key: PolicyKey
     generation: int
     resource_version: int
+    selector: str = ""
 
 
 def _pod(obj: dict[str, Any]) -> LocalPod:
@@ -86,6 +95,7 @@ def _pod(obj: dict[str, Any]) -> LocalPod:
         host_network=spec.host_network,
         phase=status.phase,
         deleting=bool(meta.deletion_timestamp),
+        labels=tuple(sorted(meta.labels.items())),
     )
 
 
@@ -106,11 +116,16 @@ class Cache:
         on_pod_rejected: Callable[[], None] | None = None,
     ) -> None:
         self.pods: dict[PodRef, LocalPod] = {}
+        self.ns_pods: dict[str, set[PodRef]] = {}  # the local pods of each namespace
         self.endpoints: dict[Key, Endpoints] = {}  # objects of relevant policies
         self.stubs: dict[Key, Stub] = {}  # objects of the others
         self.policies: dict[PolicyKey, set[Key]] = {}  # every object (kept or stub)
         self.listing: dict[PodRef, set[Key]] = {}  # kept objects listing a pod
         self.rejected: dict[Key, str] = {}
+        # every policy's podSelector, and the policies of each namespace (see "Selection
+        # by labels"); an entry ends with the policy's last object
+        self.selectors: dict[PolicyKey, str] = {}
+        self.by_namespace: dict[str, set[PolicyKey]] = {}
         # the latest generation seen of every PolicyEndpoint, kept or not (an int each):
         # tells "programmed" callers whether the watch has delivered what the API has
         self.generations: dict[Key, int] = {}
@@ -143,12 +158,25 @@ class Cache:
             self._on_pod_rejected()
 
     # ---- queries ----------------------------------------------------------------------
+    def by_labels(self, pod: PodRef) -> list[PolicyKey]:
+        """The policies of the pod's namespace whose podSelector matches its labels, if
+        no object lists the pod (else none: the listings decide)."""
+        local = self.pods.get(pod)
+        if local is None or self.listing.get(pod):
+            return []
+        labels = dict(local.labels)
+        return [
+            pk
+            for pk in self.by_namespace.get(pod[0], ())
+            if matcher(self.selectors.get(pk, ""))(labels)
+        ]
+
     def selecting(self, pod: PodRef) -> list[PolicyKey]:
         """The policies that select a local pod (sorted)."""
         local = self.pods.get(pod)
         if local is None:
             return []
-        out: set[PolicyKey] = set()
+        out: set[PolicyKey] = set(self.by_labels(pod))
         for key in self.listing.get(pod, ()):
             e = self.endpoints[key]
             listed = e.lists(pod, local.ips)
@@ -243,10 +271,28 @@ class Cache:
             e = self.endpoints.get(k)
             if e is not None and (e.host_ips & node or any(r in self.pods for r in e.pods)):
                 return True
-        return False
+        return any(pk in self.by_labels(ref) for ref in self._unlisted(pk[0]))
+
+    def _unlisted(self, namespace: str) -> list[PodRef]:
+        """Local pods of the namespace that no object lists (selected by labels)."""
+        return [r for r in self.ns_pods.get(namespace, ()) if not self.listing.get(r)]
+
+    def _note_selector(self, pk: PolicyKey, selector: str) -> None:
+        self.selectors[pk] = selector
+        self.by_namespace.setdefault(pk[0], set()).add(pk)
+
+    def _forget_selector(self, pk: PolicyKey) -> None:
+        if pk in self.policies:
+            return  # other objects of the policy remain
+        self.selectors.pop(pk, None)
+        keys = self.by_namespace.get(pk[0])
+        if keys is not None:
+            keys.discard(pk)
+            if not keys:
+                del self.by_namespace[pk[0]]
 
     def _namespace_is_local(self, namespace: str) -> bool:
-        return any(ref[0] == namespace for ref in self.pods)
+        return bool(self.ns_pods.get(namespace))
 
     # ---- pods ---------------------------------------------------------------------------
     def pods_consumer(self) -> _Pods:
@@ -256,13 +302,22 @@ class Cache:
         old = self.pods.get(ref)
         if pod is None:
             self.pods.pop(ref, None)
+            refs = self.ns_pods.get(ref[0])
+            if refs is not None:
+                refs.discard(ref)
+                if not refs:
+                    del self.ns_pods[ref[0]]
         else:
             self.pods[ref] = pod
+            self.ns_pods.setdefault(ref[0], set()).add(ref)
         if old != pod:
             self.dirty.add(ref)
             self.changed.set()
             if old is None or pod is None:  # may make a policy (ir)relevant
                 for pk in {self.endpoints[k].policy_key for k in self.listing.get(ref, ())}:
+                    self._settle(pk)
+            if old is None or pod is None or old.labels != pod.labels:
+                for pk in list(self.by_namespace.get(ref[0], ())):
                     self._settle(pk)
 
     # ---- policy endpoints -------------------------------------------------------------
@@ -291,12 +346,14 @@ class Cache:
                 members.discard(key)
                 if not members:
                     del self.policies[pk]
+            self._forget_selector(pk)
         self._reported = {m for m in self._reported if m[0] != key}
         return pk, pods
 
     def _keep(self, e: Endpoints) -> None:
         self.endpoints[e.key] = e
         self.policies.setdefault(e.policy_key, set()).add(e.key)
+        self._note_selector(e.policy_key, e.selector)
         for ref in e.pods:
             self.listing.setdefault(ref, set()).add(e.key)
 
@@ -357,6 +414,7 @@ class Cache:
             ):
                 # during a list: a namespace without local pods cannot be concerned
                 self._stub(new)
+        affected |= set(self._unlisted(key[0]))  # label selection may change
         for pk in touched:
             affected |= self._policy_pods(pk)
             if not self._listing_now:
@@ -366,8 +424,9 @@ class Cache:
     def _stub(self, e: Endpoints) -> None:
         key = e.key
         self._drop(key)
-        self.stubs[key] = Stub(e.policy_key, e.generation, self._rvs.get(key, 0))
+        self.stubs[key] = Stub(e.policy_key, e.generation, self._rvs.get(key, 0), e.selector)
         self.policies.setdefault(e.policy_key, set()).add(key)
+        self._note_selector(e.policy_key, e.selector)
 
     def _settle(self, pk: PolicyKey) -> None:
         """Keep the objects of a relevant policy (fetch its stubs), stub the others'."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +30,7 @@ from common.policyendpoint import (
     Rule,
     parse_with_rules,
 )
+from common.selectors import Matcher, SelectorError, compile_selector
 
 PodRef = tuple[str, str]  # (namespace, name)
 # The join key of a policy's objects: (namespace, policyRef.name, target group). The AWS
@@ -93,6 +96,9 @@ class Endpoints:
     ingress: PackedRules  # policy_id 0: set at compile time
     egress: PackedRules
     foreign: tuple[str, ...] = ()  # "ns/name" of entries naming another namespace's pods
+    # the policy's podSelector (canonical JSON; "" if absent or unusable): selects pods
+    # the controller has not listed yet (see agent.cache, "Selection by labels")
+    selector: str = ""
 
     @property
     def key(self) -> PodRef:
@@ -206,4 +212,23 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         ingress=_rules(ingress),
         egress=_rules(egress),
         foreign=tuple(sorted(foreign)),
+        selector=_selector(spec.pod_selector),
     )
+
+
+def _selector(selector: dict[str, Any] | None) -> str:
+    """The podSelector as canonical JSON, or "" if absent or not a valid selector."""
+    if selector is None:
+        return ""
+    text = sys.intern(json.dumps(selector, sort_keys=True, separators=(",", ":")))
+    try:
+        matcher(text)
+    except (SelectorError, TypeError, AttributeError):
+        return ""
+    return text
+
+
+@functools.lru_cache(maxsize=1024)
+def matcher(selector: str) -> Matcher:
+    """The predicate of a canonical selector (as :attr:`Endpoints.selector` holds)."""
+    return compile_selector(json.loads(selector)) if selector else (lambda labels: False)

@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -29,7 +30,7 @@ from agent.desired import weight
 from agent.endpoints import Endpoints, PodRef
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
-from agent.programming import Plan, Programmer
+from agent.programming import Outcome, Plan, Programmer
 from agent.worker import DatapathWorker
 from bpf import layout as lay
 from bpf.attach import attach, attachment, ours
@@ -75,7 +76,7 @@ class Inputs:
     """What a pod's record is compiled from: the same inputs, the same record."""
 
     strict: bool
-    ifindex: int
+    ifindexes: tuple[int, ...]
     uid: str
     endpoints: tuple[Endpoints, ...]
 
@@ -85,7 +86,7 @@ class PodStatus:
     namespace: str
     name: str
     uid: str
-    ifindex: int = 0
+    ifindexes: tuple[int, ...] = ()  # the pod's host interfaces (one per network card)
     pod_id: int = 0
     ingress: str = ""
     egress: str = ""
@@ -94,6 +95,11 @@ class PodStatus:
     error: str = ""
     reason: str = ""  # table-full | rule-limit | kernel, with error
     inputs: Inputs | None = None  # what the record in force was compiled from
+
+    @property
+    def ifindex(self) -> int:
+        """The first host interface (0: none known)."""
+        return self.ifindexes[0] if self.ifindexes else 0
 
 
 class Enforcer:
@@ -113,12 +119,24 @@ class Enforcer:
         self.dp: Datapath = worker.dp
         self.metrics = metrics
         self.strict = strict
-        self.programmer = Programmer(worker.dp, strict=strict)  # on the worker thread only
+        self.programmer = Programmer(worker.dp)  # on the worker thread only
         self.netns = netns
         self.status: dict[PodRef, PodStatus] = {}
         self.bound: dict[int, PodRef] = {}
         self.attached: dict[int, tuple[int, int]] = {}
         self.records: set[int] = set()  # ifindexes with a record in np_pods
+        # the mode the CNI asked for a pod (EnforceNpToPod), over the node's, and the
+        # interfaces it announced; ends with DeletePodNp or when they are all gone
+        self.modes: dict[PodRef, bool] = {}
+        self.admitted: dict[int, PodRef] = {}
+        # pods the CNI tore down (DeletePodNp) while their Pod object remains (by UID):
+        # not programmed again, their ids released; ends when the object goes or a pod of
+        # that name is set up again
+        self.released: dict[PodRef, str] = {}
+        # every write of pod records, so that a record is never overwritten by an older
+        # decision (the CNI's default against a reconcile's policy, or the reverse)
+        self.writing = asyncio.Lock()
+        self.started = asyncio.Event()  # previous records adopted: the CNI can be served
         self.synced = asyncio.Event()  # first full reconcile done
         self.progress = asyncio.Condition()  # notified after every reconcile batch
         self._new_links: set[int] = set()
@@ -166,6 +184,7 @@ class Enforcer:
         async with Netlink(netns=self.netns) as nl:
             self._nl = nl
             await self._adopt()
+            self.started.set()
             self._new_links.update(self.hostnet.pod_interfaces())
             while not (self.cache.pods_synced and self.cache.endpoints_synced):
                 await self._interfaces()
@@ -234,41 +253,62 @@ class Enforcer:
         gone, self._gone_links = self._gone_links, set()
         gone = {i for i in gone if i not in self.hostnet.links}
         if gone:
-            await self.worker.call(self.programmer.remove, sorted(gone & self.records))
-            self.records -= gone
+            async with self.writing:
+                await self.worker.call(self.programmer.remove, sorted(gone & self.records))
+                self.records -= gone
             for ifindex in gone:
                 self.attached.pop(ifindex, None)
+                self._forget_admitted(ifindex)
                 ref = self.bound.pop(ifindex, None)
-                if ref is not None and ref in self.status:
-                    self.status[ref].ifindex = 0
-                    self.status[ref].inputs = None
+                st = self.status.get(ref) if ref is not None else None
+                if st is not None and ref is not None:
+                    st.ifindexes = tuple(i for i in st.ifindexes if i != ifindex)
+                    st.inputs = None
+                    self.cache.dirty.add(ref)  # its other interfaces (if any) stay its own
         new, self._new_links = self._new_links, set()
-        fresh = sorted(i for i in new if i in self.hostnet.links and i not in self.records)
-        if fresh:
-            default = DENY_ALL if self.strict else ALLOW_ALL
-            await self.worker.call(
-                self.dp.program_pods, {i: PodPolicy(UNKNOWN_POD, default, default) for i in fresh}
-            )
-            self.records.update(fresh)
-            log.info(
-                "enforcer.interfaces_attached",
-                ifindexes=fresh,
-                default="deny" if self.strict else "allow",
-            )
-        for ifindex in sorted(new):
-            if ifindex in self.records:
-                await self._attach(ifindex)
+        await self.arm(sorted(i for i in new if i in self.hostnet.links), strict=self.strict)
+
+    async def arm(
+        self, ifindexes: list[int], *, strict: bool, unclaimed_too: bool = False
+    ) -> list[int]:
+        """Give interfaces without a record the mode's default record (no pod identity)
+        and attach the programs to all of them: from then on they enforce. With
+        ``unclaimed_too``, interfaces whose record no pod's programming wrote get the
+        default of this mode as well. The interfaces that got a record are returned."""
+        async with self.writing:
+            fresh = [
+                i
+                for i in ifindexes
+                if i not in self.records or (unclaimed_too and i not in self.bound)
+            ]
+            if fresh:
+                default = DENY_ALL if strict else ALLOW_ALL
+                await self.worker.call(
+                    self.dp.program_pods,
+                    {i: PodPolicy(UNKNOWN_POD, default, default) for i in fresh},
+                )
+                self.records.update(fresh)
+                log.info(
+                    "enforcer.interfaces_attached",
+                    ifindexes=fresh,
+                    default="deny" if strict else "allow",
+                )
+            for ifindex in ifindexes:
+                if ifindex in self.records:
+                    await self._attach(ifindex)
+        return fresh
 
     async def _release_unclaimed(self) -> None:
         """After the first full reconcile: interfaces no local pod claims keep (or get)
         the mode's default, with no pod identity."""
-        unclaimed = sorted(i for i in self.records if i not in self.bound)
-        if unclaimed:
-            default = DENY_ALL if self.strict else ALLOW_ALL
-            await self.worker.call(
-                self.dp.program_pods,
-                {i: PodPolicy(UNKNOWN_POD, default, default) for i in unclaimed},
-            )
+        async with self.writing:
+            unclaimed = sorted(i for i in self.records if i not in self.bound)
+            if unclaimed:
+                default = DENY_ALL if self.strict else ALLOW_ALL
+                await self.worker.call(
+                    self.dp.program_pods,
+                    {i: PodPolicy(UNKNOWN_POD, default, default) for i in unclaimed},
+                )
 
     # ---- reconcile ----------------------------------------------------------------------
     async def _reconcile(self, refs: set[PodRef]) -> None:
@@ -280,16 +320,21 @@ class Enforcer:
     async def _plan(self, ref: PodRef) -> Plan | None:
         """What programming the pod needs now; None if nothing (or not yet)."""
         pod = self.cache.pods.get(ref)
-        if pod is None or pod.host_network or not pod.ips:
-            if pod is None and ref in self.status:
-                self._unbind(ref)
+        if pod is None or pod.host_network:
+            if pod is None:
+                self.released.pop(ref, None)
+                if ref in self.status:
+                    self._unbind(ref)
             return None
+        if self.released.get(ref) == pod.uid:
+            return None  # torn down by the CNI; the object is going
+        self.released.pop(ref, None)
         st = self.status.setdefault(ref, PodStatus(pod.namespace, pod.name, pod.uid))
         st.uid = pod.uid
-        ifindex = await self._interface_for(pod)
-        if ifindex is None:
+        ifindexes = await self._interfaces_for(pod)
+        if not ifindexes:
             return None
-        self._claim(ref, st, ifindex)
+        self._claim(ref, st, ifindexes)
         waiting = self.cache.incomplete(ref)
         if waiting:
             # a policy selecting it is not all here yet (being fetched): keep the
@@ -301,26 +346,34 @@ class Enforcer:
             )
             return None
         endpoints = tuple(self.cache.endpoints_for(ref))
-        plan = Plan(ref, pod.uid, ifindex, endpoints, weight(endpoints))
+        plan = Plan(
+            ref, pod.uid, ifindexes, endpoints, weight(endpoints), strict=self.strict_for(ref)
+        )
         return None if st.inputs == self._inputs(plan) else plan
+
+    def strict_for(self, ref: PodRef) -> bool:
+        """The pod's mode: what the CNI asked for it, else the node's."""
+        return self.modes.get(ref, self.strict)
 
     def _inputs(self, plan: Plan) -> Inputs:
         """Everything a pod's record is compiled from: unchanged, nothing to do."""
-        return Inputs(self.strict, plan.ifindex, plan.uid, plan.endpoints)
+        return Inputs(plan.strict, plan.ifindexes, plan.uid, plan.endpoints)
 
-    def _claim(self, ref: PodRef, st: PodStatus, ifindex: int) -> None:
-        """The interface is the pod's now (a re-created pod may take another's)."""
-        owner = self.bound.get(ifindex)
-        if owner is not None and owner != ref:
-            log.warning(
-                "enforcer.interface_reassigned",
-                ifindex=ifindex,
-                old=f"{owner[0]}/{owner[1]}",
-                new=f"{ref[0]}/{ref[1]}",
-            )
-            self._unbind(owner)
-        if st.ifindex and st.ifindex != ifindex:
-            self.bound.pop(st.ifindex, None)
+    def _claim(self, ref: PodRef, st: PodStatus, ifindexes: tuple[int, ...]) -> None:
+        """The interfaces are the pod's now (a re-created pod may take another's)."""
+        for ifindex in ifindexes:
+            owner = self.bound.get(ifindex)
+            if owner is not None and owner != ref:
+                log.warning(
+                    "enforcer.interface_reassigned",
+                    ifindex=ifindex,
+                    old=f"{owner[0]}/{owner[1]}",
+                    new=f"{ref[0]}/{ref[1]}",
+                )
+                self._unbind(owner)
+        for old in set(st.ifindexes) - set(ifindexes):
+            if self.bound.get(old) == ref:
+                del self.bound[old]
 
     async def _run(self, plans: list[Plan]) -> None:
         """Light pods first, together; heavy ones each on its own, and only while no
@@ -343,7 +396,12 @@ class Enforcer:
     async def _apply(self, plans: list[Plan]) -> None:
         started = time.monotonic()
         try:
-            results = await self.worker.call(self.programmer.program, plans)
+            async with self.writing:
+                results = await self.worker.call(self.programmer.program, plans)
+                # the records are in place: no default may be written over them
+                for plan, out in zip(plans, results, strict=True):
+                    if out.written:
+                        self.records.update(plan.ifindexes)
         except (BpfError, OSError) as exc:
             self.metrics.errors.labels("program").inc()
             log.error("enforcer.program_failed", pods=len(plans), error=str(exc))
@@ -354,47 +412,50 @@ class Enforcer:
             return
         self.metrics.reconciles.inc()
         self._last_programmed = time.monotonic()
-        now = time.time()
         elapsed_ms = (time.monotonic() - started) * 1000
         for plan, out in zip(plans, results, strict=True):
-            st = self.status[plan.ref]
-            inputs = self._inputs(plan)
-            st.error, st.reason = out.error, out.reason
-            if out.error:
-                self.metrics.failures.labels(out.reason).inc()
-            if not out.written:
-                # the record in force stays (strict: the default deny); tried again
-                st.inputs = None
-                self._retry.add(plan.ref)
-                continue
-            self._retry.discard(plan.ref)
-            self.records.add(plan.ifindex)
-            await self._attach(plan.ifindex)
-            self.bound[plan.ifindex] = plan.ref
-            st.ifindex, st.pod_id = plan.ifindex, out.pod_id
-            st.ingress, st.egress = out.ingress, out.egress
-            st.inputs = inputs
-            previous = st.programmed
-            st.programmed = {f"{e.namespace}/{e.name}": e.generation for e in plan.endpoints}
-            st.programmed_at = now
-            for e in plan.endpoints:
-                key = f"{e.namespace}/{e.name}"
-                if previous.get(key) != e.generation:
-                    self.metrics.observe_setup(namespace=e.namespace, name=e.name, ms=elapsed_ms)
-                    if e.trigger_time:
-                        self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
-            for key in set(previous) - set(st.programmed):
-                ns, name = key.split("/", 1)
-                self.metrics.observe_teardown(namespace=ns, name=name, ms=elapsed_ms)
+            await self._record(plan, out, elapsed_ms)
         log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
 
-    async def _interface_for(self, pod: LocalPod) -> int | None:
+    async def _record(self, plan: Plan, out: Outcome, elapsed_ms: float) -> None:
+        """What one pod's programming did, in its status and the metrics."""
+        st = self.status[plan.ref]
+        st.error, st.reason = out.error, out.reason
+        if out.error:
+            self.metrics.failures.labels(out.reason).inc()
+        if not out.written:
+            # the record in force stays (strict: the default deny); tried again
+            st.inputs = None
+            self._retry.add(plan.ref)
+            return
+        self._retry.discard(plan.ref)
+        for ifindex in plan.ifindexes:
+            await self._attach(ifindex)
+            self.bound[ifindex] = plan.ref
+        st.ifindexes, st.pod_id = plan.ifindexes, out.pod_id
+        st.ingress, st.egress = out.ingress, out.egress
+        st.inputs = self._inputs(plan)
+        previous = st.programmed
+        st.programmed = {f"{e.namespace}/{e.name}": e.generation for e in plan.endpoints}
+        st.programmed_at = now = time.time()
+        for e in plan.endpoints:
+            key = f"{e.namespace}/{e.name}"
+            if previous.get(key) != e.generation:
+                self.metrics.observe_setup(namespace=e.namespace, name=e.name, ms=elapsed_ms)
+                if e.trigger_time:
+                    self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
+        for key in set(previous) - set(st.programmed):
+            ns, name = key.split("/", 1)
+            self.metrics.observe_teardown(namespace=ns, name=name, ms=elapsed_ms)
+
+    async def _interfaces_for(self, pod: LocalPod) -> tuple[int, ...]:
+        """The pod's host interfaces: those the VPC CNI named after it, and those its
+        addresses are routed over (main table, or any table a rule looks up)."""
         assert self._nl is not None
+        found = set(self.hostnet.named_interfaces(pod.namespace, pod.name))
         for ip in pod.ips:
-            ifindex = await self.hostnet.interface_of(self._nl, ip)
-            if ifindex is not None:
-                return ifindex
-        return None
+            found |= await self.hostnet.interfaces_of(self._nl, ip)
+        return tuple(sorted(found))
 
     async def _collect_garbage(self) -> bool:
         """Free retired tries and port sets: when programming has been quiet, or when
@@ -424,7 +485,9 @@ class Enforcer:
         if now - self._last_lifecycle < self.lifecycle_period:
             return
         self._last_lifecycle = now
-        live = {p.uid for p in self.cache.pods.values() if p.uid}
+        live = {
+            p.uid for p in self.cache.pods.values() if p.uid and self.released.get(p.key) != p.uid
+        }
         try:
             await self.worker.call(self.programmer.end_ids, live)
         except (BpfError, OSError) as exc:
@@ -440,12 +503,14 @@ class Enforcer:
 
     def _unbind(self, ref: PodRef) -> None:
         st = self.status.pop(ref, None)
-        if st is not None and st.ifindex:
-            if self.bound.get(st.ifindex) == ref:
-                del self.bound[st.ifindex]
-            self._new_links.add(st.ifindex)  # back to the mode's default if it stays
-            self.records.discard(st.ifindex)
-            self._wake.set()
+        if st is None:
+            return
+        for ifindex in st.ifindexes:
+            if self.bound.get(ifindex) == ref:
+                del self.bound[ifindex]
+            self._new_links.add(ifindex)  # back to the mode's default if it stays
+            self.records.discard(ifindex)
+        self._wake.set()
 
     def _export_counts(self) -> None:
         programmed = sum(1 for st in self.status.values() if st.ifindex and not st.error)
@@ -456,6 +521,73 @@ class Enforcer:
         for table, (entries, capacity) in self.dp.occupancy().items():
             self.metrics.table_entries.labels(table).set(entries)
             self.metrics.table_capacity.labels(table).set(capacity)
+
+    # ---- the CNI's calls (agent.cni) ------------------------------------------------------
+    async def admit(self, ref: PodRef, ifindexes: list[int], *, strict: bool) -> list[int]:
+        """A pod the CNI has just wired: its mode is kept, its interfaces enforce the
+        mode's default from now on, and the pod is reconciled at once (programmed, if
+        its Pod object and policies are known). The interfaces given a default record
+        are returned."""
+        self.modes[ref] = strict
+        self.admitted.update((i, ref) for i in ifindexes)
+        self.released.pop(ref, None)
+        fresh = await self.arm(ifindexes, strict=strict, unclaimed_too=True)
+        self.cache.dirty.add(ref)
+        self.cache.changed.set()
+        return fresh
+
+    def _forget_admitted(self, ifindex: int) -> None:
+        ref = self.admitted.pop(ifindex, None)
+        if ref is not None and ref not in self.admitted.values():
+            self.modes.pop(ref, None)
+
+    def programmed_on(self, ref: PodRef, ifindexes: Iterable[int]) -> bool:
+        """The pod is programmed (see :meth:`is_programmed`), on these interfaces too."""
+        st = self.status.get(ref)
+        pod = self.cache.pods.get(ref)
+        return (
+            st is not None
+            and pod is not None
+            and st.uid == pod.uid
+            and set(ifindexes) <= set(st.ifindexes)
+            and self.is_programmed(ref)
+        )
+
+    async def settled(self, ref: PodRef, ifindexes: Iterable[int], timeout: float) -> bool:
+        """Wait until the pod is programmed on ``ifindexes``, at most ``timeout``
+        seconds; whether it is."""
+        wanted = list(ifindexes)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self.progress:
+            while not self.programmed_on(ref, wanted):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self.progress.wait(), remaining)
+                except TimeoutError:
+                    return self.programmed_on(ref, wanted)
+        return True
+
+    def release(self, ref: PodRef) -> tuple[int, ...]:
+        """The CNI tore the pod down (DeletePodNp): its mode and status end, its ids are
+        released at the next lifecycle pass, and it is not programmed again while its
+        Pod object remains. Its interfaces, while they last, keep the node mode's
+        default with no identity. Returns the interfaces it had."""
+        self.modes.pop(ref, None)
+        for ifindex in [i for i, r in self.admitted.items() if r == ref]:
+            del self.admitted[ifindex]
+        pod = self.cache.pods.get(ref)
+        if pod is not None:
+            self.released[ref] = pod.uid
+        st = self.status.get(ref)
+        had = st.ifindexes if st is not None else ()
+        self._unbind(ref)
+        self._retry.discard(ref)
+        self._last_lifecycle = 0.0  # release the ids now, not in up to 5 s
+        self._wake.set()
+        return had
 
     # ---- queries ------------------------------------------------------------------------
     def programmed_endpoints(self, ref: PodRef) -> tuple[Endpoints, ...]:

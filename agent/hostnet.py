@@ -1,8 +1,17 @@
 """The node's network as the enforcer needs it, kept current from netlink events.
 
-- pod interfaces: links whose name has one of the configured prefixes (host-side veths);
+- pod interfaces: veth links whose name has one of the configured prefixes (host-side
+  veths). Other kinds are never pod interfaces, whatever their name: with security
+  groups for pods the VPC CNI names the branch ENI's VLAN link ``vlan.eth.<id>``, which
+  the ``vlan`` prefix of branch-ENI pod veths would otherwise match;
 - host routes: a pod IP's /32 or /128 route names the pod's interface (VPC CNI, kindnet,
-  ptp, Calico all route pod IPs this way), with a route lookup as the fallback;
+  ptp, Calico all route pod IPs this way). Routes are read from the main table and from
+  every table a policy routing rule looks up: branch-ENI pods (security groups for pods,
+  strict) are routed only in their VLAN's table (``ip rule iif vlan.eth.N lookup N+100``).
+  A route lookup is the fallback;
+- CNI names: the VPC CNI names a pod's host veth by its namespace and name (see
+  :func:`cni_veth_name`), so the interfaces of a pod it announces (EnforceNpToPod) are
+  found before the pod has an address;
 - node addresses: global addresses on non-pod interfaces; traffic between a pod and its
   node always passes, and they tell which PolicyEndpoints concern this node.
 """
@@ -10,18 +19,33 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import socket
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
-from common.netlink import Link, NetEvent, Netlink, Route
+from common.netlink import RT_TABLE_MAIN, Link, NetEvent, Netlink, Route, Rule
 
 log = structlog.get_logger("agent.hostnet")
 
 _SCOPE_UNIVERSE = 0
+# interfaces of a pod the VPC CNI names (one per network card; EC2 instances have at most
+# a few dozen cards, far fewer are used for pods)
+MAX_POD_INTERFACES = 16
+POD_LINK_KINDS = ("veth",)
+IFNAME_MAX = 15  # IFNAMSIZ - 1: longer names cannot exist
+
+
+def cni_veth_name(prefix: str, namespace: str, name: str, index: int = 0) -> str:
+    """The host veth name the VPC CNI gives interface ``index`` of a pod: the prefix and
+    the first 11 hex digits of SHA-1 over "<namespace>.<name>" (".<index>" appended to
+    the name for interfaces after the first)."""
+    pod = f"{name}.{index}" if index > 0 else name
+    return prefix + hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()[:11]
 
 
 @dataclass
@@ -29,13 +53,18 @@ class HostNet:
     prefixes: tuple[str, ...]
     netns: str | None = None
     links: dict[int, Link] = field(default_factory=dict)
-    host_routes: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex
+    by_name: dict[str, int] = field(default_factory=dict)
+    # (table, pod IP) -> ifindex, for host routes in any table
+    routes: dict[tuple[int, str], int] = field(default_factory=dict)
+    # (family, table) -> rules of that family looking it up
+    rule_tables: Counter[tuple[int, int]] = field(default_factory=Counter)
     addresses: dict[tuple[int, str], int] = field(default_factory=dict)  # (ifindex, ip) -> scope
+    extra_addresses: frozenset[str] = frozenset()  # the node's, as ipamd reports them
     on_change: Callable[[NetEvent], None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def is_pod_interface(self, link: Link) -> bool:
-        return any(link.name.startswith(p) for p in self.prefixes)
+        return link.kind in POD_LINK_KINDS and any(link.name.startswith(p) for p in self.prefixes)
 
     def pod_interfaces(self) -> dict[int, Link]:
         return {i: ln for i, ln in self.links.items() if self.is_pod_interface(ln)}
@@ -46,41 +75,87 @@ class HostNet:
             ip
             for (idx, ip), scope in self.addresses.items()
             if scope == _SCOPE_UNIVERSE and idx not in pods
-        }
+        } | set(self.extra_addresses)
 
-    async def interface_of(self, nl: Netlink, ip: str) -> int | None:
-        """The pod interface ``ip`` is routed over, or None if it is not (yet)."""
-        ifindex = self.host_routes.get(ip)
-        if ifindex is None:
-            ifindex = await nl.route_get(ip)
+    def routed_interfaces(self, ip: str) -> set[int]:
+        """Pod interfaces a host route for ``ip`` names, in the main table or in any
+        table a rule looks up."""
+        family = socket.AF_INET if ipaddress.ip_address(ip).version == 4 else socket.AF_INET6
+        tables = {RT_TABLE_MAIN} | {t for (f, t), n in self.rule_tables.items() if f == family}
+        out = set()
+        for table in tables:
+            link = self.links.get(self.routes.get((table, ip), -1))
+            if link is not None and self.is_pod_interface(link):
+                out.add(link.index)
+        return out
+
+    async def interfaces_of(self, nl: Netlink, ip: str) -> set[int]:
+        """The pod interfaces ``ip`` is routed over (empty if none, or not yet)."""
+        found = self.routed_interfaces(ip)
+        if found:
+            return found
+        ifindex = await nl.route_get(ip)
         if ifindex is None or ifindex not in self.links:
-            return None
-        return ifindex if self.is_pod_interface(self.links[ifindex]) else None
+            return set()
+        return {ifindex} if self.is_pod_interface(self.links[ifindex]) else set()
+
+    def named_interfaces(self, namespace: str, name: str, count: int = 0) -> list[int]:
+        """The pod interfaces named after the pod as the VPC CNI names them, by index;
+        ``count`` 0: as many as exist (from the first, stopping at a gap)."""
+        out: list[int] = []
+        for index in range(count or MAX_POD_INTERFACES):
+            found = None
+            for prefix in self.prefixes:
+                ifindex = self.by_name.get(cni_veth_name(prefix, namespace, name, index))
+                if ifindex is not None and self.is_pod_interface(self.links[ifindex]):
+                    found = ifindex
+                    break
+            if found is None:
+                if count:
+                    continue
+                break
+            out.append(found)
+        return out
 
     # ---- state ------------------------------------------------------------------------
     def _apply_link(self, link: Link, added: bool) -> None:
+        old = self.links.get(link.index)
+        if old is not None and self.by_name.get(old.name) == link.index:
+            del self.by_name[old.name]
         if added:
             self.links[link.index] = link
+            self.by_name[link.name] = link.index
         else:
             self.links.pop(link.index, None)
-            for ip in [ip for ip, idx in self.host_routes.items() if idx == link.index]:
-                del self.host_routes[ip]
+            for key in [k for k, idx in self.routes.items() if idx == link.index]:
+                del self.routes[key]
 
     def _apply_route(self, route: Route, added: bool) -> None:
         width = 32 if route.family == socket.AF_INET else 128
         if route.dst_len != width or not route.dst:
             return
-        ip = str(ipaddress.ip_address(route.dst))
+        key = (route.table, str(ipaddress.ip_address(route.dst)))
         if added and route.oif:
-            self.host_routes[ip] = route.oif
-        elif not added and self.host_routes.get(ip) == route.oif:
-            del self.host_routes[ip]
+            self.routes[key] = route.oif
+        elif not added and self.routes.get(key) == route.oif:
+            del self.routes[key]
+
+    def _apply_rule(self, rule: Rule, added: bool) -> None:
+        key = (rule.family, rule.table)
+        if added:
+            self.rule_tables[key] += 1
+        elif self.rule_tables[key] > 1:
+            self.rule_tables[key] -= 1
+        else:
+            self.rule_tables.pop(key, None)
 
     async def load(self, nl: Netlink) -> None:
         for link in await nl.links():
             self._apply_link(link, True)
         for addr in await nl.addresses():
             self.addresses[(addr.index, addr.address)] = addr.scope
+        for rule in await nl.rules():
+            self._apply_rule(rule, True)
         for route in await nl.routes():
             self._apply_route(route, True)
         self.ready.set()
@@ -88,7 +163,30 @@ class HostNet:
             "hostnet.loaded",
             pod_interfaces=len(self.pod_interfaces()),
             node_addresses=sorted(self.node_addresses()),
+            rule_tables=sorted({t for _, t in self.rule_tables}),
         )
+
+    async def find_named(self, nl: Netlink, namespace: str, name: str, count: int) -> list[int]:
+        """:meth:`named_interfaces` for a pod the CNI has just wired (``count``
+        interfaces): names not seen yet are asked of the kernel, since the netlink event
+        of a link created a moment ago may still be queued; found links are applied as
+        if their event had arrived."""
+        for index in range(count):
+            names = [
+                n
+                for p in self.prefixes
+                if len(n := cni_veth_name(p, namespace, name, index)) <= IFNAME_MAX
+            ]
+            if any(n in self.by_name for n in names):
+                continue
+            for n in names:
+                link = await nl.link_by_name(n)
+                if link is not None:
+                    self._apply_link(link, True)
+                    if self.on_change is not None:
+                        self.on_change(NetEvent("link", True, link=link))
+                    break
+        return self.named_interfaces(namespace, name, count)
 
     async def run(self) -> None:
         """Subscribe, load the current state, then apply changes forever. Subscribing
@@ -108,5 +206,7 @@ class HostNet:
                         self.addresses.pop(key, None)
                 elif ev.route is not None:
                     self._apply_route(ev.route, ev.added)
+                elif ev.rule is not None:
+                    self._apply_rule(ev.rule, ev.added)
                 if self.on_change is not None:
                     self.on_change(ev)

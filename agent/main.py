@@ -17,6 +17,8 @@ import structlog
 
 from agent.api import AgentApi, table_warnings
 from agent.cache import Cache
+from agent.cni.calls import CniCalls
+from agent.cni.ipamd import NodeConfig, from_ipamd
 from agent.enforcer import Enforcer
 from agent.fetching import fetch_stubs
 from agent.hostnet import HostNet
@@ -90,14 +92,22 @@ class Node:
     """The agent's parts on one node, and what its tasks and probes ask of them."""
 
     def __init__(
-        self, settings: Settings, dp: Datapath, kube: KubeClient, metrics: AgentMetrics
+        self,
+        settings: Settings,
+        dp: Datapath,
+        kube: KubeClient,
+        metrics: AgentMetrics,
+        ipamd: NodeConfig | None = None,
     ) -> None:
         self.settings = settings
         self.dp = dp
         self.kube = kube
         self.metrics = metrics
         self.worker = DatapathWorker(dp)
-        self.hostnet = HostNet(prefixes=settings.pod_interface_prefixes)
+        self.hostnet = HostNet(
+            prefixes=settings.pod_interface_prefixes,
+            extra_addresses=frozenset(ipamd.addresses if ipamd else ()),
+        )
         self.cache = Cache(
             node_addresses=self.hostnet.node_addresses,
             on_rejected=lambda ns, name, _: metrics.count_rejected(namespace=ns, name=name),
@@ -112,6 +122,13 @@ class Node:
             strict=settings.enforcing_mode == "strict",
         )
         self.watches = {"pods": WatchStats(), "policyendpoints": WatchStats()}
+        self.cni = CniCalls(
+            enforcer=self.enforcer,
+            hostnet=self.hostnet,
+            metrics=metrics,
+            answer_timeout=settings.cni_answer_timeout,
+            multi_nic=bool(ipamd and ipamd.multi_nic),
+        )
 
     # ---- tasks ----------------------------------------------------------------------
     async def watch_pods(self) -> None:
@@ -142,6 +159,8 @@ class Node:
     # ---- probes and metrics -----------------------------------------------------------
     def ready(self) -> list[str]:
         problems = bpffs_ready() + global_maps_pinned(self.settings.bpf_pin_root)
+        if not self.cni.serving.is_set():
+            problems.append(f"the CNI's socket {self.settings.npa_socket} is not served")
         if not all(st.synced.is_set() for st in self.watches.values()):
             problems.append("watches not synced")
         elif not self.enforcer.synced.is_set():
@@ -188,6 +207,7 @@ class Node:
         ]
         tasks: dict[str, Coroutine[Any, Any, None]] = {
             "api": serve_unix(api.app(), socket_path(settings.runtime_dir, AGENT_SOCKET)),
+            "cni": self.cni.serve(settings.npa_socket),
             "hostnet": self.hostnet.run(),
             "watch-pods": self.watch_pods(),
             "watch-policyendpoints": self.watch_endpoints(),
@@ -211,8 +231,11 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     metrics = AgentMetrics()
     if not settings.enable_network_policy:
         log.info("agent.disabled", reason="--enable-network-policy is false")
+        # the CNI calls whenever ipamd has a mode: every call succeeds, enforcing nothing
+        cni = CniCalls(enforcer=None, hostnet=None, metrics=metrics, answer_timeout=0)
         await supervise(
             {
+                "cni": cni.serve(settings.npa_socket),
                 "health": serve(health_app([]), settings.health_probe_bind_addr),
                 "metrics": serve(metrics_app(metrics), settings.metrics_bind_addr),
             },
@@ -220,6 +243,15 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             grace=settings.shutdown_timeout,
         )
         return
+    ipamd = await from_ipamd(settings.ipamd_socket)
+    if ipamd is not None and ipamd.mode and ipamd.mode != settings.enforcing_mode:
+        log.info(
+            "agent.mode_from_ipamd",
+            mode=ipamd.mode,
+            environment=settings.enforcing_mode,
+            reason="ipamd's mode is the one the CNI sends with every pod",
+        )
+        settings = settings.model_copy(update={"enforcing_mode": ipamd.mode})
 
     problems = preflight.problems(settings.bpf_pin_root)
     if problems:
@@ -230,7 +262,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     node: Node | None = None
     try:
         kube = await KubeClient.connect(settings.kubeconfig)
-        node = Node(settings, dp, kube, metrics)
+        node = Node(settings, dp, kube, metrics, ipamd)
         await node.worker.call(
             dp.set_event_flags,
             emit_deny=settings.enable_policy_event_logs,

@@ -101,6 +101,20 @@ class AgentMetrics:
             "Pod objects refused as unusable (wrong field shapes); the last valid version stays",
             registry=r,
         )
+        self.cni_calls = Counter(
+            "awsnodeagent_cni_calls_total",
+            "Calls of the VPC CNI served, by method and outcome (programmed, default, "
+            "timeout, released, unknown, refused, error, disabled): bounded labels",
+            ["method", "outcome"],
+            registry=r,
+        )
+        self.cni_latency = Histogram(
+            "awsnodeagent_cni_call_seconds",
+            "Time to answer a call of the VPC CNI",
+            ["method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.watch_malformed = Gauge(
             "awsnodeagent_watch_skipped_objects",
             "Watch events or objects skipped as malformed or not usable, per resource",

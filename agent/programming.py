@@ -22,6 +22,7 @@ from bpf.registry import TableFullError
 
 log = structlog.get_logger("agent.enforcer")
 
+_CompileKey = tuple[tuple["Endpoints", ...], bool]  # (objects, strict)
 # trie entries compiled before a batch of pods is switched (bounds the peak memory)
 PROGRAM_BATCH_ENTRIES = 32768
 
@@ -43,17 +44,17 @@ class Outcome:
 class Plan:
     ref: PodRef
     uid: str
-    ifindex: int
+    ifindexes: tuple[int, ...]  # every host interface of the pod (one per network card)
     endpoints: tuple[Endpoints, ...]
     weight: int = 0
+    strict: bool = False  # the pod's mode: what an unselected direction defaults to
 
 
 class Programmer:
     """Runs on the datapath worker thread only."""
 
-    def __init__(self, dp: Datapath, *, strict: bool) -> None:
+    def __init__(self, dp: Datapath) -> None:
         self.dp = dp
-        self.strict = strict
 
     def program(self, plans: Sequence[Plan]) -> list[Outcome]:
         """Compile and switch every planned pod. Pods are switched in
@@ -62,45 +63,30 @@ class Programmer:
         are built. A failure is the failing pod's alone: its record in force stays,
         every other pod of the batch is switched."""
         dp = self.dp
-        compiled: dict[tuple[Endpoints, ...], tuple[DirectionPolicy, DirectionPolicy, str]] = {}
+        compiled: dict[_CompileKey, tuple[DirectionPolicy, DirectionPolicy, str]] = {}
         pods: dict[int, PodPolicy] = {}
-        out: dict[int, Outcome] = {}
+        owner: dict[int, int] = {}  # ifindex -> index of its plan
+        out: dict[int, Outcome] = {}  # by plan index
         pending_entries = 0
 
         def policy_id(ref: PodRef) -> int:
             return dp.policy_id(namespace=ref[0], name=ref[1])
 
-        def flush() -> None:
-            try:
-                dp.program_pods(pods)
-                return
-            except (BpfError, OSError):
-                pass
-            for ifindex, pod in pods.items():  # find the pod that fails, switch the rest
-                try:
-                    dp.program_pods({ifindex: pod})
-                except (BpfError, OSError) as exc:
-                    out[ifindex] = Outcome(
-                        pod.pod_id,
-                        error=str(exc),
-                        written=False,
-                        reason="table-full" if _full(exc) else "kernel",
-                    )
-
-        for plan in plans:
+        for i, plan in enumerate(plans):
             if pending_entries >= PROGRAM_BATCH_ENTRIES:
-                flush()
-                pods, compiled, pending_entries = {}, {}, 0
+                self._switch(pods, owner, out)
+                pods, owner, compiled, pending_entries = {}, {}, {}, 0
             where = f"{plan.ref[0]}/{plan.ref[1]}"
+            key = (plan.endpoints, plan.strict)
             try:
                 pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
-                if plan.endpoints not in compiled:
-                    compiled[plan.endpoints] = self.compile(plan.endpoints, policy_id)
+                if key not in compiled:
+                    compiled[key] = self.compile(plan.endpoints, policy_id, strict=plan.strict)
             except TableFullError as exc:
                 log.error("enforcer.pod_failed", pod=where, reason="table-full", error=str(exc))
-                out[plan.ifindex] = Outcome(error=str(exc), reason="table-full", written=False)
+                out[i] = Outcome(error=str(exc), reason="table-full", written=False)
                 continue
-            ingress, egress, limit = compiled[plan.endpoints]
+            ingress, egress, limit = compiled[key]
             if limit:
                 log.error(
                     "enforcer.rules_truncated",
@@ -108,11 +94,13 @@ class Programmer:
                     error=limit,
                     enforcing="the rules that fit (fewer allowed ports)",
                 )
-            pods[plan.ifindex] = PodPolicy(pod_id, ingress, egress)
+            for ifindex in plan.ifindexes:
+                pods[ifindex] = PodPolicy(pod_id, ingress, egress)
+                owner[ifindex] = i
             pending_entries += sum(
                 len(d.rules.entries) for d in (ingress, egress) if d.rules is not None
             )
-            out[plan.ifindex] = Outcome(
+            out[i] = Outcome(
                 pod_id,
                 lay.STATE_NAMES[ingress.state],
                 lay.STATE_NAMES[egress.state],
@@ -120,20 +108,48 @@ class Programmer:
                 reason="rule-limit" if limit else "",
             )
         if pods:
-            flush()
-        return [out[plan.ifindex] for plan in plans]
+            self._switch(pods, owner, out)
+        return [out[i] for i in range(len(plans))]
+
+    def _switch(
+        self, pods: dict[int, PodPolicy], owner: dict[int, int], out: dict[int, Outcome]
+    ) -> None:
+        """Write the records of a batch; if that fails, pod by pod (all interfaces of a
+        pod together): the failing pod's records in force stay, the rest switch."""
+        try:
+            self.dp.program_pods(pods)
+            return
+        except (BpfError, OSError):
+            pass
+        by_plan: dict[int, dict[int, PodPolicy]] = {}
+        for ifindex, pod in pods.items():
+            by_plan.setdefault(owner[ifindex], {})[ifindex] = pod
+        for i, records in by_plan.items():
+            try:
+                self.dp.program_pods(records)
+            except (BpfError, OSError) as exc:
+                out[i] = Outcome(
+                    out[i].pod_id,
+                    error=str(exc),
+                    written=False,
+                    reason="table-full" if _full(exc) else "kernel",
+                )
 
     def compile(
-        self, endpoints: tuple[Endpoints, ...], policy_id: Callable[[PodRef], int]
+        self,
+        endpoints: tuple[Endpoints, ...],
+        policy_id: Callable[[PodRef], int],
+        *,
+        strict: bool,
     ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
         """(ingress, egress, "" or the limit exceeded). Over the datapath's per-CIDR
         limit, the pod enforces what fits, never a stale allow."""
         try:
-            ingress, egress = pod_directions(endpoints, strict=self.strict, policy_id=policy_id)
+            ingress, egress = pod_directions(endpoints, strict=strict, policy_id=policy_id)
             return ingress, egress, ""
         except RuleLimitError as exc:
             ingress, egress = pod_directions(
-                endpoints, strict=self.strict, policy_id=policy_id, truncate=True
+                endpoints, strict=strict, policy_id=policy_id, truncate=True
             )
             return ingress, egress, str(exc)
 

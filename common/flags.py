@@ -60,9 +60,18 @@ class Settings(BaseModel):
     """bpffs directory holding the datapath's pinned maps and programs."""
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     """Directory of the processes' local API sockets."""
-    pod_interface_prefixes: tuple[str, ...] = ("eni", "veth")
-    """Name prefixes of host-side pod interfaces, attached at their first appearance
-    (VPC CNI: eni, kindnet/ptp/bridge: veth)."""
+    pod_interface_prefixes: tuple[str, ...] = ("eni", "vlan", "veth")
+    """Name prefixes of host-side pod veths, attached at their first appearance (VPC
+    CNI: eni, and vlan for branch-ENI pods; kindnet/ptp/bridge: veth)."""
+    npa_socket: str = "/var/run/aws-node/npa.sock"
+    """Unix socket (0600) serving the VPC CNI's calls, EnforceNpToPod and DeletePodNp
+    (the path the CNI plugin dials)."""
+    ipamd_socket: str = "/var/run/aws-node/ipamd.sock"
+    """ipamd's socket: if it answers at start, the mode, node addresses and multi-NIC
+    setting come from it (as with the reference agent), else from flags and env."""
+    cni_answer_timeout: float = Field(default=3.0, ge=0, le=60)
+    """Seconds EnforceNpToPod waits for a new pod's known policies to be programmed
+    before answering; after that it answers with the mode's default in force."""
     shutdown_timeout: float = Field(default=10.0, gt=0, le=120)
     """Seconds a process takes at most to stop after SIGTERM."""
     flow_log_format: Literal["text", "json"] = "text"

@@ -23,8 +23,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
     RTMGRP_IPV6_IFADDR,
     RTMGRP_IPV6_ROUTE,
+    RTMGRP_IPV6_RULE,
     RTMGRP_LINK,
 )
 
@@ -85,14 +87,25 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A policy routing rule that looks up a table (``ip rule``); other actions
+    (blackhole, prohibit, goto) are not kept."""
+
+    family: int
+    table: int
+    priority: int
+
+
+@dataclass(frozen=True)
 class NetEvent:
     """A change seen on a netlink subscription."""
 
-    kind: Literal["link", "addr", "route"]
+    kind: Literal["link", "addr", "route", "rule"]
     added: bool  # False: removed
     link: Link | None = None
     addr: Addr | None = None
     route: Route | None = None
+    rule: Rule | None = None
 
 
 def _raise(exc: NetlinkError, what: str) -> NetlinkOpError:
@@ -150,15 +163,36 @@ class Netlink:
             out.append(_link(msg))
         return out
 
+    async def link_by_name(self, name: str) -> Link | None:
+        try:
+            msgs = await self._sock.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT, errno.ERANGE, errno.EINVAL):
+                return None  # none such (ERANGE, EINVAL: a name no link can have)
+            raise _raise(exc, f"link get {name}") from exc
+        for msg in msgs:
+            return _link(msg)
+        return None
+
     async def addresses(self) -> list[Addr]:
         return [_addr(msg) async for msg in await self._sock.addr("dump")]
 
     async def routes(self) -> list[Route]:
-        """Main-table unicast routes of both families."""
+        """Unicast routes of both families, in every table."""
         out: list[Route] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             async for msg in await self._sock.route("dump", family=family):
                 r = _route(msg)
+                if r is not None:
+                    out.append(r)
+        return out
+
+    async def rules(self) -> list[Rule]:
+        """Policy routing rules of both families that look up a table."""
+        out: list[Rule] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for msg in await self._sock.rule("dump", family=family):
+                r = _rule(msg)
                 if r is not None:
                     out.append(r)
         return out
@@ -178,14 +212,16 @@ class Netlink:
         return None
 
     async def subscribe(self) -> None:
-        """Join the link, address and route multicast groups: changes from now on are
-        queued on this socket until read with :meth:`events`."""
+        """Join the link, address, route and rule multicast groups: changes from now on
+        are queued on this socket until read with :meth:`events`."""
         groups = (
             RTMGRP_LINK
             | RTMGRP_IPV4_IFADDR
             | RTMGRP_IPV6_IFADDR
             | RTMGRP_IPV4_ROUTE
             | RTMGRP_IPV6_ROUTE
+            | RTMGRP_IPV4_RULE
+            | RTMGRP_IPV6_RULE
         )
         await self._sock.bind(groups=groups)
 
@@ -283,13 +319,14 @@ def _addr(msg: Any) -> Addr:
     )
 
 
-_RT_TABLE_MAIN = 254
+RT_TABLE_MAIN = 254
 _RTN_UNICAST = 1
+_FR_ACT_TO_TBL = 1
 
 
 def _route(msg: Any) -> Route | None:
     table = msg.get_attr("RTA_TABLE") or msg["table"]
-    if table != _RT_TABLE_MAIN or msg["type"] != _RTN_UNICAST:
+    if msg["type"] != _RTN_UNICAST:
         return None
     return Route(
         dst=msg.get_attr("RTA_DST") or "",
@@ -297,6 +334,16 @@ def _route(msg: Any) -> Route | None:
         oif=int(msg.get_attr("RTA_OIF") or 0),
         family=msg["family"],
         table=table,
+    )
+
+
+def _rule(msg: Any) -> Rule | None:
+    if msg["action"] != _FR_ACT_TO_TBL:
+        return None
+    return Rule(
+        family=msg["family"],
+        table=int(msg.get_attr("FRA_TABLE") or msg["table"]),
+        priority=int(msg.get_attr("FRA_PRIORITY") or 0),
     )
 
 
@@ -309,6 +356,9 @@ def _event(msg: Any) -> NetEvent | None:
     if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
         r = _route(msg)
         return NetEvent("route", event == "RTM_NEWROUTE", route=r) if r else None
+    if event in ("RTM_NEWRULE", "RTM_DELRULE"):
+        rule = _rule(msg)
+        return NetEvent("rule", event == "RTM_NEWRULE", rule=rule) if rule else None
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.echo import bounded
 
@@ -35,6 +35,12 @@ class _Meta(_Lenient):
     namespace: str = Field(min_length=1, max_length=63)
     uid: str = Field(default="", max_length=128)
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_labels(cls, value: object) -> object:
+        return {} if value is None else value
 
 
 class _Spec(_Lenient):

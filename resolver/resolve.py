@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.selectors import compile_selector
 from resolver.layout import Group, Resolution, paired
-from resolver.selectors import compile_selector
 from resolver.validate import InvalidPolicy, validate_spec
 
 MAX_ENTRIES = 200  # entries (and pods) per object: the controller's --endpoint-chunk-size

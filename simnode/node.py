@@ -6,6 +6,17 @@ Each pod is its own namespace with ``eth0``, a /32 and a /128 address, and a def
 route via the host veth (VPC-CNI style: gateway 169.254.1.1 with a static neighbour
 entry, and fe80::1 for IPv6), so pods reach each other through their host veths, where
 the policy programs sit.
+
+With ``cni_socket`` set the node wires pods as the VPC CNI does: host veths named after
+the pod (``eni`` + SHA-1 of namespace and name, see agent.hostnet.cni_veth_name), and
+``EnforceNpToPod`` called over the agent's socket once the pod is wired and before
+:meth:`SimNode.add_pod` returns (so before the pod's first packet); a refusal fails the
+pod's creation, as it fails the CNI's ADD. :meth:`SimNode.remove_pod` calls
+``DeletePodNp``. Two EKS shapes are available: a pod with several network cards (one
+host veth and address each) and a branch-ENI pod (security groups for pods, strict):
+its veth is ``vlan``-named and routed only in a table of its own, chosen by rules, next
+to a stand-in for the branch ENI's VLAN link (``vlan.eth.<id>``; a macvlan, since test
+kernels may lack 802.1Q).
 """
 
 from __future__ import annotations
@@ -15,10 +26,16 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from agent.cni.service import NpClient
+from agent.hostnet import cni_veth_name
 from simnode import netns
 
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
+
+
+class CniRefusedError(RuntimeError):
+    """The agent did not answer EnforceNpToPod with Success: the pod is not created."""
 
 
 @dataclass
@@ -30,6 +47,14 @@ class SimPod:
     ipv6: ipaddress.IPv6Address
     ifindex: int = 0  # of the host veth, inside the node namespace
     labels: dict[str, str] = field(default_factory=dict)
+    namespace: str = "default"
+    # further network cards (the CNI's InterfaceCount - 1): (host veth, ifindex, IPv4)
+    extra: list[tuple[str, int, ipaddress.IPv4Address]] = field(default_factory=list)
+    table: int = 0  # branch-ENI pods: the routing table of their VLAN
+
+    @property
+    def ifindexes(self) -> list[int]:
+        return [self.ifindex, *(i for _, i, _ in self.extra)]
 
     def address(self, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return self.ipv4 if family == 4 else self.ipv6
@@ -46,6 +71,8 @@ class SimNode:
         pod_net_v6: str = "fd00:66::/64",
         node_ipv4: str = "172.31.255.1",
         node_ipv6: str = "fd00:ff::1",
+        cni_socket: str | None = None,
+        mode: str = "standard",
     ) -> None:
         if len(tag) > 8:
             raise ValueError("tag must be at most 8 characters (interface names are short)")
@@ -58,6 +85,10 @@ class SimNode:
         self._seq = itertools.count(1)
         self.pods: dict[str, SimPod] = {}
         self.started = False
+        self.cni_socket = cni_socket
+        self.mode = mode  # what the CNI sends as NETWORK_POLICY_MODE
+        self.cni_prefix = "eni"
+        self.call_cni = True  # False: CNI-wired pods whose call the test makes itself
 
     async def start(self) -> None:
         await netns.arun(f"ip netns add {self.netns}")
@@ -73,17 +104,31 @@ class SimNode:
             netns=self.netns,
         )
 
-    async def add_pod(self, name: str, *, labels: dict[str, str] | None = None) -> SimPod:
+    async def add_pod(
+        self,
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        namespace: str = "default",
+        interfaces: int = 1,
+        branch_table: int = 0,
+    ) -> SimPod:
+        """A wired pod; ``interfaces`` > 1: several network cards; ``branch_table``: a
+        branch-ENI pod routed in that table (CNI naming only)."""
         if name in self.pods:
             raise ValueError(f"pod {name} exists")
         seq = next(self._seq)
+        cni = self.cni_socket is not None
+        prefix = "vlan" if branch_table else self.cni_prefix
         pod = SimPod(
             name=name,
             netns=f"{self.tag}-p{seq}",
-            host_veth=f"{self.tag}h{seq}",
+            host_veth=cni_veth_name(prefix, namespace, name) if cni else f"{self.tag}h{seq}",
             ipv4=next(self._v4),
             ipv6=next(self._v6),
             labels=dict(labels or {}),
+            namespace=namespace,
+            table=branch_table,
         )
         if len(pod.host_veth) > 15:
             raise ValueError(f"interface name {pod.host_veth} too long")
@@ -94,18 +139,21 @@ class SimNode:
             "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
             netns=pod.netns,
         )
+        table = f"table {branch_table}" if branch_table else ""
         out = await netns.arun(
             f"""
             ip link add {pod.host_veth} address {mac} type veth peer name eth0 netns {pod.netns}
             ip link set {pod.host_veth} up
             ip -6 addr add {GATEWAY_V6}/64 dev {pod.host_veth} nodad
-            ip route add {pod.ipv4}/32 dev {pod.host_veth} scope link
-            ip -6 route add {pod.ipv6}/128 dev {pod.host_veth}
+            ip route add {pod.ipv4}/32 dev {pod.host_veth} scope link {table}
+            ip -6 route add {pod.ipv6}/128 dev {pod.host_veth} {table}
             cat /sys/class/net/{pod.host_veth}/ifindex
             """,
             netns=self.netns,
         )
         pod.ifindex = int(out.split()[-1])
+        if branch_table:
+            await self._branch_routing(pod, seq)
         await netns.arun(
             f"""
             ip link set lo up
@@ -119,11 +167,98 @@ class SimNode:
             """,
             netns=pod.netns,
         )
+        for index in range(1, interfaces):
+            await self._add_card(pod, index, seq)
+        if self.cni_socket is not None and self.call_cni:
+            await self._enforce(pod, interfaces)
         return pod
+
+    async def _branch_routing(self, pod: SimPod, seq: int) -> None:
+        """The VLAN's table is looked up for traffic from the pod's veth, from the VLAN
+        link and (here, where other pods share the node) to the pod's addresses; it
+        holds only the pod's routes (other lookups fall through to main)."""
+        t = pod.table
+        await netns.arun(
+            f"""
+            ip link add link lo name vlan.eth.{seq} type macvlan 2>/dev/null \
+              || ip link add vlan.eth.{seq} type bridge
+            ip rule add iif {pod.host_veth} lookup {t} pref 10
+            ip rule add iif vlan.eth.{seq} lookup {t} pref 10
+            ip rule add to {pod.ipv4} lookup {t} pref 10
+            ip -6 rule add iif {pod.host_veth} lookup {t} pref 10
+            ip -6 rule add to {pod.ipv6} lookup {t} pref 10
+            """,
+            netns=self.netns,
+        )
+
+    async def _add_card(self, pod: SimPod, index: int, seq: int) -> None:
+        """Network card ``index`` of a multi-NIC pod: a host veth named for it, an
+        address of its own, and the pod's source routing for that address."""
+        host = cni_veth_name(self.cni_prefix, pod.namespace, pod.name, index)
+        inner = f"eth{index}"
+        ip = next(self._v4)
+        mac = "02:" + ":".join(f"{b:02x}" for b in seq.to_bytes(4, "big")) + f":{index + 1:02x}"
+        out = await netns.arun(
+            f"""
+            ip link add {host} address {mac} type veth peer name {inner} netns {pod.netns}
+            ip link set {host} up
+            ip route add {ip}/32 dev {host} scope link
+            cat /sys/class/net/{host}/ifindex
+            """,
+            netns=self.netns,
+        )
+        await netns.arun(
+            f"""
+            ip link set {inner} up
+            ip addr add {ip}/32 dev {inner}
+            ip route add {GATEWAY_V4} dev {inner} scope link table {100 + index}
+            ip route add default via {GATEWAY_V4} dev {inner} table {100 + index}
+            ip rule add from {ip} lookup {100 + index}
+            ip neigh replace {GATEWAY_V4} lladdr {mac} dev {inner} nud permanent
+            """,
+            netns=pod.netns,
+        )
+        pod.extra.append((host, int(out.split()[-1]), ip))
+
+    async def _enforce(self, pod: SimPod, interfaces: int) -> None:
+        assert self.cni_socket is not None
+        client = NpClient(self.cni_socket)
+        try:
+            ok = await client.enforce(
+                namespace=pod.namespace,
+                name=pod.name,
+                mode=self.mode,
+                interfaces=interfaces,
+                timeout=30,
+            )
+        except Exception as exc:  # grpc.aio.AioRpcError: the CNI's ADD fails
+            raise CniRefusedError(f"EnforceNpToPod {pod.namespace}/{pod.name}: {exc}") from exc
+        finally:
+            await client.close()
+        if not ok:
+            raise CniRefusedError(f"EnforceNpToPod {pod.namespace}/{pod.name}: Success false")
 
     async def remove_pod(self, name: str) -> None:
         pod = self.pods.pop(name)
+        if self.cni_socket is not None:
+            client = NpClient(self.cni_socket)
+            try:
+                await client.delete(namespace=pod.namespace, name=pod.name, timeout=10)
+            except Exception:  # the CNI logs and goes on: the sandbox is deleted anyway
+                pass
+            finally:
+                await client.close()
         netns.delete(pod.netns)  # deleting the namespace deletes the veth pair
+        if pod.table:
+            await netns.arun(
+                f"""
+                ip rule del to {pod.ipv4} lookup {pod.table} 2>/dev/null || true
+                ip -6 rule del to {pod.ipv6} lookup {pod.table} 2>/dev/null || true
+                ip rule del lookup {pod.table} 2>/dev/null || true
+                ip link del vlan.eth.{pod.netns.rsplit("-p", 1)[1]} 2>/dev/null || true
+                """,
+                netns=self.netns,
+            )
 
     async def close(self) -> None:
         for name in list(self.pods):

@@ -164,8 +164,15 @@ class NodeStack:
             f"--bpf-pin-root={self.pin_root}",
             f"--runtime-dir={self.runtime_dir}",
             f"--conntrack-cache-table-size={self.ct_entries}",
-            f"--pod-interface-prefixes={self.sim.tag}h",
+            f"--pod-interface-prefixes={self.sim.tag}h,{self.sim.cni_prefix},vlan",
+            f"--npa-socket={self.npa_socket}",
+            f"--ipamd-socket={self.runtime_dir}/ipamd.sock",
         ]
+
+    @property
+    def npa_socket(self) -> str:
+        """Where the agent serves the CNI's calls (the node's /var/run/aws-node/npa.sock)."""
+        return f"{self.runtime_dir}/npa.sock"
 
     async def start(
         self, name: str, *extra: str, wrap: Sequence[str] = (), env: Mapping[str, str] | None = None

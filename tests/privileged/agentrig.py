@@ -203,6 +203,7 @@ class AgentRig(NodeStack):
         ingress: list[dict[str, Any]] | None = None,
         egress: list[dict[str, Any]] | None = None,
         trigger_time: str | None = None,
+        pod_selector: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": name, "namespace": namespace}
         if trigger_time:
@@ -212,6 +213,7 @@ class AgentRig(NodeStack):
             "spec": {
                 "policyRef": {"name": policy or name, "namespace": namespace},
                 "podIsolation": isolation if isolation is not None else ["Ingress"],
+                **({"podSelector": pod_selector} if pod_selector is not None else {}),
                 "podSelectorEndpoints": [self.endpoint(p, namespace) for p in targets],
                 "ingress": ingress or [],
                 "egress": egress or [],

@@ -1,0 +1,420 @@
+"""The VPC CNI's calls, made as the CNI makes them: real gRPC over the agent's Unix
+socket, from a simulated node that wires pods the VPC CNI's way (veths named after the
+pod, EnforceNpToPod before the pod's first packet, DeletePodNp at teardown).
+
+A pod's life here follows the real order: the Pod object exists (scheduled, no address)
+before the CNI wires it; the CNI's call is answered; then the kubelet writes the pod's
+addresses and its containers start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.cni.service import NpClient
+from fakekube import store as fs
+from simnode.node import CniRefusedError, SimPod
+from simnode.traffic import PodServer, tcp_probe, udp_probe
+from tests.privileged.agentrig import AgentRig, allow_from, eventually
+
+pytestmark = pytest.mark.privileged
+
+WEB = {"app": "web"}
+
+
+def cni_node(rig: AgentRig, mode: str) -> None:
+    rig.sim.cni_socket = rig.npa_socket
+    rig.sim.mode = mode
+    rig.mode = mode
+
+
+async def start(rig: AgentRig, *extra: str) -> None:
+    await rig.start_agent(*extra)
+    await rig.ready()
+
+
+def scheduled(rig: AgentRig, name: str, labels: dict[str, str], namespace: str = "default") -> None:
+    """The Pod object as the scheduler leaves it: on this node, no address yet."""
+    rig.api.store.create(
+        fs.PODS,
+        namespace,
+        {
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": rig.node, "containers": [{"name": "main"}]},
+            "status": {"phase": "Pending", "hostIP": str(rig.sim.node_ipv4)},
+        },
+    )
+
+
+def running(rig: AgentRig, pod: SimPod) -> None:
+    """The kubelet's status update once the sandbox is up: the pod's addresses."""
+    current = rig.api.store.get(fs.PODS, pod.namespace, pod.name)
+    body = dict(current)
+    body["status"] = {
+        "phase": "Running",
+        "hostIP": str(rig.sim.node_ipv4),
+        "podIP": str(pod.ipv4),
+        "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}],
+    }
+    rig.api.store.update(fs.PODS, pod.namespace, pod.name, body)
+
+
+async def cni_pod(
+    rig: AgentRig,
+    name: str,
+    labels: dict[str, str],
+    *,
+    with_object: bool = True,
+    serve: bool = True,
+    **wiring: Any,
+) -> SimPod:
+    if with_object:
+        scheduled(rig, name, labels)
+    pod = await rig.sim.add_pod(name, labels=labels, **wiring)  # EnforceNpToPod inside
+    rig.pods[name] = pod
+    if serve:
+        server = PodServer(name=name, netns=pod.netns)
+        await server.start()
+        rig.servers[name] = server
+    return pod
+
+
+def web_policy(rig: AgentRig, listed: list[SimPod], allowed: list[SimPod]) -> dict[str, Any]:
+    """Pods labelled app=web accept only ``allowed`` (the controller lists ``listed``)."""
+    return rig.policy_endpoint(
+        "web-abcde",
+        policy="web",
+        targets=listed,
+        pod_selector={"matchLabels": WEB},
+        ingress=allow_from(*allowed),
+    )
+
+
+async def node_pods(rig: AgentRig) -> tuple[SimPod, SimPod, SimPod]:
+    """A running web replica, an allowed client and a denied one (node-wired pods). The
+    clients' own policy lets them send anywhere (strict mode denies a pod that no policy
+    selects)."""
+    first = await rig.add_pod("web-1", labels=WEB)
+    allowed = await rig.add_pod("client", labels={"app": "client"})
+    denied = await rig.add_pod("other", labels={"app": "other"})
+    anywhere = [{"cidr": "0.0.0.0/0"}, {"cidr": "::/0"}]
+    rig.apply(
+        rig.policy_endpoint(
+            "clients-xyz",
+            policy="clients",
+            targets=[allowed, denied],
+            isolation=["Ingress", "Egress"],
+            ingress=anywhere,
+            egress=anywhere,
+        )
+    )
+    return first, allowed, denied
+
+
+# ---- strict: the answer comes once the policies are in force ------------------------
+async def test_strict_answer_comes_after_the_known_policies_are_programmed(
+    rig: AgentRig,
+) -> None:
+    first, allowed, denied = await node_pods(rig)  # running before the CNI calls begin
+    cni_node(rig, "strict")
+    rig.apply(web_policy(rig, [first], [allowed]))
+    await start(rig, "--cni-answer-timeout=10")
+    await rig.settle_agent()
+
+    started = time.monotonic()
+    new = await cni_pod(rig, "web-2", WEB)  # no object lists it: selected by its labels
+    answered = time.monotonic() - started
+    # the first packets after the answer: the allowed peer's connection passes, the
+    # denied peer's datagram is dropped, before the kubelet has even written the address
+    denied_first = await udp_probe(netns=denied.netns, target=new.ipv4, port=80, timeout=0.5)
+    allowed_first = await tcp_probe(
+        netns=allowed.netns, target=new.ipv4, port=80, timeout=1.0, expect="web-2"
+    )
+    assert allowed_first, "the allowed peer's first connection after the answer failed"
+    assert not denied_first, "the denied peer's first datagram after the answer passed"
+    assert rig.servers["web-2"].udp_received[str(denied.ipv4)] == 0
+    lines = [ln for ln in rig.log_lines() if ln.get("event") == "cni.pod_admitted"]
+    assert lines, "no cni.pod_admitted line"
+    assert lines[-1]["programmed"] is True, lines
+    assert answered < 10
+    # and once the kubelet writes its address and the controller lists it, it stays so
+    running(rig, new)
+    rig.apply(web_policy(rig, [first, new], [allowed]))
+    await rig.settle_agent()
+    assert await rig.probe(allowed, new)
+    assert not await rig.probe(denied, new, protocol="UDP")
+
+
+async def test_strict_unknown_pod_answers_after_the_bound_with_default_deny(
+    rig: AgentRig,
+) -> None:
+    _, allowed, _ = await node_pods(rig)  # running before the CNI calls begin
+    cni_node(rig, "strict")
+    await start(rig, "--cni-answer-timeout=1")
+    await rig.settle_agent()
+    started = time.monotonic()
+    new = await cni_pod(rig, "stranger", WEB, with_object=False)
+    waited = time.monotonic() - started
+    assert 0.9 <= waited < 5, waited
+    assert not await rig.probe(allowed, new), "strict: an unknown pod must be denied"
+    warned = [ln for ln in rig.log_lines() if ln.get("event") == "cni.answered_before_programmed"]
+    assert warned, "no cni.answered_before_programmed line"
+    assert warned[-1]["enforcing"] == "default deny", warned
+    record = rig.records()[new.ifindex]
+    assert record.pod_id == 0  # the default, no identity yet
+    # the object arrives with a policy allowing the client: programmed then
+    scheduled(rig, "stranger", WEB)
+    running(rig, new)
+    rig.apply(web_policy(rig, [new], [allowed]))
+    await rig.settle_agent()
+    assert await rig.probe(allowed, new)
+
+
+async def test_standard_answers_at_once_and_the_call_mode_overrides_the_node(
+    rig: AgentRig,
+) -> None:
+    _, allowed, _ = await node_pods(rig)  # running before the CNI calls begin
+    cni_node(rig, "strict")
+    await start(rig, "--cni-answer-timeout=5")
+    await rig.settle_agent()
+    rig.sim.mode = "standard"  # this pod's call says standard on a strict node
+    started = time.monotonic()
+    new = await cni_pod(rig, "relaxed", {"app": "relaxed"}, with_object=False)
+    assert time.monotonic() - started < 1.0, "standard mode must not wait for the unknown pod"
+    assert await rig.probe(allowed, new), "standard: default allow"
+    # once known (no policy selects it), the pod's own mode still decides
+    scheduled(rig, "relaxed", {"app": "relaxed"})
+    running(rig, new)
+    await rig.settle_agent()
+    assert await rig.probe(allowed, new)
+
+
+# ---- bad requests, deletion, concurrency ----------------------------------------------
+async def test_bad_requests_get_error_answers_and_the_agent_keeps_serving(
+    rig: AgentRig,
+) -> None:
+    cni_node(rig, "standard")
+    await start(rig)
+    mode = stat.S_IMODE(os.stat(rig.npa_socket).st_mode)
+    assert mode == 0o600, oct(mode)
+    client = NpClient(rig.npa_socket)
+    try:
+        assert await client.healthy()
+        assert await client.healthy("")
+        cases = [
+            ({"namespace": "default", "name": "x", "mode": "lenient"}, "INVALID_ARGUMENT"),
+            ({"namespace": "default", "name": "", "mode": "strict"}, "INVALID_ARGUMENT"),
+            ({"namespace": "Bad_NS", "name": "x", "mode": "strict"}, "INVALID_ARGUMENT"),
+            (
+                {"namespace": "default", "name": "x", "mode": "strict", "interfaces": 99},
+                "INVALID_ARGUMENT",
+            ),
+            (
+                {"namespace": "default", "name": "x", "mode": "strict", "interfaces": -1},
+                "INVALID_ARGUMENT",
+            ),
+            ({"namespace": "default", "name": "no-such-pod", "mode": "strict"}, "NOT_FOUND"),
+        ]
+        for kwargs, code in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.enforce(timeout=5, **kwargs)  # type: ignore[arg-type]
+            assert err.value.code().name == code, (kwargs, err.value.details())
+        for body in (b"\xff\xff\xff", b"\x0a\xff", os.urandom(300), b"\x0a" * 70000):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.raw("EnforceNpToPod", body)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.delete(namespace="default", name="-bad-", timeout=5)
+        assert err.value.code().name == "INVALID_ARGUMENT"
+        # never a crash: the agent answers, and a good call still succeeds
+        assert await client.delete(namespace="default", name="never-seen", timeout=5)
+        assert await client.healthy()
+        pod = await cni_pod(rig, "after", {"app": "after"}, with_object=False, serve=False)
+        assert pod.ifindex in rig.records()
+    finally:
+        await client.close()
+    assert rig.proc is not None
+    assert rig.proc.returncode is None
+    refused = [ln for ln in rig.log_lines() if ln.get("event") == "cni.enforce_refused"]
+    assert len(refused) >= len(cases)
+
+
+async def test_delete_releases_the_pod_and_calls_are_idempotent(rig: AgentRig) -> None:
+    cni_node(rig, "strict")
+    await start(rig)
+    pod = await cni_pod(rig, "short", {"app": "short"})
+    running(rig, pod)
+    await rig.settle_agent()
+    programmed = rig.records()[pod.ifindex]
+    assert programmed.pod_id != 0
+    client = NpClient(rig.npa_socket)
+    try:
+        # a repeated ADD changes nothing
+        assert await client.enforce(namespace="default", name="short", mode="strict")
+        assert rig.records()[pod.ifindex].pod_id == programmed.pod_id
+        assert await client.delete(namespace="default", name="short")
+        assert await client.delete(namespace="default", name="short")  # again: still fine
+    finally:
+        await client.close()
+
+    async def released() -> bool:
+        out = await rig.acli("pods", "--json")
+        view = next(v for v in json.loads(out.stdout) if v["name"] == "short")
+        return bool(view["ifindex"] == 0 and rig.records()[pod.ifindex].pod_id == 0)
+
+    # the record stays (no identity, the node's default: deny) while the veth lasts
+    await eventually(released, timeout=10, what="the pod's state released")
+    await rig.servers.pop("short").close()  # the containers are gone before the sandbox
+    await rig.sim.remove_pod("short")
+    await eventually(
+        lambda: _no_record(rig, pod.ifindex), timeout=10, what="the record removed with the veth"
+    )
+
+
+async def _no_record(rig: AgentRig, ifindex: int) -> bool:
+    return ifindex not in rig.records()
+
+
+async def test_200_concurrent_calls_each_pod_once(rig: AgentRig) -> None:
+    cni_node(rig, "strict")
+    await start(rig)
+    rig.sim.call_cni = False  # wire 40 pods without calling; the calls come together
+    pods = [await rig.sim.add_pod(f"many-{i}", labels={"app": "many"}) for i in range(40)]
+    rig.sim.call_cni = True
+    for pod in pods[:20]:
+        scheduled(rig, pod.name, {"app": "many"})
+    client = NpClient(rig.npa_socket)
+    try:
+        started = time.monotonic()
+        calls = [
+            client.enforce(namespace="default", name=p.name, mode="strict", timeout=30)
+            for p in pods
+            for _ in range(5)
+        ]
+        answers = await asyncio.gather(*calls)
+        elapsed = time.monotonic() - started
+    finally:
+        await client.close()
+    assert answers == [True] * 200
+    records = rig.records()
+    assert all(p.ifindex in records for p in pods)
+    assert elapsed < 30
+    assert rig.proc is not None
+    assert rig.proc.returncode is None
+
+
+# ---- the interfaces EKS gives pods --------------------------------------------------
+async def test_pod_with_two_network_cards_enforces_on_both(rig: AgentRig) -> None:
+    first, allowed, denied = await node_pods(rig)  # running before the CNI calls begin
+    cni_node(rig, "standard")
+    rig.apply(web_policy(rig, [first], [allowed]))
+    await start(rig)
+    await rig.settle_agent()
+    pod = await cni_pod(rig, "web-multi", WEB, interfaces=2)
+    assert len(pod.ifindexes) == 2
+    records = rig.records()
+    ids = {records[i].pod_id for i in pod.ifindexes}
+    assert len(ids) == 1, "both cards carry the pod's programmed record"
+    assert ids != {0}, "the record is the pod's, not the default"
+    second = pod.extra[0][2]
+    assert await tcp_probe(netns=allowed.netns, target=second, port=80, expect="web-multi")
+    assert not await tcp_probe(netns=denied.netns, target=second, port=80)
+    assert not await rig.probe(denied, pod)
+
+
+async def test_branch_eni_pod_found_through_its_rule_table(rig: AgentRig) -> None:
+    first, allowed, denied = await node_pods(rig)  # running before the CNI calls begin
+    cni_node(rig, "strict")
+    rig.apply(web_policy(rig, [first], [allowed]))
+    await start(rig)
+    await rig.settle_agent()
+    scheduled(rig, "web-sg", WEB)
+    rig.sim.call_cni = False  # created without the call: found by its address alone
+    pod = await rig.sim.add_pod("web-sg", labels=WEB, branch_table=105)
+    rig.sim.call_cni = True
+    server = PodServer(name="web-sg", netns=pod.netns)
+    await server.start()
+    rig.servers["web-sg"] = server
+    assert pod.host_veth.startswith("vlan")
+    running(rig, pod)
+    rig.apply(web_policy(rig, [first, pod], [allowed]))
+    await rig.settle_agent()
+    records = rig.records()
+    assert records[pod.ifindex].pod_id != 0
+    vlan_link = f"vlan.eth.{pod.netns.rsplit('-p', 1)[1]}"
+    st = await rig.acli("pods", "--json")
+    assert "web-sg" in st.stdout
+    # the VLAN link is never taken for a pod interface
+    out = await rig.acli("pods", "--json")
+    assert vlan_link not in out.stdout
+    assert await rig.probe(allowed, pod)
+    assert not await rig.probe(denied, pod)
+
+
+# ---- restarts -----------------------------------------------------------------------
+async def test_calls_while_the_agent_restarts_fail_cleanly_or_succeed(rig: AgentRig) -> None:
+    cni_node(rig, "strict")
+    await start(rig)
+    outcomes: list[str] = []
+    created: list[SimPod] = []
+
+    async def creator() -> None:
+        for i in range(12):
+            try:
+                created.append(await cni_pod(rig, f"r-{i}", {"app": "r"}, serve=False))
+                outcomes.append("ok")
+            except CniRefusedError:
+                outcomes.append("refused")
+            await asyncio.sleep(0.15)
+
+    task = asyncio.create_task(creator())
+    await asyncio.sleep(0.4)
+    assert await rig.stop_agent() == 0
+    await asyncio.sleep(0.3)
+    await start(rig)
+    await asyncio.wait_for(task, 120)
+    assert "ok" in outcomes
+    records = rig.records()
+    # every pod whose call succeeded enforces; a refused pod would be retried by kubelet
+    assert all(p.ifindex in records for p in created)
+    await rig.settle_agent()
+
+
+async def test_hostnet_finds_pods_through_rule_tables_and_skips_vlan_links(sim: Any) -> None:
+    """The kernel's own view (no agent): a branch-ENI pod is routed only in its VLAN's
+    table, which a rule selects; a table no rule selects is not looked at; the VLAN
+    link is no pod interface though its name has the ``vlan`` prefix."""
+    from agent.hostnet import HostNet
+    from common.netlink import Netlink
+    from simnode import netns
+
+    sim.cni_socket = "/nonexistent"  # CNI naming
+    sim.call_cni = False
+    pod = await sim.add_pod("sg", branch_table=105)
+    hostnet = HostNet(prefixes=("eni", "vlan"), netns=sim.netns)
+    async with Netlink(netns=sim.netns) as nl:
+        await hostnet.load(nl)
+        assert await hostnet.interfaces_of(nl, str(pod.ipv4)) == {pod.ifindex}
+        assert hostnet.routed_interfaces(str(pod.ipv6)) == {pod.ifindex}
+        assert hostnet.named_interfaces("default", "sg") == [pod.ifindex]
+    vlans = [ln for ln in hostnet.links.values() if ln.name.startswith("vlan.eth.")]
+    assert vlans
+    assert all(v.index not in hostnet.pod_interfaces() for v in vlans)
+    # without the rules, the table is not one the node routes by
+    await netns.arun(
+        f"ip rule del to {pod.ipv4} lookup 105; ip rule del iif {pod.host_veth} lookup 105;"
+        f"ip rule del iif {vlans[0].name} lookup 105",
+        netns=sim.netns,
+    )
+    hostnet = HostNet(prefixes=("eni", "vlan"), netns=sim.netns)
+    async with Netlink(netns=sim.netns) as nl:
+        await hostnet.load(nl)
+    assert hostnet.routed_interfaces(str(pod.ipv4)) == set()
+    assert hostnet.routed_interfaces(str(pod.ipv6)) == {pod.ifindex}  # v6 rules remain
