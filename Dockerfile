@@ -6,7 +6,9 @@
 #   docker build -t np-node-agent:dev .
 #
 # The chart runs one container per process from this image, sharing /sys/fs/bpf and
-# the socket directory (see charts/np-node-agent).
+# the socket directory (see charts/np-node-agent). The entrypoint, /controller, runs the
+# node's processes in one container instead: the aws-eks-nodeagent slot of EKS's aws-node
+# DaemonSet, which starts the image with the reference agent's flags and no command.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -33,7 +35,14 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libbpf1 util-linux \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/np /opt/np
+# the node-side CLI wrapper the chart's install-cli init container copies to the host
+COPY deploy/eks/aws-eks-na-cli.sh /opt/np/share/aws-eks-na-cli
+# the reference image's layout: /controller (the entrypoint EKS runs with the reference
+# flags in the aws-eks-nodeagent container) and /aws-eks-na-cli
+RUN ln -s /opt/np/bin/np-controller /controller \
+ && ln -s /opt/np/bin/aws-eks-na-cli /aws-eks-na-cli
 ENV PATH=/opt/np/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 LABEL org.opencontainers.image.title="np-node-agent" \
       org.opencontainers.image.description="NetworkPolicy node agent enforcing PolicyEndpoints with eBPF"
-CMD ["np-agent", "--help"]
+ENTRYPOINT ["/controller"]
+CMD ["--help"]

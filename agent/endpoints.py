@@ -30,7 +30,7 @@ from common.policyendpoint import (
     Rule,
     parse_with_rules,
 )
-from common.selectors import Matcher, SelectorError, compile_selector
+from common.selectors import Matcher, compile_selector
 
 PodRef = tuple[str, str]  # (namespace, name)
 # The join key of a policy's objects: (namespace, policyRef.name, target group). The AWS
@@ -223,7 +223,7 @@ def _selector(selector: dict[str, Any] | None) -> str:
     text = sys.intern(json.dumps(selector, sort_keys=True, separators=(",", ":")))
     try:
         matcher(text)
-    except (SelectorError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):  # SelectorError is a ValueError
         return ""
     return text
 

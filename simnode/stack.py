@@ -41,6 +41,8 @@ MODULES = {
     "resolver": "resolver",
     "conntrack": "conntrack",
     "flowlogs": "flowlogs",
+    # the image's /controller: agent and conntrack (and flowlogs) in one container
+    "controller": "agent.controller",
 }
 
 

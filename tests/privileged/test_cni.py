@@ -418,3 +418,45 @@ async def test_hostnet_finds_pods_through_rule_tables_and_skips_vlan_links(sim: 
         await hostnet.load(nl)
     assert hostnet.routed_interfaces(str(pod.ipv4)) == set()
     assert hostnet.routed_interfaces(str(pod.ipv6)) == {pod.ifindex}  # v6 rules remain
+
+
+# the flags EKS gives the aws-eks-nodeagent container (the VPC CNI chart's daemonset)
+REFERENCE_ARGS = (
+    "--enable-ipv6=false",
+    "--enable-network-policy=true",
+    "--enable-cloudwatch-logs=false",
+    "--enable-policy-event-logs=false",
+    "--log-file=/var/log/aws-routed-eni/network-policy-agent.log",
+    "--metrics-bind-addr=:8162",
+    "--health-probe-bind-addr=:8163",
+    "--conntrack-cache-cleanup-period=300",
+    "--log-level=debug",
+)
+
+
+async def test_the_image_entrypoint_takes_the_reference_flags(rig: AgentRig) -> None:
+    """/controller with EKS's flags runs the enforcer and the conntrack cleaner, serves
+    the CNI, and drains both on SIGTERM."""
+    cni_node(rig, "strict")
+    proc = await rig.start("controller", *REFERENCE_ARGS)
+    await rig.ready()
+    pod = await cni_pod(rig, "via-entrypoint", {"app": "x"}, serve=False)
+    assert pod.ifindex in rig.records()
+    want = {"agent.sock", "conntrack.sock", "npa.sock"}
+
+    async def all_serving() -> bool:
+        return want <= set(os.listdir(rig.runtime_dir))
+
+    await eventually(all_serving, timeout=20, what=lambda: str(os.listdir(rig.runtime_dir)))
+    assert await rig.stop("controller") == 0
+    assert proc.returncode == 0
+    assert not os.path.exists(rig.npa_socket), "the CNI socket is removed at exit"
+    log = rig.log_file("controller").read_text()
+    assert '"controller.child_ended"' in log
+
+
+async def test_an_invalid_flag_stops_the_entrypoint_naming_it(rig: AgentRig) -> None:
+    proc = await rig.start("controller", *REFERENCE_ARGS, "--conntrack-cache-table-size=5")
+    assert await asyncio.wait_for(proc.wait(), 30) == 2
+    assert "--conntrack-cache-table-size" in rig.log_file("controller").read_text()
+    rig.procs.pop("controller")

@@ -445,3 +445,108 @@ def test_an_empty_list_still_wakes_the_enforcer() -> None:
     assert cache.pods_synced
     assert cache.endpoints_synced
     assert cache.changed.is_set()
+
+
+def _with_selector(obj: dict[str, Any], selector: Any) -> dict[str, Any]:
+    obj["spec"]["podSelector"] = selector
+    return obj
+
+
+def test_a_new_pod_is_selected_by_labels_until_an_object_lists_it() -> None:
+    """A pod the CNI sets up has no address: no object can list it yet. The policies of
+    its namespace whose podSelector matches its labels select it, the objects of a
+    policy kept only as stubs are fetched, and once an object lists the pod the
+    listings alone decide."""
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    pods = cache.pods_consumer()
+    full_state(pods, [])
+    endpoints = cache.endpoints_consumer()
+    web = _with_selector(
+        pe(
+            "web-a",
+            pods=[("web-1", "10.0.0.1", "172.31.0.9")],
+            isolation=["Ingress"],
+            ingress=[{"cidr": "10.0.0.9"}],
+            policy="web",
+        ),
+        {"matchLabels": {"app": "web"}},
+    )
+    web["metadata"]["resourceVersion"] = "3"
+    other = _with_selector(
+        pe("db-a", pods=[("db-1", "10.0.0.2", "172.31.0.9")], policy="db"),
+        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["db"]}]},
+    )
+    full_state(endpoints, [web, other])
+    assert set(cache.stubs) == {("default", "web-a"), ("default", "db-a")}
+    new = ("default", "web-2")
+    pods.apply(
+        WatchEvent(
+            "ADDED",
+            {
+                "metadata": {
+                    "name": "web-2",
+                    "namespace": "default",
+                    "uid": "u2",
+                    "labels": {"app": "web"},
+                },
+                "spec": {},
+                "status": {},
+            },
+        )
+    )
+    assert cache.selecting(new) == [("default", "web", "")]
+    assert cache.incomplete(new) == [("default", "web-a")], "the stub is fetched first"
+    assert cache.take_fetch() == {("default", "web-a")}
+    cache.fetched(("default", "web-a"), web)
+    assert cache.incomplete(new) == []
+    assert [e.name for e in cache.endpoints_for(new)] == ["web-a"]
+    # the controller lists it under another policy: listings decide from now on
+    endpoints.apply(
+        WatchEvent("ADDED", pe("any-a", pods=[("web-2", "10.0.0.3", NODE_IP)], policy="any"))
+    )
+    pods.apply(
+        WatchEvent(
+            "MODIFIED",
+            {
+                "metadata": {
+                    "name": "web-2",
+                    "namespace": "default",
+                    "uid": "u2",
+                    "labels": {"app": "web"},
+                },
+                "spec": {},
+                "status": {"podIP": "10.0.0.3"},
+            },
+        )
+    )
+    assert cache.selecting(new) == [("default", "any", "")]
+    # a selector in another namespace, or an invalid one, selects nothing
+    assert cache.by_labels(("default", "web-2")) == []
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [None, {"matchExpressions": [{"key": "app", "operator": "Near"}]}, {"matchLabels": "x"}],
+)
+def test_absent_or_invalid_selectors_select_no_unlisted_pod(selector: Any) -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "lonely", ""))
+    obj = pe("p-a", pods=[("other", "10.0.0.7", NODE_IP)], isolation=["Ingress"])
+    if selector is not None:
+        obj["spec"]["podSelector"] = selector
+    try:
+        full_state(cache.endpoints_consumer(), [obj])
+    except PolicyEndpointError:
+        return
+    assert cache.selecting(("default", "lonely")) == []
+
+
+def test_selector_index_ends_with_the_policys_last_object() -> None:
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    _local(cache, ("default", "web", "10.0.0.1"))
+    endpoints = cache.endpoints_consumer()
+    obj = _with_selector(pe("p-a", pods=[("web", "10.0.0.1", NODE_IP)]), {})
+    full_state(endpoints, [obj])
+    assert cache.selectors and cache.by_namespace
+    endpoints.apply(WatchEvent("DELETED", obj))
+    assert (cache.selectors, cache.by_namespace) == ({}, {})

@@ -237,6 +237,29 @@ def test_resolver_runs_unprivileged_as_non_root() -> None:
     assert [e["name"] for e in c["env"]] == ["POD_NAME"]
 
 
+def test_eks_values_give_the_reference_mounts_and_install_the_cli() -> None:
+    """values-eks.yaml: the VPC CNI's socket directory, the log directory and bpffs on
+    the agent, the CNI and ipamd sockets there, the CLI wrapper copied to the node."""
+    values = yaml.safe_load((CHART / "values-eks.yaml").read_text())
+    objs = render(values)
+    assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"]
+    assert not [o for o in objs if o["kind"] == "Deployment"], "no resolver on EKS"
+    pod = one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    agent = containers(objs)["agent"]
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert {"/var/run/aws-node", "/sys/fs/bpf", "/var/log/aws-routed-eni"} <= mounts
+    s = settings_of(agent)
+    assert s.npa_socket == "/var/run/aws-node/npa.sock"
+    assert s.ipamd_socket == "/var/run/aws-node/ipamd.sock"
+    assert s.pod_interface_prefixes == ("eni", "vlan")
+    (init,) = pod["initContainers"]
+    assert init["command"][-1] == "/host/opt/cni/bin/aws-eks-na-cli"
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host["cni-bin-dir"] == "/opt/cni/bin"
+    assert host["aws-node-run"] == "/var/run/aws-node"
+    assert "privileged" not in init["securityContext"]
+
+
 def test_optional_parts() -> None:
     objs = render({"crd": {"install": False}, "bpffs": {"mount": True}})
     assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"]

@@ -58,7 +58,7 @@ def test_image_copies_every_package_and_dockerignore_lets_them_in() -> None:
     build, *_ = stages()
     copied = {i.split()[1].rstrip("/") for i in build if i.startswith("COPY ")}
     ignore = (REPO / ".dockerignore").read_text().splitlines()
-    for pkg in packages:
+    for pkg in sorted({p.split(".")[0] for p in packages}):  # subpackages come with them
         assert pkg in copied, f"Dockerfile does not copy {pkg}/"
         assert f"!{pkg}/" in ignore, f".dockerignore excludes {pkg}/"
     # test and demo infrastructure stays out of the product
@@ -66,6 +66,18 @@ def test_image_copies_every_package_and_dockerignore_lets_them_in() -> None:
         assert infra not in packages
         assert infra not in copied
         assert f"!{infra}/" not in ignore
+
+
+def test_image_has_the_reference_layout_for_the_aws_eks_nodeagent_slot() -> None:
+    """EKS starts the aws-eks-nodeagent container with the reference flags and no
+    command: the image's entrypoint must be /controller, our launcher."""
+    *_, final = stages()
+    assert 'ENTRYPOINT ["/controller"]' in final
+    assert any("/opt/np/bin/np-controller /controller" in i for i in final)
+    wrapper = "deploy/eks/aws-eks-na-cli.sh"
+    assert any(i.startswith(f"COPY {wrapper} ") for i in final)
+    assert f"!{wrapper}" in (REPO / ".dockerignore").read_text().splitlines()
+    assert "np-controller" in project()["project"]["scripts"]
 
 
 def test_every_command_the_chart_runs_is_a_console_script() -> None:

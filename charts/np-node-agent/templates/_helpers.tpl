@@ -70,6 +70,11 @@ app.kubernetes.io/component: node-agent
 - --flow-log-max-bytes={{ int64 .Values.nodeAgent.flowLogMaxBytes }}
 - --flow-log-backups={{ int64 .Values.nodeAgent.flowLogBackups }}
 - --cloudwatch-queue-size={{ int64 .Values.nodeAgent.cloudwatchQueueSize }}
+- --cni-answer-timeout={{ .Values.nodeAgent.cniAnswerTimeout }}
+{{- if .Values.eks.enabled }}
+- --npa-socket={{ .Values.eks.runDir }}/npa.sock
+- --ipamd-socket={{ .Values.eks.runDir }}/ipamd.sock
+{{- end }}
 {{- end -}}
 
 {{- define "np.env" -}}
