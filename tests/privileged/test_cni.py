@@ -450,7 +450,7 @@ async def test_the_image_entrypoint_takes_the_reference_flags(rig: AgentRig) -> 
     await eventually(all_serving, timeout=20, what=lambda: str(os.listdir(rig.runtime_dir)))
     assert await rig.stop("controller") == 0
     assert proc.returncode == 0
-    assert not os.path.exists(rig.npa_socket), "the CNI socket is removed at exit"
+    assert "npa.sock" not in os.listdir(rig.runtime_dir), "the CNI socket is removed at exit"
     log = rig.log_file("controller").read_text()
     assert '"controller.child_ended"' in log
 

@@ -547,6 +547,7 @@ def test_selector_index_ends_with_the_policys_last_object() -> None:
     endpoints = cache.endpoints_consumer()
     obj = _with_selector(pe("p-a", pods=[("web", "10.0.0.1", NODE_IP)]), {})
     full_state(endpoints, [obj])
-    assert cache.selectors and cache.by_namespace
+    assert cache.selectors
+    assert cache.by_namespace
     endpoints.apply(WatchEvent("DELETED", obj))
     assert (cache.selectors, cache.by_namespace) == ({}, {})
