@@ -28,6 +28,7 @@ import structlog
 from agent.cache import Cache, LocalPod
 from agent.desired import weight
 from agent.endpoints import Endpoints, PodRef
+from agent.gate import Gate, GateError
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
 from agent.programming import Outcome, Plan, Programmer
@@ -112,8 +113,10 @@ class Enforcer:
         metrics: AgentMetrics,
         strict: bool,
         netns: str | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.cache = cache
+        self.gate = gate or Gate((), enabled=False)
         self.hostnet = hostnet
         self.worker = worker
         self.dp: Datapath = worker.dp
@@ -184,6 +187,11 @@ class Enforcer:
         async with Netlink(netns=self.netns) as nl:
             self._nl = nl
             await self._adopt()
+            try:
+                await self.gate.install(self._judged(self.records))
+            except GateError as exc:
+                self.metrics.errors.labels("gate").inc()
+                log.error("gate.unavailable", error=str(exc), enforcing="the datapath only")
             self.started.set()
             self._new_links.update(self.hostnet.pod_interfaces())
             while not (self.cache.pods_synced and self.cache.endpoints_synced):
@@ -256,6 +264,7 @@ class Enforcer:
             async with self.writing:
                 await self.worker.call(self.programmer.remove, sorted(gone & self.records))
                 self.records -= gone
+            await self.gate.close(gone)
             for ifindex in gone:
                 self.attached.pop(ifindex, None)
                 self._forget_admitted(ifindex)
@@ -296,7 +305,14 @@ class Enforcer:
             for ifindex in ifindexes:
                 if ifindex in self.records:
                     await self._attach(ifindex)
+            await self.gate.open(self._judged(ifindexes))
         return fresh
+
+    def _judged(self, ifindexes: Iterable[int]) -> list[int]:
+        """Those with a record and this run's programs attached: the datapath judges
+        their traffic (the strict-mode gate may let it through)."""
+        mine = ours(self.dp)
+        return [i for i in ifindexes if i in self.records and self.attached.get(i) == mine]
 
     async def _release_unclaimed(self) -> None:
         """After the first full reconcile: interfaces no local pod claims keep (or get)
@@ -432,6 +448,7 @@ class Enforcer:
         for ifindex in plan.ifindexes:
             await self._attach(ifindex)
             self.bound[ifindex] = plan.ref
+        await self.gate.open(self._judged(plan.ifindexes))
         st.ifindexes, st.pod_id = plan.ifindexes, out.pod_id
         st.ingress, st.egress = out.ingress, out.egress
         st.inputs = self._inputs(plan)

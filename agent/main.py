@@ -21,6 +21,7 @@ from agent.cni.calls import CniCalls
 from agent.cni.ipamd import NodeConfig, from_ipamd
 from agent.enforcer import Enforcer
 from agent.fetching import fetch_stubs
+from agent.gate import Gate
 from agent.hostnet import HostNet
 from agent.metrics import AgentMetrics
 from agent.probes import bpffs_ready, global_maps_pinned, metrics_app
@@ -120,6 +121,9 @@ class Node:
             worker=self.worker,
             metrics=metrics,
             strict=settings.enforcing_mode == "strict",
+            gate=Gate(
+                settings.pod_interface_prefixes, enabled=settings.enforcing_mode == "strict"
+            ),
         )
         self.watches = {"pods": WatchStats(), "policyendpoints": WatchStats()}
         self.cni = CniCalls(
@@ -233,6 +237,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         log.info("agent.disabled", reason="--enable-network-policy is false")
         # the CNI calls whenever ipamd has a mode: every call succeeds, enforcing nothing
         cni = CniCalls(enforcer=None, hostnet=None, metrics=metrics, answer_timeout=0)
+        await Gate((), enabled=False).install(())  # a strict run's gate would stay shut
         await supervise(
             {
                 "cni": cni.serve(settings.npa_socket),

@@ -208,7 +208,39 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         dest="flow_log_backups",
         help="--flow-log-backups (the reference agent's flag)",
     )
+    # the reference agent's flags with no meaning here: accepted (and validated), so that
+    # its command line runs unchanged; the enforcer batches every change itself, and
+    # profiling is Go's pprof
+    p.add_argument(
+        "--max-concurrent-reconciles",
+        metavar="N",
+        type=_positive,
+        dest=IGNORED_PREFIX + "max_concurrent_reconciles",
+        help="accepted for compatibility (the reference agent's flag); no effect",
+    )
+    p.add_argument(
+        "--enable-profiling",
+        metavar="BOOL",
+        type=_bool,
+        nargs="?",
+        const=True,
+        dest=IGNORED_PREFIX + "enable_profiling",
+        help="accepted for compatibility (the reference agent's flag); no effect",
+    )
     return p
+
+
+IGNORED_PREFIX = "ignored_"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _metavar(kind: Any, doc: str) -> str | None:
@@ -247,7 +279,9 @@ def parse_settings(
     """Flags and environment -> Settings, or exit 2 naming the offending flag."""
     env = os.environ if env is None else env
     args = parser(prog, description).parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if v is not None}
+    values = {
+        k: v for k, v in vars(args).items() if v is not None and not k.startswith(IGNORED_PREFIX)
+    }
     if "NETWORK_POLICY_ENFORCING_MODE" in env:
         values["enforcing_mode"] = env["NETWORK_POLICY_ENFORCING_MODE"].strip().lower()
     values.setdefault("node_name", env.get("MY_NODE_NAME", ""))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.cni.service import NpClient
@@ -112,9 +113,13 @@ class SimNode:
         namespace: str = "default",
         interfaces: int = 1,
         branch_table: int = 0,
+        address: tuple[ipaddress.IPv4Address, ipaddress.IPv6Address] | None = None,
+        on_wired: Callable[[SimPod], Awaitable[None]] | None = None,
     ) -> SimPod:
         """A wired pod; ``interfaces`` > 1: several network cards; ``branch_table``: a
-        branch-ENI pod routed in that table (CNI naming only)."""
+        branch-ENI pod routed in that table (CNI naming only); ``address``: from
+        :meth:`reserve`; ``on_wired``: called once the pod's network works, before the
+        CNI's call (what runs there runs before any container could)."""
         if name in self.pods:
             raise ValueError(f"pod {name} exists")
         seq = next(self._seq)
@@ -124,8 +129,8 @@ class SimNode:
             name=name,
             netns=f"{self.tag}-p{seq}",
             host_veth=cni_veth_name(prefix, namespace, name) if cni else f"{self.tag}h{seq}",
-            ipv4=next(self._v4),
-            ipv6=next(self._v6),
+            ipv4=address[0] if address else next(self._v4),
+            ipv6=address[1] if address else next(self._v6),
             labels=dict(labels or {}),
             namespace=namespace,
             table=branch_table,
@@ -169,9 +174,15 @@ class SimNode:
         )
         for index in range(1, interfaces):
             await self._add_card(pod, index, seq)
+        if on_wired is not None:
+            await on_wired(pod)
         if self.cni_socket is not None and self.call_cni:
             await self._enforce(pod, interfaces)
         return pod
+
+    def reserve(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+        """The addresses of a pod to be added (traffic can be aimed at it before)."""
+        return next(self._v4), next(self._v6)
 
     async def _branch_routing(self, pod: SimPod, seq: int) -> None:
         """The VLAN's table is looked up for traffic from the pod's veth, from the VLAN

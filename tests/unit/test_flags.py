@@ -168,3 +168,13 @@ def test_every_setting_is_a_flag_with_its_reason() -> None:
         assert f"--{field.replace('_', '-')}" in action.option_strings
         assert info.description
         assert action.help == info.description.replace("%", "%%")
+
+
+def test_the_reference_flags_without_meaning_here_are_accepted_and_checked() -> None:
+    s = parse_settings(
+        "np-agent", "", ["--max-concurrent-reconciles=3", "--enable-profiling=false"], env={}
+    )
+    assert s.enable_network_policy is False
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings("np-agent", "", ["--max-concurrent-reconciles=0"], env={})
+    assert exit_.value.code == 2
