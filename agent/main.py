@@ -121,9 +121,7 @@ class Node:
             worker=self.worker,
             metrics=metrics,
             strict=settings.enforcing_mode == "strict",
-            gate=Gate(
-                settings.pod_interface_prefixes, enabled=settings.enforcing_mode == "strict"
-            ),
+            gate=Gate(settings.pod_interface_prefixes, enabled=settings.enforcing_mode == "strict"),
         )
         self.watches = {"pods": WatchStats(), "policyendpoints": WatchStats()}
         self.cni = CniCalls(

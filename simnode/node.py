@@ -118,8 +118,9 @@ class SimNode:
     ) -> SimPod:
         """A wired pod; ``interfaces`` > 1: several network cards; ``branch_table``: a
         branch-ENI pod routed in that table (CNI naming only); ``address``: from
-        :meth:`reserve`; ``on_wired``: called once the pod's network works, before the
-        CNI's call (what runs there runs before any container could)."""
+        :meth:`reserve`; ``on_wired``: called once the pod's namespace exists, before its
+        veth (what it starts there runs from the pod's first possible packet, before the
+        CNI's call and before any container could)."""
         if name in self.pods:
             raise ValueError(f"pod {name} exists")
         seq = next(self._seq)
@@ -140,11 +141,16 @@ class SimNode:
         mac = "02:" + ":".join(f"{b:02x}" for b in seq.to_bytes(4, "big")) + ":01"
         await netns.arun(f"ip netns add {pod.netns}")
         self.pods[name] = pod
+        if on_wired is not None:
+            await on_wired(pod)
         await netns.arun(
             "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
             netns=pod.netns,
         )
         table = f"table {branch_table}" if branch_table else ""
+        # one script for both sides, as fast as a CNI wires a pod: the pod can send a
+        # few milliseconds after its host veth appears
+        p = f"ip -n {pod.netns}"
         out = await netns.arun(
             f"""
             ip link add {pod.host_veth} address {mac} type veth peer name eth0 netns {pod.netns}
@@ -152,6 +158,14 @@ class SimNode:
             ip -6 addr add {GATEWAY_V6}/64 dev {pod.host_veth} nodad
             ip route add {pod.ipv4}/32 dev {pod.host_veth} scope link {table}
             ip -6 route add {pod.ipv6}/128 dev {pod.host_veth} {table}
+            {p} link set lo up
+            {p} link set eth0 up
+            {p} addr add {pod.ipv4}/32 dev eth0
+            {p} -6 addr add {pod.ipv6}/128 dev eth0 nodad
+            {p} route add {GATEWAY_V4} dev eth0 scope link
+            {p} route add default via {GATEWAY_V4} dev eth0
+            {p} neigh replace {GATEWAY_V4} lladdr {mac} dev eth0 nud permanent
+            {p} -6 route add default via {GATEWAY_V6} dev eth0
             cat /sys/class/net/{pod.host_veth}/ifindex
             """,
             netns=self.netns,
@@ -159,23 +173,8 @@ class SimNode:
         pod.ifindex = int(out.split()[-1])
         if branch_table:
             await self._branch_routing(pod, seq)
-        await netns.arun(
-            f"""
-            ip link set lo up
-            ip link set eth0 up
-            ip addr add {pod.ipv4}/32 dev eth0
-            ip -6 addr add {pod.ipv6}/128 dev eth0 nodad
-            ip route add {GATEWAY_V4} dev eth0 scope link
-            ip route add default via {GATEWAY_V4} dev eth0
-            ip neigh replace {GATEWAY_V4} lladdr {mac} dev eth0 nud permanent
-            ip -6 route add default via {GATEWAY_V6} dev eth0
-            """,
-            netns=pod.netns,
-        )
         for index in range(1, interfaces):
             await self._add_card(pod, index, seq)
-        if on_wired is not None:
-            await on_wired(pod)
         if self.cni_socket is not None and self.call_cni:
             await self._enforce(pod, interfaces)
         return pod

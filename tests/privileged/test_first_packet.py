@@ -88,10 +88,26 @@ async def setup(rig: AgentRig) -> tuple[SimPod, SimPod]:
     return peer, observer
 
 
+def busy(rig: AgentRig, peer: SimPod, observer: SimPod, n: int) -> None:
+    """Keep the enforcer busy: a large policy change to program, as on a loaded node
+    (the new pod's veth appears while it is being compiled and switched)."""
+    cidrs = [{"cidr": f"10.{100 + n % 50}.{i // 256}.{i % 256}/32"} for i in range(20_000)]
+    rig.apply(
+        rig.policy_endpoint(
+            "bulk-abc",
+            policy="bulk",
+            targets=[peer, observer],
+            isolation=["Ingress"],
+            ingress=cidrs,
+        )
+    )
+
+
 async def trial(
     rig: AgentRig, peer: SimPod, observer: SimPod, seen: Catcher, n: int, *, cni: bool
 ) -> int:
     """Leaked datagrams of one new pod (``seen``: what the observer receives)."""
+    busy(rig, peer, observer, n)
     v4, v6 = rig.sim.reserve()
     inbound = Blaster(peer.netns, v4, PORT)
     parts: list[object] = []
