@@ -30,9 +30,10 @@ RUN python -m venv /opt/np \
  && /opt/np/bin/python -c "import bpf.datapath, bpf.layout; from bpf.datapath import object_path; open(object_path(), 'rb').close()"
 
 FROM ${PYTHON_IMAGE}
-# libbpf1 loads the objects; util-linux gives the bpffs init container `mountpoint`
+# libbpf1 loads the objects; util-linux gives the bpffs init container `mountpoint`;
+# nftables: the strict-mode gate (agent/gate.py)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libbpf1 util-linux \
+ && apt-get install -y --no-install-recommends libbpf1 util-linux nftables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/np /opt/np
 # the node-side CLI wrapper the chart's install-cli init container copies to the host

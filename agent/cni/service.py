@@ -98,7 +98,7 @@ async def serving(
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     server.add_insecure_port(unix_target(socket_path))
     await server.start()
-    os.chmod(socket_path, 0o600)
+    await asyncio.to_thread(os.chmod, socket_path, 0o600)
     for name in ("", HEALTH_SERVICE):
         await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     try:
