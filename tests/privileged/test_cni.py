@@ -460,3 +460,47 @@ async def test_an_invalid_flag_stops_the_entrypoint_naming_it(rig: AgentRig) -> 
     assert await asyncio.wait_for(proc.wait(), 30) == 2
     assert "--conntrack-cache-table-size" in rig.log_file("controller").read_text()
     rig.procs.pop("controller")
+
+
+@pytest.mark.parametrize(("ipamd_mode", "expect"), [("strict", "strict"), ("lenient", "standard")])
+async def test_the_mode_comes_from_ipamd_when_it_answers(
+    rig: AgentRig, ipamd_mode: str, expect: str
+) -> None:
+    """ipamd's GetNetworkPolicyConfigs, served like ipamd serves it: its mode wins over
+    the environment (standard here); an invalid one is logged and the environment's
+    kept. Its node address joins the node's."""
+    from agent.cni import rpc_pb2 as pb
+    from agent.cni.service import config_backend_handler, serving
+
+    reply = pb.NetworkPolicyAgentConfigReply(
+        NetworkPolicyMode=ipamd_mode,
+        MultiNICEnabled=True,
+        NodeIPv4="172.31.9.9",
+        InstanceID="i-0123",
+        Region="us-west-2",
+    )
+    ipamd = f"{rig.runtime_dir}/ipamd.sock"
+    os.makedirs(rig.runtime_dir, exist_ok=True)
+    async with serving(ipamd, [config_backend_handler(lambda: reply)]):
+        await start(rig)
+    lines = rig.log_lines()
+    config = [ln for ln in lines if ln.get("event") == "ipamd.config"]
+    assert config, "ipamd was not asked"
+    assert config[-1]["multi_nic"] is True
+    assert "172.31.9.9" in config[-1]["node_addresses"]
+    started = [ln for ln in lines if ln.get("event") == "agent.starting"]
+    assert started[-1]["mode"] == expect
+    if ipamd_mode == "lenient":
+        assert any(ln.get("event") == "ipamd.invalid_mode" for ln in lines)
+    # the mode in force: a pod wired without the CNI's call gets its default
+    pod = await rig.add_pod("plain", create_object=False)
+    await eventually(
+        lambda: _has_record(rig, pod.ifindex), timeout=10, what="the new veth attached"
+    )
+    peer = await rig.add_pod("peer2", create_object=False)
+    await eventually(lambda: _has_record(rig, peer.ifindex), timeout=10, what="the peer attached")
+    assert await rig.probe(peer, pod) is (expect == "standard")
+
+
+async def _has_record(rig: AgentRig, ifindex: int) -> bool:
+    return ifindex in rig.records()
