@@ -233,13 +233,16 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 IGNORED_PREFIX = "ignored_"
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, unit: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        of = f" of {unit}" if unit else ""
+        raise argparse.ArgumentTypeError(f"expected a whole number{of}, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1{' ' + unit if unit else ''}, got {text!r}"
+        )
     return value
 
 
@@ -261,13 +264,7 @@ def _metavar(kind: Any, doc: str) -> str | None:
 
 
 def _megabytes(text: str) -> int:
-    try:
-        mb = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of MB, got {text!r}") from None
-    if mb < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 MB, got {text!r}")
-    return mb * 1024 * 1024
+    return _positive(text, "MB") * 1024 * 1024
 
 
 def parse_settings(

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import structlog
@@ -129,19 +130,37 @@ class CniCalls(NpBackend):
             else:
                 self._locks[ref] = (lock, users - 1)
 
+    async def _serve(
+        self,
+        method: str,
+        context: Context[Any, Any],
+        pod: str,
+        work: Callable[[], Awaitable[str]],
+    ) -> None:
+        """Run one call's ``work`` (its outcome for the metric); a refusal is an error
+        status with its reason, logged."""
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            outcome = await work()
+        except CallError as exc:
+            outcome = "refused"
+            log.error("cni.refused", method=method, pod=pod, code=exc.code.name, error=exc.message)
+            await context.abort(exc.code, exc.message)
+        finally:
+            self.metrics.cni_calls.labels(method, outcome).inc()
+            self.metrics.cni_latency.labels(method).observe(time.monotonic() - started)
+
     # ---- EnforceNpToPod ----------------------------------------------------------------
     async def enforce(
         self,
         request: pb.EnforceNpRequest,
         context: Context[pb.EnforceNpRequest, pb.EnforceNpReply],
     ) -> pb.EnforceNpReply:
-        started = time.monotonic()
-        outcome = "error"
-        try:
+        async def work() -> str:
             ref = _pod_ref(request.K8S_POD_NAMESPACE, request.K8S_POD_NAME)
             if self.enforcer is None:
-                outcome = "disabled"
-                return pb.EnforceNpReply(Success=True)
+                return "disabled"
             strict = _strict(request.NETWORK_POLICY_MODE, default=self.enforcer.strict)
             count = request.InterfaceCount
             if not 0 <= count <= MAX_POD_INTERFACES:
@@ -150,21 +169,10 @@ class CniCalls(NpBackend):
                     f"InterfaceCount {count} is not from 0 to {MAX_POD_INTERFACES}",
                 )
             async with self._one_at_a_time(ref):
-                outcome = await self._enforce(ref, strict=strict, count=count)
-            return pb.EnforceNpReply(Success=True)
-        except CallError as exc:
-            outcome = "refused"
-            log.error(
-                "cni.enforce_refused",
-                pod=f"{request.K8S_POD_NAMESPACE[:63]}/{request.K8S_POD_NAME[:253]}",
-                code=exc.code.name,
-                error=exc.message,
-            )
-            await context.abort(exc.code, exc.message)
-            raise  # abort raises; never reached
-        finally:
-            self.metrics.cni_calls.labels("EnforceNpToPod", outcome).inc()
-            self.metrics.cni_latency.labels("EnforceNpToPod").observe(time.monotonic() - started)
+                return await self._enforce(ref, strict=strict, count=count)
+
+        await self._serve("EnforceNpToPod", context, _where(request), work)
+        return pb.EnforceNpReply(Success=True)
 
     async def _enforce(self, ref: PodRef, *, strict: bool, count: int) -> str:
         enforcer, hostnet = self.enforcer, self.hostnet
@@ -234,23 +242,18 @@ class CniCalls(NpBackend):
         request: pb.DeleteNpRequest,
         context: Context[pb.DeleteNpRequest, pb.DeleteNpReply],
     ) -> pb.DeleteNpReply:
-        started = time.monotonic()
-        outcome = "error"
-        try:
+        async def work() -> str:
             ref = _pod_ref(request.K8S_POD_NAMESPACE, request.K8S_POD_NAME)
             if self.enforcer is None:
-                outcome = "disabled"
-                return pb.DeleteNpReply(Success=True)
+                return "disabled"
             async with self._one_at_a_time(ref):
                 had = self.enforcer.release(ref)
             log.info("cni.pod_released", pod=f"{ref[0]}/{ref[1]}", ifindexes=list(had))
-            outcome = "released" if had else "unknown"
-            return pb.DeleteNpReply(Success=True)
-        except CallError as exc:
-            outcome = "refused"
-            log.error("cni.delete_refused", code=exc.code.name, error=exc.message)
-            await context.abort(exc.code, exc.message)
-            raise
-        finally:
-            self.metrics.cni_calls.labels("DeletePodNp", outcome).inc()
-            self.metrics.cni_latency.labels("DeletePodNp").observe(time.monotonic() - started)
+            return "released" if had else "unknown"
+
+        await self._serve("DeletePodNp", context, _where(request), work)
+        return pb.DeleteNpReply(Success=True)
+
+
+def _where(request: pb.EnforceNpRequest | pb.DeleteNpRequest) -> str:
+    return f"{request.K8S_POD_NAMESPACE[:63]}/{request.K8S_POD_NAME[:253]}"

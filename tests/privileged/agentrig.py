@@ -220,6 +220,21 @@ class AgentRig(NodeStack):
             },
         }
 
+    def open_policy(self, name: str, pods: list[SimPod]) -> None:
+        """A policy letting ``pods`` send and receive anything (strict mode denies a pod
+        that no policy selects)."""
+        anywhere = [{"cidr": "0.0.0.0/0"}, {"cidr": "::/0"}]
+        self.apply(
+            self.policy_endpoint(
+                f"{name}-abc",
+                policy=name,
+                targets=pods,
+                isolation=["Ingress", "Egress"],
+                ingress=anywhere,
+                egress=anywhere,
+            )
+        )
+
     def apply(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         try:

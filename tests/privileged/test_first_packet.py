@@ -74,17 +74,7 @@ async def setup(rig: AgentRig) -> tuple[SimPod, SimPod]:
     """A peer that may send anywhere and an observer that accepts everything."""
     peer = await rig.add_pod("peer", labels={"role": "peer"})
     observer = await rig.add_pod("observer", labels={"role": "observer"})
-    anywhere = [{"cidr": "0.0.0.0/0"}, {"cidr": "::/0"}]
-    rig.apply(
-        rig.policy_endpoint(
-            "open-abc",
-            policy="open",
-            targets=[peer, observer],
-            isolation=["Ingress", "Egress"],
-            ingress=anywhere,
-            egress=anywhere,
-        )
-    )
+    rig.open_policy("open", [peer, observer])
     return peer, observer
 
 
