@@ -147,19 +147,6 @@ class Demo:
         store = self.stack.api.store
         for ns in sorted({p.namespace for p in PODS}):
             store.create(fs.NAMESPACES, None, {"metadata": {"name": ns}})
-        for spec in PODS:
-            pod = await self.sim.add_pod(spec.name)
-            server = PodServer(
-                name=f"{spec.namespace}/{spec.name}", netns=pod.netns, listen=spec.listen
-            )
-            await server.start()
-            self.servers.append(server)
-            self.pods[spec.name] = pod
-            self.stack.create_pod_object(pod, namespace=spec.namespace, labels=spec.labels)
-            print(
-                f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
-                f"{pod.ipv6!s:<13} host veth {pod.host_veth}"
-            )
         common = (
             "--enable-network-policy=true",
             "--enable-policy-event-logs=true",
@@ -181,6 +168,28 @@ class Demo:
             f"programs {status.ingress_prog_id}/{status.egress_prog_id}, "
             f"pins under {status.pin_root}"
         )
+        # pods arrive as on EKS: scheduled, wired by the CNI, which calls the agent
+        # (EnforceNpToPod) before the pod's containers start; then the kubelet reports
+        # the pod's addresses
+        self.sim.cni_socket = self.stack.npa_socket
+        self.sim.mode = status.mode
+        for spec in PODS:
+            self.stack.schedule_pod(spec.name, namespace=spec.namespace, labels=spec.labels)
+            started = time.monotonic()
+            pod = await self.sim.add_pod(spec.name, namespace=spec.namespace)
+            answered_ms = (time.monotonic() - started) * 1000
+            self.stack.pod_running(pod)
+            server = PodServer(
+                name=f"{spec.namespace}/{spec.name}", netns=pod.netns, listen=spec.listen
+            )
+            await server.start()
+            self.servers.append(server)
+            self.pods[spec.name] = pod
+            print(
+                f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
+                f"{pod.ipv6!s:<13} host veth {pod.host_veth} "
+                f"(wired and EnforceNpToPod answered in {answered_ms:.0f} ms)"
+            )
         print(self.c(DIM, f"  process logs and the flow log are in {self.workdir}"))
 
     async def _ready(self, timeout: float = 30) -> NodeStatus:

@@ -129,6 +129,32 @@ class NodeStack:
             },
         )
 
+    def schedule_pod(
+        self, name: str, *, namespace: str = "default", labels: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The Pod object as the scheduler leaves it: on this node, no address yet (what
+        the agent knows of a pod when the CNI announces it)."""
+        return self.api.store.create(
+            fs.PODS,
+            namespace,
+            {
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+                "spec": {"nodeName": self.node, "containers": [{"name": "main"}]},
+                "status": {"phase": "Pending", "hostIP": str(self.sim.node_ipv4)},
+            },
+        )
+
+    def pod_running(self, pod: SimPod) -> dict[str, Any]:
+        """The kubelet's status update once the sandbox is up: the pod's addresses."""
+        body = dict(self.api.store.get(fs.PODS, pod.namespace, pod.name))
+        body["status"] = {
+            "phase": "Running",
+            "hostIP": str(self.sim.node_ipv4),
+            "podIP": str(pod.ipv4),
+            "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}],
+        }
+        return self.api.store.update(fs.PODS, pod.namespace, pod.name, body)
+
     async def resolver_caught_up(self, timeout: float = 10.0) -> bool:
         """Wait until the resolver has seen every change made so far and written its
         PolicyEndpoints; False if it did not within ``timeout``."""

@@ -20,7 +20,6 @@ import grpc
 import pytest
 
 from agent.cni.service import NpClient
-from fakekube import store as fs
 from simnode.node import CniRefusedError, SimPod
 from simnode.traffic import PodServer, tcp_probe, udp_probe
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
@@ -41,30 +40,12 @@ async def start(rig: AgentRig, *extra: str) -> None:
     await rig.ready()
 
 
-def scheduled(rig: AgentRig, name: str, labels: dict[str, str], namespace: str = "default") -> None:
-    """The Pod object as the scheduler leaves it: on this node, no address yet."""
-    rig.api.store.create(
-        fs.PODS,
-        namespace,
-        {
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"nodeName": rig.node, "containers": [{"name": "main"}]},
-            "status": {"phase": "Pending", "hostIP": str(rig.sim.node_ipv4)},
-        },
-    )
+def scheduled(rig: AgentRig, name: str, labels: dict[str, str]) -> None:
+    rig.schedule_pod(name, labels=labels)
 
 
 def running(rig: AgentRig, pod: SimPod) -> None:
-    """The kubelet's status update once the sandbox is up: the pod's addresses."""
-    current = rig.api.store.get(fs.PODS, pod.namespace, pod.name)
-    body = dict(current)
-    body["status"] = {
-        "phase": "Running",
-        "hostIP": str(rig.sim.node_ipv4),
-        "podIP": str(pod.ipv4),
-        "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}],
-    }
-    rig.api.store.update(fs.PODS, pod.namespace, pod.name, body)
+    rig.pod_running(pod)
 
 
 async def cni_pod(
