@@ -318,7 +318,10 @@ class Enforcer:
         """After the first full reconcile: interfaces no local pod claims keep (or get)
         the mode's default, with no pod identity."""
         async with self.writing:
-            unclaimed = sorted(i for i in self.records if i not in self.bound)
+            # (an interface the CNI announced keeps the default of the mode it asked for)
+            unclaimed = sorted(
+                i for i in self.records if i not in self.bound and i not in self.admitted
+            )
             if unclaimed:
                 default = DENY_ALL if self.strict else ALLOW_ALL
                 await self.worker.call(
