@@ -271,7 +271,16 @@ class Cache:
             e = self.endpoints.get(k)
             if e is not None and (e.host_ips & node or any(r in self.pods for r in e.pods)):
                 return True
-        return any(pk in self.by_labels(ref) for ref in self._unlisted(pk[0]))
+        return self._selects_by_labels(pk)
+
+    def _selects_by_labels(self, pk: PolicyKey) -> bool:
+        """The policy's podSelector matches a local pod no object lists (its own
+        selector only: this runs for every policy of a namespace when a pod comes)."""
+        selector = self.selectors.get(pk, "")
+        if not selector:
+            return False
+        matches = matcher(selector)
+        return any(matches(dict(self.pods[r].labels)) for r in self._unlisted(pk[0]))
 
     def _unlisted(self, namespace: str) -> list[PodRef]:
         """Local pods of the namespace that no object lists (selected by labels)."""

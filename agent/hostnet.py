@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from common.netlink import RT_TABLE_MAIN, Link, NetEvent, Netlink, Route, Rule
+from common.netlink import RT_TABLE_MAIN, Addr, Link, NetEvent, Netlink, Route, Rule
 
 log = structlog.get_logger("agent.hostnet")
 
@@ -62,6 +62,7 @@ class HostNet:
     extra_addresses: frozenset[str] = frozenset()  # the node's, as ipamd reports them
     on_change: Callable[[NetEvent], None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _node: frozenset[str] | None = field(default=None, repr=False)
 
     def is_pod_interface(self, link: Link) -> bool:
         return link.kind in POD_LINK_KINDS and any(link.name.startswith(p) for p in self.prefixes)
@@ -70,12 +71,19 @@ class HostNet:
         return {i: ln for i, ln in self.links.items() if self.is_pod_interface(ln)}
 
     def node_addresses(self) -> set[str]:
-        pods = self.pod_interfaces()
-        return {
-            ip
-            for (idx, ip), scope in self.addresses.items()
-            if scope == _SCOPE_UNIVERSE and idx not in pods
-        } | set(self.extra_addresses)
+        """Kept until a link or address changes: the cache asks for every policy it
+        settles (hundreds when a pod arrives)."""
+        if self._node is None:
+            pods = self.pod_interfaces()
+            self._node = frozenset(
+                {
+                    ip
+                    for (idx, ip), scope in self.addresses.items()
+                    if scope == _SCOPE_UNIVERSE and idx not in pods
+                }
+                | self.extra_addresses
+            )
+        return set(self._node)
 
     def routed_interfaces(self, ip: str) -> set[int]:
         """Pod interfaces a host route for ``ip`` names, in the main table or in any
@@ -119,6 +127,7 @@ class HostNet:
 
     # ---- state ------------------------------------------------------------------------
     def _apply_link(self, link: Link, added: bool) -> None:
+        self._node = None
         old = self.links.get(link.index)
         if old is not None and self.by_name.get(old.name) == link.index:
             del self.by_name[old.name]
@@ -129,6 +138,14 @@ class HostNet:
             self.links.pop(link.index, None)
             for key in [k for k, idx in self.routes.items() if idx == link.index]:
                 del self.routes[key]
+
+    def _apply_addr(self, addr: Addr, added: bool) -> None:
+        self._node = None
+        key = (addr.index, addr.address)
+        if added:
+            self.addresses[key] = addr.scope
+        else:
+            self.addresses.pop(key, None)
 
     def _apply_route(self, route: Route, added: bool) -> None:
         width = 32 if route.family == socket.AF_INET else 128
@@ -153,7 +170,7 @@ class HostNet:
         for link in await nl.links():
             self._apply_link(link, True)
         for addr in await nl.addresses():
-            self.addresses[(addr.index, addr.address)] = addr.scope
+            self._apply_addr(addr, True)
         for rule in await nl.rules():
             self._apply_rule(rule, True)
         for route in await nl.routes():
@@ -199,11 +216,7 @@ class HostNet:
                 if ev.link is not None:
                     self._apply_link(ev.link, ev.added)
                 elif ev.addr is not None:
-                    key = (ev.addr.index, ev.addr.address)
-                    if ev.added:
-                        self.addresses[key] = ev.addr.scope
-                    else:
-                        self.addresses.pop(key, None)
+                    self._apply_addr(ev.addr, ev.added)
                 elif ev.route is not None:
                     self._apply_route(ev.route, ev.added)
                 elif ev.rule is not None:
