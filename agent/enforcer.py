@@ -132,6 +132,7 @@ class Enforcer:
         # interfaces it announced; ends with DeletePodNp or when they are all gone
         self.modes: dict[PodRef, bool] = {}
         self.admitted: dict[int, PodRef] = {}
+        self.awaited: set[PodRef] = set()  # CNI calls waiting: cleared at every pass
         # pods the CNI tore down (DeletePodNp) while their Pod object remains (by UID):
         # not programmed again, their ids released; ends when the object goes or a pod of
         # that name is set up again
@@ -395,8 +396,14 @@ class Enforcer:
                 del self.bound[old]
 
     async def _run(self, plans: list[Plan]) -> None:
-        """Light pods first, together; heavy ones each on its own, and only while no
-        other change waits (the rest stay dirty for the next pass)."""
+        """Pods whose CNI call waits first, on their own (the answer waits for them, not
+        for other pods' changes); then light pods, together; heavy ones each on its own,
+        and only while no other change waits (the rest stay dirty for the next pass)."""
+        waiting = [p for p in plans if p.ref in self.awaited]
+        self.awaited.clear()
+        if waiting and len(waiting) < len(plans):
+            await self._apply(waiting)
+            plans = [p for p in plans if p not in waiting]
         plans.sort(key=lambda p: p.weight)
         light = [p for p in plans if p.weight < HEAVY_RULES]
         heavy = [p for p in plans if p.weight >= HEAVY_RULES]
@@ -552,6 +559,7 @@ class Enforcer:
         self.admitted.update((i, ref) for i in ifindexes)
         self.released.pop(ref, None)
         fresh = await self.arm(ifindexes, strict=strict, unclaimed_too=True)
+        self.awaited.add(ref)
         self.cache.dirty.add(ref)
         self.cache.changed.set()
         return fresh

@@ -20,7 +20,14 @@ from typing import Any
 
 from bench.common import prepare, table
 
-BENCHES = ("datapath", "programming", "conntrack_sweep", "flowlogs_throughput", "soak")
+BENCHES = (
+    "datapath",
+    "programming",
+    "cni_latency",
+    "conntrack_sweep",
+    "flowlogs_throughput",
+    "soak",
+)
 
 
 def run(name: str, out: Path, quick: bool) -> dict[str, Any] | None:
@@ -78,6 +85,16 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
         rows.append(["agent restart -> re-adopted, programmed (s)", pg["restart"]["seconds"]])
         for k, v in pg["latency_ms"].items():
             rows.append([f"{k.replace('_', ' ')} p50 / p99 (ms)", f"{v['p50']} / {v['p99']}"])
+    cni = results.get("cni_latency")
+    if cni:
+        for situation in ("idle-known", "busy-known", "busy-unknown"):
+            f = cni[situation]
+            rows.append(
+                [
+                    f"EnforceNpToPod {situation}, {cni['pods']} pods: p50 / p99 (ms)",
+                    f"{f['p50_ms']} / {f['p99_ms']}",
+                ]
+            )
     ct = results.get("conntrack_sweep")
     if ct:
         rows.append(
