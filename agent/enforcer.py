@@ -275,6 +275,7 @@ class Enforcer:
                     st.ifindexes = tuple(i for i in st.ifindexes if i != ifindex)
                     st.inputs = None
                     self.cache.dirty.add(ref)  # its other interfaces (if any) stay its own
+                    self.cache.changed.set()
         new, self._new_links = self._new_links, set()
         await self.arm(sorted(i for i in new if i in self.hostnet.links), strict=self.strict)
 
