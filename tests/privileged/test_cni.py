@@ -159,7 +159,8 @@ async def test_standard_answers_at_once_and_the_call_mode_overrides_the_node(
     rig.sim.mode = "standard"  # this pod's call says standard on a strict node
     started = time.monotonic()
     new = await cni_pod(rig, "relaxed", {"app": "relaxed"}, with_object=False)
-    assert time.monotonic() - started < 1.0, "standard mode must not wait for the unknown pod"
+    # far below the 5 s bound a strict call would wait for the unknown pod
+    assert time.monotonic() - started < 2.5, "standard mode must not wait for the unknown pod"
     assert await rig.probe(allowed, new), "standard: default allow"
     # once known (no policy selects it), the pod's own mode still decides
     scheduled(rig, "relaxed", {"app": "relaxed"})
