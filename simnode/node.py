@@ -52,6 +52,7 @@ class SimPod:
     # further network cards (the CNI's InterfaceCount - 1): (host veth, ifindex, IPv4)
     extra: list[tuple[str, int, ipaddress.IPv4Address]] = field(default_factory=list)
     table: int = 0  # branch-ENI pods: the routing table of their VLAN
+    vlan_link: tuple[str, int] = ("", 0)  # branch-ENI pods: their VLAN link (name, ifindex)
 
     @property
     def ifindexes(self) -> list[int]:
@@ -187,19 +188,21 @@ class SimNode:
         """The VLAN's table is looked up for traffic from the pod's veth, from the VLAN
         link and (here, where other pods share the node) to the pod's addresses; it
         holds only the pod's routes (other lookups fall through to main)."""
-        t = pod.table
-        await netns.arun(
+        t, vlan = pod.table, f"vlan.eth.{seq}"
+        out = await netns.arun(
             f"""
-            ip link add link lo name vlan.eth.{seq} type macvlan 2>/dev/null \
-              || ip link add vlan.eth.{seq} type bridge
+            ip link add link lo name {vlan} type macvlan 2>/dev/null \
+              || ip link add {vlan} type bridge
             ip rule add iif {pod.host_veth} lookup {t} pref 10
-            ip rule add iif vlan.eth.{seq} lookup {t} pref 10
+            ip rule add iif {vlan} lookup {t} pref 10
             ip rule add to {pod.ipv4} lookup {t} pref 10
             ip -6 rule add iif {pod.host_veth} lookup {t} pref 10
             ip -6 rule add to {pod.ipv6} lookup {t} pref 10
+            cat /sys/class/net/{vlan}/ifindex
             """,
             netns=self.netns,
         )
+        pod.vlan_link = (vlan, int(out.split()[-1]))
 
     async def _add_card(self, pod: SimPod, index: int, seq: int) -> None:
         """Network card ``index`` of a multi-NIC pod: a host veth named for it, an
@@ -265,7 +268,7 @@ class SimNode:
                 ip rule del to {pod.ipv4} lookup {pod.table} 2>/dev/null || true
                 ip -6 rule del to {pod.ipv6} lookup {pod.table} 2>/dev/null || true
                 ip rule del lookup {pod.table} 2>/dev/null || true
-                ip link del vlan.eth.{pod.netns.rsplit("-p", 1)[1]} 2>/dev/null || true
+                ip link del {pod.vlan_link[0]} 2>/dev/null || true
                 """,
                 netns=self.netns,
             )

@@ -33,7 +33,7 @@ import grpc
 import structlog
 
 from agent.cni import rpc_pb2 as pb
-from agent.cni.service import NpBackend, np_backend_handler, serving
+from agent.cni.service import np_backend_handler, serving
 from agent.endpoints import PodRef
 from agent.enforcer import Enforcer
 from agent.hostnet import MAX_POD_INTERFACES, HostNet
@@ -78,7 +78,9 @@ def _strict(mode: str, *, default: bool) -> bool:
     return value == "strict"
 
 
-class CniCalls(NpBackend):
+class CniCalls:
+    """Serves the CNI's calls (an agent.cni.service.NpBackend)."""
+
     def __init__(
         self,
         *,
@@ -87,7 +89,6 @@ class CniCalls(NpBackend):
         metrics: AgentMetrics,
         answer_timeout: float,
         multi_nic: bool = False,
-        netns: str | None = None,
     ) -> None:
         """``enforcer`` None: network policy is off, every call succeeds (the CNI calls
         whenever ipamd has a mode set)."""
@@ -96,7 +97,6 @@ class CniCalls(NpBackend):
         self.metrics = metrics
         self.answer_timeout = answer_timeout
         self.multi_nic = multi_nic
-        self.netns = netns
         self._locks: dict[PodRef, tuple[asyncio.Lock, int]] = {}
         self._nl: Netlink | None = None
         self.serving = asyncio.Event()
@@ -104,7 +104,7 @@ class CniCalls(NpBackend):
     async def serve(self, socket_path: str) -> None:
         """Serve the calls on ``socket_path`` until cancelled (a task of the agent's)."""
         async with (
-            Netlink(netns=self.netns) as nl,
+            Netlink(netns=self.hostnet.netns if self.hostnet else None) as nl,
             serving(socket_path, [np_backend_handler(self)]),
         ):
             self._nl = nl
@@ -178,9 +178,8 @@ class CniCalls(NpBackend):
         enforcer, hostnet = self.enforcer, self.hostnet
         assert enforcer is not None
         assert hostnet is not None
-        try:
+        try:  # (the enforcer starts once the node's network is read)
             await asyncio.wait_for(enforcer.started.wait(), STARTUP_WAIT)
-            await asyncio.wait_for(hostnet.ready.wait(), STARTUP_WAIT)
         except TimeoutError:
             raise CallError(grpc.StatusCode.UNAVAILABLE, "the agent is starting") from None
         if self._nl is None:

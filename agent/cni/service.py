@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
 import structlog
@@ -41,22 +42,20 @@ def unix_target(socket_path: str) -> str:
     return "unix://" + os.path.abspath(socket_path)
 
 
-class NpBackend:
+class NpBackend(Protocol):
     """What serves the CNI's two calls (agent.cni.calls.CniCalls)."""
 
     async def enforce(
         self,
         request: pb.EnforceNpRequest,
         context: grpc.aio.ServicerContext[pb.EnforceNpRequest, pb.EnforceNpReply],
-    ) -> pb.EnforceNpReply:
-        raise NotImplementedError
+    ) -> pb.EnforceNpReply: ...
 
     async def delete(
         self,
         request: pb.DeleteNpRequest,
         context: grpc.aio.ServicerContext[pb.DeleteNpRequest, pb.DeleteNpReply],
-    ) -> pb.DeleteNpReply:
-        raise NotImplementedError
+    ) -> pb.DeleteNpReply: ...
 
 
 def np_backend_handler(backend: NpBackend) -> grpc.GenericRpcHandler:

@@ -40,14 +40,6 @@ async def start(rig: AgentRig, *extra: str) -> None:
     await rig.ready()
 
 
-def scheduled(rig: AgentRig, name: str, labels: dict[str, str]) -> None:
-    rig.schedule_pod(name, labels=labels)
-
-
-def running(rig: AgentRig, pod: SimPod) -> None:
-    rig.pod_running(pod)
-
-
 async def cni_pod(
     rig: AgentRig,
     name: str,
@@ -58,7 +50,7 @@ async def cni_pod(
     **wiring: Any,
 ) -> SimPod:
     if with_object:
-        scheduled(rig, name, labels)
+        rig.schedule_pod(name, labels=labels)
     pod = await rig.sim.add_pod(name, labels=labels, **wiring)  # EnforceNpToPod inside
     rig.pods[name] = pod
     if serve:
@@ -117,7 +109,7 @@ async def test_strict_answer_comes_after_the_known_policies_are_programmed(
     assert lines[-1]["programmed"] is True, lines
     assert answered < 10
     # and once the kubelet writes its address and the controller lists it, it stays so
-    running(rig, new)
+    rig.pod_running(new)
     rig.apply(web_policy(rig, [first, new], [allowed]))
     await rig.settle_agent()
     assert await rig.probe(allowed, new)
@@ -142,8 +134,8 @@ async def test_strict_unknown_pod_answers_after_the_bound_with_default_deny(
     record = rig.records()[new.ifindex]
     assert record.pod_id == 0  # the default, no identity yet
     # the object arrives with a policy allowing the client: programmed then
-    scheduled(rig, "stranger", WEB)
-    running(rig, new)
+    rig.schedule_pod("stranger", labels=WEB)
+    rig.pod_running(new)
     rig.apply(web_policy(rig, [new], [allowed]))
     await rig.settle_agent()
     assert await rig.probe(allowed, new)
@@ -163,8 +155,8 @@ async def test_standard_answers_at_once_and_the_call_mode_overrides_the_node(
     assert time.monotonic() - started < 2.5, "standard mode must not wait for the unknown pod"
     assert await rig.probe(allowed, new), "standard: default allow"
     # once known (no policy selects it), the pod's own mode still decides
-    scheduled(rig, "relaxed", {"app": "relaxed"})
-    running(rig, new)
+    rig.schedule_pod("relaxed", labels={"app": "relaxed"})
+    rig.pod_running(new)
     await rig.settle_agent()
     assert await rig.probe(allowed, new)
 
@@ -222,7 +214,7 @@ async def test_delete_releases_the_pod_and_calls_are_idempotent(rig: AgentRig) -
     cni_node(rig, "strict")
     await start(rig)
     pod = await cni_pod(rig, "short", {"app": "short"})
-    running(rig, pod)
+    rig.pod_running(pod)
     await rig.settle_agent()
     programmed = rig.records()[pod.ifindex]
     assert programmed.pod_id != 0
@@ -261,7 +253,7 @@ async def test_200_concurrent_calls_each_pod_once(rig: AgentRig) -> None:
     pods = [await rig.sim.add_pod(f"many-{i}", labels={"app": "many"}) for i in range(40)]
     rig.sim.call_cni = True
     for pod in pods[:20]:
-        scheduled(rig, pod.name, {"app": "many"})
+        rig.schedule_pod(pod.name, labels={"app": "many"})
     client = NpClient(rig.npa_socket)
     try:
         started = time.monotonic()
@@ -307,25 +299,22 @@ async def test_branch_eni_pod_found_through_its_rule_table(rig: AgentRig) -> Non
     rig.apply(web_policy(rig, [first], [allowed]))
     await start(rig)
     await rig.settle_agent()
-    scheduled(rig, "web-sg", WEB)
-    rig.sim.call_cni = False  # created without the call: found by its address alone
+    rig.schedule_pod("web-sg", labels=WEB)
+    rig.sim.call_cni = False  # created without the call: found when its veth appears
     pod = await rig.sim.add_pod("web-sg", labels=WEB, branch_table=105)
     rig.sim.call_cni = True
     server = PodServer(name="web-sg", netns=pod.netns)
     await server.start()
     rig.servers["web-sg"] = server
     assert pod.host_veth.startswith("vlan")
-    running(rig, pod)
+    rig.pod_running(pod)
     rig.apply(web_policy(rig, [first, pod], [allowed]))
     await rig.settle_agent()
     records = rig.records()
     assert records[pod.ifindex].pod_id != 0
-    vlan_link = f"vlan.eth.{pod.netns.rsplit('-p', 1)[1]}"
-    st = await rig.acli("pods", "--json")
-    assert "web-sg" in st.stdout
-    # the VLAN link is never taken for a pod interface
-    out = await rig.acli("pods", "--json")
-    assert vlan_link not in out.stdout
+    # the VLAN link (its name has the vlan prefix) is never taken for a pod interface
+    assert pod.vlan_link[1]
+    assert pod.vlan_link[1] not in records
     assert await rig.probe(allowed, pod)
     assert not await rig.probe(denied, pod)
 

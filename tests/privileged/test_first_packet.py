@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import socket
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 
@@ -70,6 +71,24 @@ async def catch(netns: str, port: int) -> tuple[asyncio.DatagramTransport, Catch
     return transport, catcher
 
 
+@dataclass
+class PodTraffic:
+    """The new pod's side: it receives on PORT and sends to the observer."""
+
+    transport: asyncio.DatagramTransport
+    caught: Catcher
+    outbound: Blaster
+
+    @classmethod
+    async def start(cls, pod: SimPod, observer: SimPod) -> PodTraffic:
+        transport, caught = await catch(pod.netns, PORT)
+        return cls(transport, caught, Blaster(pod.netns, observer.ipv4, 9999))
+
+    async def stop(self) -> None:
+        await self.outbound.stop()
+        self.transport.close()
+
+
 async def setup(rig: AgentRig) -> tuple[SimPod, SimPod]:
     """A peer that may send anywhere and an observer that accepts everything."""
     peer = await rig.add_pod("peer", labels={"role": "peer"})
@@ -100,11 +119,10 @@ async def trial(
     busy(rig, peer, observer, n)
     v4, v6 = rig.sim.reserve()
     inbound = Blaster(peer.netns, v4, PORT)
-    parts: list[object] = []
+    inside: list[PodTraffic] = []
 
     async def start_pod_traffic(pod: SimPod) -> None:
-        transport, caught = await catch(pod.netns, PORT)
-        parts.extend([transport, caught, Blaster(pod.netns, observer.ipv4, 9999)])
+        inside.append(await PodTraffic.start(pod, observer))
 
     name = f"new-{'c' if cni else 'n'}{n}"
     try:
@@ -116,11 +134,10 @@ async def trial(
         await asyncio.sleep(AFTER)
     finally:
         await inbound.stop()
-        if parts:
-            await parts[2].stop()  # type: ignore[attr-defined]
-            parts[0].close()  # type: ignore[attr-defined]
-    caught = parts[1]
-    assert isinstance(caught, Catcher)
+        for traffic in inside:
+            await traffic.stop()
+    (traffic,) = inside
+    caught = traffic.caught
     leaked = caught.sources[str(peer.ipv4)] + seen.sources[str(v4)]
     await rig.sim.remove_pod(name)
     return leaked

@@ -452,6 +452,15 @@ def _with_selector(obj: dict[str, Any], selector: Any) -> dict[str, Any]:
     return obj
 
 
+def _labelled(name: str, labels: dict[str, str], ip: str = "") -> dict[str, Any]:
+    """A local Pod object with labels (no address yet unless ``ip``)."""
+    return {
+        "metadata": {"name": name, "namespace": "default", "uid": f"u-{name}", "labels": labels},
+        "spec": {},
+        "status": {"podIP": ip} if ip else {},
+    }
+
+
 def test_a_new_pod_is_selected_by_labels_until_an_object_lists_it() -> None:
     """A pod the CNI sets up has no address: no object can list it yet. The policies of
     its namespace whose podSelector matches its labels select it, the objects of a
@@ -482,16 +491,7 @@ def test_a_new_pod_is_selected_by_labels_until_an_object_lists_it() -> None:
     pods.apply(
         WatchEvent(
             "ADDED",
-            {
-                "metadata": {
-                    "name": "web-2",
-                    "namespace": "default",
-                    "uid": "u2",
-                    "labels": {"app": "web"},
-                },
-                "spec": {},
-                "status": {},
-            },
+            _labelled("web-2", {"app": "web"}),
         )
     )
     assert cache.selecting(new) == [("default", "web", "")]
@@ -507,20 +507,11 @@ def test_a_new_pod_is_selected_by_labels_until_an_object_lists_it() -> None:
     pods.apply(
         WatchEvent(
             "MODIFIED",
-            {
-                "metadata": {
-                    "name": "web-2",
-                    "namespace": "default",
-                    "uid": "u2",
-                    "labels": {"app": "web"},
-                },
-                "spec": {},
-                "status": {"podIP": "10.0.0.3"},
-            },
+            _labelled("web-2", {"app": "web"}, ip="10.0.0.3"),
         )
     )
     assert cache.selecting(new) == [("default", "any", "")]
-    # a selector in another namespace, or an invalid one, selects nothing
+    # listed: its labels select nothing any more
     assert cache.by_labels(("default", "web-2")) == []
 
 
