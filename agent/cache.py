@@ -43,7 +43,7 @@ from typing import Any
 
 import structlog
 
-from agent.endpoints import Endpoints, PodRef, PolicyKey, from_api, matcher
+from agent.endpoints import Endpoints, PodRef, PolicyKey, matcher, parse_object
 from common.kube import WatchEvent
 from common.podobject import PodError, parse_pod, pod_key
 from common.policyendpoint import PolicyEndpointError
@@ -138,12 +138,17 @@ class Cache:
         self.fetch_needed = asyncio.Event()
         self._fetch: set[Key] = set()
         self._node_addresses = node_addresses
-        self._listing_now = False
+        self._listing: set[bool] = set()  # kinds being listed (True: cluster objects)
+        self._synced: set[bool] = set()
         # resourceVersion of every object held (kept or stub): a stub is fetched again
         # at least at that version
         self._rvs: dict[Key, int] = {}
         self.pods_synced = False
-        self.endpoints_synced = False
+
+    @property
+    def endpoints_synced(self) -> bool:
+        """Both kinds listed: PolicyEndpoints and ClusterPolicyEndpoints."""
+        return self._synced >= {False, True}
 
     def reject_pod(self, exc: PodError) -> None:
         """A Pod object that cannot be used: logged and counted; what was known of the
@@ -330,8 +335,11 @@ class Cache:
                     self._settle(pk)
 
     # ---- policy endpoints -------------------------------------------------------------
-    def endpoints_consumer(self) -> _Endpoints:
-        return _Endpoints(self)
+    def endpoints_consumer(self, *, cluster: bool = False) -> _Endpoints:
+        """The consumer of one kind's list-watch: PolicyEndpoints, or (``cluster``)
+        ClusterPolicyEndpoints. Both share the cache: a cluster object's key and policy
+        key have namespace "", which no PolicyEndpoint has."""
+        return _Endpoints(self, cluster=cluster)
 
     def _drop(self, key: Key) -> tuple[PolicyKey | None, frozenset[PodRef]]:
         """Remove an object (kept or stub) from every index; its policy and pods."""
@@ -380,7 +388,7 @@ class Cache:
             self.generations[key] = _int(meta.get("generation"))
             self._rvs[key] = _int(meta.get("resourceVersion"))
             try:
-                new = from_api(obj)
+                new = parse_object(obj)
             except PolicyEndpointError as exc:
                 self.rejected[key] = exc.reason
                 if self._on_rejected is not None:
@@ -408,6 +416,7 @@ class Cache:
         old_pk, old_pods = self._drop(key)
         if not held and new is None:
             return
+        listing_now = (key[0] == "") in self._listing
         touched: set[PolicyKey] = set()
         if old_pk is not None:
             touched.add(old_pk)
@@ -418,7 +427,7 @@ class Cache:
             affected |= new.pods
             if (
                 not fetched
-                and self._listing_now
+                and listing_now
                 and not (self._namespace_is_local(key[0]) or new.host_ips & self._node_addresses())
             ):
                 # during a list: a namespace without local pods cannot be concerned
@@ -426,7 +435,7 @@ class Cache:
         affected |= set(self._unlisted(key[0]))  # label selection may change
         for pk in touched:
             affected |= self._policy_pods(pk)
-            if not self._listing_now:
+            if not listing_now:
                 self._settle(pk)
         self._mark(affected)
 
@@ -503,13 +512,17 @@ class _Endpoints:
     """PolicyEndpoints are validated and compacted as they arrive, one list page at a
     time: the raw objects of a full list are never all in memory."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, *, cluster: bool = False) -> None:
         self.cache = cache
+        self.cluster = cluster
         self._seen: set[Key] = set()
+
+    def _mine(self, keys: Iterable[Key]) -> set[Key]:
+        return {k for k in keys if (k[0] == "") == self.cluster}
 
     def begin(self) -> None:
         self._seen = set()
-        self.cache._listing_now = True
+        self.cache._listing.add(self.cluster)
 
     def add(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -520,16 +533,16 @@ class _Endpoints:
     def end(self) -> None:
         c = self.cache
         seen, self._seen = self._seen, set()
-        c._listing_now = False
-        for key in (set(c.endpoints) | set(c.stubs)) - seen:
+        c._listing.discard(self.cluster)
+        for key in self._mine(set(c.endpoints) | set(c.stubs)) - seen:
             c._set_endpoints(key, None)
-        for key in set(c.rejected) - seen:
+        for key in self._mine(c.rejected) - seen:
             del c.rejected[key]
-        for key in set(c.generations) - seen:
+        for key in self._mine(c.generations) - seen:
             del c.generations[key]
-        for pk in list(c.policies):
+        for pk in [pk for pk in c.policies if (pk[0] == "") == self.cluster]:
             c._settle(pk)
-        c.endpoints_synced = True
+        c._synced.add(self.cluster)
         c.changed.set()
 
     def apply(self, event: WatchEvent) -> None:

@@ -1,10 +1,14 @@
-"""What a pod's enforcement must be, from its PolicyEndpoints and the enforcing mode (pure).
+"""What a pod's enforcement must be, from its (Cluster)PolicyEndpoints and the mode (pure).
 
 - No policy selects the pod: the mode's default in both directions (standard:
   allow, strict: deny), as the reference agent does.
 - Otherwise, per direction: isolated if some PolicyEndpoint lists it in podIsolation or
   has rules for it; an isolated direction enforces the union of every such rule (no
   rules: deny all); a direction no policy isolates allows everything.
+- A direction with ClusterNetworkPolicy rules folds every tier into one trie
+  (bpf.tiers): Admin, then NetworkPolicy where one isolates the direction, then
+  Baseline, then the default above. A direction without cluster rules is exactly as
+  before (a NetworkPolicy-only pod pays nothing for the tiers).
 The node's own addresses are allowed by the datapath in every state.
 """
 
@@ -15,9 +19,13 @@ from collections.abc import Callable, Sequence
 from agent.endpoints import Endpoints, PodRef
 from bpf import layout as lay
 from bpf.datapath import ALLOW_ALL, DENY_ALL, DirectionPolicy
-from bpf.ruleset import PeerRule, compile_rules
+from bpf.ruleset import Decision, PeerRule, compile_rules
+from bpf.tiers import ClusterRule, compile_tiers
 
 PolicyIds = Callable[[PodRef], int]
+
+DEFAULT_ALLOW = Decision(lay.NP_VERDICT_ALLOW, lay.NP_TIER_DEFAULT, lay.NP_REASON_DEFAULT_ALLOW)
+DEFAULT_DENY = Decision(lay.NP_VERDICT_DENY, lay.NP_TIER_DEFAULT, lay.NP_REASON_DEFAULT_DENY)
 
 
 def direction(
@@ -33,21 +41,48 @@ def direction(
     return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules, truncate=truncate))
 
 
+def cluster_rules(
+    endpoints: Sequence[Endpoints], *, ingress: bool, policy_id: PolicyIds
+) -> list[ClusterRule]:
+    out: list[ClusterRule] = []
+    for e in endpoints:
+        if e.cluster is not None:
+            out.extend(e.cluster.rules(ingress=ingress, policy_id=policy_id(e.policy)))
+    return out
+
+
 def pod_directions(
     endpoints: Sequence[Endpoints], *, strict: bool, policy_id: PolicyIds, truncate: bool = False
 ) -> tuple[DirectionPolicy, DirectionPolicy]:
     """(ingress, egress) for a pod listed by ``endpoints``. ``truncate``: a CIDR whose
-    port rules exceed the datapath's limit keeps those that fit (fewer allowed ports;
-    see bpf.ruleset) instead of raising RuleLimitError."""
-    if not endpoints:
-        default = DENY_ALL if strict else ALLOW_ALL
-        return default, default
-    return (
-        direction(endpoints, ingress=True, policy_id=policy_id, truncate=truncate),
-        direction(endpoints, ingress=False, policy_id=policy_id, truncate=truncate),
-    )
+    NetworkPolicy port rules exceed the datapath's limit keeps those that fit (fewer
+    allowed ports; see bpf.ruleset) instead of raising RuleLimitError. Folded tiers
+    are never cut (they deny too): over the limit, RuleLimitError."""
+    networkpolicies = [e for e in endpoints if e.cluster is None]
+    out: list[DirectionPolicy] = []
+    for ingress in (True, False):
+        if networkpolicies:
+            np_dir = direction(
+                networkpolicies, ingress=ingress, policy_id=policy_id, truncate=truncate
+            )
+        else:
+            np_dir = DENY_ALL if strict else ALLOW_ALL
+        tiers = cluster_rules(endpoints, ingress=ingress, policy_id=policy_id)
+        if not tiers:
+            out.append(np_dir)
+            continue
+        isolated = np_dir.state == lay.NP_STATE_POLICIES_APPLIED
+        default = DEFAULT_DENY if np_dir.state == lay.NP_STATE_DEFAULT_DENY else DEFAULT_ALLOW
+        folded = compile_tiers(
+            tiers, networkpolicy=np_dir.rules if isolated else None, default=default
+        )
+        out.append(DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, folded))
+    return out[0], out[1]
 
 
 def weight(endpoints: Sequence[Endpoints]) -> int:
     """About how much compiling a pod's rules costs: its port rules, counted per CIDR."""
-    return sum(e.ingress.weight() + e.egress.weight() for e in endpoints)
+    return sum(
+        e.ingress.weight() + e.egress.weight() + (e.cluster.weight() if e.cluster else 0)
+        for e in endpoints
+    )

@@ -20,6 +20,8 @@ from typing import Any
 from bpf import layout as lay
 from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
 from bpf.ruleset import PeerRule, PortRange, Prefix
+from bpf.tiers import ACTIONS, CLUSTER_TIERS, ClusterRule
+from common import clusterpolicyendpoint as cpe
 from common.cidr import Cidr
 from common.echo import bounded
 from common.policyendpoint import (
@@ -80,6 +82,27 @@ class PackedRules:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterPart:
+    """What a ClusterPolicyEndpoint adds: its tier and priority, and its entries by
+    action (rules packed as for PolicyEndpoints)."""
+
+    tier: int  # NP_TIER_ADMIN | NP_TIER_BASELINE
+    priority: int
+    ingress: tuple[tuple[int, PackedRules], ...]  # (ACTION_*, rules)
+    egress: tuple[tuple[int, PackedRules], ...]
+    domain_names: int = 0  # egress domainName entries (not address rules)
+
+    def rules(self, *, ingress: bool, policy_id: int) -> Iterator[ClusterRule]:
+        for action, packed in self.ingress if ingress else self.egress:
+            for r in packed.rules(policy_id):
+                cidr = r.cidr if isinstance(r.cidr, Prefix) else Prefix.of(r.cidr)
+                yield ClusterRule(cidr, r.ports, self.tier, self.priority, action, policy_id)
+
+    def weight(self) -> int:
+        return sum(p.weight() for _, p in self.ingress + self.egress)
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoints:
     namespace: str
     name: str
@@ -99,6 +122,9 @@ class Endpoints:
     # the policy's podSelector (canonical JSON; "" if absent or unusable): selects pods
     # the controller has not listed yet (see agent.cache, "Selection by labels")
     selector: str = ""
+    # a ClusterPolicyEndpoint (namespace ""): its tier, priority and rules; the
+    # NetworkPolicy fields above are then empty
+    cluster: ClusterPart | None = None
 
     @property
     def key(self) -> PodRef:
@@ -214,6 +240,52 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         foreign=tuple(sorted(foreign)),
         selector=_selector(spec.pod_selector),
     )
+
+
+def from_cluster_api(obj: dict[str, Any]) -> Endpoints:
+    """A ClusterPolicyEndpoint as the agent keeps it (namespace "", policy
+    ("", policyRef.name)); raises PolicyEndpointError. Its entries list pods of any
+    namespace; host-network pods (podIP equal to hostIP) are never subjects."""
+    c = cpe.parse(obj)
+    listed = [((p.namespace, p.name), p.pod_ip) for p in c.pods if p.pod_ip != p.host_ip]
+    return Endpoints(
+        namespace="",
+        name=c.name,
+        uid=c.uid,
+        generation=c.generation,
+        policy=("", c.policy),
+        trigger_time=_trigger_time(c.annotations.get(TRIGGER_ANNOTATION)),
+        isolate_ingress=False,
+        isolate_egress=False,
+        group=c.annotations.get(GROUP_ANNOTATION, ""),
+        listed=frozenset(listed),
+        pods=frozenset(ref for ref, _ in listed),
+        host_ips=frozenset(p.host_ip for p in c.pods if p.host_ip),
+        ingress=PackedRules(),
+        egress=PackedRules(),
+        cluster=ClusterPart(
+            tier=CLUSTER_TIERS[c.tier],
+            priority=c.priority,
+            ingress=_by_action(c.ingress),
+            egress=_by_action(c.egress),
+            domain_names=c.domain_names,
+        ),
+    )
+
+
+def _by_action(entries: Iterable[cpe.ClusterEntry]) -> tuple[tuple[int, PackedRules], ...]:
+    grouped: dict[int, list[Rule]] = {}
+    for e in entries:
+        grouped.setdefault(ACTIONS[e.action], []).append(Rule(e.cidr, (), e.ports))
+    return tuple((action, _rules(rules)) for action, rules in sorted(grouped.items()))
+
+
+def parse_object(obj: dict[str, Any]) -> Endpoints:
+    """A PolicyEndpoint or ClusterPolicyEndpoint (cluster-scoped: no namespace)."""
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") == cpe.KIND or not meta.get("namespace"):
+        return from_cluster_api(obj)
+    return from_api(obj)
 
 
 def _selector(selector: dict[str, Any] | None) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import structlog
 
 from agent.cache import Cache, Key
-from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError
+from common.kube import CLUSTER_POLICY_ENDPOINTS, POLICY_ENDPOINTS, KubeClient, KubeError
 
 log = structlog.get_logger("agent.fetching")
 
@@ -32,7 +32,10 @@ async def fetch_stubs(
     async def one(key: Key) -> None:
         async with gate:
             try:
-                obj = await kube.get(POLICY_ENDPOINTS, key[0], key[1])
+                if key[0]:
+                    obj = await kube.get(POLICY_ENDPOINTS, key[0], key[1])
+                else:  # cluster-scoped (see agent.cache)
+                    obj = await kube.get(CLUSTER_POLICY_ENDPOINTS, None, key[1])
             except KubeError as exc:
                 if exc.status == 404:
                     _count(count, "gone")

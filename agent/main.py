@@ -34,7 +34,7 @@ from bpf.loading import PinnedSizeError
 from common import logs, memory
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
-from common.kube import PODS, POLICY_ENDPOINTS, KubeClient
+from common.kube import CLUSTER_POLICY_ENDPOINTS, PODS, POLICY_ENDPOINTS, KubeClient
 from common.localapi import (
     AGENT_SOCKET,
     CONNTRACK_SOCKET,
@@ -123,7 +123,11 @@ class Node:
             strict=settings.enforcing_mode == "strict",
             gate=Gate(settings.pod_interface_prefixes, enabled=settings.enforcing_mode == "strict"),
         )
-        self.watches = {"pods": WatchStats(), "policyendpoints": WatchStats()}
+        self.watches = {
+            "pods": WatchStats(),
+            "policyendpoints": WatchStats(),
+            "clusterpolicyendpoints": WatchStats(),
+        }
         self.cni = CniCalls(
             enforcer=self.enforcer,
             hostnet=self.hostnet,
@@ -151,6 +155,17 @@ class Node:
             POLICY_ENDPOINTS,
             self.cache.endpoints_consumer(),
             stats=self.watches["policyendpoints"],
+        )
+
+    async def watch_cluster_endpoints(self) -> None:
+        await self.hostnet.ready.wait()
+        await self.watches["pods"].synced.wait()
+        await list_watch(
+            self.kube,
+            CLUSTER_POLICY_ENDPOINTS,
+            self.cache.endpoints_consumer(cluster=True),
+            stats=self.watches["clusterpolicyendpoints"],
+            optional=True,  # clusters without the ClusterNetworkPolicy CRDs
         )
 
     async def fetch_endpoints(self) -> None:
@@ -213,6 +228,7 @@ class Node:
             "hostnet": self.hostnet.run(),
             "watch-pods": self.watch_pods(),
             "watch-policyendpoints": self.watch_endpoints(),
+            "watch-clusterpolicyendpoints": self.watch_cluster_endpoints(),
             "fetch-policyendpoints": self.fetch_endpoints(),
             "enforcer": self.enforcer.run(),
             "loop-monitor": LoopMonitor(self.metrics.registry, "awsnodeagent").run(),

@@ -86,6 +86,11 @@ class Programmer:
                 log.error("enforcer.pod_failed", pod=where, reason="table-full", error=str(exc))
                 out[i] = Outcome(error=str(exc), reason="table-full", written=False)
                 continue
+            except RuleLimitError as exc:
+                # folded tiers hold deny rules too: no cut is safe, the record in force stays
+                log.error("enforcer.pod_failed", pod=where, reason="rule-limit", error=str(exc))
+                out[i] = Outcome(error=str(exc), reason="rule-limit", written=False)
+                continue
             ingress, egress, limit = compiled[key]
             if limit:
                 log.error(

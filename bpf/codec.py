@@ -7,7 +7,7 @@ import struct
 
 from bpf import layout as lay
 from bpf.maps import TypedMap
-from bpf.ruleset import PortRule, Portset, Prefix
+from bpf.ruleset import Decision, PortRule, Portset, Prefix
 
 LPM_KEY = lay.packer(lay.NpLpmKey)
 U32_PACK = struct.Struct("<I")
@@ -34,28 +34,57 @@ def host_key(address: lay.Address) -> lay.NpAddr:
     return key
 
 
+_RULES_FLAG = {
+    lay.NP_PROTO_TCP: lay.NP_PORTSET_F_RULES_TCP,
+    lay.NP_PROTO_UDP: lay.NP_PORTSET_F_RULES_UDP,
+    lay.NP_PROTO_SCTP: lay.NP_PORTSET_F_RULES_SCTP,
+}
+
+
 def portset_to_map(ps: Portset) -> lay.NpPortset:
     out = lay.NpPortset()
     if ps.any_policy is not None:
         out.flags = lay.NP_PORTSET_F_ANY
-        out.any_policy = ps.any_policy
+        out.other_policy = ps.any_policy
         return out
     out.count = len(ps.rules)
     for i, r in enumerate(ps.rules):
         out.rules[i] = lay.NpPortRule(
-            policy_id=r.policy_id, start_port=r.start, end_port=r.end, protocol=r.protocol
+            policy_id=r.policy_id,
+            start_port=r.start,
+            end_port=r.end,
+            protocol=r.protocol,
+            deny=int(r.deny),
+            tier=r.tier,
+            reason=r.reason,
         )
+    if ps.other is not None:
+        out.flags = lay.NP_PORTSET_F_OTHER
+        for r in ps.rules:
+            out.flags |= _RULES_FLAG[r.protocol]
+        out.other_verdict, out.other_tier, out.other_reason, out.other_policy = ps.other
     return out
 
 
 def portset_from_map(raw: lay.NpPortset) -> Portset:
     if raw.flags & lay.NP_PORTSET_F_ANY:
-        return Portset(any_policy=raw.any_policy)
+        return Portset(any_policy=raw.other_policy)
     rules = tuple(
-        PortRule(r.protocol, r.start_port, r.end_port, r.policy_id)
+        PortRule(
+            r.protocol,
+            r.start_port,
+            r.end_port,
+            r.policy_id,
+            bool(r.deny),
+            r.tier or lay.NP_TIER_NETWORK_POLICY,  # 0: written before tiers existed
+            r.reason or lay.NP_REASON_RULE,
+        )
         for r in raw.rules[: min(raw.count, lay.NP_MAX_PORT_RULES)]
     )
-    return Portset(rules=rules)
+    other = None
+    if raw.flags & lay.NP_PORTSET_F_OTHER:
+        other = Decision(raw.other_verdict, raw.other_tier, raw.other_reason, raw.other_policy)
+    return Portset(rules=rules, other=other)
 
 
 def policy_ids(portset: Portset) -> set[int]:
@@ -63,6 +92,8 @@ def policy_ids(portset: Portset) -> set[int]:
     ids = {r.policy_id for r in portset.rules}
     if portset.any_policy is not None:
         ids.add(portset.any_policy)
+    if portset.other is not None:
+        ids.add(portset.other.policy_id)
     ids.discard(0)
     return ids
 
@@ -76,9 +107,10 @@ def meta_ref(meta: lay.NpPodMeta | lay.NpPolicyMeta) -> tuple[str, str]:
 
 
 def meta_name(meta: lay.NpPodMeta | lay.NpPolicyMeta) -> str:
-    """``namespace/name`` of a pod or policy name entry."""
+    """``namespace/name`` of a pod or policy name entry; a cluster-scoped policy (a
+    ClusterNetworkPolicy, namespace "") by its name alone."""
     ns, name = meta_ref(meta)
-    return f"{ns}/{name}"
+    return f"{ns}/{name}" if ns else name
 
 
 def sum_stats(stats_map: TypedMap[ctypes.c_uint32, lay.NpStats]) -> dict[str, int]:

@@ -52,6 +52,12 @@ NP_REASON_NO_PORT_MATCH = 5
 NP_REASON_HOST = 6
 NP_REASON_MISSING_TRIE = 7
 
+NP_TIER_ERROR = 0
+NP_TIER_ADMIN = 1
+NP_TIER_NETWORK_POLICY = 2
+NP_TIER_BASELINE = 3
+NP_TIER_DEFAULT = 4
+
 NP_PROTO_TCP = 6
 NP_PROTO_UDP = 17
 NP_PROTO_SCTP = 132
@@ -65,6 +71,10 @@ NP_LPM_FAMILY_BITS = 8
 NP_PORTSET_NONE = 0
 NP_TRIE_NONE = 0
 NP_PORTSET_F_ANY = 1 << 0
+NP_PORTSET_F_OTHER = 1 << 1
+NP_PORTSET_F_RULES_TCP = 1 << 4
+NP_PORTSET_F_RULES_UDP = 1 << 5
+NP_PORTSET_F_RULES_SCTP = 1 << 6
 
 NP_CFG_EMIT_DENY = 1 << 0
 NP_CFG_EMIT_ALLOW = 1 << 1
@@ -82,6 +92,14 @@ REASON_NAMES = {
     NP_REASON_NO_PORT_MATCH: "no-port-match",
     NP_REASON_HOST: "host",
     NP_REASON_MISSING_TRIE: "missing-trie",
+}
+# the reference's flow-log and CloudWatch values of "Tier"
+TIER_NAMES = {
+    NP_TIER_ERROR: "ERROR",
+    NP_TIER_ADMIN: "ADMIN",
+    NP_TIER_NETWORK_POLICY: "NETWORK_POLICY",
+    NP_TIER_BASELINE: "BASELINE",
+    NP_TIER_DEFAULT: "DEFAULT",
 }
 DIRECTION_NAMES = {NP_DIR_INGRESS: "ingress", NP_DIR_EGRESS: "egress"}
 PROTOCOL_NUMBERS = {"TCP": NP_PROTO_TCP, "UDP": NP_PROTO_UDP, "SCTP": NP_PROTO_SCTP}
@@ -196,7 +214,9 @@ class NpPortRule(Struct):
         ("start_port", u16),
         ("end_port", u16),
         ("protocol", u8),
-        ("pad", u8 * 3),
+        ("deny", u8),
+        ("tier", u8),
+        ("reason", u8),
     ]
 
 
@@ -205,8 +225,11 @@ class NpPortset(Struct):
     _fields_ = [
         ("count", u32),
         ("flags", u32),
-        ("any_policy", u32),
-        ("pad", u32),
+        ("other_policy", u32),
+        ("other_verdict", u8),
+        ("other_tier", u8),
+        ("other_reason", u8),
+        ("pad", u8),
         ("rules", NpPortRule * NP_MAX_PORT_RULES),
     ]
 
@@ -318,7 +341,8 @@ class NpEvent(Struct):
         ("verdict", u8),
         ("direction", u8),
         ("reason", u8),
-        ("pad", u8 * 3),
+        ("tier", u8),
+        ("pad", u8 * 2),
         ("pod_id", u32),
         ("ifindex", u32),
         ("policy_id", u32),

@@ -58,6 +58,17 @@
 #define NP_REASON_HOST 6              /* peer is a node address: always allowed */
 #define NP_REASON_MISSING_TRIE 7      /* state points at a trie that is gone: fail closed */
 
+/* Which tier decided (events, port rules): the reference's flow-log "Tier" values.
+ * A pod with ClusterNetworkPolicy rules gets, per direction, one trie in which user
+ * space has already folded every tier (Admin, NetworkPolicy, Baseline, default) into
+ * one decision per prefix and port range: the lookup costs the same whatever the
+ * number of tiers and rules. */
+#define NP_TIER_ERROR 0               /* nothing could decide (e.g. a missing trie) */
+#define NP_TIER_ADMIN 1
+#define NP_TIER_NETWORK_POLICY 2
+#define NP_TIER_BASELINE 3
+#define NP_TIER_DEFAULT 4
+
 /* Protocols in port rules: IANA numbers, plus "any". */
 #define NP_PROTO_TCP 6
 #define NP_PROTO_UDP 17
@@ -110,23 +121,42 @@ _Static_assert(sizeof(struct np_lpm_value) == 4, "np_lpm_value size");
  * a set before any trie references it and removes it only after no trie does.
  * Rules are sorted by (protocol, start_port) and disjoint; where a protocol's ranges
  * cover every port they are one rule 0..65535 (so a later fragment with unknown ports
- * is allowed exactly when every port of its protocol is). */
+ * is decided exactly when every port of its protocol has one decision).
+ *
+ * A rule decides the ports it covers: allow (NetworkPolicy rules, Admin or Baseline
+ * Accept) or deny (Admin or Baseline Deny, or a later tier's denial where an Admin
+ * Pass lets these ports through while the other ports are accepted). A port no rule covers, and any protocol
+ * without rules, gets the set's "other" decision when NP_PORTSET_F_OTHER is set, else
+ * NetworkPolicy's: denied (no port matched). Zeroed fields keep the meaning they had
+ * before tiers existed (a rule written then allows, in the NetworkPolicy tier). */
 struct np_port_rule {
 	__u32 policy_id;        /* np_policies key of the policy this rule came from */
 	__u16 start_port;       /* inclusive */
 	__u16 end_port;         /* inclusive, >= start_port */
 	__u8 protocol;          /* NP_PROTO_TCP/UDP/SCTP */
-	__u8 pad[3];
+	__u8 deny;              /* 0: allow, 1: deny */
+	__u8 tier;              /* NP_TIER_*; 0 (ERROR) reads as NP_TIER_NETWORK_POLICY */
+	__u8 reason;            /* NP_REASON_*; 0 reads as NP_REASON_RULE */
 };
 _Static_assert(sizeof(struct np_port_rule) == 12, "np_port_rule size");
 
-#define NP_PORTSET_F_ANY (1U << 0) /* every protocol and port allowed (by any_policy) */
+#define NP_PORTSET_F_ANY (1U << 0)   /* every protocol and port allowed by other_policy */
+#define NP_PORTSET_F_OTHER (1U << 1) /* ports no rule covers: the other_* decision */
+/* With NP_PORTSET_F_OTHER: the protocols that have rules. A port-less packet (a later
+ * fragment whose first was not seen) of such a protocol is denied unless one rule
+ * covers all its ports: its real port may be one another rule decides. */
+#define NP_PORTSET_F_RULES_TCP (1U << 4)
+#define NP_PORTSET_F_RULES_UDP (1U << 5)
+#define NP_PORTSET_F_RULES_SCTP (1U << 6)
 
 struct np_portset {
 	__u32 count;            /* rules in use, <= NP_MAX_PORT_RULES */
 	__u32 flags;            /* NP_PORTSET_F_* */
-	__u32 any_policy;       /* with NP_PORTSET_F_ANY: the policy that allows everything */
-	__u32 pad;
+	__u32 other_policy;     /* F_ANY, F_OTHER: the policy of that decision (0: none) */
+	__u8 other_verdict;     /* F_OTHER: NP_VERDICT_* */
+	__u8 other_tier;        /* F_OTHER: NP_TIER_* */
+	__u8 other_reason;      /* F_OTHER: NP_REASON_* */
+	__u8 pad;
 	struct np_port_rule rules[NP_MAX_PORT_RULES];
 };
 _Static_assert(sizeof(struct np_portset) == 16 + 12 * NP_MAX_PORT_RULES, "np_portset size");
@@ -236,7 +266,8 @@ struct np_event {
 	__u8 verdict;           /* NP_VERDICT_* */
 	__u8 direction;         /* NP_DIR_* */
 	__u8 reason;            /* NP_REASON_* */
-	__u8 pad[3];
+	__u8 tier;              /* NP_TIER_* */
+	__u8 pad[2];
 	__u32 pod_id;
 	__u32 ifindex;
 	__u32 policy_id;        /* policy of the allowing rule, 0 otherwise */

@@ -14,6 +14,9 @@
  *   3. direction state DEFAULT_ALLOW -> pass, DEFAULT_DENY -> drop;
  *   4. POLICIES_APPLIED: longest-prefix match of the peer in the direction's trie, then
  *      the port rules of that prefix (already merged with those of broader prefixes).
+ *      With ClusterNetworkPolicy rules the trie holds every tier already folded into
+ *      one decision per prefix and port range (see np.h, "Which tier decided"): a
+ *      rule may deny, and a prefix's other ports get its "other" decision.
  * Every allowed new flow is recorded in np_ct so its replies pass even if the pod is
  * isolated later; decisions are reported on np_events when np_config asks for them.
  *
@@ -150,6 +153,7 @@ struct np_decision {
 	__u32 policy_id;
 	__u8 verdict;
 	__u8 reason;
+	__u8 tier;
 };
 
 static __always_inline struct np_stats *np_stats_get(void)
@@ -167,29 +171,38 @@ static __always_inline __u32 np_config_flags(void)
 	return cfg ? cfg->flags : 0;
 }
 
-/* Does port set `portset_id` allow (protocol, port)? Returns the allowing rule's policy
- * id, or -1. With the port unknown (a later fragment whose first fragment was not seen)
- * only a rule covering every port can allow: user space writes full coverage of a
- * protocol as one rule 0..65535.
+/* A decision packed in 64 bits, so that a global function can return it:
+ * policy id (bits 0-31), verdict (32-39), tier (40-47), reason (48-55). */
+#define NP_DECISION(policy, verdict, tier, reason)                                  \
+	((__u64)(policy) | ((__u64)(verdict) << 32) | ((__u64)(tier) << 40) |        \
+	 ((__u64)(reason) << 48))
+#define NP_NO_PORT_MATCH \
+	NP_DECISION(0, NP_VERDICT_DENY, NP_TIER_NETWORK_POLICY, NP_REASON_NO_PORT_MATCH)
+
+/* What port set `portset_id` decides for (protocol, port). With the port unknown (a
+ * later fragment whose first fragment was not seen) only a rule covering every port
+ * can decide: user space writes full coverage of a protocol as one rule 0..65535.
  *
  * A global function with scalar arguments, so the verifier checks it once on its own.
  * The loop body is a single condition over values loaded in the iteration: the
  * verifier then keeps one state per iteration (12k instructions verified in all,
  * against 270k+ for a body that branches on the arguments or a binary search whose
  * indices it must track precisely). */
-__noinline long np_ports_allow(__u32 portset_id, __u32 protocol, __u32 port, __u32 port_known)
+__noinline __u64 np_ports_decide(__u32 portset_id, __u32 protocol, __u32 port,
+				 __u32 port_known)
 {
 	struct np_portset *set;
-	__u32 count, lo, hi;
+	__u32 count, lo, hi, has_rules;
 	int i;
 
 	if (portset_id == NP_PORTSET_NONE)
-		return -1;
+		return NP_NO_PORT_MATCH;
 	set = bpf_map_lookup_elem(&np_portsets, &portset_id);
 	if (!set)
-		return -1;
+		return NP_NO_PORT_MATCH;
 	if (set->flags & NP_PORTSET_F_ANY)
-		return set->any_policy;
+		return NP_DECISION(set->other_policy, NP_VERDICT_ALLOW, NP_TIER_NETWORK_POLICY,
+				   NP_REASON_RULE);
 	count = set->count;
 	lo = port_known ? port : 0;
 	hi = port_known ? port : 65535;
@@ -200,9 +213,24 @@ __noinline long np_ports_allow(__u32 portset_id, __u32 protocol, __u32 port, __u
 			break;
 		rule = &set->rules[i];
 		if (rule->protocol == protocol && rule->start_port <= lo && rule->end_port >= hi)
-			return rule->policy_id;
+			return NP_DECISION(rule->policy_id,
+					   rule->deny ? NP_VERDICT_DENY : NP_VERDICT_ALLOW,
+					   rule->tier ? rule->tier : NP_TIER_NETWORK_POLICY,
+					   rule->reason ? rule->reason : NP_REASON_RULE);
 	}
-	return -1;
+	if (!(set->flags & NP_PORTSET_F_OTHER))
+		return NP_NO_PORT_MATCH;
+	if (!port_known) {
+		has_rules = protocol == NP_PROTO_TCP	? NP_PORTSET_F_RULES_TCP
+			    : protocol == NP_PROTO_UDP	? NP_PORTSET_F_RULES_UDP
+			    : protocol == NP_PROTO_SCTP ? NP_PORTSET_F_RULES_SCTP
+							: 0;
+		if (set->flags & has_rules)
+			return NP_DECISION(0, NP_VERDICT_DENY, NP_TIER_ERROR,
+					   NP_REASON_NO_PORT_MATCH);
+	}
+	return NP_DECISION(set->other_policy, set->other_verdict, set->other_tier,
+			   set->other_reason);
 }
 
 static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule_port,
@@ -211,22 +239,25 @@ static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule
 {
 	struct np_lpm_key lpm = {};
 	struct np_lpm_value *match;
-	long allowed_by;
+	__u64 decided;
 	void *trie;
 
 	if (state == NP_STATE_DEFAULT_ALLOW) {
 		d->verdict = NP_VERDICT_ALLOW;
 		d->reason = NP_REASON_DEFAULT_ALLOW;
+		d->tier = NP_TIER_DEFAULT;
 		return;
 	}
 	d->verdict = NP_VERDICT_DENY;
 	if (state != NP_STATE_POLICIES_APPLIED) {
 		d->reason = NP_REASON_DEFAULT_DENY;
+		d->tier = NP_TIER_DEFAULT;
 		return;
 	}
 	trie = bpf_map_lookup_elem(&np_rules, &trie_id);
 	if (!trie) {
 		d->reason = NP_REASON_MISSING_TRIE;
+		d->tier = NP_TIER_ERROR;
 		return;
 	}
 	lpm.family = flow->family;
@@ -235,16 +266,14 @@ static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule
 	match = bpf_map_lookup_elem(trie, &lpm);
 	if (!match) {
 		d->reason = NP_REASON_NO_PEER_MATCH;
+		d->tier = NP_TIER_NETWORK_POLICY;
 		return;
 	}
-	allowed_by = np_ports_allow(match->portset_id, flow->protocol, rule_port, port_known);
-	if (allowed_by < 0) {
-		d->reason = NP_REASON_NO_PORT_MATCH;
-		return;
-	}
-	d->verdict = NP_VERDICT_ALLOW;
-	d->reason = NP_REASON_RULE;
-	d->policy_id = (__u32)allowed_by;
+	decided = np_ports_decide(match->portset_id, flow->protocol, rule_port, port_known);
+	d->policy_id = (__u32)decided;
+	d->verdict = (__u8)(decided >> 32);
+	d->tier = (__u8)(decided >> 40);
+	d->reason = (__u8)(decided >> 48);
 }
 
 static __always_inline void np_emit(struct __sk_buff *skb, const struct np_ct_key *flow,
@@ -268,7 +297,8 @@ static __always_inline void np_emit(struct __sk_buff *skb, const struct np_ct_ke
 	ev->verdict = d->verdict;
 	ev->direction = direction;
 	ev->reason = d->reason;
-	ev->pad[0] = ev->pad[1] = ev->pad[2] = 0;
+	ev->tier = d->tier;
+	ev->pad[0] = ev->pad[1] = 0;
 	ev->pod_id = pod->pod_id;
 	ev->ifindex = flow->ifindex;
 	ev->policy_id = d->policy_id;
@@ -349,6 +379,7 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 	if (np_is_host(key)) {
 		d.verdict = NP_VERDICT_ALLOW;
 		d.reason = NP_REASON_HOST;
+		d.tier = NP_TIER_ADMIN; /* the node's addresses: Admin Accept above every rule */
 	} else {
 		np_evaluate(key, judged == NP_DIR_INGRESS ? key->pod_port : key->peer_port, 1,
 			    state, judged == NP_DIR_INGRESS ? pod->ingress_trie : pod->egress_trie,
@@ -479,6 +510,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	if (np_is_host(&key)) {
 		d.verdict = NP_VERDICT_ALLOW;
 		d.reason = NP_REASON_HOST;
+		d.tier = NP_TIER_ADMIN; /* the node's addresses: Admin Accept above every rule */
 	} else {
 		np_evaluate(&key, direction == NP_DIR_INGRESS ? key.pod_port : key.peer_port,
 			    port_known, state,

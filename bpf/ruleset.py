@@ -37,6 +37,12 @@ from bpf.layout import (
     NP_PROTO_SCTP,
     NP_PROTO_TCP,
     NP_PROTO_UDP,
+    NP_REASON_NO_PORT_MATCH,
+    NP_REASON_RULE,
+    NP_TIER_ERROR,
+    NP_TIER_NETWORK_POLICY,
+    NP_VERDICT_ALLOW,
+    NP_VERDICT_DENY,
 )
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -100,45 +106,94 @@ class PeerRule(NamedTuple):
     policy_id: int = 0
 
 
+class Decision(NamedTuple):
+    """A datapath decision: verdict, the tier that decided, why, and whose rule."""
+
+    verdict: int  # NP_VERDICT_*
+    tier: int  # NP_TIER_*
+    reason: int  # NP_REASON_*
+    policy_id: int = 0
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict == NP_VERDICT_ALLOW
+
+
+NO_PORT_MATCH = Decision(NP_VERDICT_DENY, NP_TIER_NETWORK_POLICY, NP_REASON_NO_PORT_MATCH)
+# a port-less packet (a later fragment without its first) whose protocol has rules that
+# decide its ports differently: the datapath cannot tell which applies, so it denies
+UNDECIDABLE = Decision(NP_VERDICT_DENY, NP_TIER_ERROR, NP_REASON_NO_PORT_MATCH)
+
+
 class PortRule(NamedTuple):
-    """A normalised rule as stored in a port set (protocol TCP/UDP/SCTP)."""
+    """A normalised rule as stored in a port set (protocol TCP/UDP/SCTP): allows (or,
+    for ClusterNetworkPolicy Deny rules, denies) its ports, in tier ``tier``."""
 
     protocol: int
     start: int
     end: int
     policy_id: int
+    deny: bool = False
+    tier: int = NP_TIER_NETWORK_POLICY
+    reason: int = NP_REASON_RULE
+
+    @property
+    def decision(self) -> Decision:
+        verdict = NP_VERDICT_DENY if self.deny else NP_VERDICT_ALLOW
+        return Decision(verdict, self.tier, self.reason, self.policy_id)
 
 
 class Portset(NamedTuple):
-    """What one prefix allows. ``any_policy`` set: everything (by that policy);
-    otherwise ``rules``, sorted by (protocol, start) and disjoint. Empty: nothing."""
+    """What one prefix decides. ``any_policy`` set: everything allowed (by that policy);
+    otherwise ``rules``, sorted by (protocol, start) and disjoint, decide their ports
+    and every other port or protocol gets ``other`` (None: denied, no port matched, as
+    NetworkPolicy has it). Empty: nothing allowed."""
 
     rules: tuple[PortRule, ...] = ()
     any_policy: int | None = None
+    other: Decision | None = None
 
     @property
     def allows_nothing(self) -> bool:
-        return self.any_policy is None and not self.rules
+        return self.any_policy is None and not self.rules and self.other is None
 
     def canonical(self) -> bytes:
-        """Content bytes (for digests): any-policy flag and id, then each rule."""
+        """Content bytes (for digests): any-policy flag and id, the other decision,
+        then each rule."""
         head = struct.pack("<BI", self.any_policy is not None, self.any_policy or 0)
-        return head + b"".join(struct.pack("<BHHI", *r) for r in self.rules)
+        if self.other is not None:
+            head += struct.pack("<BBBBI", 1, *self.other)
+        return head + b"".join(struct.pack("<BHHIBBB", *r) for r in self.rules)
 
-    def allows(self, protocol: int, port: int | None) -> int | None:
-        """Reference semantics of the datapath's check: the allowing policy or None.
-        ``port`` None means unknown (a later fragment): only full coverage allows."""
+    def decide(self, protocol: int, port: int | None) -> Decision:
+        """Reference semantics of the datapath's port check (``np_ports_decide``).
+        ``port`` None means unknown (a later fragment): only full coverage decides."""
         if self.any_policy is not None:
-            return self.any_policy
+            return Decision(NP_VERDICT_ALLOW, NP_TIER_NETWORK_POLICY, NP_REASON_RULE, self.any_policy)
         for r in self.rules:
             if r.protocol != protocol:
                 continue
             if port is None:
                 if (r.start, r.end) == (0, 65535):
-                    return r.policy_id
+                    return r.decision
             elif r.start <= port <= r.end:
-                return r.policy_id
-        return None
+                return r.decision
+        if self.other is None:
+            return NO_PORT_MATCH
+        if port is None and any(r.protocol == protocol for r in self.rules):
+            return UNDECIDABLE
+        return self.other
+
+    def allows(self, protocol: int, port: int | None) -> int | None:
+        """The allowing policy, or None if the port set does not allow the flow."""
+        d = self.decide(protocol, port)
+        return d.policy_id if d.allowed else None
+
+    def matching_rule(self, protocol: int, port: int) -> PortRule | None:
+        """The rule that decides (protocol, port), if one does (not ``other``)."""
+        return next(
+            (r for r in self.rules if r.protocol == protocol and r.start <= port <= r.end), None
+        )
 
 
 NOTHING = Portset()

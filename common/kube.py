@@ -92,6 +92,12 @@ SERVICES = Resource("", "v1", "services", True)
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", True)
 POLICY_ENDPOINTS = Resource("networking.k8s.aws", "v1alpha1", "policyendpoints", True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", True)
+CLUSTER_NETWORK_POLICIES = Resource(
+    "networking.k8s.aws", "v1alpha1", "clusternetworkpolicies", False
+)
+CLUSTER_POLICY_ENDPOINTS = Resource(
+    "networking.k8s.aws", "v1alpha1", "clusterpolicyendpoints", False
+)
 
 
 class KubeError(Exception):

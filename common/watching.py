@@ -124,8 +124,11 @@ async def list_watch(
     label_selector: str | None = None,
     settings: WatchSettings = WatchSettings(),
     stats: WatchStats | None = None,
+    optional: bool = False,
 ) -> None:
-    """Run forever (until cancelled)."""
+    """Run forever (until cancelled). ``optional``: the resource may not be served (a
+    CRD not installed): a 404 on the list counts as an empty, synced list, and the list
+    is tried again every ``backoff_max`` seconds until the resource appears."""
     loop = _Loop(
         client,
         resource,
@@ -134,6 +137,7 @@ async def list_watch(
         stats or WatchStats(),
         label_selector=label_selector,
         field_selector=field_selector,
+        optional=optional,
     )
     await loop.run()
 
@@ -151,7 +155,10 @@ class _Loop:
         *,
         label_selector: str | None,
         field_selector: str | None,
+        optional: bool = False,
     ) -> None:
+        self.optional = optional
+        self.absent = False
         self.client = client
         self.resource = resource
         self.consumer = consumer
@@ -192,6 +199,9 @@ class _Loop:
                 log.info("watch.gone", resource=what, resource_version=self.rv)
                 self.rv = None
             except KubeError as exc:
+                if self.optional and exc.status == 404 and self.rv is None:
+                    await self.not_served()
+                    continue
                 again = self.failure(str(exc))
                 delay = self.backoff * random.uniform(0.5, 1.5)
                 log.warning(
@@ -206,6 +216,22 @@ class _Loop:
                 await asyncio.sleep(delay)
                 self.backoff = min(self.backoff * 2, self.settings.backoff_max)
 
+    async def not_served(self) -> None:
+        """An optional resource the API server does not serve: empty until it is."""
+        if not self.absent:
+            self.absent = True
+            log.info(
+                "watch.resource_absent",
+                resource=self.resource.plural,
+                detail="not served (CRD not installed?): treated as empty, listed again "
+                f"every {self.settings.backoff_max:g}s",
+            )
+            self.consumer.begin()
+            self.consumer.end()
+        self.stats.synced.set()
+        self.stats.progressed()
+        await asyncio.sleep(self.settings.backoff_max)
+
     async def list(self) -> None:
         self.rv, count = await _list(
             self.client,
@@ -217,6 +243,7 @@ class _Loop:
             field_selector=self.field_selector,
         )
         self.stats.lists += 1
+        self.absent = False
         self.stats.synced.set()
         self.stats.progressed()
         self.failures_at = (None, 0)

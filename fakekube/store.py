@@ -44,7 +44,23 @@ POLICY_ENDPOINTS = Resource(
     "networking.k8s.aws", "v1alpha1", "policyendpoints", "PolicyEndpoint", True
 )
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
-RESOURCES = (PODS, NAMESPACES, SERVICES, NODES, NETWORK_POLICIES, POLICY_ENDPOINTS, LEASES)
+CLUSTER_NETWORK_POLICIES = Resource(
+    "networking.k8s.aws", "v1alpha1", "clusternetworkpolicies", "ClusterNetworkPolicy", False
+)
+CLUSTER_POLICY_ENDPOINTS = Resource(
+    "networking.k8s.aws", "v1alpha1", "clusterpolicyendpoints", "ClusterPolicyEndpoint", False
+)
+RESOURCES = (
+    PODS,
+    NAMESPACES,
+    SERVICES,
+    NODES,
+    NETWORK_POLICIES,
+    POLICY_ENDPOINTS,
+    LEASES,
+    CLUSTER_NETWORK_POLICIES,
+    CLUSTER_POLICY_ENDPOINTS,
+)
 
 
 class ApiError(Exception):

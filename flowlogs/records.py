@@ -4,11 +4,14 @@ The text line is the reference agent's (users grep for it), prefixed with the ti
 with the pod and the allowing policy appended, which the reference cannot tell:
 
     2026-11-21T08:00:00.123456Z Flow Info: Src IP: 10.0.12.34 Src Port: 43512
-    Dest IP: 10.0.45.6 Dest Port: 8080 Proto TCP Verdict DENY Direction ingress
-    Pod default/web Policy -
+    Dest IP: 10.0.45.6 Dest Port: 8080 Proto TCP Verdict DENY Direction ingress,
+    Tier NETWORK_POLICY Pod default/web Policy -
 
-The CloudWatch message is the reference's ``Node: ..;SIP: ..;...;PolicyVerdict: DENY``
-with the same additions. Formatting is the hot path (every event), so records are decoded
+``Tier`` is the reference's: which tier decided (ADMIN, NETWORK_POLICY, BASELINE,
+DEFAULT; ERROR when nothing could), written ``, Tier X`` for IPv4 flows and ``Tier: X``
+for IPv6 ones, as the reference writes them. The Policy of a ClusterNetworkPolicy is its
+bare name. The CloudWatch message is the reference's
+``Node: ..;SIP: ..;...;PolicyVerdict: DENY;Tier: X`` with the same additions. Formatting is the hot path (every event), so records are decoded
 with one ``struct.unpack_from`` and address and name strings are cached.
 """
 
@@ -29,6 +32,7 @@ _VERDICT_AT = lay.offset(lay.NpEvent, "verdict")
 _PROTO = dict(lay.PROTOCOL_NAMES)
 _DIRECTION = lay.DIRECTION_NAMES
 _REASON = lay.REASON_NAMES
+_TIER = lay.TIER_NAMES
 
 
 class FlowRecord(NamedTuple):
@@ -42,14 +46,17 @@ class FlowRecord(NamedTuple):
     direction: str  # ingress | egress (the pod's point of view)
     reason: str
     pod: str  # namespace/name, or "?" if unknown
-    policy: str  # namespace/name of the allowing policy, or "-"
+    policy: str  # namespace/name of the deciding policy (a cluster policy: name), or "-"
     packet_len: int
+    tier: str = "DEFAULT"  # ADMIN | NETWORK_POLICY | BASELINE | DEFAULT | ERROR
+    ipv6: bool = False
 
     def line(self) -> str:
+        tier = f" Tier: {self.tier}" if self.ipv6 else f", Tier {self.tier}"
         return (
             f"Flow Info: Src IP: {self.src_ip} Src Port: {self.src_port} "
             f"Dest IP: {self.dst_ip} Dest Port: {self.dst_port} Proto {self.protocol} "
-            f"Verdict {self.verdict} Direction {self.direction} "
+            f"Verdict {self.verdict} Direction {self.direction}{tier} "
             f"Pod {self.pod} Policy {self.policy}"
         )
 
@@ -98,6 +105,7 @@ class Formatter:
             verdict,
             direction,
             reason,
+            tier,
             pod_id,
             _ifindex,
             policy_id,
@@ -121,6 +129,8 @@ class Formatter:
             pod=self.pod_name(pod_id) or "?",
             policy=(self.policy_name(policy_id) or f"#{policy_id}") if policy_id else "-",
             packet_len=packet_len,
+            tier=_TIER.get(tier, str(tier)),
+            ipv6=family == lay.NP_FAMILY_IPV6,
         )
 
     @staticmethod
@@ -144,6 +154,7 @@ class Formatter:
                     "verdict": r.verdict,
                     "direction": r.direction,
                     "reason": r.reason,
+                    "tier": r.tier,
                     "pod": r.pod,
                     "policy": r.policy,
                     "bytes": r.packet_len,
@@ -157,7 +168,7 @@ class Formatter:
         return (
             f"Node: {self.node};SIP: {r.src_ip};SPORT: {r.src_port};DIP: {r.dst_ip};"
             f"DPORT: {r.dst_port};PROTOCOL: {r.protocol};PolicyVerdict: {r.verdict};"
-            f"Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}"
+            f"Tier: {r.tier};Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}"
         )
 
 

@@ -95,7 +95,8 @@ async def test_denied_packets_become_lines(pods: PodNet, pin_root: str, tmp_path
         denied = await lines_with(log, "Verdict DENY", f"Src IP: {client.ipv4}")
         line = denied[0]
         assert (
-            f"Dest IP: {server.ipv4} Dest Port: 80 Proto TCP Verdict DENY Direction ingress" in line
+            f"Dest IP: {server.ipv4} Dest Port: 80 Proto TCP Verdict DENY Direction ingress, "
+            "Tier NETWORK_POLICY" in line
         )
         assert line.endswith("Pod default/server Policy -")
         text = await asyncio.to_thread(log.read_text)

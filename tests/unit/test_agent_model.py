@@ -443,6 +443,8 @@ def test_an_empty_list_still_wakes_the_enforcer() -> None:
     full_state(cache.pods_consumer(), [])
     full_state(cache.endpoints_consumer(), [])
     assert cache.pods_synced
+    assert not cache.endpoints_synced, "ClusterPolicyEndpoints not listed yet"
+    full_state(cache.endpoints_consumer(cluster=True), [])
     assert cache.endpoints_synced
     assert cache.changed.is_set()
 

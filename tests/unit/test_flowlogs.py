@@ -22,7 +22,14 @@ from flowlogs.records import EVENT, Formatter
 from flowlogs.sink import RotatingFile
 
 
-def raw_event(*, direction: int, verdict: int, family: int = 4, policy_id: int = 0) -> bytes:
+def raw_event(
+    *,
+    direction: int,
+    verdict: int,
+    family: int = 4,
+    policy_id: int = 0,
+    tier: int = lay.NP_TIER_NETWORK_POLICY,
+) -> bytes:
     if family == 4:
         pod, peer = socket.inet_aton("10.0.45.6"), socket.inet_aton("10.0.12.34")
     else:
@@ -41,6 +48,7 @@ def raw_event(*, direction: int, verdict: int, family: int = 4, policy_id: int =
         verdict,
         direction,
         lay.NP_REASON_NO_PEER_MATCH,
+        tier,
         7,
         3,
         policy_id,
@@ -52,7 +60,7 @@ def formatter() -> Formatter:
     return Formatter(
         node="ip-10-0-0-1",
         pod_name={7: "default/web"}.get,  # type: ignore[arg-type]
-        policy_name={5: "default/allow-web"}.get,  # type: ignore[arg-type]
+        policy_name={5: "default/allow-web", 6: "block-metadata"}.get,  # type: ignore[arg-type]
     )
 
 
@@ -61,14 +69,29 @@ def test_reference_line_format_and_direction() -> None:
     deny_in = f.record(raw_event(direction=lay.NP_DIR_INGRESS, verdict=lay.NP_VERDICT_DENY))
     assert deny_in.line() == (
         "Flow Info: Src IP: 10.0.12.34 Src Port: 43512 Dest IP: 10.0.45.6 Dest Port: 8080 "
-        "Proto TCP Verdict DENY Direction ingress Pod default/web Policy -"
+        "Proto TCP Verdict DENY Direction ingress, Tier NETWORK_POLICY Pod default/web Policy -"
     )
     out = f.record(
-        raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_ALLOW, family=6, policy_id=5)
+        raw_event(
+            direction=lay.NP_DIR_EGRESS,
+            verdict=lay.NP_VERDICT_ALLOW,
+            family=6,
+            policy_id=6,
+            tier=lay.NP_TIER_ADMIN,
+        )
     )
-    assert out.line().startswith(
+    assert out.line() == (
         "Flow Info: Src IP: fd00::6 Src Port: 8080 Dest IP: fd00::34 "
-        "Dest Port: 43512 Proto TCP Verdict ACCEPT Direction egress"
+        "Dest Port: 43512 Proto TCP Verdict ACCEPT Direction egress Tier: ADMIN "
+        "Pod default/web Policy block-metadata"
+    )
+    assert f.cloudwatch(out).endswith(
+        ";PolicyVerdict: ACCEPT;Tier: ADMIN;Direction: egress;Pod: default/web;"
+        "Policy: block-metadata"
+    )
+    assert json.loads(f.json(out))["tier"] == "ADMIN"
+    out = f.record(
+        raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_ALLOW, family=6, policy_id=5)
     )
     assert out.policy == "default/allow-web"
     assert f.text(deny_in).endswith(" " + deny_in.line() + "\n")
@@ -98,6 +121,7 @@ def test_event_struct_matches_the_mirror() -> None:
         verdict=lay.NP_VERDICT_DENY,
         direction=1,
         reason=3,
+        tier=lay.NP_TIER_BASELINE,
         pod_id=9,
         ifindex=11,
         policy_id=13,
@@ -116,11 +140,13 @@ def test_event_struct_matches_the_mirror() -> None:
         verdict,
         direction,
         reason,
+        tier,
         pod_id,
         ifindex,
         policy_id,
         packet_len,
     ) = EVENT.unpack(raw)
+    assert tier == lay.NP_TIER_BASELINE
     assert (ts, pod_port, peer_port, proto, family, verdict, direction, reason) == (
         7,
         80,
