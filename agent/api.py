@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from agent.cache import Cache
-from agent.deciders import deciding_objects
+from agent.deciders import deciding_cluster_objects, deciding_objects
 from agent.endpoints import PodRef
 from agent.enforcer import Enforcer
 from agent.hostnet import HostNet
@@ -248,10 +248,26 @@ class AgentApi:
                     state="",
                 )
             )
-        result = decide(req, await self.worker.call(self.reader.snapshot, req, st.ifindex))
-        if result.state in ("POLICIES_APPLIED", "DEFAULT_DENY") and result.reason != "host":
+        programmed = self.enforcer.programmed_endpoints(ref)
+        priorities = {e.policy[1]: e.cluster.priority for e in programmed if e.cluster}
+        snapshot = await self.worker.call(self.reader.snapshot, req, st.ifindex)
+        result = decide(req, snapshot, priorities=priorities)
+        if result.priority is not None:
+            result.policyendpoints = deciding_cluster_objects(
+                programmed,
+                policy=result.policy or "",
+                ingress=req.direction == "ingress",
+                peer=ipaddress.ip_address(req.peer),
+                protocol=PROTOCOLS[req.protocol],
+                port=0 if req.protocol == "ICMP" else req.port,
+            )
+        elif (
+            result.state in ("POLICIES_APPLIED", "DEFAULT_DENY")
+            and result.reason != "host"
+            and result.tier != "DEFAULT"
+        ):
             result.policyendpoints = deciding_objects(
-                self.enforcer.programmed_endpoints(ref),
+                [e for e in programmed if e.cluster is None],
                 ingress=req.direction == "ingress",
                 peer=ipaddress.ip_address(req.peer),
                 protocol=PROTOCOLS[req.protocol],
@@ -320,7 +336,8 @@ class AgentApi:
         (metadata only: cheap whatever the objects' size); None if it cannot be asked."""
         assert self.list_endpoints is not None
         out: dict[str, dict[str, int]] = {}
-        for ns in sorted({r[0] for r in refs}):
+        # "": the ClusterPolicyEndpoints (cluster-scoped: any of them may select a pod)
+        for ns in ["", *sorted({r[0] for r in refs})] if refs else []:
             try:
                 items = await self.list_endpoints(ns)
             except (KubeError, OSError, TimeoutError) as exc:
@@ -338,10 +355,10 @@ class AgentApi:
         self, refs: list[PodRef], wanted: list[str], truth: dict[str, dict[str, int]] | None
     ) -> list[str]:
         """Pods whose current PolicyEndpoints are not all in force. With the API's view
-        of the pod's namespace (every PolicyEndpoint selecting a pod lives there): the
-        watch must have delivered the current generation of each of them (so the agent
-        knows which select the pod), none the agent holds for the pod may be gone, and
-        none may have been rejected."""
+        of the pod's namespace (every PolicyEndpoint selecting a pod lives there) and of
+        the ClusterPolicyEndpoints: the watch must have delivered the current generation
+        of each of them (so the agent knows which select the pod), none the agent holds
+        for the pod may be gone, and none may have been rejected."""
         if not self.enforcer.synced.is_set():
             return wanted or ["(initial sync)"]
         seen = self.cache.generations
@@ -349,13 +366,15 @@ class AgentApi:
         for ref in refs:
             done = self.enforcer.is_programmed(ref)
             if done and truth is not None:
-                current = truth.get(ref[0], {})
                 held = self.cache.endpoints_for(ref)
-                done = (
-                    all(seen.get((ref[0], n), -1) >= g for n, g in current.items())
-                    and all(e.name in current for e in held)
-                    and not any(e.key in self.cache.rejected for e in held)
-                )
+                done = not any(e.key in self.cache.rejected for e in held)
+                for ns in (ref[0], ""):  # its namespace's objects, and the cluster's
+                    current = truth.get(ns, {})
+                    done = (
+                        done
+                        and all(seen.get((ns, n), -1) >= g for n, g in current.items())
+                        and all(e.name in current for e in held if e.namespace == ns)
+                    )
             if not done:
                 pending.append(f"{ref[0]}/{ref[1]}")
         return pending

@@ -64,3 +64,28 @@ def deciding_objects(
     if allowed:
         return sorted(admitting)
     return sorted(in_cidr or isolating)
+
+
+def deciding_cluster_objects(
+    endpoints: Iterable[Endpoints],
+    *,
+    policy: str,
+    ingress: bool,
+    peer: Address,
+    protocol: int,
+    port: int,
+) -> list[str]:
+    """Names of the ClusterPolicyEndpoints of ClusterNetworkPolicy ``policy`` with an
+    entry whose CIDR holds the peer and whose ports admit the flow (sorted)."""
+    out = set()
+    for e in endpoints:
+        if e.cluster is None or e.policy[1] != policy:
+            continue
+        for rule in e.cluster.rules(ingress=ingress, policy_id=0):
+            if _holds(rule.cidr, peer) and (
+                not rule.ports
+                or any(r.protocol == protocol and r.start <= port <= r.end for r in rule.ports)
+            ):
+                out.add(e.name)
+                break
+    return sorted(out)

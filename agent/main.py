@@ -34,7 +34,7 @@ from bpf.loading import PinnedSizeError
 from common import logs, memory
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
-from common.kube import CLUSTER_POLICY_ENDPOINTS, PODS, POLICY_ENDPOINTS, KubeClient
+from common.kube import CLUSTER_POLICY_ENDPOINTS, PODS, POLICY_ENDPOINTS, KubeClient, KubeError
 from common.localapi import (
     AGENT_SOCKET,
     CONNTRACK_SOCKET,
@@ -201,9 +201,19 @@ class Node:
             self.metrics.watch_malformed.labels(name).set(st.malformed + st.rejected)
 
     async def list_endpoints(self, namespace: str) -> list[dict[str, Any]]:
-        items, _ = await asyncio.wait_for(
-            self.kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5
-        )
+        """The PolicyEndpoints of a namespace; "": the ClusterPolicyEndpoints (none if
+        their CRD is not installed)."""
+        if namespace:
+            items, _ = await asyncio.wait_for(
+                self.kube.list_metadata(POLICY_ENDPOINTS, namespace=namespace), 5
+            )
+            return items
+        try:
+            items, _ = await asyncio.wait_for(self.kube.list_metadata(CLUSTER_POLICY_ENDPOINTS), 5)
+        except KubeError as exc:
+            if exc.status == 404:
+                return []
+            raise
         return items
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:

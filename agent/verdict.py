@@ -42,13 +42,17 @@ def trie_policy_ids(trie: CompiledRules) -> set[int]:
     return out
 
 
-def decide(req: ExplainRequest, snap: Snapshot) -> ExplainResult:
+def decide(
+    req: ExplainRequest, snap: Snapshot, *, priorities: Mapping[str, int] | None = None
+) -> ExplainResult:
+    """The datapath's decision, explained. ``priorities``: the priority of each
+    ClusterNetworkPolicy (by name) in force for the pod, to name it."""
     peer = ipaddress.ip_address(req.peer)
     where = f"{req.direction} of {req.pod}"
     rec = snap.record
 
     def result(
-        verdict: Literal["ALLOW", "DENY"], reason: str, summary: str, state: str
+        verdict: Literal["ALLOW", "DENY"], reason: str, summary: str, state: str, tier: int
     ) -> ExplainResult:
         return ExplainResult(
             verdict=verdict,
@@ -57,25 +61,55 @@ def decide(req: ExplainRequest, snap: Snapshot) -> ExplainResult:
             pod=req.pod,
             ifindex=snap.ifindex,
             state=state,
+            tier=lay.TIER_NAMES[tier],
         )
 
     if rec is None:
         return result(
-            "ALLOW", "unknown-pod", f"no record for interface {snap.ifindex}: packets pass", ""
+            "ALLOW",
+            "unknown-pod",
+            f"no record for interface {snap.ifindex}: packets pass",
+            "",
+            lay.NP_TIER_DEFAULT,
         )
     state = rec.ingress_state if req.direction == "ingress" else rec.egress_state
     name = lay.STATE_NAMES.get(state, str(state))
     if snap.peer_is_host:
-        return result("ALLOW", "host", f"{peer} is this node's address: always allowed", name)
+        return result(
+            "ALLOW",
+            "host",
+            f"{peer} is this node's address: always allowed (above every tier)",
+            name,
+            lay.NP_TIER_ADMIN,
+        )
     if state == lay.NP_STATE_DEFAULT_ALLOW:
         return result(
-            "ALLOW", "default-allow", f"{where} is not isolated: everything is allowed", name
+            "ALLOW",
+            "default-allow",
+            f"{where} is not isolated: everything is allowed",
+            name,
+            lay.NP_TIER_DEFAULT,
         )
     if state != lay.NP_STATE_POLICIES_APPLIED:
-        return result("DENY", "default-deny", f"{where} is default-deny: nothing is allowed", name)
+        return result(
+            "DENY",
+            "default-deny",
+            f"{where} is default-deny: nothing is allowed",
+            name,
+            lay.NP_TIER_DEFAULT,
+        )
     if snap.trie is None:
-        return result("DENY", "missing-trie", f"{where} points at a missing rule set", name)
-    return _walk(snap.trie, req, peer, snap, state=name, where=where)
+        return result(
+            "DENY",
+            "missing-trie",
+            f"{where} points at a missing rule set",
+            name,
+            lay.NP_TIER_ERROR,
+        )
+    return _walk(snap.trie, req, peer, snap, state=name, where=where, priorities=priorities or {})
+
+
+_CLUSTER_TIERS = {lay.NP_TIER_ADMIN: "Admin", lay.NP_TIER_BASELINE: "Baseline"}
 
 
 def _walk(
@@ -86,6 +120,7 @@ def _walk(
     *,
     state: str,
     where: str,
+    priorities: Mapping[str, int],
 ) -> ExplainResult:
     """The rule walk of the datapath over a trie's entries."""
     prefix = trie.lookup(peer)
@@ -97,46 +132,61 @@ def _walk(
             state=state,
             pod=req.pod,
             ifindex=snap.ifindex,
+            tier=lay.TIER_NAMES[lay.NP_TIER_NETWORK_POLICY],
         )
     ps = trie.entries[prefix]
     protocol = PROTOCOLS[req.protocol]
     port = 0 if req.protocol == "ICMP" else req.port
-    policy_id = ps.allows(protocol, port)
-    if policy_id is None:
+    d = ps.decide(protocol, port)
+    verdict: Literal["ALLOW", "DENY"] = "ALLOW" if d.allowed else "DENY"
+    policy_name = snap.policy_names.get(d.policy_id, "") if d.policy_id else ""
+    rule: PortRuleView | None = None
+    if d.reason == lay.NP_REASON_RULE:
+        r = ps.matching_rule(protocol, port) if ps.any_policy is None else None
+        if r is not None:
+            rule = PortRuleView(
+                protocol=req.protocol, start_port=r.start, end_port=r.end, policy=policy_name
+            )
+        else:
+            rule = PortRuleView(protocol="ANY", start_port=0, end_port=65535, policy=policy_name)
+    out = ExplainResult(
+        verdict=verdict,
+        reason=lay.REASON_NAMES.get(d.reason, str(d.reason)),
+        summary="",
+        matched_cidr=str(prefix) if prefix.length or ps.other is None else None,
+        rule=rule,
+        policy=policy_name or None,
+        state=state,
+        pod=req.pod,
+        ifindex=snap.ifindex,
+        tier=lay.TIER_NAMES.get(d.tier, str(d.tier)),
+    )
+    flow = f"{req.protocol} {port} with {peer}"
+    if d.tier in _CLUSTER_TIERS:
+        out.priority = priorities.get(policy_name)
+        out.action = ("Accept" if d.allowed else "Deny") if d.reason == lay.NP_REASON_RULE else None
+        at = f" at priority {out.priority}" if out.priority is not None else ""
+        out.summary = (
+            f"{flow} is {'allowed' if d.allowed else 'denied'} for the {where} by the "
+            f"{_CLUSTER_TIERS[d.tier]} tier: ClusterNetworkPolicy "
+            f"{policy_name or f'#{d.policy_id}'}{at}, action {out.action}"
+        )
+    elif d.tier == lay.NP_TIER_DEFAULT:
+        out.summary = (
+            f"{flow}: every tier passed for the {where}; the default "
+            f"{'allows' if d.allowed else 'denies'} it"
+        )
+    elif d.allowed:
+        policy = policy_name or f"policy #{d.policy_id}"
+        span = f"{rule.protocol} {rule.start_port}-{rule.end_port}" if rule else ""
+        out.summary = f"{flow} is allowed for the {where} by {policy}: {prefix} {span}"
+    elif d.reason == lay.NP_REASON_NO_PEER_MATCH:
+        out.summary = f"{peer} is in no CIDR allowed for the {where}"
+    else:
         what = (
             "an except block (nothing allowed)"
             if ps.allows_nothing
             else f"{prefix}, whose rules do not allow {req.protocol} {port}"
         )
-        return ExplainResult(
-            verdict="DENY",
-            reason="no-port-match",
-            summary=f"{peer} matches {what} for the {where}",
-            matched_cidr=str(prefix),
-            state=state,
-            pod=req.pod,
-            ifindex=snap.ifindex,
-        )
-    policy_name = snap.policy_names.get(policy_id, "")
-    if ps.any_policy is not None:
-        rule = PortRuleView(protocol="ANY", start_port=0, end_port=65535, policy=policy_name)
-    else:
-        r = next(r for r in ps.rules if r.protocol == protocol and r.start <= port <= r.end)
-        rule = PortRuleView(
-            protocol=req.protocol, start_port=r.start, end_port=r.end, policy=policy_name
-        )
-    policy = rule.policy or f"policy #{policy_id}"
-    return ExplainResult(
-        verdict="ALLOW",
-        reason="rule",
-        matched_cidr=str(prefix),
-        rule=rule,
-        policy=rule.policy or None,
-        summary=(
-            f"{req.protocol} {port} with {peer} is allowed for the {where} by {policy}: "
-            f"{prefix} {rule.protocol} {rule.start_port}-{rule.end_port}"
-        ),
-        state=state,
-        pod=req.pod,
-        ifindex=snap.ifindex,
-    )
+        out.summary = f"{peer} matches {what} for the {where}"
+    return out

@@ -169,7 +169,9 @@ class Portset(NamedTuple):
         """Reference semantics of the datapath's port check (``np_ports_decide``).
         ``port`` None means unknown (a later fragment): only full coverage decides."""
         if self.any_policy is not None:
-            return Decision(NP_VERDICT_ALLOW, NP_TIER_NETWORK_POLICY, NP_REASON_RULE, self.any_policy)
+            return Decision(
+                NP_VERDICT_ALLOW, NP_TIER_NETWORK_POLICY, NP_REASON_RULE, self.any_policy
+            )
         for r in self.rules:
             if r.protocol != protocol:
                 continue

@@ -27,6 +27,7 @@ set equals its nearest stored ancestor's is dropped.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -185,6 +186,16 @@ def _tier(
     return Decision(verdict, tier, NP_REASON_RULE, best[2])
 
 
+def _cuts(holding: tuple[ClusterRule, ...], nps: Portset | None, protocol: int) -> list[int]:
+    """Where a decision may change along the protocol's ports (starts and ends + 1)."""
+    cuts = {0, 65536}
+    for r in holding:
+        cuts.update(x for pr in r.ports if pr.protocol == protocol for x in (pr.start, pr.end + 1))
+    if nps is not None:
+        cuts.update(x for pr in nps.rules if pr.protocol == protocol for x in (pr.start, pr.end + 1))
+    return sorted(cuts)
+
+
 def _portset(
     holding: tuple[ClusterRule, ...], np_here: _Np, default: Decision, *, where: Prefix
 ) -> Portset:
@@ -201,19 +212,9 @@ def _portset(
     other = at(None, None)
     out: list[PortRule] = []
     for protocol in PORT_PROTOCOLS:
-        cuts = {0, 65536}
-        for r in holding:
-            for pr in r.ports:
-                if pr.protocol == protocol:
-                    cuts.update((pr.start, pr.end + 1))
-        nps = np_here.portset
-        if nps is not None:
-            for rule in nps.rules:
-                if rule.protocol == protocol:
-                    cuts.update((rule.start, rule.end + 1))
-        bounds = sorted(cuts)
+        bounds = _cuts(holding, np_here.portset, protocol)
         pieces: list[tuple[int, int, Decision]] = []
-        for start, stop in zip(bounds, bounds[1:], strict=False):
+        for start, stop in itertools.pairwise(bounds):
             d = at(protocol, start)
             if pieces and pieces[-1][2] == d:
                 pieces[-1] = (pieces[-1][0], stop - 1, d)

@@ -149,8 +149,13 @@ class ExplainResult(_Model):
     rule: PortRuleView | None = None
     policy: str | None = None
     # the PolicyEndpoint objects (namespace/name) whose entries decided: a policy's
-    # rules may be spread over several objects
+    # rules may be spread over several objects (ClusterPolicyEndpoints: name alone)
     policyendpoints: list[str] = []
+    # which tier decided: ADMIN, NETWORK_POLICY, BASELINE, DEFAULT (every tier passed),
+    # ERROR; for ADMIN and BASELINE the ClusterNetworkPolicy's priority and rule action
+    tier: str | None = None
+    priority: int | None = None
+    action: str | None = None
 
 
 class WaitResult(_Model):

@@ -296,6 +296,24 @@ def apply_defaults(resource: Resource, obj: Obj) -> None:
         meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
     elif resource == NETWORK_POLICIES:
         default_network_policy(obj)
+    elif resource == CLUSTER_NETWORK_POLICIES:
+        default_cluster_network_policy(obj)
+
+
+def default_cluster_network_policy(policy: Obj) -> None:
+    """The CRD's defaults, in place: a portNumber or portRange without protocol is TCP."""
+    spec = policy.get("spec")
+    if not isinstance(spec, dict):
+        return
+    for direction in ("ingress", "egress"):
+        rules = spec.get(direction)
+        for rule in rules if isinstance(rules, list) else []:
+            ports = rule.get("ports") if isinstance(rule, dict) else None
+            for port in ports if isinstance(ports, list) else []:
+                for key in ("portNumber", "portRange"):
+                    body = port.get(key) if isinstance(port, dict) else None
+                    if isinstance(body, dict):
+                        body.setdefault("protocol", "TCP")
 
 
 def default_network_policy(policy: Obj) -> None:

@@ -11,8 +11,9 @@ with the pod and the allowing policy appended, which the reference cannot tell:
 DEFAULT; ERROR when nothing could), written ``, Tier X`` for IPv4 flows and ``Tier: X``
 for IPv6 ones, as the reference writes them. The Policy of a ClusterNetworkPolicy is its
 bare name. The CloudWatch message is the reference's
-``Node: ..;SIP: ..;...;PolicyVerdict: DENY;Tier: X`` with the same additions. Formatting is the hot path (every event), so records are decoded
-with one ``struct.unpack_from`` and address and name strings are cached.
+``Node: ..;SIP: ..;...;PolicyVerdict: DENY;Tier: X`` with the same additions.
+Formatting is the hot path (every event), so records are decoded with one
+``struct.unpack_from`` and address and name strings are cached.
 """
 
 from __future__ import annotations

@@ -44,15 +44,35 @@ class Group:
 
 
 @dataclass(frozen=True)
+class ClusterHead:
+    """What every ClusterPolicyEndpoint of a ClusterNetworkPolicy copies from it."""
+
+    tier: str
+    priority: int
+    subject: Obj
+
+
+@dataclass(frozen=True)
 class Resolution:
     name: str
-    namespace: str
+    namespace: str  # "" for a ClusterNetworkPolicy
     types: list[str]
     pod_selector: Mapping[str, Any]
     groups: list[Group]
     egress: list[Obj]
+    cluster: ClusterHead | None = None  # set: ClusterPolicyEndpoints
 
     def spec(self, *, pods: Sequence[Obj], ingress: Sequence[Obj], egress: Sequence[Obj]) -> Obj:
+        if self.cluster is not None:
+            return {
+                "policyRef": {"name": self.name},
+                "tier": self.cluster.tier,
+                "priority": self.cluster.priority,
+                "subject": dict(self.cluster.subject),
+                "podSelectorEndpoints": list(pods),
+                "ingress": list(ingress),
+                "egress": list(egress),
+            }
         return {
             "policyRef": {"name": self.name, "namespace": self.namespace},
             "podSelector": dict(self.pod_selector),

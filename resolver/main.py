@@ -23,7 +23,16 @@ from pydantic import BaseModel
 from common import logs
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
-from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
+from common.kube import (
+    CLUSTER_NETWORK_POLICIES,
+    CLUSTER_POLICY_ENDPOINTS,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    PODS,
+    POLICY_ENDPOINTS,
+    SERVICES,
+    KubeClient,
+)
 from common.localapi import make_app, serve_unix, socket_path
 from common.supervisor import run_process, supervise
 from common.watching import WatchStats, list_watch, stalled_problems
@@ -107,7 +116,15 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
 
         watch_stats = {
             name: WatchStats()
-            for name in ("networkpolicies", "pods", "namespaces", "services", "policyendpoints")
+            for name in (
+                "networkpolicies",
+                "pods",
+                "namespaces",
+                "services",
+                "policyendpoints",
+                "clusternetworkpolicies",
+                "clusterpolicyendpoints",
+            )
         }
 
         def ready() -> list[str]:
@@ -136,9 +153,16 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             ("namespaces", NAMESPACES),
             ("services", SERVICES),
             ("policyendpoints", POLICY_ENDPOINTS),
+            ("clusternetworkpolicies", CLUSTER_NETWORK_POLICIES),
+            ("clusterpolicyendpoints", CLUSTER_POLICY_ENDPOINTS),
         ):
             tasks[f"watch-{name}"] = list_watch(
-                kube, resource, resolver.consumer(name), stats=watch_stats[name]
+                kube,
+                resource,
+                resolver.consumer(name),
+                stats=watch_stats[name],
+                # the ClusterNetworkPolicy CRDs may not be installed
+                optional=resource in (CLUSTER_NETWORK_POLICIES, CLUSTER_POLICY_ENDPOINTS),
             )
         log.info(
             "resolver.starting",

@@ -15,6 +15,7 @@ from prometheus_client import (
 )
 
 POLICY_TYPE = "NetworkPolicy"  # the controller's label value for NetworkPolicies
+CLUSTER_POLICY_TYPE = "ClusterNetworkPolicy"
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Keep every NetworkPolicy's PolicyEndpoints equal to its resolution.
+"""Keep every (Cluster)NetworkPolicy's (Cluster)PolicyEndpoints equal to its resolution.
+
+ClusterNetworkPolicies are handled like NetworkPolicies: key ("", name) (no
+NetworkPolicy has an empty namespace), their ClusterPolicyEndpoints written with the
+same layouts, and resolved again on any pod, namespace or service change.
 
 Four watches feed a snapshot of the cluster (NetworkPolicies, Pods, Namespaces,
 Services) and of the PolicyEndpoints this resolver owns (by ownerReference; their specs
@@ -23,11 +27,21 @@ from typing import Any
 
 import structlog
 
-from common.kube import POLICY_ENDPOINTS, KubeClient, KubeError, WatchEvent
+from common.clusterpolicyendpoint import KIND as CLUSTER_KIND
+from common.clusterpolicyendpoint import POLICY_KIND as CLUSTER_POLICY_KIND
+from common.kube import (
+    CLUSTER_POLICY_ENDPOINTS,
+    POLICY_ENDPOINTS,
+    KubeClient,
+    KubeError,
+    Resource,
+    WatchEvent,
+)
 from common.policyendpoint import API_VERSION, GROUP_ANNOTATION, KIND, TRIGGER_ANNOTATION
 from common.watching import Replacing
+from resolver.cluster import cluster_resolution
 from resolver.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
-from resolver.metrics import POLICY_TYPE, ResolverMetrics
+from resolver.metrics import CLUSTER_POLICY_TYPE, POLICY_TYPE, ResolverMetrics
 from resolver.resolve import World, pod_from, resolution, service_from
 from resolver.validate import InvalidPolicy
 
@@ -41,6 +55,15 @@ MANAGED_BY = ("app.kubernetes.io/managed-by", "np-resolver")
 def _key(obj: Obj) -> Key:
     meta = obj.get("metadata") or {}
     return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _endpoints_resource(namespace: str) -> Resource:
+    """Where a policy's objects live: cluster-scoped for a ClusterNetworkPolicy."""
+    return POLICY_ENDPOINTS if namespace else CLUSTER_POLICY_ENDPOINTS
+
+
+ENDPOINT_KINDS = ("policyendpoints", "clusterpolicyendpoints")
+POLICY_KINDS = ("networkpolicies", "clusternetworkpolicies")
 
 
 def _rv(obj: Obj) -> int:
@@ -103,11 +126,12 @@ class Resolver:
     def _set(self, kind: str, obj: Obj, deleted: bool) -> None:
         self._observe(obj)
         key = _key(obj)
-        if kind == "policyendpoints":
+        if kind in ENDPOINT_KINDS:
             self._set_endpoints(key, obj, deleted)
             return  # our own writes do not trigger a resolution
         {
             "networkpolicies": self._set_policy,
+            "clusternetworkpolicies": self._set_policy,
             "pods": self._set_pod,
             "namespaces": self._set_namespace,
             "services": self._set_service,
@@ -122,7 +146,7 @@ class Resolver:
         else:
             self.policies[key] = obj
             self._by_namespace[key[0]].add(key)
-            if _depends_on_world(obj):
+            if not key[0] or _depends_on_world(obj):  # a cluster policy's subjects do
                 self._world_bound.add(key)
         self.dirty.add(key)
 
@@ -182,11 +206,14 @@ class Resolver:
         live = {p["metadata"].get("uid", "") for p in self.policies.values()}
         keys = set(self.policies) if self.all_dirty else self.dirty & set(self.policies)
         self.dirty, self.all_dirty = set(), False
-        self.metrics.objects.labels(POLICY_TYPE).set(len(self.policies))
+        cluster_count = sum(1 for k in self.policies if not k[0])
+        self.metrics.objects.labels(POLICY_TYPE).set(len(self.policies) - cluster_count)
+        self.metrics.objects.labels(CLUSTER_POLICY_TYPE).set(cluster_count)
         for key in sorted(keys):
             policy = self.policies.get(key)
             if policy is None:
                 continue
+            kind = POLICY_TYPE if key[0] else CLUSTER_POLICY_TYPE
             started = time.monotonic()
             result = "error"
             try:
@@ -213,18 +240,20 @@ class Resolver:
                     effect="this policy's objects stay as they were",
                 )
             finally:
-                self.metrics.reconciliations.labels(POLICY_TYPE, result).inc()
-                self.metrics.reconcile_duration.labels(POLICY_TYPE).observe(
-                    time.monotonic() - started
-                )
+                self.metrics.reconciliations.labels(kind, result).inc()
+                self.metrics.reconcile_duration.labels(kind).observe(time.monotonic() - started)
         for uid in [u for u in self.owned if u not in live]:
-            for ns, name in list(self.owned[uid]):
+            for ns, name in list(self.owned.get(uid, {})):
                 await self._delete(ns, name, uid)  # orphans of deleted policies
 
     async def _sync_policy(self, policy: Obj, trigger: float) -> None:
         meta = policy["metadata"]
         uid = meta.get("uid", "")
-        res = resolution(policy, self.world)
+        namespace = meta.get("namespace", "")
+        if namespace:
+            res = resolution(policy, self.world)
+        else:
+            res = cluster_resolution(policy, self.world)
         current = sorted(self.owned.get(uid, {}).values(), key=lambda o: o["metadata"]["name"])
         by_name = {o["metadata"]["name"]: o for o in current}
         if self.layout == "controller":
@@ -262,27 +291,28 @@ class Resolver:
             if name is None:
                 await self._create(policy, d, trigger)
         for name in plan.deletes:
-            await self._delete(meta["namespace"], name, uid)
+            await self._delete(namespace, name, uid)
 
     # ---- writes -----------------------------------------------------------------------
     async def _create(self, policy: Obj, desired: Desired, trigger: float) -> None:
         meta = policy["metadata"]
+        namespace = meta.get("namespace", "")
         spec = desired.spec
         annotations = {TRIGGER_ANNOTATION: _rfc3339(trigger)}
         if desired.group:
             annotations[GROUP_ANNOTATION] = desired.group
         body = {
             "apiVersion": API_VERSION,
-            "kind": KIND,
+            "kind": KIND if namespace else CLUSTER_KIND,
             "metadata": {
                 "generateName": f"{meta['name']}-",
-                "namespace": meta["namespace"],
+                **({"namespace": namespace} if namespace else {}),
                 "labels": dict([MANAGED_BY]),
                 "annotations": annotations,
                 "ownerReferences": [
                     {
-                        "apiVersion": "networking.k8s.io/v1",
-                        "kind": "NetworkPolicy",
+                        "apiVersion": "networking.k8s.io/v1" if namespace else API_VERSION,
+                        "kind": "NetworkPolicy" if namespace else CLUSTER_POLICY_KIND,
                         "name": meta["name"],
                         "uid": meta.get("uid", ""),
                         "controller": True,
@@ -292,10 +322,10 @@ class Resolver:
             },
             "spec": spec,
         }
-        created = await self.kube.create(POLICY_ENDPOINTS, meta["namespace"], body)
+        created = await self.kube.create(_endpoints_resource(namespace), namespace or None, body)
         self.stats.creates += 1
         self.stats.writes += 1
-        self._set("policyendpoints", created, deleted=False)
+        self._set_endpoints(_key(created), created, deleted=False)
 
     async def _update(self, existing: Obj, desired: Desired, trigger: float) -> None:
         body = {k: v for k, v in existing.items() if k not in (SPEC_DIGEST, HELD_KEYS)}
@@ -308,23 +338,24 @@ class Resolver:
         if desired.group:
             annotations[GROUP_ANNOTATION] = desired.group
         body["metadata"]["annotations"] = annotations
-        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        ns, name = body["metadata"].get("namespace", ""), body["metadata"]["name"]
+        resource = _endpoints_resource(ns)
         try:
-            updated = await self.kube.replace(POLICY_ENDPOINTS, ns, name, body)
+            updated = await self.kube.replace(resource, ns or None, name, body)
         except KubeError as exc:
             if exc.status != 409:
                 raise
             self.stats.conflicts += 1
-            latest = await self.kube.get(POLICY_ENDPOINTS, ns, name)
-            self._set("policyendpoints", latest, deleted=False)
+            latest = await self.kube.get(resource, ns or None, name)
+            self._set_endpoints(_key(latest), latest, deleted=False)
             raise _Retry from None
         self.stats.updates += 1
         self.stats.writes += 1
-        self._set("policyendpoints", updated, deleted=False)
+        self._set_endpoints(_key(updated), updated, deleted=False)
 
     async def _delete(self, namespace: str, name: str, owner: str) -> None:
         try:
-            await self.kube.delete(POLICY_ENDPOINTS, namespace, name)
+            await self.kube.delete(_endpoints_resource(namespace), namespace or None, name)
         except KubeError as exc:
             if exc.status != 404:
                 raise
@@ -344,8 +375,14 @@ class _Consumer(Replacing):
     def replace(self, items: list[Obj]) -> None:
         r = self.resolver
         r.all_dirty = True
-        if self.kind == "policyendpoints":
-            r.owned.clear()
+        if self.kind in ENDPOINT_KINDS:
+            cluster = self.kind == "clusterpolicyendpoints"
+            for uid in list(r.owned):  # this kind's objects only: both share ``owned``
+                bucket = {k: v for k, v in r.owned[uid].items() if (not k[0]) != cluster}
+                if bucket:
+                    r.owned[uid] = bucket
+                else:
+                    del r.owned[uid]
         else:
             listed = {_key(i) for i in items}
             for obj in _snapshot(r, self.kind):
@@ -364,7 +401,9 @@ def _snapshot(r: Resolver, kind: str) -> list[Obj]:
     """Keys currently held for ``kind``, as minimal objects (for removals on re-list)."""
     keys: list[Key]
     if kind == "networkpolicies":
-        keys = list(r.policies)
+        keys = [k for k in r.policies if k[0]]
+    elif kind == "clusternetworkpolicies":
+        keys = [k for k in r.policies if not k[0]]
     elif kind == "pods":
         keys = list(r.world.pods)
     elif kind == "services":
@@ -426,7 +465,7 @@ def _owner_uid(obj: Obj) -> str | None:
     if (meta.get("labels") or {}).get(MANAGED_BY[0]) != MANAGED_BY[1]:
         return None
     for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") == "NetworkPolicy" and ref.get("controller"):
+        if ref.get("kind") in ("NetworkPolicy", CLUSTER_POLICY_KIND) and ref.get("controller"):
             return str(ref.get("uid", ""))
     return None
 

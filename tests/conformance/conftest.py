@@ -18,8 +18,10 @@ from tests.conformance.harness import LAYOUTS, CaseResult, Cluster, summary
 from tests.conformance.scenario import discover
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "conformance" / "cases"
-VENDORED = Path(__file__).parent / "cases"
+SHARED = REPO.parent / "shared" / "conformance"
+HERE = Path(__file__).parent
+# scenario directories: the shared ones if this checkout has them, else our copies
+CASE_SETS = ("cases", "cluster-cases")
 RESULTS: list[CaseResult] = []
 _GENERATED: list[Path] = []
 
@@ -31,7 +33,7 @@ def case_directories(config: pytest.Config) -> list[Path]:
             if not d.is_dir():
                 raise pytest.UsageError(f"--cases {d}: not a directory")
         return given
-    dirs = [SHARED if SHARED.is_dir() else VENDORED]
+    dirs = [SHARED / s if (SHARED / s).is_dir() else HERE / s for s in CASE_SETS]
     if not config.getoption("--no-generated"):
         if not _GENERATED:
             out = Path(tempfile.mkdtemp(prefix="np-generated-cases-"))

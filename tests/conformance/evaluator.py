@@ -7,6 +7,15 @@ namespace selects it and lists that direction in policyTypes; an isolated direct
 allows what any such policy's rules allow. Rules match peers (pod/namespace selectors, or
 ipBlock with except on the peer's address) and ports (none: all; a number, a range with
 endPort, or a name resolved on the destination pod's container ports).
+
+ClusterNetworkPolicies (docs/cluster-network-policy.md, "Verdict", with its "We"
+choices) come first and last: per direction, the Admin tier (the matching rules of the
+policies whose subject selects the pod: lowest priority wins, then Deny > Accept >
+Pass), then the NetworkPolicy tier if a NetworkPolicy isolates the direction, then the
+Baseline tier, then allow. A cluster rule matches a peer pod by ``namespaces`` or
+``pods`` selectors or ``networks`` (the pod's address in a CIDR) and a port by
+``portNumber``, ``portRange`` or ``namedPort`` (the destination pod has a container
+port of that name with the connection's number and protocol).
 """
 
 from __future__ import annotations
@@ -17,7 +26,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.conformance.scenario import Obj, PodKey, PodSpec, WorldSpec, api_defaults, render
+from tests.conformance.scenario import (
+    Obj,
+    PodKey,
+    PodSpec,
+    WorldSpec,
+    api_defaults,
+    cluster_defaults,
+    render,
+)
+
+_ACTION_RANK = {"Deny": 0, "Accept": 1, "Pass": 2}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -55,6 +74,7 @@ class Evaluator:
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[PodKey, _Pod] = field(default_factory=dict)
     policies: dict[tuple[str, str], Obj] = field(default_factory=dict)
+    cluster_policies: dict[str, Obj] = field(default_factory=dict)
 
     @classmethod
     def of(cls, world: WorldSpec, address_of: Callable[[PodKey], Address]) -> Evaluator:
@@ -80,6 +100,13 @@ class Evaluator:
             self.policies[(meta.get("namespace", "default"), meta["name"])] = policy
         elif kind == "delete_policy":
             self.policies.pop((arg.get("namespace", "default"), arg["name"]), None)
+        elif kind in ("create_cluster_policy", "update_cluster_policy"):
+            policy = cluster_defaults(
+                render(arg, address=self._addr_for_template, node_ip=self.node_ip)
+            )
+            self.cluster_policies[policy["metadata"]["name"]] = policy
+        elif kind == "delete_cluster_policy":
+            self.cluster_policies.pop(arg["name"], None)
         elif kind == "set_pod_labels":
             ns, name = arg["pod"].split("/")
             self.pods[(ns, name)].labels = dict(arg.get("labels") or {})
@@ -110,6 +137,90 @@ class Evaluator:
     def _direction_allows(
         self, subject: PodKey, peer: PodKey, port: int, protocol: str, *, egress: bool
     ) -> bool:
+        admin = self._tier("Admin", subject, peer, port, protocol, egress=egress)
+        if admin is not None:
+            return admin
+        isolated = self._networkpolicy(subject, peer, port, protocol, egress=egress)
+        if isolated is not None:
+            return isolated
+        baseline = self._tier("Baseline", subject, peer, port, protocol, egress=egress)
+        return True if baseline is None else baseline
+
+    # ---- cluster tiers ----------------------------------------------------------------
+    def _tier(
+        self, tier: str, subject: PodKey, peer: PodKey, port: int, protocol: str, *, egress: bool
+    ) -> bool | None:
+        """The tier's verdict: True (Accept), False (Deny), None (Pass or no match)."""
+        best: tuple[int, int] | None = None
+        destination = peer if egress else subject
+        for policy in self.cluster_policies.values():
+            spec = policy["spec"]
+            if spec["tier"] != tier or not self._cluster_selects(spec["subject"], subject):
+                continue
+            for rule in spec.get("egress" if egress else "ingress") or []:
+                peers = rule.get("to" if egress else "from") or []
+                if not any(self._cluster_peer(pe, peer) for pe in peers):
+                    continue
+                if not self._cluster_ports(rule.get("ports"), destination, port, protocol):
+                    continue
+                rank = (int(spec["priority"]), _ACTION_RANK[rule["action"]])
+                if best is None or rank < best:
+                    best = rank
+        if best is None or best[1] == _ACTION_RANK["Pass"]:
+            return None
+        return best[1] == _ACTION_RANK["Accept"]
+
+    def _cluster_selects(self, subject: Obj, pod: PodKey) -> bool:
+        if subject.get("namespaces") is not None:
+            return _label_selector_matches(subject["namespaces"], self.namespaces.get(pod[0], {}))
+        pods = subject["pods"]
+        return _label_selector_matches(
+            pods.get("namespaceSelector") or {}, self.namespaces.get(pod[0], {})
+        ) and _label_selector_matches(pods.get("podSelector") or {}, self.pods[pod].labels)
+
+    def _cluster_peer(self, peer: Obj, pod: PodKey) -> bool:
+        if peer.get("networks") is not None:
+            addr = self.pods[pod].address
+            return any(
+                addr.version == ipaddress.ip_network(n, strict=False).version
+                and addr in ipaddress.ip_network(n, strict=False)
+                for n in peer["networks"]
+            )
+        if peer.get("namespaces") is None and peer.get("pods") is None:
+            return False  # domainNames: never a pod
+        return self._cluster_selects(peer, pod)
+
+    def _cluster_ports(
+        self, ports: list[Obj] | None, destination: PodKey, port: int, protocol: str
+    ) -> bool:
+        if not ports:
+            return True
+        for p in ports:
+            if p.get("portNumber") is not None:
+                n = p["portNumber"]
+                if n.get("protocol", "TCP") == protocol and int(n["port"]) == port:
+                    return True
+            elif p.get("portRange") is not None:
+                r = p["portRange"]
+                if r.get("protocol", "TCP") == protocol and int(r["start"]) <= port <= int(
+                    r["end"]
+                ):
+                    return True
+            elif p.get("namedPort") is not None:
+                for cp in self.pods[destination].ports:
+                    if (
+                        cp.get("name") == p["namedPort"]
+                        and cp.get("protocol", "TCP") == protocol
+                        and int(cp["port"]) == port
+                    ):
+                        return True
+        return False
+
+    # ---- the NetworkPolicy tier -------------------------------------------------------
+    def _networkpolicy(
+        self, subject: PodKey, peer: PodKey, port: int, protocol: str, *, egress: bool
+    ) -> bool | None:
+        """None if no NetworkPolicy isolates the direction, else its verdict."""
         kind = "Egress" if egress else "Ingress"
         selecting = [
             p
@@ -121,7 +232,7 @@ class Evaluator:
             )
         ]
         if not selecting:
-            return True
+            return None
         destination = peer if egress else subject
         for policy in selecting:
             for rule in policy["spec"].get("egress" if egress else "ingress") or []:

@@ -31,6 +31,7 @@ from tests.conformance.scenario import (
     Scenario,
     WorldSpec,
     api_defaults,
+    cluster_defaults,
     expected,
     render,
 )
@@ -102,6 +103,8 @@ class Cluster:
     async def prepare(self, world: WorldSpec) -> None:
         for ns, name in list(self.store.objects[fs.NETWORK_POLICIES]):
             self.store.delete(fs.NETWORK_POLICIES, ns, name)
+        for _, name in list(self.store.objects[fs.CLUSTER_NETWORK_POLICIES]):
+            self.store.delete(fs.CLUSTER_NETWORK_POLICIES, "", name)
         wanted_ns = set(world.namespaces) | {p.namespace for p in world.pods}
         for ns in sorted(wanted_ns):
             labels = world.namespace_labels(ns)
@@ -180,6 +183,24 @@ class Cluster:
                 self.store.update(fs.NETWORK_POLICIES, ns, body["metadata"]["name"], body)
         elif kind == "delete_policy":
             self.store.delete(fs.NETWORK_POLICIES, arg.get("namespace", "default"), arg["name"])
+        elif kind in ("create_cluster_policy", "update_cluster_policy"):
+            body = cluster_defaults(
+                render(
+                    arg,
+                    address=lambda k: self.address(k, family),
+                    node_ip=str(self.sim.node_ipv4 if family == 4 else self.sim.node_ipv6),
+                )
+            )
+            name = body["metadata"]["name"]
+            body["metadata"].pop("namespace", None)
+            if kind == "create_cluster_policy":
+                self.store.create(fs.CLUSTER_NETWORK_POLICIES, None, body)
+            else:
+                current = self.store.get(fs.CLUSTER_NETWORK_POLICIES, "", name)
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                self.store.update(fs.CLUSTER_NETWORK_POLICIES, "", name, body)
+        elif kind == "delete_cluster_policy":
+            self.store.delete(fs.CLUSTER_NETWORK_POLICIES, "", arg["name"])
         elif kind == "set_pod_labels":
             ns, name = arg["pod"].split("/")
             self._set_labels((ns, name), dict(arg.get("labels") or {}))

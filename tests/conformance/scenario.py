@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fakekube.store import default_network_policy
+from fakekube.store import default_cluster_network_policy, default_network_policy
 
 Obj = dict[str, Any]
 PodKey = tuple[str, str]  # (namespace, name)
@@ -84,10 +84,9 @@ def load(path: Path) -> Scenario:
     world_raw = raw.get("world") or {}
     family = 6 if str(world_raw.get("family", "ipv4")).lower() == "ipv6" else 4
     if "namespaces" in world_raw or "pods" in world_raw:
-        world = WorldSpec(
-            family=family,
-            namespaces={k: dict(v or {}) for k, v in (world_raw.get("namespaces") or {}).items()},
-            pods=[
+        namespaces = {k: dict(v or {}) for k, v in (world_raw.get("namespaces") or {}).items()}
+        if "pods" in world_raw:
+            pods = [
                 PodSpec(
                     p["ns"],
                     p["name"],
@@ -95,8 +94,10 @@ def load(path: Path) -> Scenario:
                     tuple(p["ports"]) if p.get("ports") else DEFAULT_PORTS,
                 )
                 for p in world_raw.get("pods") or []
-            ],
-        )
+            ]
+        else:  # namespaces given (e.g. for their labels), pods not: the standard pods
+            pods = [PodSpec(ns, p, {"pod": p}) for ns in namespaces for p in ("a", "b", "c")]
+        world = WorldSpec(family=family, namespaces=namespaces, pods=pods)
         for p in world.pods:
             world.namespaces.setdefault(p.namespace, {})
     else:
@@ -164,6 +165,14 @@ def api_defaults(policy: Obj) -> Obj:
     """The API server's defaulting of a NetworkPolicy (as the fake API server does it)."""
     p = copy.deepcopy(policy)
     default_network_policy(p)
+    return p
+
+
+def cluster_defaults(policy: Obj) -> Obj:
+    """The CRD's defaulting of a ClusterNetworkPolicy (FORMAT-cluster.md: a portNumber or
+    portRange without protocol is TCP)."""
+    p = copy.deepcopy(policy)
+    default_cluster_network_policy(p)
     return p
 
 

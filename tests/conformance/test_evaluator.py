@@ -11,7 +11,7 @@ from tests.conformance.evaluator import Evaluator
 from tests.conformance.generator import generate
 from tests.conformance.scenario import PodKey, Scenario, discover, expected, load
 
-PUBLIC = [Path(__file__).parent / "cases"]
+PUBLIC = [Path(__file__).parent / "cases", Path(__file__).parent / "cluster-cases"]
 
 
 def synthetic_address(family: int):  # type: ignore[no-untyped-def]
