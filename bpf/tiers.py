@@ -189,10 +189,14 @@ def _tier(
 def _cuts(holding: tuple[ClusterRule, ...], nps: Portset | None, protocol: int) -> list[int]:
     """Where a decision may change along the protocol's ports (starts and ends + 1)."""
     cuts = {0, 65536}
-    for r in holding:
-        cuts.update(x for pr in r.ports if pr.protocol == protocol for x in (pr.start, pr.end + 1))
+    spans: list[tuple[int, int, int]] = [
+        (p.protocol, p.start, p.end) for r in holding for p in r.ports
+    ]
     if nps is not None:
-        cuts.update(x for pr in nps.rules if pr.protocol == protocol for x in (pr.start, pr.end + 1))
+        spans += [(r.protocol, r.start, r.end) for r in nps.rules]
+    for proto, start, end in spans:
+        if proto == protocol:
+            cuts.update((start, end + 1))
     return sorted(cuts)
 
 
