@@ -88,10 +88,18 @@ def test_defaults_render_the_node_agent_with_minimal_privileges() -> None:
         "bpffs": {"path": "/sys/fs/bpf", "type": "Directory"},
         "run": {"path": "/var/run/np-agent", "type": "DirectoryOrCreate"},
     }
-    assert (
-        one(objs, "CustomResourceDefinition")["metadata"]["name"]
-        == "policyendpoints.networking.k8s.aws"
-    )
+    crds = {o["metadata"]["name"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
+    assert sorted(crds) == [
+        "clusternetworkpolicies.networking.k8s.aws",
+        "clusterpolicyendpoints.networking.k8s.aws",
+        "policyendpoints.networking.k8s.aws",
+    ]
+    for name in ("clusternetworkpolicies", "clusterpolicyendpoints"):
+        crd = crds[f"{name}.networking.k8s.aws"]
+        assert crd["spec"]["scope"] == "Cluster"
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        assert spec["properties"]["tier"]["enum"] == ["Admin", "Baseline"]
+        assert spec["properties"]["priority"]["maximum"] == 1000
     assert not [o for o in objs if o["kind"] == "Deployment"]  # resolver off
 
 
@@ -106,8 +114,8 @@ def test_rbac_grants_exactly_the_verbs_used() -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {
             "apiGroups": ["networking.k8s.aws"],
-            "resources": ["policyendpoints"],
-            "verbs": ["list", "watch"],
+            "resources": ["policyendpoints", "clusterpolicyendpoints"],
+            "verbs": ["get", "list", "watch"],
         },
     ]
     resolver = one(objs, "ClusterRole", "resolver")
@@ -124,7 +132,12 @@ def test_rbac_grants_exactly_the_verbs_used() -> None:
         },
         {
             "apiGroups": ["networking.k8s.aws"],
-            "resources": ["policyendpoints"],
+            "resources": ["clusternetworkpolicies"],
+            "verbs": ["list", "watch"],
+        },
+        {
+            "apiGroups": ["networking.k8s.aws"],
+            "resources": ["policyendpoints", "clusterpolicyendpoints"],
             "verbs": ["get", "list", "watch", "create", "update", "delete"],
         },
     ]
@@ -261,7 +274,7 @@ def test_eks_values_give_the_reference_mounts_and_install_the_cli() -> None:
 
 
 def test_optional_parts() -> None:
-    objs = render({"crd": {"install": False}, "bpffs": {"mount": True}})
+    objs = render({"crd": {"install": False, "installCluster": False}, "bpffs": {"mount": True}})
     assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"]
     pod = one(objs, "DaemonSet")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
