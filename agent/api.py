@@ -29,6 +29,7 @@ from agent.hostnet import HostNet
 from agent.mapview import MapReader
 from agent.verdict import PROTOCOLS, decide
 from agent.worker import DatapathWorker
+from bpf import layout as lay
 from bpf.attach import attachment, ours
 from bpf.datapath import Datapath
 from common.apimodels import (
@@ -193,10 +194,12 @@ class AgentApi:
             egress=egress,
             policies=[
                 PolicyRefView(
-                    policyendpoint=f"{k[0]}/{k[1]}",
-                    policy=f"{e.policy[0]}/{e.policy[1]}",
+                    policyendpoint=_name(k),
+                    policy=_name(e.policy),
                     generation=e.generation,
                     programmed_generation=programmed.get(f"{k[0]}/{k[1]}"),
+                    tier=_TIERS[e.cluster.tier] if e.cluster else None,
+                    priority=e.cluster.priority if e.cluster else None,
                 )
                 for k, e in sorted(current.items())
             ],
@@ -211,6 +214,8 @@ class AgentApi:
                 PolicyView(
                     namespace=e.policy[0],
                     name=e.policy[1],
+                    tier=_TIERS[e.cluster.tier] if e.cluster else None,
+                    priority=e.cluster.priority if e.cluster else None,
                     policyendpoints={},
                     pods=[],
                     rejected={},
@@ -378,6 +383,14 @@ class AgentApi:
             if not done:
                 pending.append(f"{ref[0]}/{ref[1]}")
         return pending
+
+
+_TIERS = {lay.NP_TIER_ADMIN: "Admin", lay.NP_TIER_BASELINE: "Baseline"}
+
+
+def _name(ref: tuple[str, str]) -> str:
+    """namespace/name; a cluster-scoped object by its name alone."""
+    return f"{ref[0]}/{ref[1]}" if ref[0] else ref[1]
 
 
 def _ref(text: str) -> PodRef:

@@ -471,7 +471,12 @@ class Enforcer:
             if previous.get(key) != e.generation:
                 self.metrics.observe_setup(namespace=e.namespace, name=e.name, ms=elapsed_ms)
                 if e.trigger_time:
-                    self.metrics.programming_latency.observe(max(0.0, now - e.trigger_time))
+                    latency = (
+                        self.metrics.cluster_programming_latency
+                        if e.cluster
+                        else self.metrics.programming_latency
+                    )
+                    latency.observe(max(0.0, now - e.trigger_time))
         for key in set(previous) - set(st.programmed):
             ns, name = key.split("/", 1)
             self.metrics.observe_teardown(namespace=ns, name=name, ms=elapsed_ms)

@@ -35,7 +35,7 @@ class MapReader:
             trie = self.dp.read_trie(trie_id)
             if trie is not None:
                 view.rules = [
-                    RuleView(cidr=str(p), ports=self._ports(ps))
+                    RuleView(cidr=str(p), ports=self._ports(ps), other=self._other(ps))
                     for p, ps in sorted(trie.entries.items())
                 ]
         return view
@@ -55,10 +55,25 @@ class MapReader:
                 protocol=lay.PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
                 start_port=r.start,
                 end_port=r.end,
-                policy=self.dp.policy_name(r.policy_id),
+                policy=self.dp.policy_name(r.policy_id) if r.policy_id else "",
+                tier=lay.TIER_NAMES.get(r.tier, str(r.tier)),
+                verdict="DENY" if r.deny else "ALLOW",
             )
             for r in ps.rules
         ]
+
+    def _other(self, ps: Portset) -> PortRuleView | None:
+        d = ps.other
+        if d is None:
+            return None
+        return PortRuleView(
+            protocol="ANY",
+            start_port=0,
+            end_port=65535,
+            policy=self.dp.policy_name(d.policy_id) if d.policy_id else "",
+            tier=lay.TIER_NAMES.get(d.tier, str(d.tier)),
+            verdict="ALLOW" if d.allowed else "DENY",
+        )
 
     def snapshot(self, req: ExplainRequest, ifindex: int) -> Snapshot:
         """What explain's decision reads from the live maps."""

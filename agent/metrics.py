@@ -25,6 +25,13 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cluster_programming_latency = Histogram(
+            "awsnodeagent_cluster_policy_programming_latency_seconds",
+            "Time from a ClusterPolicyEndpoint change (networking.k8s.aws/"
+            "last-change-trigger-time) to its rules being in force for a pod",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.setup_latency = Summary(
             "awsnodeagent_policy_setup_latency_ms",
             "Time to program the pods of a PolicyEndpoint, ms",

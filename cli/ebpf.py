@@ -1,8 +1,8 @@
 """``ebpf`` commands: what the kernel holds, read directly (the agent need not run).
 
 Output layouts follow the reference CLI (``aws-eks-na-cli ebpf progs | maps |
-loaded-ebpfdata | dump-maps <id>``), so existing runbooks keep working; ``--json`` gives
-the same data as objects.
+loaded-ebpfdata | dump-maps <id> | dump-cp-maps <id>``), so existing runbooks keep
+working; ``--json`` gives the same data as objects.
 """
 
 from __future__ import annotations
@@ -236,7 +236,9 @@ def dump(pinned: Pinned, map_id: int) -> dict[str, Any]:
         }
 
 
-def _dump_rules(pinned: Pinned, trie: Map) -> list[dict[str, Any]]:
+def _dump_rules(pinned: Pinned, trie: Map, *, decisions: bool = False) -> list[dict[str, Any]]:
+    """Each prefix with its port rules; ``decisions``: every decision (with its tier
+    and verdict, the other-ports one too), not only what NetworkPolicy allows."""
     policies = _policy_names(pinned)
     with pinned.open(lay.MAP_PORTSETS) as raw_sets:
         portsets = TypedMap(raw_sets, lay.u32, lay.NpPortset)
@@ -266,6 +268,18 @@ def _dump_rules(pinned: Pinned, trie: Map) -> list[dict[str, Any]]:
                         "start_port": r.start,
                         "end_port": r.end,
                         "policy": policies.get(r.policy_id, ""),
+                        **_decision(r.tier, int(not r.deny), raw=decisions),
+                    }
+                )
+            if decisions and ps.other is not None:
+                values.append(
+                    {
+                        "protocol": "ANY PROTOCOL",
+                        "start_port": 0,
+                        "end_port": 65535,
+                        "policy": policies.get(ps.other.policy_id, ""),
+                        "tier": ps.other.tier,
+                        "verdict": ps.other.verdict,
                     }
                 )
             out.append({"cidr": str(prefix), "values": values})
@@ -273,6 +287,16 @@ def _dump_rules(pinned: Pinned, trie: Map) -> list[dict[str, Any]]:
         out,
         key=lambda e: (ipaddress.ip_network(e["cidr"]).version, ipaddress.ip_network(e["cidr"])),
     )
+
+
+def _decision(tier: int, verdict: int, *, raw: bool) -> dict[str, Any]:
+    """A rule's decision: raw numbers, or for dump-maps only what differs from a
+    NetworkPolicy allow (a folded tier's decision), named."""
+    if raw:
+        return {"tier": tier, "verdict": verdict}
+    if verdict == lay.NP_VERDICT_DENY or tier != lay.NP_TIER_NETWORK_POLICY:
+        return {"verdict": "ALLOW" if verdict else "DENY", "tier": lay.TIER_NAMES[tier]}
+    return {}
 
 
 def render_dump(result: dict[str, Any]) -> str:
@@ -299,9 +323,81 @@ def render_dump(result: dict[str, Any]) -> str:
             ]
             if v["policy"]:
                 lines.append(f"Policy -  {v['policy']}")
+            if "verdict" in v:
+                lines.append(f"Verdict -  {v['verdict']} ({v['tier']})")
             lines.append("-------------------")
         chunks.append("\n".join(lines))
     return "              *     ".join([*chunks, "Done reading all entries"])
+
+
+# ---- dump-cp-maps --------------------------------------------------------------------------
+# The reference's ClusterNetworkPolicy maps hold, per prefix, entries whose "Priority" is
+# priority * 10 + action (Deny 0, Accept 1, Pass 2), Baseline entries 2000 higher. Ours
+# hold the tiers already folded (Pass is resolved away): each range an Admin or Baseline
+# rule decides is shown the reference's way.
+_CP_ACTION = {lay.NP_VERDICT_DENY: 0, lay.NP_VERDICT_ALLOW: 1}
+_CP_TIER = {lay.NP_TIER_ADMIN: ("Admin", 0), lay.NP_TIER_BASELINE: ("Baseline", 2000)}
+
+
+def dump_cp(pinned: Pinned, map_id: int, priorities: dict[str, int]) -> dict[str, Any]:
+    """The cluster-tier decisions of a rule trie (a pod direction's ``trie`` id, as
+    ``loaded-ebpfdata`` and ``np-cli pods`` show it). ``priorities``: each
+    ClusterNetworkPolicy's priority by name (from the agent; empty if it is not running:
+    the priority is then unknown)."""
+    try:
+        m = Map.from_id(map_id)
+    except BpfError as exc:
+        raise CliError(f"no map with id {map_id}: {exc.strerror}") from None
+    with m:
+        if m.type != MAP_TYPE_LPM_TRIE or m.key_size != 24:
+            raise CliError(f"map {map_id} ({m.name}) is not a rule trie")
+        entries = []
+        for e in _dump_rules(pinned, m, decisions=True):
+            values = []
+            for v in e["values"]:
+                tier = _CP_TIER.get(v["tier"])
+                if tier is None:
+                    continue
+                prio = priorities.get(v["policy"])
+                values.append(
+                    {
+                        "protocol": v["protocol"],
+                        "start_port": v["start_port"],
+                        "end_port": v["end_port"],
+                        "tier": tier[0],
+                        "action": "Deny" if v["verdict"] == lay.NP_VERDICT_DENY else "Accept",
+                        "policy": v["policy"],
+                        "priority": (
+                            prio * 10 + _CP_ACTION[v["verdict"]] + tier[1]
+                            if prio is not None
+                            else None
+                        ),
+                    }
+                )
+            if values:
+                entries.append({"cidr": e["cidr"], "values": values})
+        return {"kind": "cluster-rules", "id": map_id, "entries": entries}
+
+
+def render_dump_cp(result: dict[str, Any]) -> str:
+    chunks = []
+    for e in result["entries"]:
+        lines = [f"Key: {e['cidr']}"]
+        for i, v in enumerate(e["values"]):
+            prio = v["priority"] if v["priority"] is not None else "? (agent not running)"
+            lines += [
+                "-------------------",
+                f"Entry {i}:",
+                f"Protocol  - {v['protocol']}",
+                f"Priority  - {prio}",
+                f"StartPort - {v['start_port']}",
+                f"EndPort   - {v['end_port']}",
+                f"Action    - {v['tier']} {v['action']} ({v['policy']})",
+                "-------------------",
+            ]
+        lines.append("*******************************")
+        chunks.append("\n".join(lines))
+    return "\n".join([*chunks, "Done reading all entries"])
 
 
 # ---- conntrack -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from common.apimodels import (
     PodView,
     PolicyView,
     ProcessStats,
+    RuleView,
     WaitResult,
 )
 from common.localapi import (
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     ebsub.add_parser("loaded-ebpfdata", parents=[common], help="per pod programs and maps")
     dm = ebsub.add_parser("dump-maps", parents=[common], help="dump a map by id")
     dm.add_argument("map_id", type=int)
+    dcp = ebsub.add_parser(
+        "dump-cp-maps", parents=[common], help="a rule trie's ClusterNetworkPolicy decisions"
+    )
+    dcp.add_argument("map_id", type=int)
     return p
 
 
@@ -166,7 +171,7 @@ async def _run(args: argparse.Namespace) -> int:
         flows = await client.get("/v1/flows", Flows, params={"limit": str(args.n)})
         _emit(args, flows, "\n".join(f.get("line", "") for f in flows.root))
     elif args.command == "ebpf":
-        return _ebpf(args)
+        return await _ebpf(args)
     return 0
 
 
@@ -213,7 +218,17 @@ async def _conntrack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ebpf(args: argparse.Namespace) -> int:
+async def _cluster_priorities(args: argparse.Namespace) -> dict[str, int]:
+    """Each ClusterNetworkPolicy's priority, from the agent if it runs (else none)."""
+    agent = LocalClient(socket_path(args.runtime_dir, AGENT_SOCKET), process="agent")
+    try:
+        pols = await agent.get("/v1/policies", Policies, timeout=3)
+    except (Unavailable, ApiError):
+        return {}
+    return {p.name: p.priority for p in pols.root if p.tier and p.priority is not None}
+
+
+async def _ebpf(args: argparse.Namespace) -> int:
     pinned = Pinned(args.bpf_pin_root)
     cmd = args.ebpf_command
     if cmd == "progs":
@@ -228,6 +243,9 @@ def _ebpf(args: argparse.Namespace) -> int:
     elif cmd == "dump-maps":
         dump = ebpf.dump(pinned, args.map_id)
         _emit(args, dump, ebpf.render_dump(dump))
+    elif cmd == "dump-cp-maps":
+        dump = ebpf.dump_cp(pinned, args.map_id, await _cluster_priorities(args))
+        _emit(args, dump, ebpf.render_dump_cp(dump))
     return 0
 
 
@@ -291,16 +309,45 @@ def render_pod(p: PodView) -> str:
         f"(ingress #{p.ingress_prog_id}, egress #{p.egress_prog_id})",
         f"programmed: {'yes' if p.programmed else 'no'}" + (f" ({p.error})" if p.error else ""),
     ]
-    for ref in p.policies:
+    networkpolicies = [r for r in p.policies if r.tier is None]
+    cluster = [r for r in p.policies if r.tier is not None]
+    if networkpolicies:
+        out.append("NetworkPolicies:")
+    for ref in networkpolicies:
         out.append(
             f"  {ref.policyendpoint} ({ref.policy}) generation {ref.generation}, "
             f"programmed {ref.programmed_generation}"
+        )
+    if cluster:
+        out.append("ClusterNetworkPolicies:")
+    for ref in sorted(cluster, key=lambda r: (r.tier != "Admin", r.priority, r.policy)):
+        out.append(
+            f"  {ref.tier} priority {ref.priority}: {ref.policy} ({ref.policyendpoint}) "
+            f"generation {ref.generation}, programmed {ref.programmed_generation}"
         )
     for name, d in (("ingress", p.ingress), ("egress", p.egress)):
         if d is None:
             continue
         out.append(f"{name}: {d.state}" + (f" (trie {d.trie_id})" if d.trie_id else ""))
-        for rule in d.rules:
+        out += _render_rules(d.rules)
+    return "\n".join(out)
+
+
+_TIER_TITLES = {
+    "ADMIN": "Admin",
+    "NETWORK_POLICY": "NetworkPolicy",
+    "BASELINE": "Baseline",
+    "DEFAULT": "default",
+    "ERROR": "undecidable",
+}
+
+
+def _render_rules(rules: list[RuleView]) -> list[str]:
+    """A direction's entries; with ClusterNetworkPolicy tiers, each decision names its
+    tier and policy, so that cluster rules read apart from NetworkPolicy's."""
+    out = []
+    for rule in rules:
+        if rule.other is None:  # NetworkPolicy only
             ports = (
                 ", ".join(
                     f"{r.protocol} {r.start_port}-{r.end_port} ({r.policy})" for r in rule.ports
@@ -308,7 +355,15 @@ def render_pod(p: PodView) -> str:
                 or "nothing (except)"
             )
             out.append(f"  {rule.cidr}: {ports}")
-    return "\n".join(out)
+            continue
+        out.append(f"  {rule.cidr}:")
+        for r in [*rule.ports, rule.other]:
+            where = (
+                "other ports" if r is rule.other else f"{r.protocol} {r.start_port}-{r.end_port}"
+            )
+            who = f" {r.policy}" if r.policy else ""
+            out.append(f"    [{_TIER_TITLES.get(r.tier, r.tier)}{who}] {where}: {r.verdict}")
+    return out
 
 
 def render_wait(res: WaitResult) -> str:
@@ -322,6 +377,10 @@ def render_wait(res: WaitResult) -> str:
 
 def render_explain(r: ExplainResult) -> str:
     text = f"{r.verdict}: {r.summary}"
+    if r.tier:
+        text += f"\n  tier: {r.tier}"
+        if r.priority is not None:
+            text += f" (priority {r.priority}, action {r.action})"
     if r.policyendpoints:
         text += "\n  decided by: " + ", ".join(r.policyendpoints)
     return text

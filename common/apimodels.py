@@ -13,10 +13,13 @@ class _Model(BaseModel):
 
 
 class PortRuleView(_Model):
-    protocol: str  # TCP | UDP | SCTP | ANY
+    protocol: str  # TCP | UDP | SCTP | ANY (with "other": every port no rule covers)
     start_port: int
     end_port: int
-    policy: str  # namespace/name, or "" if unknown
+    policy: str  # namespace/name (a ClusterNetworkPolicy: name), or "" if none
+    # the decision: who decided (ADMIN, NETWORK_POLICY, BASELINE, DEFAULT) and how
+    tier: str = "NETWORK_POLICY"
+    verdict: Literal["ALLOW", "DENY"] = "ALLOW"
 
 
 class RuleView(_Model):
@@ -24,6 +27,9 @@ class RuleView(_Model):
 
     cidr: str
     ports: list[PortRuleView]
+    # folded ClusterNetworkPolicy tiers: what every port and protocol the rules above
+    # do not cover gets (None: denied, as NetworkPolicy has it)
+    other: PortRuleView | None = None
 
 
 class DirectionView(_Model):
@@ -33,10 +39,12 @@ class DirectionView(_Model):
 
 
 class PolicyRefView(_Model):
-    policyendpoint: str  # namespace/name
-    policy: str  # namespace/name of the NetworkPolicy
+    policyendpoint: str  # namespace/name (a ClusterPolicyEndpoint: name)
+    policy: str  # namespace/name of the NetworkPolicy (a ClusterNetworkPolicy: name)
     generation: int  # current (from the API)
     programmed_generation: int | None  # in force on the node (None: not yet)
+    tier: str | None = None  # Admin | Baseline for a ClusterNetworkPolicy
+    priority: int | None = None
 
 
 class PodView(_Model):
@@ -60,8 +68,10 @@ class PodView(_Model):
 
 
 class PolicyView(_Model):
-    namespace: str
+    namespace: str  # "" for a ClusterNetworkPolicy
     name: str
+    tier: str | None = None  # Admin | Baseline for a ClusterNetworkPolicy
+    priority: int | None = None
     policyendpoints: dict[str, int]  # name -> generation
     pods: list[str]  # local pods it selects (namespace/name)
     rejected: dict[str, str]  # policyendpoint name -> reason
