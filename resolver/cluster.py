@@ -23,7 +23,6 @@ and does better where the doc says it is wrong:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -203,10 +202,6 @@ def _entry(cidr: str, ports: list[Obj], action: str) -> Entry:
     return e
 
 
-def _host_cidr(ip: str) -> str:
-    return f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
-
-
 def _ingress(world: World, rules: Sequence[Mapping[str, Any]], subject: Pod | None) -> list[Entry]:
     out: list[Entry] = []
     for rule in rules:
@@ -218,7 +213,7 @@ def _ingress(world: World, rules: Sequence[Mapping[str, Any]], subject: Pod | No
             for pod in _select_pods(
                 world, namespaces=peer.get("namespaces"), pods=peer.get("pods")
             ):
-                out += [_entry(_host_cidr(ip), ports, action) for ip in pod.ips]
+                out += [_entry(ip, ports, action) for ip in pod.ips]
     return _dedupe(out)
 
 
@@ -245,7 +240,7 @@ def _egress(world: World, rules: Sequence[Mapping[str, Any]]) -> list[Entry]:
             ):
                 ports = _ports(rule_ports, on=pod)
                 if ports is not None:
-                    out += [_entry(_host_cidr(ip), ports, action) for ip in pod.ips]
+                    out += [_entry(ip, ports, action) for ip in pod.ips]
             if fixed is not None:
                 out += _services(world, peer, fixed, action)
     return _dedupe(out)
@@ -281,7 +276,7 @@ def _services(world: World, peer: Mapping[str, Any], ports: list[Obj], action: s
                 continue
         else:
             svc_ports = []
-        out += [_entry(_host_cidr(ip), _dedupe(svc_ports), action) for ip in svc.cluster_ips]
+        out += [_entry(ip, _dedupe(svc_ports), action) for ip in svc.cluster_ips]
     return out
 
 
