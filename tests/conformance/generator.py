@@ -1,7 +1,9 @@
 """Generate conformance scenarios in the spirit of cyclonus: a base policy varied one aspect
 at a time (targets, peers, ports and protocols, endPort, directions, stacking, pod and
-namespace label changes, create/delete, IPv6). Expectations come from the reference
-evaluator; the scenarios are written in the public format, so the same harness runs them.
+namespace label changes, create/delete, IPv6), and ClusterNetworkPolicy families (tiers x
+actions x directions, priorities, peers, ports, label changes, NetworkPolicy interplay).
+Expectations come from the reference evaluator; the scenarios are written in the public
+format (FORMAT.md, FORMAT-cluster.md), so the same harness runs them.
 
     python -m tests.conformance.generator OUTDIR
 """
@@ -535,10 +537,371 @@ def all_scenarios() -> list[Obj]:
     return out
 
 
+# ---- ClusterNetworkPolicy families -------------------------------------------------------
+def cnp(
+    name: str,
+    *,
+    tier: str = "Admin",
+    priority: int = 10,
+    subject: Obj | None = None,
+    ingress: list[Obj] | None = None,
+    egress: list[Obj] | None = None,
+) -> Obj:
+    """A ClusterNetworkPolicy; the subject defaults to pod x/a."""
+    spec: Obj = {
+        "tier": tier,
+        "priority": priority,
+        "subject": subject or _pods_peer("x", "a"),
+    }
+    if ingress is not None:
+        spec["ingress"] = ingress
+    if egress is not None:
+        spec["egress"] = egress
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+def _ns_sel(ns: str) -> Obj:
+    return {"matchLabels": {"kubernetes.io/metadata.name": ns}}
+
+
+def _pods_peer(ns: str | None, pod: str) -> Obj:
+    return {
+        "pods": {
+            "namespaceSelector": _ns_sel(ns) if ns else {},
+            "podSelector": {"matchLabels": {"pod": pod}},
+        }
+    }
+
+
+def _rule(direction: str, action: str, peers: list[Obj], ports: list[Obj] | None = None) -> Obj:
+    rule: Obj = {"action": action, "from" if direction == "ingress" else "to": peers}
+    if ports:
+        rule["ports"] = ports
+    return rule
+
+
+def _cluster_policy(
+    name: str, direction: str, rule: Obj, *, tier: str = "Admin", priority: int = 10
+) -> Obj:
+    if direction == "ingress":
+        return cnp(name, tier=tier, priority=priority, ingress=[rule])
+    return cnp(name, tier=tier, priority=priority, egress=[rule])
+
+
+CLUSTER_PEERS: list[tuple[str, Obj]] = [
+    ("ns-y", {"namespaces": _ns_sel("y")}),
+    ("pods-b-anywhere", _pods_peer(None, "b")),
+    ("pods-c-in-z", _pods_peer("z", "c")),
+]
+CLUSTER_PORTS: list[tuple[str, list[Obj]]] = [
+    ("tcp-80", [{"portNumber": {"protocol": "TCP", "port": 80}}]),
+    ("udp-81", [{"portNumber": {"protocol": "UDP", "port": 81}}]),
+    ("range-80-81", [{"portRange": {"start": 80, "end": 81}}]),
+    ("named-serve-81-tcp", [{"namedPort": "serve-81-tcp"}]),
+    ("mixed", [{"portNumber": {"protocol": "UDP", "port": 80}}, {"namedPort": "serve-81-tcp"}]),
+]
+
+
+def _isolating() -> tuple[Obj, Obj]:
+    """NetworkPolicies isolating x/a ingress and egress, allowing only pod b."""
+    isolate_in = policy(
+        "np-in", "x", ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]
+    )
+    isolate_out = policy(
+        "np-out",
+        "x",
+        egress=[{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}],
+        types=["Egress"],
+    )
+    return isolate_in, isolate_out
+
+
+def _cnp_tiers() -> list[Obj]:
+    out: list[Obj] = []
+    isolate_in, isolate_out = _isolating()
+    # tiers x actions x directions, beside a NetworkPolicy isolating that direction
+    for tier in ("Admin", "Baseline"):
+        for action in ("Accept", "Deny", "Pass"):
+            for direction in ("ingress", "egress"):
+                rule = _rule(direction, action, [{"namespaces": _ns_sel("y")}])
+                steps = [
+                    [{"create_cluster_policy": _cluster_policy("c", direction, rule, tier=tier)}],
+                    [{"create_policy": isolate_in if direction == "ingress" else isolate_out}],
+                    [{"delete_cluster_policy": {"name": "c"}}],
+                ]
+                out.append(
+                    scenario(
+                        f"gen-cnp-{tier.lower()}-{action.lower()}-{direction}",
+                        f"{tier} {action} {direction} x/a <-> namespace y, then a "
+                        f"NetworkPolicy isolating x/a, then the cluster policy deleted",
+                        steps,
+                    )
+                )
+    return out
+
+
+def _cnp_priorities() -> list[Obj]:
+    out: list[Obj] = []
+    isolate_in, _ = _isolating()
+    # priorities: two Admin policies on one peer, actions and priorities varied
+    for first, second in (("Deny", "Accept"), ("Accept", "Pass"), ("Pass", "Deny")):
+        for p1, p2 in ((5, 10), (10, 10), (10, 5)):
+            steps = [
+                [
+                    {"create_policy": isolate_in},
+                    {
+                        "create_cluster_policy": _cluster_policy(
+                            "one",
+                            "ingress",
+                            _rule("ingress", first, [_pods_peer(None, "c")]),
+                            priority=p1,
+                        )
+                    },
+                    {
+                        "create_cluster_policy": _cluster_policy(
+                            "two",
+                            "ingress",
+                            _rule("ingress", second, [_pods_peer("y", "c")]),
+                            priority=p2,
+                        )
+                    },
+                ],
+                [
+                    {
+                        "update_cluster_policy": _cluster_policy(
+                            "two",
+                            "ingress",
+                            _rule("ingress", second, [_pods_peer("y", "c")]),
+                            priority=p1 + p2,
+                        )
+                    }
+                ],
+            ]
+            out.append(
+                scenario(
+                    f"gen-cnp-priority-{first.lower()}{p1}-{second.lower()}{p2}",
+                    f"Admin {first} at {p1} and {second} at {p2} on y/c into x/a, then the "
+                    f"second moved to {p1 + p2}",
+                    steps,
+                )
+            )
+    # one policy, Accept then Deny for the same peer: Deny wins (AWS semantics)
+    out.append(
+        scenario(
+            "gen-cnp-one-policy-accept-then-deny",
+            "one Admin policy: Accept y, then Deny all namespaces "
+            "(Deny > Accept at equal priority)",
+            [
+                [
+                    {
+                        "create_cluster_policy": cnp(
+                            "both",
+                            ingress=[
+                                _rule("ingress", "Accept", [{"namespaces": _ns_sel("y")}]),
+                                _rule("ingress", "Deny", [{"namespaces": {}}]),
+                            ],
+                        )
+                    }
+                ]
+            ],
+        )
+    )
+    return out
+
+
+def _cnp_peers() -> list[Obj]:
+    out: list[Obj] = []
+    # peers x direction x tier
+    for pname, peer in CLUSTER_PEERS:
+        for direction in ("ingress", "egress"):
+            for tier, action in (("Admin", "Deny"), ("Baseline", "Deny")):
+                out.append(
+                    scenario(
+                        f"gen-cnp-peer-{pname}-{direction}-{tier.lower()}",
+                        f"{tier} {action} {direction} for x/a with peer {pname}",
+                        [
+                            [
+                                {
+                                    "create_cluster_policy": _cluster_policy(
+                                        "c", direction, _rule(direction, action, [peer]), tier=tier
+                                    )
+                                }
+                            ]
+                        ],
+                    )
+                )
+    for family in (4, 6):
+        for direction in ("ingress", "egress"):
+            nets = ["{{host y/b}}", "{{host z/c}}"] if direction == "egress" else None
+            if nets is None:
+                continue  # networks are egress peers only
+            out.append(
+                scenario(
+                    f"gen-cnp-networks-egress-v{family}",
+                    "Admin Deny egress from every pod of x to two host networks, then "
+                    "Accept at a lower number for one of them",
+                    [
+                        [
+                            {
+                                "create_cluster_policy": cnp(
+                                    "nets",
+                                    subject={"namespaces": _ns_sel("x")},
+                                    egress=[_rule("egress", "Deny", [{"networks": nets}])],
+                                )
+                            }
+                        ],
+                        [
+                            {
+                                "create_cluster_policy": cnp(
+                                    "let-b",
+                                    priority=1,
+                                    subject={"namespaces": _ns_sel("x")},
+                                    egress=[
+                                        _rule("egress", "Accept", [{"networks": ["{{host y/b}}"]}])
+                                    ],
+                                )
+                            }
+                        ],
+                    ],
+                    family=family,
+                )
+            )
+    return out
+
+
+def _cnp_ports() -> list[Obj]:
+    out: list[Obj] = []
+    # ports x direction
+    for portname, ports in CLUSTER_PORTS:
+        for direction in ("ingress", "egress"):
+            out.append(
+                scenario(
+                    f"gen-cnp-ports-{portname}-{direction}",
+                    f"Admin Deny {direction} x/a <-> namespace y on {portname}",
+                    [
+                        [
+                            {
+                                "create_cluster_policy": _cluster_policy(
+                                    "c",
+                                    direction,
+                                    _rule(direction, "Deny", [{"namespaces": _ns_sel("y")}], ports),
+                                )
+                            }
+                        ]
+                    ],
+                    probes=PROBES_ALL,
+                )
+            )
+    return out
+
+
+def _cnp_changes() -> list[Obj]:
+    out: list[Obj] = []
+    isolate_in, isolate_out = _isolating()
+    # label changes move pods and namespaces in and out of subjects and peers
+    out.append(
+        scenario(
+            "gen-cnp-labels-pod-and-namespace",
+            "Admin Deny into pods labelled pod=a from namespaces labelled env=dev; labels move",
+            [
+                [
+                    {
+                        "create_cluster_policy": cnp(
+                            "dev",
+                            subject={
+                                "pods": {
+                                    "namespaceSelector": {},
+                                    "podSelector": {"matchLabels": {"pod": "a"}},
+                                }
+                            },
+                            ingress=[
+                                _rule(
+                                    "ingress",
+                                    "Deny",
+                                    [{"namespaces": {"matchLabels": {"env": "dev"}}}],
+                                )
+                            ],
+                        )
+                    },
+                    {"set_namespace_labels": {"namespace": "y", "labels": {"env": "dev"}}},
+                ],
+                [{"set_pod_labels": {"pod": "z/b", "labels": {"pod": "a"}}}],
+                [{"set_namespace_labels": {"namespace": "y", "labels": {}}}],
+                [{"set_namespace_labels": {"namespace": "x", "labels": {"env": "dev"}}}],
+            ],
+        )
+    )
+    # NetworkPolicy interplay: an ingress-only NetworkPolicy leaves egress to Baseline
+    out.append(
+        scenario(
+            "gen-cnp-baseline-egress-beside-ingress-only-networkpolicy",
+            "Baseline Deny egress from x/a to y; an ingress-only NetworkPolicy on x/a does not "
+            "lift it (upstream semantics, not AWS's)",
+            [
+                [
+                    {
+                        "create_cluster_policy": cnp(
+                            "base",
+                            tier="Baseline",
+                            egress=[_rule("egress", "Deny", [{"namespaces": _ns_sel("y")}])],
+                        )
+                    }
+                ],
+                [{"create_policy": isolate_in}],
+                [{"create_policy": isolate_out}],
+            ],
+        )
+    )
+    out.append(
+        scenario(
+            "gen-cnp-tier-moves",
+            "an Accept from y into x/a moves Admin -> Baseline -> Admin beside a NetworkPolicy "
+            "allowing only pod b",
+            [
+                [{"create_policy": isolate_in}],
+                [
+                    {
+                        "create_cluster_policy": cnp(
+                            "m",
+                            ingress=[_rule("ingress", "Accept", [{"namespaces": _ns_sel("y")}])],
+                        )
+                    }
+                ],
+                [
+                    {
+                        "update_cluster_policy": cnp(
+                            "m",
+                            tier="Baseline",
+                            ingress=[_rule("ingress", "Accept", [{"namespaces": _ns_sel("y")}])],
+                        )
+                    }
+                ],
+                [
+                    {
+                        "update_cluster_policy": cnp(
+                            "m", ingress=[_rule("ingress", "Pass", [{"namespaces": _ns_sel("y")}])]
+                        )
+                    }
+                ],
+                [{"delete_policy": {"name": "np-in", "namespace": "x"}}],
+            ],
+        )
+    )
+    return out
+
+
+def cluster_scenarios() -> list[Obj]:
+    return [
+        s
+        for family in (_cnp_tiers(), _cnp_priorities(), _cnp_peers(), _cnp_ports(), _cnp_changes())
+        for s in family
+    ]
+
+
 def generate(outdir: Path) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for doc in all_scenarios():
+    for doc in all_scenarios() + cluster_scenarios():
         path = outdir / f"{doc['name']}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         paths.append(path)
