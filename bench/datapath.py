@@ -10,6 +10,10 @@ never changes: it is the limit ("no program"). Node A takes each configuration i
   iptables-N   FORWARD: established accept, then N `-s CIDR -j ACCEPT` rules for the
                server's veth (the client's last), then drop
   nftables-N   one interval set of the same N CIDRs, `ip saddr @allowed accept`, drop
+  ebpf-tiered  ebpf-1000 plus ClusterNetworkPolicy tiers on the server's ingress: 100
+               Admin and 100 Baseline policies of 100 CIDRs each (Deny, Accept and Pass,
+               some on ports; an Admin Pass holds the client), folded with the 1k
+               NetworkPolicy CIDRs into one trie. Target: within 1.2x of ebpf-1000.
 
 For every configuration and metric, runs on B and on A alternate (B, A, B, A, ...);
 the figure is median(A) / median(B). Metrics, each from a native tool pinned to one core
@@ -23,8 +27,8 @@ During every run the CPU used by other user-space processes is recorded; a run w
 they used more than 5% of a core is flagged noisy (the table says which).
 
 Also the programs' own cost per packet from BPF_PROG_TEST_RUN with 1k, 100k and 1M
-trie entries: a new flow (trie lookup, port rules, denied) and an established one
-(conntrack hit).
+trie entries, and with the tiered configuration: a new flow (trie lookup, port rules,
+denied) and an established one (conntrack hit).
 
     python -m bench.datapath [--quick] [--runs N] [--seconds S] [--json PATH] [--chart PNG]
 """
@@ -60,7 +64,8 @@ from bench.common import (
 from bpf import layout as lay
 from bpf.attach import attach, detach
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
-from bpf.ruleset import PeerRule, compile_rules
+from bpf.ruleset import CompiledRules, Decision, PeerRule, PortRange, Prefix, compile_rules
+from bpf.tiers import ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, ClusterRule, compile_tiers
 from common.netlink import Netlink
 from simnode import packets as pk
 from simnode.node import SimNode, SimPod
@@ -76,6 +81,32 @@ def cidrs(n: int, client: ipaddress.IPv4Address) -> list[ipaddress.IPv4Network]:
     base = int(ipaddress.IPv4Address("11.0.0.0"))
     out = [ipaddress.IPv4Network((base + i * 16, 28)) for i in range(n - 1)]
     return [*out, ipaddress.IPv4Network((int(client), 32))]
+
+
+TIERED_POLICIES = 100  # Admin policies, and as many Baseline ones
+TIERED_CIDRS = 100  # CIDRs per policy
+
+
+def tiered(client: ipaddress.IPv4Address) -> tuple[CompiledRules, int]:
+    """The server's ingress with every tier: (folded trie, cluster CIDRs). The client's
+    /32 is in the 1k NetworkPolicy CIDRs and under an Admin Pass on its /16 (so its
+    packets take the folded path); the cluster CIDRs are /24s elsewhere."""
+    rules: list[ClusterRule] = []
+    base = int(ipaddress.IPv4Address("100.64.0.0"))
+    actions = (ACTION_DENY, ACTION_ACCEPT, ACTION_PASS)
+    n = 0
+    for tier in (lay.NP_TIER_ADMIN, lay.NP_TIER_BASELINE):
+        for p in range(TIERED_POLICIES):
+            ports = (PortRange(lay.NP_PROTO_TCP, 443, 443),) if p % 4 == 0 else ()
+            for _ in range(TIERED_CIDRS):
+                cidr = Prefix(lay.NP_FAMILY_IPV4, 24, base + n * 256)
+                rules.append(ClusterRule(cidr, ports, tier, p * 10, actions[p % 3], 100 + p))
+                n += 1
+    holder = Prefix(lay.NP_FAMILY_IPV4, 16, (int(client) >> 16) << 16)
+    rules.append(ClusterRule(holder, (), lay.NP_TIER_ADMIN, 0, ACTION_PASS, 99))
+    np = compile_rules([PeerRule(c) for c in cidrs(1000, client)])
+    default = Decision(lay.NP_VERDICT_ALLOW, lay.NP_TIER_DEFAULT, lay.NP_REASON_DEFAULT_ALLOW)
+    return compile_tiers(rules, networkpolicy=np, default=default), n + 1
 
 
 @dataclass
@@ -202,14 +233,17 @@ class Configs:
                 subprocess.run, in_netns(ns, None, argv), capture_output=True, check=False
             )
 
-    async def ebpf(self, n: int) -> None:
+    async def ebpf(self, n: int, *, tiers: bool = False) -> None:
         if self.dp is None:
             self.dp = Datapath.open(self.pin_root, ct_entries=262144)
             self.dp.set_event_flags(emit_deny=False, emit_allow=False)
             self.client_id = self.dp.register_pod(namespace="b", name="client", uid="c")
             self.server_id = self.dp.register_pod(namespace="b", name="server", uid="s")
         dp = self.dp
-        rules = compile_rules([PeerRule(c) for c in cidrs(n, self.node.client.ipv4)])
+        if tiers:
+            rules, _ = tiered(self.node.client.ipv4)
+        else:
+            rules = compile_rules([PeerRule(c) for c in cidrs(n, self.node.client.ipv4)])
         dp.program_pods(
             {
                 self.node.client.ifindex: PodPolicy(self.client_id, ALLOW_ALL, ALLOW_ALL),
@@ -262,9 +296,9 @@ table inet bench {{
         await self.clear()
         started = time.monotonic()
         kind, _, size = name.partition("-")
-        n = int(size) if size else 0
+        n = int(size) if size.isdigit() else 0
         if kind == "ebpf":
-            await self.ebpf(n)
+            await self.ebpf(n, tiers=size == "tiered")
         elif kind == "iptables":
             await asyncio.to_thread(self.iptables, n)
         elif kind == "nftables":
@@ -288,10 +322,17 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
     try:
         dp.set_event_flags(emit_deny=False, emit_allow=False)
         pid = dp.register_pod(namespace="b", name="pod", uid="p")
-        for n in sizes:
-            nets = cidrs(n, peer_in)
+        for n in (*(str(size) for size in sizes), "tiered"):
             started = time.monotonic()
-            rules = compile_rules([PeerRule(c) for c in nets])
+            if n == "tiered":
+                rules, entries = tiered(peer_in)
+                # the denied peer: in a /24 of Admin policy 3 (Deny, every port)
+                first = int(ipaddress.IPv4Address("100.64.0.0"))
+                denied_peer = ipaddress.IPv4Address(first + 3 * TIERED_CIDRS * 256 + 1)
+            else:
+                nets = cidrs(int(n), peer_in)
+                rules, entries = compile_rules([PeerRule(c) for c in nets]), len(nets)
+                denied_peer = peer_out
             dp.program_pods(
                 {
                     1: PodPolicy(
@@ -301,7 +342,7 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
             )
             dp.collect_garbage()
             load = time.monotonic() - started
-            denied = pk.packet(src=peer_out, dst=pod_ip, protocol=pk.TCP, dport=80)
+            denied = pk.packet(src=denied_peer, dst=pod_ip, protocol=pk.TCP, dport=80)
             allowed = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=80)
             new = dp.ingress_prog.test_run(denied, ifindex=1, repeat=repeat)
             dp.ingress_prog.test_run(allowed, ifindex=1)  # tracked from now on
@@ -310,7 +351,9 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
                 raise RuntimeError(f"unexpected verdicts {new.retval}, {est.retval}")
             out.append(
                 {
-                    "entries": len(nets),
+                    "config": "tiered" if n == "tiered" else f"networkpolicy-{n}",
+                    "entries": entries,
+                    "trie_entries": len(rules.entries),
                     "new_flow_ns": new.duration_ns,
                     "established_ns": est.duration_ns,
                     "program_seconds": round(load, 2),
@@ -325,7 +368,11 @@ def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
 # ---- the run ----------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = (1, 1000) if args.quick else (1, 1000, 10000, 100000)
-    configs = ["none", *(f"{k}-{n}" for k in ("ebpf", "iptables", "nftables") for n in sizes)]
+    configs = [
+        "none",
+        *(f"{k}-{n}" for k in ("ebpf", "iptables", "nftables") for n in sizes),
+        "ebpf-tiered",
+    ]
     runs = args.runs or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     tag = uuid.uuid4().hex[:4]
@@ -423,13 +470,44 @@ def report(figures: dict[str, Any]) -> None:
     print("Per packet (BPF_PROG_TEST_RUN, ingress program)")
     print(
         table(
-            ["trie entries", "new flow ns", "established ns", "program s"],
+            ["config", "CIDRs", "trie entries", "new flow ns", "established ns", "program s"],
             [
-                [c["entries"], c["new_flow_ns"], c["established_ns"], c["program_seconds"]]
+                [
+                    c.get("config", ""),
+                    c["entries"],
+                    c.get("trie_entries", c["entries"]),
+                    c["new_flow_ns"],
+                    c["established_ns"],
+                    c["program_seconds"],
+                ]
                 for c in figures["per_packet"]
             ],
         )
     )
+    tiers = tiered_vs_networkpolicy(figures)
+    if tiers:
+        print()
+        print("Tiered (100 Admin + 100 Baseline policies x 100 CIDRs + 1k NetworkPolicy CIDRs)")
+        print("against NetworkPolicy only (1k CIDRs), same run; target <= 1.2x:")
+        print(table(["measure", "tiered / networkpolicy-only"], [[k, v] for k, v in tiers.items()]))
+
+
+def tiered_vs_networkpolicy(figures: dict[str, Any]) -> dict[str, float]:
+    """Cost ratios of the tiered configuration to the 1k NetworkPolicy one (>1: dearer):
+    per-packet times, and the inverse of the connection and request rates."""
+    out: dict[str, float] = {}
+    by = {c.get("config"): c for c in figures.get("per_packet", [])}
+    t, np = by.get("tiered"), by.get("networkpolicy-1000")
+    if t and np:
+        out["new flow ns"] = round(t["new_flow_ns"] / np["new_flow_ns"], 3)
+        out["established ns"] = round(t["established_ns"] / np["established_ns"], 3)
+    cfg = figures.get("configs", {})
+    if "ebpf-tiered" in cfg and "ebpf-1000" in cfg:
+        for m in ("rr", "cps"):
+            mine, theirs = cfg["ebpf-tiered"][m]["ratio"], cfg["ebpf-1000"][m]["ratio"]
+            if mine:
+                out[f"1 / {m}"] = round(theirs / mine, 3)
+    return out
 
 
 def main(

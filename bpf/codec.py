@@ -87,6 +87,45 @@ def portset_from_map(raw: lay.NpPortset) -> Portset:
     return Portset(rules=rules, other=other)
 
 
+def inline_value(ps: Portset) -> int | None:
+    """The np_lpm_value of a port set that decides every port and protocol alike (no
+    port set needed: see NP_LPM_INLINE), or None."""
+    if ps.rules:
+        return None
+    if ps.any_policy is not None:
+        d = Decision(
+            lay.NP_VERDICT_ALLOW, lay.NP_TIER_NETWORK_POLICY, lay.NP_REASON_RULE, ps.any_policy
+        )
+    elif ps.other is not None:
+        d = ps.other
+    else:
+        return None
+    if d.policy_id > lay.NP_LPM_INLINE_POLICY_MASK:
+        return None
+    return (
+        lay.NP_LPM_INLINE
+        | (d.verdict & 1) << 30
+        | (d.tier & 0xF) << 26
+        | (d.reason & 0xF) << 22
+        | d.policy_id
+    )
+
+
+def inline_portset(value: int) -> Portset:
+    """The port set an inline np_lpm_value stands for (see :func:`inline_value`)."""
+    d = Decision(
+        (value >> 30) & 1,
+        (value >> 26) & 0xF,
+        (value >> 22) & 0xF,
+        value & lay.NP_LPM_INLINE_POLICY_MASK,
+    )
+    if d == Decision(
+        lay.NP_VERDICT_ALLOW, lay.NP_TIER_NETWORK_POLICY, lay.NP_REASON_RULE, d.policy_id
+    ):
+        return Portset(any_policy=d.policy_id)
+    return Portset(other=d)
+
+
 def policy_ids(portset: Portset) -> set[int]:
     """The policy ids a port set carries (0, none, excluded)."""
     ids = {r.policy_id for r in portset.rules}

@@ -113,8 +113,15 @@ struct np_lpm_key {
 _Static_assert(sizeof(struct np_lpm_key) == 24, "np_lpm_key size");
 
 struct np_lpm_value {
-	__u32 portset_id;       /* np_portsets key; NP_PORTSET_NONE: nothing allowed */
+	__u32 portset_id;       /* np_portsets key; NP_PORTSET_NONE: nothing allowed;
+	                         * with NP_LPM_INLINE: the decision itself (below) */
 };
+/* A prefix whose every port and protocol gets one decision (an allow-all NetworkPolicy
+ * peer, an Admin Deny of all traffic, ...) carries it in the value, no port set looked
+ * up: bit 31 set, bit 30 verdict, bits 26-29 tier, bits 22-25 reason, bits 0-21 the
+ * policy id (NP_MAX_POLICIES fits). Port-set ids never reach bit 31. */
+#define NP_LPM_INLINE (1U << 31)
+#define NP_LPM_INLINE_POLICY_MASK ((1U << 22) - 1)
 _Static_assert(sizeof(struct np_lpm_value) == 4, "np_lpm_value size");
 
 /* np_portsets: port-set id -> rules. Content-addressed and immutable: the agent writes

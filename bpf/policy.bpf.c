@@ -269,6 +269,15 @@ static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule
 		d->tier = NP_TIER_NETWORK_POLICY;
 		return;
 	}
+	if (match->portset_id & NP_LPM_INLINE) {
+		__u32 v = match->portset_id;
+
+		d->policy_id = v & NP_LPM_INLINE_POLICY_MASK;
+		d->verdict = (v >> 30) & 1;
+		d->tier = (v >> 26) & 0xf;
+		d->reason = (v >> 22) & 0xf;
+		return;
+	}
 	decided = np_ports_decide(match->portset_id, flow->protocol, rule_port, port_known);
 	d->policy_id = (__u32)decided;
 	d->verdict = (__u8)(decided >> 32);

@@ -26,6 +26,8 @@ import structlog
 from bpf import layout as lay
 from bpf.codec import (
     U32_PACK,
+    inline_portset,
+    inline_value,
     lpm_key_bytes,
     policy_ids,
     portset_from_map,
@@ -48,6 +50,9 @@ class Trie:
     digest: bytes
     portsets: frozenset[int]
     refs: int = 0
+    # policy ids its entries carry inline (no port set: see NP_LPM_INLINE), referenced
+    # in the registry while the trie lives
+    policies: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -90,13 +95,15 @@ class RuleStore:
         live: set[int] = set()
         for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
-            entries = self.read_trie(trie_id)
-            if entries is None:
+            read = self._read_trie(trie_id)
+            if read is None:
                 continue
+            entries, ids, inline = read
             live.add(trie_id)
             if not os.path.exists(self.pins.trie(trie_id)):
                 self._pin_trie(trie_id)  # state from before tries were pinned
-            trie = Trie(trie_id, entries.digest(), frozenset(self._ids_of(entries)))
+            trie = Trie(trie_id, entries.digest(), frozenset(ids), policies=frozenset(inline))
+            next_policy = max(next_policy, max(trie.policies, default=0) + 1)
             self.tries[trie_id] = trie
             self._trie_by_key[trie.digest] = trie_id
             for ps_id in trie.portsets:
@@ -112,6 +119,20 @@ class RuleStore:
     def reference_adopted_policies(self) -> None:
         for portset in self._portsets:
             self.names.reference_policies(policy_ids(portset), +1)
+        for trie in self.tries.values():
+            self.names.reference_policies(trie.policies, +1)
+
+    def _new_trie(self, trie_id: int, compiled: CompiledRules) -> Trie:
+        """The bookkeeping of a trie built here: the port sets it references and the
+        policies it carries inline."""
+        portsets: set[int] = set()
+        policies: set[int] = set()
+        for ps in set(compiled.entries.values()):
+            if inline_value(ps) is not None:
+                policies |= policy_ids(ps)
+            elif not ps.allows_nothing:
+                portsets.add(self._portsets[ps].id)
+        return Trie(trie_id, compiled.digest(), frozenset(portsets), policies=frozenset(policies))
 
     # ---- references from pod records ------------------------------------------------
     def ref(self, trie_ids: Iterable[int], delta: int) -> None:
@@ -154,12 +175,12 @@ class RuleStore:
                 )
                 installed = True
                 for trie_id, compiled, _ in new:
-                    key = compiled.digest()
-                    trie = Trie(trie_id, key, frozenset(self._ids_of(compiled)))
+                    trie = self._new_trie(trie_id, compiled)
                     self.tries[trie_id] = trie
-                    self._trie_by_key[key] = trie_id
+                    self._trie_by_key[trie.digest] = trie_id
                     for ps_id in trie.portsets:
                         self._portset_ref(ps_id).refs += 1
+                    self.names.reference_policies(trie.policies, +1)
         finally:
             for trie_id, _, m in new:
                 m.close()  # the outer map holds its own reference
@@ -177,24 +198,27 @@ class RuleStore:
             flags=BPF_F_NO_PREALLOC,
         )
         try:
-            ids = self._portsets
             keys = b"".join(lpm_key_bytes(p) for p in compiled.entries)
-            values = b"".join(
-                U32_PACK.pack(lay.NP_PORTSET_NONE if ps.allows_nothing else ids[ps].id)
-                for ps in compiled.entries.values()
-            )
+            values = b"".join(U32_PACK.pack(self._value(ps)) for ps in compiled.entries.values())
             trie.update_batch(keys, values)
         except BaseException:
             trie.close()
             raise
         return trie
 
+    def _value(self, ps: Portset) -> int:
+        """A trie entry's np_lpm_value: the decision inline, no port set, or its id."""
+        inline = inline_value(ps)
+        if inline is not None:
+            return inline
+        return lay.NP_PORTSET_NONE if ps.allows_nothing else self._portsets[ps].id
+
     def _install_portsets(self, compiled: CompiledRules) -> None:
         keys = bytearray()
         values = bytearray()
         added: list[Portset] = []
         for ps in set(compiled.entries.values()):
-            if ps.allows_nothing or ps in self._portsets:
+            if ps.allows_nothing or ps in self._portsets or inline_value(ps) is not None:
                 continue
             ps_id = self._next_portset
             self._next_portset += 1
@@ -210,11 +234,6 @@ class RuleStore:
     def _portset_ref(self, portset_id: int) -> _PortsetRef:
         return self._portsets[self._portset_by_id[portset_id]]
 
-    def _ids_of(self, compiled: CompiledRules) -> Iterable[int]:
-        for ps in compiled.entries.values():
-            if not ps.allows_nothing:
-                yield self._portsets[ps].id
-
     # ---- the end of tries and port sets -------------------------------------------
     def collect_garbage(self) -> tuple[int, int]:
         """Remove retired tries, then port sets no trie uses. Returns (tries, portsets)."""
@@ -228,6 +247,7 @@ class RuleStore:
                 del self._trie_by_key[t.digest]
                 for ps_id in t.portsets:
                     self._portset_ref(ps_id).refs -= 1
+                self.names.reference_policies(t.policies, -1)
         unused = [(ps, ref) for ps, ref in self._portsets.items() if ref.refs <= 0]
         if unused:
             self.portsets.raw.delete_batch(b"".join(bytes(U32(ref.id)) for _, ref in unused))
@@ -262,12 +282,18 @@ class RuleStore:
     def read_trie(self, trie_id: int) -> CompiledRules | None:
         """A trie's entries as stored in the kernel, port sets included: read from the
         maps, not from this object's bookkeeping (what explain and the CLI show)."""
+        read = self._read_trie(trie_id)
+        return read[0] if read is not None else None
+
+    def _read_trie(self, trie_id: int) -> tuple[CompiledRules, set[int], set[int]] | None:
+        """(entries, port-set ids referenced, policy ids carried inline)."""
         raw = self.rules.lookup(bytes(U32(trie_id)))
         if raw is None:
             return None
         inner_id = int.from_bytes(raw, "little")
         out = CompiledRules()
         portsets: dict[int, Portset] = {}
+        inline: set[int] = set()
         try:
             inner = Map.from_pin(self.pins.trie(trie_id))
         except BpfError as exc:
@@ -279,9 +305,14 @@ class RuleStore:
                 key = lay.NpLpmKey.from_buffer_copy(k)
                 ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id
                 if ps_id not in portsets:
-                    portsets[ps_id] = self.read_portset(ps_id)
+                    if ps_id & lay.NP_LPM_INLINE:
+                        portsets[ps_id] = inline_portset(ps_id)
+                        inline |= policy_ids(portsets[ps_id])
+                    else:
+                        portsets[ps_id] = self.read_portset(ps_id)
                 out.entries[prefix_from_key(key)] = portsets[ps_id]
-        return out
+        ids = {i for i in portsets if i != lay.NP_PORTSET_NONE and not i & lay.NP_LPM_INLINE}
+        return out, ids, inline
 
     def read_portset(self, portset_id: int) -> Portset:
         if portset_id == lay.NP_PORTSET_NONE:

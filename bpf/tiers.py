@@ -234,4 +234,8 @@ def _portset(
             f"{where}: {len(out)} distinct port ranges after folding the tiers, "
             f"the datapath holds at most {NP_MAX_PORT_RULES} per CIDR"
         )
+    if not out and other == Decision(
+        NP_VERDICT_ALLOW, NP_TIER_NETWORK_POLICY, NP_REASON_RULE, other.policy_id
+    ):
+        return Portset(any_policy=other.policy_id)  # what NetworkPolicy alone writes
     return Portset(rules=tuple(out), other=other)

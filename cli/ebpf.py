@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bpf import layout as lay
-from bpf.codec import meta_name, meta_ref, portset_from_map, prefix_from_key
+from bpf.codec import inline_portset, meta_name, meta_ref, portset_from_map, prefix_from_key
 from bpf.errors import BpfError
 from bpf.inspect import program_ids
 from bpf.maps import MAP_TYPE_LPM_TRIE, Map, TypedMap
@@ -247,7 +247,9 @@ def _dump_rules(pinned: Pinned, trie: Map, *, decisions: bool = False) -> list[d
         for k, v in trie.items():
             prefix = prefix_from_key(lay.NpLpmKey.from_buffer_copy(k))
             ps_id = lay.NpLpmValue.from_buffer_copy(v).portset_id
-            if ps_id and ps_id not in cache:
+            if ps_id & lay.NP_LPM_INLINE:
+                cache[ps_id] = inline_portset(ps_id)
+            elif ps_id and ps_id not in cache:
                 raw = portsets.lookup(lay.u32(ps_id))
                 cache[ps_id] = portset_from_map(raw) if raw is not None else Portset()
             ps = cache.get(ps_id, Portset())

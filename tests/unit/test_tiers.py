@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpf import layout as lay
-from bpf.codec import portset_from_map, portset_to_map
+from bpf.codec import inline_portset, inline_value, portset_from_map, portset_to_map
 from bpf.errors import RuleLimitError
 from bpf.ruleset import CompiledRules, Decision, PeerRule, PortRange, Prefix, compile_rules
 from bpf.tiers import (
@@ -84,8 +84,13 @@ def walk(c: CompiledRules, addr: Address, protocol: int, port: int | None) -> De
     prefix = c.lookup(addr)
     if prefix is None:
         return Decision(DENY, lay.NP_TIER_NETWORK_POLICY, lay.NP_REASON_NO_PEER_MATCH)
-    # through the map bytes, as the datapath reads them
-    return portset_from_map(portset_to_map(c.entries[prefix])).decide(protocol, port)
+    # through the map bytes, as the datapath reads them: the decision inline in the trie
+    # value where one decision covers everything, else the port set
+    ps = c.entries[prefix]
+    value = inline_value(ps)
+    if value is not None:
+        return inline_portset(value).decide(protocol, port)
+    return portset_from_map(portset_to_map(ps)).decide(protocol, port)
 
 
 def test_admin_deny_beats_accept_at_equal_priority_and_lower_number_wins() -> None:
