@@ -42,8 +42,14 @@ async def test_demo_walks_through_the_policies_and_cleans_up() -> None:
     # the real processes did the work: programmed signal, explain, flow-log lines
     assert text.count("np-agent reports every pod programmed") == 6, text
     assert "why: 10.66.0.3 is in no CIDR allowed for the ingress of default/demo-app" in text
-    assert "Proto TCP Verdict DENY Direction ingress Pod default/demo-app Policy -" in text
-    assert "Dest Port: 53 Proto UDP Verdict DENY Direction egress Pod default/client-one" in text
+    assert (
+        "Proto TCP Verdict DENY Direction ingress, Tier NETWORK_POLICY Pod default/demo-app "
+        "Policy -" in text
+    )
+    assert (
+        "Dest Port: 53 Proto UDP Verdict DENY Direction egress, Tier NETWORK_POLICY "
+        "Pod default/client-one" in text
+    )
     assert _leftovers(proc.pid) == []
 
 
