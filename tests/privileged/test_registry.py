@@ -16,7 +16,8 @@ from bpf import layout as lay
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.maps import Map, TypedMap
 from bpf.registry import TableFullError
-from bpf.ruleset import PeerRule, PortRange, compile_rules
+from bpf.ruleset import Decision, PeerRule, PortRange, Prefix, compile_rules
+from bpf.tiers import ACTION_DENY, ClusterRule, compile_tiers
 
 SMALL = 8
 
@@ -224,5 +225,56 @@ def test_an_upgrade_that_grows_the_counters_recreates_them(pin_root: str) -> Non
         assert dp.stats()["ct_revoked"] == 0
         with Map.from_pin(os.path.join(pin_root, "maps", lay.MAP_STATS)) as pinned:
             assert pinned.raw_value_size == ctypes.sizeof(lay.NpStats)
+    finally:
+        dp.close()
+
+
+def _admin_deny(policy_id: int) -> DirectionPolicy:
+    """An Admin Deny of all traffic from 10/8: folded, its prefixes carry the decision
+    inline in the trie (no port set)."""
+    folded = compile_tiers(
+        [
+            ClusterRule(
+                Prefix.of(ipaddress.ip_network("10.0.0.0/8")),
+                (),
+                lay.NP_TIER_ADMIN,
+                1,
+                ACTION_DENY,
+                policy_id,
+            )
+        ],
+        networkpolicy=None,
+        default=Decision(lay.NP_VERDICT_ALLOW, lay.NP_TIER_DEFAULT, lay.NP_REASON_DEFAULT_ALLOW),
+    )
+    return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, folded)
+
+
+def test_inline_decisions_hold_their_policy_names_through_churn_and_restart(
+    small: None, pin_root: str, clock: Clock
+) -> None:
+    dp = _open(pin_root, clock)
+    try:
+        pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+        # churn past the policy table's capacity: each round a new cluster policy
+        for i in range(SMALL * 3):
+            pid = dp.policy_id(namespace="", name=f"cnp-{i}")
+            ingress = _admin_deny(pid)
+            dp.program_pods({4242: PodPolicy(pod_id, ingress, ALLOW_ALL)})
+            dp.collect_garbage()
+            clock.now += dp.names.grace + 1
+            dp.free_ids()
+            assert _policy_names(dp) == {pid: f"cnp-{i}"}, "the live one kept, the last freed"
+            assert list(dp.portsets.items()) == [], "decisions inline: no port set"
+            rec = dp.pod_record(4242)
+            assert rec is not None
+            assert dp.read_trie(rec.ingress_trie) == ingress.rules
+    finally:
+        dp.close()
+    dp = _open(pin_root, clock)  # a restart adopts the trie and what it carries inline
+    try:
+        clock.now += dp.names.grace + 1
+        dp.free_ids()
+        assert _policy_names(dp) == {pid: f"cnp-{SMALL * 3 - 1}"}
+        assert dp.policy_id(namespace="", name="next") > pid
     finally:
         dp.close()
