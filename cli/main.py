@@ -134,11 +134,12 @@ async def _run(args: argparse.Namespace) -> int:
             args,
             pols,
             table(
-                ["NAMESPACE", "POLICY", "POLICYENDPOINTS", "LOCAL PODS", "REJECTED"],
+                ["NAMESPACE", "POLICY", "TIER", "POLICYENDPOINTS", "LOCAL PODS", "REJECTED"],
                 [
                     [
-                        p.namespace,
+                        p.namespace or "(cluster)",
                         p.name,
+                        f"{p.tier} {p.priority}" if p.tier else "-",
                         ", ".join(f"{k}@{v}" for k, v in p.policyendpoints.items()),
                         ", ".join(p.pods),
                         "; ".join(f"{k}: {v}" for k, v in p.rejected.items()),

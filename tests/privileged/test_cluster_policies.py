@@ -308,3 +308,28 @@ def _map_id(rig: AgentRig, trie_id: int) -> int:
 
     with Map.from_pin(f"{rig.pin_root}/tries/{trie_id}") as m:
         return m.id
+
+
+async def test_rule_chunk_before_the_pod_chunk_is_fetched(rig: AgentRig) -> None:
+    """The controller's layout at chunk size 1: a rule-only ClusterPolicyEndpoint arrives
+    while its policy lists no local pod (kept as a stub), then the pod-only one makes it
+    relevant: the rule chunk is fetched again by name (cluster-scoped)."""
+    server, client = await rig.add_pod("server"), await rig.add_pod("client")
+    await rig.start_agent()
+    await rig.ready()
+    case = [(client, server, 80, "TCP", 4), (client, server, 80, "TCP", 6)]
+    rules = cpe(rig, "split-aaaaa", policy="split", tier="Admin", priority=1, subjects=[])
+    rules["spec"]["ingress"] = entries("Deny", client)
+    apply(rig, rules)
+    await rig.settle_agent()
+    assert await rig.matrix(case) == [True, True]
+    apply(rig, cpe(rig, "split-bbbbb", policy="split", tier="Admin", priority=1, subjects=[server]))
+    await rig.converge(case, [False, False])
+    assert await _logged(rig, "policyendpoint.fetching")
+    shown = await rig.acli("policies")
+    assert shown.returncode == 0, shown.stderr
+    line = next(ln for ln in shown.stdout.splitlines() if "split" in ln)
+    assert "(cluster)" in line
+    assert "Admin 1" in line
+    rig.api.store.delete(fs.CLUSTER_POLICY_ENDPOINTS, "", "split-aaaaa")
+    await rig.converge(case, [True, True])
