@@ -13,9 +13,8 @@ import ipaddress
 from typing import Any, NamedTuple
 
 from common.cidr import Cidr
-from common.cidr import parse as fast_cidr
 from common.echo import bounded
-from common.policyendpoint import PolicyEndpointError, PortSpec, _ports
+from common.policyendpoint import PolicyEndpointError, PortSpec, _ports, entry_cidr
 
 KIND = "ClusterPolicyEndpoint"
 POLICY_KIND = "ClusterNetworkPolicy"
@@ -72,16 +71,10 @@ def _entries(raw: Any, where: str) -> tuple[list[ClusterEntry], int]:
         action = entry.get("action")
         if action not in ACTIONS:
             raise ValueError(f"{loc}.action: {bounded(action)} is not Accept, Deny or Pass")
-        text = entry.get("cidr")
-        if text is None or (isinstance(text, str) and not text.strip()):
-            if entry.get("domainName"):
-                domains += 1
-                continue
-            raise ValueError(f"{loc}: cidr is required")
-        try:
-            cidr = fast_cidr(text)
-        except ValueError as exc:
-            raise ValueError(f"{loc}.cidr: {exc}") from None
+        cidr = entry_cidr(entry, loc)
+        if cidr is None:
+            domains += 1
+            continue
         ports = entry.get("ports")
         out.append(ClusterEntry(cidr, _ports(ports, f"{loc}.ports") if ports else (), action))
     return out, domains

@@ -68,19 +68,26 @@ def parse_rules(entries: Any, where: str) -> list[Rule]:
         loc = f"{where}.{i}"
         if not isinstance(entry, dict):
             raise ValueError(f"{loc}: must be an object")
-        text = entry.get("cidr")
-        if text is None or (isinstance(text, str) and not text.strip()):
-            if entry.get("domainName"):
-                continue
-            raise ValueError(f"{loc}: cidr is required")
-        try:
-            cidr = fast_cidr(text)
-        except ValueError as exc:
-            raise ValueError(f"{loc}.cidr: {exc}") from None
-        excepts = _excepts(entry.get("except"), cidr, text, loc)
+        cidr = entry_cidr(entry, loc)
+        if cidr is None:
+            continue
+        excepts = _excepts(entry.get("except"), cidr, entry["cidr"], loc)
         ports = entry.get("ports")
         out.append(Rule(cidr, excepts, _ports(ports, f"{loc}.ports") if ports else ()))
     return out
+
+
+def entry_cidr(entry: dict[str, Any], loc: str) -> Cidr | None:
+    """An entry's ``cidr``; None for an FQDN entry (``domainName``, no cidr)."""
+    text = entry.get("cidr")
+    if text is None or (isinstance(text, str) and not text.strip()):
+        if entry.get("domainName"):
+            return None
+        raise ValueError(f"{loc}: cidr is required")
+    try:
+        return fast_cidr(text)
+    except ValueError as exc:
+        raise ValueError(f"{loc}.cidr: {exc}") from None
 
 
 def _excepts(raw_excepts: Any, cidr: Cidr, text: Any, loc: str) -> tuple[Cidr, ...]:

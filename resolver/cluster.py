@@ -23,14 +23,13 @@ and does better where the doc says it is wrong:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.echo import bounded
 from common.selectors import compile_selector
-from resolver.layout import ClusterHead, Group, Resolution
-from resolver.resolve import Pod, World, _dedupe, _primary
+from resolver.layout import ClusterHead, Resolution
+from resolver.resolve import Pod, World, _dedupe, checked, target_groups
 from resolver.validate import InvalidPolicy, _cidr, _objects, _selector, _string
 
 Obj = dict[str, Any]
@@ -283,13 +282,7 @@ def _services(world: World, peer: Mapping[str, Any], ports: list[Obj], action: s
 def cluster_resolution(policy: Mapping[str, Any], world: World) -> Resolution:
     """What a ClusterNetworkPolicy resolves to; InvalidPolicy if it is malformed."""
     meta = policy.get("metadata") or {} if isinstance(policy, Mapping) else {}
-    name = str(meta.get("name", "?"))
-    try:
-        res = _resolve(policy, world)
-    except InvalidPolicy as exc:
-        raise InvalidPolicy(f"clusternetworkpolicy {name}: {exc}") from None
-    json.dumps([res.egress, [(g.pods, g.ingress) for g in res.groups]])
-    return res
+    return checked(f"clusternetworkpolicy {meta.get('name', '?')}", lambda: _resolve(policy, world))
 
 
 def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
@@ -298,34 +291,19 @@ def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     subject = spec["subject"]
     subjects = _select_pods(world, namespaces=subject.get("namespaces"), pods=subject.get("pods"))
     ingress_rules = spec.get("ingress") or []
-    groups: dict[str, tuple[list[Entry], list[Pod]]] = {}
     if any(_has_named(r.get("ports")) for r in ingress_rules):
-        for pod in subjects:
-            ingress = _ingress(world, ingress_rules, pod)
-            groups.setdefault(repr(ingress), (ingress, []))[1].append(pod)
-    elif subjects:
-        groups[""] = (_ingress(world, ingress_rules, None), list(subjects))
-    if not groups:
-        groups[""] = (_ingress(world, ingress_rules, None), [])
+        groups = target_groups(subjects, lambda pod: _ingress(world, ingress_rules, pod))
+    else:  # the same rules for every subject: resolved once
+        same = _ingress(world, ingress_rules, None)
+        groups = target_groups(subjects, lambda _pod: same)
     return Resolution(
         name=str(meta.get("name", "")),
         namespace="",
         types=[],
         pod_selector={},
-        groups=[
-            Group(
-                label="" if i == 0 else str(i),
-                ingress=ingress,
-                pods=[_endpoint(p) for p in pods],
-            )
-            for i, (ingress, pods) in enumerate(groups.values())
-        ],
+        groups=groups,
         egress=_egress(world, spec.get("egress") or []),
         cluster=ClusterHead(
             tier=spec["tier"], priority=int(spec["priority"]), subject=dict(subject)
         ),
     )
-
-
-def _endpoint(p: Pod) -> Obj:
-    return {"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name, "namespace": p.namespace}

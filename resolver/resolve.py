@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,14 +344,42 @@ def resolution(policy: Mapping[str, Any], world: World) -> Resolution:
     InvalidPolicy if its content is malformed (bad CIDR, selector or port, wrong type)."""
     meta = policy.get("metadata") or {} if isinstance(policy, Mapping) else {}
     where = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    return checked(f"networkpolicy {where}", lambda: _resolve(policy, world))
+
+
+def checked(what: str, build: Callable[[], Resolution]) -> Resolution:
+    """A resolution whose InvalidPolicy names the policy (``what``). Validation comes
+    first in ``build``: anything raised past it is a resolver bug, and surfaces as one
+    (never as "bad input"); the result must be JSON (what is written)."""
     try:
-        # validated first: anything raised past validation is a resolver bug, and
-        # surfaces as one (never as "bad input")
-        res = _resolve(policy, world)
+        res = build()
     except InvalidPolicy as exc:
-        raise InvalidPolicy(f"networkpolicy {where}: {exc}") from None
+        raise InvalidPolicy(f"{what}: {exc}") from None
     json.dumps([res.egress, [(g.pods, g.ingress) for g in res.groups]])
     return res
+
+
+def target_groups(
+    targets: Sequence[Pod], ingress_of: Callable[[Pod | None], list[Entry]]
+) -> list[Group]:
+    """Targets whose ingress rules resolve differently (named ports) in groups of their
+    own (see resolver.layout); no targets: one empty group with the rules resolved on
+    no pod."""
+    groups: dict[str, tuple[list[Entry], list[Pod]]] = {}
+    for pod in targets:
+        ingress = ingress_of(pod)
+        groups.setdefault(repr(ingress), (ingress, []))[1].append(pod)
+    if not groups:
+        groups[""] = (ingress_of(None), [])
+    return [
+        Group(label="" if i == 0 else str(i), ingress=ingress, pods=[endpoint(p) for p in pods])
+        for i, (ingress, pods) in enumerate(groups.values())
+    ]
+
+
+def endpoint(p: Pod) -> Obj:
+    """A target as a podSelectorEndpoints entry."""
+    return {"podIP": _primary(p), "hostIP": p.host_ip, "name": p.name, "namespace": p.namespace}
 
 
 def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
@@ -371,34 +399,14 @@ def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     ingress_rules = (spec.get("ingress") or []) if "Ingress" in types else []
     egress = _egress(world, namespace, spec.get("egress") or []) if "Egress" in types else []
 
-    # targets resolving the ingress named ports differently get their own group
-    groups: dict[str, tuple[list[Entry], list[Pod]]] = {}
-    for pod in targets:
-        ingress = _ingress(world, namespace, ingress_rules, pod)
-        groups.setdefault(repr(ingress), (ingress, []))[1].append(pod)
-    if not groups:
-        groups[""] = (_ingress(world, namespace, ingress_rules, _NO_POD), [])
     return Resolution(
         name=name,
         namespace=namespace,
         types=types,
         pod_selector=spec.get("podSelector") or {},
-        groups=[
-            Group(
-                label="" if i == 0 else str(i),
-                ingress=ingress,
-                pods=[
-                    {
-                        "podIP": _primary(p),
-                        "hostIP": p.host_ip,
-                        "name": p.name,
-                        "namespace": p.namespace,
-                    }
-                    for p in pods
-                ],
-            )
-            for i, (ingress, pods) in enumerate(groups.values())
-        ],
+        groups=target_groups(
+            targets, lambda pod: _ingress(world, namespace, ingress_rules, pod or _NO_POD)
+        ),
         egress=egress,
     )
 

@@ -93,3 +93,14 @@ async def rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[Agen
         yield r
     finally:
         await r.close()
+
+
+@pytest.fixture
+async def strict_rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
+    """As ``rig``, with the agent in strict mode."""
+    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path, mode="strict")
+    await r.start_api()
+    try:
+        yield r
+    finally:
+        await r.close()

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from bpf import layout as lay
 from bpf.attach import attachment
@@ -17,7 +13,7 @@ from bpf.maps import Map
 from bpf.pins import TRIES_DIR
 from common.netlink import Netlink
 from fakekube import store as fs
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from tests.privileged.agentrig import AgentRig, allow_from, eventually
 
 
@@ -51,16 +47,6 @@ async def test_policyendpoints_are_enforced_updated_and_removed(rig: AgentRig) -
 
     rig.delete("web-abc12")
     await rig.converge(cases, [True, True, True, True])
-
-
-@pytest.fixture
-async def strict_rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path, mode="strict")
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def test_strict_mode_denies_new_pods_from_their_first_packet(strict_rig: AgentRig) -> None:

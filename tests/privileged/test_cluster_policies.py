@@ -7,14 +7,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from fakekube import store as fs
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from simnode.traffic import open_tcp, tcp_probe
 from tests.privileged.agentrig import AgentRig, eventually
 
@@ -78,16 +74,6 @@ def apply(rig: AgentRig, body: dict[str, Any]) -> None:
         metadata=dict(body["metadata"], resourceVersion=current["metadata"]["resourceVersion"]),
     )
     store.update(fs.CLUSTER_POLICY_ENDPOINTS, "", name, body)
-
-
-@pytest.fixture
-async def strict_rig(sim: SimNode, pin_root: str, tmp_path: Path) -> AsyncIterator[AgentRig]:
-    r = AgentRig(sim, pin_root=pin_root, workdir=tmp_path, mode="strict")
-    await r.start_api()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def test_strict_mode_pod_selected_only_by_a_cluster_policy(strict_rig: AgentRig) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,14 @@ from common.kube import (
     NAMESPACES,
     PODS,
     SERVICES,
-    KubeClient,
 )
-from common.watching import list_watch
 from fakekube import store as fs
 from fakekube.server import FakeKube
 from resolver.cluster import cluster_resolution
 from resolver.layout import paired
 from resolver.sync import Resolver
 from resolver.validate import InvalidPolicy
-from tests.unit.test_resolver import pod, world
+from tests.unit.test_resolver import pod, resolver_on_fake_api, settled, world
 
 W = world(
     pod("x", "a", ["10.0.0.1", "fd00::1"], {"app": "a"}, ports=[("web", 8080)]),
@@ -222,39 +219,19 @@ def test_invalid_policies_are_refused_naming_the_field(spec: dict[str, Any], fie
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, Resolver]]:
-    server = FakeKube(bookmark_interval=0.2)
-    await server.start()
-    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
-    kube = await KubeClient.connect(str(tmp_path / "kubeconfig"))
-    resolver = Resolver(kube, debounce=0.01, layout="controller", chunk_size=1)
-    tasks = [
-        asyncio.create_task(list_watch(kube, r, resolver.consumer(n)), name=n)
-        for n, r in (
-            ("clusternetworkpolicies", CLUSTER_NETWORK_POLICIES),
-            ("pods", PODS),
-            ("namespaces", NAMESPACES),
-            ("services", SERVICES),
-            ("clusterpolicyendpoints", CLUSTER_POLICY_ENDPOINTS),
-        )
-    ]
-    tasks.append(asyncio.create_task(resolver.run(), name="resolve"))
-    try:
-        yield server, resolver
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await kube.close()
-        await server.stop()
-
-
-async def settled(server: FakeKube, resolver: Resolver) -> None:
-    target = server.store.rv
-    for _ in range(200):
-        if resolver.idle.is_set() and resolver.stats.observed_rv >= target:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("resolver did not settle")
+    async with resolver_on_fake_api(
+        tmp_path,
+        {
+            "clusternetworkpolicies": CLUSTER_NETWORK_POLICIES,
+            "pods": PODS,
+            "namespaces": NAMESPACES,
+            "services": SERVICES,
+            "clusterpolicyendpoints": CLUSTER_POLICY_ENDPOINTS,
+        },
+        layout="controller",
+        chunk_size=1,
+    ) as running:
+        yield running
 
 
 async def test_controller_layout_objects_owned_chunked_and_collected(

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.kube import NAMESPACES, NETWORK_POLICIES, PODS, POLICY_ENDPOINTS, SERVICES, KubeClient
+from common.kube import (
+    NAMESPACES,
+    NETWORK_POLICIES,
+    PODS,
+    POLICY_ENDPOINTS,
+    SERVICES,
+    KubeClient,
+    Resource,
+)
 from common.watching import list_watch
 from fakekube import store as fs
 from fakekube.server import FakeKube
@@ -299,22 +308,19 @@ def test_chunks_pair_every_pod_with_every_rule() -> None:
 
 
 # ---- the writes, against the fake API server --------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, Resolver]]:
+@contextlib.asynccontextmanager
+async def resolver_on_fake_api(
+    tmp_path: Path, watches: dict[str, Resource], **options: Any
+) -> AsyncIterator[tuple[FakeKube, Resolver]]:
+    """A resolver fed by ``watches`` (consumer name -> resource) from a fake API server."""
     server = FakeKube(bookmark_interval=0.2)
     await server.start()
     server.write_kubeconfig(str(tmp_path / "kubeconfig"))
     kube = await KubeClient.connect(str(tmp_path / "kubeconfig"))
-    resolver = Resolver(kube, debounce=0.01)
+    resolver = Resolver(kube, debounce=0.01, **options)
     tasks = [
         asyncio.create_task(list_watch(kube, r, resolver.consumer(n)), name=n)
-        for n, r in (
-            ("networkpolicies", NETWORK_POLICIES),
-            ("pods", PODS),
-            ("namespaces", NAMESPACES),
-            ("services", SERVICES),
-            ("policyendpoints", POLICY_ENDPOINTS),
-        )
+        for n, r in watches.items()
     ]
     tasks.append(asyncio.create_task(resolver.run(), name="resolve"))
     try:
@@ -325,6 +331,21 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, Resolver]]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await kube.close()
         await server.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeKube, Resolver]]:
+    async with resolver_on_fake_api(
+        tmp_path,
+        {
+            "networkpolicies": NETWORK_POLICIES,
+            "pods": PODS,
+            "namespaces": NAMESPACES,
+            "services": SERVICES,
+            "policyendpoints": POLICY_ENDPOINTS,
+        },
+    ) as running:
+        yield running
 
 
 async def settled(server: FakeKube, resolver: Resolver) -> None:
