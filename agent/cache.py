@@ -30,6 +30,11 @@ matches its labels: a new replica gets its policies before its first packet, not
 the controller's next pass. Once any object lists the pod, the listings alone decide,
 as before.
 
+**ClusterPolicyEndpoints** (cluster-scoped, their own list-watch) live in the same
+indexes: their key and policy key have namespace "" (no PolicyEndpoint has), their
+entries may list pods of any namespace, and they never select by labels. Relevance,
+stubs, fetching, rejection and "programmed" work for them exactly as above.
+
 An invalid PolicyEndpoint is rejected with one log line and a counter; the version last
 accepted (if any) stays in force, so no pod's enforcement changes because of bad input.
 """
