@@ -27,8 +27,9 @@ During every run the CPU used by other user-space processes is recorded; a run w
 they used more than 5% of a core is flagged noisy (the table says which).
 
 Also the programs' own cost per packet from BPF_PROG_TEST_RUN with 1k, 100k and 1M
-trie entries, and with the tiered configuration: a new flow (trie lookup, port rules,
-denied) and an established one (conntrack hit).
+trie entries, and with the tiered configuration: a new flow from a peer in no CIDR
+(denied), an established one (conntrack hit) and, tiered, a new flow an Admin rule
+denies (a longer trie walk to a /24).
 
     python -m bench.datapath [--quick] [--runs N] [--seconds S] [--json PATH] [--chart PNG]
 """
@@ -312,56 +313,67 @@ table inet bench {{
 
 
 # ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
-def per_packet(sizes: Sequence[int], repeat: int) -> list[dict[str, Any]]:
+def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[str, Any]]:
+    """Each configuration on its own pod (ifindex), all installed at once; then
+    ``rounds`` interleaved rounds of ``repeat`` test runs of every case, and the median
+    of each: side by side, so that a drift of the machine hits every row alike."""
     pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"
     pod_ip, peer_in, peer_out = (
         ipaddress.IPv4Address(a) for a in ("10.66.0.10", "11.255.255.1", "12.0.0.1")
     )
+    first = int(ipaddress.IPv4Address("100.64.0.0"))
+    # a peer an Admin rule denies: a /24 of Admin policy 3 (Deny, any port)
+    admin = ipaddress.IPv4Address(first + 3 * TIERED_CIDRS * 256 + 1)
+    # denied, like for like: a peer in no CIDR of any tier (NetworkPolicy isolates)
+    denied = pk.packet(src=peer_out, dst=pod_ip, protocol=pk.TCP, dport=80)
+    allowed = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=80)
+    by_admin = pk.packet(src=admin, dst=pod_ip, protocol=pk.TCP, dport=80)
     dp = Datapath.open(pin_root, ct_entries=65536)
-    out = []
+    rows: list[dict[str, Any]] = []
     try:
         dp.set_event_flags(emit_deny=False, emit_allow=False)
-        pid = dp.register_pod(namespace="b", name="pod", uid="p")
-        for n in (*(str(size) for size in sizes), "tiered"):
+        for ifindex, n in enumerate((*(str(size) for size in sizes), "tiered"), 1):
             started = time.monotonic()
             if n == "tiered":
                 rules, entries = tiered(peer_in)
-                # the denied peer: in a /24 of Admin policy 3 (Deny, every port)
-                first = int(ipaddress.IPv4Address("100.64.0.0"))
-                denied_peer = ipaddress.IPv4Address(first + 3 * TIERED_CIDRS * 256 + 1)
             else:
                 nets = cidrs(int(n), peer_in)
                 rules, entries = compile_rules([PeerRule(c) for c in nets]), len(nets)
-                denied_peer = peer_out
-            dp.program_pods(
-                {
-                    1: PodPolicy(
-                        pid, DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules), ALLOW_ALL
-                    )
-                }
-            )
+            pid = dp.register_pod(namespace="b", name=f"pod-{n}", uid=f"p-{n}")
+            ingress = DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules)
+            dp.program_pods({ifindex: PodPolicy(pid, ingress, ALLOW_ALL)})
             dp.collect_garbage()
-            load = time.monotonic() - started
-            denied = pk.packet(src=denied_peer, dst=pod_ip, protocol=pk.TCP, dport=80)
-            allowed = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=80)
-            new = dp.ingress_prog.test_run(denied, ifindex=1, repeat=repeat)
-            dp.ingress_prog.test_run(allowed, ifindex=1)  # tracked from now on
-            est = dp.ingress_prog.test_run(allowed, ifindex=1, repeat=repeat)
-            if (new.retval, est.retval) != (2, 0):
-                raise RuntimeError(f"unexpected verdicts {new.retval}, {est.retval}")
-            out.append(
+            cases = {"new_flow_ns": (denied, 2), "established_ns": (allowed, 0)}
+            if n == "tiered":
+                cases["admin_deny_ns"] = (by_admin, 2)
+            rows.append(
                 {
                     "config": "tiered" if n == "tiered" else f"networkpolicy-{n}",
                     "entries": entries,
                     "trie_entries": len(rules.entries),
-                    "new_flow_ns": new.duration_ns,
-                    "established_ns": est.duration_ns,
-                    "program_seconds": round(load, 2),
+                    "program_seconds": round(time.monotonic() - started, 2),
+                    "ifindex": ifindex,
+                    "cases": cases,
+                    "samples": {k: [] for k in cases},
                 }
             )
+            dp.ingress_prog.test_run(allowed, ifindex=ifindex)  # tracked from now on
+        for _ in range(rounds + 1):  # the first round warms up, not counted
+            for row in rows:
+                for name, (packet, want) in row["cases"].items():
+                    res = dp.ingress_prog.test_run(packet, ifindex=row["ifindex"], repeat=repeat)
+                    if res.retval != want:
+                        raise RuntimeError(f"{row['config']} {name}: verdict {res.retval}")
+                    row["samples"][name].append(res.duration_ns)
     finally:
         dp.close()
         Datapath.unpin(pin_root)
+    out = []
+    for row in rows:
+        samples = row.pop("samples")
+        row.pop("cases")
+        row.pop("ifindex")
+        out.append({**row, **{k: round(median(v[1:])) for k, v in samples.items()}})
     return out
 
 
@@ -428,7 +440,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if created is not None:
                 await created.close()
     packet_sizes = (1000, 100000) if args.quick else (1000, 100000, 1000000)
-    costs = await asyncio.to_thread(per_packet, packet_sizes, 20000 if args.quick else 200000)
+    costs = await asyncio.to_thread(
+        per_packet, packet_sizes, 20000 if args.quick else 100000, 3 if args.quick else 7
+    )
     return {
         "configs": results,
         "per_packet": costs,
@@ -470,7 +484,15 @@ def report(figures: dict[str, Any]) -> None:
     print("Per packet (BPF_PROG_TEST_RUN, ingress program)")
     print(
         table(
-            ["config", "CIDRs", "trie entries", "new flow ns", "established ns", "program s"],
+            [
+                "config",
+                "CIDRs",
+                "trie entries",
+                "new flow ns",
+                "established ns",
+                "program s",
+                "Admin Deny ns",
+            ],
             [
                 [
                     c.get("config", ""),
@@ -479,6 +501,7 @@ def report(figures: dict[str, Any]) -> None:
                     c["new_flow_ns"],
                     c["established_ns"],
                     c["program_seconds"],
+                    c.get("admin_deny_ns", ""),
                 ]
                 for c in figures["per_packet"]
             ],

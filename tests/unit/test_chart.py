@@ -100,6 +100,10 @@ def test_defaults_render_the_node_agent_with_minimal_privileges() -> None:
         spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
         assert spec["properties"]["tier"]["enum"] == ["Admin", "Baseline"]
         assert spec["properties"]["priority"]["maximum"] == 1000
+    cnp = crds["clusternetworkpolicies.networking.k8s.aws"]["spec"]["versions"][0]
+    rule = cnp["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["egress"]["items"]
+    assert "domainNames" in rule["x-kubernetes-validations"][0]["rule"]
+    assert rule["properties"]["to"]["items"]["properties"]["domainNames"]["items"]["pattern"]
     assert not [o for o in objs if o["kind"] == "Deployment"]  # resolver off
 
 

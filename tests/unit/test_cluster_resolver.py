@@ -207,6 +207,15 @@ def test_egress_pod_peers_add_service_cluster_ips() -> None:
             "portRange",
         ),
         (base(egress=[{"action": "Deny", "to": [{"networks": ["10.0.0.300/8"]}]}]), "networks[0]"),
+        (
+            base(egress=[{"action": "Accept", "to": [{"domainNames": ["api.*.com"]}]}]),
+            "domainNames[0]",
+        ),
+        (base(egress=[{"action": "Accept", "to": [{"domainNames": ["*"]}]}]), "domainNames[0]"),
+        (
+            base(egress=[{"action": "Accept", "to": [{"domainNames": ["localhost"]}]}]),
+            "domainNames[0]",
+        ),
     ],
 )
 def test_invalid_policies_are_refused_naming_the_field(spec: dict[str, Any], field: str) -> None:
