@@ -92,6 +92,9 @@ SERVICES = Resource("", "v1", "services", True)
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", True)
 POLICY_ENDPOINTS = Resource("networking.k8s.aws", "v1alpha1", "policyendpoints", True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", True)
+APPLICATION_NETWORK_POLICIES = Resource(
+    "networking.k8s.aws", "v1alpha1", "applicationnetworkpolicies", True
+)
 CLUSTER_NETWORK_POLICIES = Resource(
     "networking.k8s.aws", "v1alpha1", "clusternetworkpolicies", False
 )

@@ -47,6 +47,13 @@ LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 CLUSTER_NETWORK_POLICIES = Resource(
     "networking.k8s.aws", "v1alpha1", "clusternetworkpolicies", "ClusterNetworkPolicy", False
 )
+APPLICATION_NETWORK_POLICIES = Resource(
+    "networking.k8s.aws",
+    "v1alpha1",
+    "applicationnetworkpolicies",
+    "ApplicationNetworkPolicy",
+    True,
+)
 CLUSTER_POLICY_ENDPOINTS = Resource(
     "networking.k8s.aws", "v1alpha1", "clusterpolicyendpoints", "ClusterPolicyEndpoint", False
 )
@@ -60,6 +67,7 @@ RESOURCES = (
     LEASES,
     CLUSTER_NETWORK_POLICIES,
     CLUSTER_POLICY_ENDPOINTS,
+    APPLICATION_NETWORK_POLICIES,
 )
 
 
@@ -298,6 +306,22 @@ def apply_defaults(resource: Resource, obj: Obj) -> None:
         default_network_policy(obj)
     elif resource == CLUSTER_NETWORK_POLICIES:
         default_cluster_network_policy(obj)
+    elif resource == APPLICATION_NETWORK_POLICIES:
+        default_application_network_policy(obj)
+
+
+def default_application_network_policy(policy: Obj) -> None:
+    """The CRD's defaults, in place: port protocol TCP (no policyTypes default)."""
+    spec = policy.get("spec")
+    if not isinstance(spec, dict):
+        return
+    for direction in ("ingress", "egress"):
+        rules = spec.get(direction)
+        for rule in rules if isinstance(rules, list) else []:
+            ports = rule.get("ports") if isinstance(rule, dict) else None
+            for port in ports if isinstance(ports, list) else []:
+                if isinstance(port, dict):
+                    port.setdefault("protocol", "TCP")
 
 
 def default_cluster_network_policy(policy: Obj) -> None:

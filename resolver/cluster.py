@@ -23,7 +23,6 @@ and does better where the doc says it is wrong:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,15 +30,12 @@ from common.echo import bounded
 from common.selectors import compile_selector
 from resolver.layout import ClusterHead, Resolution
 from resolver.resolve import Pod, World, _dedupe, checked, target_groups
-from resolver.validate import InvalidPolicy, _cidr, _objects, _selector, _string
+from resolver.validate import InvalidPolicy, _cidr, _objects, _selector, _string, domain_names
 
 Obj = dict[str, Any]
 Entry = dict[str, Any]
 TIERS = ("Admin", "Baseline")
-# A domain name as the CRD accepts it: labels of letters, digits, '-' and '_' (not at a
-# label's ends), at least two labels, an optional leading "*." and trailing dot.
-_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
-DOMAIN_NAME = re.compile(rf"^(\*\.)?({_LABEL}\.)+{_LABEL}\.?$")
+
 ACTIONS = ("Accept", "Deny", "Pass")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -114,16 +110,7 @@ def _peer(peer: Mapping[str, Any], where: str, *, egress: bool, action: str) -> 
         for i, n in enumerate(nets):
             _cidr(n, f"{where}.networks[{i}]")
     else:
-        names = peer["domainNames"]
-        if not isinstance(names, list) or not 1 <= len(names) <= 25:
-            raise InvalidPolicy(f"{where}.domainNames", "1 to 25 names are required")
-        for i, n in enumerate(names):
-            text = _string(n, f"{where}.domainNames[{i}]")
-            if not DOMAIN_NAME.match(text):
-                raise InvalidPolicy(
-                    f"{where}.domainNames[{i}]",
-                    f"{bounded(text)} is not a domain name (a leading '*.' is the only wildcard)",
-                )
+        domain_names(peer["domainNames"], f"{where}.domainNames")
         if action != "Accept":
             raise InvalidPolicy(f"{where}.domainNames", "only rules with action Accept")
 

@@ -24,6 +24,7 @@ from common import logs
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
 from common.kube import (
+    APPLICATION_NETWORK_POLICIES,
     CLUSTER_NETWORK_POLICIES,
     CLUSTER_POLICY_ENDPOINTS,
     NAMESPACES,
@@ -42,6 +43,7 @@ from resolver.sync import Resolver
 
 log = structlog.get_logger("resolver")
 RESOLVER_SOCKET = "resolver.sock"
+OPTIONAL = (CLUSTER_NETWORK_POLICIES, CLUSTER_POLICY_ENDPOINTS, APPLICATION_NETWORK_POLICIES)
 
 
 class ResolverStatus(BaseModel):
@@ -124,6 +126,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
                 "policyendpoints",
                 "clusternetworkpolicies",
                 "clusterpolicyendpoints",
+                "applicationnetworkpolicies",
             )
         }
 
@@ -155,14 +158,15 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             ("policyendpoints", POLICY_ENDPOINTS),
             ("clusternetworkpolicies", CLUSTER_NETWORK_POLICIES),
             ("clusterpolicyendpoints", CLUSTER_POLICY_ENDPOINTS),
+            ("applicationnetworkpolicies", APPLICATION_NETWORK_POLICIES),
         ):
             tasks[f"watch-{name}"] = list_watch(
                 kube,
                 resource,
                 resolver.consumer(name),
                 stats=watch_stats[name],
-                # the ClusterNetworkPolicy CRDs may not be installed
-                optional=resource in (CLUSTER_NETWORK_POLICIES, CLUSTER_POLICY_ENDPOINTS),
+                # the networking.k8s.aws policy CRDs may not be installed
+                optional=resource in OPTIONAL,
             )
         log.info(
             "resolver.starting",

@@ -14,6 +14,9 @@ and better where it is wrong (pure; no API access).
   egress resolves them on each destination pod, also for rules without ``to`` (the
   reference controller drops those). A rule whose named ports resolve to nothing allows
   nothing.
+- ApplicationNetworkPolicies (``networking.k8s.aws``) resolve the same way; their egress
+  ``domainNames`` peers become ``domainName`` entries with the rule's ports, and a rule
+  without ``to`` allows every destination (the controller drops such rules).
 - How the result is laid out into objects (chunks, layouts): ``resolver.layout``.
 """
 
@@ -29,6 +32,7 @@ from common.selectors import compile_selector
 from resolver.layout import Group, Resolution, paired
 from resolver.validate import InvalidPolicy, validate_spec
 
+APPLICATION_KIND = "ApplicationNetworkPolicy"
 MAX_ENTRIES = 200  # entries (and pods) per object: the controller's --endpoint-chunk-size
 ALL_V4, ALL_V6 = "0.0.0.0/0", "::/0"
 
@@ -236,12 +240,34 @@ def _egress_anywhere(world: World, rule_ports: Sequence[Mapping[str, Any]] | Non
     return entries
 
 
+def _domain_entries(
+    names: Sequence[str], rule_ports: Sequence[Mapping[str, Any]] | None
+) -> list[Entry]:
+    """An ApplicationNetworkPolicy ``domainNames`` peer: a ``domainName`` entry per name
+    with the rule's ports, as the controller writes them (a named port: every port of its
+    protocol, as AWS enforces it)."""
+    ports = []
+    for p in rule_ports or []:
+        protocol = p.get("protocol") or "TCP"
+        value = p.get("port")
+        if value is None or (isinstance(value, str) and not value.isdigit()):
+            ports.append({"protocol": protocol})
+            continue
+        port: dict[str, Any] = {"protocol": protocol, "port": int(value)}
+        if p.get("endPort") is not None:
+            port["endPort"] = int(p["endPort"])
+        ports.append(port)
+    return [{"domainName": name, **({"ports": _dedupe(ports)} if ports else {})} for name in names]
+
+
 def _egress_peer(
     world: World,
     namespace: str,
     peer: Mapping[str, Any],
     rule_ports: Sequence[Mapping[str, Any]] | None,
 ) -> list[Entry]:
+    if peer.get("domainNames") is not None:
+        return _domain_entries(peer["domainNames"], rule_ports)
     block = peer.get("ipBlock")
     entries: list[Entry] = []
     if block:
@@ -384,7 +410,7 @@ def endpoint(p: Pod) -> Obj:
 
 def _resolve(policy: Mapping[str, Any], world: World) -> Resolution:
     meta, spec = policy.get("metadata") or {}, policy.get("spec") or {}
-    validate_spec(spec)
+    validate_spec(spec, application=policy.get("kind") == APPLICATION_KIND)
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     types = policy_types(spec)
     select = compile_selector(spec.get("podSelector") or {})

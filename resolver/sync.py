@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +43,7 @@ from common.watching import Replacing
 from resolver.cluster import cluster_resolution
 from resolver.layout import KINDS, Desired, Held, Layout, Plan, keys_of, packed, paired
 from resolver.metrics import CLUSTER_POLICY_TYPE, POLICY_TYPE, ResolverMetrics
-from resolver.resolve import World, pod_from, resolution, service_from
+from resolver.resolve import APPLICATION_KIND, World, pod_from, resolution, service_from
 from resolver.validate import InvalidPolicy
 
 log = structlog.get_logger("resolver")
@@ -63,6 +64,12 @@ def _endpoints_resource(namespace: str) -> Resource:
 
 
 ENDPOINT_KINDS = ("policyendpoints", "clusterpolicyendpoints")
+POLICY_KIND_OF = {
+    "networkpolicies": "NetworkPolicy",
+    "applicationnetworkpolicies": APPLICATION_KIND,
+    "clusternetworkpolicies": CLUSTER_POLICY_KIND,
+}
+OWNER_KINDS = ("NetworkPolicy", APPLICATION_KIND, CLUSTER_POLICY_KIND)
 POLICY_KINDS = ("networkpolicies", "clusternetworkpolicies")
 
 
@@ -129,8 +136,11 @@ class Resolver:
         if kind in ENDPOINT_KINDS:
             self._set_endpoints(key, obj, deleted)
             return  # our own writes do not trigger a resolution
+        if kind in POLICY_KIND_OF:
+            obj.setdefault("kind", POLICY_KIND_OF[kind])  # list items may omit it
         {
             "networkpolicies": self._set_policy,
+            "applicationnetworkpolicies": self._set_policy,
             "clusternetworkpolicies": self._set_policy,
             "pods": self._set_pod,
             "namespaces": self._set_namespace,
@@ -206,14 +216,14 @@ class Resolver:
         live = {p["metadata"].get("uid", "") for p in self.policies.values()}
         keys = set(self.policies) if self.all_dirty else self.dirty & set(self.policies)
         self.dirty, self.all_dirty = set(), False
-        cluster_count = sum(1 for k in self.policies if not k[0])
-        self.metrics.objects.labels(POLICY_TYPE).set(len(self.policies) - cluster_count)
-        self.metrics.objects.labels(CLUSTER_POLICY_TYPE).set(cluster_count)
+        counts = Counter(str(p.get("kind") or POLICY_TYPE) for p in self.policies.values())
+        for policy_type in (POLICY_TYPE, APPLICATION_KIND, CLUSTER_POLICY_TYPE):
+            self.metrics.objects.labels(policy_type).set(counts[policy_type])
         for key in sorted(keys):
             policy = self.policies.get(key)
             if policy is None:
                 continue
-            kind = POLICY_TYPE if key[0] else CLUSTER_POLICY_TYPE
+            kind = str(policy.get("kind") or POLICY_TYPE)
             started = time.monotonic()
             result = "error"
             try:
@@ -297,6 +307,10 @@ class Resolver:
     async def _create(self, policy: Obj, desired: Desired, trigger: float) -> None:
         meta = policy["metadata"]
         namespace = meta.get("namespace", "")
+        owner_kind = str(
+            policy.get("kind") or ("NetworkPolicy" if namespace else CLUSTER_POLICY_KIND)
+        )
+        owner_api = "networking.k8s.io/v1" if owner_kind == "NetworkPolicy" else API_VERSION
         spec = desired.spec
         annotations = {TRIGGER_ANNOTATION: _rfc3339(trigger)}
         if desired.group:
@@ -311,8 +325,8 @@ class Resolver:
                 "annotations": annotations,
                 "ownerReferences": [
                     {
-                        "apiVersion": "networking.k8s.io/v1" if namespace else API_VERSION,
-                        "kind": "NetworkPolicy" if namespace else CLUSTER_POLICY_KIND,
+                        "apiVersion": owner_api,
+                        "kind": owner_kind,
                         "name": meta["name"],
                         "uid": meta.get("uid", ""),
                         "controller": True,
@@ -400,8 +414,9 @@ class _Consumer(Replacing):
 def _snapshot(r: Resolver, kind: str) -> list[Obj]:
     """Keys currently held for ``kind``, as minimal objects (for removals on re-list)."""
     keys: list[Key]
-    if kind == "networkpolicies":
-        keys = [k for k in r.policies if k[0]]
+    if kind in ("networkpolicies", "applicationnetworkpolicies"):
+        want = "NetworkPolicy" if kind == "networkpolicies" else APPLICATION_KIND
+        keys = [k for k, p in r.policies.items() if k[0] and p.get("kind", want) == want]
     elif kind == "clusternetworkpolicies":
         keys = [k for k in r.policies if not k[0]]
     elif kind == "pods":
@@ -465,7 +480,7 @@ def _owner_uid(obj: Obj) -> str | None:
     if (meta.get("labels") or {}).get(MANAGED_BY[0]) != MANAGED_BY[1]:
         return None
     for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") in ("NetworkPolicy", CLUSTER_POLICY_KIND) and ref.get("controller"):
+        if ref.get("kind") in OWNER_KINDS and ref.get("controller"):
             return str(ref.get("uid", ""))
     return None
 

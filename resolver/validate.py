@@ -31,8 +31,32 @@ class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API woul
         super().__init__(f"{field}: {problem}" if problem else field)
 
 
-def validate_spec(spec: Any) -> None:
-    """Raise InvalidPolicy naming the first field the API server would refuse."""
+# A domain name as the CRDs accept it: labels of letters, digits, '-' and '_' (not at a
+# label's ends), at least two labels, an optional leading "*." and trailing dot.
+_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
+DOMAIN_NAME = re.compile(rf"^(\*\.)?({_LABEL}\.)+{_LABEL}\.?$")
+
+
+def domain_names(value: Any, where: str) -> list[str]:
+    """A ``domainNames`` list (1-25 names, the only wildcard a leading "*.")."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 25:
+        raise InvalidPolicy(where, "1 to 25 names are required")
+    out = []
+    for i, n in enumerate(value):
+        text = _string(n, f"{where}[{i}]")
+        if not DOMAIN_NAME.match(text):
+            raise InvalidPolicy(
+                f"{where}[{i}]",
+                f"{bounded(text)} is not a domain name (a leading '*.' is the only wildcard)",
+            )
+        out.append(text)
+    return out
+
+
+def validate_spec(spec: Any, *, application: bool = False) -> None:
+    """Raise InvalidPolicy naming the first field the API server would refuse.
+    ``application``: an ApplicationNetworkPolicy, whose egress peers may be
+    ``domainNames`` (alone)."""
     if not isinstance(spec, Mapping):
         raise InvalidPolicy("spec", "must be an object")
     _selector(spec.get("podSelector"), "spec.podSelector")
@@ -47,6 +71,15 @@ def validate_spec(spec: Any) -> None:
     for direction, peers_key in (("ingress", "from"), ("egress", "to")):
         for where, rule in _objects(spec.get(direction), f"spec.{direction}"):
             for at, peer in _objects(rule.get(peers_key), f"{where}.{peers_key}"):
+                if "domainNames" in peer:
+                    if not application or direction != "egress":
+                        raise InvalidPolicy(
+                            f"{at}.domainNames", "only in ApplicationNetworkPolicy egress rules"
+                        )
+                    if any(k in peer for k in ("ipBlock", "podSelector", "namespaceSelector")):
+                        raise InvalidPolicy(at, "domainNames excludes every other peer field")
+                    domain_names(peer["domainNames"], f"{at}.domainNames")
+                    continue
                 _peer(peer, at)
             for at, port in _objects(rule.get("ports"), f"{where}.ports"):
                 _port(port, at)

@@ -90,6 +90,7 @@ def test_defaults_render_the_node_agent_with_minimal_privileges() -> None:
     }
     crds = {o["metadata"]["name"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
     assert sorted(crds) == [
+        "applicationnetworkpolicies.networking.k8s.aws",
         "clusternetworkpolicies.networking.k8s.aws",
         "clusterpolicyendpoints.networking.k8s.aws",
         "policyendpoints.networking.k8s.aws",
@@ -136,7 +137,7 @@ def test_rbac_grants_exactly_the_verbs_used() -> None:
         },
         {
             "apiGroups": ["networking.k8s.aws"],
-            "resources": ["clusternetworkpolicies"],
+            "resources": ["clusternetworkpolicies", "applicationnetworkpolicies"],
             "verbs": ["list", "watch"],
         },
         {
@@ -278,7 +279,12 @@ def test_eks_values_give_the_reference_mounts_and_install_the_cli() -> None:
 
 
 def test_optional_parts() -> None:
-    objs = render({"crd": {"install": False, "installCluster": False}, "bpffs": {"mount": True}})
+    objs = render(
+        {
+            "crd": {"install": False, "installCluster": False, "installApplication": False},
+            "bpffs": {"mount": True},
+        }
+    )
     assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"]
     pod = one(objs, "DaemonSet")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
