@@ -32,7 +32,8 @@ as before.
 
 **ClusterPolicyEndpoints** (cluster-scoped, their own list-watch) live in the same
 indexes: their key and policy key have namespace "" (no PolicyEndpoint has), their
-entries may list pods of any namespace, and they never select by labels. Relevance,
+entries may list pods of any namespace, and they never select by labels (nor does a
+listing by one end a pod's selection by NetworkPolicy labels). Relevance,
 stubs, fetching, rejection and "programmed" work for them exactly as above.
 
 An invalid PolicyEndpoint is rejected with one log line and a counter; the version last
@@ -172,7 +173,7 @@ class Cache:
         """The policies of the pod's namespace whose podSelector matches its labels, if
         no object lists the pod (else none: the listings decide)."""
         local = self.pods.get(pod)
-        if local is None or self.listing.get(pod):
+        if local is None or self._listed_by_networkpolicy(pod):
             return []
         labels = dict(local.labels)
         return [
@@ -294,7 +295,14 @@ class Cache:
 
     def _unlisted(self, namespace: str) -> list[PodRef]:
         """Local pods of the namespace that no object lists (selected by labels)."""
-        return [r for r in self.ns_pods.get(namespace, ()) if not self.listing.get(r)]
+        return [
+            r for r in self.ns_pods.get(namespace, ()) if not self._listed_by_networkpolicy(r)
+        ]
+
+    def _listed_by_networkpolicy(self, pod: PodRef) -> bool:
+        """Some PolicyEndpoint lists the pod (a ClusterPolicyEndpoint listing it does not
+        end its selection by NetworkPolicy labels: the two kinds are listed apart)."""
+        return any(k[0] for k in self.listing.get(pod, ()))
 
     def _note_selector(self, pk: PolicyKey, selector: str) -> None:
         self.selectors[pk] = selector

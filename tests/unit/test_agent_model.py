@@ -517,6 +517,39 @@ def test_a_new_pod_is_selected_by_labels_until_an_object_lists_it() -> None:
     assert cache.by_labels(("default", "web-2")) == []
 
 
+def test_a_cluster_listing_does_not_end_selection_by_networkpolicy_labels() -> None:
+    """A ClusterPolicyEndpoint listing a new pod (its subject is every pod, say) joins
+    its rules; the pod's NetworkPolicies still select it by labels until one of their
+    own objects lists it."""
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    pods = cache.pods_consumer()
+    full_state(pods, [_labelled("web-2", {"app": "web"}, ip="10.0.0.3")])
+    web = _with_selector(
+        pe("web-a", pods=[("web-1", "10.0.0.1", NODE_IP)], isolation=["Ingress"], policy="web"),
+        {"matchLabels": {"app": "web"}},
+    )
+    full_state(cache.endpoints_consumer(), [web])
+    guard = {
+        "kind": "ClusterPolicyEndpoint",
+        "metadata": {"name": "guard-abcde", "generation": 1},
+        "spec": {
+            "policyRef": {"name": "guard"},
+            "tier": "Admin",
+            "priority": 5,
+            "subject": {"namespaces": {}},
+            "podSelectorEndpoints": [
+                {"podIP": "10.0.0.3", "hostIP": NODE_IP, "name": "web-2", "namespace": "default"}
+            ],
+            "ingress": [{"cidr": "10.9.0.0/16", "action": "Deny"}],
+        },
+    }
+    full_state(cache.endpoints_consumer(cluster=True), [guard])
+    new = ("default", "web-2")
+    assert cache.selecting(new) == [("", "guard", ""), ("default", "web", "")]
+    kinds = sorted((e.name, e.cluster is not None) for e in cache.endpoints_for(new))
+    assert kinds == [("guard-abcde", True), ("web-a", False)]
+
+
 @pytest.mark.parametrize(
     "selector",
     [None, {"matchExpressions": [{"key": "app", "operator": "Near"}]}, {"matchLabels": "x"}],
