@@ -11,6 +11,7 @@ Not thread-safe: one owner (the agent's datapath worker) calls it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ import structlog
 
 from bpf import layout as lay
 from bpf.codec import host_key, meta_name, sum_stats
+from bpf.errors import BpfError
 from bpf.loading import grace_from_env, load_object
 from bpf.maps import Map, TypedMap
 from bpf.objects import BpfObject, Program
@@ -56,6 +58,7 @@ class PodPolicy:
     pod_id: int
     ingress: DirectionPolicy
     egress: DirectionPolicy
+    learned: bool = False  # egress has domain-name rules: consult np_learned
 
 
 @dataclass
@@ -97,6 +100,11 @@ class Datapath:
             m[lay.MAP_POLICIES], U32, lay.NpPolicyMeta
         )
         self.events: Map = m[lay.MAP_EVENTS]
+        self.learned: TypedMap[lay.NpLearnedKey, lay.NpLearnedValue] = TypedMap(
+            m[lay.MAP_LEARNED], lay.NpLearnedKey, lay.NpLearnedValue
+        )
+        # what each learned entry holds (its port set, if not inline), to release it
+        self._learned: dict[tuple[int, lay.Address], Portset] = {}
         self.ingress_prog: Program = obj.programs[lay.PROG_INGRESS]
         self.egress_prog: Program = obj.programs[lay.PROG_EGRESS]
         self._records: dict[int, _Record] = {}
@@ -204,17 +212,62 @@ class Datapath:
                 egress_trie=_trie_of(pod.egress, trie_ids),
                 ingress_state=pod.ingress.state,
                 egress_state=pod.egress.state,
+                flags=lay.NP_POD_F_LEARNED if pod.learned else 0,
             )
         # a batch of single-element writes: each pod switches atomically
         self.pods.update_many((U32(i), rec) for i, rec in records.items())
         for ifindex, rec in records.items():
             self._set_record(ifindex, _Record(rec.pod_id, rec.ingress_trie, rec.egress_trie))
 
+    # ---- learned addresses (domain names) --------------------------------------------
+    def learn(self, ifindex: int, address: lay.Address, decision: Portset, expires_ns: int) -> None:
+        """A pod's new egress flows to ``address`` get ``decision`` until ``expires_ns``
+        (the datapath's monotonic clock), if its record has ``learned`` set. The port
+        set is held (installed if needed) while the entry lives."""
+        value = self.store.hold(decision)
+        key = _learned_key(ifindex, address)
+        try:
+            self.learned.update(key, lay.NpLearnedValue(expires_ns=expires_ns, decision=value))
+        except BaseException:
+            self.store.release(decision)
+            raise
+        old = self._learned.pop((ifindex, address), None)
+        self._learned[(ifindex, address)] = decision
+        if old is not None:
+            self.store.release(old)
+
+    def forget(self, ifindex: int, address: lay.Address) -> bool:
+        """Remove a learned entry (its port set released); False if there was none. An
+        entry the kernel already evicted (the map is an LRU) is only released."""
+        held = self._learned.pop((ifindex, address), None)
+        if held is None:
+            return False
+        with contextlib.suppress(BpfError):  # ENOENT: evicted under pressure
+            self.learned.delete(_learned_key(ifindex, address))
+        self.store.release(held)
+        return True
+
+    def expire_learned(self, before_ns: int) -> int:
+        """Forget every learned entry that expired before ``before_ns`` (the entries'
+        clock); returns how many. Connections opened while they were valid go on."""
+        stale = [k for k, v in self.learned.items() if v.expires_ns < before_ns]
+        gone = 0
+        for key in stale:
+            address = lay.addr_from(bytes(key.addr), key.family)
+            gone += self.forget(key.ifindex, address)
+        return gone
+
+    def learned_for(self, ifindex: int) -> dict[lay.Address, Portset]:
+        return {a: ps for (i, a), ps in self._learned.items() if i == ifindex}
+
     def remove_pods(self, ifindexes: Iterable[int]) -> None:
-        """Forget pods' records (their packets then pass as unknown until detached)."""
+        """Forget pods' records (their packets then pass as unknown until detached),
+        and what they learned."""
         for ifindex in ifindexes:
             self.pods.delete(U32(ifindex))
             self._set_record(ifindex, None)
+            for address in list(self.learned_for(ifindex)):
+                self.forget(ifindex, address)
 
     def _set_record(self, ifindex: int, rec: _Record | None) -> None:
         old = self._records.pop(ifindex, None)
@@ -318,6 +371,12 @@ class Datapath:
     def stats(self) -> dict[str, int]:
         """Datapath counters summed over CPUs."""
         return sum_stats(self.stats_map)
+
+
+def _learned_key(ifindex: int, address: lay.Address) -> lay.NpLearnedKey:
+    key = lay.NpLearnedKey(ifindex=ifindex, family=lay.addr_family(address))
+    ctypes.memmove(key.addr, lay.addr_bytes(address), 16)
+    return key
 
 
 def _trie_of(d: DirectionPolicy, ids: Mapping[bytes, int]) -> int:

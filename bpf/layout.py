@@ -32,6 +32,7 @@ NP_CT_F_CLOSING = 1
 NP_EVENTS_DEFAULT_BYTES = 4 * 1024 * 1024
 NP_FRAG_ENTRIES = 8192
 NP_HOST_ADDRS = 64
+NP_MAX_LEARNED = 65536
 
 # ---- enumerations ---------------------------------------------------------------------
 NP_STATE_POLICIES_APPLIED = 0
@@ -77,6 +78,8 @@ NP_PORTSET_F_OTHER = 1 << 1
 NP_PORTSET_F_RULES_TCP = 1 << 4
 NP_PORTSET_F_RULES_UDP = 1 << 5
 NP_PORTSET_F_RULES_SCTP = 1 << 6
+
+NP_POD_F_LEARNED = 1 << 0
 
 NP_CFG_EMIT_DENY = 1 << 0
 NP_CFG_EMIT_ALLOW = 1 << 1
@@ -190,7 +193,8 @@ class NpPod(Struct):
         ("egress_trie", u32),
         ("ingress_state", u8),
         ("egress_state", u8),
-        ("pad", u8 * 2),
+        ("flags", u8),
+        ("pad", u8),
     ]
 
 
@@ -281,6 +285,16 @@ class NpFragValue(Struct):
     _fields_ = [("pod_port", u16), ("peer_port", u16)]
 
 
+class NpLearnedKey(Struct):
+    _c_name = "np_learned_key"
+    _fields_ = [("ifindex", u32), ("family", u8), ("pad", u8 * 3), ("addr", u8 * 16)]
+
+
+class NpLearnedValue(Struct):
+    _c_name = "np_learned_value"
+    _fields_ = [("expires_ns", u64), ("decision", u32), ("pad", u32)]
+
+
 class NpAddr(Struct):
     _c_name = "np_addr"
     _fields_ = [("addr", u8 * 16), ("family", u8), ("pad", u8 * 3)]
@@ -363,6 +377,8 @@ MIRRORS: tuple[type[Struct], ...] = (
     NpCtValue,
     NpFragKey,
     NpFragValue,
+    NpLearnedKey,
+    NpLearnedValue,
     NpAddr,
     NpConfig,
     NpStats,
@@ -386,3 +402,4 @@ MAP_STATS = "np_stats"
 MAP_EVENTS = "np_events"
 MAP_POD_META = "np_pod_meta"
 MAP_POLICIES = "np_policies"
+MAP_LEARNED = "np_learned"

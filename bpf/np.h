@@ -36,6 +36,7 @@
 #define NP_EVENTS_DEFAULT_BYTES (4 * 1024 * 1024) /* ring buffer size unless set at load */
 #define NP_FRAG_ENTRIES 8192          /* fragment trackers (first fragment -> ports) */
 #define NP_HOST_ADDRS 64              /* node addresses always allowed */
+#define NP_MAX_LEARNED 65536          /* addresses learned from pods' DNS answers */
 
 /* ---- enumerations (stored in __u8 fields) ---------------------------------------- */
 /* Per-direction pod state. Values match the reference agent's pod-state map. */
@@ -98,8 +99,12 @@ struct np_pod {
 	__u32 egress_trie;
 	__u8 ingress_state;     /* NP_STATE_* */
 	__u8 egress_state;
-	__u8 pad[2];
+	__u8 flags;             /* NP_POD_F_* (0 in records written before flags existed) */
+	__u8 pad;
 };
+/* The pod's egress has domain-name rules: a new egress flow to an address the pod
+ * learned from a DNS answer (np_learned) is decided by the learned entry. */
+#define NP_POD_F_LEARNED (1U << 0)
 _Static_assert(sizeof(struct np_pod) == 16, "np_pod size");
 
 /* np_rules: trie id -> inner LPM trie (map-in-map). Tries are immutable once inserted;
@@ -210,6 +215,26 @@ struct np_frag_value {
 	__u16 peer_port;
 };
 _Static_assert(sizeof(struct np_frag_value) == 4, "np_frag_value size");
+
+/* np_learned: addresses a pod learned from its DNS answers under a name its domain rules
+ * match, until they expire. The value is what a new egress flow to the address gets
+ * (instead of the trie's decision), computed by user space from every tier with the
+ * address added where the matching domain rules sit; it never opens more than they do.
+ * An LRU: under pressure an entry is evicted, which only closes (fail closed). */
+struct np_learned_key {
+	__u32 ifindex;          /* host veth of the pod */
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct np_learned_key) == 24, "np_learned_key size");
+
+struct np_learned_value {
+	__u64 expires_ns;       /* bpf_ktime_get_ns() clock: new flows judged by the trie after */
+	__u32 decision;         /* as np_lpm_value.portset_id: a port set or NP_LPM_INLINE */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct np_learned_value) == 16, "np_learned_value size");
 
 /* np_host_addrs: node addresses; traffic between a pod and its node always passes. */
 struct np_addr {

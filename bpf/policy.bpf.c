@@ -102,6 +102,14 @@ struct {
 } np_frags SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NP_MAX_LEARNED);
+	__type(key, struct np_learned_key);
+	__type(value, struct np_learned_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_learned SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NP_HOST_ADDRS);
 	__type(key, struct np_addr);
@@ -233,13 +241,50 @@ __noinline __u64 np_ports_decide(__u32 portset_id, __u32 protocol, __u32 port,
 			   set->other_reason);
 }
 
+/* The decision a trie value (or a learned address's) stands for: inline, or by its
+ * port set. */
+static __always_inline void np_decide_value(__u32 value, const struct np_ct_key *flow,
+					    __u16 rule_port, __u8 port_known,
+					    struct np_decision *d)
+{
+	__u64 decided;
+
+	if (value & NP_LPM_INLINE) {
+		d->policy_id = value & NP_LPM_INLINE_POLICY_MASK;
+		d->verdict = (value >> 30) & 1;
+		d->tier = (value >> 26) & 0xf;
+		d->reason = (value >> 22) & 0xf;
+		return;
+	}
+	decided = np_ports_decide(value, flow->protocol, rule_port, port_known);
+	d->policy_id = (__u32)decided;
+	d->verdict = (__u8)(decided >> 32);
+	d->tier = (__u8)(decided >> 40);
+	d->reason = (__u8)(decided >> 48);
+}
+
+/* A live learned entry for the peer (see np_learned): its decision value, else 0. */
+static __always_inline __u32 np_learned_decision(const struct np_ct_key *flow)
+{
+	struct np_learned_key key = {};
+	struct np_learned_value *v;
+
+	key.ifindex = flow->ifindex;
+	key.family = flow->family;
+	__builtin_memcpy(key.addr, flow->peer_addr, 16);
+	v = bpf_map_lookup_elem(&np_learned, &key);
+	if (!v || bpf_ktime_get_ns() >= v->expires_ns)
+		return 0;
+	return v->decision;
+}
+
 static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule_port,
 					__u8 port_known, __u8 state, __u32 trie_id,
-					struct np_decision *d)
+					__u8 learned, struct np_decision *d)
 {
 	struct np_lpm_key lpm = {};
 	struct np_lpm_value *match;
-	__u64 decided;
+	__u32 value;
 	void *trie;
 
 	if (state == NP_STATE_DEFAULT_ALLOW) {
@@ -253,6 +298,13 @@ static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule
 		d->reason = NP_REASON_DEFAULT_DENY;
 		d->tier = NP_TIER_DEFAULT;
 		return;
+	}
+	if (learned) {
+		value = np_learned_decision(flow);
+		if (value) {
+			np_decide_value(value, flow, rule_port, port_known, d);
+			return;
+		}
 	}
 	trie = bpf_map_lookup_elem(&np_rules, &trie_id);
 	if (!trie) {
@@ -269,20 +321,7 @@ static __always_inline void np_evaluate(const struct np_ct_key *flow, __u16 rule
 		d->tier = NP_TIER_NETWORK_POLICY;
 		return;
 	}
-	if (match->portset_id & NP_LPM_INLINE) {
-		__u32 v = match->portset_id;
-
-		d->policy_id = v & NP_LPM_INLINE_POLICY_MASK;
-		d->verdict = (v >> 30) & 1;
-		d->tier = (v >> 26) & 0xf;
-		d->reason = (v >> 22) & 0xf;
-		return;
-	}
-	decided = np_ports_decide(match->portset_id, flow->protocol, rule_port, port_known);
-	d->policy_id = (__u32)decided;
-	d->verdict = (__u8)(decided >> 32);
-	d->tier = (__u8)(decided >> 40);
-	d->reason = (__u8)(decided >> 48);
+	np_decide_value(match->portset_id, flow, rule_port, port_known, d);
 }
 
 static __always_inline void np_emit(struct __sk_buff *skb, const struct np_ct_key *flow,
@@ -392,7 +431,7 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 	} else {
 		np_evaluate(key, judged == NP_DIR_INGRESS ? key->pod_port : key->peer_port, 1,
 			    state, judged == NP_DIR_INGRESS ? pod->ingress_trie : pod->egress_trie,
-			    &d);
+			    judged == NP_DIR_EGRESS && (pod->flags & NP_POD_F_LEARNED), &d);
 	}
 	if (d.verdict == NP_VERDICT_ALLOW) {
 		struct np_ct_value v = {
@@ -523,7 +562,8 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	} else {
 		np_evaluate(&key, direction == NP_DIR_INGRESS ? key.pod_port : key.peer_port,
 			    port_known, state,
-			    direction == NP_DIR_INGRESS ? pod.ingress_trie : pod.egress_trie, &d);
+			    direction == NP_DIR_INGRESS ? pod.ingress_trie : pod.egress_trie,
+			    direction == NP_DIR_EGRESS && (pod.flags & NP_POD_F_LEARNED), &d);
 	}
 
 	if (d.verdict == NP_VERDICT_ALLOW) {

@@ -38,9 +38,10 @@ from bpf.errors import BpfError
 from bpf.maps import BPF_F_NO_PREALLOC, MAP_TYPE_LPM_TRIE, Map, TypedMap
 from bpf.pins import PinPaths
 from bpf.registry import Registry
-from bpf.ruleset import NOTHING, CompiledRules, Portset
+from bpf.ruleset import NOTHING, CompiledRules, Portset, Prefix
 
 log = structlog.get_logger("bpf.store")
+_ANY_PREFIX = Prefix(lay.NP_FAMILY_IPV4, 0, 0)
 U32 = ctypes.c_uint32
 
 
@@ -233,6 +234,27 @@ class RuleStore:
 
     def _portset_ref(self, portset_id: int) -> _PortsetRef:
         return self._portsets[self._portset_by_id[portset_id]]
+
+    # ---- port sets held by learned addresses ---------------------------------------
+    def hold(self, ps: Portset) -> int:
+        """The np_lpm_value-style decision for ``ps`` (inline, or its port set's id,
+        installed if needed and held until :meth:`release`)."""
+        inline = inline_value(ps)
+        if inline is not None:
+            return inline
+        if ps.allows_nothing:
+            return lay.NP_PORTSET_NONE
+        self._install_portsets(CompiledRules(entries={_ANY_PREFIX: ps}))
+        ref = self._portsets[ps]
+        ref.refs += 1
+        return ref.id
+
+    def release(self, ps: Portset) -> None:
+        if inline_value(ps) is not None or ps.allows_nothing:
+            return
+        ref = self._portsets.get(ps)
+        if ref is not None:
+            ref.refs -= 1  # freed by collect_garbage once no trie or entry holds it
 
     # ---- the end of tries and port sets -------------------------------------------
     def collect_garbage(self) -> tuple[int, int]:
