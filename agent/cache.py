@@ -295,9 +295,7 @@ class Cache:
 
     def _unlisted(self, namespace: str) -> list[PodRef]:
         """Local pods of the namespace that no object lists (selected by labels)."""
-        return [
-            r for r in self.ns_pods.get(namespace, ()) if not self._listed_by_networkpolicy(r)
-        ]
+        return [r for r in self.ns_pods.get(namespace, ()) if not self._listed_by_networkpolicy(r)]
 
     def _listed_by_networkpolicy(self, pod: PodRef) -> bool:
         """Some PolicyEndpoint lists the pod (a ClusterPolicyEndpoint listing it does not

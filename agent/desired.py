@@ -15,7 +15,9 @@ The node's own addresses are allowed by the datapath in every state.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from agent.domains import ClusterDomain, EgressInputs, NpDomain
 from agent.endpoints import Endpoints, PodRef
 from bpf import layout as lay
 from bpf.datapath import ALLOW_ALL, DENY_ALL, DirectionPolicy
@@ -58,8 +60,33 @@ def pod_directions(
     NetworkPolicy port rules exceed the datapath's limit keeps those that fit (fewer
     allowed ports; see bpf.ruleset) instead of raising RuleLimitError. Folded tiers
     are never cut (they deny too): over the limit, RuleLimitError."""
+    planned = plan_pod(endpoints, strict=strict, policy_id=policy_id, truncate=truncate)
+    return planned.ingress, planned.egress
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    ingress: DirectionPolicy
+    egress: DirectionPolicy
+    egress_inputs: EgressInputs  # what decides the addresses the pod learns (domains)
+
+
+def plan_pod(
+    endpoints: Sequence[Endpoints], *, strict: bool, policy_id: PolicyIds, truncate: bool = False
+) -> PodPlan:
+    """Both directions (see :func:`pod_directions`) and the egress inputs domain rules
+    are decided from. A pod with domain rules has its egress applied (the datapath
+    consults what it learned only there)."""
     networkpolicies = [e for e in endpoints if e.cluster is None]
+    np_domains = tuple(NpDomain(d, policy_id(e.policy)) for e in networkpolicies for d in e.domains)
+    cluster_domains = tuple(
+        ClusterDomain(d, e.cluster.tier, e.cluster.priority, policy_id(e.policy))
+        for e in endpoints
+        if e.cluster is not None
+        for d in e.cluster.domains
+    )
     out: list[DirectionPolicy] = []
+    inputs = EgressInputs((), None, DEFAULT_ALLOW)
     for ingress in (True, False):
         if networkpolicies:
             np_dir = direction(
@@ -68,16 +95,24 @@ def pod_directions(
         else:
             np_dir = DENY_ALL if strict else ALLOW_ALL
         tiers = cluster_rules(endpoints, ingress=ingress, policy_id=policy_id)
-        if not tiers:
-            out.append(np_dir)
-            continue
         isolated = np_dir.state == lay.NP_STATE_POLICIES_APPLIED
         default = DEFAULT_DENY if np_dir.state == lay.NP_STATE_DEFAULT_DENY else DEFAULT_ALLOW
+        if not ingress:
+            inputs = EgressInputs(
+                tuple(tiers),
+                np_dir.rules if isolated else None,
+                default,
+                np_domains,
+                cluster_domains,
+            )
+        if not tiers and not (not ingress and cluster_domains and not isolated):
+            out.append(np_dir)
+            continue
         folded = compile_tiers(
             tiers, networkpolicy=np_dir.rules if isolated else None, default=default
         )
         out.append(DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, folded))
-    return out[0], out[1]
+    return PodPlan(out[0], out[1], inputs)
 
 
 def weight(endpoints: Sequence[Endpoints]) -> int:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from bpf import layout as lay
 from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
@@ -81,6 +81,14 @@ class PackedRules:
         )
 
 
+class Domain(NamedTuple):
+    """An egress rule by domain name: addresses the pod learned from its DNS answers
+    under a name ``pattern`` matches may use ``ports`` (empty: everything)."""
+
+    pattern: str
+    ports: tuple[PortRange, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterPart:
     """What a ClusterPolicyEndpoint adds: its tier and priority, and its entries by
@@ -90,7 +98,7 @@ class ClusterPart:
     priority: int
     ingress: tuple[tuple[int, PackedRules], ...]  # (ACTION_*, rules)
     egress: tuple[tuple[int, PackedRules], ...]
-    domain_names: int = 0  # egress domainName entries (not address rules)
+    domains: tuple[Domain, ...] = ()  # egress Accept by domain name
 
     def rules(self, *, ingress: bool, policy_id: int) -> Iterator[ClusterRule]:
         for action, packed in self.ingress if ingress else self.egress:
@@ -125,6 +133,9 @@ class Endpoints:
     # a ClusterPolicyEndpoint (namespace ""): its tier, priority and rules; the
     # NetworkPolicy fields above are then empty
     cluster: ClusterPart | None = None
+    # egress to addresses learned under a matching domain name (an
+    # ApplicationNetworkPolicy's; a cluster policy's are in ``cluster``)
+    domains: tuple[Domain, ...] = ()
 
     @property
     def key(self) -> PodRef:
@@ -202,7 +213,7 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
     the NetworkPolicy it stands for, applies to its namespace's pods. Entries whose
     ``podIP`` equals their ``hostIP`` are hostNetwork pods, never enforced (as the
     reference agent skips them)."""
-    pe, ingress, egress = parse_with_rules(obj)
+    pe, ingress, egress, domains = parse_with_rules(obj)
     spec, meta = pe.spec, pe.metadata
     if spec.policy_ref.namespace and spec.policy_ref.namespace != meta.namespace:
         raise PolicyEndpointError(
@@ -239,6 +250,7 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
         egress=_rules(egress),
         foreign=tuple(sorted(foreign)),
         selector=_selector(spec.pod_selector),
+        domains=tuple(Domain(d.pattern, _ports(d.ports) if d.ports else ()) for d in domains),
     )
 
 
@@ -268,7 +280,7 @@ def from_cluster_api(obj: dict[str, Any]) -> Endpoints:
             priority=c.priority,
             ingress=_by_action(c.ingress),
             egress=_by_action(c.egress),
-            domain_names=c.domain_names,
+            domains=tuple(Domain(d.pattern, _ports(d.ports) if d.ports else ()) for d in c.domains),
         ),
     )
 

@@ -79,7 +79,7 @@ class ClusterRule(NamedTuple):
     policy_id: int
 
 
-class _Np(NamedTuple):
+class NetworkPolicyAt(NamedTuple):
     """The NetworkPolicy tier at one prefix: not isolating (``isolates`` False), or
     the port set of the longest NetworkPolicy entry holding it (None: none does)."""
 
@@ -105,19 +105,21 @@ def compile_tiers(
         lengths[fam] = sorted(set(lengths[fam]))
 
     kept: dict[Prefix, Portset] = {}
-    memo: dict[tuple[tuple[ClusterRule, ...], _Np], Portset] = {}
+    memo: dict[tuple[tuple[ClusterRule, ...], NetworkPolicyAt], Portset] = {}
     for p in sorted(prefixes):  # shorter prefixes (ancestors) first
         ancestors = [p.ancestor(n) for n in lengths[p.family] if n <= p.length]
         holding = tuple(r for a in ancestors for r in by_cidr.get(a, ()))
         if networkpolicy is None:
-            np_here = _Np(False, None)
+            np_here = NetworkPolicyAt(False, None)
         else:
             nearest_np = next((a for a in reversed(ancestors) if a in np_entries), None)
-            np_here = _Np(True, np_entries[nearest_np] if nearest_np is not None else None)
+            np_here = NetworkPolicyAt(
+                True, np_entries[nearest_np] if nearest_np is not None else None
+            )
         key = (holding, np_here)
         portset = memo.get(key)
         if portset is None:
-            portset = memo[key] = _portset(holding, np_here, default, where=p)
+            portset = memo[key] = portset_at(holding, np_here, default, where=p)
         if p.length and _inherited(p, lengths[p.family], kept) == portset:
             continue
         kept[p] = portset
@@ -200,8 +202,8 @@ def _cuts(holding: tuple[ClusterRule, ...], nps: Portset | None, protocol: int) 
     return sorted(cuts)
 
 
-def _portset(
-    holding: tuple[ClusterRule, ...], np_here: _Np, default: Decision, *, where: Prefix
+def portset_at(
+    holding: tuple[ClusterRule, ...], np_here: NetworkPolicyAt, default: Decision, *, where: Prefix
 ) -> Portset:
     def at(protocol: int | None, port: int | None) -> Decision:
         return decide(

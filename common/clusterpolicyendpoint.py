@@ -14,7 +14,14 @@ from typing import Any, NamedTuple
 
 from common.cidr import Cidr
 from common.echo import bounded
-from common.policyendpoint import PolicyEndpointError, PortSpec, _ports, entry_cidr
+from common.policyendpoint import (
+    DomainRule,
+    PolicyEndpointError,
+    PortSpec,
+    _ports,
+    entry_cidr,
+    parse_domains,
+)
 
 KIND = "ClusterPolicyEndpoint"
 POLICY_KIND = "ClusterNetworkPolicy"
@@ -47,7 +54,7 @@ class ClusterPolicyEndpoint(NamedTuple):
     pods: tuple[ClusterPod, ...]
     ingress: tuple[ClusterEntry, ...]
     egress: tuple[ClusterEntry, ...]
-    domain_names: int  # egress domainName entries (not address rules)
+    domains: tuple[DomainRule, ...]  # egress Accept entries by domain name
 
 
 def _address(value: Any, where: str) -> str:
@@ -57,13 +64,13 @@ def _address(value: Any, where: str) -> str:
         raise ValueError(f"{where}: invalid IP {bounded(value)}") from None
 
 
-def _entries(raw: Any, where: str) -> tuple[list[ClusterEntry], int]:
+def _entries(raw: Any, where: str) -> tuple[list[ClusterEntry], list[DomainRule]]:
     if raw is None:
-        return [], 0
+        return [], []
     if not isinstance(raw, list):
         raise ValueError(f"{where}: must be a list")
     out: list[ClusterEntry] = []
-    domains = 0
+    domains = parse_domains(raw, where)
     for i, entry in enumerate(raw):
         loc = f"{where}.{i}"
         if not isinstance(entry, dict):
@@ -73,7 +80,8 @@ def _entries(raw: Any, where: str) -> tuple[list[ClusterEntry], int]:
             raise ValueError(f"{loc}.action: {bounded(action)} is not Accept, Deny or Pass")
         cidr = entry_cidr(entry, loc)
         if cidr is None:
-            domains += 1
+            if action != "Accept":
+                raise ValueError(f"{loc}.action: a domainName entry must be Accept")
             continue
         ports = entry.get("ports")
         out.append(ClusterEntry(cidr, _ports(ports, f"{loc}.ports") if ports else (), action))
@@ -126,7 +134,9 @@ def _parse(obj: dict[str, Any], meta: dict[str, Any]) -> ClusterPolicyEndpoint:
                 _address(host, f"{loc}.hostIP") if host else "",
             )
         )
-    ingress, _ = _entries(spec.get("ingress"), "spec.ingress")
+    ingress, ingress_domains = _entries(spec.get("ingress"), "spec.ingress")
+    if ingress_domains:
+        raise ValueError("spec.ingress: domainName entries are egress only")
     egress, domains = _entries(spec.get("egress"), "spec.egress")
     annotations = meta.get("annotations") or {}
     return ClusterPolicyEndpoint(
@@ -140,7 +150,7 @@ def _parse(obj: dict[str, Any], meta: dict[str, Any]) -> ClusterPolicyEndpoint:
         pods=tuple(pods),
         ingress=tuple(ingress),
         egress=tuple(egress),
-        domain_names=domains,
+        domains=tuple(domains),
     )
 
 

@@ -8,6 +8,12 @@
 from __future__ import annotations
 
 import functools
+import re
+
+# A domain name as the CRDs accept it: labels of letters, digits, '-' and '_' (not at a
+# label's ends), at least two labels, an optional leading "*." and trailing dot.
+_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
+DOMAIN_NAME = re.compile(rf"^(\*\.)?({_LABEL}\.)+{_LABEL}\.?$")
 
 
 def normal(name: str) -> str:

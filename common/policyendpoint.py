@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.cidr import Cidr
 from common.cidr import parse as fast_cidr
+from common.dnsnames import DOMAIN_NAME
 from common.echo import ECHO_LIMIT, bounded, cut
 
 API_VERSION = "networking.k8s.aws/v1alpha1"
@@ -43,6 +44,32 @@ class PortSpec(NamedTuple):
     protocol: str  # TCP | UDP | SCTP
     port: int | None  # None: every port of the protocol
     end_port: int | None
+
+
+class DomainRule(NamedTuple):
+    """One validated ``domainName`` egress entry: peers learned under a matching name
+    (common.dnsnames) may use ``ports`` (empty: every port of every protocol)."""
+
+    pattern: str  # as written; matched case-insensitively, without the trailing dot
+    ports: tuple[PortSpec, ...]
+
+
+def parse_domains(entries: Any, where: str) -> list[DomainRule]:
+    """The ``domainName`` entries of an egress list (the others: parse_rules)."""
+    out = []
+    for i, entry in enumerate(entries or []):
+        if not isinstance(entry, dict) or entry.get("cidr") or not entry.get("domainName"):
+            continue
+        loc = f"{where}.{i}"
+        name = entry["domainName"]
+        if not isinstance(name, str) or not DOMAIN_NAME.match(name):
+            raise ValueError(
+                f"{loc}.domainName: {bounded(name)} is not a domain name "
+                "(a leading '*.' is the only wildcard)"
+            )
+        ports = entry.get("ports")
+        out.append(DomainRule(name, _ports(ports, f"{loc}.ports") if ports else ()))
+    return out
 
 
 class Rule(NamedTuple):
@@ -221,9 +248,16 @@ class PolicyEndpointError(ValueError):
         self.reason = reason
 
 
-def parse_with_rules(obj: dict[str, Any]) -> tuple[PolicyEndpoint, list[Rule], list[Rule]]:
-    """Validate a PolicyEndpoint, rules included: (object, ingress rules, egress rules);
-    raises PolicyEndpointError naming the first offending field."""
+class Parsed(NamedTuple):
+    endpoint: PolicyEndpoint
+    ingress: list[Rule]
+    egress: list[Rule]
+    domains: list[DomainRule]  # the egress domainName entries
+
+
+def parse_with_rules(obj: dict[str, Any]) -> Parsed:
+    """Validate a PolicyEndpoint, rules included: (object, ingress rules, egress rules,
+    egress domain rules); raises PolicyEndpointError naming the first offending field."""
     meta = obj.get("metadata") or {}
     where = (meta.get("namespace", "?"), meta.get("name", "?"))
     try:
@@ -233,9 +267,10 @@ def parse_with_rules(obj: dict[str, Any]) -> tuple[PolicyEndpoint, list[Rule], l
     try:
         ingress = parse_rules(pe.spec.ingress, "spec.ingress")
         egress = parse_rules(pe.spec.egress, "spec.egress")
+        domains = parse_domains(pe.spec.egress, "spec.egress")
     except ValueError as exc:
         raise PolicyEndpointError(*where, str(exc)) from None
-    return pe, ingress, egress
+    return Parsed(pe, ingress, egress, domains)
 
 
 def describe(exc: ValidationError) -> str:

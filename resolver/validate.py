@@ -14,6 +14,7 @@ from typing import Any
 
 from common.cidr import Cidr
 from common.cidr import parse as parse_cidr
+from common.dnsnames import DOMAIN_NAME
 from common.echo import bounded
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -29,12 +30,6 @@ class InvalidPolicy(ValueError):  # noqa: N818 (names the input, as the API woul
 
     def __init__(self, field: str, problem: str = "") -> None:
         super().__init__(f"{field}: {problem}" if problem else field)
-
-
-# A domain name as the CRDs accept it: labels of letters, digits, '-' and '_' (not at a
-# label's ends), at least two labels, an optional leading "*." and trailing dot.
-_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
-DOMAIN_NAME = re.compile(rf"^(\*\.)?({_LABEL}\.)+{_LABEL}\.?$")
 
 
 def domain_names(value: Any, where: str) -> list[str]:
