@@ -27,6 +27,7 @@ import structlog
 
 from agent.cache import Cache, LocalPod
 from agent.desired import weight
+from agent.dnssteer import Steering
 from agent.endpoints import Endpoints, PodRef
 from agent.gate import Gate, GateError
 from agent.hostnet import HostNet
@@ -114,9 +115,15 @@ class Enforcer:
         strict: bool,
         netns: str | None = None,
         gate: Gate | None = None,
+        steering: Steering | None = None,
+        fqdn_ttl_grace: float = 30.0,
     ) -> None:
         self.cache = cache
         self.gate = gate or Gate((), enabled=False)
+        # pods with domain rules: their DNS goes through the proxy (agent.dnssteer)
+        self.steering = steering
+        self.fqdn_ttl_grace = fqdn_ttl_grace
+        self.domain_pods: dict[PodRef, tuple[str, ...]] = {}  # pod -> its addresses
         self.hostnet = hostnet
         self.worker = worker
         self.dp: Datapath = worker.dp
@@ -462,6 +469,7 @@ class Enforcer:
         await self.gate.open(self._judged(plan.ifindexes))
         st.ifindexes, st.pod_id = plan.ifindexes, out.pod_id
         st.ingress, st.egress = out.ingress, out.egress
+        await self._steer(plan.ref, out.domains)
         st.inputs = self._inputs(plan)
         previous = st.programmed
         st.programmed = {f"{e.namespace}/{e.name}": e.generation for e in plan.endpoints}
@@ -523,6 +531,10 @@ class Enforcer:
         }
         try:
             await self.worker.call(self.programmer.end_ids, live)
+            expired = await self.worker.call(
+                self.programmer.expire, time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            )
+            self.metrics.fqdn_expired.inc(expired)
         except (BpfError, OSError) as exc:
             self.metrics.errors.labels("lifecycle").inc()
             log.error("enforcer.lifecycle_failed", error=str(exc))
@@ -534,7 +546,45 @@ class Enforcer:
                 self.cache.changed.set()
         self.metrics.prune(self.cache.generations)
 
+    async def _steer(self, ref: PodRef, domains: bool) -> None:
+        """Keep the pod's DNS steered to the proxy exactly while it has domain rules."""
+        pod = self.cache.pods.get(ref)
+        want = tuple(pod.ips) if pod is not None and domains else ()
+        if self.domain_pods.get(ref, ()) == want:
+            return
+        if want:
+            self.domain_pods[ref] = want
+        else:
+            self.domain_pods.pop(ref, None)
+        if self.steering is not None:
+            await self.steering.set_pods(
+                ipaddress.ip_address(ip) for ips in self.domain_pods.values() for ip in ips
+            )
+
+    async def learn(self, pod_ip: str, name: str, addresses: list[tuple[lay.Address, int]]) -> bool:
+        """The DNS proxy's answer for a pod, learned before it is released: True if an
+        entry was written (see Programmer.learn)."""
+        ref = next((r for r, ips in self.domain_pods.items() if pod_ip in ips), None)
+        st = self.status.get(ref) if ref is not None else None
+        if st is None or not st.ifindexes:
+            return False
+        written = await self.worker.call(
+            self.programmer.learn,
+            st.ifindexes,
+            name,
+            addresses,
+            grace=self.fqdn_ttl_grace,
+            now_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+        )
+        self.metrics.fqdn_learned.inc(written)
+        return written > 0
+
     def _unbind(self, ref: PodRef) -> None:
+        if self.domain_pods.pop(ref, None) is not None and self.steering is not None:
+            ips = [ipaddress.ip_address(ip) for v in self.domain_pods.values() for ip in v]
+            asyncio.get_running_loop().create_task(
+                self.steering.set_pods(ips), name="dnssteer-update"
+            )
         st = self.status.pop(ref, None)
         if st is None:
             return

@@ -8,6 +8,7 @@ datapath enforcing the last programmed state; a new run adopts it without a gap.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -19,6 +20,8 @@ from agent.api import AgentApi, table_warnings
 from agent.cache import Cache
 from agent.cni.calls import CniCalls
 from agent.cni.ipamd import NodeConfig, from_ipamd
+from agent.dnsproxy import DnsProxy, Upstream
+from agent.dnssteer import Steering
 from agent.enforcer import Enforcer
 from agent.fetching import fetch_stubs
 from agent.gate import Gate
@@ -115,6 +118,11 @@ class Node:
             on_ignored=lambda reason: metrics.ignored_entries.labels(reason).inc(),
             on_pod_rejected=metrics.pods_rejected.inc,
         )
+        self.upstreams = [
+            Upstream(ipaddress.ip_address(a), 53, settings.dns_proxy_port + i)
+            for i, a in enumerate(settings.cluster_dns)
+        ]
+        self.steering = Steering(self.upstreams) if self.upstreams else None
         self.enforcer = Enforcer(
             cache=self.cache,
             hostnet=self.hostnet,
@@ -122,7 +130,10 @@ class Node:
             metrics=metrics,
             strict=settings.enforcing_mode == "strict",
             gate=Gate(settings.pod_interface_prefixes, enabled=settings.enforcing_mode == "strict"),
+            steering=self.steering,
+            fqdn_ttl_grace=settings.fqdn_ttl_grace,
         )
+        self.proxy = DnsProxy(self.upstreams, learn=self.enforcer.learn) if self.upstreams else None
         self.watches = {
             "pods": WatchStats(),
             "policyendpoints": WatchStats(),
@@ -167,6 +178,22 @@ class Node:
             stats=self.watches["clusterpolicyendpoints"],
             optional=True,  # clusters without the ClusterNetworkPolicy CRDs
         )
+
+    async def steer_dns(self) -> None:
+        """Steer pods' DNS to the proxy while the agent runs; removed on the way out,
+        so DNS goes to the cluster DNS directly when the agent is stopped."""
+        assert self.steering is not None
+        await self.hostnet.ready.wait()
+        node: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        for text in sorted(self.hostnet.node_addresses()):
+            addr = ipaddress.ip_address(text)
+            if not (addr.is_loopback or addr.is_link_local):
+                node.setdefault(addr.version, addr)
+        try:
+            await self.steering.install(node, ())
+            await asyncio.Event().wait()
+        finally:
+            await self.steering.remove()
 
     async def fetch_endpoints(self) -> None:
         await fetch_stubs(
@@ -250,6 +277,9 @@ class Node:
                 settings.metrics_bind_addr,
             ),
         }
+        if self.proxy is not None:
+            tasks["dns-proxy"] = self.proxy.serve()
+            tasks["dns-steering"] = self.steer_dns()
         if os.environ.get(memory.PROFILE_ENV):  # diagnostics only (see common.memory)
             tasks["memory-profile"] = memory.profile(os.environ[memory.PROFILE_ENV])
         return tasks

@@ -32,6 +32,16 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.fqdn_learned = Counter(
+            "awsnodeagent_fqdn_addresses_learned_total",
+            "Addresses pods learned from DNS answers under a name their domain rules match",
+            registry=r,
+        )
+        self.fqdn_expired = Counter(
+            "awsnodeagent_fqdn_addresses_expired_total",
+            "Learned addresses forgotten after their TTL and grace",
+            registry=r,
+        )
         self.setup_latency = Summary(
             "awsnodeagent_policy_setup_latency_ms",
             "Time to program the pods of a PolicyEndpoint, ms",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from agent.desired import pod_directions
+from agent.desired import plan_pod
+from agent.domains import EgressInputs, decision_for
 from agent.endpoints import Endpoints, PodRef
 from bpf import layout as lay
 from bpf.datapath import Datapath, DirectionPolicy, PodPolicy
@@ -23,6 +24,7 @@ from bpf.registry import TableFullError
 log = structlog.get_logger("agent.enforcer")
 
 _CompileKey = tuple[tuple["Endpoints", ...], bool]  # (objects, strict)
+_Compiled = tuple[DirectionPolicy, DirectionPolicy, str, EgressInputs]
 # trie entries compiled before a batch of pods is switched (bounds the peak memory)
 PROGRAM_BATCH_ENTRIES = 32768
 
@@ -38,6 +40,7 @@ class Outcome:
     error: str = ""
     reason: str = ""
     written: bool = True
+    domains: bool = False  # its egress has domain rules (its DNS is steered to the proxy)
 
 
 @dataclass
@@ -55,6 +58,12 @@ class Programmer:
 
     def __init__(self, dp: Datapath) -> None:
         self.dp = dp
+        # what each interface's egress was compiled from, while its record is ours: the
+        # addresses its pod learns are decided from it (agent.domains)
+        self.inputs: dict[int, EgressInputs] = {}
+        # (ifindex, address) -> (name it was learned under, expiry): re-decided when
+        # the pod's rules change; ends with the entry
+        self.learned: dict[tuple[int, lay.Address], tuple[str, int]] = {}
 
     def program(self, plans: Sequence[Plan]) -> list[Outcome]:
         """Compile and switch every planned pod. Pods are switched in
@@ -63,7 +72,7 @@ class Programmer:
         are built. A failure is the failing pod's alone: its record in force stays,
         every other pod of the batch is switched."""
         dp = self.dp
-        compiled: dict[_CompileKey, tuple[DirectionPolicy, DirectionPolicy, str]] = {}
+        compiled: dict[_CompileKey, _Compiled] = {}
         pods: dict[int, PodPolicy] = {}
         owner: dict[int, int] = {}  # ifindex -> index of its plan
         out: dict[int, Outcome] = {}  # by plan index
@@ -91,7 +100,7 @@ class Programmer:
                 log.error("enforcer.pod_failed", pod=where, reason="rule-limit", error=str(exc))
                 out[i] = Outcome(error=str(exc), reason="rule-limit", written=False)
                 continue
-            ingress, egress, limit = compiled[key]
+            ingress, egress, limit, inputs = compiled[key]
             if limit:
                 log.error(
                     "enforcer.rules_truncated",
@@ -100,8 +109,9 @@ class Programmer:
                     enforcing="the rules that fit (fewer allowed ports)",
                 )
             for ifindex in plan.ifindexes:
-                pods[ifindex] = PodPolicy(pod_id, ingress, egress)
+                pods[ifindex] = PodPolicy(pod_id, ingress, egress, learned=inputs.has_domains)
                 owner[ifindex] = i
+                self.inputs[ifindex] = inputs
             pending_entries += sum(
                 len(d.rules.entries) for d in (ingress, egress) if d.rules is not None
             )
@@ -111,9 +121,11 @@ class Programmer:
                 lay.STATE_NAMES[egress.state],
                 error=f"rule-limit: {limit}" if limit else "",
                 reason="rule-limit" if limit else "",
+                domains=inputs.has_domains,
             )
         if pods:
             self._switch(pods, owner, out)
+        self._relearn({i for plan in plans for i in plan.ifindexes})
         return [out[i] for i in range(len(plans))]
 
     def _switch(
@@ -146,21 +158,77 @@ class Programmer:
         policy_id: Callable[[PodRef], int],
         *,
         strict: bool,
-    ) -> tuple[DirectionPolicy, DirectionPolicy, str]:
-        """(ingress, egress, "" or the limit exceeded). Over the datapath's per-CIDR
-        limit, the pod enforces what fits, never a stale allow."""
+    ) -> _Compiled:
+        """(ingress, egress, "" or the limit exceeded, egress inputs). Over the
+        datapath's per-CIDR limit, the pod enforces what fits, never a stale allow."""
         try:
-            ingress, egress = pod_directions(endpoints, strict=strict, policy_id=policy_id)
-            return ingress, egress, ""
+            p = plan_pod(endpoints, strict=strict, policy_id=policy_id)
+            return p.ingress, p.egress, "", p.egress_inputs
         except RuleLimitError as exc:
-            ingress, egress = pod_directions(
-                endpoints, strict=strict, policy_id=policy_id, truncate=True
-            )
-            return ingress, egress, str(exc)
+            p = plan_pod(endpoints, strict=strict, policy_id=policy_id, truncate=True)
+            return p.ingress, p.egress, str(exc), p.egress_inputs
+
+    # ---- learned addresses -----------------------------------------------------------
+    def learn(
+        self,
+        ifindexes: Sequence[int],
+        name: str,
+        addresses: Sequence[tuple[lay.Address, int]],
+        *,
+        grace: float,
+        now_ns: int,
+    ) -> int:
+        """What a DNS answer teaches the pod on ``ifindexes`` (its interfaces): each
+        address its domain rules open under ``name``, for its TTL plus ``grace``
+        seconds. Returns how many entries were written."""
+        written = 0
+        for ifindex in ifindexes:
+            inputs = self.inputs.get(ifindex)
+            if inputs is None or not inputs.has_domains:
+                continue
+            for address, ttl in addresses:
+                decision = decision_for(inputs, name=name, address=address)
+                if decision is None:
+                    continue
+                expires = now_ns + int((ttl + grace) * 1e9)
+                old = self.learned.get((ifindex, address))
+                if old is not None and old[1] > expires:
+                    expires = old[1]  # a shorter answer never cuts a longer one short
+                self.dp.learn(ifindex, address, decision, expires)
+                self.learned[(ifindex, address)] = (name, expires)
+                written += 1
+        return written
+
+    def _relearn(self, ifindexes: set[int]) -> None:
+        """Decide the pods' learned addresses again with their new rules (an address no
+        rule opens any more is forgotten)."""
+        for (ifindex, address), (name, expires) in list(self.learned.items()):
+            if ifindex not in ifindexes:
+                continue
+            inputs = self.inputs.get(ifindex)
+            decision = decision_for(inputs, name=name, address=address) if inputs else None
+            if decision is None:
+                self.dp.forget(ifindex, address)
+                del self.learned[(ifindex, address)]
+            else:
+                self.dp.learn(ifindex, address, decision, expires)
+
+    def expire(self, now_ns: int) -> int:
+        """Forget the learned entries past their expiry (connections opened while they
+        were valid go on)."""
+        gone = [k for k, (_, expires) in self.learned.items() if expires < now_ns]
+        for ifindex, address in gone:
+            self.dp.forget(ifindex, address)
+            del self.learned[(ifindex, address)]
+        return len(gone)
 
     def remove(self, ifindexes: Sequence[int]) -> None:
-        """Drop records (their pods' ids stay named for late flow logs)."""
+        """Drop records (their pods' ids stay named for late flow logs), and what the
+        pods learned."""
         self.dp.remove_pods(ifindexes)
+        for ifindex in ifindexes:
+            self.inputs.pop(ifindex, None)
+        self.learned = {k: v for k, v in self.learned.items() if k[0] not in set(ifindexes)}
 
     def end_ids(self, live_uids: set[str]) -> None:
         """Pod ids of UIDs not live retire, names past their grace are freed, lost pins

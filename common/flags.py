@@ -72,6 +72,16 @@ class Settings(BaseModel):
     cni_answer_timeout: float = Field(default=3.0, ge=0, le=60)
     """Seconds EnforceNpToPod waits for a new pod's known policies to be programmed
     before answering; after that it answers with the mode's default in force."""
+    cluster_dns: tuple[str, ...] = ()
+    """Addresses of the cluster DNS (the kube-dns Service's ClusterIPs, or its pods):
+    queries of pods with domain-name egress rules to them go through the agent's DNS
+    proxy, which learns the answers' addresses for the pod before releasing them.
+    Empty: domain rules learn nothing (their names open nothing)."""
+    dns_proxy_port: int = Field(default=10053, ge=1024, le=65000)
+    """First local UDP port of the DNS proxy (one per cluster DNS address, upward)."""
+    fqdn_ttl_grace: float = Field(default=30.0, ge=0, le=3600)
+    """Seconds a learned address stays open after its answer's TTL (clients cache
+    answers a little longer than told); connections opened meanwhile outlive it."""
     shutdown_timeout: float = Field(default=10.0, gt=0, le=120)
     """Seconds a process takes at most to stop after SIGTERM."""
     flow_log_format: Literal["text", "json"] = "text"
@@ -130,6 +140,21 @@ class Settings(BaseModel):
                 ) from None
         if isinstance(value, int) and not 0 <= value <= 0o666:
             raise ValueError(f"{value:04o} is not a mode from 0000 to 0666 (no execute bits)")
+        return value
+
+    @field_validator("cluster_dns", mode="before")
+    @classmethod
+    def _addresses(cls, value: object) -> object:
+        import ipaddress
+
+        if isinstance(value, str):
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        if isinstance(value, tuple | list):
+            for item in value:
+                try:
+                    ipaddress.ip_address(item)
+                except ValueError:
+                    raise ValueError(f"{str(item)[:60]!r} is not an IP address") from None
         return value
 
     @field_validator("pod_interface_prefixes", mode="before")
