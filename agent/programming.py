@@ -64,6 +64,10 @@ class Programmer:
         # (ifindex, address) -> (name it was learned under, expiry): re-decided when
         # the pod's rules change; ends with the entry
         self.learned: dict[tuple[int, lay.Address], tuple[str, int]] = {}
+        # adopted after a restart: the name is not known (""), the entry stays as it is
+        # until it expires
+        for key, expires in dp.learned_expiries().items():
+            self.learned[key] = ("", expires)
 
     def program(self, plans: Sequence[Plan]) -> list[Outcome]:
         """Compile and switch every planned pod. Pods are switched in
@@ -203,7 +207,7 @@ class Programmer:
         """Decide the pods' learned addresses again with their new rules (an address no
         rule opens any more is forgotten)."""
         for (ifindex, address), (name, expires) in list(self.learned.items()):
-            if ifindex not in ifindexes:
+            if ifindex not in ifindexes or not name:
                 continue
             inputs = self.inputs.get(ifindex)
             decision = decision_for(inputs, name=name, address=address) if inputs else None
@@ -214,13 +218,12 @@ class Programmer:
                 self.dp.learn(ifindex, address, decision, expires)
 
     def expire(self, now_ns: int) -> int:
-        """Forget the learned entries past their expiry (connections opened while they
-        were valid go on)."""
-        gone = [k for k, (_, expires) in self.learned.items() if expires < now_ns]
-        for ifindex, address in gone:
-            self.dp.forget(ifindex, address)
-            del self.learned[(ifindex, address)]
-        return len(gone)
+        """Forget the learned entries past their expiry, and those the kernel evicted
+        (connections opened while they were valid go on)."""
+        gone = self.dp.expire_learned(now_ns)
+        live = self.dp.learned_expiries()
+        self.learned = {k: v for k, v in self.learned.items() if k in live}
+        return gone
 
     def remove(self, ifindexes: Sequence[int]) -> None:
         """Drop records (their pods' ids stay named for late flow logs), and what the

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from bpf import layout as lay
-from bpf.codec import host_key, meta_name, sum_stats
+from bpf.codec import host_key, inline_portset, meta_name, policy_ids, sum_stats
 from bpf.errors import BpfError
 from bpf.loading import grace_from_env, load_object
 from bpf.maps import Map, TypedMap
@@ -166,6 +166,7 @@ class Datapath:
             floor_policy=next_policy,
         )
         self.store.reference_adopted_policies()
+        self._adopt_learned()
         self.names.retire_unreferenced_policies()
         log.info(
             "datapath.adopted",
@@ -174,6 +175,32 @@ class Datapath:
             tries=len(self.store.tries),
             portsets=self.store.sizes()[2],
         )
+
+    def _adopt_learned(self) -> None:
+        """What pods learned before a restart stays in force until it expires: its
+        port sets and policy names are held again."""
+        for key, value in self.learned.items():
+            address = lay.addr_from(bytes(key.addr), key.family)
+            raw = value.decision
+            if raw & lay.NP_LPM_INLINE:
+                ps = inline_portset(raw)
+            elif raw == lay.NP_PORTSET_NONE:
+                continue
+            else:
+                try:
+                    ps = self.store.read_portset(raw)
+                except BpfError:
+                    continue  # its port set is gone: the datapath denies (fail closed)
+            self.store.hold(ps)
+            self.names.reference_policies(policy_ids(ps), +1)
+            self._learned[(key.ifindex, address)] = ps
+
+    def learned_expiries(self) -> dict[tuple[int, lay.Address], int]:
+        """Every learned entry's expiry (the datapath's clock), as the map holds it."""
+        return {
+            (k.ifindex, lay.addr_from(bytes(k.addr), k.family)): v.expires_ns
+            for k, v in self.learned.items()
+        }
 
     # ---- names for ids --------------------------------------------------------------
     def register_pod(self, *, namespace: str, name: str, uid: str) -> int:
@@ -225,16 +252,19 @@ class Datapath:
         (the datapath's monotonic clock), if its record has ``learned`` set. The port
         set is held (installed if needed) while the entry lives."""
         value = self.store.hold(decision)
+        self.names.reference_policies(policy_ids(decision), +1)
         key = _learned_key(ifindex, address)
         try:
             self.learned.update(key, lay.NpLearnedValue(expires_ns=expires_ns, decision=value))
         except BaseException:
             self.store.release(decision)
+            self.names.reference_policies(policy_ids(decision), -1)
             raise
         old = self._learned.pop((ifindex, address), None)
         self._learned[(ifindex, address)] = decision
         if old is not None:
             self.store.release(old)
+            self.names.reference_policies(policy_ids(old), -1)
 
     def forget(self, ifindex: int, address: lay.Address) -> bool:
         """Remove a learned entry (its port set released); False if there was none. An
@@ -245,17 +275,17 @@ class Datapath:
         with contextlib.suppress(BpfError):  # ENOENT: evicted under pressure
             self.learned.delete(_learned_key(ifindex, address))
         self.store.release(held)
+        self.names.reference_policies(policy_ids(held), -1)
         return True
 
     def expire_learned(self, before_ns: int) -> int:
         """Forget every learned entry that expired before ``before_ns`` (the entries'
-        clock); returns how many. Connections opened while they were valid go on."""
-        stale = [k for k, v in self.learned.items() if v.expires_ns < before_ns]
-        gone = 0
-        for key in stale:
-            address = lay.addr_from(bytes(key.addr), key.family)
-            gone += self.forget(key.ifindex, address)
-        return gone
+        clock), and release those the kernel evicted; returns how many. Connections
+        opened while they were valid go on."""
+        live = self.learned_expiries()
+        stale = [k for k, expires in live.items() if expires < before_ns]
+        stale += [k for k in self._learned if k not in live]  # evicted (LRU)
+        return sum(self.forget(ifindex, address) for ifindex, address in stale)
 
     def learned_for(self, ifindex: int) -> dict[lay.Address, Portset]:
         return {a: ps for (i, a), ps in self._learned.items() if i == ifindex}

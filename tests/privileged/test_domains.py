@@ -189,3 +189,31 @@ async def test_garbage_to_the_proxy_breaks_nothing(world: World) -> None:
     assert await tcp_probe(netns=client.netns, target=api.ipv4, port=80, expect="api")
     assert rig.proc is not None
     assert rig.proc.returncode is None, "the agent survived"
+
+
+async def test_agent_restart_keeps_what_pods_learned(world: World) -> None:
+    rig = world.rig
+    client, api = await rig.add_pod("client"), await rig.add_pod("api")
+    world.server.set("api.example.com", [str(api.ipv4)])
+    world.domain_policy(client, "api.example.com")
+    await rig.settle_agent()
+    assert await world.lookup(client, "api.example.com") == [api.ipv4]
+    conn = await open_tcp(netns=client.netns, target=api.ipv4, port=80)
+    assert conn is not None
+    try:
+        assert await conn.exchange(b"before", expect="api")
+        assert await rig.stop_agent() == 0
+        # while the agent is down: the learned address stays open, the flow goes on
+        assert await tcp_probe(netns=client.netns, target=api.ipv4, port=80, expect="api")
+        assert await conn.exchange(b"agent-down", expect="api")
+        await rig.start_agent(
+            f"--cluster-dns={world.dns.ipv4},{world.dns.ipv6}", "--fqdn-ttl-grace=0"
+        )
+        await rig.ready()
+        await rig.settle_agent()
+        # adopted: no new lookup needed, and DNS works again through the proxy
+        assert await tcp_probe(netns=client.netns, target=api.ipv4, port=80, expect="api")
+        assert await conn.exchange(b"after", expect="api")
+        assert await world.lookup(client, "api.example.com") == [api.ipv4]
+    finally:
+        await conn.close()
