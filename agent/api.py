@@ -36,6 +36,7 @@ from common.apimodels import (
     TABLE_WARN,
     ExplainRequest,
     ExplainResult,
+    LearnedView,
     NodeStatus,
     PodView,
     PolicyRefView,
@@ -93,6 +94,7 @@ class AgentApi:
         app.router.add_get("/v1/policies", self.policies)
         app.router.add_post("/v1/explain", self.explain)
         app.router.add_get("/v1/wait", self.wait)
+        app.router.add_get("/v1/fqdn", self.fqdn)
         return app
 
     # ---- status -----------------------------------------------------------------------
@@ -257,6 +259,28 @@ class AgentApi:
         priorities = {e.policy[1]: e.cluster.priority for e in programmed if e.cluster}
         snapshot = await self.worker.call(self.reader.snapshot, req, st.ifindex)
         result = decide(req, snapshot, priorities=priorities)
+        if snapshot.learned is not None:
+            views = [
+                v
+                for v in await self._learned_views([ref])
+                if v.address == str(ipaddress.ip_address(req.peer))
+            ]
+            if views:
+                v = views[0]
+                result.learned = v
+                when = (
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.learned_at))
+                    if v.learned_at
+                    else "before the agent restarted"
+                )
+                because = (
+                    f"{v.name.rstrip('.')} resolved to it at {when}, TTL {v.ttl}"
+                    if v.name
+                    else f"it was learned from a DNS answer {when}"
+                )
+                verb = "allowed" if result.verdict == "ALLOW" else "decided"
+                result.summary = f"{verb} because {because} ({result.summary})"
+            return _json(result)
         if result.priority is not None:
             result.policyendpoints = deciding_cluster_objects(
                 programmed,
@@ -280,6 +304,35 @@ class AgentApi:
                 allowed=result.verdict == "ALLOW",
             )
         return _json(result)
+
+    # ---- fqdn -------------------------------------------------------------------------
+    async def _learned_views(self, refs: list[PodRef]) -> list[LearnedView]:
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = []
+        for ref in refs:
+            st = self.enforcer.status.get(ref)
+            if st is None or not st.ifindexes:
+                continue
+            learned = await self.worker.call(self.enforcer.programmer.learned_of, st.ifindexes)
+            for address, e in sorted(learned.items(), key=lambda kv: (kv[0].version, kv[0])):
+                out.append(
+                    LearnedView(
+                        pod=f"{ref[0]}/{ref[1]}",
+                        address=str(address),
+                        name=e.name,
+                        learned_at=e.at or None,
+                        ttl=e.ttl if e.name else None,
+                        expires_in=round((e.expires_ns - now_ns) / 1e9, 3),
+                    )
+                )
+        return out
+
+    async def fqdn(self, request: web.Request) -> web.Response:
+        """Addresses pods learned from their DNS answers (``?pod=ns/name``: one pod)."""
+        wanted = request.query.get("pod")
+        refs = [_ref(wanted)] if wanted else sorted(self.cache.pods)
+        views = await self._learned_views(refs)
+        return web.json_response([v.model_dump(mode="json") for v in views])
 
     # ---- wait -------------------------------------------------------------------------
     async def wait(self, request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ import ipaddress
 
 from agent.verdict import Snapshot, trie_policy_ids
 from bpf import layout as lay
+from bpf.codec import policy_ids
 from bpf.datapath import Datapath
 from bpf.ruleset import Portset
 from common.apimodels import DirectionView, ExplainRequest, PortRuleView, RuleView
@@ -79,16 +80,23 @@ class MapReader:
         """What explain's decision reads from the live maps."""
         rec = self.dp.pod_record(ifindex)
         trie = None
+        learned = None
+        peer = ipaddress.ip_address(req.peer)
         if rec is not None:
             ingress = req.direction == "ingress"
             state = rec.ingress_state if ingress else rec.egress_state
             if state == lay.NP_STATE_POLICIES_APPLIED:
                 trie = self.dp.read_trie(rec.ingress_trie if ingress else rec.egress_trie)
+                if not ingress and rec.flags & lay.NP_POD_F_LEARNED:
+                    learned = self.dp.learned_decision(ifindex, peer)
         names = {pid: self.dp.policy_name(pid) for pid in trie_policy_ids(trie)} if trie else {}
+        if learned is not None:
+            names.update({pid: self.dp.policy_name(pid) for pid in policy_ids(learned)})
         return Snapshot(
             ifindex=ifindex,
             record=rec,
-            peer_is_host=self.dp.is_host_address(ipaddress.ip_address(req.peer)),
+            peer_is_host=self.dp.is_host_address(peer),
             trie=trie,
             policy_names=names,
+            learned=learned,
         )

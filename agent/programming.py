@@ -8,6 +8,7 @@ on the event loop, and nothing in agent.enforcer touches the maps directly.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,17 @@ class Outcome:
     domains: bool = False  # its egress has domain rules (its DNS is steered to the proxy)
 
 
+@dataclass(frozen=True)
+class Learned:
+    """An address a pod learned: under which name, when (wall clock), with which TTL,
+    until when (the datapath's clock). An entry adopted after a restart has no name."""
+
+    name: str
+    expires_ns: int
+    at: float = 0.0
+    ttl: int = 0
+
+
 @dataclass
 class Plan:
     ref: PodRef
@@ -61,13 +73,13 @@ class Programmer:
         # what each interface's egress was compiled from, while its record is ours: the
         # addresses its pod learns are decided from it (agent.domains)
         self.inputs: dict[int, EgressInputs] = {}
-        # (ifindex, address) -> (name it was learned under, expiry): re-decided when
-        # the pod's rules change; ends with the entry
-        self.learned: dict[tuple[int, lay.Address], tuple[str, int]] = {}
-        # adopted after a restart: the name is not known (""), the entry stays as it is
+        # (ifindex, address) -> what it was learned under: re-decided when the pod's
+        # rules change; ends with the entry
+        self.learned: dict[tuple[int, lay.Address], Learned] = {}
+        # adopted after a restart: the name is not known, the entry stays as it is
         # until it expires
         for key, expires in dp.learned_expiries().items():
-            self.learned[key] = ("", expires)
+            self.learned[key] = Learned("", expires)
 
     def program(self, plans: Sequence[Plan]) -> list[Outcome]:
         """Compile and switch every planned pod. Pods are switched in
@@ -196,26 +208,31 @@ class Programmer:
                     continue
                 expires = now_ns + int((ttl + grace) * 1e9)
                 old = self.learned.get((ifindex, address))
-                if old is not None and old[1] > expires:
-                    expires = old[1]  # a shorter answer never cuts a longer one short
+                if old is not None and old.expires_ns > expires:
+                    expires = old.expires_ns  # a shorter answer never cuts a longer one
                 self.dp.learn(ifindex, address, decision, expires)
-                self.learned[(ifindex, address)] = (name, expires)
+                self.learned[(ifindex, address)] = Learned(name, expires, time.time(), ttl)
                 written += 1
         return written
 
     def _relearn(self, ifindexes: set[int]) -> None:
         """Decide the pods' learned addresses again with their new rules (an address no
         rule opens any more is forgotten)."""
-        for (ifindex, address), (name, expires) in list(self.learned.items()):
-            if ifindex not in ifindexes or not name:
+        for (ifindex, address), entry in list(self.learned.items()):
+            if ifindex not in ifindexes or not entry.name:
                 continue
             inputs = self.inputs.get(ifindex)
-            decision = decision_for(inputs, name=name, address=address) if inputs else None
+            decision = decision_for(inputs, name=entry.name, address=address) if inputs else None
             if decision is None:
                 self.dp.forget(ifindex, address)
                 del self.learned[(ifindex, address)]
             else:
-                self.dp.learn(ifindex, address, decision, expires)
+                self.dp.learn(ifindex, address, decision, entry.expires_ns)
+
+    def learned_of(self, ifindexes: Sequence[int]) -> dict[lay.Address, Learned]:
+        """What the pod on ``ifindexes`` learned, by address."""
+        wanted = set(ifindexes)
+        return {a: e for (i, a), e in self.learned.items() if i in wanted}
 
     def expire(self, now_ns: int) -> int:
         """Forget the learned entries past their expiry, and those the kernel evicted

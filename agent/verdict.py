@@ -16,7 +16,7 @@ from typing import Literal
 
 from bpf import layout as lay
 from bpf.codec import policy_ids
-from bpf.ruleset import CompiledRules
+from bpf.ruleset import CompiledRules, Portset, Prefix
 from common.apimodels import ExplainRequest, ExplainResult, PortRuleView
 
 PROTOCOLS = {**lay.PROTOCOL_NUMBERS, "ICMP": 1}  # explain also answers for ICMP
@@ -32,6 +32,9 @@ class Snapshot:
     peer_is_host: bool
     trie: CompiledRules | None  # the direction's trie (None: missing or not applied)
     policy_names: Mapping[int, str] = field(default_factory=dict)
+    # egress to an address the pod learned from a DNS answer (live np_learned entry):
+    # what it decides, instead of the trie
+    learned: Portset | None = None
 
 
 def trie_policy_ids(trie: CompiledRules) -> set[int]:
@@ -98,6 +101,10 @@ def decide(
             name,
             lay.NP_TIER_DEFAULT,
         )
+    if snap.learned is not None:
+        host = Prefix.of(ipaddress.ip_network(peer))
+        trie = CompiledRules(entries={host: snap.learned})
+        return _walk(trie, req, peer, snap, state=name, where=where, priorities=priorities or {})
     if snap.trie is None:
         return result(
             "DENY",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -286,6 +287,16 @@ class Datapath:
         stale = [k for k, expires in live.items() if expires < before_ns]
         stale += [k for k in self._learned if k not in live]  # evicted (LRU)
         return sum(self.forget(ifindex, address) for ifindex, address in stale)
+
+    def learned_decision(self, ifindex: int, address: lay.Address) -> Portset | None:
+        """What a live learned entry decides for the pod's new flows to ``address``
+        (None: none, or expired), read from the map as the datapath reads it."""
+        v = self.learned.lookup(_learned_key(ifindex, address))
+        if v is None or v.expires_ns <= time.clock_gettime_ns(time.CLOCK_MONOTONIC):
+            return None
+        if v.decision & lay.NP_LPM_INLINE:
+            return inline_portset(v.decision)
+        return self.store.read_portset(v.decision)
 
     def learned_for(self, ifindex: int) -> dict[lay.Address, Portset]:
         return {a: ps for (i, a), ps in self._learned.items() if i == ifindex}

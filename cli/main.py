@@ -32,6 +32,7 @@ from common.apimodels import (
     TABLE_WARN,
     ExplainRequest,
     ExplainResult,
+    LearnedView,
     NodeStatus,
     PodView,
     PolicyView,
@@ -56,6 +57,10 @@ class Pods(RootModel[list[PodView]]):
 
 
 class Policies(RootModel[list[PolicyView]]):
+    pass
+
+
+class LearnedList(RootModel[list[LearnedView]]):
     pass
 
 
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--port", type=int, required=True, help="destination port of the flow")
     ex.add_argument("--protocol", default="TCP", choices=["TCP", "UDP", "SCTP", "ICMP"])
     ex.add_argument("--direction", default="ingress", choices=["ingress", "egress"])
+    fq = sub.add_parser("fqdn", parents=[common], help="addresses pods learned from DNS")
+    fq.add_argument("pod", nargs="?", help="NAMESPACE/NAME (default: every local pod)")
     wait = sub.add_parser("wait", parents=[common], help="wait until pods are programmed")
     wait.add_argument("pods", nargs="*", help="NAMESPACE/NAME (default: every local pod)")
     wait.add_argument("--timeout", type=float, default=60.0, help="seconds")
@@ -158,6 +165,27 @@ async def _run(args: argparse.Namespace) -> int:
         )
         explained = await agent.request("POST", "/v1/explain", ExplainResult, body=req)
         _emit(args, explained, render_explain(explained))
+    elif args.command == "fqdn":
+        learned = await agent.get(
+            "/v1/fqdn", LearnedList, params=[("pod", args.pod)] if args.pod else None
+        )
+        _emit(
+            args,
+            learned,
+            table(
+                ["POD", "NAME", "ADDRESS", "TTL", "EXPIRES IN"],
+                [
+                    [
+                        v.pod,
+                        v.name.rstrip(".") or "(before restart)",
+                        v.address,
+                        v.ttl if v.ttl is not None else "-",
+                        f"{v.expires_in:.0f}s" if v.expires_in >= 0 else "expired",
+                    ]
+                    for v in learned.root
+                ],
+            ),
+        )
     elif args.command == "wait":
         params = [("timeout", str(args.timeout)), *(("pod", p) for p in args.pods)]
         res = await agent.get("/v1/wait", WaitResult, params=params, timeout=args.timeout + 10)

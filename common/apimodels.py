@@ -166,6 +166,19 @@ class ExplainResult(_Model):
     tier: str | None = None
     priority: int | None = None
     action: str | None = None
+    # egress to an address the pod learned from a DNS answer: the name, when, the TTL
+    learned: LearnedView | None = None
+
+
+class LearnedView(_Model):
+    """An address a pod learned from a DNS answer (``np-cli fqdn``)."""
+
+    pod: str  # namespace/name
+    address: str
+    name: str  # the name the pod asked for ("" if learned before the agent restarted)
+    learned_at: float | None  # epoch seconds
+    ttl: int | None  # the answer's TTL, seconds
+    expires_in: float  # seconds from now (negative: expired, new flows judged by rules)
 
 
 class WaitResult(_Model):

@@ -5,6 +5,7 @@ and real connections from pods."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,6 +81,18 @@ async def test_allowed_and_denied_names_wildcards_and_cnames(world: World) -> No
         assert got == [api.address(family)]
         assert await tcp_probe(netns=client.netns, target=got[0], port=80, expect="api")
         assert not await tcp_probe(netns=client.netns, target=got[0], port=81, expect="api")
+    # explain says why, np-cli fqdn lists it, the metric counts it
+    answer = await rig.explain("default/client", api, direction="egress")
+    assert answer["verdict"] == "ALLOW"
+    assert answer["summary"].startswith("allowed because API.example.com resolved to it at ")
+    assert "TTL 3600" in answer["summary"]
+    listed = await rig.acli("fqdn", "default/client", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {(r["address"], r["name"]) for r in json.loads(listed.stdout)}
+    assert (str(api.ipv4), "API.example.com.") in rows
+    assert (str(api.ipv6), "API.example.com.") in rows
+    _, metrics = await rig.http(8162, "/metrics")
+    assert "awsnodeagent_fqdn_addresses_learned_total 2.0" in metrics
     # a wildcard: one or more labels
     got = await world.lookup(client, "s3.bucket.example.org")
     assert got == [other.ipv4]
