@@ -531,10 +531,12 @@ class Enforcer:
         }
         try:
             await self.worker.call(self.programmer.end_ids, live)
-            expired = await self.worker.call(
+            expired, evicted, left = await self.worker.call(
                 self.programmer.expire, time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             )
             self.metrics.fqdn_expired.inc(expired)
+            self.metrics.fqdn_evicted.inc(evicted)
+            self.metrics.fqdn_entries.set(left)
         except (BpfError, OSError) as exc:
             self.metrics.errors.labels("lifecycle").inc()
             log.error("enforcer.lifecycle_failed", error=str(exc))

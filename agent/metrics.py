@@ -42,6 +42,16 @@ class AgentMetrics:
             "Learned addresses forgotten after their TTL and grace",
             registry=r,
         )
+        self.fqdn_evicted = Counter(
+            "awsnodeagent_fqdn_addresses_evicted_total",
+            "Learned addresses the datapath evicted before they expired (its table full)",
+            registry=r,
+        )
+        self.fqdn_entries = Gauge(
+            "awsnodeagent_fqdn_learned_entries",
+            "Learned addresses in the datapath's table (np_learned, 65,536 at most)",
+            registry=r,
+        )
         self.setup_latency = Summary(
             "awsnodeagent_policy_setup_latency_ms",
             "Time to program the pods of a PolicyEndpoint, ms",

@@ -234,13 +234,13 @@ class Programmer:
         wanted = set(ifindexes)
         return {a: e for (i, a), e in self.learned.items() if i in wanted}
 
-    def expire(self, now_ns: int) -> int:
+    def expire(self, now_ns: int) -> tuple[int, int, int]:
         """Forget the learned entries past their expiry, and those the kernel evicted
-        (connections opened while they were valid go on)."""
-        gone = self.dp.expire_learned(now_ns)
+        (connections opened while they were valid go on): (expired, evicted, left)."""
+        expired, evicted = self.dp.expire_learned(now_ns)
         live = self.dp.learned_expiries()
         self.learned = {k: v for k, v in self.learned.items() if k in live}
-        return gone
+        return expired, evicted, len(live)
 
     def remove(self, ifindexes: Sequence[int]) -> None:
         """Drop records (their pods' ids stay named for late flow logs), and what the

@@ -279,14 +279,15 @@ class Datapath:
         self.names.reference_policies(policy_ids(held), -1)
         return True
 
-    def expire_learned(self, before_ns: int) -> int:
+    def expire_learned(self, before_ns: int) -> tuple[int, int]:
         """Forget every learned entry that expired before ``before_ns`` (the entries'
-        clock), and release those the kernel evicted; returns how many. Connections
-        opened while they were valid go on."""
+        clock), and release those the kernel evicted (an LRU under pressure); returns
+        (expired, evicted). Connections opened while they were valid go on."""
         live = self.learned_expiries()
         stale = [k for k, expires in live.items() if expires < before_ns]
-        stale += [k for k in self._learned if k not in live]  # evicted (LRU)
-        return sum(self.forget(ifindex, address) for ifindex, address in stale)
+        evicted = [k for k in self._learned if k not in live]
+        expired = sum(self.forget(ifindex, address) for ifindex, address in stale)
+        return expired, sum(self.forget(ifindex, address) for ifindex, address in evicted)
 
     def learned_decision(self, ifindex: int, address: lay.Address) -> Portset | None:
         """What a live learned entry decides for the pod's new flows to ``address``

@@ -71,7 +71,7 @@ async def test_a_learned_address_opens_until_it_expires(pods: PodNet) -> None:
         assert await conn.exchange(b"after-expiry", expect="server")
     finally:
         await conn.close()
-    assert pods.dp.expire_learned(_monotonic_ns()) == 2
+    assert pods.dp.expire_learned(_monotonic_ns()) == (2, 0)
     assert list(pods.dp.learned.items()) == []
     pods.dp.collect_garbage()
     assert list(pods.dp.portsets.items()) == [], "the held port set is freed"
@@ -89,3 +89,36 @@ async def test_a_pod_without_domain_rules_ignores_learned_entries(pods: PodNet) 
     # the pod goes: what it learned ends with it
     pods.dp.remove_pods([client.ifindex])
     assert list(pods.dp.learned.items()) == []
+
+
+def test_churn_past_the_tables_capacity_evicts_and_releases(
+    pin_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node lives for months: far more addresses are learned than the table holds.
+    The LRU evicts (closing, never opening), and what evicted entries held is released."""
+    import ipaddress
+
+    monkeypatch.setenv("NP_MAP_SIZES", f"{lay.MAP_LEARNED}=64")
+    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 16)
+    try:
+        pid = dp.policy_id(namespace="default", name="to-api")
+        on_443 = Portset(
+            rules=(PortRule(lay.NP_PROTO_TCP, 443, 443, pid),),
+            other=Decision(
+                lay.NP_VERDICT_DENY, lay.NP_TIER_NETWORK_POLICY, lay.NP_REASON_NO_PORT_MATCH
+            ),
+        )
+        far = _monotonic_ns() + 3600 * 10**9
+        for i in range(1000):
+            dp.learn(7, ipaddress.ip_address(0x0A000000 + i), on_443, far)
+        assert len(list(dp.learned.items())) <= 64
+        expired, evicted = dp.expire_learned(_monotonic_ns())
+        assert expired == 0
+        assert evicted >= 1000 - 64
+        assert len(dp.learned_for(7)) == len(list(dp.learned.items()))
+        for address in list(dp.learned_for(7)):
+            dp.forget(7, address)
+        dp.collect_garbage()
+        assert list(dp.portsets.items()) == [], "nothing holds the port set any more"
+    finally:
+        dp.close()
