@@ -43,6 +43,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (pod address, asked name, [(address, ttl)]) -> learned (True) or not
 Learn = Callable[[str, str, list[tuple[Address, int]]], Awaitable[bool]]
 MAX_MESSAGE = 65535
+PARSED_MAX = 4096  # answers whose parse is kept
 
 
 @dataclass
@@ -50,7 +51,7 @@ class ProxyStats:
     queries: int = 0
     answers: int = 0
     learned: int = 0  # answers whose addresses were written before release
-    unparsable: int = 0
+    unparsable: int = 0  # queries shorter than a header, answers that do not parse
     timeouts: int = 0
     dropped: int = 0  # over max_inflight
     learn_failures: int = 0
@@ -78,17 +79,43 @@ class _Listener(asyncio.DatagramProtocol):
         self.proxy.received(self, data, addr)
 
 
-class _Reply(asyncio.DatagramProtocol):
+class _Upstream(asyncio.DatagramProtocol):
+    """One socket to a cluster DNS address for every query forwarded there: each query
+    gets an ID of its own (16 bits, unused among those in flight), the answer is
+    matched by it and given back its original ID."""
+
     def __init__(self) -> None:
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self._next = 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if not self.answer.done():
-            self.answer.set_result(data)
+        if len(data) < 12:
+            return
+        fut = self.pending.pop(int.from_bytes(data[:2], "big"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(data)
 
     def error_received(self, exc: Exception) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(exc)
+        pass  # ICMP errors: the queries in flight time out
+
+    async def ask(self, query: bytes, timeout: float) -> bytes:
+        if self.transport is None or len(query) < 12 or len(self.pending) >= 65535:
+            raise OSError("upstream unavailable")
+        while self._next in self.pending:
+            self._next = self._next % 65535 + 1
+        qid, self._next = self._next, self._next % 65535 + 1
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = fut
+        try:
+            self.transport.sendto(qid.to_bytes(2, "big") + query[2:])
+            answer = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(qid, None)
+        return query[:2] + answer[2:]
 
 
 @dataclass
@@ -102,6 +129,9 @@ class DnsProxy:
     stats: ProxyStats = field(default_factory=ProxyStats)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _listeners: list[_Listener] = field(default_factory=list)
+    _out: dict[int, _Upstream] = field(default_factory=dict)  # by local port
+    # answers (without their ID) -> what they teach: bounded, oldest dropped first
+    _parsed: dict[bytes, tuple[str, list[tuple[Address, int]]] | None] = field(default_factory=dict)
 
     async def serve(self) -> None:
         """Listen until cancelled (then stop answering)."""
@@ -120,6 +150,10 @@ class DnsProxy:
                 )
                 transports.append(transport)
                 self._listeners.append(listener)
+                out, self._out[up.local_port] = await loop.create_datagram_endpoint(
+                    _Upstream, remote_addr=(str(up.address), up.port), family=family
+                )
+                transports.append(out)
                 log.info(
                     "dnsproxy.listening",
                     upstream=f"{up.address}:{up.port}",
@@ -135,6 +169,9 @@ class DnsProxy:
 
     def received(self, listener: _Listener, data: bytes, addr: tuple[str | object, ...]) -> None:
         self.stats.queries += 1
+        if len(data) < 12:  # not even a DNS header: nothing to forward
+            self.stats.unparsable += 1
+            return
         if len(self._tasks) >= self.max_inflight:
             self.stats.dropped += 1
             return
@@ -168,25 +205,35 @@ class DnsProxy:
             self.stats.answers += 1
 
     async def _forward(self, up: Upstream, query: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET if up.address.version == 4 else socket.AF_INET6
-        transport, proto = await loop.create_datagram_endpoint(
-            _Reply, remote_addr=(str(up.address), up.port), family=family
-        )
-        try:
-            transport.sendto(query)
-            return await asyncio.wait_for(proto.answer, self.timeout)
-        finally:
-            transport.close()
+        out = self._out.get(up.local_port)
+        if out is None:
+            raise OSError("no upstream socket")
+        return await out.ask(query, self.timeout)
 
     async def _teach(self, pod: str, answer: bytes) -> None:
+        # an answer repeated (but for its ID) teaches what it taught: parsed once
+        key = answer[2:]
+        taught = self._parsed.get(key)
+        if taught is None:
+            taught = self._parse(answer)
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[key] = taught
+        if taught is None:
+            return
+        asked, addresses = taught
+        if addresses and await self.learn(pod, asked, addresses):
+            self.stats.learned += 1
+
+    def _parse(self, answer: bytes) -> tuple[str, list[tuple[Address, int]]] | None:
+        """(asked name, [(address, ttl)]) of an answer, None if it teaches nothing."""
         try:
             msg = dns.message.from_wire(answer, ignore_trailing=True)
         except (dns.exception.DNSException, ValueError):
             self.stats.unparsable += 1
-            return
+            return None
         if not msg.question or not msg.answer:
-            return
+            return None
         asked = msg.question[0].name.to_text()
         records = [
             (rrset.name.to_text(), dns.rdatatype.to_text(rrset.rdtype), rdata.to_text(), rrset.ttl)
@@ -194,9 +241,7 @@ class DnsProxy:
             for rdata in rrset
             if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME)
         ]
-        addresses = final_addresses(asked, records)
-        if addresses and await self.learn(pod, asked, addresses):
-            self.stats.learned += 1
+        return asked, final_addresses(asked, records)
 
     def close(self) -> None:
         for task in list(self._tasks):

@@ -59,6 +59,10 @@ LIFECYCLE_PERIOD = 5.0
 LIFECYCLE_ENV = "NP_LIFECYCLE_PERIOD"  # tests only: a shorter period (seconds)
 
 
+REFRESH_NS = 1_000_000_000  # a repeated answer within this is not written again
+FRESH_MAX = 100_000  # beyond, the expired entries of the cache above are dropped
+
+
 def _lifecycle_period() -> float:
     try:
         value = float(os.environ.get(LIFECYCLE_ENV, LIFECYCLE_PERIOD))
@@ -124,6 +128,9 @@ class Enforcer:
         self.steering = steering
         self.fqdn_ttl_grace = fqdn_ttl_grace
         self.domain_pods: dict[PodRef, tuple[str, ...]] = {}  # pod -> its addresses
+        # (pod address, asked name, address) -> the expiry last written for it: an
+        # answer repeated within REFRESH needs no datapath write (the entry is in force)
+        self._fresh: dict[tuple[str, str, str], int] = {}
         self.hostnet = hostnet
         self.worker = worker
         self.dp: Datapath = worker.dp
@@ -566,6 +573,14 @@ class Enforcer:
     async def learn(self, pod_ip: str, name: str, addresses: list[tuple[lay.Address, int]]) -> bool:
         """The DNS proxy's answer for a pod, learned before it is released: True if an
         entry was written (see Programmer.learn)."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        asked = name.rstrip(".").lower()
+        keys = [(pod_ip, asked, str(a)) for a, _ in addresses]
+        if all(
+            self._fresh.get(k, 0) >= now + int((ttl + self.fqdn_ttl_grace) * 1e9) - REFRESH_NS
+            for k, (_, ttl) in zip(keys, addresses, strict=True)
+        ):
+            return True  # written less than REFRESH ago, for as long: still in force
         ref = next((r for r, ips in self.domain_pods.items() if pod_ip in ips), None)
         st = self.status.get(ref) if ref is not None else None
         if st is None or not st.ifindexes:
@@ -576,9 +591,14 @@ class Enforcer:
             name,
             addresses,
             grace=self.fqdn_ttl_grace,
-            now_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+            now_ns=now,
         )
         self.metrics.fqdn_learned.inc(written)
+        if written:
+            if len(self._fresh) > FRESH_MAX:
+                self._fresh = {k: v for k, v in self._fresh.items() if v > now}
+            for k, (_, ttl) in zip(keys, addresses, strict=True):
+                self._fresh[k] = now + int((ttl + self.fqdn_ttl_grace) * 1e9)
         return written > 0
 
     def _unbind(self, ref: PodRef) -> None:

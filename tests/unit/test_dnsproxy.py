@@ -105,7 +105,11 @@ async def test_the_answer_waits_until_its_addresses_are_learned(proxy) -> None: 
     answer = dns.message.from_wire(data)
     assert [r.rdtype for r in answer.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
     ((when, pod, name, addrs),) = learned
-    assert (pod, name, addrs) == ("127.0.0.1", "WWW.example.com.", ["192.0.2.1", "192.0.2.2"])
+    assert (pod, name, sorted(addrs)) == (
+        "127.0.0.1",
+        "WWW.example.com.",
+        ["192.0.2.1", "192.0.2.2"],
+    )
     assert when <= at, "released only after learning"
     assert (p.stats.queries, p.stats.answers, p.stats.learned) == (1, 1, 1)
 
@@ -125,5 +129,6 @@ async def test_garbage_and_oversized_queries_break_nothing(proxy) -> None:  # ty
         assert data is None  # the server ignores it; the proxy times out quietly
     _, data = await ask(port, dns.message.make_query("api.example.com", "A").to_wire())
     assert data is not None, "still answering"
-    assert p.stats.timeouts >= 4
+    assert p.stats.unparsable == 2, "shorter than a header: dropped at once"
+    assert p.stats.timeouts == 2, "the others forwarded, unanswered"
     assert len(learned) == 1
