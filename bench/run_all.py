@@ -26,6 +26,7 @@ BENCHES = (
     "cni_latency",
     "conntrack_sweep",
     "flowlogs_throughput",
+    "dns",
     "soak",
 )
 
