@@ -60,7 +60,7 @@ LIFECYCLE_ENV = "NP_LIFECYCLE_PERIOD"  # tests only: a shorter period (seconds)
 
 
 REFRESH_NS = 1_000_000_000  # a repeated answer within this is not written again
-FRESH_MAX = 100_000  # beyond, the expired entries of the cache above are dropped
+FRESH_MAX = 10_000  # (name, address) pairs kept per pod; beyond, the pod's are dropped
 
 
 def _lifecycle_period() -> float:
@@ -128,9 +128,10 @@ class Enforcer:
         self.steering = steering
         self.fqdn_ttl_grace = fqdn_ttl_grace
         self.domain_pods: dict[PodRef, tuple[str, ...]] = {}  # pod -> its addresses
-        # (pod address, asked name, address) -> the expiry last written for it: an
-        # answer repeated within REFRESH needs no datapath write (the entry is in force)
-        self._fresh: dict[tuple[str, str, str], int] = {}
+        # pod address -> (asked name, address) -> the expiry last written for it: an
+        # answer repeated within REFRESH needs no datapath write (the entry is in force).
+        # A pod's part ends whenever it is programmed (its rules may differ now).
+        self._fresh: dict[str, dict[tuple[str, str], int]] = {}
         self.hostnet = hostnet
         self.worker = worker
         self.dp: Datapath = worker.dp
@@ -558,6 +559,8 @@ class Enforcer:
     async def _steer(self, ref: PodRef, domains: bool) -> None:
         """Keep the pod's DNS steered to the proxy exactly while it has domain rules."""
         pod = self.cache.pods.get(ref)
+        for ip in (pod.ips if pod is not None else ()) + self.domain_pods.get(ref, ()):
+            self._fresh.pop(ip, None)  # programmed: what it learned may be decided anew
         want = tuple(pod.ips) if pod is not None and domains else ()
         if self.domain_pods.get(ref, ()) == want:
             return
@@ -575,9 +578,10 @@ class Enforcer:
         entry was written (see Programmer.learn)."""
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         asked = name.rstrip(".").lower()
-        keys = [(pod_ip, asked, str(a)) for a, _ in addresses]
+        keys = [(asked, str(a)) for a, _ in addresses]
+        fresh = self._fresh.get(pod_ip, {})
         if all(
-            self._fresh.get(k, 0) >= now + int((ttl + self.fqdn_ttl_grace) * 1e9) - REFRESH_NS
+            fresh.get(k, 0) >= now + int((ttl + self.fqdn_ttl_grace) * 1e9) - REFRESH_NS
             for k, (_, ttl) in zip(keys, addresses, strict=True)
         ):
             return True  # written less than REFRESH ago, for as long: still in force
@@ -595,13 +599,16 @@ class Enforcer:
         )
         self.metrics.fqdn_learned.inc(written)
         if written:
-            if len(self._fresh) > FRESH_MAX:
-                self._fresh = {k: v for k, v in self._fresh.items() if v > now}
+            mine = self._fresh.setdefault(pod_ip, {})
+            if len(mine) > FRESH_MAX:
+                mine.clear()
             for k, (_, ttl) in zip(keys, addresses, strict=True):
-                self._fresh[k] = now + int((ttl + self.fqdn_ttl_grace) * 1e9)
+                mine[k] = now + int((ttl + self.fqdn_ttl_grace) * 1e9)
         return written > 0
 
     def _unbind(self, ref: PodRef) -> None:
+        for ip in self.domain_pods.get(ref, ()):
+            self._fresh.pop(ip, None)
         if self.domain_pods.pop(ref, None) is not None and self.steering is not None:
             ips = [ipaddress.ip_address(ip) for v in self.domain_pods.values() for ip in v]
             asyncio.get_running_loop().create_task(

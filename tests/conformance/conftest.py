@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "conformance"
 HERE = Path(__file__).parent
 # scenario directories: the shared ones if this checkout has them, else our copies
-CASE_SETS = ("cases", "cluster-cases")
+CASE_SETS = ("cases", "cluster-cases", "dns-cases")
 RESULTS: list[CaseResult] = []
 _GENERATED: list[Path] = []
 

@@ -39,10 +39,24 @@ class PodSpec:
 
 
 @dataclass
+class DnsSpec:
+    """FORMAT-dns.md: the DNS pod's records (templates unrendered) and TTL."""
+
+    ttl: int = 3600
+    records: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def short(self) -> bool:
+        """A short TTL: earlier steps' answers have expired when a step converges."""
+        return self.ttl < 600
+
+
+@dataclass
 class WorldSpec:
     family: int = 4
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: list[PodSpec] = field(default_factory=list)
+    dns: DnsSpec | None = None
 
     def namespace_labels(self, ns: str) -> dict[str, str]:
         return {**self.namespaces.get(ns, {}), "kubernetes.io/metadata.name": ns}
@@ -54,12 +68,27 @@ class Probe:
     protocol: str
     default: bool
     rules: list[Obj]
+    skip: list[Obj] = field(default_factory=list)  # {from, to} pairs not compared
+
+
+@dataclass
+class NameProbe:
+    """FORMAT-dns.md: ``from`` asks the DNS pod for ``name``, then at once connects to
+    the answer's first address (or to ``address``, rendered)."""
+
+    source: PodKey
+    name: str
+    port: int
+    protocol: str
+    allow: bool
+    address: str | None = None
 
 
 @dataclass
 class Step:
     actions: list[Obj]
     probes: list[Probe]
+    name_probes: list[NameProbe] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +131,9 @@ def load(path: Path) -> Scenario:
             world.namespaces.setdefault(p.namespace, {})
     else:
         world = standard_world(family)
+    if world_raw.get("dns") is not None:
+        raw_dns = world_raw["dns"] or {}
+        world.dns = DnsSpec(int(raw_dns.get("ttl", 3600)), dict(raw_dns.get("records") or {}))
     steps = []
     for s in raw.get("steps") or []:
         probes = [
@@ -110,10 +142,22 @@ def load(path: Path) -> Scenario:
                 str(p.get("protocol", "TCP")).upper(),
                 str(p["expect"].get("default", "allow")) == "allow",
                 list(p["expect"].get("rules") or []),
+                list(p["expect"].get("skip") or []),
             )
             for p in s.get("probes") or []
         ]
-        steps.append(Step(list(s.get("actions") or []), probes))
+        name_probes = [
+            NameProbe(
+                _pod_key(n["from"]),
+                str(n["name"]),
+                int(n["port"]),
+                str(n.get("protocol", "TCP")).upper(),
+                str(n["expect"]) == "allow",
+                n.get("address"),
+            )
+            for n in s.get("name_probes") or []
+        ]
+        steps.append(Step(list(s.get("actions") or []), probes, name_probes))
     return Scenario(
         name=str(raw.get("name") or path.stem),
         source=str(raw.get("source", "")),
@@ -121,6 +165,11 @@ def load(path: Path) -> Scenario:
         steps=steps,
         path=str(path),
     )
+
+
+def _pod_key(text: str) -> PodKey:
+    ns, _, name = text.partition("/")
+    return (ns, name)
 
 
 def discover(directories: list[Path]) -> Iterator[Path]:
@@ -161,6 +210,15 @@ def render(obj: Any, *, address: Callable[[PodKey], Address], node_ip: str) -> A
     return _TEMPLATE.sub(sub, obj)
 
 
+def application_defaults(policy: Obj) -> Obj:
+    """The CRD's defaulting of an ApplicationNetworkPolicy: port protocol TCP."""
+    from fakekube.store import default_application_network_policy
+
+    p = copy.deepcopy(policy)
+    default_application_network_policy(p)
+    return p
+
+
 def api_defaults(policy: Obj) -> Obj:
     """The API server's defaulting of a NetworkPolicy (as the fake API server does it)."""
     p = copy.deepcopy(policy)
@@ -186,10 +244,13 @@ def _selects(sel: Obj | None, pod: PodKey) -> bool:
 
 
 def expected(probe: Probe, pods: list[PodKey]) -> dict[tuple[PodKey, PodKey], bool]:
+    """The expected matrix; pairs the probe skips are left out."""
     out = {}
     for src in pods:
         for dst in pods:
             if src == dst:
+                continue
+            if any(_selects(s.get("from"), src) and _selects(s.get("to"), dst) for s in probe.skip):
                 continue
             allow = probe.default
             for rule in probe.rules:
