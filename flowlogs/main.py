@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import RootModel
 
 from bpf import layout as lay
 from bpf import preflight
@@ -33,9 +34,18 @@ from bpf.maps import Map, TypedMap
 from bpf.pins import PinPaths
 from bpf.ringbuf import RingBuffer
 from common import logs
-from common.apimodels import ProcessStats
+from common.apimodels import LearnedView, ProcessStats
 from common.flags import Settings, parse_settings
-from common.localapi import FLOWLOGS_SOCKET, make_app, serve_unix, socket_path
+from common.localapi import (
+    AGENT_SOCKET,
+    FLOWLOGS_SOCKET,
+    ApiError,
+    LocalClient,
+    Unavailable,
+    make_app,
+    serve_unix,
+    socket_path,
+)
 from common.supervisor import StartupError, run_process, supervise
 from flowlogs.cloudwatch import CloudWatchShipper, group_name, stream_name
 from flowlogs.names import Names
@@ -68,6 +78,13 @@ class DropCounters(Collector):
         yield octets
 
 
+LEARNED_REFRESH = 2.0  # seconds between reads of the agent's learned names
+
+
+class _Learned(RootModel[list[LearnedView]]):
+    pass
+
+
 class FlowLogs:
     def __init__(
         self,
@@ -92,11 +109,14 @@ class FlowLogs:
         self.spill: RotatingFile | None = None
         self.cloudwatch: CloudWatchShipper | None = None
         self.formatter: Formatter | None = None
+        # (pod, address) -> the name the pod learned it under (from the agent, refreshed)
+        self.learned: dict[tuple[str, str], str] = {}
         if self.enabled and names is not None:
             self.formatter = Formatter(
                 node=settings.node_name or os.uname().nodename,
                 pod_name=names.pod,
                 policy_name=names.policy,
+                learned_name=lambda pod, address: self.learned.get((pod, address), ""),
             )
             self.sink = RotatingFile(
                 settings.log_file,
@@ -207,6 +227,20 @@ class FlowLogs:
             self._reader = None
 
     # ---- tasks ----------------------------------------------------------------------------
+    async def learned_names(self) -> None:
+        """Keep the names pods learned addresses under (the agent's /v1/fqdn), so that
+        allowed flows to them carry the name. Best effort: the agent may be down."""
+        client = LocalClient(socket_path(self.settings.runtime_dir, AGENT_SOCKET), process="agent")
+        while True:
+            try:
+                views = await client.get("/v1/fqdn", _Learned, timeout=5)
+                self.learned = {
+                    (v.pod, v.address): v.name.rstrip(".") for v in views.root if v.name
+                }
+            except (Unavailable, ApiError):
+                pass
+            await asyncio.sleep(LEARNED_REFRESH)
+
     async def drain(self, ring: RingBuffer, stop: asyncio.Event) -> None:
         self.start_reader(ring)
         try:
@@ -344,6 +378,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             ring_map = Map.from_pin(pins.map(lay.MAP_EVENTS))
             ring = RingBuffer(ring_map, flows.on_records)
             tasks["drain"] = flows.drain(ring, stop)
+            tasks["learned-names"] = flows.learned_names()
             if flows.cloudwatch is not None:
                 tasks["cloudwatch"] = flows.cloudwatch.run()
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, flows.reopen)

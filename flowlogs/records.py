@@ -51,14 +51,16 @@ class FlowRecord(NamedTuple):
     packet_len: int
     tier: str = "DEFAULT"  # ADMIN | NETWORK_POLICY | BASELINE | DEFAULT | ERROR
     ipv6: bool = False
+    name: str = ""  # allowed egress to an address the pod learned: the name it asked for
 
     def line(self) -> str:
         tier = f" Tier: {self.tier}" if self.ipv6 else f", Tier {self.tier}"
+        learned = f" Name {self.name}" if self.name else ""
         return (
             f"Flow Info: Src IP: {self.src_ip} Src Port: {self.src_port} "
             f"Dest IP: {self.dst_ip} Dest Port: {self.dst_port} Proto {self.protocol} "
             f"Verdict {self.verdict} Direction {self.direction}{tier} "
-            f"Pod {self.pod} Policy {self.policy}"
+            f"Pod {self.pod} Policy {self.policy}{learned}"
         )
 
 
@@ -68,11 +70,18 @@ class Formatter:
     ``pod_name`` and ``policy_name`` map ids to ``namespace/name`` (see flowlogs.names)."""
 
     def __init__(
-        self, *, node: str, pod_name: Callable[[int], str], policy_name: Callable[[int], str]
+        self,
+        *,
+        node: str,
+        pod_name: Callable[[int], str],
+        policy_name: Callable[[int], str],
+        learned_name: Callable[[str, str], str] | None = None,
     ) -> None:
         self.node = node
         self.pod_name = pod_name
         self.policy_name = policy_name
+        # (pod namespace/name, peer address) -> the name it learned the address under
+        self.learned_name = learned_name
         self._addrs: dict[tuple[bytes, int], str] = {}
         self.resync_clock()
 
@@ -113,6 +122,14 @@ class Formatter:
             packet_len,
         ) = EVENT.unpack_from(raw)
         pod_ip, peer_ip = self._addr(pod_addr, family), self._addr(peer_addr, family)
+        pod = self.pod_name(pod_id) or "?"
+        name = ""
+        if (
+            self.learned_name is not None
+            and verdict == lay.NP_VERDICT_ALLOW
+            and direction == lay.NP_DIR_EGRESS
+        ):
+            name = self.learned_name(pod, peer_ip)
         if direction == lay.NP_DIR_INGRESS:
             src, sport, dst, dport = peer_ip, peer_port, pod_ip, pod_port
         else:
@@ -127,11 +144,12 @@ class Formatter:
             verdict="ACCEPT" if verdict == lay.NP_VERDICT_ALLOW else "DENY",
             direction=_DIRECTION.get(direction, "?"),
             reason=_REASON.get(reason, str(reason)),
-            pod=self.pod_name(pod_id) or "?",
+            pod=pod,
             policy=(self.policy_name(policy_id) or f"#{policy_id}") if policy_id else "-",
             packet_len=packet_len,
             tier=_TIER.get(tier, str(tier)),
             ipv6=family == lay.NP_FAMILY_IPV6,
+            name=name,
         )
 
     @staticmethod
@@ -156,6 +174,7 @@ class Formatter:
                     "direction": r.direction,
                     "reason": r.reason,
                     "tier": r.tier,
+                    "name": r.name or None,
                     "pod": r.pod,
                     "policy": r.policy,
                     "bytes": r.packet_len,
@@ -170,6 +189,7 @@ class Formatter:
             f"Node: {self.node};SIP: {r.src_ip};SPORT: {r.src_port};DIP: {r.dst_ip};"
             f"DPORT: {r.dst_port};PROTOCOL: {r.protocol};PolicyVerdict: {r.verdict};"
             f"Tier: {r.tier};Direction: {r.direction};Pod: {r.pod};Policy: {r.policy}"
+            + (f";Name: {r.name}" if r.name else "")
         )
 
 

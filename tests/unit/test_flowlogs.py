@@ -210,3 +210,23 @@ def test_drop_metrics_are_prometheus_counters() -> None:
     assert "# TYPE network_policy_drop_bytes_total counter" in text
     assert 'network_policy_drop_count_total{direction="ingress"} 3.0' in text
     assert 'network_policy_drop_bytes_total{direction="egress"} 60.0' in text
+
+
+def test_allowed_egress_to_a_learned_address_carries_the_name() -> None:
+    learned = {("default/web", "10.0.12.34"): "api.example.com"}
+    f = Formatter(
+        node="n",
+        pod_name={7: "default/web"}.get,  # type: ignore[arg-type]
+        policy_name={5: "default/allow-web"}.get,  # type: ignore[arg-type]
+        learned_name=lambda pod, address: learned.get((pod, address), ""),
+    )
+    out = f.record(
+        raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_ALLOW, policy_id=5)
+    )
+    assert out.line().endswith("Pod default/web Policy default/allow-web Name api.example.com")
+    assert f.cloudwatch(out).endswith(";Name: api.example.com")
+    assert json.loads(f.json(out))["name"] == "api.example.com"
+    denied = f.record(raw_event(direction=lay.NP_DIR_EGRESS, verdict=lay.NP_VERDICT_DENY))
+    assert "Name" not in denied.line(), "only allowed flows are by the name"
+    inbound = f.record(raw_event(direction=lay.NP_DIR_INGRESS, verdict=lay.NP_VERDICT_ALLOW))
+    assert inbound.name == ""
