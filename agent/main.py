@@ -37,7 +37,14 @@ from bpf.loading import PinnedSizeError
 from common import logs, memory
 from common.flags import Settings, parse_settings
 from common.httpserve import health_app, serve
-from common.kube import CLUSTER_POLICY_ENDPOINTS, PODS, POLICY_ENDPOINTS, KubeClient, KubeError
+from common.kube import (
+    CLUSTER_POLICY_ENDPOINTS,
+    PODS,
+    POLICY_ENDPOINTS,
+    SERVICES,
+    KubeClient,
+    KubeError,
+)
 from common.localapi import (
     AGENT_SOCKET,
     CONNTRACK_SOCKET,
@@ -285,6 +292,30 @@ class Node:
         return tasks
 
 
+CLUSTER_DNS_SERVICE = ("kube-system", "kube-dns")
+
+
+async def discover_cluster_dns(kube: KubeClient) -> tuple[str, ...]:
+    """The cluster DNS addresses when --cluster-dns is not given: the ClusterIPs of the
+    kube-system/kube-dns Service (what pods' resolv.conf names). None found: domain
+    rules learn nothing, which is logged."""
+    ns, name = CLUSTER_DNS_SERVICE
+    try:
+        svc = await asyncio.wait_for(kube.get(SERVICES, ns, name), 10)
+    except (KubeError, OSError, TimeoutError) as exc:
+        log.warning(
+            "agent.cluster_dns_unknown",
+            service=f"{ns}/{name}",
+            error=str(exc)[:200],
+            effect="domain-name rules learn nothing; set --cluster-dns",
+        )
+        return ()
+    spec = svc.get("spec") or {}
+    ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None"]
+    log.info("agent.cluster_dns", service=f"{ns}/{name}", addresses=ips)
+    return tuple(ips)
+
+
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     metrics = AgentMetrics()
     if not settings.enable_network_policy:
@@ -321,6 +352,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     node: Node | None = None
     try:
         kube = await KubeClient.connect(settings.kubeconfig)
+        if not settings.cluster_dns:
+            settings = settings.model_copy(update={"cluster_dns": await discover_cluster_dns(kube)})
         node = Node(settings, dp, kube, metrics, ipamd)
         await node.worker.call(
             dp.set_event_flags,

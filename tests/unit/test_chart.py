@@ -146,6 +146,16 @@ def test_rbac_grants_exactly_the_verbs_used() -> None:
             "verbs": ["get", "list", "watch", "create", "update", "delete"],
         },
     ]
+    dns = one(objs, "Role", "cluster-dns")
+    assert dns["metadata"]["namespace"] == "kube-system"
+    assert dns["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["services"],
+            "resourceNames": ["kube-dns"],
+            "verbs": ["get"],
+        }
+    ]
     for binding in (o for o in objs if o["kind"] == "ClusterRoleBinding"):
         role = binding["roleRef"]["name"]
         sa = binding["subjects"][0]["name"]

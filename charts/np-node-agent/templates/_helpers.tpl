@@ -71,6 +71,11 @@ app.kubernetes.io/component: node-agent
 - --flow-log-backups={{ int64 .Values.nodeAgent.flowLogBackups }}
 - --cloudwatch-queue-size={{ int64 .Values.nodeAgent.cloudwatchQueueSize }}
 - --cni-answer-timeout={{ .Values.nodeAgent.cniAnswerTimeout }}
+- --fqdn-ttl-grace={{ .Values.nodeAgent.fqdnTtlGrace }}
+- --dns-proxy-port={{ int64 .Values.nodeAgent.dnsProxyPort }}
+{{- if .Values.nodeAgent.clusterDNS }}
+- --cluster-dns={{ .Values.nodeAgent.clusterDNS }}
+{{- end }}
 {{- if .Values.eks.enabled }}
 - --npa-socket={{ .Values.eks.runDir }}/npa.sock
 - --ipamd-socket={{ .Values.eks.runDir }}/ipamd.sock
