@@ -310,8 +310,9 @@ def apply_defaults(resource: Resource, obj: Obj) -> None:
         default_application_network_policy(obj)
 
 
-def default_application_network_policy(policy: Obj) -> None:
-    """The CRD's defaults, in place: port protocol TCP (no policyTypes default)."""
+def _rule_ports(policy: Obj) -> Iterator[dict[str, Any]]:
+    """Every port object of a policy's ingress and egress rules (malformed parts skipped:
+    validation is the resolver's)."""
     spec = policy.get("spec")
     if not isinstance(spec, dict):
         return
@@ -319,25 +320,24 @@ def default_application_network_policy(policy: Obj) -> None:
         rules = spec.get(direction)
         for rule in rules if isinstance(rules, list) else []:
             ports = rule.get("ports") if isinstance(rule, dict) else None
-            for port in ports if isinstance(ports, list) else []:
-                if isinstance(port, dict):
-                    port.setdefault("protocol", "TCP")
+            yield from (
+                p for p in (ports if isinstance(ports, list) else []) if isinstance(p, dict)
+            )
+
+
+def default_application_network_policy(policy: Obj) -> None:
+    """The CRD's defaults, in place: port protocol TCP (no policyTypes default)."""
+    for port in _rule_ports(policy):
+        port.setdefault("protocol", "TCP")
 
 
 def default_cluster_network_policy(policy: Obj) -> None:
     """The CRD's defaults, in place: a portNumber or portRange without protocol is TCP."""
-    spec = policy.get("spec")
-    if not isinstance(spec, dict):
-        return
-    for direction in ("ingress", "egress"):
-        rules = spec.get(direction)
-        for rule in rules if isinstance(rules, list) else []:
-            ports = rule.get("ports") if isinstance(rule, dict) else None
-            for port in ports if isinstance(ports, list) else []:
-                for key in ("portNumber", "portRange"):
-                    body = port.get(key) if isinstance(port, dict) else None
-                    if isinstance(body, dict):
-                        body.setdefault("protocol", "TCP")
+    for port in _rule_ports(policy):
+        for key in ("portNumber", "portRange"):
+            body = port.get(key)
+            if isinstance(body, dict):
+                body.setdefault("protocol", "TCP")
 
 
 def default_network_policy(policy: Obj) -> None:

@@ -5,14 +5,13 @@ entry carries, until it expires; what was opened meanwhile goes on."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
 from bpf import layout as lay
 from bpf.datapath import DENY_ALL, Datapath, DirectionPolicy, PodPolicy
 from bpf.ruleset import CompiledRules, Decision, PortRule, Portset
-from simnode.node import SimNode, SimPod
+from simnode.node import SimPod
 from simnode.traffic import open_tcp
 from tests.privileged.podnet import PodNet
 
@@ -25,13 +24,9 @@ def _monotonic_ns() -> int:
 
 
 @pytest.fixture
-async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
-    pn = PodNet(sim, datapath)
-    datapath.set_host_addresses([sim.node_ipv4, sim.node_ipv6])
-    try:
-        yield pn
-    finally:
-        await pn.close()
+def pods(podnet: PodNet) -> PodNet:
+    podnet.dp.set_host_addresses([podnet.sim.node_ipv4, podnet.sim.node_ipv6])
+    return podnet
 
 
 def _egress(pods: PodNet, pod: SimPod, *, learned: bool) -> None:
