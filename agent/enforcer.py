@@ -132,6 +132,7 @@ class Enforcer:
         # answer repeated within REFRESH needs no datapath write (the entry is in force).
         # A pod's part ends whenever it is programmed (its rules may differ now).
         self._fresh: dict[str, dict[tuple[str, str], int]] = {}
+        self._steering_stale = False
         self.hostnet = hostnet
         self.worker = worker
         self.dp: Datapath = worker.dp
@@ -228,6 +229,7 @@ class Enforcer:
                     dirty |= {r for r, st in self.status.items() if not st.ifindex}
                     dirty |= {r for r in self.cache.pods if r not in self.status}
                 await self._reconcile(dirty)
+                await self._sync_steering()
                 dirty = set()
                 if first:
                     first = False
@@ -568,6 +570,14 @@ class Enforcer:
             self.domain_pods[ref] = want
         else:
             self.domain_pods.pop(ref, None)
+        self._steering_stale = True
+        await self._sync_steering()
+
+    async def _sync_steering(self) -> None:
+        """The steered pods are exactly those with domain rules now."""
+        if not self._steering_stale:
+            return
+        self._steering_stale = False
         if self.steering is not None:
             await self.steering.set_pods(
                 ipaddress.ip_address(ip) for ips in self.domain_pods.values() for ip in ips
@@ -609,11 +619,8 @@ class Enforcer:
     def _unbind(self, ref: PodRef) -> None:
         for ip in self.domain_pods.get(ref, ()):
             self._fresh.pop(ip, None)
-        if self.domain_pods.pop(ref, None) is not None and self.steering is not None:
-            ips = [ipaddress.ip_address(ip) for v in self.domain_pods.values() for ip in v]
-            asyncio.get_running_loop().create_task(
-                self.steering.set_pods(ips), name="dnssteer-update"
-            )
+        if self.domain_pods.pop(ref, None) is not None:
+            self._steering_stale = True  # synced at the next pass (see _sync_steering)
         st = self.status.pop(ref, None)
         if st is None:
             return
