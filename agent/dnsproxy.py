@@ -23,7 +23,6 @@ Failure modes (none opens egress a policy denies):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,6 @@ log = structlog.get_logger("agent.dnsproxy")
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (pod address, asked name, [(address, ttl)]) -> learned (True) or not
 Learn = Callable[[str, str, list[tuple[Address, int]]], Awaitable[bool]]
-MAX_MESSAGE = 65535
 PARSED_MAX = 4096  # answers whose parse is kept
 
 
@@ -128,7 +126,6 @@ class DnsProxy:
     max_inflight: int = 1024
     stats: ProxyStats = field(default_factory=ProxyStats)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _listeners: list[_Listener] = field(default_factory=list)
     _out: dict[int, _Upstream] = field(default_factory=dict)  # by local port
     # answers (without their ID) -> what they teach: bounded, oldest dropped first
     _parsed: dict[bytes, tuple[str, list[tuple[Address, int]]] | None] = field(default_factory=dict)
@@ -149,7 +146,6 @@ class DnsProxy:
                     reuse_port=False,
                 )
                 transports.append(transport)
-                self._listeners.append(listener)
                 out, self._out[up.local_port] = await loop.create_datagram_endpoint(
                     _Upstream, remote_addr=(str(up.address), up.port), family=family
                 )
@@ -242,9 +238,3 @@ class DnsProxy:
             if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME)
         ]
         return asked, final_addresses(asked, records)
-
-    def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            self._listeners.clear()
