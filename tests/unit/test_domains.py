@@ -138,3 +138,29 @@ def test_final_addresses_follow_the_cname_chain() -> None:
     ]
     loop = [("a.example.", "CNAME", "b.example.", 5), ("b.example.", "CNAME", "a.example.", 5)]
     assert final_addresses("a.example", loop) == []
+
+
+async def test_the_cluster_dns_is_the_kube_dns_service(tmp_path: Any) -> None:
+    from agent.main import discover_cluster_dns
+    from common.kube import KubeClient
+    from fakekube import store as fs
+    from fakekube.server import FakeKube
+
+    server = FakeKube()
+    await server.start()
+    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    kube = await KubeClient.connect(str(tmp_path / "kubeconfig"))
+    try:
+        assert await discover_cluster_dns(kube) == (), "no Service: nothing steered"
+        server.store.create(
+            fs.SERVICES,
+            "kube-system",
+            {
+                "metadata": {"name": "kube-dns"},
+                "spec": {"clusterIP": "10.100.0.10", "clusterIPs": ["10.100.0.10", "fd00::a"]},
+            },
+        )
+        assert await discover_cluster_dns(kube) == ("10.100.0.10", "fd00::a")
+    finally:
+        await kube.close()
+        await server.stop()
