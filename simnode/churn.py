@@ -32,6 +32,8 @@ class Vitals:
     lag_max_s: float  # largest event-loop lag since the agent started
     tasks: int
     tables: dict[str, int] = field(default_factory=dict)  # datapath table -> entries
+    # of the event loop's timer ticks since the start, the fraction late by 250 ms at most
+    lag_on_time: float = float("nan")
 
 
 @dataclass
@@ -127,7 +129,8 @@ class Churn:
 
 
 async def metrics(netns: str, port: int = 8162) -> dict[str, float]:
-    """The agent's /metrics (unlabelled samples only), read inside the node namespace."""
+    """The agent's /metrics (unlabelled samples and histogram buckets, by their line's
+    name), read inside the node namespace."""
     loop = asyncio.get_running_loop()
     sock = socket_in(netns, socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -140,8 +143,9 @@ async def metrics(netns: str, port: int = 8162) -> dict[str, float]:
         sock.close()
     out = {}
     for line in data.partition(b"\r\n\r\n")[2].decode().splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
+        # unlabelled samples, and histogram buckets (one label: le)
+        if line and not line.startswith("#") and ("{" not in line or '_bucket{le="' in line):
+            name, _, value = line.rpartition(" ")
             try:
                 out[name] = float(value)
             except ValueError:
@@ -164,4 +168,11 @@ async def vitals(stack: NodeStack, started: float) -> Vitals:
         m.get("awsnodeagent_event_loop_lag_max_seconds", float("nan")),
         int(m.get("awsnodeagent_asyncio_tasks", -1)),
         {name: t.entries for name, t in sorted(st.tables.items())},
+        _fraction(m, "awsnodeagent_event_loop_lag_seconds", "0.25"),
     )
+
+
+def _fraction(m: dict[str, float], histogram: str, le: str) -> float:
+    total = m.get(f"{histogram}_count", 0.0)
+    within = m.get(f'{histogram}_bucket{{le="{le}"}}', float("nan"))
+    return within / total if total else float("nan")
