@@ -308,12 +308,17 @@ class AgentApi:
     # ---- fqdn -------------------------------------------------------------------------
     async def _learned_views(self, refs: list[PodRef]) -> list[LearnedView]:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        interfaces = {
+            ref: st.ifindexes
+            for ref in refs
+            if (st := self.enforcer.status.get(ref)) is not None and st.ifindexes
+        }
+        by_ifindex = await self.worker.call(
+            self.enforcer.programmer.learned_by, [i for v in interfaces.values() for i in v]
+        )
         out = []
-        for ref in refs:
-            st = self.enforcer.status.get(ref)
-            if st is None or not st.ifindexes:
-                continue
-            learned = await self.worker.call(self.enforcer.programmer.learned_of, st.ifindexes)
+        for ref, ifindexes in interfaces.items():
+            learned = {a: e for i in ifindexes for a, e in by_ifindex.get(i, {}).items()}
             for address, e in sorted(learned.items(), key=lambda kv: (kv[0].version, kv[0])):
                 out.append(
                     LearnedView(

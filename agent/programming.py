@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -229,10 +229,15 @@ class Programmer:
             else:
                 self.dp.learn(ifindex, address, decision, entry.expires_ns)
 
-    def learned_of(self, ifindexes: Sequence[int]) -> dict[lay.Address, Learned]:
-        """What the pod on ``ifindexes`` learned, by address."""
+    def learned_by(self, ifindexes: Iterable[int]) -> dict[int, dict[lay.Address, Learned]]:
+        """What the pods on ``ifindexes`` learned: interface -> address -> entry (one
+        pass over the entries, whatever the number of pods asked about)."""
         wanted = set(ifindexes)
-        return {a: e for (i, a), e in self.learned.items() if i in wanted}
+        out: dict[int, dict[lay.Address, Learned]] = {}
+        for (i, a), e in self.learned.items():
+            if i in wanted:
+                out.setdefault(i, {})[a] = e
+        return out
 
     def expire(self, now_ns: int) -> tuple[int, int, int]:
         """Forget the learned entries past their expiry, and those the kernel evicted

@@ -36,8 +36,6 @@ from agent.cni.service import NpClient
 from bench.common import prepare, table, write_json
 from bench.programming import pct
 from bpf.datapath import Datapath
-from common.apimodels import WaitResult
-from common.localapi import Unavailable
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
 from simnode.stack import NodeStack
@@ -126,20 +124,7 @@ class Bench:
             for body in self.objects(i, pod):
                 self.put(body)
         await self.stack.start("agent", *AGENT)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                res = await self.stack.agent.get(
-                    "/v1/wait", WaitResult, params={"timeout": "30"}, timeout=60
-                )
-            except Unavailable:  # not listening yet
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-                continue
-            if res.programmed or time.monotonic() > deadline:
-                break
-        assert res.programmed, res.pending
+        await self.stack.programmed(300)
         self.sim.cni_socket = self.stack.npa_socket
         self.sim.mode = "strict"
         # one connection for every call: what is measured is the agent's answer, not

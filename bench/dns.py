@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +32,6 @@ from typing import Any
 
 from bench.common import build_tool, in_netns, median, prepare, require, table, write_json
 from bpf.datapath import Datapath
-from common.apimodels import WaitResult
-from common.localapi import Unavailable
 from fakekube import store as fs
 from simnode.node import SimNode, SimPod
 from simnode.stack import NodeStack
@@ -106,25 +103,6 @@ def apply(stack: NodeStack, body: dict[str, Any]) -> None:
     store.update(fs.POLICY_ENDPOINTS, meta["namespace"], meta["name"], body)
 
 
-async def wait_programmed(stack: NodeStack, timeout: float = 60) -> None:
-    """Every local pod programmed with the current objects (no resolver here)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            res = await stack.agent.get(
-                "/v1/wait", WaitResult, params={"timeout": "20"}, timeout=30
-            )
-        except Unavailable:  # not listening yet
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-            continue
-        if res.programmed:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not programmed: {res.pending}")
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tool = build_tool("dnsrate")
     rounds = args.rounds or (1 if args.quick else 5)
@@ -150,11 +128,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await stack.start(
             "agent", "--enable-network-policy=true", f"--cluster-dns={dns.ipv4}", "--log-level=warn"
         )
-        await wait_programmed(stack)
+        await stack.programmed()
         for _ in range(rounds):
             for config in ("direct", "proxied"):
                 apply(stack, policy(stack, client, dns, domains=config == "proxied"))
-                await wait_programmed(stack)
+                await stack.programmed()
                 await asyncio.sleep(0.2)
                 rate = await asyncio.to_thread(measure, tool, client, dns, seconds, 64)
                 lat = await asyncio.to_thread(measure, tool, client, dns, seconds, 1)

@@ -400,7 +400,7 @@ def _compile(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules:
         if portset is None:
             portset = normalise(contributions, p) if contributions else NOTHING
             normalised[contributions] = portset
-        nearest = _nearest(p, lengths[p.family], kept)
+        nearest = nearest_kept(p, lengths[p.family], kept)
         if nearest == portset or (nearest is None and portset.allows_nothing):
             continue
         kept[p] = portset
@@ -427,7 +427,7 @@ def _compile_flat(
     return CompiledRules(entries=kept)
 
 
-def _nearest(p: Prefix, lengths: list[int], kept: dict[Prefix, Portset]) -> Portset | None:
+def nearest_kept(p: Prefix, lengths: list[int], kept: dict[Prefix, Portset]) -> Portset | None:
     """The port set of the longest kept prefix containing ``p`` (what ``p`` inherits)."""
     for n in reversed(lengths):
         if n < p.length and (a := p.ancestor(n)) in kept:

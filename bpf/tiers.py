@@ -53,6 +53,7 @@ from bpf.ruleset import (
     PortRule,
     Portset,
     Prefix,
+    nearest_kept,
 )
 
 # Rule actions, numbered as the reference ranks them at equal priority (and as its maps
@@ -120,17 +121,10 @@ def compile_tiers(
         portset = memo.get(key)
         if portset is None:
             portset = memo[key] = portset_at(holding, np_here, default, where=p)
-        if p.length and _inherited(p, lengths[p.family], kept) == portset:
+        if p.length and nearest_kept(p, lengths[p.family], kept) == portset:
             continue
         kept[p] = portset
     return CompiledRules(entries=kept)
-
-
-def _inherited(p: Prefix, lengths: list[int], kept: dict[Prefix, Portset]) -> Portset | None:
-    for n in reversed(lengths):
-        if n < p.length and (a := p.ancestor(n)) in kept:
-            return kept[a]
-    return None
 
 
 def decide(

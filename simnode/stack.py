@@ -171,6 +171,30 @@ class NodeStack:
             await asyncio.sleep(0.02)
         return False
 
+    async def programmed(self, timeout: float = 60.0) -> None:
+        """Every local pod programmed with the current objects (no resolver involved),
+        the agent's API waited for if it is not listening yet; AssertionError if not
+        within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                res = await self.agent.get(
+                    "/v1/wait",
+                    WaitResult,
+                    params={"timeout": f"{min(remaining, 30):.2f}"},
+                    timeout=min(remaining, 30) + 10,
+                )
+            except Unavailable:  # not listening yet
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            if res.programmed:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not programmed after {timeout}s: {res.pending}")
+
     async def settle(self, timeout: float = 10.0) -> WaitResult:
         """Wait until the resolver has caught up, then until the agent has programmed
         every local pod."""
