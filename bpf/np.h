@@ -188,8 +188,9 @@ struct np_ct_key {
 _Static_assert(sizeof(struct np_ct_key) == 44, "np_ct_key size");
 
 struct np_ct_value {
-	__u64 last_seen_ns;     /* bpf_ktime_get_ns() of the last packet */
-	__u64 created_ns;
+	__u64 last_seen_ns;     /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the
+	                         * last packet */
+	__u64 created_ns;       /* the same clock: when the flow was last judged */
 	__u32 pod_id;
 	__u8 origin;            /* NP_DIR_* of the packet that created the entry */
 	__u8 reason;            /* NP_REASON_* of the verdict that created it */

@@ -242,6 +242,73 @@ static __always_inline int np_parse_ipv6(struct __sk_buff *skb, struct np_packet
 	return NP_PARSE_OK;
 }
 
+/* The common packet, read in place: IPv4 without options or fragmentation, or IPv6
+ * without extension headers, carrying TCP, UDP or SCTP with the headers in the skb's
+ * linear data. Returns 1 with pkt->l4 filled exactly as np_parse would fill it; 0 (pkt
+ * untouched) for everything else, which np_parse reads through bpf_skb_load_bytes().
+ * Direct reads cost a few instructions where each helper call costs tens of ns. */
+static __always_inline int np_parse_direct(struct __sk_buff *skb, struct np_packet *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *l4, *src, *dst;
+	__u8 protocol, family, tcp_flags = 0;
+	__u32 addr_len;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > end)
+			return 0;
+		if (*(__u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(0x3fff)))
+			return 0; /* options, a fragment, or not version 4 */
+		protocol = ip->protocol;
+		family = NP_FAMILY_IPV4;
+		src = (__u8 *)&ip->saddr;
+		dst = (__u8 *)&ip->daddr;
+		addr_len = 4;
+		l4 = (__u8 *)(ip + 1);
+	} else {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		if ((*(__u8 *)ip6 >> 4) != 6)
+			return 0;
+		protocol = ip6->nexthdr;
+		family = NP_FAMILY_IPV6;
+		src = (__u8 *)&ip6->saddr;
+		dst = (__u8 *)&ip6->daddr;
+		addr_len = 16;
+		l4 = (__u8 *)(ip6 + 1);
+	}
+	if (protocol == NP_PROTO_TCP) {
+		if ((void *)(l4 + 14) > end)
+			return 0;
+		tcp_flags = l4[13];
+	} else if (protocol == NP_PROTO_UDP || protocol == NP_PROTO_SCTP) {
+		if ((void *)(l4 + 4) > end)
+			return 0;
+	} else {
+		return 0; /* ICMP (errors name a flow), extension headers, anything else */
+	}
+	if (addr_len == 4) {
+		__builtin_memcpy(pkt->l4.src, src, 4);
+		__builtin_memcpy(pkt->l4.dst, dst, 4);
+	} else {
+		__builtin_memcpy(pkt->l4.src, src, 16);
+		__builtin_memcpy(pkt->l4.dst, dst, 16);
+	}
+	pkt->l4.sport = ((__u16)l4[0] << 8) | l4[1];
+	pkt->l4.dport = ((__u16)l4[2] << 8) | l4[3];
+	pkt->l4.protocol = protocol;
+	pkt->l4.family = family;
+	pkt->l4.ports_known = 1;
+	pkt->l4.has_ports = 1;
+	pkt->l4.tcp_flags = tcp_flags;
+	return 1;
+}
+
 /* Parse one packet. A global function: verified once on its own, so the many paths
  * through IPv4 options and IPv6 extension headers do not multiply the verification of
  * everything that follows (callers see *pkt as unknown values). */

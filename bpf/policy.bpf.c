@@ -164,6 +164,14 @@ struct np_decision {
 	__u8 tier;
 };
 
+/* The clock of np_ct's timestamps: CLOCK_MONOTONIC_COARSE (one tick's resolution, a
+ * fraction of the cost of bpf_ktime_get_ns). The idle and lease times it measures are
+ * seconds; the conntrack cleaner reads the same clock. */
+static __always_inline __u64 np_ct_clock(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 static __always_inline struct np_stats *np_stats_get(void)
 {
 	__u32 zero = 0;
@@ -422,7 +430,7 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 	struct np_decision d = {};
 	__u8 judged = key->protocol == NP_PROTO_TCP ? direction : ct->origin;
 	__u8 state = judged == NP_DIR_INGRESS ? pod->ingress_state : pod->egress_state;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = np_ct_clock();
 
 	if (np_is_host(key)) {
 		d.verdict = NP_VERDICT_ALLOW;
@@ -466,6 +474,20 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 	return TC_ACT_SHOT;
 }
 
+/* The pod record of the veth, copied; 0 (and counted) when the veth has none. */
+static __always_inline int np_pod_of(__u32 ifindex, struct np_pod *pod, struct np_stats *stats)
+{
+	struct np_pod *podp = bpf_map_lookup_elem(&np_pods, &ifindex);
+
+	if (!podp) {
+		if (stats)
+			stats->unknown_pod++;
+		return 0;
+	}
+	*pod = *podp;
+	return 1;
+}
+
 static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction)
 {
 	struct np_decision d = {};
@@ -473,7 +495,6 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	struct np_ct_key key = {};
 	struct np_ct_value *ct;
 	struct np_stats *stats;
-	struct np_pod *podp;
 	struct np_pod pod;
 	__u32 ifindex = skb->ifindex;
 	__u8 port_known;
@@ -484,21 +505,15 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 		return TC_ACT_OK; /* ARP and every other non-IP frame */
 
 	stats = np_stats_get();
-	podp = bpf_map_lookup_elem(&np_pods, &ifindex);
-	if (!podp) {
-		if (stats)
-			stats->unknown_pod++;
-		return TC_ACT_OK;
-	}
-	pod = *podp;
-	state = direction == NP_DIR_INGRESS ? pod.ingress_state : pod.egress_state;
-
-	rc = np_parse(skb, &pkt);
+	rc = np_parse_direct(skb, &pkt) ? NP_PARSE_OK : np_parse(skb, &pkt);
 	if (rc == NP_PARSE_PASS)
 		return TC_ACT_OK;
 	if (rc == NP_PARSE_MALFORMED) {
+		if (!np_pod_of(ifindex, &pod, stats))
+			return TC_ACT_OK;
 		if (stats)
 			stats->malformed++;
+		state = direction == NP_DIR_INGRESS ? pod.ingress_state : pod.egress_state;
 		return state == NP_STATE_DEFAULT_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
 	}
 
@@ -514,19 +529,22 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 	if (port_known) {
 		ct = bpf_map_lookup_elem(&np_ct, &key);
 		if (ct) {
-			__u64 now = bpf_ktime_get_ns();
+			__u64 now = np_ct_clock();
 			__u8 tcpf = pkt.l4.tcp_flags;
 			int again;
 
 			if (key.protocol == NP_PROTO_TCP)
 				again = (tcpf & (NP_TCP_SYN | NP_TCP_ACK)) == NP_TCP_SYN &&
 					((ct->flags & NP_CT_F_CLOSING) ||
-					 now - ct->last_seen_ns > NP_CT_SYN_IDLE_NS);
+					 (__s64)(now - ct->last_seen_ns) > (__s64)NP_CT_SYN_IDLE_NS);
 			else
-				again = now - ct->created_ns > NP_CT_LEASE_NS;
+				again = (__s64)(now - ct->created_ns) > (__s64)NP_CT_LEASE_NS;
 			if (!again) {
-				ct->last_seen_ns = now;
-				if (key.protocol == NP_PROTO_TCP && (tcpf & (NP_TCP_FIN | NP_TCP_RST)))
+				/* the clock moves once a tick: most packets write nothing */
+				if (ct->last_seen_ns != now)
+					ct->last_seen_ns = now;
+				if (key.protocol == NP_PROTO_TCP && (tcpf & (NP_TCP_FIN | NP_TCP_RST)) &&
+				    !(ct->flags & NP_CT_F_CLOSING))
 					ct->flags |= NP_CT_F_CLOSING;
 				if (stats) {
 					stats->ct_hits++;
@@ -534,11 +552,16 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 				}
 				return TC_ACT_OK;
 			}
+			if (!np_pod_of(ifindex, &pod, stats))
+				return TC_ACT_OK;
 			if (stats)
 				stats->ct_rejudged++;
 			return np_rejudge(skb, &key, ct, &pod, direction, tcpf, stats);
 		}
 	}
+	if (!np_pod_of(ifindex, &pod, stats))
+		return TC_ACT_OK;
+	state = direction == NP_DIR_INGRESS ? pod.ingress_state : pod.egress_state;
 	if (pkt.icmp_error) {
 		struct np_ct_key related = {};
 
@@ -568,7 +591,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 
 	if (d.verdict == NP_VERDICT_ALLOW) {
 		if (port_known) {
-			__u64 now = bpf_ktime_get_ns();
+			__u64 now = np_ct_clock();
 			struct np_ct_value v = {
 				.last_seen_ns = now,
 				.created_ns = now,

@@ -50,9 +50,14 @@ _PROTO_AT = lay.offset(lay.NpCtKey, "protocol")
 _FAMILY_AT = lay.offset(lay.NpCtKey, "family")
 
 
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
+
+
 def now_ns() -> int:
-    """The datapath's clock (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    """The clock of the datapath's conntrack timestamps (bpf_ktime_get_coarse_ns is
+    CLOCK_MONOTONIC_COARSE). The same clock matters: a packet after the sweep began gets a
+    last-seen at or after its start, never a tick before it."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 @dataclass
