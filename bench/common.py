@@ -45,6 +45,25 @@ def build_tool(name: str) -> str:
     return str(out)
 
 
+def build_bpf(name: str) -> str:
+    """Compile bench/tools/<name>.bpf.c (once, against bpf/np.h) and return the object."""
+    src = TOOLS / f"{name}.bpf.c"
+    root = Path(__file__).parent.parent / "bpf"
+    stamp = max(int(src.stat().st_mtime), int((root / "np.h").stat().st_mtime))
+    out = Path("/tmp") / f"np-bench-{name}-{stamp}.o"
+    if not out.exists():
+        multiarch = subprocess.run(
+            ["cc", "-print-multiarch"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        subprocess.run(
+            ["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", f"-I{root}"]
+            + ([f"-I/usr/include/{multiarch}"] if multiarch else [])
+            + ["-c", str(src), "-o", str(out)],
+            check=True,
+        )
+    return str(out)
+
+
 def in_netns(netns: str, cpu: int | None, argv: Sequence[str]) -> list[str]:
     """argv run in a network namespace (only the network: nsenter, not `ip netns exec`,
     which would remount /sys), pinned to one CPU."""

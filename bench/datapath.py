@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import ipaddress
 import json
 import os
@@ -53,6 +54,7 @@ from typing import Any
 from bench.common import (
     Noise,
     bar_chart,
+    build_bpf,
     build_tool,
     children,
     in_netns,
@@ -64,7 +66,9 @@ from bench.common import (
 )
 from bpf import layout as lay
 from bpf.attach import attach, detach
+from bpf.codec import lpm_key_bytes
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
+from bpf.objects import BpfObject, Program
 from bpf.ruleset import CompiledRules, Decision, PeerRule, PortRange, Prefix, compile_rules
 from bpf.tiers import ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, ClusterRule, compile_tiers
 from common.netlink import Netlink
@@ -313,10 +317,43 @@ table inet bench {{
 
 
 # ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
+# The minimal programs (bench/tools/minimal.bpf.c) the per-packet cost is measured against:
+# the same packet, the same keys, read in place, one map lookup each.
+FLOORS = {
+    "min_pass_ns": "min_pass",  # nothing: the test loop's own cost per run
+    "min_hash_ns": "min_hash",  # one LRU-hash lookup of the established flow's key
+    "min_lpm_ns": "min_lpm",  # one LPM lookup of the denied peer
+    "min_lpm_hit_ns": "min_lpm",  # one LPM lookup of the allowed peer (a CIDR hit)
+    "min_flow_ns": "min_flow",  # conntrack miss, then LPM lookup: a stateful new flow's floor
+}
+HITS = ("min_hash_ns", "min_lpm_hit_ns")  # measured on the allowed packet
+ANY = -1
+TARGET_PER_PACKET = 1.5  # ours / the minimal program doing the lookup the case needs
+
+
+def _minimal(entries: Sequence[Prefix], flow_key: bytes) -> BpfObject:
+    """The minimal programs with their own trie (``entries``) and conntrack (the
+    established flow's ``flow_key``)."""
+    obj = BpfObject.load(build_bpf("minimal"))
+    try:
+        keys = b"".join(lpm_key_bytes(p) for p in entries)
+        obj.maps["min_trie"].update_batch(keys, b"\x01\x00\x00\x00" * len(entries))
+        obj.maps["min_ct"].update(flow_key, bytes(ctypes.sizeof(lay.NpCtValue)))
+    except BaseException:
+        obj.close()
+        raise
+    return obj
+
+
 def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[str, Any]]:
-    """Each configuration on its own pod (ifindex), all installed at once; then
-    ``rounds`` interleaved rounds of ``repeat`` test runs of every case, and the median
-    of each: side by side, so that a drift of the machine hits every row alike."""
+    """Each configuration on its own pod (ifindex), all installed at once, each with the
+    minimal programs on a trie of the same entries; then ``rounds`` interleaved rounds of
+    ``repeat`` test runs of every case, ours and the minimal ones, and the median of each:
+    side by side, so that a drift of the machine hits every row alike.
+
+    The NetworkPolicy rows allow TCP port 80 from their CIDRs: the cases are a new flow
+    from a peer in no CIDR (denied), a new flow from an allowed peer to port 81 (CIDR hit,
+    port refused) and an established flow (conntrack hit)."""
     pin_root = f"/sys/fs/bpf/npbench-{uuid.uuid4().hex[:6]}"
     pod_ip, peer_in, peer_out = (
         ipaddress.IPv4Address(a) for a in ("10.66.0.10", "11.255.255.1", "12.0.0.1")
@@ -327,9 +364,12 @@ def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[
     # denied, like for like: a peer in no CIDR of any tier (NetworkPolicy isolates)
     denied = pk.packet(src=peer_out, dst=pod_ip, protocol=pk.TCP, dport=80)
     allowed = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=80)
+    refused = pk.packet(src=peer_in, dst=pod_ip, protocol=pk.TCP, dport=81)
     by_admin = pk.packet(src=admin, dst=pod_ip, protocol=pk.TCP, dport=80)
+    web = (PortRange(lay.NP_PROTO_TCP, 80, 80),)
     dp = Datapath.open(pin_root, ct_entries=65536)
     rows: list[dict[str, Any]] = []
+    minimal: list[BpfObject] = []
     try:
         dp.set_event_flags(emit_deny=False, emit_allow=False)
         for ifindex, n in enumerate((*(str(size) for size in sizes), "tiered"), 1):
@@ -338,34 +378,52 @@ def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[
                 rules, entries = tiered(peer_in)
             else:
                 nets = cidrs(int(n), peer_in)
-                rules, entries = compile_rules([PeerRule(c) for c in nets]), len(nets)
+                rules = compile_rules([PeerRule(c, ports=web) for c in nets])
+                entries = len(nets)
             pid = dp.register_pod(namespace="b", name=f"pod-{n}", uid=f"p-{n}")
             ingress = DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, rules)
             dp.program_pods({ifindex: PodPolicy(pid, ingress, ALLOW_ALL)})
             dp.collect_garbage()
-            cases = {"new_flow_ns": (denied, 2), "established_ns": (allowed, 0)}
+            elapsed = time.monotonic() - started
+            before = {bytes(k) for k in dp.ct.keys()}
+            dp.ingress_prog.test_run(allowed, ifindex=ifindex)  # tracked from now on
+            (flow_key,) = {bytes(k) for k in dp.ct.keys()} - before
+            mini = _minimal(list(rules.entries), flow_key)
+            minimal.append(mini)
+            progs = mini.programs
+            cases: dict[str, tuple[Program, bytes, int]] = {
+                "new_flow_ns": (dp.ingress_prog, denied, 2),
+                "established_ns": (dp.ingress_prog, allowed, 0),
+                # the minimal programs' verdicts: whether their one lookup found an entry
+                # (a folded trie holds 0.0.0.0/0 too), not checked
+                **{k: (progs[v], allowed if k in HITS else denied, ANY) for k, v in FLOORS.items()},
+            }
             if n == "tiered":
-                cases["admin_deny_ns"] = (by_admin, 2)
+                cases["admin_deny_ns"] = (dp.ingress_prog, by_admin, 2)
+            else:
+                cases["port_refused_ns"] = (dp.ingress_prog, refused, 2)
             rows.append(
                 {
                     "config": "tiered" if n == "tiered" else f"networkpolicy-{n}",
                     "entries": entries,
                     "trie_entries": len(rules.entries),
-                    "program_seconds": round(time.monotonic() - started, 2),
+                    "program_seconds": round(elapsed, 2),
                     "ifindex": ifindex,
                     "cases": cases,
                     "samples": {k: [] for k in cases},
                 }
             )
-            dp.ingress_prog.test_run(allowed, ifindex=ifindex)  # tracked from now on
         for _ in range(rounds + 1):  # the first round warms up, not counted
             for row in rows:
-                for name, (packet, want) in row["cases"].items():
-                    res = dp.ingress_prog.test_run(packet, ifindex=row["ifindex"], repeat=repeat)
-                    if res.retval != want:
+                for name, (prog, packet, want) in row["cases"].items():
+                    res = prog.test_run(packet, ifindex=row["ifindex"], repeat=repeat)
+                    if want != ANY and res.retval != want:
                         raise RuntimeError(f"{row['config']} {name}: verdict {res.retval}")
                     row["samples"][name].append(res.duration_ns)
+        verified = {p.name: p.info.verified_insns for p in (dp.ingress_prog, dp.egress_prog)}
     finally:
+        for mini in minimal:
+            mini.close()
         dp.close()
         Datapath.unpin(pin_root)
     out = []
@@ -373,8 +431,26 @@ def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[
         samples = row.pop("samples")
         row.pop("cases")
         row.pop("ifindex")
-        out.append({**row, **{k: round(median(v[1:])) for k, v in samples.items()}})
+        figures = {k: round(median(v[1:])) for k, v in samples.items()}
+        out.append({**row, **figures, "ratios": per_packet_ratios(figures), "verified": verified})
     return out
+
+
+def per_packet_ratios(f: dict[str, int]) -> dict[str, float]:
+    """Ours against the minimal program doing the one lookup each case needs (the
+    target), and against the floor every stateful program pays for a new flow."""
+    out = {
+        "established / min_hash": f["established_ns"] / f["min_hash_ns"],
+        "new flow / min_lpm": f["new_flow_ns"] / f["min_lpm_ns"],
+        "new flow / min_flow": f["new_flow_ns"] / f["min_flow_ns"],
+        # the limit: a conntrack miss before the trie, which no stateful program skips
+        "min_flow / min_lpm": f["min_flow_ns"] / f["min_lpm_ns"],
+    }
+    if "port_refused_ns" in f:
+        out["port refused / min_lpm_hit"] = f["port_refused_ns"] / f["min_lpm_hit_ns"]
+    if "admin_deny_ns" in f:
+        out["Admin deny / min_lpm_hit"] = f["admin_deny_ns"] / f["min_lpm_hit_ns"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -481,32 +557,46 @@ def report(figures: dict[str, Any]) -> None:
     for where, who in noisy.items():
         print(f"  noisy {where}: {'; '.join(who)}")
     print()
-    print("Per packet (BPF_PROG_TEST_RUN, ingress program)")
+    pp = figures["per_packet"]
+    print("Per packet (BPF_PROG_TEST_RUN, ingress program), ns, with the minimal programs")
+    print("on tries of the same entries (bench/tools/minimal.bpf.c), same run:")
+    cols = (
+        "new_flow_ns",
+        "port_refused_ns",
+        "admin_deny_ns",
+        "established_ns",
+        *FLOORS,
+    )
     print(
         table(
-            [
-                "config",
-                "CIDRs",
-                "trie entries",
-                "new flow ns",
-                "established ns",
-                "program s",
-                "Admin Deny ns",
-            ],
+            ["config", "CIDRs", "trie", *(c.removesuffix("_ns") for c in cols), "program s"],
             [
                 [
                     c.get("config", ""),
                     c["entries"],
                     c.get("trie_entries", c["entries"]),
-                    c["new_flow_ns"],
-                    c["established_ns"],
+                    *(c.get(k, "") for k in cols),
                     c["program_seconds"],
-                    c.get("admin_deny_ns", ""),
                 ]
-                for c in figures["per_packet"]
+                for c in pp
             ],
         )
     )
+    if pp and "ratios" in pp[0]:
+        names = list(dict.fromkeys(k for c in pp for k in c["ratios"]))
+        print()
+        print(f"Ratios (target: ours <= {TARGET_PER_PACKET}x the minimal program of its case)")
+        print(
+            table(
+                ["config", *names],
+                [[c["config"], *(c["ratios"].get(k, "") for k in names)] for c in pp],
+            )
+        )
+        print(
+            "verified instructions: "
+            + ", ".join(f"{k} {v:,}" for k, v in pp[0]["verified"].items())
+            + " (the verifier's limit: 1,000,000 per program)"
+        )
     tiers = tiered_vs_networkpolicy(figures)
     if tiers:
         print()

@@ -118,7 +118,8 @@ class BpfMapInfo(ctypes.Structure):
 
 
 class BpfProgInfo(ctypes.Structure):
-    """Prefix of the kernel's ``struct bpf_prog_info`` (uapi) up to ``name``."""
+    """Prefix of the kernel's ``struct bpf_prog_info`` (uapi) up to ``verified_insns``
+    (Linux 5.16; older kernels leave it 0)."""
 
     _fields_ = [
         ("type", c_uint),
@@ -133,6 +134,32 @@ class BpfProgInfo(ctypes.Structure):
         ("nr_map_ids", c_uint),
         ("map_ids", c_u64),
         ("name", ctypes.c_char * 16),
+        ("ifindex", c_uint),
+        ("gpl_compatible", c_uint),
+        ("netns_dev", c_u64),
+        ("netns_ino", c_u64),
+        ("nr_jited_ksyms", c_uint),
+        ("nr_jited_func_lens", c_uint),
+        ("jited_ksyms", c_u64),
+        ("jited_func_lens", c_u64),
+        ("btf_id", c_uint),
+        ("func_info_rec_size", c_uint),
+        ("func_info", c_u64),
+        ("nr_func_info", c_uint),
+        ("nr_line_info", c_uint),
+        ("line_info", c_u64),
+        ("jited_line_info", c_u64),
+        ("nr_jited_line_info", c_uint),
+        ("line_info_rec_size", c_uint),
+        ("jited_line_info_rec_size", c_uint),
+        ("nr_prog_tags", c_uint),
+        ("prog_tags", c_u64),
+        ("run_time_ns", c_u64),
+        ("run_cnt", c_u64),
+        ("recursion_misses", c_u64),
+        ("verified_insns", c_uint),
+        ("attach_btf_obj_id", c_uint),
+        ("attach_btf_id", c_uint),
     ]
 
 

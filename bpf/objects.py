@@ -51,6 +51,7 @@ class ProgInfo:
     name: str
     tag: str
     map_ids: tuple[int, ...]
+    verified_insns: int = 0  # instructions the verifier processed at load (0: unknown)
 
 
 def prog_info(fd: int, what: str = "program") -> ProgInfo:
@@ -74,6 +75,7 @@ def prog_info(fd: int, what: str = "program") -> ProgInfo:
         name=info.name.decode(errors="replace"),
         tag=bytes(info.tag).hex(),
         map_ids=tuple(ids),
+        verified_insns=info.verified_insns,
     )
 
 
