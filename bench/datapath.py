@@ -385,9 +385,9 @@ def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[
             dp.program_pods({ifindex: PodPolicy(pid, ingress, ALLOW_ALL)})
             dp.collect_garbage()
             elapsed = time.monotonic() - started
-            before = {bytes(k) for k in dp.ct.keys()}
+            before = {bytes(k) for k in dp.ct}
             dp.ingress_prog.test_run(allowed, ifindex=ifindex)  # tracked from now on
-            (flow_key,) = {bytes(k) for k in dp.ct.keys()} - before
+            (flow_key,) = {bytes(k) for k in dp.ct} - before
             mini = _minimal(list(rules.entries), flow_key)
             minimal.append(mini)
             progs = mini.programs
