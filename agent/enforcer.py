@@ -38,6 +38,7 @@ from bpf import layout as lay
 from bpf.attach import attach, attachment, ours
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, PodPolicy
 from bpf.errors import BpfError
+from bpf.store import POOL_SIZE
 from common import memory
 from common.netlink import NetEvent, Netlink, NetlinkOpError
 
@@ -240,8 +241,9 @@ class Enforcer:
                 async with self.progress:
                     self.progress.notify_all()
                 pending_gc = await self._collect_garbage()
+                pool_short = await self._refill_pool()
                 await self._lifecycle()
-                await self._wait(GC_QUIET if pending_gc else self.lifecycle_period)
+                await self._wait(GC_QUIET if pending_gc or pool_short else self.lifecycle_period)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -526,6 +528,23 @@ class Enforcer:
         self._retired_since = None
         tries, portsets = await self.worker.call(self.dp.collect_garbage)
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
+        return False
+
+    async def _refill_pool(self) -> bool:
+        """Top up the empty tries kept ready in np_rules (bpf.store), so that the next
+        change waits for no RCU grace period: only when programming has been quiet for
+        GC_QUIET. True if the pool is still short (look again after GC_QUIET)."""
+        if self.dp.store.pooled >= POOL_SIZE:
+            return False
+        if self.cache.dirty or time.monotonic() - self._last_programmed < GC_QUIET:
+            return True
+        try:
+            added = await self.worker.call(self.dp.refill_pool)
+        except (BpfError, OSError) as exc:
+            self.metrics.errors.labels("trie-pool").inc()
+            log.warning("enforcer.trie_pool_failed", error=str(exc))
+            return False  # tried again at the next lifecycle period
+        log.debug("enforcer.trie_pool_refilled", added=added)
         return False
 
     async def _lifecycle(self) -> None:

@@ -144,6 +144,7 @@ class Datapath:
         return dp
 
     def close(self) -> None:
+        self.store.close_pool()
         self.obj.close()
 
     def __enter__(self) -> Datapath:
@@ -167,6 +168,7 @@ class Datapath:
             floor_policy=next_policy,
         )
         self.store.reference_adopted_policies()
+        self.store.reclaim_pool()
         self._adopt_learned()
         self.names.retire_unreferenced_policies()
         log.info(
@@ -319,6 +321,11 @@ class Datapath:
         if old is not None:
             self.store.ref((old.ingress_trie, old.egress_trie), -1)
 
+    def refill_pool(self) -> int:
+        """Top up the empty tries kept ready in np_rules (see bpf.store): call when
+        programming is quiet, it waits for an RCU grace period."""
+        return self.store.refill_pool()
+
     def collect_garbage(self) -> tuple[int, int]:
         """Remove retired tries, then port sets no trie uses. Returns (tries, portsets)."""
         return self.store.collect_garbage()
@@ -377,7 +384,7 @@ class Datapath:
         tries, _, portsets = self.store.sizes()
         out = {
             lay.MAP_PODS: (len(self._records), self.pods.raw.max_entries),
-            lay.MAP_RULES: (tries, self.rules.max_entries),
+            lay.MAP_RULES: (tries + self.store.pooled, self.rules.max_entries),
             lay.MAP_PORTSETS: (portsets, self.portsets.raw.max_entries),
         }
         out.update(self.names.occupancy())

@@ -9,6 +9,14 @@ the batched delete from the outer map returns only after an RCU grace period, af
 which no program can still be reading the retired port sets. Policy ids carried by port
 sets are referenced in the registry while the port set lives.
 
+Inserting into the outer map waits for an RCU grace period (several ms) inside the
+syscall. To keep that wait out of a change's path, a pool of empty tries is kept in
+``np_rules`` already (:meth:`RuleStore.refill_pool`, when programming is quiet): a new
+rule set fills a pooled trie, which no record points at yet, and the pod record then
+points at it. Only when the pool is empty (a burst, a cold start) is a trie inserted on
+the path, batched as before. Pooled tries are pinned like the others; after a restart
+the unreferenced empty ones return to the pool.
+
 Not thread-safe: the datapath's owner calls it.
 """
 
@@ -43,6 +51,11 @@ from bpf.ruleset import NOTHING, CompiledRules, Portset, Prefix
 log = structlog.get_logger("bpf.store")
 _ANY_PREFIX = Prefix(lay.NP_FAMILY_IPV4, 0, 0)
 U32 = ctypes.c_uint32
+POOL_SIZE = 32  # empty tries kept ready in np_rules
+# A pooled trie's capacity: a limit only (BPF_F_NO_PREALLOC allocates per entry). Larger
+# rule sets get a trie of their own size, inserted on the path.
+POOL_TRIE_ENTRIES = 1 << 20
+_EMPTY_DIGEST = CompiledRules().digest()
 
 
 @dataclass
@@ -81,6 +94,8 @@ class RuleStore:
         self._portset_by_id: dict[int, Portset] = {}
         self._next_trie = 1
         self._next_portset = 1
+        # empty tries already in np_rules, unreferenced, ready to be filled (id, map)
+        self._pool: list[tuple[int, Map]] = []
 
     # ---- adoption -------------------------------------------------------------------
     def adopt(self) -> int:
@@ -106,7 +121,8 @@ class RuleStore:
             trie = Trie(trie_id, entries.digest(), frozenset(ids), policies=frozenset(inline))
             next_policy = max(next_policy, max(trie.policies, default=0) + 1)
             self.tries[trie_id] = trie
-            self._trie_by_key[trie.digest] = trie_id
+            # equal contents twice: pooled empty tries (see reclaim_pool)
+            self._trie_by_key.setdefault(trie.digest, trie_id)
             for ps_id in trie.portsets:
                 self._portset_ref(ps_id).refs += 1
             self._next_trie = max(self._next_trie, trie_id + 1)
@@ -116,6 +132,63 @@ class RuleStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.pins.tries, name))
         return next_policy
+
+    def reclaim_pool(self) -> int:
+        """After adoption, once the records' references are counted: the unreferenced
+        empty tries of a pool's size return to the pool (no outer-map write)."""
+        for trie_id, trie in list(self.tries.items()):
+            if trie.refs > 0 or trie.digest != _EMPTY_DIGEST or len(self._pool) >= POOL_SIZE:
+                continue
+            try:
+                inner = Map.from_pin(self.pins.trie(trie_id))
+            except BpfError:
+                continue
+            if inner.max_entries != POOL_TRIE_ENTRIES:
+                inner.close()
+                continue
+            del self.tries[trie_id]
+            if self._trie_by_key.get(trie.digest) == trie_id:
+                del self._trie_by_key[trie.digest]
+            self._pool.append((trie_id, inner))
+        return len(self._pool)
+
+    def refill_pool(self, size: int = POOL_SIZE) -> int:
+        """Top the pool up to ``size`` empty tries: one batched insert (one RCU grace
+        period). Returns how many were added."""
+        missing = size - len(self._pool)
+        if missing <= 0:
+            return 0
+        made: list[tuple[int, Map]] = []
+        inserted = False
+        try:
+            for _ in range(missing):
+                trie_id = self._next_trie
+                self._next_trie += 1
+                m = self._create_trie(trie_id, POOL_TRIE_ENTRIES)
+                made.append((trie_id, m))
+                m.pin(self.pins.trie(trie_id))
+            self.rules.update_batch(
+                b"".join(bytes(U32(t)) for t, _ in made),
+                b"".join(bytes(U32(m.fd)) for _, m in made),
+            )
+            inserted = True
+        finally:
+            if not inserted:
+                for trie_id, m in made:
+                    m.close()
+                    self._unpin_trie(trie_id)
+        self._pool.extend(made)
+        return len(made)
+
+    @property
+    def pooled(self) -> int:
+        return len(self._pool)
+
+    def close_pool(self) -> None:
+        """Close the pool's descriptors (the tries stay in np_rules, pinned)."""
+        for _, m in self._pool:
+            m.close()
+        self._pool.clear()
 
     def reference_adopted_policies(self) -> None:
         for portset in self._portsets:
@@ -154,9 +227,12 @@ class RuleStore:
                 if key in self._trie_by_key:
                     ids[key] = self._trie_by_key[key]
                     continue
+                self._install_portsets(compiled)
+                if self._pool and len(compiled.entries) <= POOL_TRIE_ENTRIES:
+                    ids[key] = self._fill_pooled(compiled)
+                    continue
                 trie_id = self._next_trie
                 self._next_trie += 1
-                self._install_portsets(compiled)
                 built = self._build_trie(trie_id, compiled)
                 new.append((trie_id, compiled, built))
                 # pinned: explain, the CLI and a restarted agent open it by path, which
@@ -189,19 +265,49 @@ class RuleStore:
                     self._unpin_trie(trie_id)
         return ids
 
-    def _build_trie(self, trie_id: int, compiled: CompiledRules) -> Map:
-        trie = Map.create(
+    def _fill_pooled(self, compiled: CompiledRules) -> int:
+        """A pooled trie filled with ``compiled`` (no record points at it yet), recorded
+        as live. If filling fails it leaves the pool as a retired trie (it may hold part
+        of the entries), which collect_garbage removes."""
+        trie_id, m = self._pool.pop()
+        try:
+            self._fill(m, compiled)
+        except BaseException:
+            self.tries[trie_id] = Trie(trie_id, b"spoiled:%d" % trie_id, frozenset())
+            self._trie_by_key[self.tries[trie_id].digest] = trie_id
+            raise
+        finally:
+            m.close()
+        trie = self._new_trie(trie_id, compiled)
+        self.tries[trie_id] = trie
+        self._trie_by_key[trie.digest] = trie_id
+        for ps_id in trie.portsets:
+            self._portset_ref(ps_id).refs += 1
+        self.names.reference_policies(trie.policies, +1)
+        return trie_id
+
+    @staticmethod
+    def _create_trie(trie_id: int, max_entries: int) -> Map:
+        return Map.create(
             map_type=MAP_TYPE_LPM_TRIE,
             name=f"np_t_{trie_id}",
             key_size=ctypes.sizeof(lay.NpLpmKey),
             value_size=ctypes.sizeof(lay.NpLpmValue),
-            max_entries=max(1, len(compiled.entries)),
+            max_entries=max(1, max_entries),
             flags=BPF_F_NO_PREALLOC,
         )
+
+    def _fill(self, trie: Map, compiled: CompiledRules) -> None:
+        if not compiled.entries:
+            return
+        keys = b"".join(lpm_key_bytes(p) for p in compiled.entries)
+        values = b"".join(U32_PACK.pack(self._value(ps)) for ps in compiled.entries.values())
+        trie.update_batch(keys, values)
+
+    def _build_trie(self, trie_id: int, compiled: CompiledRules) -> Map:
+        trie = self._create_trie(trie_id, len(compiled.entries))
         try:
-            keys = b"".join(lpm_key_bytes(p) for p in compiled.entries)
-            values = b"".join(U32_PACK.pack(self._value(ps)) for ps in compiled.entries.values())
-            trie.update_batch(keys, values)
+            self._fill(trie, compiled)
         except BaseException:
             trie.close()
             raise
@@ -266,7 +372,8 @@ class RuleStore:
             for t in retired:
                 self._unpin_trie(t.id)
                 del self.tries[t.id]
-                del self._trie_by_key[t.digest]
+                if self._trie_by_key.get(t.digest) == t.id:
+                    del self._trie_by_key[t.digest]
                 for ps_id in t.portsets:
                     self._portset_ref(ps_id).refs -= 1
                 self.names.reference_policies(t.policies, -1)
