@@ -61,7 +61,8 @@ def test_a_change_fills_a_pooled_trie_and_inserts_nothing(datapath: Datapath) ->
     assert (verdict(datapath, 80), verdict(datapath, 81)) == (OK, SHOT)
 
     again = program(datapath, 81)  # a change: another pooled trie, the first retires
-    assert again in pooled and again != trie
+    assert again in pooled
+    assert again != trie
     assert (verdict(datapath, 82), verdict(datapath, 81)) == (SHOT, OK)
     assert datapath.collect_garbage()[0] == 1
     assert trie not in outer_ids(datapath)
@@ -88,7 +89,8 @@ def test_a_restart_takes_the_empty_tries_back(pin_root: str) -> None:
         assert dp.collect_garbage() == (0, 0), "nothing retired: the pod's trie is in use"
         assert (verdict(dp, 80), verdict(dp, 81)) == (OK, SHOT)
         trie = program(dp, 443)
-        assert trie in before and trie != in_use
+        assert trie in before
+        assert trie != in_use
         assert outer_ids(dp) == before
         assert (verdict(dp, 443), verdict(dp, 80)) == (OK, SHOT)
         assert dp.collect_garbage()[0] == 1
@@ -110,7 +112,8 @@ def test_a_failed_fill_keeps_the_record_in_force_and_retires_the_trie(
         program(datapath, 81)
     monkeypatch.undo()
     record = datapath.pod_record(LO)
-    assert record is not None and record.ingress_trie == trie
+    assert record is not None
+    assert record.ingress_trie == trie
     assert (verdict(datapath, 80), verdict(datapath, 81)) == (OK, SHOT)
     assert datapath.counts()["retired_tries"] == 1, "the spoiled trie waits for collection"
     assert datapath.collect_garbage()[0] == 1
