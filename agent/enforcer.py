@@ -167,6 +167,7 @@ class Enforcer:
         self._wake = asyncio.Event()
         self._nl: Netlink | None = None
         self._last_programmed = 0.0
+        self.pool_short = asyncio.Event()  # wakes keep_pool
         self._retired_since: float | None = None
         self._last_lifecycle = 0.0
         self.lifecycle_period = _lifecycle_period()
@@ -241,9 +242,10 @@ class Enforcer:
                 async with self.progress:
                     self.progress.notify_all()
                 pending_gc = await self._collect_garbage()
-                pool_short = await self._refill_pool()
+                if self.dp.store.pooled < POOL_SIZE:
+                    self.pool_short.set()
                 await self._lifecycle()
-                await self._wait(GC_QUIET if pending_gc or pool_short else self.lifecycle_period)
+                await self._wait(GC_QUIET if pending_gc else self.lifecycle_period)
 
     # ---- adoption and interfaces --------------------------------------------------------
     async def _adopt(self) -> None:
@@ -530,22 +532,28 @@ class Enforcer:
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
         return False
 
-    async def _refill_pool(self) -> bool:
-        """Top up the empty tries kept ready in np_rules (bpf.store), so that the next
-        change waits for no RCU grace period: only when programming has been quiet for
-        GC_QUIET. True if the pool is still short (look again after GC_QUIET)."""
-        if self.dp.store.pooled >= POOL_SIZE:
-            return False
-        if self.cache.dirty or time.monotonic() - self._last_programmed < GC_QUIET:
-            return True
-        try:
-            added = await self.worker.call(self.dp.refill_pool)
-        except (BpfError, OSError) as exc:
-            self.metrics.errors.labels("trie-pool").inc()
-            log.warning("enforcer.trie_pool_failed", error=str(exc))
-            return False  # tried again at the next lifecycle period
-        log.debug("enforcer.trie_pool_refilled", added=added)
-        return False
+    async def keep_pool(self) -> None:
+        """The "trie-pool" task: keeps the empty tries of bpf.store's pool topped up, so
+        that a change fills one instead of waiting for the outer map's RCU grace period.
+        The insert (and its grace period) runs on a thread of its own, never on the
+        datapath worker: changes keep being programmed meanwhile. Woken whenever the
+        pool is short after a reconcile."""
+        await self.started.wait()
+        while True:
+            self.pool_short.clear()
+            if self.dp.store.pooled < POOL_SIZE:
+                store = self.dp.store
+                try:
+                    ids = await self.worker.call(store.reserve_pool_ids)
+                    made = await asyncio.to_thread(store.make_pooled, ids)
+                    await self.worker.call(store.add_pooled, made)
+                except (BpfError, OSError) as exc:
+                    self.metrics.errors.labels("trie-pool").inc()
+                    log.warning("enforcer.trie_pool_failed", error=str(exc))
+                    await asyncio.sleep(self.lifecycle_period)  # e.g. np_rules full
+                    continue
+                log.debug("enforcer.trie_pool_refilled", added=len(made))
+            await self.pool_short.wait()
 
     async def _lifecycle(self) -> None:
         """Every LIFECYCLE_PERIOD: pod ids of UIDs no longer here retire, names past

@@ -275,6 +275,7 @@ class Node:
             "watch-clusterpolicyendpoints": self.watch_cluster_endpoints(),
             "fetch-policyendpoints": self.fetch_endpoints(),
             "enforcer": self.enforcer.run(),
+            "trie-pool": self.enforcer.keep_pool(),
             "loop-monitor": LoopMonitor(self.metrics.registry, "awsnodeagent").run(),
             "health": serve(
                 health_app([self.ready], [self.warnings]), settings.health_probe_bind_addr

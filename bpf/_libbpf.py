@@ -209,6 +209,7 @@ _proto(
 _proto("bpf_map_lookup_elem", c_int, c_int, c_ptr, c_ptr)
 _proto("bpf_map_update_elem", c_int, c_int, c_ptr, c_ptr, c_u64)
 _proto("bpf_map_delete_elem", c_int, c_int, c_ptr)
+_proto("bpf_map_lookup_and_delete_elem", c_int, c_int, c_ptr, c_ptr)
 _proto("bpf_map_get_next_key", c_int, c_int, c_ptr, c_ptr)
 _BATCH_ARGS = (c_int, c_ptr, c_ptr, c_ptr, c_ptr, ctypes.POINTER(c_uint))
 _proto("bpf_map_lookup_batch", c_int, *_BATCH_ARGS, ctypes.POINTER(BpfMapBatchOpts))

@@ -154,31 +154,46 @@ class RuleStore:
 
     def refill_pool(self, size: int = POOL_SIZE) -> int:
         """Top the pool up to ``size`` empty tries: one batched insert (one RCU grace
-        period). Returns how many were added."""
-        missing = size - len(self._pool)
-        if missing <= 0:
-            return 0
+        period). Returns how many were added. The agent runs the three steps apart, the
+        middle one off the datapath worker (see agent.enforcer, "trie-pool")."""
+        made = self.make_pooled(self.reserve_pool_ids(size))
+        self.add_pooled(made)
+        return len(made)
+
+    def reserve_pool_ids(self, size: int = POOL_SIZE) -> list[int]:
+        """Trie ids for the tries the pool lacks (the owner's thread)."""
+        ids = list(range(self._next_trie, self._next_trie + max(0, size - len(self._pool))))
+        self._next_trie += len(ids)
+        return ids
+
+    def make_pooled(self, ids: list[int]) -> list[tuple[int, Map]]:
+        """Create, pin and insert empty tries under ``ids``: touches only the kernel and
+        no bookkeeping, so it may run on any thread (the insert waits for an RCU grace
+        period). A trie made but never added is an unreferenced empty trie: a restart
+        takes it back (reclaim_pool)."""
         made: list[tuple[int, Map]] = []
         inserted = False
         try:
-            for _ in range(missing):
-                trie_id = self._next_trie
-                self._next_trie += 1
+            for trie_id in ids:
                 m = self._create_trie(trie_id, POOL_TRIE_ENTRIES)
                 made.append((trie_id, m))
                 m.pin(self.pins.trie(trie_id))
-            self.rules.update_batch(
-                b"".join(bytes(U32(t)) for t, _ in made),
-                b"".join(bytes(U32(m.fd)) for _, m in made),
-            )
+            if made:
+                self.rules.update_batch(
+                    b"".join(bytes(U32(t)) for t, _ in made),
+                    b"".join(bytes(U32(m.fd)) for _, m in made),
+                )
             inserted = True
         finally:
             if not inserted:
                 for trie_id, m in made:
                     m.close()
                     self._unpin_trie(trie_id)
+        return made
+
+    def add_pooled(self, made: list[tuple[int, Map]]) -> None:
+        """The tries make_pooled inserted join the pool (the owner's thread)."""
         self._pool.extend(made)
-        return len(made)
 
     @property
     def pooled(self) -> int:

@@ -11,6 +11,7 @@ from bpf.attach import attachment
 from bpf.datapath import Datapath
 from bpf.maps import Map
 from bpf.pins import TRIES_DIR
+from bpf.store import POOL_SIZE
 from common.netlink import Netlink
 from fakekube import store as fs
 from simnode.node import SimPod
@@ -322,7 +323,8 @@ async def _no_record(rig: AgentRig, ifindex: int) -> bool:
 
 async def test_replaced_rule_sets_are_freed(rig: AgentRig) -> None:
     """Every policy change retires a trie; retired tries leave np_rules and their pins
-    (once programming is quiet), and only the ones records point at remain."""
+    (once programming is quiet), and only the ones records point at remain, next to the
+    pool of empty tries kept ready."""
     server, client = await rig.add_pod("server"), await rig.add_pod("client")
     await rig.start_agent()
     await rig.ready()
@@ -356,7 +358,21 @@ async def _only_live_tries(rig: AgentRig) -> bool:
     with Map.from_pin(os.path.join(rig.pin_root, "maps", lay.MAP_RULES)) as rules:
         in_map = {int.from_bytes(k, "little") for k in rules}
     pinned = {int(n) for n in os.listdir(os.path.join(rig.pin_root, TRIES_DIR))}
-    return len(live) == 1 and in_map == live and pinned == live
+    # the rest of np_rules is the pool of empty tries kept ready (bpf.store)
+    pool = in_map - live
+    empty = all(not list(_trie(rig, t)) for t in pool)
+    return (
+        len(live) == 1
+        and live <= in_map
+        and len(pool) == POOL_SIZE
+        and empty
+        and (pinned == in_map)
+    )
+
+
+def _trie(rig: AgentRig, trie_id: int) -> list[bytes]:
+    with Map.from_pin(os.path.join(rig.pin_root, TRIES_DIR, str(trie_id))) as trie:
+        return list(trie)
 
 
 async def test_host_network_pods_are_never_enforced(rig: AgentRig) -> None:
