@@ -12,6 +12,7 @@ import contextlib
 import functools
 import ipaddress
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ from common.watching import WatchStats
 
 log = structlog.get_logger("agent.api")
 MAX_WAIT = 600.0
+# /v1/wait: how long the watches may take to reach the API server's current version while
+# the objects are read in parallel (whichever settles first decides)
+CATCH_UP = 0.5
 
 
 @dataclass
@@ -76,6 +80,8 @@ class AgentApi:
     ready: Callable[[], list[str]]
     # the PolicyEndpoints (metadata) of a namespace, from the API server (None: no API)
     list_endpoints: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
+    # the API server's current resourceVersion (None: not asked; the objects decide)
+    current_version: Callable[[], Awaitable[str]] | None = None
 
     @property
     def dp(self) -> Datapath:
@@ -361,14 +367,16 @@ class AgentApi:
         started = time.monotonic()
         deadline = started + timeout
         truth: dict[str, dict[str, int]] | None = None
+        trusted: tuple[bool, bool] = (False, False)
         read_at = -1.0
         while True:
             refs = self._wait_refs(wanted)
             if self.list_endpoints is not None and time.monotonic() - read_at >= 0.5:
                 # re-read while pending: a PolicyEndpoint created after the last read
                 # shows in the agent's view first
-                truth, read_at = await self._api_view(refs), time.monotonic()
-            pending = self._pending(refs, wanted, truth)
+                read_at = time.monotonic()
+                truth, trusted = await self._api_truth(refs)
+            pending = self._pending(refs, wanted, truth, trusted=trusted)
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 failed = {
@@ -383,6 +391,9 @@ class AgentApi:
                         failed=failed,
                         waited=round(time.monotonic() - started, 3),
                         checked_with_api=truth is not None,
+                        api_check=(
+                            "" if truth is None else "resource-version" if trusted[0] else "objects"
+                        ),
                     )
                 )
             async with self.enforcer.progress:
@@ -394,13 +405,81 @@ class AgentApi:
             return [(w.split("/", 1)[0], w.split("/", 1)[1]) for w in wanted]
         return [r for r, p in self.cache.pods.items() if not p.host_network and p.ips]
 
-    async def _api_view(self, refs: list[PodRef]) -> dict[str, dict[str, int]] | None:
+    async def _api_truth(
+        self, refs: list[PodRef]
+    ) -> tuple[dict[str, dict[str, int]] | None, tuple[bool, bool]]:
+        """What the API server holds now, to check the agent's view against: (objects
+        read, (PolicyEndpoint views current, ClusterPolicyEndpoint view current)).
+
+        Two ways, raced: the objects of the pods' namespaces are read (their metadata:
+        a namespace may hold thousands), and, in parallel, the API server's current
+        resourceVersion (one item's metadata) is compared with the versions the watches'
+        views are at. A watch at or past it has delivered every change made before this
+        call: its view is the API's, and its objects need not be read. Whichever settles
+        first decides; the ClusterPolicyEndpoints (few) are read unless their view is
+        current too."""
+        if self.current_version is None:
+            return await self._api_view(refs), (False, False)
+        full = asyncio.ensure_future(self._api_view(refs))
+        version = asyncio.ensure_future(self._views_current())
+        try:
+            await asyncio.wait({full, version}, return_when=asyncio.FIRST_COMPLETED)
+            if full.done() or not version.result()[0]:
+                return await full, (False, False)
+            full.cancel()
+            if version.result()[1]:
+                return {}, (True, True)
+            return await self._api_view(refs, namespaces=False), (True, False)
+        finally:
+            for task in (full, version):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    async def _views_current(self) -> tuple[bool, bool]:
+        """(PolicyEndpoint view, ClusterPolicyEndpoint view) at or past the API server's
+        current resourceVersion, waiting up to CATCH_UP for the PolicyEndpoints' (an
+        event in flight). Both False when it cannot be told (versions that are not
+        numbers, the API server unavailable)."""
+        assert self.current_version is not None
+        try:
+            target = int(await asyncio.wait_for(self.current_version(), 5))
+        except (KubeError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("wait.version_unknown", error=str(exc)[:200])
+            return False, False
+        deadline = time.monotonic() + CATCH_UP
+        while True:
+            namespaces = self._view_at("policyendpoints") >= target
+            cluster = self._view_at("clusterpolicyendpoints") >= target
+            if namespaces or time.monotonic() >= deadline:
+                return namespaces, cluster
+            await asyncio.sleep(0.005)
+
+    def _view_at(self, watch: str) -> int:
+        """The resourceVersion a watch's view is at (-1: unknown; a resource the API
+        server does not serve has nothing to deliver)."""
+        st = self.watches.get(watch)
+        if st is None:
+            return -1
+        if not st.served:
+            return sys.maxsize
+        try:
+            return int(st.resource_version)
+        except ValueError:
+            return -1
+
+    async def _api_view(
+        self, refs: list[PodRef], *, namespaces: bool = True
+    ) -> dict[str, dict[str, int]] | None:
         """namespace -> {PolicyEndpoint name: generation} as the API server has them now
-        (metadata only: cheap whatever the objects' size); None if it cannot be asked."""
+        (metadata only: cheap whatever the objects' size); None if it cannot be asked.
+        ``namespaces`` False: the ClusterPolicyEndpoints alone."""
         assert self.list_endpoints is not None
         out: dict[str, dict[str, int]] = {}
         # "": the ClusterPolicyEndpoints (cluster-scoped: any of them may select a pod)
-        for ns in ["", *sorted({r[0] for r in refs})] if refs else []:
+        scopes = ["", *sorted({r[0] for r in refs})] if namespaces else [""]
+        for ns in scopes if refs else []:
             try:
                 items = await self.list_endpoints(ns)
             except (KubeError, OSError, TimeoutError) as exc:
@@ -415,13 +494,20 @@ class AgentApi:
         return out
 
     def _pending(
-        self, refs: list[PodRef], wanted: list[str], truth: dict[str, dict[str, int]] | None
+        self,
+        refs: list[PodRef],
+        wanted: list[str],
+        truth: dict[str, dict[str, int]] | None,
+        *,
+        trusted: tuple[bool, bool] = (False, False),
     ) -> list[str]:
         """Pods whose current PolicyEndpoints are not all in force. With the API's view
         of the pod's namespace (every PolicyEndpoint selecting a pod lives there) and of
         the ClusterPolicyEndpoints: the watch must have delivered the current generation
         of each of them (so the agent knows which select the pod), none the agent holds
-        for the pod may be gone, and none may have been rejected."""
+        for the pod may be gone, and none may have been rejected. A scope ``trusted``
+        (namespaces, cluster) is one whose watch had delivered up to the API server's
+        current version (see _api_truth): the agent's view of it is the API's."""
         if not self.enforcer.synced.is_set():
             return wanted or ["(initial sync)"]
         seen = self.cache.generations
@@ -432,6 +518,8 @@ class AgentApi:
                 held = self.cache.endpoints_for(ref)
                 done = not any(e.key in self.cache.rejected for e in held)
                 for ns in (ref[0], ""):  # its namespace's objects, and the cluster's
+                    if trusted[0 if ns else 1]:
+                        continue
                     current = truth.get(ns, {})
                     done = (
                         done

@@ -250,6 +250,10 @@ class Node:
             raise
         return items
 
+    async def endpoints_version(self) -> str:
+        """The API server's current resourceVersion (see KubeClient.collection_version)."""
+        return await self.kube.collection_version(POLICY_ENDPOINTS)
+
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         settings = self.settings
         api = AgentApi(
@@ -261,6 +265,7 @@ class Node:
             watches=self.watches,
             ready=self.ready,
             list_endpoints=self.list_endpoints,
+            current_version=self.endpoints_version,
         )
         others = [
             socket_path(settings.runtime_dir, CONNTRACK_SOCKET),

@@ -187,3 +187,6 @@ class WaitResult(_Model):
     failed: dict[str, str] = {}  # of those, the ones whose programming failed, and why
     waited: float  # seconds
     checked_with_api: bool = False  # compared with the API server's current objects
+    # how: "objects" (the namespaces' PolicyEndpoints read), "resource-version" (the
+    # watches had delivered up to the API server's current version), "" (not checked)
+    api_check: str = ""

@@ -306,6 +306,15 @@ class KubeClient:
         data = await self._json("GET", resource.path(namespace), accept=METADATA_ONLY)
         return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
 
+    async def collection_version(self, resource: Resource) -> str:
+        """The API server's current resourceVersion, from a list of at most one item's
+        metadata (cheap whatever the collection's size): a watch whose view has reached
+        it has delivered every change made before the call."""
+        data = await self._json(
+            "GET", resource.path(None), query={"limit": "1"}, accept=METADATA_ONLY
+        )
+        return str(data["metadata"]["resourceVersion"])
+
     async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:
         return await self._json("GET", resource.path(namespace, name))
 

@@ -94,6 +94,10 @@ class WatchStats:
     last_error: str = ""
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     progress_at: float = field(default_factory=time.monotonic)  # list, event, clean end
+    # the resourceVersion the consumer's view is at (list, events, bookmarks); "" while
+    # unknown (before the first list, after a relist began)
+    resource_version: str = ""
+    served: bool = True  # False: an optional resource the API server does not serve
     failing_since: float | None = None  # first failure since the last progress
 
     def progressed(self) -> None:
@@ -186,6 +190,7 @@ class _Loop:
             resource_version=self.rv,
         )
         self.rv = None
+        self.stats.resource_version = ""
 
     async def run(self) -> None:
         what = self.resource.plural
@@ -198,6 +203,7 @@ class _Loop:
                 self.stats.gone += 1
                 log.info("watch.gone", resource=what, resource_version=self.rv)
                 self.rv = None
+                self.stats.resource_version = ""
             except KubeError as exc:
                 if self.optional and exc.status == 404 and self.rv is None:
                     await self.not_served()
@@ -228,6 +234,7 @@ class _Loop:
             )
             self.consumer.begin()
             self.consumer.end()
+        self.stats.served = False
         self.stats.synced.set()
         self.stats.progressed()
         await asyncio.sleep(self.settings.backoff_max)
@@ -244,6 +251,8 @@ class _Loop:
         )
         self.stats.lists += 1
         self.absent = False
+        self.stats.served = True
+        self.stats.resource_version = self.rv
         self.stats.synced.set()
         self.stats.progressed()
         self.failures_at = (None, 0)
@@ -268,6 +277,7 @@ class _Loop:
                     return
                 continue
             self.rv = _version(ev.object) or self.rv
+            self.stats.resource_version = self.rv
             self.backoff = settings.backoff_initial
             self.stats.progressed()
             if ev.type != "BOOKMARK":

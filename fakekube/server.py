@@ -56,6 +56,9 @@ class FakeKube:
         self.store = Store(history_limit=history_limit)
         self.bookmark_interval = bookmark_interval
         self.requests: Counter[str] = Counter()  # "list pods", "watch policyendpoints", ...
+        # tests: seconds each watch event of a resource (by plural) is held before it is
+        # sent (a watch that lags behind the store)
+        self.watch_delay: dict[str, float] = {}
         self._watch_tasks: set[asyncio.Task[Any]] = set()
         self._cut_at: dict[str, Callable[[Obj], bool]] = {}
         self._runner: web.AppRunner | None = None
@@ -367,7 +370,7 @@ class FakeKube:
         for item in backlog:
             if await self._maybe_cut(request, resp, r.plural, item):
                 return
-            await _send(resp, item)
+            await self._send_event(resp, r, item)
         while True:
             wait = self.bookmark_interval if bookmarks else 3600.0
             if deadline is not None:
@@ -387,7 +390,13 @@ class FakeKube:
                 continue
             if await self._maybe_cut(request, resp, r.plural, item):
                 return
-            await _send(resp, item)
+            await self._send_event(resp, r, item)
+
+    async def _send_event(self, resp: web.StreamResponse, r: Resource, item: Obj) -> None:
+        delay = self.watch_delay.get(r.plural, 0.0)
+        if delay and item.get("type") != "BOOKMARK":
+            await asyncio.sleep(delay)
+        await _send(resp, item)
 
     async def _maybe_cut(
         self, request: web.Request, resp: web.StreamResponse, plural: str, item: Obj

@@ -182,6 +182,41 @@ def _raw(rig: AgentRig, method: str, path: str, body: str | None = None) -> int:
         conn.close()
 
 
+async def test_wait_trusts_a_current_view_and_reads_a_stale_one(
+    running: tuple[AgentRig, SimPod, SimPod, SimPod, LocalClient],
+) -> None:
+    """/v1/wait asks the API server for its current resourceVersion: a view the watch
+    has brought up to it is the API's, so the namespace's PolicyEndpoints need not be
+    read; a view behind it (an event still in flight) is checked against the objects,
+    and the change is waited for."""
+    rig, server, c1, c2, client = running
+    params = [("pod", "default/server"), ("timeout", "10")]
+    rig.apply(
+        rig.policy_endpoint("web-a1b2c", policy="web", targets=[server], ingress=allow_from(c1))
+    )
+    res = await client.get("/v1/wait", WaitResult, params=params, timeout=15)
+    assert res.programmed
+    assert res.checked_with_api
+    assert res.api_check == "resource-version"
+
+    rig.api.watch_delay["policyendpoints"] = 1.5  # the change's event is in flight
+    try:
+        rig.apply(
+            rig.policy_endpoint("web-a1b2c", policy="web", targets=[server], ingress=allow_from(c2))
+        )
+        res = await client.get("/v1/wait", WaitResult, params=params, timeout=15)
+    finally:
+        rig.api.watch_delay.clear()
+    assert res.programmed
+    # the first check read the objects (the watch was behind), saw a generation the
+    # agent had not, and so waited for it; trusting the stale view would answer at once
+    assert res.waited >= 1.0, "answered before the change arrived"
+    assert await rig.matrix([(c1, server, 80, "TCP", 4), (c2, server, 80, "TCP", 4)]) == [
+        False,
+        True,
+    ]
+
+
 async def test_wait_blocks_until_a_change_is_programmed(
     running: tuple[AgentRig, SimPod, SimPod, SimPod, LocalClient],
 ) -> None:
