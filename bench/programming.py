@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,8 @@ class Bench:
         self.n_pods, self.n_cidrs, self.samples, self.window = pods, cidrs, samples, window
         self.pods: list[SimPod] = []
         self.figures: dict[str, Any] = {"pods": pods, "cidrs_per_pod": cidrs}
+        # how each /v1/wait answer was checked with the API server (WaitResult.api_check)
+        self.wait_checks: Counter[str] = Counter()
 
     # ---- setup ------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -262,6 +265,7 @@ class Bench:
                 params=[("pod", "bench/single"), ("timeout", "10")],
                 timeout=20,
             )
+            self.wait_checks[res.api_check or "none"] += 1
             if res.programmed:
                 to_wait.append((time.monotonic() - started) * 1000)
                 view = await self.stack.agent.get("/v1/pods/bench/single", PodView)
@@ -334,6 +338,7 @@ class Bench:
             "networkpolicy_to_policyendpoint": _summary(to_pe),
             "networkpolicy_to_programmed": _summary(to_programmed),
         }
+        self.figures["wait_checks"] = dict(self.wait_checks)
         self.figures["footprint"] = {
             "idle": {n: vars(u) for n, u in idle.items()},
             "under_changes": {n: vars(u) for n, u in busy.items()},
