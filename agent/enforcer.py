@@ -43,6 +43,7 @@ from common import memory
 from common.netlink import NetEvent, Netlink, NetlinkOpError
 
 log = structlog.get_logger("agent.enforcer")
+READ_BATCH = 16  # adopted tries read per step (see Enforcer.keep_tries)
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
 # Retired tries are collected once programming has been quiet for GC_QUIET seconds, or
@@ -463,7 +464,13 @@ class Enforcer:
         elapsed_ms = (time.monotonic() - started) * 1000
         for plan, out in zip(plans, results, strict=True):
             await self._record(plan, out, elapsed_ms)
-        log.info("enforcer.programmed", pods=len(plans), ms=round(elapsed_ms, 2))
+        log.info(
+            "enforcer.programmed",
+            pods=len(plans),
+            # records in force confirmed by their inputs digest, not compiled again
+            confirmed=sum(1 for out in results if out.confirmed),
+            ms=round(elapsed_ms, 2),
+        )
 
     async def _record(self, plan: Plan, out: Outcome, elapsed_ms: float) -> None:
         """What one pod's programming did, in its status and the metrics."""
@@ -532,17 +539,23 @@ class Enforcer:
         log.debug("enforcer.garbage_collected", tries=tries, portsets=portsets)
         return False
 
-    async def keep_pool(self) -> None:
-        """The "trie-pool" task: keeps the empty tries of bpf.store's pool topped up, so
-        that a change fills one instead of waiting for the outer map's RCU grace period.
-        The insert (and its grace period) runs on a thread of its own, never on the
-        datapath worker: changes keep being programmed meanwhile. Woken whenever the
-        pool is short after a reconcile."""
+    async def keep_tries(self) -> None:
+        """The "tries" task. First the tries adopted at start are read (what they
+        reference: bpf.store.RuleStore.adopt), READ_BATCH at a time on a thread of their
+        own, so that pods are programmed meanwhile. Then the empty tries of the store's
+        pool are kept topped up, so that a change fills one instead of waiting for the
+        outer map's RCU grace period: the insert (and its grace period) runs on a thread
+        too, never on the datapath worker. Woken whenever the pool is short after a
+        reconcile."""
         await self.started.wait()
+        store = self.dp.store
+        while store.unread:
+            ids = await self.worker.call(store.unread_ids, READ_BATCH)
+            read = await asyncio.to_thread(store.read_tries, ids)
+            await self.worker.call(store.apply_read, read)
         while True:
             self.pool_short.clear()
-            if self.dp.store.pooled < POOL_SIZE:
-                store = self.dp.store
+            if store.pooled < POOL_SIZE:
                 try:
                     ids = await self.worker.call(store.reserve_pool_ids)
                     made = await asyncio.to_thread(store.make_pooled, ids)

@@ -62,7 +62,11 @@ log = structlog.get_logger("agent")
 
 def open_datapath(settings: Settings) -> Datapath:
     try:
-        return Datapath.open(settings.bpf_pin_root, ct_entries=settings.conntrack_cache_table_size)
+        return Datapath.open(
+            settings.bpf_pin_root,
+            ct_entries=settings.conntrack_cache_table_size,
+            read_tries=False,  # read by the enforcer's "tries" task, while it programs
+        )
     except PinnedSizeError as exc:
         raise FlagError(
             f"invalid --conntrack-cache-table-size={settings.conntrack_cache_table_size}: {exc}"
@@ -280,7 +284,7 @@ class Node:
             "watch-clusterpolicyendpoints": self.watch_cluster_endpoints(),
             "fetch-policyendpoints": self.fetch_endpoints(),
             "enforcer": self.enforcer.run(),
-            "trie-pool": self.enforcer.keep_pool(),
+            "tries": self.enforcer.keep_tries(),
             "loop-monitor": LoopMonitor(self.metrics.registry, "awsnodeagent").run(),
             "health": serve(
                 health_app([self.ready], [self.warnings]), settings.health_probe_bind_addr

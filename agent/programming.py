@@ -8,9 +8,13 @@ on the event loop, and nothing in agent.enforcer touches the maps directly.
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import structlog
 
@@ -28,6 +32,52 @@ _CompileKey = tuple[tuple["Endpoints", ...], bool]  # (objects, strict)
 _Compiled = tuple[DirectionPolicy, DirectionPolicy, str, EgressInputs]
 # trie entries compiled before a batch of pods is switched (bounds the peak memory)
 PROGRAM_BATCH_ENTRIES = 32768
+# the code a pod's record is compiled by: a change of any (an upgrade) makes every
+# record's inputs digest differ, so a restarted agent compiles every pod again
+_COMPILER = (
+    "agent/desired.py",
+    "agent/domains.py",
+    "agent/endpoints.py",
+    "agent/programming.py",
+    "bpf/codec.py",
+    "bpf/datapath.py",
+    "bpf/ruleset.py",
+    "bpf/store.py",
+    "bpf/tiers.py",
+    "common/clusterpolicyendpoint.py",
+    "common/policyendpoint.py",
+)
+
+
+@functools.cache
+def compiler_digest() -> bytes:
+    """BLAKE2b of the compiler's sources and the datapath object (read once, on the
+    worker thread that compiles)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.blake2b(digest_size=32)
+    for name in _COMPILER:
+        h.update(name.encode())
+        h.update((root / name).read_bytes())
+    h.update(resources.files("bpf").joinpath(lay.OBJECT_FILE).read_bytes())
+    return h.digest()
+
+
+def inputs_digest(
+    endpoints: Iterable[Endpoints], *, strict: bool, policy_id: Callable[[PodRef], int]
+) -> bytes:
+    """What a pod's record is built from, hashed: each PolicyEndpoint's identity (uid)
+    and spec generation, the id of its policy, the pod's mode and the compiler itself.
+    Equal digests compile to equal records. b"" for a pod with domain-name rules (what
+    it learns is kept beside the record and needs the compiled inputs)."""
+    h = hashlib.blake2b(compiler_digest(), digest_size=lay.NP_INPUTS_DIGEST_LEN)
+    h.update(b"strict" if strict else b"standard")
+    for e in sorted(endpoints, key=lambda e: (e.namespace, e.name)):
+        if e.domains or (e.cluster is not None and e.cluster.domains):
+            return b""
+        h.update(
+            f"\0{e.namespace}\0{e.name}\0{e.uid}\0{e.generation}\0{policy_id(e.policy)}".encode()
+        )
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -42,6 +92,7 @@ class Outcome:
     reason: str = ""
     written: bool = True
     domains: bool = False  # its egress has domain rules (its DNS is steered to the proxy)
+    confirmed: bool = False  # the record in force was built from the same inputs: kept
 
 
 @dataclass(frozen=True)
@@ -105,6 +156,11 @@ class Programmer:
             key = (plan.endpoints, plan.strict)
             try:
                 pod_id = dp.register_pod(namespace=plan.ref[0], name=plan.ref[1], uid=plan.uid)
+                digest = inputs_digest(plan.endpoints, strict=plan.strict, policy_id=policy_id)
+                confirmed = self._confirmed(plan, pod_id, digest)
+                if confirmed is not None:
+                    out[i] = confirmed
+                    continue
                 if key not in compiled:
                     compiled[key] = self.compile(plan.endpoints, policy_id, strict=plan.strict)
             except TableFullError as exc:
@@ -125,7 +181,13 @@ class Programmer:
                     enforcing="the rules that fit (fewer allowed ports)",
                 )
             for ifindex in plan.ifindexes:
-                pods[ifindex] = PodPolicy(pod_id, ingress, egress, learned=inputs.has_domains)
+                pods[ifindex] = PodPolicy(
+                    pod_id,
+                    ingress,
+                    egress,
+                    learned=inputs.has_domains,
+                    inputs=b"" if limit else digest,  # a cut record: compiled every time
+                )
                 owner[ifindex] = i
                 self.inputs[ifindex] = inputs
             pending_entries += sum(
@@ -143,6 +205,27 @@ class Programmer:
             self._switch(pods, owner, out)
         self._relearn({i for plan in plans for i in plan.ifindexes})
         return [out[i] for i in range(len(plans))]
+
+    def _confirmed(self, plan: Plan, pod_id: int, digest: bytes) -> Outcome | None:
+        """The record in force, if every interface of the pod has one built from inputs
+        with ``digest`` for this pod id (a restart, or a change that changed nothing for
+        it): its outcome, without compiling. None: compile."""
+        if not digest or not plan.ifindexes:
+            return None
+        record = None
+        for ifindex in plan.ifindexes:
+            if self.dp.inputs_of(ifindex) != digest:
+                return None
+            record = self.dp.pod_record(ifindex)
+            if record is None or record.pod_id != pod_id:
+                return None
+        assert record is not None
+        return Outcome(
+            pod_id,
+            lay.STATE_NAMES[record.ingress_state],
+            lay.STATE_NAMES[record.egress_state],
+            confirmed=True,
+        )
 
     def _switch(
         self, pods: dict[int, PodPolicy], owner: dict[int, int], out: dict[int, Outcome]

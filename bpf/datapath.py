@@ -60,6 +60,8 @@ class PodPolicy:
     ingress: DirectionPolicy
     egress: DirectionPolicy
     learned: bool = False  # egress has domain-name rules: consult np_learned
+    # digest of what the policy was built from (np_pod_inputs); b"": none kept
+    inputs: bytes = b""
 
 
 @dataclass
@@ -104,6 +106,11 @@ class Datapath:
         self.learned: TypedMap[lay.NpLearnedKey, lay.NpLearnedValue] = TypedMap(
             m[lay.MAP_LEARNED], lay.NpLearnedKey, lay.NpLearnedValue
         )
+        self.pod_inputs: TypedMap[ctypes.c_uint32, lay.NpPodInputs] = TypedMap(
+            m[lay.MAP_POD_INPUTS], U32, lay.NpPodInputs
+        )
+        # ifindex -> the digest np_pod_inputs holds for its record (non-zero ones only)
+        self._inputs: dict[int, bytes] = {}
         # what each learned entry holds (its port set, if not inline), to release it
         self._learned: dict[tuple[int, lay.Address], Portset] = {}
         self.ingress_prog: Program = obj.programs[lay.PROG_INGRESS]
@@ -125,9 +132,14 @@ class Datapath:
         ct_entries: int | None = None,
         events_bytes: int | None = None,
         path: str | None = None,
+        read_tries: bool = True,
     ) -> Datapath:
         """Load the object, reusing maps pinned under ``pin_root`` (creating them on first
         use), pin the programs, and adopt whatever state the pinned maps hold.
+
+        ``read_tries`` False: the adopted tries' references are left to be read later
+        (bpf.store.RuleStore.adopt; the agent reads them on a thread of its own while
+        it programs), instead of before this returns.
 
         Sizes left as None take the pinned map's size (or the default on first use); a
         size that differs from a pinned map's is refused: resizing means recreating the
@@ -137,7 +149,7 @@ class Datapath:
         )
         try:
             dp = cls(obj, pin_root)
-            dp._adopt()
+            dp._adopt(read_tries=read_tries)
         except BaseException:
             obj.close()
             raise
@@ -159,8 +171,13 @@ class Datapath:
         unpin(pin_root)
 
     # ---- adoption -------------------------------------------------------------------
-    def _adopt(self) -> None:
+    def _adopt(self, *, read_tries: bool) -> None:
         next_policy = self.store.adopt()
+        read = self.store.read_tries(self.store.unread_ids(self.store.unread)) if read_tries else {}
+        # ids carried inline by the tries stay unique even if their names were lost (read
+        # later, only those whose names survive are known: np_policies is pinned)
+        inline = (pid for _, _, policies in read.values() for pid in policies)
+        next_policy = max(next_policy, max(inline, default=0) + 1)
         for key, pod in self.pods.items():
             self._set_record(key.value, _Record(pod.pod_id, pod.ingress_trie, pod.egress_trie))
         self.names.adopt(
@@ -168,7 +185,9 @@ class Datapath:
             floor_policy=next_policy,
         )
         self.store.reference_adopted_policies()
+        self.store.apply_read(read)
         self.store.reclaim_pool()
+        self._adopt_inputs()
         self._adopt_learned()
         self.names.retire_unreferenced_policies()
         log.info(
@@ -178,6 +197,22 @@ class Datapath:
             tries=len(self.store.tries),
             portsets=self.store.sizes()[2],
         )
+
+    def _adopt_inputs(self) -> None:
+        """The digests of the records' inputs; entries of interfaces without a record
+        are removed."""
+        zero = bytes(lay.NP_INPUTS_DIGEST_LEN)
+        for key, value in self.pod_inputs.items():
+            digest = bytes(value.digest)
+            if key.value not in self._records:
+                self.pod_inputs.delete(key)
+            elif digest != zero:
+                self._inputs[key.value] = digest
+
+    def inputs_of(self, ifindex: int) -> bytes:
+        """The digest of the inputs the record of ``ifindex`` was built from (b"":
+        unknown), as np_pod_inputs holds it."""
+        return self._inputs.get(ifindex, b"")
 
     def _adopt_learned(self) -> None:
         """What pods learned before a restart stays in force until it expires: its
@@ -219,7 +254,10 @@ class Datapath:
         return self.names.retire_pods_except(live_uids)
 
     def free_ids(self) -> tuple[int, int]:
-        """Delete the names whose grace period is over; (pods, policies) freed."""
+        """Delete the names whose grace period is over; (pods, policies) freed. Not
+        while adopted tries are unread: the policies they carry are not counted yet."""
+        if self.store.unread:
+            return 0, 0
         return self.names.sweep(pods_in_records={r.pod_id for r in self._records.values()})
 
     # ---- programming ----------------------------------------------------------------
@@ -244,10 +282,24 @@ class Datapath:
                 egress_state=pod.egress.state,
                 flags=lay.NP_POD_F_LEARNED if pod.learned else 0,
             )
+        # the digests of the records about to change are void first: a crash between
+        # the two writes leaves no digest that a restart could trust
+        void = [i for i in records if i in self._inputs]
+        if void:
+            zero = lay.NpPodInputs()
+            self.pod_inputs.update_many((U32(i), zero) for i in void)
+            for i in void:
+                del self._inputs[i]
         # a batch of single-element writes: each pod switches atomically
         self.pods.update_many((U32(i), rec) for i, rec in records.items())
         for ifindex, rec in records.items():
             self._set_record(ifindex, _Record(rec.pod_id, rec.ingress_trie, rec.egress_trie))
+        kept = {i: p.inputs for i, p in pods.items() if p.inputs}
+        if kept:
+            self.pod_inputs.update_many(
+                (U32(i), lay.NpPodInputs.from_buffer_copy(d)) for i, d in kept.items()
+            )
+            self._inputs.update(kept)
 
     # ---- learned addresses (domain names) --------------------------------------------
     def learn(self, ifindex: int, address: lay.Address, decision: Portset, expires_ns: int) -> None:
@@ -308,6 +360,8 @@ class Datapath:
         """Forget pods' records (their packets then pass as unknown until detached),
         and what they learned."""
         for ifindex in ifindexes:
+            if self._inputs.pop(ifindex, None) is not None:
+                self.pod_inputs.delete(U32(ifindex))
             self.pods.delete(U32(ifindex))
             self._set_record(ifindex, None)
             for address in list(self.learned_for(ifindex)):

@@ -33,6 +33,7 @@ NP_EVENTS_DEFAULT_BYTES = 4 * 1024 * 1024
 NP_FRAG_ENTRIES = 8192
 NP_HOST_ADDRS = 64
 NP_MAX_LEARNED = 65536
+NP_INPUTS_DIGEST_LEN = 32
 
 # ---- enumerations ---------------------------------------------------------------------
 NP_STATE_POLICIES_APPLIED = 0
@@ -295,6 +296,11 @@ class NpLearnedValue(Struct):
     _fields_ = [("expires_ns", u64), ("decision", u32), ("pad", u32)]
 
 
+class NpPodInputs(Struct):
+    _c_name = "np_pod_inputs"
+    _fields_ = [("digest", u8 * NP_INPUTS_DIGEST_LEN)]
+
+
 class NpAddr(Struct):
     _c_name = "np_addr"
     _fields_ = [("addr", u8 * 16), ("family", u8), ("pad", u8 * 3)]
@@ -379,6 +385,7 @@ MIRRORS: tuple[type[Struct], ...] = (
     NpFragValue,
     NpLearnedKey,
     NpLearnedValue,
+    NpPodInputs,
     NpAddr,
     NpConfig,
     NpStats,
@@ -403,3 +410,4 @@ MAP_EVENTS = "np_events"
 MAP_POD_META = "np_pod_meta"
 MAP_POLICIES = "np_policies"
 MAP_LEARNED = "np_learned"
+MAP_POD_INPUTS = "np_pod_inputs"

@@ -237,6 +237,18 @@ struct np_learned_value {
 };
 _Static_assert(sizeof(struct np_learned_value) == 16, "np_learned_value size");
 
+/* np_pod_inputs: host veth ifindex -> digest of the inputs the pod's record was built
+ * from (its PolicyEndpoints' identities and generations, its mode, the policy ids, the
+ * compiler's own code). User space only: no program reads it. A restarted agent whose
+ * inputs for the pod hash the same confirms the record in force without compiling it
+ * again. All zero: unknown (written before a record changes, so a crash in between
+ * leaves no stale digest). */
+#define NP_INPUTS_DIGEST_LEN 32
+struct np_pod_inputs {
+	__u8 digest[NP_INPUTS_DIGEST_LEN];
+};
+_Static_assert(sizeof(struct np_pod_inputs) == 32, "np_pod_inputs size");
+
 /* np_host_addrs: node addresses; traffic between a pod and its node always passes. */
 struct np_addr {
 	__u8 addr[16];

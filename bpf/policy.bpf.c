@@ -157,6 +157,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_policies SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_PODS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct np_pod_inputs);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_pod_inputs SEC(".maps");
+
 struct np_decision {
 	__u32 policy_id;
 	__u8 verdict;

@@ -96,11 +96,20 @@ class RuleStore:
         self._next_portset = 1
         # empty tries already in np_rules, unreferenced, ready to be filled (id, map)
         self._pool: list[tuple[int, Map]] = []
+        # adopted tries whose references are not read yet (see adopt)
+        self._unread: set[int] = set()
 
     # ---- adoption -------------------------------------------------------------------
     def adopt(self) -> int:
-        """Read the pinned tries and port sets; returns the lowest policy id never used
-        by them (ids stay unique even if their names were lost)."""
+        """Take over the pinned tries and port sets; returns the lowest policy id never
+        used by the port sets (ids stay unique even if their names were lost).
+
+        Tries are not read here (a node's tries hold hundreds of thousands of entries:
+        seconds of reading): each is known by its id, and an empty one as such (one key
+        read). What the others reference (their port sets, their inline policies, their
+        content digest) is read after adoption (:meth:`read_tries`, off the worker
+        thread, then :meth:`apply_read`); until every trie is read, no port set is
+        collected and pods needing equal rules build a trie of their own."""
         next_policy = 1
         for key, ps in self.portsets.items():
             portset = portset_from_map(ps)
@@ -111,20 +120,22 @@ class RuleStore:
         live: set[int] = set()
         for raw_key in list(self.rules):
             trie_id = int.from_bytes(raw_key, "little")
-            read = self._read_trie(trie_id)
-            if read is None:
-                continue
-            entries, ids, inline = read
-            live.add(trie_id)
             if not os.path.exists(self.pins.trie(trie_id)):
                 self._pin_trie(trie_id)  # state from before tries were pinned
-            trie = Trie(trie_id, entries.digest(), frozenset(ids), policies=frozenset(inline))
-            next_policy = max(next_policy, max(trie.policies, default=0) + 1)
+            try:
+                inner = Map.from_pin(self.pins.trie(trie_id))
+            except BpfError:
+                continue  # gone meanwhile
+            with inner:
+                empty = next(iter(inner), None) is None
+            live.add(trie_id)
+            if empty:
+                trie = Trie(trie_id, _EMPTY_DIGEST, frozenset())
+                self._trie_by_key.setdefault(trie.digest, trie_id)
+            else:
+                trie = Trie(trie_id, b"unread:%d" % trie_id, frozenset())
+                self._unread.add(trie_id)
             self.tries[trie_id] = trie
-            # equal contents twice: pooled empty tries (see reclaim_pool)
-            self._trie_by_key.setdefault(trie.digest, trie_id)
-            for ps_id in trie.portsets:
-                self._portset_ref(ps_id).refs += 1
             self._next_trie = max(self._next_trie, trie_id + 1)
         for name in os.listdir(self.pins.tries):
             if not name.isdigit() or int(name) not in live:
@@ -132,6 +143,48 @@ class RuleStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.pins.tries, name))
         return next_policy
+
+    @property
+    def unread(self) -> int:
+        """Adopted tries whose references are not read yet (see adopt)."""
+        return len(self._unread)
+
+    def unread_ids(self, limit: int) -> list[int]:
+        return sorted(self._unread)[:limit]
+
+    def read_tries(self, ids: Iterable[int]) -> dict[int, tuple[bytes, set[int], set[int]]]:
+        """(digest, port-set ids, inline policy ids) of each trie, read from the kernel
+        only: no bookkeeping is touched, so any thread may call it. A trie gone
+        meanwhile (collected) is left out."""
+        out: dict[int, tuple[bytes, set[int], set[int]]] = {}
+        for trie_id in ids:
+            try:
+                read = self._read_trie(trie_id)
+            except BpfError:
+                continue
+            if read is not None:
+                entries, portsets, inline = read
+                out[trie_id] = (entries.digest(), portsets, inline)
+        return out
+
+    def apply_read(self, read: Mapping[int, tuple[bytes, set[int], set[int]]]) -> None:
+        """What read_tries found becomes the tries' bookkeeping (the owner's thread)."""
+        for trie_id, (digest, portsets, inline) in read.items():
+            trie = self.tries.get(trie_id)
+            if trie is None or trie_id not in self._unread:
+                continue
+            self._unread.discard(trie_id)
+            trie.digest, trie.portsets, trie.policies = (
+                digest,
+                frozenset(portsets),
+                frozenset(inline),
+            )
+            self._trie_by_key.setdefault(digest, trie_id)
+            for ps_id in portsets:
+                self._portset_ref(ps_id).refs += 1
+            self.names.reference_policies(inline, +1)
+        # ids asked for but gone (collected meanwhile) are read no more
+        self._unread &= set(self.tries)
 
     def reclaim_pool(self) -> int:
         """After adoption, once the records' references are counted: the unreferenced
@@ -389,9 +442,12 @@ class RuleStore:
                 del self.tries[t.id]
                 if self._trie_by_key.get(t.digest) == t.id:
                     del self._trie_by_key[t.digest]
+                self._unread.discard(t.id)  # an unread trie referenced nothing yet
                 for ps_id in t.portsets:
                     self._portset_ref(ps_id).refs -= 1
                 self.names.reference_policies(t.policies, -1)
+        if self._unread:
+            return len(retired), 0  # port sets' references are not all known yet
         unused = [(ps, ref) for ps, ref in self._portsets.items() if ref.refs <= 0]
         if unused:
             self.portsets.raw.delete_batch(b"".join(bytes(U32(ref.id)) for _, ref in unused))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 from bpf import layout as lay
 from bpf.attach import attachment
@@ -234,6 +235,40 @@ async def test_enforcement_never_lapses_across_restarts_and_kill9(rig: AgentRig)
         rig.policy_endpoint("web-00001", policy="web", targets=[server], ingress=allow_from(bad))
     )
     await rig.converge([(good, server, 80, "TCP", 4), (bad, server, 80, "TCP", 4)], [False, True])
+
+
+def programmed_lines(rig: AgentRig) -> list[dict[str, Any]]:
+    return [ln for ln in rig.log_lines() if ln.get("event") == "enforcer.programmed"]
+
+
+async def test_a_restart_confirms_unchanged_records_and_compiles_changed_ones(
+    rig: AgentRig,
+) -> None:
+    """Each record carries the digest of its inputs (np_pod_inputs): a restarted agent
+    confirms the records whose PolicyEndpoints did not change without compiling them,
+    and compiles the pod whose PolicyEndpoint changed while it was down."""
+    web, db = await rig.add_pod("web"), await rig.add_pod("db")
+    good, bad = await rig.add_pod("good"), await rig.add_pod("bad")
+    await rig.start_agent()
+    await rig.ready()
+    rig.apply(
+        rig.policy_endpoint("web-0000a", policy="web", targets=[web], ingress=allow_from(good))
+    )
+    rig.apply(rig.policy_endpoint("db-0000b", policy="db", targets=[db], ingress=allow_from(good)))
+    flows = [(good, web, 80, "TCP", 4), (bad, web, 80, "TCP", 4), (good, db, 80, "TCP", 4)]
+    flows.append((bad, db, 80, "TCP", 4))
+    await rig.converge(flows, [True, False, True, False])
+    assert await rig.stop_agent(signal.SIGTERM) == 0
+    # while the agent is down, db's policy changes; web's does not
+    rig.apply(rig.policy_endpoint("db-0000b", policy="db", targets=[db], ingress=allow_from(bad)))
+    seen = len(programmed_lines(rig))
+    await rig.start_agent()
+    await rig.ready()
+    await rig.converge(flows, [True, False, False, True])
+    first = programmed_lines(rig)[seen]
+    # the four pods of the first reconcile: web, good and bad confirmed, db compiled
+    assert first["pods"] == 4, first
+    assert first["confirmed"] == 3, first
 
 
 async def test_lost_pins_are_recovered_from_the_attached_programs(rig: AgentRig) -> None:

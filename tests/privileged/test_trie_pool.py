@@ -119,3 +119,31 @@ def test_a_failed_fill_keeps_the_record_in_force_and_retires_the_trie(
     assert datapath.collect_garbage()[0] == 1
     assert program(datapath, 81) != trie
     assert (verdict(datapath, 80), verdict(datapath, 81)) == (SHOT, OK)
+
+
+def test_tries_adopted_unread_are_read_later_and_nothing_is_freed_before(pin_root: str) -> None:
+    """The agent adopts tries without reading them (a node's hold hundreds of thousands
+    of entries) and reads what they reference afterwards: until then no port set is
+    collected and no name freed; after, equal rules share the adopted trie again."""
+    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 20)
+    try:
+        kept = program(dp, 80)
+        dp.program_pods({2: PodPolicy(8, ingress(443), ALLOW_ALL)})  # a second pod
+        dp.collect_garbage()
+    finally:
+        dp.close()
+    dp = Datapath.open(pin_root, read_tries=False)
+    try:
+        assert dp.store.unread == 2
+        assert (verdict(dp, 80), verdict(dp, 81)) == (OK, SHOT), "enforcing, unread"
+        dp.remove_pods([2])  # its trie and port set are now unused
+        assert dp.collect_garbage() == (1, 0), "the trie goes, its port set waits"
+        assert dp.free_ids() == (0, 0)
+        read = dp.store.read_tries(dp.store.unread_ids(10))
+        assert set(read) == {kept}, "the collected trie is read no more"
+        dp.store.apply_read(read)
+        assert dp.store.unread == 0
+        assert dp.collect_garbage() == (0, 1), "now the unused port set goes"
+        assert program(dp, 80) == kept, "equal rules share the adopted trie"
+    finally:
+        dp.close()

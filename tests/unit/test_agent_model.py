@@ -577,3 +577,42 @@ def test_selector_index_ends_with_the_policys_last_object() -> None:
     assert cache.by_namespace
     endpoints.apply(WatchEvent("DELETED", obj))
     assert (cache.selectors, cache.by_namespace) == ({}, {})
+
+
+def _digest(*objs: dict[str, Any], strict: bool = False, policy_ids: Any = ids) -> bytes:
+    from agent.programming import inputs_digest
+
+    return inputs_digest([from_api(o) for o in objs], strict=strict, policy_id=policy_ids)
+
+
+def test_the_inputs_digest_changes_with_what_a_record_is_built_from() -> None:
+    """A restarted agent keeps a record whose inputs hash the same (np_pod_inputs): so
+    the digest must differ whenever the compiled record could."""
+    pod = [("a", "10.0.0.1", NODE_IP)]
+    rule = [{"cidr": "10.1.0.0/16"}]
+    base = pe("p-1", pods=pod, ingress=rule)
+    same = _digest(base)
+    assert len(same) == lay.NP_INPUTS_DIGEST_LEN
+    assert _digest(pe("p-1", pods=pod, ingress=rule)) == same, "deterministic"
+    other_uid = pe("p-1", pods=pod, ingress=rule)
+    other_uid["metadata"]["uid"] = "another"
+    changed = [
+        _digest(pe("p-1", pods=pod, ingress=rule, generation=2)),  # a new spec
+        _digest(other_uid),  # deleted and created again
+        _digest(base, strict=True),  # the pod's mode
+        _digest(base, policy_ids=lambda ref: 77),  # its policy's id
+        _digest(base, pe("p-2", pods=pod, ingress=rule)),  # one more object selects it
+        _digest(),  # none any more
+    ]
+    assert same not in changed
+    assert len(set(changed)) == len(changed)
+    # the order objects arrive in does not matter
+    two = pe("p-2", pods=pod, ingress=rule)
+    assert _digest(base, two) == _digest(two, base)
+
+
+def test_no_inputs_digest_is_kept_for_domain_name_rules() -> None:
+    """What a pod with domain-name rules learns needs its compiled inputs: compiled on
+    every restart."""
+    obj = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], egress=[{"domainName": "example.com"}])
+    assert _digest(obj) == b""
