@@ -372,7 +372,11 @@ class AgentApi:
         read_at = -1.0
         while True:
             refs = self._wait_refs(wanted)
-            if self.list_endpoints is not None and time.monotonic() - read_at >= 0.5:
+            if (
+                self.list_endpoints is not None
+                and self.enforcer.synced.is_set()  # before it, pending whatever the API says
+                and time.monotonic() - read_at >= 0.5
+            ):
                 # re-read while pending: a PolicyEndpoint created after the last read
                 # shows in the agent's view first
                 read_at = time.monotonic()

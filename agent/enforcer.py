@@ -44,6 +44,7 @@ from common.netlink import NetEvent, Netlink, NetlinkOpError
 
 log = structlog.get_logger("agent.enforcer")
 READ_BATCH = 16  # adopted tries read per step (see Enforcer.keep_tries)
+ATTACH_CONCURRENCY = 32  # attachments in flight when adopting the records at start
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
 # Retired tries are collected once programming has been quiet for GC_QUIET seconds, or
@@ -256,8 +257,30 @@ class Enforcer:
         if stale:
             await self.worker.call(self.programmer.remove, stale)
         self.records = set(self.dp.pod_ifindexes()) - set(stale)
-        for ifindex in sorted(self.records):
-            await self._attach(ifindex)
+        # netlink requests pipelined: a node's hundreds of veths in a few round trips
+        gate = asyncio.Semaphore(ATTACH_CONCURRENCY)
+
+        async def attach_one(ifindex: int) -> None:
+            async with gate:
+                assert self._nl is not None
+                try:  # a restart keeps the same programs (bpf.loading): often attached
+                    current = await attachment(self._nl, ifindex)
+                except NetlinkOpError:
+                    current = None
+                mine = ours(self.dp)
+                if (
+                    current is not None
+                    and (
+                        current.ingress_prog_id,
+                        current.egress_prog_id,
+                    )
+                    == mine
+                ):
+                    self.attached[ifindex] = mine
+                    return
+                await self._attach(ifindex)
+
+        await asyncio.gather(*(attach_one(i) for i in sorted(self.records)))
         log.info("enforcer.adopted", records=len(self.records), removed_stale=len(stale))
 
     async def _attach(self, ifindex: int) -> None:

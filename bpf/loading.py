@@ -14,8 +14,9 @@ from importlib import resources
 import structlog
 
 from bpf import layout as lay
+from bpf.errors import BpfError
 from bpf.maps import Map
-from bpf.objects import BpfObject
+from bpf.objects import BpfObject, Program
 from bpf.pins import PinPaths
 from bpf.registry import GRACE
 
@@ -62,12 +63,35 @@ def load_object(
     obj = BpfObject.load(path or object_path(), map_pin_dir=map_dir, max_entries=sizes)
     try:
         pins.make_dirs()
-        for prog in obj.programs.values():
-            prog.pin(pins.program(prog.name))
+        for name, prog in list(obj.programs.items()):
+            pinned = _same_pinned(prog, pins.program(prog.name))
+            if pinned is not None:
+                obj.programs[name] = pinned
+                prog.close()
+            else:
+                prog.pin(pins.program(prog.name))
     except BaseException:
         obj.close()
         raise
     return obj
+
+
+def _same_pinned(prog: Program, path: str) -> Program | None:
+    """The program pinned at ``path`` if it is the same as ``prog``: the same
+    instructions (the kernel's tag, which leaves map references out) using the same
+    maps. A restart then keeps the programs already attached to every pod's veth, and
+    need not attach them again. None: not pinned, or different (an upgrade)."""
+    try:
+        pinned = Program.from_pin(path)
+    except BpfError:
+        return None
+    same = pinned.info.tag == prog.info.tag and sorted(pinned.info.map_ids) == sorted(
+        prog.info.map_ids
+    )
+    if not same:
+        pinned.close()
+        return None
+    return pinned
 
 
 SIZES_ENV = "NP_MAP_SIZES"  # tests only: "np_pod_meta=32,np_policies=32" (small capacities)

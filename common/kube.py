@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
+import orjson
 
 
 def _import_lean() -> tuple[ModuleType, ModuleType]:
@@ -137,7 +138,7 @@ def parse_event(line: bytes) -> WatchEvent:
     whose ``object`` is an object with an object ``metadata`` (a Status for ERROR).
     Anything else is a MALFORMED event naming the problem (never an exception)."""
     try:
-        event = json.loads(line)
+        event = orjson.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         return _malformed(f"not JSON ({exc.__class__.__name__}): {_excerpt(line)}")
     if not isinstance(event, dict):
@@ -256,7 +257,7 @@ class KubeClient:
             resp.release()
         if resp.status >= 400:
             raise _error(resp.status, data.decode(errors="replace"))
-        result: Obj = json.loads(data)
+        result: Obj = orjson.loads(data)  # lists of thousands of objects: C, not Python
         return result
 
     # ---- verbs ------------------------------------------------------------------------
