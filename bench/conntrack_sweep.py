@@ -24,7 +24,7 @@ from bench.common import prepare
 from bpf import layout as lay
 from bpf.datapath import Datapath
 from conntrack import ctnetlink as ct
-from conntrack.sweep import Sweeper, now_ns
+from conntrack.sweep import KernelRemover, Sweeper, now_ns
 from simnode.netns import inside
 
 MAX_PATH = "/proc/sys/net/netfilter/nf_conntrack_max"
@@ -103,7 +103,11 @@ def main() -> None:
             with inside(netns):
                 return ct.scan(family, wanted)
 
-        res = Sweeper(dp.ct.raw, kernel_scan=kernel_scan).run()
+        remover = KernelRemover.open(dp.pins.maps, dp.ct.raw.max_entries)
+        try:
+            res = Sweeper(dp.ct.raw, kernel_scan=kernel_scan, remover=remover).run()
+        finally:
+            remover.close()
         t = time.perf_counter()
         dumped = subprocess.run(
             ["ip", "netns", "exec", netns, "conntrack", "-L"],

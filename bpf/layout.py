@@ -34,6 +34,7 @@ NP_FRAG_ENTRIES = 8192
 NP_HOST_ADDRS = 64
 NP_MAX_LEARNED = 65536
 NP_INPUTS_DIGEST_LEN = 32
+NP_SWEEP_BATCH = 4096
 
 # ---- enumerations ---------------------------------------------------------------------
 NP_STATE_POLICIES_APPLIED = 0
@@ -301,6 +302,20 @@ class NpPodInputs(Struct):
     _fields_ = [("digest", u8 * NP_INPUTS_DIGEST_LEN)]
 
 
+class NpSweepArgs(Struct):
+    _c_name = "np_sweep_args"
+    _fields_ = [
+        ("started_ns", u64),
+        ("old_enough_ns", u64),
+        ("count", u32),
+        ("removed", u32),
+        ("touched", u32),
+        ("young", u32),
+        ("gone", u32),
+        ("pad", u32),
+    ]
+
+
 class NpAddr(Struct):
     _c_name = "np_addr"
     _fields_ = [("addr", u8 * 16), ("family", u8), ("pad", u8 * 3)]
@@ -386,6 +401,7 @@ MIRRORS: tuple[type[Struct], ...] = (
     NpLearnedKey,
     NpLearnedValue,
     NpPodInputs,
+    NpSweepArgs,
     NpAddr,
     NpConfig,
     NpStats,
@@ -411,3 +427,7 @@ MAP_POD_META = "np_pod_meta"
 MAP_POLICIES = "np_policies"
 MAP_LEARNED = "np_learned"
 MAP_POD_INPUTS = "np_pod_inputs"
+# the conntrack cleaner's object (sweep.bpf.c; it reuses np_ct by its pin)
+SWEEP_OBJECT_FILE = "sweep.bpf.o"
+SWEEP_PROG = "np_sweep"
+SWEEP_KEYS_MAP = "np_sweep_keys"

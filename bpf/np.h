@@ -249,6 +249,21 @@ struct np_pod_inputs {
 };
 _Static_assert(sizeof(struct np_pod_inputs) == 32, "np_pod_inputs size");
 
+/* The conntrack cleaner's batched removals (sweep.bpf.c): np_sweep's context. In:
+ * the batch's size and the two times; out: what became of its keys. */
+#define NP_SWEEP_BATCH 4096           /* keys per run of np_sweep */
+struct np_sweep_args {
+	__u64 started_ns;       /* last_seen_ns at or after it: used since the sweep began */
+	__u64 old_enough_ns;    /* last_seen_ns at or after it: young (kept) */
+	__u32 count;            /* keys in np_sweep_keys[0..count) */
+	__u32 removed;          /* out */
+	__u32 touched;          /* out: kept, used since the sweep began */
+	__u32 young;            /* out: kept, not idle long enough */
+	__u32 gone;             /* out: no such entry any more */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct np_sweep_args) == 40, "np_sweep_args size");
+
 /* np_host_addrs: node addresses; traffic between a pod and its node always passes. */
 struct np_addr {
 	__u8 addr[16];

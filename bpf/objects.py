@@ -130,6 +130,20 @@ class Program:
             retval=opts.retval, duration_ns=opts.duration, data=out.raw[: opts.data_size_out]
         )
 
+    def run_syscall(self, ctx: ctypes.Array[ctypes.c_char]) -> int:
+        """Run a ``syscall`` program once with ``ctx`` as its context; the kernel writes
+        the context back (the program's results). Returns the program's return value."""
+        opts = lb.BpfTestRunOpts(
+            sz=ctypes.sizeof(lb.BpfTestRunOpts),
+            ctx_in=ctypes.addressof(ctx),
+            ctx_size_in=len(ctx),
+        )
+        lb.check(
+            lb.lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
+            f"program {self.name}: run",
+        )
+        return int(opts.retval)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

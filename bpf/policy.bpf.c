@@ -48,6 +48,7 @@ struct np_btf_anchor {
 	struct np_lpm_key lpm_key;
 	struct np_lpm_value lpm_value;
 	struct np_event event;
+	struct np_sweep_args sweep_args; /* sweep.bpf.c's context: one BTF for every mirror */
 };
 struct np_btf_anchor np_btf_anchor SEC(".np_btf") __attribute__((used));
 

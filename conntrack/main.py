@@ -27,7 +27,7 @@ from common.apimodels import ProcessStats
 from common.flags import Settings, parse_settings
 from common.localapi import CONNTRACK_SOCKET, make_app, serve_unix, socket_path
 from common.supervisor import FlagError, StartupError, run_process, supervise
-from conntrack.sweep import Sweeper, SweepResult
+from conntrack.sweep import KernelRemover, Sweeper, SweepResult
 
 log = structlog.get_logger("conntrack")
 
@@ -165,9 +165,19 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     def interfaces() -> set[int]:
         return {int.from_bytes(k, "little") for k in pods}
 
+    remover: KernelRemover | None = None
+    try:
+        remover = KernelRemover.open(PinPaths(settings.bpf_pin_root).maps, ct.max_entries)
+    except BpfError as exc:
+        log.warning(
+            "conntrack.kernel_removals_unavailable",
+            error=str(exc),
+            effect="entries are removed one syscall each (slower sweeps)",
+        )
     try:
         cleaner = Cleaner(
-            Sweeper(ct, interfaces=interfaces), period=settings.conntrack_cache_cleanup_period
+            Sweeper(ct, interfaces=interfaces, remover=remover),
+            period=settings.conntrack_cache_cleanup_period,
         )
         log.info(
             "conntrack.starting",
@@ -186,6 +196,8 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
             grace=settings.shutdown_timeout,
         )
     finally:
+        if remover is not None:
+            remover.close()
         ct.close()
         pods.close()
 

@@ -24,16 +24,23 @@ for longer than ``fallback_idle`` are removed, and the sweep says so.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 import structlog
 
 from bpf import layout as lay
+from bpf.errors import BpfError
 from bpf.maps import Map
+from bpf.objects import BpfObject
 from conntrack.ctnetlink import _PORTED, raw_tuple, scan, tuple_key
 
 log = structlog.get_logger("conntrack.sweep")
@@ -51,6 +58,9 @@ _FAMILY_AT = lay.offset(lay.NpCtKey, "family")
 
 
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
+
+
+_NEVER = (1 << 64) - 1  # a last-seen time no entry has
 
 
 def now_ns() -> int:
@@ -121,6 +131,48 @@ _IFINDEX = struct.Struct("<I")
 _IFINDEX_AT = lay.NpCtKey.ifindex.offset
 
 
+class KernelRemover:
+    """The sweep's removals in the kernel (bpf/sweep.bpf.c): a batch of keys is written
+    into np_sweep_keys and np_sweep checks and removes them, NP_SWEEP_BATCH per run,
+    with the same rule as :meth:`Map.delete_unless` applies one syscall at a time."""
+
+    def __init__(self, obj: BpfObject) -> None:
+        self.obj = obj
+        self.prog = obj.programs[lay.SWEEP_PROG]
+        self.keys = obj.maps[lay.SWEEP_KEYS_MAP]
+        self._index = b"".join(i.to_bytes(4, sys.byteorder) for i in range(lay.NP_SWEEP_BATCH))
+
+    @classmethod
+    def open(cls, map_dir: str, ct_entries: int) -> KernelRemover:
+        """Load next to the pinned np_ct under ``map_dir`` (which must exist: it is never
+        created here). Raises BpfError where the kernel cannot (before Linux 5.17)."""
+        if not os.path.exists(os.path.join(map_dir, lay.MAP_CT)):
+            raise BpfError(errno.ENOENT, f"no {lay.MAP_CT} pinned under {map_dir}")
+        path = str(resources.files("bpf").joinpath(lay.SWEEP_OBJECT_FILE))
+        return cls(BpfObject.load(path, map_pin_dir=map_dir, max_entries={lay.MAP_CT: ct_entries}))
+
+    def remove(self, keys: list[bytes], *, started: int, old_enough: int) -> tuple[int, int, int]:
+        """(removed, touched, young) of ``keys``; keys already gone are skipped."""
+        removed = touched = young = 0
+        batch = lay.NP_SWEEP_BATCH
+        for at in range(0, len(keys), batch):
+            chunk = keys[at : at + batch]
+            self.keys.update_batch(self._index[: 4 * len(chunk)], b"".join(chunk))
+            args = lay.NpSweepArgs(started_ns=started, old_enough_ns=old_enough, count=len(chunk))
+            ctx = ctypes.create_string_buffer(bytes(args), ctypes.sizeof(args))
+            self.prog.run_syscall(ctx)
+            out = lay.NpSweepArgs.from_buffer_copy(ctx.raw)
+            removed, touched, young = (
+                removed + out.removed,
+                touched + out.touched,
+                young + out.young,
+            )
+        return removed, touched, young
+
+    def close(self) -> None:
+        self.obj.close()
+
+
 class Sweeper:
     def __init__(
         self,
@@ -129,10 +181,13 @@ class Sweeper:
         fallback_idle: float = 1500.0,
         kernel_scan: Callable[[int, set[bytes]], tuple[int, set[bytes]]] = scan,
         interfaces: Callable[[], set[int]] | None = None,
+        remover: KernelRemover | None = None,
     ) -> None:
         """``interfaces``: the host interfaces with a pod record (np_pods' keys); None:
-        not checked."""
+        not checked. ``remover``: removals in batches in the kernel; None: one syscall
+        per entry (Map.delete_unless), where the kernel cannot run it."""
         self.map = ct_map
+        self.remover = remover
         self.fallback_idle_ns = int(fallback_idle * 1e9)
         self.kernel_scan = kernel_scan
         self.interfaces = interfaces
@@ -234,10 +289,19 @@ class Sweeper:
             return False
 
         orphans = [k for k in dead if k in orphaned]
-        res.orphans = self.map.delete_unless(orphans, keep_orphan) if orphans else 0
-        res.removed = res.orphans + self.map.delete_unless(
-            [k for k in dead if k not in orphaned], keep
-        )
+        others = [k for k in dead if k not in orphaned]
+        if self.remover is not None:
+            # an orphan is kept only if touched: "young" is the fallback rule's alone
+            removed, touched, _ = self.remover.remove(orphans, started=started, old_enough=_NEVER)
+            res.orphans, res.touched = removed, res.touched + touched
+            removed, touched, young = self.remover.remove(
+                others, started=started, old_enough=old_enough
+            )
+            res.removed = res.orphans + removed
+            res.touched, res.young = res.touched + touched, res.young + young
+        else:
+            res.orphans = self.map.delete_unless(orphans, keep_orphan) if orphans else 0
+            res.removed = res.orphans + self.map.delete_unless(others, keep)
         res.kept = res.idle - res.removed
         res.duration = time.monotonic() - t0
         return res

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from bpf.datapath import Datapath
 from common.apimodels import ProcessStats
 from common.localapi import CONNTRACK_SOCKET, LocalClient, socket_path
 from conntrack.ctnetlink import scan
-from conntrack.sweep import Sweeper, SweepResult, now_ns
+from conntrack.sweep import KernelRemover, Sweeper, SweepResult, now_ns
 from simnode.netns import arun, inside, socket_in
 from simnode.node import SimNode, SimPod
 from simnode.stack import REPO
@@ -34,6 +34,20 @@ async def pods(sim: SimNode, datapath: Datapath) -> AsyncIterator[PodNet]:
         yield pn
     finally:
         await pn.close()
+
+
+@pytest.fixture(params=["kernel", "syscalls"])
+def remover(request: pytest.FixtureRequest, datapath: Datapath) -> Iterator[KernelRemover | None]:
+    """How the sweep removes: in batches in the kernel (bpf/sweep.bpf.c), or one syscall
+    per entry (where the kernel cannot run the program)."""
+    if request.param == "syscalls":
+        yield None
+        return
+    r = KernelRemover.open(datapath.pins.maps, datapath.ct.raw.max_entries)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture
@@ -83,18 +97,20 @@ def fake_entry(
     return bytes(key)
 
 
-def sweeper(dp: Datapath, netns: str, **kw: object) -> Sweeper:
+def sweeper(
+    dp: Datapath, netns: str, remover: KernelRemover | None = None, **kw: object
+) -> Sweeper:
     """A sweeper reading the kernel table of the node's namespace."""
 
     def kernel_scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
         with inside(netns):
             return scan(family, wanted)
 
-    return Sweeper(dp.ct.raw, kernel_scan=kernel_scan, **kw)  # type: ignore[arg-type]
+    return Sweeper(dp.ct.raw, kernel_scan=kernel_scan, remover=remover, **kw)  # type: ignore[arg-type]
 
 
 async def test_stale_entries_go_and_live_flows_stay(
-    pods: PodNet, tracked: tuple[SimPod, SimPod]
+    pods: PodNet, tracked: tuple[SimPod, SimPod], remover: KernelRemover | None
 ) -> None:
     client, server = tracked
     from simnode.traffic import open_tcp, udp_probe
@@ -120,7 +136,7 @@ async def test_stale_entries_go_and_live_flows_stay(
         # past the coarse clock's tick: the flows were last used before the sweep began
         # (a use in the tick the sweep begins in counts as after it, and is kept)
         await asyncio.sleep(0.05)
-        res: SweepResult = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns).run)
+        res: SweepResult = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, remover).run)
         after = ct_entries(pods.dp)
         assert res.removed == 3
         assert not any(k in after for k in stale)
@@ -133,7 +149,7 @@ async def test_stale_entries_go_and_live_flows_stay(
 
 
 async def test_a_flow_reusing_a_freed_port_is_never_removed(
-    pods: PodNet, tracked: tuple[SimPod, SimPod]
+    pods: PodNet, tracked: tuple[SimPod, SimPod], remover: KernelRemover | None
 ) -> None:
     client, server = tracked
     port = 41234
@@ -158,13 +174,15 @@ async def test_a_flow_reusing_a_freed_port_is_never_removed(
             reused.append(_connect_from(client, server, port))
         return result
 
-    res = await asyncio.to_thread(Sweeper(pods.dp.ct.raw, kernel_scan=kernel_scan).run)
+    res = await asyncio.to_thread(
+        Sweeper(pods.dp.ct.raw, kernel_scan=kernel_scan, remover=remover).run
+    )
     assert reused == [True]
     assert res.touched >= 1
     assert all(k in ct_entries(pods.dp) for k in mine), "the reused flow kept its entry"
     # once it is really over, it goes
     await forget_kernel_flow(pods, port)
-    res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns).run)
+    res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, remover).run)
     assert not any(k in ct_entries(pods.dp) for k in mine)
     assert res.removed >= 1
 
@@ -197,7 +215,7 @@ def _connect_from(client: SimPod, server: SimPod, port: int) -> bool:
 
 
 async def test_clusterip_flows_are_kept_on_both_sides(
-    pods: PodNet, tracked: tuple[SimPod, SimPod]
+    pods: PodNet, tracked: tuple[SimPod, SimPod], remover: KernelRemover | None
 ) -> None:
     import ipaddress
 
@@ -218,7 +236,7 @@ async def test_clusterip_flows_are_kept_on_both_sides(
         }
         assert (client.ifindex, SERVICE_IP) in peers, "the client saw the service address"
         assert (server.ifindex, str(client.ipv4)) in peers, "the backend saw the client"
-        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns).run)
+        res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, remover).run)
         assert res.removed == 0
         assert set(entries) <= set(ct_entries(pods.dp))
         assert await conn.exchange(b"after the sweep", expect="server")
@@ -226,7 +244,9 @@ async def test_clusterip_flows_are_kept_on_both_sides(
         await conn.close()
 
 
-async def test_with_no_kernel_flows_only_long_idle_entries_go(pods: PodNet) -> None:
+async def test_with_no_kernel_flows_only_long_idle_entries_go(
+    pods: PodNet, remover: KernelRemover | None
+) -> None:
     """No flow at all in the kernel's table: perhaps no kernel conntrack here. Then the
     table proves nothing, and only entries idle for longer than the fallback go."""
     client = await pods.add_pod("client")
@@ -246,7 +266,7 @@ async def test_with_no_kernel_flows_only_long_idle_entries_go(pods: PodNet) -> N
         port=82,
         idle_seconds=60,
     )
-    res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, fallback_idle=30).run)
+    res = await asyncio.to_thread(sweeper(pods.dp, pods.sim.netns, remover, fallback_idle=30).run)
     assert (res.kernel_entries, res.fallback, res.young, res.removed) == (0, True, 1, 1)
     assert recent in ct_entries(pods.dp)
     assert ancient not in ct_entries(pods.dp)
@@ -320,7 +340,7 @@ async def test_the_cleaner_process(
 
 
 async def test_entries_of_a_removed_pods_interface_go_at_once(
-    pods: PodNet, tracked: tuple[SimPod, SimPod]
+    pods: PodNet, tracked: tuple[SimPod, SimPod], remover: KernelRemover | None
 ) -> None:
     """A pod is deleted while its connection is still in the kernel's table (established
     TCP is kept for days): the entries tracked at its interface go at the next sweep, the
@@ -344,14 +364,14 @@ async def test_entries_of_a_removed_pods_interface_go_at_once(
         # with every interface live, nothing goes: the kernel still tracks the flows
         live_ifs = {client.ifindex, server.ifindex}
         res = await asyncio.to_thread(
-            sweeper(pods.dp, pods.sim.netns, interfaces=lambda: live_ifs).run
+            sweeper(pods.dp, pods.sim.netns, remover, interfaces=lambda: live_ifs).run
         )
         assert res.removed == 0
         assert set(ct_entries(pods.dp)) == set(entries)
         # the server pod is gone (its record removed): its interface's entries go
         live_ifs = {client.ifindex}
         res = await asyncio.to_thread(
-            sweeper(pods.dp, pods.sim.netns, interfaces=lambda: live_ifs).run
+            sweeper(pods.dp, pods.sim.netns, remover, interfaces=lambda: live_ifs).run
         )
         after = set(ct_entries(pods.dp))
         assert res.orphans == len(at_server), res

@@ -69,6 +69,12 @@ def test_map_and_program_names() -> None:
     assert all(len(n) <= 15 for n in maps + progs), "kernel truncates names at 15 chars"
 
 
+def test_the_sweep_objects_names() -> None:
+    maps, progs = object_names(str(Path(object_path()).with_name(layout.SWEEP_OBJECT_FILE)))
+    assert set(maps) == {layout.MAP_CT, layout.SWEEP_KEYS_MAP}
+    assert progs == [layout.SWEEP_PROG]
+
+
 @pytest.mark.parametrize("mirror", layout.MIRRORS, ids=lambda m: m._c_name)
 def test_packers_follow_the_mirrors(mirror: type[layout.Struct]) -> None:
     """The struct formats the hot paths use (conntrack sweep, flow records, trie keys)
