@@ -62,6 +62,9 @@ def populate(dp: Datapath, netns: str, n: int) -> None:
         raise SystemExit(f"{failures} kernel entries could not be created (nf_conntrack_max?)")
 
 
+TARGET = 1.3  # sweep / conntrack -L
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--entries", type=int, default=500_000)
@@ -125,6 +128,7 @@ def main() -> None:
         with open(MAX_PATH, "w") as f:
             f.write(old_max)
     ratio = res.duration / dump_seconds
+    removal_seconds = res.duration - res.snapshot_seconds - res.kernel_seconds
     figures = {
         "entries": n,
         "kernel_flows": res.kernel_entries,
@@ -133,10 +137,13 @@ def main() -> None:
         "sweep_seconds": round(res.duration, 3),
         "snapshot_seconds": round(res.snapshot_seconds, 3),
         "kernel_scan_seconds": round(res.kernel_seconds, 3),
+        "removal_seconds": round(removal_seconds, 3),
         "conntrack_L_seconds": round(dump_seconds, 3),
         "conntrack_L_lines": lines,
         "sweep_to_dump_ratio": round(ratio, 2),
-        "target_ratio": 2.0,
+        # the limit: reading the kernel's table alone, next to the tool's dump of it
+        "kernel_scan_to_dump_ratio": round(res.kernel_seconds / dump_seconds, 2),
+        "target_ratio": TARGET,
         "setup_seconds": round(setup, 1),
     }
     print(f"{'map entries':<28}{n:>12,}")
@@ -144,10 +151,14 @@ def main() -> None:
     print(f"{'removed / kept':<28}{f'{res.removed:,} / {res.kept:,}':>12}")
     print(
         f"{'sweep (s)':<28}{res.duration:>12.3f}   snapshot {res.snapshot_seconds:.3f}, "
-        f"kernel scan {res.kernel_seconds:.3f}"
+        f"kernel scan {res.kernel_seconds:.3f}, removals {removal_seconds:.3f}"
     )
     print(f"{'conntrack -L (s)':<28}{dump_seconds:>12.3f}")
-    print(f"{'sweep / conntrack -L':<28}{ratio:>12.2f}   (target <= 2.0)")
+    print(f"{'sweep / conntrack -L':<28}{ratio:>12.2f}   (target <= {TARGET})")
+    print(
+        f"{'kernel scan / conntrack -L':<28}{res.kernel_seconds / dump_seconds:>12.2f}"
+        "   (the table's read alone)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -5,6 +5,8 @@ Two identical simulated nodes, each with a client pod and a server pod on veths.
 never changes: it is the limit ("no program"). Node A takes each configuration in turn:
 
   none         nothing attached (checks that A and B are alike: expect 1.00)
+  tc-pass      a program that passes every packet on both veths (the limit: what the tc
+               hook costs before any program does anything)
   ebpf-N       our programs on both veths; the server's ingress allows N CIDRs (the
                client's /32 among them), the client is default-allow
   iptables-N   FORWARD: established accept, then N `-s CIDR -j ACCEPT` rules for the
@@ -226,6 +228,7 @@ class Configs:
         self.node = node
         self.pin_root = pin_root
         self.dp: Datapath | None = None
+        self.minimal: BpfObject | None = None
         self.client_id = self.server_id = 0
 
     async def clear(self) -> None:
@@ -296,13 +299,25 @@ table inet bench {{
             f.flush()
             subprocess.run(in_netns(self.node.sim.netns, None, ["nft", "-f", f.name]), check=True)
 
+    async def tc_pass(self) -> None:
+        """The minimal program that passes every packet (bench/tools/minimal.bpf.c) on
+        both hooks of both veths: what a tc program costs before it does anything."""
+        if self.minimal is None:
+            self.minimal = BpfObject.load(build_bpf("minimal"))
+        prog = self.minimal.programs["min_pass"]
+        async with Netlink(netns=self.node.sim.netns) as nl:
+            for pod in (self.node.client, self.node.server):
+                await attach(nl, pod.ifindex, ingress=prog, egress=prog)
+
     async def apply(self, name: str) -> float:
         """Configure node A as ``name``; returns the seconds it took."""
         await self.clear()
         started = time.monotonic()
         kind, _, size = name.partition("-")
         n = int(size) if size.isdigit() else 0
-        if kind == "ebpf":
+        if name == "tc-pass":
+            await self.tc_pass()
+        elif kind == "ebpf":
             await self.ebpf(n, tiers=size == "tiered")
         elif kind == "iptables":
             await asyncio.to_thread(self.iptables, n)
@@ -313,6 +328,8 @@ table inet bench {{
     def close(self) -> None:
         if self.dp is not None:
             self.dp.close()
+        if self.minimal is not None:
+            self.minimal.close()
         Datapath.unpin(self.pin_root)
 
 
@@ -458,6 +475,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = (1, 1000) if args.quick else (1, 1000, 10000, 100000)
     configs = [
         "none",
+        "tc-pass",
         *(f"{k}-{n}" for k in ("ebpf", "iptables", "nftables") for n in sizes),
         "ebpf-tiered",
     ]

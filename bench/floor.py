@@ -1,0 +1,62 @@
+"""What a start of the agent cannot go below on this machine, measured in a process of
+its own (as the agent is): the interpreter with the agent's modules imported, then the
+node's PolicyEndpoints listed from the API server (every page, decoded) and parsed as
+the agent parses them. bench.programming runs it next to the agent's cold start and
+restart, so that their figures can be read against it.
+
+    python -m bench.floor --kubeconfig PATH   (prints one JSON object)
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402  (the imports are what is measured)
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import agent.main  # noqa: E402, F401
+from agent.endpoints import from_api  # noqa: E402
+from common.kube import POLICY_ENDPOINTS, KubeClient  # noqa: E402
+from common.watching import WatchSettings  # noqa: E402
+
+IMPORTED = time.perf_counter()
+PAGE = WatchSettings().page_size  # pages as the agent's watch lists them
+
+
+async def _list(kubeconfig: str) -> dict[str, float]:
+    kube = await KubeClient.connect(kubeconfig)
+    try:
+        t0 = time.perf_counter()
+        items: list[dict[str, object]] = []
+        token = ""
+        while True:
+            page, _, token = await kube.list_page(
+                POLICY_ENDPOINTS, limit=PAGE, continue_token=token
+            )
+            items += page
+            if not token:
+                break
+        t1 = time.perf_counter()
+        for obj in items:
+            from_api(obj)
+        t2 = time.perf_counter()
+    finally:
+        await kube.close()
+    return {"objects": len(items), "list_seconds": t1 - t0, "parse_seconds": t2 - t1}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kubeconfig", required=True)
+    args = p.parse_args()
+    out = asyncio.run(_list(args.kubeconfig))
+    out["import_seconds"] = IMPORTED - STARTED
+    json.dump({k: round(v, 3) for k, v in out.items()}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
