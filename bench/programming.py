@@ -224,6 +224,8 @@ class Bench:
         node's PolicyEndpoints listed and parsed (what no start can skip)."""
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
+            "nsenter",
+            f"--net=/run/netns/{self.sim.netns}",  # where the agent reaches the API server
             sys.executable,
             "-m",
             "bench.floor",

@@ -9,10 +9,13 @@ Blocking by design: callers run it in a thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 NETLINK_NETFILTER = 12
@@ -192,17 +195,21 @@ _HEAD = struct.Struct("=IH10x4xHH")  # nlmsghdr (len, type), nfgenmsg, first att
 def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
     """Walk this namespace's ``family`` table; return (entries seen, the members of
     ``wanted`` that some entry's original or reply tuple has, see ``tuple_key``). Memory
-    stays bounded by ``wanted``, whatever the size of the kernel's table."""
+    stays bounded by ``wanted``, whatever the size of the kernel's table (and by
+    RECEIVE_AHEAD buffers: the kernel fills the next buffers on a thread of their own
+    while this one is parsed)."""
     found: set[bytes] = set()
     count = 0
     sock = _socket()
     try:
         sock.send(_request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family))
-        while True:
-            seen, done = _scan_buffer(sock.recv(1 << 20), family == socket.AF_INET6, wanted, found)
-            count += seen
-            if done:
-                return count, found
+        with _Receiver(sock) as buffers:
+            for data in buffers:
+                seen, done = _scan_buffer(data, family == socket.AF_INET6, wanted, found)
+                count += seen
+                if done:
+                    return count, found
+        raise CtnetlinkError(errno.EIO, "conntrack dump ended without NLMSG_DONE")
     except OSError as exc:
         if exc.errno == errno.ENOBUFS:
             raise CtnetlinkError(
@@ -211,6 +218,70 @@ def scan(family: int, wanted: set[bytes]) -> tuple[int, set[bytes]]:
         raise
     finally:
         sock.close()
+
+
+RECEIVE_AHEAD = 8  # 1 MiB buffers received ahead of the parser at most
+
+
+class _Receiver:
+    """The dump's buffers, received on a thread of its own: the recv (where the kernel
+    builds the next messages) overlaps the parse of the previous buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=RECEIVE_AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ctnetlink-recv", daemon=True)
+
+    def __enter__(self) -> Iterator[bytes]:
+        self.sock.settimeout(0.05)  # so that the thread sees ``stop``
+        self.thread.start()
+        return self._buffers()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a full queue, then wait for the thread
+            with contextlib.suppress(queue.Empty):
+                self.queue.get_nowait()
+            self.thread.join(0.01)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self._put(exc)
+                return
+            self._put(data)
+            if _last_of_dump(data):
+                return  # nothing follows: the thread ends without waiting out a timeout
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _buffers(self) -> Iterator[bytes]:
+        while True:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def _last_of_dump(data: bytes) -> bool:
+    """Whether a buffer ends the dump: its last message is NLMSG_DONE (20 bytes) or an
+    NLMSG_ERROR (36: the error and the request's header). No conntrack message has
+    either type (theirs carry the subsystem in the high byte)."""
+    for size, kind in ((20, NLMSG_DONE), (36, NLMSG_ERROR)):
+        if len(data) >= size and _NLMSG.unpack_from(data, len(data) - size)[:2] == (size, kind):
+            return True
+    return False
 
 
 def _scan_buffer(data: bytes, v6: bool, wanted: set[bytes], found: set[bytes]) -> tuple[int, bool]:

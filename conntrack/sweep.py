@@ -197,7 +197,6 @@ class Sweeper:
         sweep: keys are cut from the batch buffers and built from precomputed parts (the
         same bytes as key_of)."""
         idle: dict[bytes, bytes] = {}
-        unpack = _LAST_SEEN.unpack_from
         join = b"".join
         total = 0
         ks, vs, seen_at = _KEY.size, _VALUE.size, _LAST_SEEN_AT
@@ -212,17 +211,27 @@ class Sweeper:
             slice(qp + 1, qp + 2),
             slice(qp, qp + 1),
         )
+        # per (family, protocol): the parts between the addresses and the ports, joined
+        mids: dict[tuple[int, int], tuple[bytes, bytes, bytes, bytes]] = {}
+        for fam, parts in ((v4, _V4_PARTS), (lay.NP_FAMILY_IPV6, _V6_PARTS)):
+            p0, p1, p2, p3, p4 = parts
+            for proto in _PORTED:
+                mids[(fam, proto)] = (p0, p1, p2 + _PROTO_BYTE[proto] + p3, p4)
+        assert seen_at % 8 == 0, "np_ct_value.last_seen_ns is 8-byte aligned"
+        assert vs % 8 == 0, "np_ct_value's size is a multiple of 8"
+        step, first = vs // 8, seen_at // 8
         for keys, values, count in self.map.batches():
             total += count
+            seen = memoryview(values).cast("Q")  # last_seen_ns of entry i at first + i * step
             for i in range(count):
-                if unpack(values, i * vs + seen_at)[0] >= started:
+                if seen[first + i * step] >= started:
                     continue
                 k = keys[i * ks : (i + 1) * ks]
-                proto = k[proto_at]
-                if proto not in _PORTED:
+                mid = mids.get((k[family_at], k[proto_at]))
+                if mid is None:
                     idle[k] = key_of(k)
                     continue
-                p0, p1, p2, p3, p4 = _V4_PARTS if k[family_at] == v4 else _V6_PARTS
+                p0, p1, p23, p4 = mid
                 pod, peer = (pod4, peer4) if k[family_at] == v4 else (pod6, peer6)
                 idle[k] = join(
                     (
@@ -230,9 +239,7 @@ class Sweeper:
                         k[pod],
                         p1,
                         k[peer],
-                        p2,
-                        _PROTO_BYTE[proto],
-                        p3,
+                        p23,
                         k[pp_hi],
                         k[pp_lo],
                         p4,
