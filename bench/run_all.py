@@ -52,40 +52,65 @@ def run(name: str, out: Path, quick: bool) -> dict[str, Any] | None:
     return figures
 
 
-def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+def _datapath_rows(dp: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
-    dp = results.get("datapath")
-    if dp:
-        for name, row in dp["configs"].items():
-            rows.append(
-                [
-                    f"datapath {name}: rr / cps / tput vs no program",
-                    f"{row['rr']['ratio']:.2f} / {row['cps']['ratio']:.2f} / "
-                    f"{row['tput']['ratio']:.2f}",
-                ]
-            )
-        for c in dp["per_packet"]:
-            rows.append(
-                [
-                    f"per packet, {c['entries']:,} entries: new / established (ns)",
-                    f"{c['new_flow_ns']} / {c['established_ns']}",
-                ]
-            )
-    pg = results.get("programming")
-    if pg:
-        cs = pg["cold_start"]
+    for name, row in dp["configs"].items():
         rows.append(
             [
-                f"cold start {pg['pods']} pods x {pg['cidrs_per_pod']} CIDRs: "
-                "agent start -> programmed (s)",
-                cs["agent_seconds"],
+                f"datapath {name}: rr / cps / tput vs no program",
+                f"{row['rr']['ratio']:.2f} / {row['cps']['ratio']:.2f} / "
+                f"{row['tput']['ratio']:.2f}",
             ]
         )
-        rows.append(["  of which the first full reconcile (ms)", cs["reconcile_ms"]])
-        rows.append(["  agent RSS after (MB)", cs["agent_rss_mb"]])
-        rows.append(["agent restart -> re-adopted, programmed (s)", pg["restart"]["seconds"]])
-        for k, v in pg["latency_ms"].items():
-            rows.append([f"{k.replace('_', ' ')} p50 / p99 (ms)", f"{v['p50']} / {v['p99']}"])
+    for c in dp["per_packet"]:
+        rows.append(
+            [
+                f"per packet, {c['entries']:,} entries: new / established (ns)",
+                f"{c['new_flow_ns']} / {c['established_ns']}",
+            ]
+        )
+        r = c.get("ratios")
+        if r:
+            rows.append(
+                [
+                    "  vs minimal: established / min_hash, new / min_lpm, new / min_flow",
+                    f"{r['established / min_hash']} / {r['new flow / min_lpm']} / "
+                    f"{r['new flow / min_flow']}",
+                ]
+            )
+    return rows
+
+
+def _programming_rows(pg: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    cs = pg["cold_start"]
+    rows.append(
+        [
+            f"cold start {pg['pods']} pods x {pg['cidrs_per_pod']} CIDRs: "
+            "agent start -> programmed (s)",
+            cs["agent_seconds"],
+        ]
+    )
+    rows.append(["  of which the first full reconcile (ms)", cs["reconcile_ms"]])
+    rows.append(["  agent RSS after (MB)", cs["agent_rss_mb"]])
+    rows.append(["agent restart -> re-adopted, programmed (s)", pg["restart"]["seconds"]])
+    fl = pg.get("floor")
+    if fl:
+        rows.append(
+            [
+                "  floor: imports / list PolicyEndpoints / parse them (s)",
+                f"{fl['import_seconds']} / {fl['list_seconds']} / {fl['parse_seconds']}",
+            ]
+        )
+    for k, v in pg["latency_ms"].items():
+        rows.append([f"{k.replace('_', ' ')} p50 / p99 (ms)", f"{v['p50']} / {v['p99']}"])
+    return rows
+
+
+def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    rows += _datapath_rows(results["datapath"]) if "datapath" in results else []
+    rows += _programming_rows(results["programming"]) if "programming" in results else []
     cni = results.get("cni_latency")
     if cni:
         for situation in ("idle-known", "busy-known", "busy-unknown"):
@@ -233,11 +258,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="each benchmark's quick mode")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument(
+        "--summary", action="store_true", help="run nothing: the summary of the JSON in --out"
+    )
     args = p.parse_args()
     prepare()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else list(BENCHES)
+    names = [] if args.summary else args.only.split(",") if args.only else list(BENCHES)
     results = {n: r for n in names if (r := run(n, out, args.quick)) is not None}
     # figures of benchmarks not run this time, from an earlier run into the same place
     for n in BENCHES:
