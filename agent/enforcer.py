@@ -169,7 +169,7 @@ class Enforcer:
         self._wake = asyncio.Event()
         self._nl: Netlink | None = None
         self._last_programmed = 0.0
-        self.pool_short = asyncio.Event()  # wakes keep_pool
+        self.pool_short = asyncio.Event()  # wakes keep_tries
         self._retired_since: float | None = None
         self._last_lifecycle = 0.0
         self.lifecycle_period = _lifecycle_period()
@@ -257,13 +257,14 @@ class Enforcer:
         if stale:
             await self.worker.call(self.programmer.remove, stale)
         self.records = set(self.dp.pod_ifindexes()) - set(stale)
-        # netlink requests pipelined: a node's hundreds of veths in a few round trips
+        # checked concurrently: a restart keeps the same programs (bpf.loading), so most
+        # veths need no attaching, only a look
         gate = asyncio.Semaphore(ATTACH_CONCURRENCY)
 
         async def attach_one(ifindex: int) -> None:
             async with gate:
                 assert self._nl is not None
-                try:  # a restart keeps the same programs (bpf.loading): often attached
+                try:
                     current = await attachment(self._nl, ifindex)
                 except NetlinkOpError:
                     current = None
@@ -575,7 +576,7 @@ class Enforcer:
         while store.unread:
             ids = await self.worker.call(store.unread_ids, READ_BATCH)
             read = await asyncio.to_thread(store.read_tries, ids)
-            await self.worker.call(store.apply_read, read)
+            await self.worker.call(store.apply_read, read, ids)
         while True:
             self.pool_short.clear()
             if store.pooled < POOL_SIZE:

@@ -173,7 +173,8 @@ class Datapath:
     # ---- adoption -------------------------------------------------------------------
     def _adopt(self, *, read_tries: bool) -> None:
         next_policy = self.store.adopt()
-        read = self.store.read_tries(self.store.unread_ids(self.store.unread)) if read_tries else {}
+        asked = self.store.unread_ids(self.store.unread) if read_tries else []
+        read = self.store.read_tries(asked)
         # ids carried inline by the tries stay unique even if their names were lost (read
         # later, only those whose names survive are known: np_policies is pinned)
         inline = (pid for _, _, policies in read.values() for pid in policies)
@@ -185,7 +186,7 @@ class Datapath:
             floor_policy=next_policy,
         )
         self.store.reference_adopted_policies()
-        self.store.apply_read(read)
+        self.store.apply_read(read, asked)
         self.store.reclaim_pool()
         self._adopt_inputs()
         self._adopt_learned()
@@ -256,7 +257,7 @@ class Datapath:
     def free_ids(self) -> tuple[int, int]:
         """Delete the names whose grace period is over; (pods, policies) freed. Not
         while adopted tries are unread: the policies they carry are not counted yet."""
-        if self.store.unread:
+        if not self.store.references_known:
             return 0, 0
         return self.names.sweep(pods_in_records={r.pod_id for r in self._records.values()})
 

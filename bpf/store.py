@@ -96,8 +96,10 @@ class RuleStore:
         self._next_portset = 1
         # empty tries already in np_rules, unreferenced, ready to be filled (id, map)
         self._pool: list[tuple[int, Map]] = []
-        # adopted tries whose references are not read yet (see adopt)
+        # adopted tries whose references are not read yet (see adopt), and those that
+        # could not be read
         self._unread: set[int] = set()
+        self._unreadable: set[int] = set()
 
     # ---- adoption -------------------------------------------------------------------
     def adopt(self) -> int:
@@ -149,6 +151,11 @@ class RuleStore:
         """Adopted tries whose references are not read yet (see adopt)."""
         return len(self._unread)
 
+    @property
+    def references_known(self) -> bool:
+        """Every trie's references are counted: port sets and names may be freed."""
+        return not self._unread and not self._unreadable
+
     def unread_ids(self, limit: int) -> list[int]:
         return sorted(self._unread)[:limit]
 
@@ -167,8 +174,21 @@ class RuleStore:
                 out[trie_id] = (entries.digest(), portsets, inline)
         return out
 
-    def apply_read(self, read: Mapping[int, tuple[bytes, set[int], set[int]]]) -> None:
-        """What read_tries found becomes the tries' bookkeeping (the owner's thread)."""
+    def apply_read(
+        self, read: Mapping[int, tuple[bytes, set[int], set[int]]], asked: Iterable[int] = ()
+    ) -> None:
+        """What read_tries found becomes the tries' bookkeeping (the owner's thread). A
+        trie ``asked`` for that is still here but could not be read is set apart: what it
+        references stays unknown, so port sets and names stay uncollected (logged)."""
+        for trie_id in asked:
+            if trie_id not in read and trie_id in self.tries and trie_id in self._unread:
+                self._unread.discard(trie_id)
+                self._unreadable.add(trie_id)
+                log.error(
+                    "store.trie_unreadable",
+                    trie=trie_id,
+                    effect="port sets and policy names are not collected until a restart",
+                )
         for trie_id, (digest, portsets, inline) in read.items():
             trie = self.tries.get(trie_id)
             if trie is None or trie_id not in self._unread:
@@ -443,10 +463,11 @@ class RuleStore:
                 if self._trie_by_key.get(t.digest) == t.id:
                     del self._trie_by_key[t.digest]
                 self._unread.discard(t.id)  # an unread trie referenced nothing yet
+                self._unreadable.discard(t.id)
                 for ps_id in t.portsets:
                     self._portset_ref(ps_id).refs -= 1
                 self.names.reference_policies(t.policies, -1)
-        if self._unread:
+        if not self.references_known:
             return len(retired), 0  # port sets' references are not all known yet
         unused = [(ps, ref) for ps, ref in self._portsets.items() if ref.refs <= 0]
         if unused:

@@ -147,3 +147,38 @@ def test_tries_adopted_unread_are_read_later_and_nothing_is_freed_before(pin_roo
         assert program(dp, 80) == kept, "equal rules share the adopted trie"
     finally:
         dp.close()
+
+
+def test_a_trie_that_cannot_be_read_blocks_collection_not_the_reader(
+    pin_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adopted trie whose entries cannot be read is set apart (logged), so the reader
+    does not ask for it forever; what it references stays uncollected."""
+    dp = Datapath.open(pin_root, ct_entries=32768, events_bytes=1 << 20)
+    try:
+        program(dp, 80)
+        dp.program_pods({2: PodPolicy(8, ingress(443), ALLOW_ALL)})
+        dp.collect_garbage()
+    finally:
+        dp.close()
+    dp = Datapath.open(pin_root, read_tries=False)
+    try:
+        asked = dp.store.unread_ids(10)
+        broken = asked[0]
+        real = store_mod.RuleStore._read_trie
+
+        def read(self: store_mod.RuleStore, trie_id: int) -> object:
+            if trie_id == broken:
+                raise BpfError(5, "read: input/output error")
+            return real(self, trie_id)
+
+        monkeypatch.setattr(store_mod.RuleStore, "_read_trie", read)
+        dp.store.apply_read(dp.store.read_tries(asked), asked)
+        assert dp.store.unread == 0, "nothing left to ask for"
+        assert not dp.store.references_known
+        dp.remove_pods([2])
+        assert dp.collect_garbage()[1] == 0, "no port set is collected"
+        assert dp.free_ids() == (0, 0)
+        assert (verdict(dp, 80), verdict(dp, 81)) == (OK, SHOT)
+    finally:
+        dp.close()
