@@ -340,12 +340,7 @@ class RuleStore:
                 )
                 installed = True
                 for trie_id, compiled, _ in new:
-                    trie = self._new_trie(trie_id, compiled)
-                    self.tries[trie_id] = trie
-                    self._trie_by_key[trie.digest] = trie_id
-                    for ps_id in trie.portsets:
-                        self._portset_ref(ps_id).refs += 1
-                    self.names.reference_policies(trie.policies, +1)
+                    self._record_trie(trie_id, compiled)
         finally:
             for trie_id, _, m in new:
                 m.close()  # the outer map holds its own reference
@@ -366,13 +361,18 @@ class RuleStore:
             raise
         finally:
             m.close()
+        self._record_trie(trie_id, compiled)
+        return trie_id
+
+    def _record_trie(self, trie_id: int, compiled: CompiledRules) -> None:
+        """A trie now in np_rules with ``compiled``: live, its port sets and inline
+        policies referenced."""
         trie = self._new_trie(trie_id, compiled)
         self.tries[trie_id] = trie
         self._trie_by_key[trie.digest] = trie_id
         for ps_id in trie.portsets:
             self._portset_ref(ps_id).refs += 1
         self.names.reference_policies(trie.policies, +1)
-        return trie_id
 
     @staticmethod
     def _create_trie(trie_id: int, max_entries: int) -> Map:
