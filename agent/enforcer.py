@@ -269,14 +269,8 @@ class Enforcer:
                 except NetlinkOpError:
                     current = None
                 mine = ours(self.dp)
-                if (
-                    current is not None
-                    and (
-                        current.ingress_prog_id,
-                        current.egress_prog_id,
-                    )
-                    == mine
-                ):
+                ids = (current.ingress_prog_id, current.egress_prog_id) if current else None
+                if ids == mine:
                     self.attached[ifindex] = mine
                     return
                 await self._attach(ifindex)

@@ -279,10 +279,10 @@ class RuleStore:
         self._pool.clear()
 
     def reference_adopted_policies(self) -> None:
+        """The policies the adopted port sets carry (the tries' inline ones are
+        referenced once the tries are read: apply_read)."""
         for portset in self._portsets:
             self.names.reference_policies(policy_ids(portset), +1)
-        for trie in self.tries.values():
-            self.names.reference_policies(trie.policies, +1)
 
     def _new_trie(self, trie_id: int, compiled: CompiledRules) -> Trie:
         """The bookkeeping of a trie built here: the port sets it references and the

@@ -173,6 +173,33 @@ class KernelRemover:
         self.obj.close()
 
 
+class SyscallRemover:
+    """The same removals as KernelRemover, one syscall per entry (Map.delete_unless):
+    for kernels that cannot run np_sweep."""
+
+    def __init__(self, ct_map: Map) -> None:
+        self.map = ct_map
+
+    def remove(self, keys: list[bytes], *, started: int, old_enough: int) -> tuple[int, int, int]:
+        """(removed, touched, young) of ``keys``; keys already gone are skipped."""
+        touched = young = 0
+        unpack = _LAST_SEEN.unpack_from
+
+        def keep(value: bytes) -> bool:
+            nonlocal touched, young
+            last_seen = unpack(value)[0]
+            if last_seen >= started:
+                touched += 1
+                return True
+            if last_seen >= old_enough:
+                young += 1
+                return True
+            return False
+
+        removed = self.map.delete_unless(keys, keep) if keys else 0
+        return removed, touched, young
+
+
 class Sweeper:
     def __init__(
         self,
@@ -187,7 +214,7 @@ class Sweeper:
         not checked. ``remover``: removals in batches in the kernel; None: one syscall
         per entry (Map.delete_unless), where the kernel cannot run it."""
         self.map = ct_map
-        self.remover = remover
+        self.remover: KernelRemover | SyscallRemover = remover or SyscallRemover(ct_map)
         self.fallback_idle_ns = int(fallback_idle * 1e9)
         self.kernel_scan = kernel_scan
         self.interfaces = interfaces
@@ -276,39 +303,16 @@ class Sweeper:
         if res.kernel_entries == 0 and dead:
             res.fallback = True
             old_enough = started - self.fallback_idle_ns
-        unpack = _LAST_SEEN.unpack_from
-
-        def keep(value: bytes) -> bool:
-            """Re-read right before each delete: used since the sweep began? kept."""
-            last_seen = unpack(value)[0]
-            if last_seen >= started:
-                res.touched += 1
-                return True
-            if last_seen >= old_enough:
-                res.young += 1
-                return True
-            return False
-
-        def keep_orphan(value: bytes) -> bool:
-            if unpack(value)[0] >= started:
-                res.touched += 1
-                return True
-            return False
-
         orphans = [k for k in dead if k in orphaned]
         others = [k for k in dead if k not in orphaned]
-        if self.remover is not None:
-            # an orphan is kept only if touched: "young" is the fallback rule's alone
-            removed, touched, _ = self.remover.remove(orphans, started=started, old_enough=_NEVER)
-            res.orphans, res.touched = removed, res.touched + touched
-            removed, touched, young = self.remover.remove(
-                others, started=started, old_enough=old_enough
-            )
-            res.removed = res.orphans + removed
-            res.touched, res.young = res.touched + touched, res.young + young
-        else:
-            res.orphans = self.map.delete_unless(orphans, keep_orphan) if orphans else 0
-            res.removed = res.orphans + self.map.delete_unless(others, keep)
+        # an orphan is kept only if touched: "young" is the fallback rule's alone
+        removed, touched, _ = self.remover.remove(orphans, started=started, old_enough=_NEVER)
+        res.orphans, res.touched = removed, touched
+        removed, touched, young = self.remover.remove(
+            others, started=started, old_enough=old_enough
+        )
+        res.removed = res.orphans + removed
+        res.touched, res.young = res.touched + touched, young
         res.kept = res.idle - res.removed
         res.duration = time.monotonic() - t0
         return res
