@@ -389,6 +389,7 @@ def per_packet(sizes: Sequence[int], repeat: int, rounds: int = 7) -> list[dict[
     minimal: list[BpfObject] = []
     try:
         dp.set_event_flags(emit_deny=False, emit_allow=False)
+        dp.set_host_addresses([ipaddress.ip_address("10.66.0.1")])  # the node, as the agent sets
         for ifindex, n in enumerate((*(str(size) for size in sizes), "tiered"), 1):
             started = time.monotonic()
             if n == "tiered":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Iterable
 
 from bpf import layout as lay
 from bpf.maps import TypedMap
@@ -32,6 +33,18 @@ def host_key(address: lay.Address) -> lay.NpAddr:
     key = lay.NpAddr(family=lay.addr_family(address))
     ctypes.memmove(key.addr, lay.addr_bytes(address), 16)
     return key
+
+
+def host_filter_record(keys: Iterable[bytes]) -> lay.NpHostFilter:
+    """The np_host_filter record (see bpf/np.h) summarising ``keys`` (np_addr bytes, as
+    host_key makes them): each address sets the bit numbered by the xor of its 16 bytes."""
+    out = lay.NpHostFilter(ready=1)
+    for key in keys:
+        x = 0
+        for byte in key[:16]:
+            x ^= byte
+        out.bits[x >> 6] |= 1 << (x & 63)
+    return out
 
 
 _RULES_FLAG = {

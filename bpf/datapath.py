@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from bpf import layout as lay
-from bpf.codec import host_key, inline_portset, meta_name, policy_ids, sum_stats
+from bpf.codec import host_filter_record, host_key, inline_portset, meta_name, policy_ids, sum_stats
 from bpf.errors import BpfError
 from bpf.loading import grace_from_env, load_object
 from bpf.maps import Map, TypedMap
@@ -89,6 +89,9 @@ class Datapath:
         )
         self.host_addrs: TypedMap[lay.NpAddr, ctypes.c_uint32] = TypedMap(
             m[lay.MAP_HOST_ADDRS], lay.NpAddr, U32
+        )
+        self.host_filter: TypedMap[ctypes.c_uint32, lay.NpHostFilter] = TypedMap(
+            m[lay.MAP_HOST_FILTER], U32, lay.NpHostFilter
         )
         self.config: TypedMap[ctypes.c_uint32, lay.NpConfig] = TypedMap(
             m[lay.MAP_CONFIG], U32, lay.NpConfig
@@ -464,13 +467,18 @@ class Datapath:
         self.config.update(U32(0), lay.NpConfig(flags=flags))
 
     def set_host_addresses(self, addresses: Iterable[lay.Address]) -> None:
-        """The node's own addresses: traffic between them and any pod always passes."""
+        """The node's own addresses: traffic between them and any pod always passes.
+
+        The filter (np_host_filter) covers every address in the map at every moment: it
+        covers old and new before the map changes, and only the new after."""
         want = {bytes(host_key(a)) for a in addresses}
         have = {bytes(k) for k in self.host_addrs}
+        self.host_filter.update(U32(0), host_filter_record(want | have))
         for raw in have - want:
             self.host_addrs.raw.delete(raw)
         for raw in want - have:
             self.host_addrs.raw.update(raw, bytes(U32(1)))
+        self.host_filter.update(U32(0), host_filter_record(want))
 
     def stats(self) -> dict[str, int]:
         """Datapath counters summed over CPUs."""

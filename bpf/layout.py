@@ -321,6 +321,11 @@ class NpAddr(Struct):
     _fields_ = [("addr", u8 * 16), ("family", u8), ("pad", u8 * 3)]
 
 
+class NpHostFilter(Struct):
+    _c_name = "np_host_filter"
+    _fields_ = [("bits", u64 * 4), ("ready", u32), ("pad", u32)]
+
+
 class NpConfig(Struct):
     _c_name = "np_config"
     _fields_ = [("flags", u32), ("pad", u32)]
@@ -403,6 +408,7 @@ MIRRORS: tuple[type[Struct], ...] = (
     NpPodInputs,
     NpSweepArgs,
     NpAddr,
+    NpHostFilter,
     NpConfig,
     NpStats,
     NpPodMeta,
@@ -420,6 +426,7 @@ MAP_PORTSETS = "np_portsets"
 MAP_CT = "np_ct"
 MAP_FRAGS = "np_frags"
 MAP_HOST_ADDRS = "np_host_addrs"
+MAP_HOST_FILTER = "np_host_filter"
 MAP_CONFIG = "np_config"
 MAP_STATS = "np_stats"
 MAP_EVENTS = "np_events"

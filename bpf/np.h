@@ -272,6 +272,20 @@ struct np_addr {
 };
 _Static_assert(sizeof(struct np_addr) == 20, "np_addr size");
 
+/* np_host_filter: one record summarising np_host_addrs, so that a new flow from a peer
+ * that is no node address (nearly every one) skips the lookup. Bit NP_HOST_FILTER_BIT(a)
+ * of `bits` is set for every address in np_host_addrs; a set bit may also stand for an
+ * address since removed (the lookup then answers). While `ready` is 0 (a map just
+ * created, not yet written) the record summarises nothing and every flow looks up.
+ * The bit of an address: the xor of its 16 bytes (the program folds 32-bit words, which
+ * gives the same byte in either byte order). */
+struct np_host_filter {
+	__u64 bits[4];
+	__u32 ready;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct np_host_filter) == 40, "np_host_filter size");
+
 /* np_config: single-element array of datapath settings. */
 struct np_config {
 	__u32 flags;            /* NP_CFG_* */

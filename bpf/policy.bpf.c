@@ -122,6 +122,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
+	__type(value, struct np_host_filter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_host_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct np_config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_config SEC(".maps");
@@ -421,10 +429,23 @@ static __always_inline void np_track_fragment(struct np_packet *pkt, struct np_c
 	}
 }
 
+/* Whether the peer is one of the node's addresses: np_host_filter first (see np.h), the
+ * lookup only when its bit is set. */
 static __always_inline int np_is_host(const struct np_ct_key *key)
 {
+	struct np_host_filter *filter;
 	struct np_addr a = {};
+	__u32 zero = 0, w[4], x;
 
+	filter = bpf_map_lookup_elem(&np_host_filter, &zero);
+	if (filter && filter->ready) {
+		__builtin_memcpy(w, key->peer_addr, 16);
+		x = w[0] ^ w[1] ^ w[2] ^ w[3];
+		x ^= x >> 16;
+		x = (x ^ (x >> 8)) & 0xff;
+		if (!(filter->bits[x >> 6] & (1ULL << (x & 63))))
+			return 0;
+	}
 	__builtin_memcpy(a.addr, key->peer_addr, 16);
 	a.family = key->family;
 	return bpf_map_lookup_elem(&np_host_addrs, &a) != 0;

@@ -25,6 +25,7 @@ PINNED_BY_NAME = (
     lay.MAP_CT,
     lay.MAP_FRAGS,
     lay.MAP_HOST_ADDRS,
+    lay.MAP_HOST_FILTER,
     lay.MAP_CONFIG,
     lay.MAP_STATS,
     lay.MAP_EVENTS,

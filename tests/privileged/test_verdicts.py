@@ -7,6 +7,7 @@ packets are built byte by byte, so header layouts the veth tests cannot easily p
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import struct
 
@@ -127,6 +128,36 @@ def test_node_addresses_always_pass(pod: Pod, family: int) -> None:
     pod.dp.set_host_addresses([])
     pod.flush_ct()
     assert pod.tcp_in(family, 10250) == SHOT
+
+
+def test_every_node_address_passes_through_the_filter(pod: Pod) -> None:
+    """np_host_filter lets a new flow skip the node-address lookup when its bit is clear:
+    the bit the agent computes must be the bit the program computes, for every address
+    (64 of each family: most of the filter's 256 bits), and an address removed from the
+    map no longer passes even where its bit stays set for another address."""
+    pod.program(ingress=DENY_ALL, egress=DENY_ALL)
+    node = [ip(f"10.{i}.{i * 7 % 256}.{i * 13 % 256}") for i in range(1, 33)]
+    node += [ip(f"fd00:{i:x}::{i * 31:x}") for i in range(1, 33)]
+    pod.dp.set_host_addresses(node)
+    for address in node:
+        family = address.version
+        assert pod.from_pod(pk.packet(src=POD[family], dst=address, protocol=UDP)) == OK, address
+    filt = pod.dp.host_filter.lookup(ctypes.c_uint32(0))
+    assert filt is not None
+    assert filt.ready == 1
+    assert 0 < sum(bin(b).count("1") for b in filt.bits) <= len(node)
+    pod.dp.set_host_addresses(node[1:])
+    pod.flush_ct()
+    assert pod.from_pod(pk.packet(src=POD[4], dst=node[0], protocol=UDP)) == SHOT
+    # a record never written (ready 0) summarises nothing: every flow looks up
+    pod.dp.host_filter.update(ctypes.c_uint32(0), lay.NpHostFilter())
+    pod.flush_ct()
+    assert pod.from_pod(pk.packet(src=POD[6], dst=node[-1], protocol=UDP)) == OK
+    assert pod.from_pod(pk.packet(src=POD[4], dst=node[0], protocol=UDP)) == SHOT
+    # a filter with the address's bit clear hides it: the filter is consulted
+    pod.dp.host_filter.update(ctypes.c_uint32(0), lay.NpHostFilter(ready=1))
+    pod.flush_ct()
+    assert pod.from_pod(pk.packet(src=POD[6], dst=node[-1], protocol=UDP)) == SHOT
 
 
 @pytest.mark.parametrize("family", [4, 6])
