@@ -35,7 +35,7 @@ from agent.metrics import AgentMetrics
 from agent.programming import Outcome, Plan, Programmer
 from agent.worker import DatapathWorker
 from bpf import layout as lay
-from bpf.attach import attach, attachment, ours
+from bpf.attach import attach, attachment, attachments, ours
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, PodPolicy
 from bpf.errors import BpfError
 from bpf.store import POOL_SIZE
@@ -257,25 +257,26 @@ class Enforcer:
         if stale:
             await self.worker.call(self.programmer.remove, stale)
         self.records = set(self.dp.pod_ifindexes()) - set(stale)
-        # checked concurrently: a restart keeps the same programs (bpf.loading), so most
-        # veths need no attaching, only a look
+        # a restart keeps the same programs (bpf.loading): most veths need no attaching,
+        # only a look, and all are looked at in one read
+        mine = ours(self.dp)
+        try:
+            current = await attachments(self._nl, sorted(self.records))
+        except NetlinkOpError as exc:
+            log.warning("enforcer.attachments_unread", error=str(exc))
+            current = {}
+        for ifindex, att in current.items():
+            if (att.ingress_prog_id, att.egress_prog_id) == mine:
+                self.attached[ifindex] = mine
         gate = asyncio.Semaphore(ATTACH_CONCURRENCY)
 
         async def attach_one(ifindex: int) -> None:
             async with gate:
-                assert self._nl is not None
-                try:
-                    current = await attachment(self._nl, ifindex)
-                except NetlinkOpError:
-                    current = None
-                mine = ours(self.dp)
-                ids = (current.ingress_prog_id, current.egress_prog_id) if current else None
-                if ids == mine:
-                    self.attached[ifindex] = mine
-                    return
                 await self._attach(ifindex)
 
-        await asyncio.gather(*(attach_one(i) for i in sorted(self.records)))
+        await asyncio.gather(
+            *(attach_one(i) for i in sorted(self.records) if self.attached.get(i) != mine)
+        )
         log.info("enforcer.adopted", records=len(self.records), removed_stale=len(stale))
 
     async def _attach(self, ifindex: int) -> None:

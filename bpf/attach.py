@@ -9,12 +9,13 @@ at a newly loaded program never leaves it unfiltered.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from bpf import layout
 from bpf.objects import Program
-from common.netlink import HOOK_EGRESS, HOOK_INGRESS, Netlink
+from common.netlink import HOOK_EGRESS, HOOK_INGRESS, Netlink, TcBpfFilter
 
 
 class HasPrograms(Protocol):
@@ -47,8 +48,17 @@ async def detach(nl: Netlink, ifindex: int) -> None:
 
 
 async def attachment(nl: Netlink, ifindex: int) -> Attachment:
+    return _attachment(await nl.bpf_filters(ifindex))
+
+
+async def attachments(nl: Netlink, ifindexes: Sequence[int]) -> dict[int, Attachment]:
+    """attachment() of many interfaces, read at once (Netlink.bpf_filters_of)."""
+    return {i: _attachment(fs) for i, fs in (await nl.bpf_filters_of(ifindexes)).items()}
+
+
+def _attachment(filters: Iterable[TcBpfFilter]) -> Attachment:
     ids = {HOOK_INGRESS: 0, HOOK_EGRESS: 0}
-    for f in await nl.bpf_filters(ifindex):
+    for f in filters:
         if f.name in (layout.PROG_INGRESS, layout.PROG_EGRESS):
             ids[f.hook] = f.prog_id
     return Attachment(ingress_prog_id=ids[POD_INGRESS_HOOK], egress_prog_id=ids[POD_EGRESS_HOOK])
