@@ -119,7 +119,10 @@ def policy(i: int, cidrs: int, *, variant: int = 0) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, pods: int, cidrs: int, samples: int, window: float) -> None:
+    def __init__(
+        self, pods: int, cidrs: int, samples: int, window: float, *, keep_logs: bool = False
+    ) -> None:
+        self.keep_logs = keep_logs
         tag = f"npg{uuid.uuid4().hex[:4]}"
         self.sim = SimNode(tag)
         self.workdir = Path(tempfile.mkdtemp(prefix="np-bench-"))
@@ -374,7 +377,10 @@ class Bench:
         await self.stack.close()
         await self.sim.close()
         Datapath.unpin(self.pin_root)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.keep_logs:
+            print(f"  the processes' logs: {self.workdir}", flush=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -447,7 +453,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     pods = args.pods or (25 if args.quick else 250)
     cidrs = args.cidrs or 1000
     bench = Bench(
-        pods, cidrs, samples=30 if args.quick else 200, window=3.0 if args.quick else 10.0
+        pods,
+        cidrs,
+        samples=30 if args.quick else 200,
+        window=3.0 if args.quick else 10.0,
+        keep_logs=args.keep_logs,
     )
     try:
         await bench.setup()
@@ -467,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pods", type=int, help="pods on the node (250)")
     p.add_argument("--cidrs", type=int, help="CIDRs per pod's policy (1000)")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = p.parse_args(argv)
     prepare()
     figures = asyncio.run(run(args))
