@@ -27,10 +27,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import yaml
 from aiohttp import web
 
+from fakekube import discovery, patches, protobuf, tables
+from fakekube.admission import admit
 from fakekube.selectors import SelectorError
-from fakekube.store import RESOURCES, ApiError, Obj, Resource, Store, Watcher
+from fakekube.store import NAMESPACES, RESOURCES, ApiError, Obj, Resource, Store, Watcher
 
 SocketFactory = Callable[[], socket.socket]
 
@@ -52,8 +55,17 @@ def _routes_for(r: Resource) -> tuple[str, str | None, str | None]:
 
 
 class FakeKube:
-    def __init__(self, *, bookmark_interval: float = 1.0, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        bookmark_interval: float = 1.0,
+        history_limit: int = 100_000,
+        admission: bool = False,
+    ) -> None:
         self.store = Store(history_limit=history_limit)
+        # validate what clients write, as the real server does (fakekube.admission); off,
+        # tests can write what a lax or older server would have let through
+        self.admission = admission
         self.bookmark_interval = bookmark_interval
         self.requests: Counter[str] = Counter()  # "list pods", "watch policyendpoints", ...
         # tests: seconds each watch event of a resource (by plural) is held before it is
@@ -63,6 +75,7 @@ class FakeKube:
         self._cut_at: dict[str, Callable[[Obj], bool]] = {}
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
+        self._extra_sites: list[web.BaseSite] = []
         self._sock_factory: SocketFactory | None = None
         self.url = ""
         self.app = self._build()
@@ -71,6 +84,12 @@ class FakeKube:
     def _build(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/version", self._version)
+        app.router.add_get("/api", self._api)
+        app.router.add_get("/apis", self._apis)
+        app.router.add_get("/api/{version}", self._resource_list)
+        app.router.add_get("/apis/{group}/{version}", self._resource_list)
+        app.router.add_get("/openapi/v3", self._openapi_index)
+        app.router.add_get("/openapi/v3/{path:.+}", self._openapi_document)
         for r in RESOURCES:
             collection, ns_collection, item = _routes_for(r)
             app.router.add_get(collection, self._collection(r))
@@ -121,18 +140,31 @@ class FakeKube:
         self._site = web.SockSite(self._runner, sock)
         await self._site.start()
 
+    async def listen_also(self, sock: socket.socket) -> str:
+        """Serve on one more listening socket too (e.g. the host's loopback while the
+        main one is in a node's namespace); returns its URL."""
+        assert self._runner is not None
+        sock.listen(128)
+        sock.setblocking(False)
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        self._extra_sites.append(site)
+        addr = sock.getsockname()
+        return f"http://{addr[0]}:{addr[1]}"
+
     async def stop(self) -> None:
         await self.drop_watches()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
-    def write_kubeconfig(self, path: str) -> None:
+    def write_kubeconfig(self, path: str, *, url: str = "") -> None:
+        """A kubeconfig for this server (at ``url``, default the main socket's)."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "fake", "cluster": {"server": url or self.url}}],
             "users": [{"name": "fake", "user": {"token": "fake-token"}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }
@@ -195,6 +227,45 @@ class FakeKube:
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})
 
+    async def _api(self, request: web.Request) -> web.Response:
+        return web.json_response(discovery.api_versions(request.host))
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        return web.json_response(discovery.api_group_list(RESOURCES))
+
+    async def _resource_list(self, request: web.Request) -> web.Response:
+        group = request.match_info.get("group", "")
+        doc = discovery.api_resource_list(group, request.match_info["version"], RESOURCES)
+        if doc is None:
+            return _error(
+                ApiError(404, "NotFound", "the server could not find the requested resource")
+            )
+        return web.json_response(doc)
+
+    async def _openapi_index(self, request: web.Request) -> web.Response:
+        return web.json_response(discovery.openapi_v3_index(RESOURCES))
+
+    async def _openapi_document(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        for (group, version), served in discovery.group_versions(RESOURCES).items():
+            if path == (f"apis/{group}/{version}" if group else f"api/{version}"):
+                return web.json_response(discovery.openapi_v3_document(served))
+        return _error(ApiError(404, "NotFound", "the server could not find the requested resource"))
+
+    def _admit(self, r: Resource, obj: Obj, request: web.Request) -> None:
+        """The admission checks, when on (ApiError if refused)."""
+        if not self.admission:
+            return
+        admit(r, obj, strict=request.query.get("fieldValidation") == "Strict")
+        ns = request.match_info.get("namespace") or (obj.get("metadata") or {}).get("namespace")
+        if r.namespaced and ns and (("", ns) not in self.store.objects[NAMESPACES]):
+            raise ApiError(
+                404,
+                "NotFound",
+                f'namespaces "{ns}" not found',
+                details={"name": ns, "kind": "namespaces"},
+            )
+
     def _bookmark(self, r: Resource) -> Obj:
         return {
             "type": "BOOKMARK",
@@ -238,6 +309,15 @@ class FakeKube:
             meta: Obj = {"resourceVersion": str(rv)}
             if token:
                 meta["continue"] = token
+            if tables.wants_table(request.headers.get("Accept", "")):
+                return web.json_response(
+                    tables.table(
+                        r,
+                        items,
+                        resource_version=str(rv),
+                        include_object=q.get("includeObject", "Metadata"),
+                    )
+                )
             if metadata_only:
                 return web.json_response(
                     {
@@ -322,6 +402,11 @@ class FakeKube:
                 backlog,
                 bookmarks=q.get("allowWatchBookmarks") in ("1", "true"),
                 timeout=float(q.get("timeoutSeconds", "0") or 0),
+                table=(
+                    q.get("includeObject", "Metadata")
+                    if tables.wants_table(request.headers.get("Accept", ""))
+                    else None
+                ),
             )
         except asyncio.CancelledError:
             # a dropped watch: close the transport so the client sees the cut
@@ -362,15 +447,17 @@ class FakeKube:
         *,
         bookmarks: bool,
         timeout: float,
+        table: str | None = None,
     ) -> None:
-        """The backlog, then each event as it comes, until the timeout or a cut."""
+        """The backlog, then each event as it comes, until the timeout or a cut; each
+        object as a one-row Table if ``table`` (its includeObject) is given."""
         r = watcher.resource
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout > 0 else None
         for item in backlog:
             if await self._maybe_cut(request, resp, r.plural, item):
                 return
-            await self._send_event(resp, r, item)
+            await self._send_event(resp, r, item, table)
         while True:
             wait = self.bookmark_interval if bookmarks else 3600.0
             if deadline is not None:
@@ -390,12 +477,21 @@ class FakeKube:
                 continue
             if await self._maybe_cut(request, resp, r.plural, item):
                 return
-            await self._send_event(resp, r, item)
+            await self._send_event(resp, r, item, table)
 
-    async def _send_event(self, resp: web.StreamResponse, r: Resource, item: Obj) -> None:
+    async def _send_event(
+        self, resp: web.StreamResponse, r: Resource, item: Obj, table: str | None = None
+    ) -> None:
         delay = self.watch_delay.get(r.plural, 0.0)
         if delay and item.get("type") != "BOOKMARK":
             await asyncio.sleep(delay)
+        obj = item.get("object")
+        if table is not None and item.get("type") != "BOOKMARK" and isinstance(obj, dict):
+            rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+            item = {
+                "type": item["type"],
+                "object": tables.table(r, [obj], resource_version=rv, include_object=table),
+            }
         await _send(resp, item)
 
     async def _maybe_cut(
@@ -421,12 +517,13 @@ class FakeKube:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"create {r.plural}"] += 1
             try:
-                body = await request.json()
-                obj = self.store.create(r, request.match_info.get("namespace"), body)
+                body = await _body(request)
+                self._admit(r, body, request)
+                obj = self.store.create(
+                    r, request.match_info.get("namespace"), body, dry_run=_dry_run(request)
+                )
             except ApiError as exc:
                 return _error(exc)
-            except json.JSONDecodeError:
-                return _error(ApiError(400, "BadRequest", "body is not JSON"))
             return web.json_response(obj, status=201)
 
         return handler
@@ -440,6 +537,12 @@ class FakeKube:
                 )
             except ApiError as exc:
                 return _error(exc)
+            if tables.wants_table(request.headers.get("Accept", "")):
+                return web.json_response(
+                    tables.table(
+                        r, [obj], include_object=request.query.get("includeObject", "Metadata")
+                    )
+                )
             return web.json_response(obj)
 
         return handler
@@ -448,13 +551,16 @@ class FakeKube:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"update {r.plural}"] += 1
             try:
-                body = await request.json()
+                body = await _body(request)
+                if not status:
+                    self._admit(r, body, request)
                 obj = self.store.update(
                     r,
                     request.match_info.get("namespace", ""),
                     request.match_info["name"],
                     body,
                     status_only=status,
+                    dry_run=_dry_run(request),
                 )
             except ApiError as exc:
                 return _error(exc)
@@ -466,23 +572,63 @@ class FakeKube:
         async def handler(request: web.Request) -> web.Response:
             self.requests[f"patch {r.plural}"] += 1
             ctype = request.content_type
-            if ctype not in (
-                "application/merge-patch+json",
-                "application/strategic-merge-patch+json",
-            ):
+            apply = _PATCHES.get(ctype, ...)
+            if apply is ...:
                 return _error(
                     ApiError(415, "UnsupportedMediaType", f"patch type {ctype} is not supported")
                 )
+            ns, name = request.match_info.get("namespace", ""), request.match_info["name"]
             try:
-                body = await request.json()
+                body = await _body(request, yaml_ok=ctype == APPLY_PATCH)
+                if ctype == APPLY_PATCH:
+                    return await self._apply(request, r, ns, name, body)
                 obj = self.store.patch(
-                    r, request.match_info.get("namespace", ""), request.match_info["name"], body
+                    r,
+                    ns,
+                    name,
+                    body,
+                    apply=apply,
+                    admit=lambda o: self._admit(r, o, request),
+                    dry_run=_dry_run(request),
                 )
             except ApiError as exc:
                 return _error(exc)
             return web.json_response(obj)
 
         return handler
+
+    async def _apply(
+        self, request: web.Request, r: Resource, ns: str, name: str, applied: Any
+    ) -> web.Response:
+        """Server-side apply: creates the object if absent (201), else patches it."""
+        manager = request.query.get("fieldManager", "")
+        if not manager:
+            raise ApiError(422, "Invalid", "PATCH requests of the apply type need a fieldManager")
+        if not isinstance(applied, dict):
+            raise ApiError(400, "BadRequest", "the applied configuration is not an object")
+        meta = applied.get("metadata")
+        if isinstance(meta, dict) and meta.get("name") not in (None, name):
+            raise ApiError(400, "BadRequest", "the name of the body and the path differ")
+        try:
+            self.store.get(r, ns, name)
+        except ApiError as exc:
+            if exc.code != 404:
+                raise
+            body = patches.server_side_apply(None, applied, manager)
+            body.setdefault("metadata", {}).setdefault("name", name)
+            self._admit(r, body, request)
+            created = self.store.create(r, ns or None, body, dry_run=_dry_run(request))
+            return web.json_response(created, status=201)
+        obj = self.store.patch(
+            r,
+            ns,
+            name,
+            applied,
+            apply=lambda current, patch: patches.server_side_apply(current, patch, manager),
+            admit=lambda o: self._admit(r, o, request),
+            dry_run=_dry_run(request),
+        )
+        return web.json_response(obj)
 
     def _item_delete(self, r: Resource) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.Response:
@@ -499,6 +645,32 @@ class FakeKube:
 
 
 RAW = "__raw__"  # a queued item written as is (FakeKube.inject)
+APPLY_PATCH = "application/apply-patch+yaml"
+# patch content type -> how it applies (None: JSON merge patch, the store's own)
+_PATCHES: dict[str, Callable[[Obj, Any], Obj] | None] = {
+    "application/merge-patch+json": None,
+    "application/strategic-merge-patch+json": patches.strategic_merge,
+    "application/json-patch+json": patches.json_patch,
+    APPLY_PATCH: None,
+}
+
+
+async def _body(request: web.Request, *, yaml_ok: bool = False) -> Any:
+    """The request's body: JSON (or YAML, for an apply patch; protobuf for the kinds
+    :mod:`fakekube.protobuf` reads)."""
+    if request.content_type == "application/vnd.kubernetes.protobuf":
+        return protobuf.decode(await request.read())
+    text = await request.text()
+    try:
+        return yaml.safe_load(text) if yaml_ok else json.loads(text)
+    except (ValueError, yaml.YAMLError):
+        raise ApiError(
+            400, "BadRequest", "the body is not valid JSON" + (" or YAML" if yaml_ok else "")
+        ) from None
+
+
+def _dry_run(request: web.Request) -> bool:
+    return request.query.get("dryRun") == "All"
 
 
 async def _send(resp: web.StreamResponse, item: Obj) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import copy
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,23 +29,38 @@ class Resource:
     plural: str
     kind: str
     namespaced: bool
+    short_names: tuple[str, ...] = ()  # as discovery announces them (kubectl get netpol)
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    @property
+    def qualified(self) -> str:
+        """``plural.group``, as the API server names the resource in its messages."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
 
-PODS = Resource("", "v1", "pods", "Pod", True)
-NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
-SERVICES = Resource("", "v1", "services", "Service", True)
-NODES = Resource("", "v1", "nodes", "Node", False)
-NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True)
+
+PODS = Resource("", "v1", "pods", "Pod", True, ("po",))
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False, ("ns",))
+SERVICES = Resource("", "v1", "services", "Service", True, ("svc",))
+NODES = Resource("", "v1", "nodes", "Node", False, ("no",))
+EVENTS = Resource("", "v1", "events", "Event", True, ("ev",))
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", True, ("deploy",))
+NETWORK_POLICIES = Resource(
+    "networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, ("netpol",)
+)
 POLICY_ENDPOINTS = Resource(
     "networking.k8s.aws", "v1alpha1", "policyendpoints", "PolicyEndpoint", True
 )
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 CLUSTER_NETWORK_POLICIES = Resource(
-    "networking.k8s.aws", "v1alpha1", "clusternetworkpolicies", "ClusterNetworkPolicy", False
+    "networking.k8s.aws",
+    "v1alpha1",
+    "clusternetworkpolicies",
+    "ClusterNetworkPolicy",
+    False,
+    ("cnp",),
 )
 APPLICATION_NETWORK_POLICIES = Resource(
     "networking.k8s.aws",
@@ -53,15 +68,23 @@ APPLICATION_NETWORK_POLICIES = Resource(
     "applicationnetworkpolicies",
     "ApplicationNetworkPolicy",
     True,
+    ("anp",),
 )
 CLUSTER_POLICY_ENDPOINTS = Resource(
-    "networking.k8s.aws", "v1alpha1", "clusterpolicyendpoints", "ClusterPolicyEndpoint", False
+    "networking.k8s.aws",
+    "v1alpha1",
+    "clusterpolicyendpoints",
+    "ClusterPolicyEndpoint",
+    False,
+    ("cpe",),
 )
 RESOURCES = (
     PODS,
     NAMESPACES,
     SERVICES,
     NODES,
+    EVENTS,
+    DEPLOYMENTS,
     NETWORK_POLICIES,
     POLICY_ENDPOINTS,
     LEASES,
@@ -72,14 +95,15 @@ RESOURCES = (
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(self, code: int, reason: str, message: str, *, details: Obj | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        self.details = details  # Status.details: name, group, kind, causes
 
     def status(self) -> Obj:
-        return {
+        out: Obj = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -88,6 +112,18 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+def not_found(resource: Resource, name: str) -> ApiError:
+    return ApiError(
+        404,
+        "NotFound",
+        f'{resource.qualified} "{name}" not found',
+        details={"name": name, "group": resource.group, "kind": resource.plural},
+    )
 
 
 @dataclass
@@ -189,7 +225,7 @@ class Store:
     def get(self, resource: Resource, namespace: str, name: str) -> Obj:
         obj = self.objects[resource].get((namespace, name))
         if obj is None:
-            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+            raise not_found(resource, name)
         return copy.deepcopy(obj)
 
     def events_since(self, resource: Resource, rv: int) -> Iterator[Event]:
@@ -212,7 +248,9 @@ class Store:
             w.offer(ev)
         return copy.deepcopy(obj)
 
-    def create(self, resource: Resource, namespace: str | None, body: Obj) -> Obj:
+    def create(
+        self, resource: Resource, namespace: str | None, body: Obj, *, dry_run: bool = False
+    ) -> Obj:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if resource.namespaced:
@@ -229,7 +267,10 @@ class Store:
         key = (meta.get("namespace", ""), meta["name"])
         if key in self.objects[resource]:
             raise ApiError(
-                409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists'
+                409,
+                "AlreadyExists",
+                f'{resource.qualified} "{meta["name"]}" already exists',
+                details={"name": meta["name"], "group": resource.group, "kind": resource.plural},
             )
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
@@ -237,15 +278,24 @@ class Store:
         obj["kind"] = resource.kind
         obj["apiVersion"] = resource.api_version
         apply_defaults(resource, obj)
+        if dry_run:
+            return obj
         self.objects[resource][key] = obj
         return self._commit(resource, "ADDED", obj, None)
 
     def update(
-        self, resource: Resource, namespace: str, name: str, body: Obj, *, status_only: bool = False
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        body: Obj,
+        *,
+        status_only: bool = False,
+        dry_run: bool = False,
     ) -> Obj:
         current = self.objects[resource].get((namespace, name))
         if current is None:
-            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+            raise not_found(resource, name)
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         want_rv = meta.get("resourceVersion")
@@ -253,7 +303,7 @@ class Store:
             raise ApiError(
                 409,
                 "Conflict",
-                f'Operation cannot be fulfilled on {resource.plural} "{name}": '
+                f'Operation cannot be fulfilled on {resource.qualified} "{name}": '
                 "the object has been modified; please apply your changes to the "
                 "latest version and try again",
             )
@@ -274,21 +324,37 @@ class Store:
             obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         if obj == current:
             return copy.deepcopy(current)  # no-op updates do not bump the version
+        if dry_run:
+            return obj
         self.objects[resource][(namespace, name)] = obj
         return self._commit(resource, "MODIFIED", obj, copy.deepcopy(current))
 
-    def patch(self, resource: Resource, namespace: str, name: str, patch: Obj) -> Obj:
+    def patch(
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        patch: Any,
+        *,
+        apply: Callable[[Obj, Any], Obj] | None = None,
+        admit: Callable[[Obj], None] | None = None,
+        dry_run: bool = False,
+    ) -> Obj:
+        """``patch`` applied to the object by ``apply`` (default: JSON merge patch), the
+        result checked by ``admit`` (which raises ApiError to refuse it)."""
         current = self.get(resource, namespace, name)
-        patched = _merge(current, patch)
+        patched = (apply or _merge)(current, patch)
         patched.setdefault("metadata", {}).pop("resourceVersion", None)
-        if (patch.get("metadata") or {}).get("resourceVersion"):
+        if isinstance(patch, dict) and (patch.get("metadata") or {}).get("resourceVersion"):
             patched["metadata"]["resourceVersion"] = patch["metadata"]["resourceVersion"]
-        return self.update(resource, namespace, name, patched)
+        if admit is not None:
+            admit(patched)
+        return self.update(resource, namespace, name, patched, dry_run=dry_run)
 
     def delete(self, resource: Resource, namespace: str, name: str) -> Obj:
         current = self.objects[resource].pop((namespace, name), None)
         if current is None:
-            raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+            raise not_found(resource, name)
         return self._commit(resource, "DELETED", current, copy.deepcopy(current))
 
     def compact(self) -> None:

@@ -115,17 +115,21 @@ STEPS: tuple[tuple[str, str | None, tuple[bool, bool, bool]], ...] = (
 
 
 class Demo:
-    def __init__(self, *, color: bool, workdir: Path) -> None:
+    def __init__(
+        self, *, color: bool, workdir: Path, node: str = "demo-node", admission: bool = False
+    ) -> None:
         tag = f"npd{os.getpid() % 10000:04d}"
         self.sim = SimNode(tag)
         self.pin_root = f"/sys/fs/bpf/np-demo-{os.getpid()}"
         self.workdir = workdir
-        self.stack = NodeStack(self.sim, pin_root=self.pin_root, workdir=workdir, node="demo-node")
+        self.stack = NodeStack(
+            self.sim, pin_root=self.pin_root, workdir=workdir, node=node, admission=admission
+        )
         self.flow_log = workdir / "flows.log"
         self.color = color
         self.pods: dict[str, SimPod] = {}
-        self.servers: list[PodServer] = []
-        self.namespace_of = {p.name: p.namespace for p in PODS}
+        self.servers: dict[str, PodServer] = {}  # by pod name
+        self.pod_uids: dict[str, str] = {}  # pod name -> the uid of its Pod object
         self._flow_offset = 0
         self._next_port = 30000
         self.unexpected = 0
@@ -168,29 +172,41 @@ class Demo:
             f"programs {status.ingress_prog_id}/{status.egress_prog_id}, "
             f"pins under {status.pin_root}"
         )
-        # pods arrive as on EKS: scheduled, wired by the CNI, which calls the agent
-        # (EnforceNpToPod) before the pod's containers start; then the kubelet reports
-        # the pod's addresses
         self.sim.cni_socket = self.stack.npa_socket
         self.sim.mode = status.mode
         for spec in PODS:
-            self.stack.schedule_pod(spec.name, namespace=spec.namespace, labels=spec.labels)
-            started = time.monotonic()
-            pod = await self.sim.add_pod(spec.name, namespace=spec.namespace)
-            answered_ms = (time.monotonic() - started) * 1000
-            self.stack.pod_running(pod)
-            server = PodServer(
-                name=f"{spec.namespace}/{spec.name}", netns=pod.netns, listen=spec.listen
-            )
-            await server.start()
-            self.servers.append(server)
-            self.pods[spec.name] = pod
+            pod, answered_ms = await self.add_pod(spec)
             print(
                 f"  pod {spec.namespace + '/' + spec.name:<30} {pod.ipv4!s:<11} "
                 f"{pod.ipv6!s:<13} host veth {pod.host_veth} "
                 f"(wired and EnforceNpToPod answered in {answered_ms:.0f} ms)"
             )
         print(self.c(DIM, f"  process logs and the flow log are in {self.workdir}"))
+
+    async def add_pod(
+        self, spec: DemoPod, *, written: dict[str, Any] | None = None
+    ) -> tuple[SimPod, float]:
+        """A pod as it arrives on EKS: scheduled, wired by the CNI (which calls the agent
+        before the pod's containers start), then reported running with its addresses,
+        with a server answering its name on ``spec.listen``. ``written``: the Pod object
+        exists already (written by a client), and is scheduled here. Returns the pod and
+        how long the CNI's call to the agent took (ms)."""
+        if written is None:
+            obj = self.stack.schedule_pod(spec.name, namespace=spec.namespace, labels=spec.labels)
+        else:
+            obj = self.stack.schedule_written(written)
+        self.pod_uids[spec.name] = obj["metadata"]["uid"]
+        started = time.monotonic()
+        pod = await self.sim.add_pod(spec.name, namespace=spec.namespace, labels=spec.labels)
+        answered_ms = (time.monotonic() - started) * 1000
+        self.stack.pod_running(pod)
+        server = PodServer(
+            name=f"{spec.namespace}/{spec.name}", netns=pod.netns, listen=spec.listen
+        )
+        await server.start()
+        self.servers[spec.name] = server
+        self.pods[spec.name] = pod
+        return pod, answered_ms
 
     async def _ready(self, timeout: float = 30) -> NodeStatus:
         deadline = time.monotonic() + timeout
@@ -258,36 +274,48 @@ class Demo:
         return f"{meta['namespace']}/{meta['name']}"
 
     async def probe(self, flow: Flow, family: int) -> bool:
-        client, server = self.pods[flow.client], self.pods[flow.server]
+        return await self.probe_pods(
+            self.pods[flow.client], self.pods[flow.server], flow.port, flow.protocol, family
+        )
+
+    async def probe_pods(
+        self, client: SimPod, server: SimPod, port: int, protocol: str, family: int
+    ) -> bool:
+        """Whether ``client`` reaches ``server``'s server on port/protocol over IPv4 or
+        IPv6 (the answer must carry the server's name)."""
         # a fresh client port each time: a reused one could match a flow still tracked
         # from an earlier step and pass as established
         self._next_port = 30000 if self._next_port >= 60000 else self._next_port + 1
-        fn = tcp_probe if flow.protocol == "TCP" else udp_probe
+        fn = tcp_probe if protocol == "TCP" else udp_probe
         return await fn(
             netns=client.netns,
             target=server.address(family),
-            port=flow.port,
+            port=port,
             timeout=0.4,
-            expect=f"{self.namespace_of[flow.server]}/{flow.server}",
+            expect=f"{server.namespace}/{server.name}",
             source_port=self._next_port,
         )
 
     async def explain(self, flow: Flow) -> str:
+        return await self.explain_pods(
+            self.pods[flow.client], self.pods[flow.server], flow.port, flow.protocol
+        )
+
+    async def explain_pods(self, client: SimPod, server: SimPod, port: int, protocol: str) -> str:
         """The agent's account of the denial, asked on both ends (np-cli explain)."""
-        client, server = self.pods[flow.client], self.pods[flow.server]
         asks = (
             ExplainRequest(
-                pod=f"{self.namespace_of[flow.client]}/{flow.client}",
+                pod=f"{client.namespace}/{client.name}",
                 peer=str(server.ipv4),
-                port=flow.port,
-                protocol=flow.protocol,  # type: ignore[arg-type]
+                port=port,
+                protocol=protocol,  # type: ignore[arg-type]
                 direction="egress",
             ),
             ExplainRequest(
-                pod=f"{self.namespace_of[flow.server]}/{flow.server}",
+                pod=f"{server.namespace}/{server.name}",
                 peer=str(client.ipv4),
-                port=flow.port,
-                protocol=flow.protocol,  # type: ignore[arg-type]
+                port=port,
+                protocol=protocol,  # type: ignore[arg-type]
                 direction="ingress",
             ),
         )
@@ -346,7 +374,7 @@ class Demo:
 
     async def close(self) -> None:
         await self.stack.close()
-        for server in self.servers:
+        for server in self.servers.values():
             await server.close()
         await self.sim.close()
         Datapath.unpin(self.pin_root)

@@ -15,6 +15,7 @@ Used by the demo, the privileged tests and the conformance harness.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -46,6 +47,15 @@ MODULES = {
 }
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, so that a
+    caller killed outright (SIGKILL) leaves no node process behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class NodeStack:
     def __init__(
         self,
@@ -57,6 +67,7 @@ class NodeStack:
         mode: str = "standard",
         bookmark_interval: float = 0.5,
         ct_entries: int = 32768,
+        admission: bool = False,
     ) -> None:
         self.sim = sim
         self.pin_root = pin_root
@@ -64,7 +75,7 @@ class NodeStack:
         self.node = node
         self.mode = mode
         self.ct_entries = ct_entries
-        self.api = FakeKube(bookmark_interval=bookmark_interval)
+        self.api = FakeKube(bookmark_interval=bookmark_interval, admission=admission)
         self.kubeconfig = str(workdir / "kubeconfig")
         self.runtime_dir = str(workdir / "run")
         self.procs: dict[str, asyncio.subprocess.Process] = {}
@@ -143,6 +154,14 @@ class NodeStack:
                 "status": {"phase": "Pending", "hostIP": str(self.sim.node_ipv4)},
             },
         )
+
+    def schedule_written(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A Pod object a client wrote, placed on this node by the scheduler."""
+        meta = obj["metadata"]
+        body = dict(self.api.store.get(fs.PODS, meta["namespace"], meta["name"]))
+        body["spec"] = {**(body.get("spec") or {}), "nodeName": self.node}
+        body["status"] = {"phase": "Pending", "hostIP": str(self.sim.node_ipv4)}
+        return self.api.store.update(fs.PODS, meta["namespace"], meta["name"], body)
 
     def pod_running(self, pod: SimPod) -> dict[str, Any]:
         """The kubelet's status update once the sandbox is up: the pod's addresses."""
@@ -267,7 +286,12 @@ class NodeStack:
             # a session of its own: a Ctrl-C meant for the caller (the demo) must not
             # reach the processes, which the caller stops in order
             proc = await asyncio.create_subprocess_exec(
-                *args, env=environment, stdout=log, stderr=log, start_new_session=True
+                *args,
+                env=environment,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=_stop_with_parent,
             )
         self.procs[name] = proc
         return proc
