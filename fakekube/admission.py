@@ -1,7 +1,8 @@
 """The API server's validation of what a client writes (``FakeKube(admission=True)``), for
 the kinds a user writes by hand: object names, the policy kinds' specs (the same rules
 np-resolver applies, from :mod:`resolver.validate` and :mod:`resolver.cluster`), and,
-with ``fieldValidation=Strict`` (kubectl's default), unknown top-level fields.
+with ``fieldValidation=Strict`` (kubectl's default), unknown fields (top-level ones of
+every kind; all of them where :mod:`fakekube.schemas` has the kind's schema).
 
 A refusal is a ``Status`` as the real server sends it: 422 Invalid with the offending
 field in ``details.causes`` (kubectl prints ``The NetworkPolicy "x" is invalid: ...``),
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 from fakekube import store as fs
+from fakekube.schemas import schema_for, unknown_fields
 from fakekube.store import ApiError
 from resolver.cluster import validate_cluster_spec
 from resolver.validate import InvalidPolicy, validate_spec
@@ -56,6 +58,9 @@ def admit(resource: fs.Resource, obj: Obj, *, strict: bool) -> None:
     if strict:
         allowed = _TOP_LEVEL | (_EVENT_FIELDS if resource == fs.EVENTS else set())
         unknown = sorted(k for k in obj if k not in allowed)
+        schema = schema_for(resource)
+        if schema is not None:
+            unknown += unknown_fields({k: v for k, v in obj.items() if k in allowed}, schema)
         if unknown:
             raise ApiError(
                 400,

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,27 +382,37 @@ class Demo:
         Datapath.unpin(self.pin_root)
 
 
-async def amain(*, color: bool, keep: bool) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="np-demo-"))
-    demo = Demo(color=color, workdir=workdir)
+@contextlib.contextmanager
+def cancelled_by_signals() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM cancel the current task. On leaving, both are ignored,
+    so that the cleanup which follows finishes even if a second Ctrl-C arrives."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         if task is not None:
             loop.add_signal_handler(sig, task.cancel)
     try:
-        return await demo.run()
-    except asyncio.CancelledError:
-        print("\ninterrupted, cleaning up")
-        return 130
-    except Exception as exc:  # the demo reports and cleans up whatever went wrong
-        print(f"\ndemo failed: {exc}", file=sys.stderr)
-        return 1
+        yield
     finally:
-        # cleanup must finish even if a second Ctrl-C arrives meanwhile
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+
+
+async def amain(*, color: bool, keep: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="np-demo-"))
+    demo = Demo(color=color, workdir=workdir)
+    try:
+        with cancelled_by_signals():
+            try:
+                return await demo.run()
+            except asyncio.CancelledError:
+                print("\ninterrupted, cleaning up")
+                return 130
+            except Exception as exc:  # the demo reports and cleans up whatever went wrong
+                print(f"\ndemo failed: {exc}", file=sys.stderr)
+                return 1
+    finally:
         await demo.close()
         if keep:
             print(f"logs kept in {workdir}")
