@@ -119,8 +119,14 @@ class Datapath:
         self.ingress_prog: Program = obj.programs[lay.PROG_INGRESS]
         self.egress_prog: Program = obj.programs[lay.PROG_EGRESS]
         self._records: dict[int, _Record] = {}
+        self.pod_drops: TypedMap[ctypes.c_uint32, lay.NpPodDrops] = TypedMap(
+            m[lay.MAP_POD_DROPS], U32, lay.NpPodDrops
+        )
         self.names = Registry(
-            pod_meta=self.pod_meta, policies=self.policies, grace=grace_from_env()
+            pod_meta=self.pod_meta,
+            policies=self.policies,
+            pod_drops=self.pod_drops,
+            grace=grace_from_env(),
         )
         self.store = RuleStore(
             rules=self.rules, portsets=self.portsets, names=self.names, pins=self.pins

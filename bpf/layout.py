@@ -326,6 +326,16 @@ class NpHostFilter(Struct):
     _fields_ = [("bits", u64 * 4), ("ready", u32), ("pad", u32)]
 
 
+class NpPodDrops(Struct):
+    _c_name = "np_pod_drops"
+    _fields_ = [
+        ("ingress_packets", u64),
+        ("ingress_bytes", u64),
+        ("egress_packets", u64),
+        ("egress_bytes", u64),
+    ]
+
+
 class NpConfig(Struct):
     _c_name = "np_config"
     _fields_ = [("flags", u32), ("pad", u32)]
@@ -409,6 +419,7 @@ MIRRORS: tuple[type[Struct], ...] = (
     NpSweepArgs,
     NpAddr,
     NpHostFilter,
+    NpPodDrops,
     NpConfig,
     NpStats,
     NpPodMeta,
@@ -431,6 +442,7 @@ MAP_CONFIG = "np_config"
 MAP_STATS = "np_stats"
 MAP_EVENTS = "np_events"
 MAP_POD_META = "np_pod_meta"
+MAP_POD_DROPS = "np_pod_drops"
 MAP_POLICIES = "np_policies"
 MAP_LEARNED = "np_learned"
 MAP_POD_INPUTS = "np_pod_inputs"

@@ -314,6 +314,17 @@ struct np_stats {
 };
 _Static_assert(sizeof(struct np_stats) == 16 * 8, "np_stats size");
 
+/* np_pod_drops: pod id -> what the programs denied for that pod, by direction. The
+ * agent creates a pod's entry with its id (zero) and deletes it with the id, so the
+ * programs only add to an entry that exists (atomically: one entry for every CPU). */
+struct np_pod_drops {
+	__u64 ingress_packets;
+	__u64 ingress_bytes;
+	__u64 egress_packets;
+	__u64 egress_bytes;
+};
+_Static_assert(sizeof(struct np_pod_drops) == 32, "np_pod_drops size");
+
 /* np_pod_meta / np_policies: names for ids, read by user space (flow logs, CLI). */
 struct np_pod_meta {
 	char namespace_[64];

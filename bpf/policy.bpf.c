@@ -151,6 +151,14 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NP_MAX_PODS);
+	__type(key, __u32);
+	__type(value, struct np_pod_drops);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_pod_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NP_MAX_PODS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct np_pod_meta);
@@ -381,6 +389,34 @@ static __always_inline void np_emit(struct __sk_buff *skb, const struct np_ct_ke
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* A packet denied by policy: the node's counters and the pod's (np_pod_drops). */
+static __always_inline void np_count_denied(struct __sk_buff *skb, __u32 pod_id, __u8 direction,
+					    struct np_stats *stats)
+{
+	struct np_pod_drops *drops = bpf_map_lookup_elem(&np_pod_drops, &pod_id);
+	__u64 len = skb->len;
+
+	if (stats) {
+		stats->packets_denied++;
+		if (direction == NP_DIR_INGRESS) {
+			stats->ingress_denied_packets++;
+			stats->ingress_denied_bytes += len;
+		} else {
+			stats->egress_denied_packets++;
+			stats->egress_denied_bytes += len;
+		}
+	}
+	if (!drops)
+		return;
+	if (direction == NP_DIR_INGRESS) {
+		__sync_fetch_and_add(&drops->ingress_packets, 1);
+		__sync_fetch_and_add(&drops->ingress_bytes, len);
+	} else {
+		__sync_fetch_and_add(&drops->egress_packets, 1);
+		__sync_fetch_and_add(&drops->egress_bytes, len);
+	}
+}
+
 /* Orient a packet tuple as pod/peer for this hook. */
 static __always_inline void np_orient(const struct np_l4 *l4, __u8 direction, __u32 ifindex,
 				      struct np_ct_key *key)
@@ -489,17 +525,9 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 		return TC_ACT_OK;
 	}
 	bpf_map_delete_elem(&np_ct, key);
-	if (stats) {
+	if (stats)
 		stats->ct_revoked++;
-		stats->packets_denied++;
-		if (direction == NP_DIR_INGRESS) {
-			stats->ingress_denied_packets++;
-			stats->ingress_denied_bytes += skb->len;
-		} else {
-			stats->egress_denied_packets++;
-			stats->egress_denied_bytes += skb->len;
-		}
-	}
+	np_count_denied(skb, pod->pod_id, direction, stats);
 	if (np_config_flags() & NP_CFG_EMIT_DENY)
 		np_emit(skb, key, pod, &d, judged, stats);
 	return TC_ACT_SHOT;
@@ -645,16 +673,7 @@ static __always_inline int np_handle(struct __sk_buff *skb, const __u8 direction
 		return TC_ACT_OK;
 	}
 
-	if (stats) {
-		stats->packets_denied++;
-		if (direction == NP_DIR_INGRESS) {
-			stats->ingress_denied_packets++;
-			stats->ingress_denied_bytes += skb->len;
-		} else {
-			stats->egress_denied_packets++;
-			stats->egress_denied_bytes += skb->len;
-		}
-	}
+	np_count_denied(skb, pod.pod_id, direction, stats);
 	if (np_config_flags() & NP_CFG_EMIT_DENY)
 		np_emit(skb, &key, &pod, &d, direction, stats);
 	return TC_ACT_SHOT;

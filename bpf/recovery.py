@@ -30,6 +30,7 @@ PINNED_BY_NAME = (
     lay.MAP_STATS,
     lay.MAP_EVENTS,
     lay.MAP_POD_META,
+    lay.MAP_POD_DROPS,
     lay.MAP_POLICIES,
     lay.MAP_LEARNED,
 )

@@ -26,6 +26,7 @@ Not thread-safe: the datapath's owner (the agent's worker thread) calls it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import structlog
 from bpf import layout as lay
 from bpf.codec import meta_ref
 from bpf.errors import BpfError
-from bpf.maps import TypedMap
+from bpf.maps import BPF_NOEXIST, TypedMap
 
 log = structlog.get_logger("bpf.registry")
 
@@ -73,11 +74,14 @@ class Registry:
         *,
         pod_meta: TypedMap[ctypes.c_uint32, lay.NpPodMeta],
         policies: TypedMap[ctypes.c_uint32, lay.NpPolicyMeta],
+        pod_drops: TypedMap[ctypes.c_uint32, lay.NpPodDrops] | None = None,
         clock: Callable[[], float] = time.monotonic,
         grace: float = GRACE,
     ) -> None:
         self.pod_meta = pod_meta
         self.policies = policies
+        # each pod id's denial counters (np_pod_drops): created and deleted with the id
+        self.pod_drops = pod_drops
         self.clock = clock
         self.grace = grace
         self.pod_capacity = pod_meta.raw.max_entries - 1  # key 0 holds the watermark
@@ -106,6 +110,12 @@ class Registry:
             self._pods[uid] = key.value
             self._pod_names[key.value] = uid
             self._next_pod = max(self._next_pod, key.value + 1)
+        if self.pod_drops is not None:  # ids named before the counters existed get theirs
+            counted = {k.value for k in self.pod_drops}
+            for pod_id in set(self._pod_names) - counted:
+                self._count_drops(pod_id)
+            for pod_id in counted - set(self._pod_names):
+                self.pod_drops.delete(U32(pod_id))  # an id whose name is gone
         for key, pol in self.policies.items():
             if key.value == WATERMARK_KEY:
                 self._next_policy = max(self._next_policy, _watermark(bytes(pol.name)))
@@ -138,7 +148,18 @@ class Registry:
         )
         self._pods[uid] = pod_id
         self._pod_names[pod_id] = uid
+        self._count_drops(pod_id)
         return pod_id
+
+    def _count_drops(self, pod_id: int) -> None:
+        """The id's counters, zero unless they exist already (a re-registration)."""
+        if self.pod_drops is None:
+            return
+        try:
+            self.pod_drops.update(U32(pod_id), lay.NpPodDrops(), flags=BPF_NOEXIST)
+        except BpfError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
 
     def pod_id(self, uid: str) -> int | None:
         return self._pods.get(uid)
@@ -214,6 +235,8 @@ class Registry:
         for uid in pods:
             pod_id = self._retiring_pods.pop(uid).id
             self.pod_meta.delete(U32(pod_id))
+            if self.pod_drops is not None:
+                self.pod_drops.delete(U32(pod_id))
             del self._pods[uid]
             self._pod_names.pop(pod_id, None)
         policies = [

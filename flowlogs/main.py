@@ -78,6 +78,30 @@ class DropCounters(Collector):
         yield octets
 
 
+class PodDropCounters(Collector):
+    """What policy denied each pod (np_pod_drops), by direction, as counters labelled
+    namespace, pod and direction. A pod's series end with its id: the agent deletes the
+    entry, and the next scrape no longer has it."""
+
+    def __init__(self) -> None:
+        # (namespace, pod, direction, packets, bytes), replaced whole by each export
+        self.values: list[tuple[str, str, str, int, int]] = []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        labels = ["namespace", "pod", "direction"]
+        packets = CounterMetricFamily(
+            "awsnodeagent_pod_denied_packets", "Packets policy denied, by pod", labels=labels
+        )
+        octets = CounterMetricFamily(
+            "awsnodeagent_pod_denied_bytes", "Bytes policy denied, by pod", labels=labels
+        )
+        for namespace, pod, direction, count, size in self.values:
+            packets.add_metric([namespace, pod, direction], count)
+            octets.add_metric([namespace, pod, direction], size)
+        yield packets
+        yield octets
+
+
 LEARNED_REFRESH = 2.0  # seconds between reads of the agent's learned names
 
 
@@ -92,10 +116,12 @@ class FlowLogs:
         *,
         stats_map: TypedMap[ctypes.c_uint32, lay.NpStats],
         names: Names | None,
+        pod_drops: TypedMap[ctypes.c_uint32, lay.NpPodDrops] | None = None,
     ) -> None:
         self.settings = settings
         self.stats_map = stats_map
         self.names = names
+        self.pod_drops = pod_drops
         self.debug = settings.log_level == "debug"
         self.enabled = settings.enable_policy_event_logs
         self.recent: deque[FlowRecord] = deque(maxlen=RECENT)
@@ -159,6 +185,13 @@ class FlowLogs:
         )
         self.drops = DropCounters()
         r.register(self.drops)
+        self.pod_denials = PodDropCounters()
+        r.register(self.pod_denials)
+        self.m_cloudwatch_backlog = Gauge(
+            "awsnodeagent_flowlogs_cloudwatch_backlog",
+            "Flow-log events waiting to be shipped to CloudWatch (0 without CloudWatch)",
+            registry=r,
+        )
 
     # ---- the hot path -------------------------------------------------------------------
     def on_records(self, batch: list[bytes]) -> None:
@@ -297,6 +330,8 @@ class FlowLogs:
             d: (dp[f"{d}_denied_packets"], dp[f"{d}_denied_bytes"]) for d in ("ingress", "egress")
         }
         self.m_dropped.labels("ring_overrun").set(dp["events_lost"])
+        self.pod_denials.values = self._pod_denials()
+        self.m_cloudwatch_backlog.set(self.cloudwatch.held if self.cloudwatch else 0)
         if self.sink is not None:
             self.m_dropped.labels("file_disk_full").set(self.sink.stats.lost["disk_full"])
             self.m_dropped.labels("file_error").set(self.sink.stats.lost["file_error"])
@@ -306,6 +341,18 @@ class FlowLogs:
             self.m_dropped.labels("cloudwatch_lost_in_crash").set(
                 self.cloudwatch.stats.lost_in_crash
             )
+
+    def _pod_denials(self) -> list[tuple[str, str, str, int, int]]:
+        if self.pod_drops is None or self.names is None:
+            return []
+        rows = []
+        for key, v in self.pod_drops.items():
+            namespace, _, pod = self.names.pod(key.value).partition("/")
+            if not pod:
+                continue  # not named (yet): the next scrape has it
+            rows.append((namespace, pod, "ingress", v.ingress_packets, v.ingress_bytes))
+            rows.append((namespace, pod, "egress", v.egress_packets, v.egress_bytes))
+        return rows
 
     def app(self) -> web.Application:
         async def stats(_: web.Request) -> web.Response:
@@ -336,7 +383,7 @@ class FlowLogs:
             )
 
         async def metrics(_: web.Request) -> web.Response:
-            self.export()
+            await asyncio.to_thread(self.export)  # reads maps: not on the event loop
             return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
         app = make_app()
@@ -358,6 +405,15 @@ class FlowLogs:
                 f.close()
 
 
+def _open_pod_drops(pins: PinPaths) -> TypedMap[ctypes.c_uint32, lay.NpPodDrops] | None:
+    """np_pod_drops, or None under pins from before the map existed (the agent's next
+    start adds it)."""
+    path = pins.map(lay.MAP_POD_DROPS)
+    if not os.path.exists(path):
+        return None
+    return TypedMap(Map.from_pin(path), ctypes.c_uint32, lay.NpPodDrops)
+
+
 async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     problems = preflight.problems(settings.bpf_pin_root)
     if problems:
@@ -368,8 +424,9 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     ):
         return
     stats_map = TypedMap(Map.from_pin(pins.map(lay.MAP_STATS)), ctypes.c_uint32, lay.NpStats)
-    names = Names(settings.bpf_pin_root) if settings.enable_policy_event_logs else None
-    flows = FlowLogs(settings, stats_map=stats_map, names=names)
+    names = Names(settings.bpf_pin_root)  # flow records and the per-pod denial counters
+    pod_drops = await asyncio.to_thread(_open_pod_drops, pins)
+    flows = FlowLogs(settings, stats_map=stats_map, names=names, pod_drops=pod_drops)
     ring_map: Map | None = None
     ring: RingBuffer | None = None
     try:
@@ -398,8 +455,9 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
         if ring_map is not None:
             ring_map.close()
         flows.close()
-        if names is not None:
-            names.close()
+        names.close()
+        if pod_drops is not None:
+            pod_drops.raw.close()
         stats_map.raw.close()
         log.info("flowlogs.stopped", **flows.counts, at=time.time())
 

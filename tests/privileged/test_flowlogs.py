@@ -115,6 +115,17 @@ async def test_denied_packets_become_lines(pods: PodNet, pin_root: str, tmp_path
         assert drop
         assert float(drop[0].split()[-1]) >= 1
         assert "awsnodeagent_flowlogs_dropped" in metrics
+        by_pod = {
+            ln.split()[0]: float(ln.split()[-1])
+            for ln in metrics.splitlines()
+            if ln.startswith("awsnodeagent_pod_denied_packets_total{")
+        }
+        series = (
+            'awsnodeagent_pod_denied_packets_total{{direction="{}",namespace="default",pod="{}"}}'
+        )
+        assert by_pod[series.format("ingress", "server")] >= 1, by_pod
+        assert by_pod[series.format("egress", "client")] == 0
+        assert "awsnodeagent_flowlogs_cloudwatch_backlog 0.0" in metrics
         cli = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "cli", "flows", "-n", "5", f"--runtime-dir={tmp_path / 'run'}"],

@@ -89,6 +89,40 @@ def test_pod_ids_end_after_grace_and_are_never_reused(dp: Datapath, clock: Clock
     assert dp.occupancy()[lay.MAP_POD_META] == (2, capacity)
 
 
+def _counted(dp: Datapath) -> set[int]:
+    return {k.value for k in dp.pod_drops}
+
+
+def test_drop_counters_live_and_end_with_the_pod_id(
+    dp: Datapath, clock: Clock, pin_root: str
+) -> None:
+    """np_pod_drops holds an entry for every named pod id, from its registration to its
+    end, and none after: churn past the table's capacity leaves no entry behind, and a
+    restart gives ids named before the counters existed theirs and drops orphans."""
+    for round_ in range(3 * SMALL):  # past the table's capacity, many times over
+        ids = [dp.register_pod(namespace="ns", name="job", uid=f"r{round_}-{i}") for i in range(3)]
+        assert _counted(dp) == set(_pod_names(dp))
+        assert set(ids) <= _counted(dp)
+        dp.pod_drops.update(ctypes.c_uint32(ids[0]), lay.NpPodDrops(ingress_packets=5))
+        dp.register_pod(namespace="ns", name="job", uid=f"r{round_}-0")  # again: kept
+        kept = dp.pod_drops.lookup(ctypes.c_uint32(ids[0]))
+        assert kept is not None
+        assert kept.ingress_packets == 5
+        dp.retire_pods_except(set())
+        clock.now += dp.names.grace + 1
+        dp.free_ids()
+        assert _counted(dp) == set() == set(_pod_names(dp))
+    live = dp.register_pod(namespace="ns", name="web", uid="uid-web")
+    dp.pod_drops.delete(ctypes.c_uint32(live))  # as pins written before the map existed
+    dp.pod_drops.update(ctypes.c_uint32(live + 100), lay.NpPodDrops())  # an orphan
+    dp.close()
+    again = _open(pin_root, clock)
+    try:
+        assert _counted(again) == {live}
+    finally:
+        again.close()
+
+
 def test_a_pod_id_still_in_a_record_waits(dp: Datapath, clock: Clock) -> None:
     pod_id = dp.register_pod(namespace="ns", name="web", uid="uid-web")
     dp.program_pods({4242: PodPolicy(pod_id, ALLOW_ALL, ALLOW_ALL)})

@@ -130,6 +130,30 @@ def test_node_addresses_always_pass(pod: Pod, family: int) -> None:
     assert pod.tcp_in(family, 10250) == SHOT
 
 
+def test_denials_are_counted_for_the_pod(pod: Pod) -> None:
+    """np_pod_drops: the pod's entry (created with its id) counts what policy denied it,
+    by direction, packets and bytes; allowed packets and pods without an entry are not
+    counted there."""
+    pod.program(ingress=DENY_ALL, egress=applied(PeerRule(net("10.66.0.20/32"))))
+    key = ctypes.c_uint32(7)
+    pod.dp.pod_drops.update(key, lay.NpPodDrops())
+    denied_in = pk.packet(src=PEER[4], dst=POD[4], protocol=TCP, sport=40000, dport=80)
+    denied_out = pk.packet(src=POD[6], dst=OTHER[6], protocol=UDP, sport=5000, dport=53)
+    allowed_out = pk.packet(src=POD[4], dst=PEER[4], protocol=UDP, sport=5000, dport=53)
+    for _ in range(3):
+        assert pod.to_pod(denied_in) == SHOT
+    assert pod.from_pod(denied_out) == SHOT
+    assert pod.from_pod(allowed_out) == OK
+    counted = pod.dp.pod_drops.lookup(key)
+    assert counted is not None
+    assert (counted.ingress_packets, counted.egress_packets) == (3, 1)
+    assert counted.ingress_bytes == 3 * len(denied_in)
+    assert counted.egress_bytes == len(denied_out)
+    pod.dp.pod_drops.delete(key)
+    assert pod.to_pod(denied_in) == SHOT  # no entry: the node's counters only
+    assert pod.dp.pod_drops.lookup(key) is None
+
+
 def test_every_node_address_passes_through_the_filter(pod: Pod) -> None:
     """np_host_filter lets a new flow skip the node-address lookup when its bit is clear:
     the bit the agent computes must be the bit the program computes, for every address
