@@ -233,6 +233,8 @@ class Node:
 
     async def refresh_metrics(self) -> None:
         # the drop counters come from the flow-log shipper (appended to /metrics)
+        problems = await asyncio.to_thread(self.ready)  # looks at files: off the loop
+        self.metrics.ready.set(0 if problems else 1)
         for name, st in self.watches.items():
             self.metrics.watch_relists.labels(name).set(st.lists)
             self.metrics.watch_errors.labels(name).set(st.errors)

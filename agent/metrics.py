@@ -106,6 +106,11 @@ class AgentMetrics:
         self.pods = Gauge(
             "awsnodeagent_pods", "Local pods by enforcement status", ["status"], registry=r
         )
+        self.ready = Gauge(
+            "awsnodeagent_ready",
+            "1 when the agent is ready (as /readyz answers), else 0",
+            registry=r,
+        )
         self.reconciles = Counter(
             "awsnodeagent_reconcile_batches_total",
             "Programming batches applied to the datapath",

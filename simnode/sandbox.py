@@ -42,7 +42,7 @@ async def _client(state_dir: Path) -> LocalClient:
         await client.get("/v1/status", api.Status, timeout=5)
     except Unavailable:
         raise SystemExit(
-            f"np-sandbox: no sandbox is running ({state_dir}); start one with np-sandbox up"
+            f"np-sandbox: no sandbox is running ({state_dir}); start one with scripts/sandbox.sh"
         ) from None
     return client
 

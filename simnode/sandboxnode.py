@@ -251,25 +251,39 @@ def _fail(status: int, message: str) -> web.Response:
     return web.json_response({"error": message.splitlines()[0]}, status=status)
 
 
+def _command(name: str) -> str:
+    """How to run a command from the current directory: by name if it is on PATH, else
+    by its path (scripts/ of this checkout, or this Python's environment: .venv/bin)."""
+    if shutil.which(name):
+        return name
+    repo = Path(__file__).resolve().parents[1]
+    path = repo / "scripts" / name
+    if not path.exists():
+        path = Path(sys.executable).parent / name
+    here = Path.cwd()
+    return os.path.relpath(path, here) if path.is_relative_to(here) else str(path)
+
+
 def _intro(sandbox: Sandbox) -> str:
     here = Path.cwd()
     walkthrough = Path(__file__).resolve().parents[1] / "examples" / "walkthrough"
     shown = os.path.relpath(walkthrough, here) if walkthrough.is_relative_to(here) else walkthrough
     run = sandbox.demo.stack.runtime_dir
     client = sandbox.demo.pods["client-one"].ipv4
-    me = "np-sandbox" + (
+    me = _command("np-sandbox") + (
         "" if str(sandbox.state_dir) == STATE_DIR else f" --state-dir {sandbox.state_dir}"
     )
+    kubectl, cli = _command("kubectl"), _command("np-cli")
     return f"""
 The sandbox is up. In another shell:
 
   export KUBECONFIG={sandbox.kubeconfig}
-  kubectl get pods -A -o wide
-  kubectl apply -f {shown}/01-deny-all-ingress.yaml
+  {kubectl} get pods -A -o wide
+  {kubectl} apply -f {shown}/01-deny-all-ingress.yaml
   {me} settle
   {me} probe default/client-one default/demo-app 80/TCP
-  np-cli --runtime-dir {run} explain default/demo-app --peer {client} --port 80
-  kubectl get policyendpoints -A -w
+  {cli} --runtime-dir {run} explain default/demo-app --peer {client} --port 80
+  {kubectl} get policyendpoints -A -w
   {me} pod add default/web --label app=web --port 8080/TCP
 
 Pods written with kubectl apply -f start too. Logs: {sandbox.demo.workdir}

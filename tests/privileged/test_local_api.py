@@ -19,7 +19,10 @@ import pytest
 from common.apimodels import ExplainRequest, ExplainResult, NodeStatus, PodView, WaitResult
 from common.localapi import AGENT_SOCKET, ApiError, LocalClient, socket_path
 from simnode.node import SimPod
+from tests import chartqueries
 from tests.privileged.agentrig import AgentRig, allow_from
+from tests.unit.test_chart import MONITORING
+from tests.unit.test_chart import render as render_chart
 
 
 @pytest.fixture
@@ -433,6 +436,13 @@ async def test_status_and_metrics_include_the_other_processes(
         "awsnodeagent_flowlogs_events_total",
     ):
         assert name in metrics, name
+    # the chart's dashboard and alerts read only what this scrape has: a renamed
+    # metric fails here, not on a dashboard
+    exported = chartqueries.exported(metrics)
+    assert "awsnodeagent_ready 1.0" in metrics
+    for expr in chartqueries.queries(render_chart(MONITORING)):
+        missing = chartqueries.metric_names(expr) - exported
+        assert not missing, f"{expr}: {sorted(missing)} not exported"
     ct = await rig.acli("conntrack")
     assert ct.returncode == 0, ct.stderr
     assert "total_sweeps=" in ct.stdout

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from common.flags import parse_settings
+from tests import chartqueries
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "np-node-agent"
 Obj = dict[str, Any]
@@ -318,3 +319,77 @@ def test_invalid_values_are_refused_naming_the_key(values: Obj, key: str) -> Non
     with pytest.raises(helm.HelmError) as err:
         render(values)
     assert key in str(err.value)
+
+
+MONITORING = {
+    "monitoring": {
+        "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Networking"}},
+        "prometheusRule": {
+            "enabled": True,
+            "labels": {"release": "kube-prometheus-stack"},
+            "pendingMinutes": 7,
+            "tableFillRatio": 0.8,
+        },
+        "podMonitor": {"enabled": True},
+    }
+}
+
+
+def test_dashboards_and_alerts_are_off_by_default() -> None:
+    kinds = {o["kind"] for o in render()}
+    assert not kinds & {"PrometheusRule", "PodMonitor"}
+    assert not [o for o in render() if o["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_dashboard_and_alerts_render_when_asked() -> None:
+    report = helm.lint(CHART, MONITORING, strict=True)
+    assert report["errors"] == [], report
+    objs = render(MONITORING)
+    cm = one(objs, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's label
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Networking"}
+    dash = chartqueries.dashboard(objs)
+    titles = " / ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in (
+        "denied by direction",
+        "denied by pod",
+        "programming latency",
+        "pods by enforcement status",
+        "table fill",
+        "ring buffer overruns",
+        "cloudwatch backlog",
+        "event-loop lag",
+    ):
+        assert topic in titles, topic
+    rule = one(objs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(rules) == {
+        "NetworkPolicyPodsNotProgrammed",
+        "NetworkPolicyTableNearlyFull",
+        "NetworkPolicyFlowLogRingOverruns",
+        "NetworkPolicyCloudWatchDrops",
+        "NetworkPolicyAgentNotReady",
+    }
+    assert rules["NetworkPolicyPodsNotProgrammed"]["for"] == "7m"
+    assert rules["NetworkPolicyTableNearlyFull"]["expr"].endswith("> 0.8")
+    assert "80" in rules["NetworkPolicyTableNearlyFull"]["annotations"]["summary"]
+    assert "{{ $labels.instance }}" in rules["NetworkPolicyAgentNotReady"]["annotations"]["summary"]
+    monitor = one(objs, "PodMonitor")
+    ds = one(objs, "DaemonSet")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        ds["spec"]["template"]["metadata"]["labels"].items()
+    )
+    ports = {p["name"] for c in containers(objs).values() for p in c.get("ports", [])}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    # every query reads only metrics of the node's processes (checked against a running
+    # agent's scrape in tests/privileged/test_local_api.py)
+    for expr in chartqueries.queries(objs):
+        assert chartqueries.metric_names(expr), expr
+
+
+def test_monitoring_values_are_checked() -> None:
+    with pytest.raises(helm.HelmError):
+        render({"monitoring": {"prometheusRule": {"tableFillRatio": 2}}})
+    with pytest.raises(helm.HelmError):
+        render({"monitoring": {"dashboard": {"enabeld": True}}})
