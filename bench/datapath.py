@@ -245,6 +245,8 @@ class Configs:
         if self.dp is None:
             self.dp = Datapath.open(self.pin_root, ct_entries=262144)
             self.dp.set_event_flags(emit_deny=False, emit_allow=False)
+            # the node's addresses, as the agent sets them (np_host_filter written)
+            self.dp.set_host_addresses([self.node.sim.node_ipv4, self.node.sim.node_ipv6])
             self.client_id = self.dp.register_pod(namespace="b", name="client", uid="c")
             self.server_id = self.dp.register_pod(namespace="b", name="server", uid="s")
         dp = self.dp
