@@ -4,12 +4,15 @@ The agent writes ``np_pod_meta`` (pod id -> namespace/name) before a pod's first
 and ``np_policies`` (policy id -> namespace/name) before any rule carries the id, so a
 lookup on a cache miss finds them; ids are never reused, so cached names never go stale.
 The cache is bounded (least recently used names go first): the agent frees the names of
-pods and policies that are gone (bpf.registry), and a node lives for months.
+pods and policies that are gone (bpf.registry), and a node lives for months. Two threads
+ask (the writer thread for records, the metrics export for the per-pod counters): a
+lock keeps each cache consistent.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections import OrderedDict
 
 from bpf import layout as lay
@@ -27,6 +30,7 @@ class Names:
         self._policies = TypedMap(
             Map.from_pin(pins.map(lay.MAP_POLICIES)), ctypes.c_uint32, lay.NpPolicyMeta
         )
+        self._lock = threading.Lock()
         self._pod_cache: OrderedDict[int, str] = OrderedDict()
         self._policy_cache: OrderedDict[int, str] = OrderedDict()
 
@@ -35,27 +39,31 @@ class Names:
         self._policies.raw.close()
 
     def pod(self, pod_id: int) -> str:
-        name = self._pod_cache.get(pod_id)
-        if name is not None:
-            self._pod_cache.move_to_end(pod_id)
-            return name
+        with self._lock:
+            name = self._pod_cache.get(pod_id)
+            if name is not None:
+                self._pod_cache.move_to_end(pod_id)
+                return name
         meta = self._pods.lookup(ctypes.c_uint32(pod_id)) if pod_id else None
         if meta is None:
             return ""  # not cached: the agent may name it a moment later
         name = meta_name(meta)
-        _remember(self._pod_cache, pod_id, name)
+        with self._lock:
+            _remember(self._pod_cache, pod_id, name)
         return name
 
     def policy(self, policy_id: int) -> str:
-        name = self._policy_cache.get(policy_id)
-        if name is not None:
-            self._policy_cache.move_to_end(policy_id)
-            return name
+        with self._lock:
+            name = self._policy_cache.get(policy_id)
+            if name is not None:
+                self._policy_cache.move_to_end(policy_id)
+                return name
         meta = self._policies.lookup(ctypes.c_uint32(policy_id)) if policy_id else None
         if meta is None:
             return ""
         name = meta_name(meta)
-        _remember(self._policy_cache, policy_id, name)
+        with self._lock:
+            _remember(self._policy_cache, policy_id, name)
         return name
 
 
