@@ -16,7 +16,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +32,15 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_ROUTE,
     RTMGRP_IPV6_RULE,
     RTMGRP_LINK,
+)
+
+from common.nlmsg import (
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attr_map,
 )
 
 Hook = Literal["ingress", "egress"]
@@ -163,11 +172,17 @@ class Netlink:
         return self._ipr
 
     # ---- links ----------------------------------------------------------------------
+    async def _dump(
+        self, request: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+    ) -> list[Any]:
+        """The messages of the dump ``request(*args, **kw)`` sends. The kernel runs one
+        dump per socket at a time and refuses another meanwhile (EBUSY): dumps on this
+        socket take turns."""
+        async with self._dumping:
+            return [msg async for msg in await request(*args, **kw)]
+
     async def links(self) -> list[Link]:
-        out = []
-        async for msg in await self._sock.link("dump"):
-            out.append(_link(msg))
-        return out
+        return [_link(msg) for msg in await self._dump(self._sock.link, "dump")]
 
     async def link_by_name(self, name: str) -> Link | None:
         try:
@@ -181,13 +196,13 @@ class Netlink:
         return None
 
     async def addresses(self) -> list[Addr]:
-        return [_addr(msg) async for msg in await self._sock.addr("dump")]
+        return [_addr(msg) for msg in await self._dump(self._sock.addr, "dump")]
 
     async def routes(self) -> list[Route]:
         """Unicast routes of both families, in every table."""
         out: list[Route] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            async for msg in await self._sock.route("dump", family=family):
+            for msg in await self._dump(self._sock.route, "dump", family=family):
                 r = _route(msg)
                 if r is not None:
                     out.append(r)
@@ -197,7 +212,7 @@ class Netlink:
         """Policy routing rules of both families that look up a table."""
         out: list[Rule] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            async for msg in await self._sock.rule("dump", family=family):
+            for msg in await self._dump(self._sock.rule, "dump", family=family):
                 r = _rule(msg)
                 if r is not None:
                     out.append(r)
@@ -290,15 +305,14 @@ class Netlink:
         out: list[TcBpfFilter] = []
         for h in hooks:
             try:
-                async with self._dumping:
-                    async for msg in self._dump_filters(ifindex, _PARENT[h]):
-                        f = _bpf_filter(msg, ifindex)
-                        if f is not None:
-                            out.append(f)
+                msgs = await self._dump(
+                    self._sock.tc, "dump-filter", index=ifindex, parent=_PARENT[h]
+                )
             except NetlinkError as exc:
                 if exc.code in _NO_FILTERS:
                     continue  # no clsact qdisc, or the link is gone
                 raise _raise(exc, f"ifindex {ifindex}: list tc filters") from exc
+            out += [f for f in (_bpf_filter(m, ifindex) for m in msgs) if f is not None]
         return out
 
     async def bpf_filters_of(self, ifindexes: Sequence[int]) -> dict[int, list[TcBpfFilter]]:
@@ -309,21 +323,13 @@ class Netlink:
             return {}
         return await _in_own_thread(lambda: _filters_of(list(ifindexes), self.netns))
 
-    async def _dump_filters(self, ifindex: int, parent: int) -> AsyncIterator[Any]:
-        async for msg in await self._sock.tc("dump-filter", index=ifindex, parent=parent):
-            yield msg
-
 
 _NO_FILTERS = (errno.EINVAL, errno.ENOENT, errno.ENODEV)  # no clsact qdisc, or no link
 
 
 # ---- tc filters on a plain socket (Netlink.bpf_filters_of) --------------------------------
-_NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
 _TCMSG = struct.Struct("=BxxxiIII")  # struct tcmsg: family, ifindex, handle, parent, info
-_NLA = struct.Struct("=HH")  # struct nlattr
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWTFILTER, _RTM_GETTFILTER = 44, 46
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _TCA_KIND, _TCA_OPTIONS = 1, 2
 _TCA_BPF_NAME, _TCA_BPF_FLAGS = 7, 8
 _CLONE_NEWNET = 0x40000000
@@ -376,16 +382,10 @@ def _filters_of(ifindexes: list[int], netns: str | None) -> dict[int, list[TcBpf
             for hook, parent in _PARENT.items():
                 seq += 1
                 body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0)
-                sock.send(
-                    _NLMSG.pack(
-                        _NLMSG.size + len(body),
-                        _RTM_GETTFILTER,
-                        _NLM_F_REQUEST | _NLM_F_DUMP,
-                        seq,
-                        0,
-                    )
-                    + body
+                head = NLMSG.pack(
+                    NLMSG.size + len(body), _RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
                 )
+                sock.send(head + body)
                 found += _receive_dump(sock, seq, ifindex, hook)
             out[ifindex] = found
     return out
@@ -396,15 +396,15 @@ def _receive_dump(sock: socket.socket, seq: int, ifindex: int, hook: Hook) -> li
     while True:
         buf = sock.recv(65536)
         at = 0
-        while at + _NLMSG.size <= len(buf):
-            length, kind, _, msg_seq, _ = _NLMSG.unpack_from(buf, at)
-            if length < _NLMSG.size:
+        while at + NLMSG.size <= len(buf):
+            length, kind, _, msg_seq, _ = NLMSG.unpack_from(buf, at)
+            if length < NLMSG.size:
                 raise NetlinkOpError(errno.EIO, f"ifindex {ifindex}: bad netlink message")
-            payload = buf[at + _NLMSG.size : at + length]
+            payload = buf[at + NLMSG.size : at + length]
             at += (length + 3) & ~3
             if msg_seq != seq:
                 continue  # an answer to an earlier request, ended early
-            if kind in (_NLMSG_DONE, _NLMSG_ERROR):
+            if kind in (NLMSG_DONE, NLMSG_ERROR):
                 code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
                 if code and code not in _NO_FILTERS:
                     raise NetlinkOpError(
@@ -417,24 +417,12 @@ def _receive_dump(sock: socket.socket, seq: int, ifindex: int, hook: Hook) -> li
                     found.append(f)
 
 
-def _attrs(data: bytes) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    at = 0
-    while at + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, at)
-        if length < _NLA.size:
-            break
-        out[kind & 0x3FFF] = data[at + _NLA.size : at + length]
-        at += (length + 3) & ~3
-    return out
-
-
 def _raw_bpf_filter(payload: bytes, ifindex: int, hook: Hook) -> TcBpfFilter | None:
     _, _, handle, _, info = _TCMSG.unpack_from(payload)
-    attrs = _attrs(payload[_TCMSG.size :])
+    attrs = attr_map(payload[_TCMSG.size :])
     if attrs.get(_TCA_KIND, b"").rstrip(b"\0") != b"bpf" or _TCA_OPTIONS not in attrs:
         return None  # another classifier, or the chain header
-    opts = _attrs(attrs[_TCA_OPTIONS])
+    opts = attr_map(attrs[_TCA_OPTIONS])
     raw_id, raw_tag, raw_flags = (
         opts.get(_TCA_BPF_ID),
         opts.get(_TCA_BPF_TAG),

@@ -18,20 +18,26 @@ import struct
 import threading
 from collections.abc import Iterator
 
+from common.nlmsg import (
+    NLA_F_NESTED,
+    NLA_TYPE_MASK,
+    NLATTR,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attrs,
+)
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_DELETE = 2
-NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
 
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
@@ -43,8 +49,6 @@ CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 
-_NLMSG = struct.Struct("=IHHII")
-_NLATTR = struct.Struct("=HH")
 _PORTED = frozenset((6, 17, 132, 33, 136))  # TCP, UDP, SCTP, DCCP, UDPLITE
 
 # (source address 16 bytes, destination address 16 bytes, protocol, sport, dport)
@@ -55,29 +59,18 @@ class CtnetlinkError(OSError):
     pass
 
 
-def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of the attributes in buf[start:end]."""
-    off = start
-    while off + 4 <= end:
-        length, kind = _NLATTR.unpack_from(buf, off)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, off + 4, off + length
-        off += (length + 3) & ~3
-
-
 def _tuple(buf: bytes, start: int, end: int) -> Tuple:
     src = dst = b""
     proto = sport = dport = 0
-    for kind, s, e in _attrs(buf, start, end):
+    for kind, s, e in attrs(buf, start, end):
         if kind == CTA_TUPLE_IP:
-            for k2, s2, e2 in _attrs(buf, s, e):
+            for k2, s2, e2 in attrs(buf, s, e):
                 if k2 in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
                     src = buf[s2:e2].ljust(16, b"\0")
                 elif k2 in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                     dst = buf[s2:e2].ljust(16, b"\0")
         elif kind == CTA_TUPLE_PROTO:
-            for k2, s2, _e2 in _attrs(buf, s, e):
+            for k2, s2, _e2 in attrs(buf, s, e):
                 if k2 == CTA_PROTO_NUM:
                     proto = buf[s2]
                 elif k2 == CTA_PROTO_SRC_PORT:
@@ -99,7 +92,7 @@ def _socket() -> socket.socket:
 def _request(msg_type: int, flags: int, family: int, payload: bytes = b"", seq: int = 1) -> bytes:
     body = struct.pack("=BBH", family, 0, 0) + payload
     return (
-        _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type, flags, seq, 0)
+        NLMSG.pack(NLMSG.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type, flags, seq, 0)
         + body
     )
 
@@ -279,7 +272,7 @@ def _last_of_dump(data: bytes) -> bool:
     NLMSG_ERROR (36: the error and the request's header). No conntrack message has
     either type (theirs carry the subsystem in the high byte)."""
     for size, kind in ((20, NLMSG_DONE), (36, NLMSG_ERROR)):
-        if len(data) >= size and _NLMSG.unpack_from(data, len(data) - size)[:2] == (size, kind):
+        if len(data) >= size and NLMSG.unpack_from(data, len(data) - size)[:2] == (size, kind):
             return True
     return False
 
@@ -287,10 +280,10 @@ def _last_of_dump(data: bytes) -> bool:
 def _scan_buffer(data: bytes, v6: bool, wanted: set[bytes], found: set[bytes]) -> tuple[int, bool]:
     """One receive buffer of the dump: (entries in it, whether the dump ended)."""
     nest_len = (RAW_V6_LEN if v6 else RAW_V4_LEN) + 4
-    head, nlattr = _HEAD.unpack_from, _NLATTR.unpack_from
+    head, nlattr = _HEAD.unpack_from, NLATTR.unpack_from
     count, off, end = 0, 0, len(data)
     while off + 16 <= end:
-        length, mtype = _NLMSG.unpack_from(data, off)[:2]
+        length, mtype = NLMSG.unpack_from(data, off)[:2]
         if mtype == NLMSG_DONE or length < 16:
             return count, True  # DONE is shorter than an entry: checked first
         if mtype == NLMSG_ERROR:
@@ -323,7 +316,7 @@ def _scan_slow(
     data: bytes, off: int, length: int, v6: bool, wanted: set[bytes], found: set[bytes]
 ) -> None:
     """An entry in another layout (unported protocols, extra attributes first)."""
-    for kind, s, e in _attrs(data, off + 20, off + length):
+    for kind, s, e in attrs(data, off + 20, off + length):
         if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
             key = _slow_key(data, s, e, v6)
             if key in wanted:

@@ -66,14 +66,24 @@ async def test_one_read_of_many_interfaces_sees_what_each_read_sees(
 
 async def test_concurrent_reads_on_one_socket_all_answer(sim: SimNode, datapath: Datapath) -> None:
     """The kernel runs one dump per socket at a time and refuses another meanwhile
-    (EBUSY): reads started together on one Netlink take turns and all answer."""
+    (EBUSY): reads started together on one Netlink (filters, links, addresses, routes,
+    rules) take turns and all answer."""
     _ip(sim.netns, [f"link add nlc{i} type veth peer name nlq{i}" for i in range(VETHS)])
     async with Netlink(netns=sim.netns) as nl:
         index = {link.name: link.index for link in await nl.links()}
         veths = [index[f"nlc{i}"] for i in range(VETHS)]
         for i in veths:
             await attach(nl, i, ingress=datapath.ingress_prog, egress=datapath.egress_prog)
-        got = await asyncio.gather(*(attachment(nl, i) for i in veths * 3))
+        got, links, addresses, routes, _ = await asyncio.gather(
+            asyncio.gather(*(attachment(nl, i) for i in veths * 3)),
+            nl.links(),
+            nl.addresses(),
+            nl.routes(),
+            nl.rules(),
+        )
     assert {(a.ingress_prog_id, a.egress_prog_id) for a in got} == {
         (datapath.ingress_prog.id, datapath.egress_prog.id)
     }
+    assert {link.index for link in links} >= set(veths)
+    assert any(a.address == str(sim.node_ipv4) for a in addresses)
+    assert routes
