@@ -122,6 +122,14 @@ _QUERY = [
 ]
 
 
+def openapi_v3_document_at(path: str, resources: Iterable[Resource]) -> Obj | None:
+    """The document ``openapi_v3_index`` lists under ``path`` (None: no such path)."""
+    for (group, version), served in group_versions(resources).items():
+        if path == _path(group, version):
+            return openapi_v3_document(served)
+    return None
+
+
 def openapi_v3_document(served: Iterable[Resource]) -> Obj:
     """The OpenAPI v3 document of one group version: each resource's item path with its
     operations, marked with the kind they serve."""

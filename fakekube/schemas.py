@@ -54,6 +54,11 @@ NETWORK_POLICY: Obj = _obj(
 )
 
 
+def load() -> None:
+    """Read the chart's CRD schemas now (they are read once, at first use)."""
+    _crd_schemas()
+
+
 @functools.cache
 def _crd_schemas() -> dict[tuple[str, str, str], Obj]:
     """(group, version, kind) -> openAPIV3Schema, from the chart's CRD templates (their

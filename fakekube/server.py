@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from fakekube import discovery, patches, protobuf, tables
+from fakekube import discovery, patches, protobuf, schemas, tables
 from fakekube.admission import admit
 from fakekube.selectors import SelectorError
 from fakekube.store import NAMESPACES, RESOURCES, ApiError, Obj, Resource, Store, Watcher
@@ -66,6 +66,8 @@ class FakeKube:
         # validate what clients write, as the real server does (fakekube.admission); off,
         # tests can write what a lax or older server would have let through
         self.admission = admission
+        if admission:
+            schemas.load()  # the chart's CRD schemas, read now rather than in a request
         self.bookmark_interval = bookmark_interval
         self.requests: Counter[str] = Counter()  # "list pods", "watch policyendpoints", ...
         # tests: seconds each watch event of a resource (by plural) is held before it is
@@ -236,21 +238,14 @@ class FakeKube:
     async def _resource_list(self, request: web.Request) -> web.Response:
         group = request.match_info.get("group", "")
         doc = discovery.api_resource_list(group, request.match_info["version"], RESOURCES)
-        if doc is None:
-            return _error(
-                ApiError(404, "NotFound", "the server could not find the requested resource")
-            )
-        return web.json_response(doc)
+        return web.json_response(doc) if doc is not None else _error(NOT_SERVED)
 
     async def _openapi_index(self, request: web.Request) -> web.Response:
         return web.json_response(discovery.openapi_v3_index(RESOURCES))
 
     async def _openapi_document(self, request: web.Request) -> web.Response:
-        path = request.match_info["path"]
-        for (group, version), served in discovery.group_versions(RESOURCES).items():
-            if path == (f"apis/{group}/{version}" if group else f"api/{version}"):
-                return web.json_response(discovery.openapi_v3_document(served))
-        return _error(ApiError(404, "NotFound", "the server could not find the requested resource"))
+        doc = discovery.openapi_v3_document_at(request.match_info["path"], RESOURCES)
+        return web.json_response(doc) if doc is not None else _error(NOT_SERVED)
 
     def _admit(self, r: Resource, obj: Obj, request: web.Request) -> None:
         """The admission checks, when on (ApiError if refused)."""
@@ -645,6 +640,7 @@ class FakeKube:
 
 
 RAW = "__raw__"  # a queued item written as is (FakeKube.inject)
+NOT_SERVED = ApiError(404, "NotFound", "the server could not find the requested resource")
 APPLY_PATCH = "application/apply-patch+yaml"
 # patch content type -> how it applies (None: JSON merge patch, the store's own)
 _PATCHES: dict[str, Callable[[Obj, Any], Obj] | None] = {

@@ -210,6 +210,16 @@ class Demo:
         self.pods[spec.name] = pod
         return pod, answered_ms
 
+    async def remove_pod(self, name: str) -> None:
+        """The pod gone: its server, its namespace and veth, and what is known of it (its
+        object's deletion, if any, is the caller's)."""
+        self.pod_uids.pop(name, None)
+        server = self.servers.pop(name, None)
+        if server is not None:
+            await server.close()
+        await self.sim.remove_pod(name)
+        self.pods.pop(name, None)
+
     async def _ready(self, timeout: float = 30) -> NodeStatus:
         deadline = time.monotonic() + timeout
         last = "no answer"

@@ -20,7 +20,7 @@ from aiohttp import web
 from common.localapi import LocalClient, Unavailable
 from fakekube import store as fs
 from fakekube.store import ApiError, Watcher
-from simnode.demo import PODS, Demo, DemoPod, cancelled_by_signals
+from simnode.demo import Demo, DemoPod, cancelled_by_signals
 from simnode.node import SimPod
 from simnode.sandboxapi import (
     CONTROL,
@@ -44,7 +44,6 @@ class Sandbox:
         self.demo = Demo(color=color, workdir=state_dir / "node", node=NODE, admission=True)
         self.kubeconfig = state_dir / "kubeconfig"
         self.control = state_dir / CONTROL
-        self.listen: dict[str, tuple[tuple[int, str], ...]] = {}  # pod name -> ports
         self._runner: web.AppRunner | None = None
         self._lock = asyncio.Lock()  # one pod change at a time
 
@@ -54,8 +53,6 @@ class Sandbox:
 
     async def start(self) -> None:
         await self.demo.setup()
-        for spec in PODS:
-            self.listen[spec.name] = spec.listen
         # kubectl runs on the host: the API server listens on its loopback too
         host = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         host.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -84,6 +81,7 @@ class Sandbox:
 
     # ---- pods ---------------------------------------------------------------------------
     def info(self, pod: SimPod) -> PodInfo:
+        server = self.demo.servers.get(pod.name)
         return PodInfo(
             namespace=pod.namespace,
             name=pod.name,
@@ -91,7 +89,7 @@ class Sandbox:
             ipv4=str(pod.ipv4),
             ipv6=str(pod.ipv6),
             host_veth=pod.host_veth,
-            listen=[f"{p}/{proto}" for p, proto in self.listen.get(pod.name, ())],
+            listen=[f"{p}/{proto}" for p, proto in server.listen] if server else [],
         )
 
     async def add_pod(
@@ -106,8 +104,8 @@ class Sandbox:
         """A new pod (its namespace created if missing); ``written``: its Pod object, as a
         client wrote it. ValueError if the name is taken."""
         async with self._lock:
-            if name in self.demo.pods or name in self.demo.sim.pods:
-                taken = self.demo.pods.get(name) or self.demo.sim.pods[name]
+            taken = self.demo.sim.pods.get(name)  # wired, or being wired
+            if taken is not None:
                 raise ValueError(
                     f"a pod named {name} exists ({taken.namespace}/{name}): names are unique "
                     "across namespaces in the sandbox"
@@ -117,7 +115,6 @@ class Sandbox:
             pod, _ = await self.demo.add_pod(
                 DemoPod(namespace, name, dict(labels), tuple(listen)), written=written
             )
-            self.listen[name] = tuple(listen)
             return pod
 
     async def remove_pod(self, namespace: str, name: str, *, delete_object: bool = True) -> None:
@@ -125,13 +122,7 @@ class Sandbox:
             pod = self.demo.pods.get(name)
             if pod is None or pod.namespace != namespace:
                 raise KeyError(f"{namespace}/{name}")
-            self.demo.pod_uids.pop(name, None)  # its object's deletion is no news
-            server = self.demo.servers.pop(name, None)
-            if server is not None:
-                await server.close()
-            await self.demo.sim.remove_pod(name)
-            self.demo.pods.pop(name, None)
-            self.listen.pop(name, None)
+            await self.demo.remove_pod(name)
             if delete_object:
                 with contextlib.suppress(ApiError):
                     self.store.delete(fs.PODS, namespace, name)
@@ -251,6 +242,12 @@ def _fail(status: int, message: str) -> web.Response:
     return web.json_response({"error": message.splitlines()[0]}, status=status)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is under it."""
+    here = Path.cwd()
+    return os.path.relpath(path, here) if path.is_relative_to(here) else str(path)
+
+
 def _command(name: str) -> str:
     """How to run a command from the current directory: by name if it is on PATH, else
     by its path (scripts/ of this checkout, or this Python's environment: .venv/bin)."""
@@ -260,14 +257,11 @@ def _command(name: str) -> str:
     path = repo / "scripts" / name
     if not path.exists():
         path = Path(sys.executable).parent / name
-    here = Path.cwd()
-    return os.path.relpath(path, here) if path.is_relative_to(here) else str(path)
+    return _shown(path)
 
 
 def _intro(sandbox: Sandbox) -> str:
-    here = Path.cwd()
-    walkthrough = Path(__file__).resolve().parents[1] / "examples" / "walkthrough"
-    shown = os.path.relpath(walkthrough, here) if walkthrough.is_relative_to(here) else walkthrough
+    shown = _shown(Path(__file__).resolve().parents[1] / "examples" / "walkthrough")
     run = sandbox.demo.stack.runtime_dir
     client = sandbox.demo.pods["client-one"].ipv4
     me = _command("np-sandbox") + (
