@@ -7,9 +7,8 @@ from __future__ import annotations
 import socket
 import struct
 
+from common.nlmsg import NLA_F_NESTED, NLATTR, NLM_F_REQUEST, NLMSG, NLMSG_ERROR
 from conntrack.ctnetlink import (
-    _NLATTR,
-    _NLMSG,
     _PORTED,
     CTA_IP_V4_DST,
     CTA_IP_V4_SRC,
@@ -24,12 +23,9 @@ from conntrack.ctnetlink import (
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
     IPCTNL_MSG_CT_NEW,
-    NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_EXCL,
-    NLM_F_REQUEST,
-    NLMSG_ERROR,
     _request,
     _socket,
 )
@@ -40,7 +36,7 @@ def _nest(kind: int, payload: bytes) -> bytes:
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _NLATTR.pack(4 + len(payload), kind) + payload
+    raw = NLATTR.pack(4 + len(payload), kind) + payload
     return raw + b"\0" * (-len(raw) % 4)
 
 
@@ -107,11 +103,11 @@ class Writer:
             while acks < len(chunk):
                 data = self.sock.recv(1 << 20)
                 off = 0
-                while off + _NLMSG.size <= len(data):
-                    length, mtype, *_ = _NLMSG.unpack_from(data, off)
+                while off + NLMSG.size <= len(data):
+                    length, mtype, *_ = NLMSG.unpack_from(data, off)
                     if mtype == NLMSG_ERROR:
                         acks += 1
-                        if struct.unpack_from("=i", data, off + _NLMSG.size)[0]:
+                        if struct.unpack_from("=i", data, off + NLMSG.size)[0]:
                             failures += 1
                     off += (length + 3) & ~3
         return failures
