@@ -33,7 +33,13 @@ trie entries, and with the tiered configuration: a new flow from a peer in no CI
 (denied), an established one (conntrack hit) and, tiered, a new flow an Admin rule
 denies (a longer trie walk to a /24).
 
-    python -m bench.datapath [--quick] [--runs N] [--seconds S] [--json PATH] [--chart PNG]
+With cps measured, the configurations that attach programs (tc-pass, ebpf-*) get one
+more cps run on node A with the kernel's run-time statistics on: how many times the
+programs ran per new connection and what a run cost in real traffic, where the
+connection's conntrack entries are cold in the cache (unlike BPF_PROG_TEST_RUN's loop).
+
+    python -m bench.datapath [--quick] [--runs N] [--seconds S] [--configs A,B]
+                             [--metrics cps,...] [--json PATH] [--chart PNG]
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ from bpf import layout as lay
 from bpf.attach import attach, detach
 from bpf.codec import lpm_key_bytes
 from bpf.datapath import ALLOW_ALL, Datapath, DirectionPolicy, PodPolicy
-from bpf.objects import BpfObject, Program
+from bpf.objects import BpfObject, Program, prog_info, run_time_statistics
 from bpf.ruleset import CompiledRules, Decision, PeerRule, PortRange, Prefix, compile_rules
 from bpf.tiers import ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, ClusterRule, compile_tiers
 from common.netlink import Netlink
@@ -327,12 +333,38 @@ table inet bench {{
             await asyncio.to_thread(self.nftables, n)
         return time.monotonic() - started
 
+    def programs(self, name: str) -> list[Program]:
+        """The programs configuration ``name`` attaches (none for the others)."""
+        if name == "tc-pass" and self.minimal is not None:
+            return [self.minimal.programs["min_pass"]]
+        if name.startswith("ebpf") and self.dp is not None:
+            return [self.dp.ingress_prog, self.dp.egress_prog]
+        return []
+
     def close(self) -> None:
         if self.dp is not None:
             self.dp.close()
         if self.minimal is not None:
             self.minimal.close()
         Datapath.unpin(self.pin_root)
+
+
+def program_cost(node: Node, programs: Sequence[Program], seconds: float) -> dict[str, float]:
+    """One cps run on ``node`` with run-time statistics on: the programs' runs per new
+    connection and their time, next to the connection's own time (1 / rate)."""
+    with run_time_statistics():
+        before = [prog_info(p.fd) for p in programs]
+        rate, _ = measure(node, "cps", seconds)
+        after = [prog_info(p.fd) for p in programs]
+    runs = sum(x.run_cnt - y.run_cnt for x, y in zip(after, before, strict=True))
+    spent = sum(x.run_time_ns - y.run_time_ns for x, y in zip(after, before, strict=True))
+    conns = rate * seconds
+    return {
+        "runs_per_conn": round(runs / conns, 2) if conns else 0.0,
+        "ns_per_run": round(spent / runs) if runs else 0,
+        "us_per_conn": round(spent / conns / 1000, 3) if conns else 0.0,
+        "conn_us": round(1e6 / rate, 2) if rate else 0.0,
+    }
 
 
 # ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
@@ -474,6 +506,30 @@ def per_packet_ratios(f: dict[str, int]) -> dict[str, float]:
 
 
 # ---- the run ----------------------------------------------------------------------------
+async def compare(*, a: Node, b: Node, metric: str, runs: int, seconds: float) -> dict[str, Any]:
+    """Alternate runs of one metric on node A and the baseline node B: median(A) / median(B)."""
+    base_vals: list[float] = []
+    vals: list[float] = []
+    noisy: list[str] = []
+    for i in range(runs):
+        # alternate which goes first, so a drift over time cancels out
+        order = ((b, base_vals), (a, vals)) if i % 2 == 0 else ((a, vals), (b, base_vals))
+        for node, sink in order:
+            value, noise = await asyncio.to_thread(measure, node, metric, seconds)
+            sink.append(value)
+            if noise.noisy:
+                noisy.append(noise.describe())
+    ratio = median(vals) / median(base_vals) if median(base_vals) else float("nan")
+    return {
+        "value": median(vals),
+        "baseline": median(base_vals),
+        "ratio": round(ratio, 3),
+        "runs": vals,
+        "baseline_runs": base_vals,
+        "noisy": noisy,
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = (1, 1000) if args.quick else (1, 1000, 10000, 100000)
     configs = [
@@ -482,6 +538,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         *(f"{k}-{n}" for k in ("ebpf", "iptables", "nftables") for n in sizes),
         "ebpf-tiered",
     ]
+    if args.configs:
+        configs = args.configs
+    metrics = args.metrics or list(METRICS)
     runs = args.runs or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     tag = uuid.uuid4().hex[:4]
@@ -493,39 +552,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         a, b = await Node.create(f"npa{tag}"), await Node.create(f"npb{tag}")
         cfg = Configs(a, f"/sys/fs/bpf/npbench-{tag}")
         for node in (a, b):  # warm up: first connections, caches, page faults
-            for metric in METRICS:
+            for metric in metrics:
                 await asyncio.to_thread(measure, node, metric, 1.0)
         for name in configs:
             setup = await cfg.apply(name)
             row: dict[str, Any] = {"setup_seconds": round(setup, 2)}
-            for metric in METRICS:
-                base_vals: list[float] = []
-                vals: list[float] = []
-                noisy: list[str] = []
-                for i in range(runs):
-                    # alternate which goes first, so a drift over time cancels out
-                    order = (
-                        ((b, base_vals), (a, vals)) if i % 2 == 0 else ((a, vals), (b, base_vals))
-                    )
-                    for node, sink in order:
-                        value, noise = await asyncio.to_thread(measure, node, metric, seconds)
-                        sink.append(value)
-                        if noise.noisy:
-                            noisy.append(noise.describe())
-                ratio = median(vals) / median(base_vals) if median(base_vals) else float("nan")
-                row[metric] = {
-                    "value": median(vals),
-                    "baseline": median(base_vals),
-                    "ratio": round(ratio, 3),
-                    "runs": vals,
-                    "baseline_runs": base_vals,
-                    "noisy": noisy,
-                }
+            for metric in metrics:
+                row[metric] = await compare(a=a, b=b, metric=metric, runs=runs, seconds=seconds)
+            progs = cfg.programs(name)
+            if progs and "cps" in metrics:
+                row["cps"]["programs"] = await asyncio.to_thread(program_cost, a, progs, seconds)
             results[name] = row
             print(
                 f"  {name:<16} "
                 + "  ".join(
-                    f"{m} {row[m]['ratio']:.2f}{'*' if row[m]['noisy'] else ''}" for m in METRICS
+                    f"{m} {row[m]['ratio']:.2f}{'*' if row[m]['noisy'] else ''}" for m in metrics
                 ),
                 flush=True,
             )
@@ -542,6 +583,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "configs": results,
+        "metrics": metrics,
         "per_packet": costs,
         "runs": runs,
         "seconds": seconds,
@@ -550,33 +592,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(figures: dict[str, Any]) -> None:
+    metrics = figures.get("metrics", METRICS)
     rows = []
     for name, row in figures["configs"].items():
         cells: list[Any] = [name]
-        for m in METRICS:
+        for m in metrics:
             r = row[m]
             cells.append(f"{r['ratio']:.2f}" + (" *" if r["noisy"] else ""))
-        cells += [
-            row["rr"]["value"],
-            row["cps"]["value"],
-            row["tput"]["value"],
-            row["setup_seconds"],
-        ]
+        cells += [row[m]["value"] for m in metrics]
+        cells.append(row["setup_seconds"])
         rows.append(cells)
     print()
     print(
         f"Ratio to no program (median of {figures['runs']} runs of {figures['seconds']} s "
         f"each, interleaved with the baseline; * = another process used >5% of a core)"
     )
-    print(table(["config", "rr", "cps", "tput", "rr req/s", "conn/s", "Gbit/s", "setup s"], rows))
+    print(table(["config", *metrics, *(UNITS[m] for m in metrics), "setup s"], rows))
     noisy = {
         f"{n}/{m}": r[m]["noisy"]
         for n, r in figures["configs"].items()
-        for m in METRICS
+        for m in metrics
         if r[m]["noisy"]
     }
     for where, who in noisy.items():
         print(f"  noisy {where}: {'; '.join(who)}")
+    costs = {
+        n: r["cps"]["programs"]
+        for n, r in figures["configs"].items()
+        if "programs" in r.get("cps", {})
+    }
+    if costs:
+        print()
+        print("Programs per new connection (one more cps run with run-time statistics on,")
+        print("which add two clock reads to every run):")
+        print(
+            table(
+                ["config", "runs / conn", "ns / run", "us / conn", "connection us"],
+                [
+                    [n, c["runs_per_conn"], c["ns_per_run"], c["us_per_conn"], c["conn_us"]]
+                    for n, c in costs.items()
+                ],
+            )
+        )
     print()
     pp = figures["per_packet"]
     print("Per packet (BPF_PROG_TEST_RUN, ingress program), ns, with the minimal programs")
@@ -638,10 +695,31 @@ def tiered_vs_networkpolicy(figures: dict[str, Any]) -> dict[str, float]:
     cfg = figures.get("configs", {})
     if "ebpf-tiered" in cfg and "ebpf-1000" in cfg:
         for m in ("rr", "cps"):
+            if m not in cfg["ebpf-tiered"]:
+                continue
             mine, theirs = cfg["ebpf-tiered"][m]["ratio"], cfg["ebpf-1000"][m]["ratio"]
             if mine:
                 out[f"1 / {m}"] = round(theirs / mine, 3)
     return out
+
+
+_CONFIG_NAME = re.compile(r"none|tc-pass|ebpf-tiered|(ebpf|iptables|nftables)-[1-9][0-9]*")
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not _CONFIG_NAME.fullmatch(n)]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown configuration {', '.join(bad) or text!r}")
+    return names
+
+
+def _metrics(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric {', '.join(bad) or text!r}")
+    return names
 
 
 def main(
@@ -651,6 +729,8 @@ def main(
     p.add_argument("--quick", action="store_true", help="1 run of 1 s, 1 and 1,000 CIDRs")
     p.add_argument("--runs", type=int, help="runs per configuration and metric (3)")
     p.add_argument("--seconds", type=float, help="seconds per run (4)")
+    p.add_argument("--configs", type=_names, help="only these configurations, comma-separated")
+    p.add_argument("--metrics", type=_metrics, help="only these metrics (rr, cps, tput)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--chart", metavar="PNG", help="bar chart of the ratios")
     args = p.parse_args(argv)
@@ -663,7 +743,10 @@ def main(
         bar_chart(
             args.chart,
             "TCP between two pods: ratio to no program",
-            {n: {m: r[m]["ratio"] for m in METRICS} for n, r in figures["configs"].items()},
+            {
+                n: {m: r[m]["ratio"] for m in figures["metrics"]}
+                for n, r in figures["configs"].items()
+            },
         )
 
 

@@ -194,6 +194,7 @@ _proto("bpf_obj_get", c_int, c_str)
 _proto("bpf_obj_get_info_by_fd", c_int, c_int, c_ptr, ctypes.POINTER(c_uint))
 _proto("bpf_map_get_fd_by_id", c_int, c_uint)
 _proto("bpf_prog_get_fd_by_id", c_int, c_uint)
+_proto("bpf_enable_stats", c_int, c_int)  # enum bpf_stats_type; the fd holds it on
 _proto("bpf_map_get_next_id", c_int, c_uint, ctypes.POINTER(c_uint))
 _proto("bpf_prog_get_next_id", c_int, c_uint, ctypes.POINTER(c_uint))
 _proto(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -52,6 +53,8 @@ class ProgInfo:
     tag: str
     map_ids: tuple[int, ...]
     verified_insns: int = 0  # instructions the verifier processed at load (0: unknown)
+    run_time_ns: int = 0  # time spent running, while run-time statistics are on
+    run_cnt: int = 0  # runs counted while they are on
 
 
 def prog_info(fd: int, what: str = "program") -> ProgInfo:
@@ -76,6 +79,8 @@ def prog_info(fd: int, what: str = "program") -> ProgInfo:
         tag=bytes(info.tag).hex(),
         map_ids=tuple(ids),
         verified_insns=info.verified_insns,
+        run_time_ns=info.run_time_ns,
+        run_cnt=info.run_cnt,
     )
 
 
@@ -151,6 +156,20 @@ class Program:
 
     def __repr__(self) -> str:
         return f"<Program {self.name} id={self.id} fd={self.fd}>"
+
+
+_BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+
+
+@contextmanager
+def run_time_statistics() -> Iterator[None]:
+    """The kernel counts every program's runs and their time (``ProgInfo.run_cnt``,
+    ``run_time_ns``) while this is held; it costs each run two clock reads."""
+    fd = lb.check(lb.lib.bpf_enable_stats(_BPF_STATS_RUN_TIME), "enable run-time statistics")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 class _SkbCtx(ctypes.Structure):

@@ -509,15 +509,14 @@ static __always_inline int np_rejudge(struct __sk_buff *skb, const struct np_ct_
 			    judged == NP_DIR_EGRESS && (pod->flags & NP_POD_F_LEARNED), &d);
 	}
 	if (d.verdict == NP_VERDICT_ALLOW) {
-		struct np_ct_value v = {
-			.last_seen_ns = now,
-			.created_ns = now,
-			.pod_id = pod->pod_id,
-			.origin = judged,
-			.reason = d.reason,
-		};
-
-		bpf_map_update_elem(&np_ct, key, &v, BPF_ANY);
+		/* Renewed in place: replacing the entry would take a fresh element from the LRU
+		 * and free this one, both under the map's locks, for every reused source port. */
+		ct->last_seen_ns = now;
+		ct->created_ns = now;
+		ct->pod_id = pod->pod_id;
+		ct->origin = judged;
+		ct->reason = d.reason;
+		ct->flags = 0;
 		if (stats)
 			stats->packets_allowed++;
 		if (np_config_flags() & NP_CFG_EMIT_ALLOW)

@@ -15,6 +15,7 @@ import pytest
 from bpf import layout as lay
 from bpf.datapath import DENY_ALL, Datapath, DirectionPolicy
 from bpf.ruleset import PeerRule, compile_rules
+from conntrack.sweep import now_ns
 from simnode.netns import arun, socket_in
 from simnode.node import SimPod
 from simnode.traffic import open_tcp
@@ -86,6 +87,35 @@ async def test_a_new_syn_after_rst_is_judged_again(pods: PodNet) -> None:
     after = pods.dp.stats()
     assert after["ct_revoked"] > before["ct_revoked"]
     assert entries(pods.dp, ifindex=server.ifindex, port=PORT) == {}
+
+
+async def test_a_reallowed_syn_renews_its_entry_in_place(pods: PodNet) -> None:
+    """Judged again and allowed: the same entry is renewed (clock, origin, no closing
+    flag), so the next SYN of a live connection does not take the judged path again."""
+    client, server = await pods.add_pod("client"), await pods.add_pod("server")
+    pods.program(server, ingress=allow(client))
+    sock = await connect(client, server)
+    assert sock is not None
+    reset(sock)
+    (raw, closed), *rest = entries(pods.dp, ifindex=server.ifindex, port=PORT).items()
+    assert not rest
+    assert closed.flags == lay.NP_CT_F_CLOSING
+    assert age(pods.dp, ifindex=server.ifindex, port=PORT, seconds=5) == 1
+    judged = pods.dp.stats()["ct_rejudged"]
+    sock = await connect(client, server)  # the same source port: the same key
+    assert sock is not None
+    try:
+        renewed = entries(pods.dp, ifindex=server.ifindex, port=PORT)
+        assert list(renewed) == [raw]
+        v = renewed[raw]
+        assert v.flags == 0
+        assert v.origin == lay.NP_DIR_INGRESS
+        assert v.reason == lay.NP_REASON_RULE
+        now = now_ns()
+        assert now - v.created_ns < 2e9, "the renewed entry keeps its old clock"
+        assert pods.dp.stats()["ct_rejudged"] == judged + 2  # the client's egress and this
+    finally:
+        reset(sock)
 
 
 async def test_an_established_connection_survives_a_revocation(pods: PodNet) -> None:
