@@ -65,9 +65,11 @@ class PackedRules:
     def rules(self, policy_id: int = 0) -> Iterator[PeerRule]:
         """The rules, attributed to ``policy_id``."""
         from_bytes = int.from_bytes
+        new = tuple.__new__  # what the named tuples' constructors do, without their frame
         for ports, packed in self.groups:
             for family, length, raw in _PACKED.iter_unpack(packed):
-                yield PeerRule(Prefix(family, length, from_bytes(raw, "big")), (), ports, policy_id)
+                prefix = new(Prefix, (family, length, from_bytes(raw, "big")))
+                yield new(PeerRule, (prefix, (), ports, policy_id))
         for r in self.others:
             yield r._replace(policy_id=policy_id) if policy_id else r
 

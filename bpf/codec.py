@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from bpf import layout as lay
 from bpf.maps import TypedMap
@@ -16,11 +16,10 @@ WIDTH = {lay.NP_FAMILY_IPV4: 4, lay.NP_FAMILY_IPV6: 16}
 NP_PREFIX_BITS = lay.NP_LPM_FAMILY_BITS
 
 
-def lpm_key_bytes(p: Prefix) -> bytes:
+def lpm_key_bytes(p: Prefix, _pack: Callable[..., bytes] = LPM_KEY.pack) -> bytes:
     """np_lpm_key of a prefix, packed."""
-    return LPM_KEY.pack(
-        NP_PREFIX_BITS + p.length, p.family, p.value.to_bytes(WIDTH[p.family], "big")
-    )
+    family, length, value = p
+    return _pack(NP_PREFIX_BITS + length, family, value.to_bytes(WIDTH[family], "big"))
 
 
 def prefix_from_key(key: lay.NpLpmKey) -> Prefix:

@@ -24,7 +24,7 @@ import hashlib
 import heapq
 import ipaddress
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -214,17 +214,19 @@ class CompiledRules:
         """Content identity (BLAKE2b-256 of the sorted entries), for sharing one trie
         between pods with equal rules. Computed once: entries are not changed after."""
         if self._digest is None:
-            h = hashlib.blake2b(digest_size=32)
-            canon: dict[Portset, bytes] = {}
-            for prefix in sorted(self.entries):
-                ps = self.entries[prefix]
-                if ps not in canon:
-                    canon[ps] = ps.canonical()
-                h.update(
-                    _PREFIX.pack(prefix.family, prefix.length, prefix.value.to_bytes(16, "big"))
-                )
-                h.update(canon[ps])
-            self._digest = h.digest()
+            entries = self.entries
+            pack = _PREFIX.pack
+            canon: dict[int, bytes] = {}  # by identity: few distinct port sets
+            parts: list[bytes] = []
+            for prefix in sorted(entries):
+                ps = entries[prefix]
+                raw = canon.get(id(ps))
+                if raw is None:
+                    raw = canon[id(ps)] = ps.canonical()
+                family, length, value = prefix
+                parts.append(pack(family, length, value.to_bytes(16, "big")))
+                parts.append(raw)
+            self._digest = hashlib.blake2b(b"".join(parts), digest_size=32).digest()
         return self._digest
 
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Prefix | None:
@@ -375,6 +377,10 @@ def _index(
 
 
 def _compile(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules:
+    if not any(r.excepts for r in rules):
+        flat = _compile_plain(rules, normalise)
+        if flat is not None:
+            return flat
     by_cidr, excepts, prefixes = _index(rules)
     lengths: dict[int, list[int]] = {NP_FAMILY_IPV4: [], NP_FAMILY_IPV6: []}
     for p in prefixes:
@@ -384,8 +390,6 @@ def _compile(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules:
     any_excepts = any(excepts)
     # Many prefixes see the same contributions: normalise each distinct set once.
     normalised: dict[Contributions, Portset] = {}
-    if not any_excepts and all(len(v) <= 1 for v in lengths.values()):
-        return _compile_flat(rules, by_cidr, normalise, normalised)
     kept: dict[Prefix, Portset] = {}
     for p in sorted(prefixes):
         ancestors = [p.ancestor(n) for n in lengths[p.family] if n <= p.length]
@@ -407,17 +411,30 @@ def _compile(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules:
     return CompiledRules(entries=kept)
 
 
-def _compile_flat(
-    rules: Sequence[PeerRule],
-    by_cidr: dict[Prefix, list[int]],
-    normalise: Normalise,
-    normalised: dict[Contributions, Portset],
-) -> CompiledRules:
-    """The common case (pod IPs, or ipBlocks of one size, no excepts): no prefix contains
-    another, so each keeps exactly the rules given for it."""
+def _compile_plain(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledRules | None:
+    """Rules without excepts whose CIDRs do not contain one another (nearly every
+    policy): each prefix keeps exactly the rules given for it, in one pass. None if some
+    CIDR contains another (the general path then computes what each inherits)."""
+    by_cidr: dict[Prefix, list[tuple[int, tuple[PortRange, ...]]]] = {}
+    of = Prefix.of
+    for rule in rules:
+        cidr = rule.cidr if type(rule.cidr) is Prefix else of(rule.cidr)
+        contribution = (rule.policy_id, rule.ports)
+        found = by_cidr.get(cidr)
+        if found is None:
+            by_cidr[cidr] = [contribution]
+        else:
+            found.append(contribution)
+    lengths: dict[int, set[int]] = {NP_FAMILY_IPV4: set(), NP_FAMILY_IPV6: set()}
+    for p in by_cidr:
+        lengths[p.family].add(p.length)
+    prefixes = by_cidr.keys()
+    if _nested(prefixes, {fam: sorted(ls) for fam, ls in lengths.items()}):
+        return None
+    normalised: dict[Contributions, Portset] = {}
     kept: dict[Prefix, Portset] = {}
-    for p, indexes in by_cidr.items():
-        contributions = tuple((rules[i].policy_id, rules[i].ports) for i in indexes)
+    for p, found in by_cidr.items():
+        contributions = tuple(found)
         portset = normalised.get(contributions)
         if portset is None:
             portset = normalise(contributions, p)
@@ -425,6 +442,25 @@ def _compile_flat(
         if not portset.allows_nothing:
             kept[p] = portset
     return CompiledRules(entries=kept)
+
+
+def _nested(prefixes: Collection[Prefix], lengths: dict[int, list[int]]) -> bool:
+    """Whether some prefix contains another. Only prefixes longer than their family's
+    shortest are checked, against the shorter lengths present: ipBlocks of one or a few
+    sizes that do not overlap (the common case) cost little more than a pass."""
+    shortest = {fam: ls[0] for fam, ls in lengths.items() if ls}
+    width = _WIDTH
+    for family, length, value in prefixes:
+        if length == shortest[family]:
+            continue
+        w = width[family]
+        for n in lengths[family]:
+            if n >= length:
+                break
+            shift = w - n
+            if Prefix(family, n, (value >> shift) << shift) in prefixes:
+                return True
+    return False
 
 
 def nearest_kept(p: Prefix, lengths: list[int], kept: dict[Prefix, Portset]) -> Portset | None:

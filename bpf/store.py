@@ -388,8 +388,15 @@ class RuleStore:
     def _fill(self, trie: Map, compiled: CompiledRules) -> None:
         if not compiled.entries:
             return
-        keys = b"".join(lpm_key_bytes(p) for p in compiled.entries)
-        values = b"".join(U32_PACK.pack(self._value(ps)) for ps in compiled.entries.values())
+        entries = compiled.entries
+        # a rule set has few distinct port sets: each one's value packed once (by
+        # identity: hashing a port set costs more than the lookup saves)
+        packed: dict[int, bytes] = {}
+        for ps in entries.values():
+            if id(ps) not in packed:
+                packed[id(ps)] = U32_PACK.pack(self._value(ps))
+        keys = b"".join(map(lpm_key_bytes, entries))
+        values = b"".join([packed[id(ps)] for ps in entries.values()])
         trie.update_batch(keys, values)
 
     def _build_trie(self, trie_id: int, compiled: CompiledRules) -> Map:

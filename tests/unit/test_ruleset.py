@@ -175,6 +175,39 @@ def test_except_outside_its_cidr_is_ignored() -> None:
     assert [str(p) for p in compiled.entries] == ["10.0.0.0/8"]
 
 
+def test_cidrs_of_several_lengths_inherit_only_where_one_contains_another() -> None:
+    """Disjoint CIDRs of mixed lengths each keep their own ports (the one-pass path);
+    one inside another (found among the shorter lengths present, either family) gets
+    both."""
+    p80, p443 = (PortRange(TCP, 80, 80),), (PortRange(TCP, 443, 443),)
+    disjoint = [
+        PeerRule(net("10.0.0.0/28"), ports=p80),
+        PeerRule(net("10.0.1.0/24"), ports=p443),
+        PeerRule(net("10.0.2.7/32"), ports=p80),
+        PeerRule(net("fd00::/64"), ports=p443),
+        PeerRule(net("fd00:1::1/128"), ports=p80),
+    ]
+    compiled = compile_rules(disjoint)
+    assert {str(p): ps.allows(TCP, 80) is not None for p, ps in compiled.entries.items()} == {
+        "10.0.0.0/28": True,
+        "10.0.1.0/24": False,
+        "10.0.2.7/32": True,
+        "fd00::/64": False,
+        "fd00:1::1/128": True,
+    }
+    for nested in (
+        PeerRule(net("10.0.1.9/32"), ports=p80),
+        PeerRule(net("fd00::9/128"), ports=p80),
+    ):
+        inner = str(nested.cidr.network_address)  # type: ignore[union-attr]
+        compiled = compile_rules([*disjoint, nested])
+        assert compiled_allows(compiled, inner, TCP, 80), inner
+        assert compiled_allows(compiled, inner, TCP, 443), f"{inner} inherits its /24 or /64"
+        outer = "10.0.1.10" if "." in inner else "fd00::10"
+        assert compiled_allows(compiled, outer, TCP, 443)
+        assert not compiled_allows(compiled, outer, TCP, 80)
+
+
 def test_bare_host_rules() -> None:
     compiled = compile_rules([PeerRule(net("10.0.0.7/32")), PeerRule(net("fd00::7/128"))])
     assert compiled_allows(compiled, "10.0.0.7", TCP, 1)
