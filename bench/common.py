@@ -3,9 +3,11 @@ during a run (to flag noisy runs), medians and ratios, tables, JSON and charts."
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,11 +25,21 @@ NOISY_CORES = 0.05  # other processes using more than 5% of a core during a run
 
 
 def prepare() -> None:
-    """What every benchmark needs first: root (namespaces, BPF, tc), and the libraries'
-    logs quiet (only warnings)."""
+    """What every benchmark needs first: root (namespaces, BPF, tc), the libraries' logs
+    quiet (only warnings), and SIGTERM taken as Ctrl-C, so a stopped run still removes the
+    namespaces, pins and servers it made on its way out."""
     if os.geteuid() != 0:
         sys.exit("bench: run as root")
     logs.configure("warn", process="bench", json=False)
+    signal.signal(signal.SIGTERM, functools.partial(_terminated, os.getpid()))
+
+
+def _terminated(main: int, signum: int, frame: object) -> None:
+    if os.getpid() != main:
+        # a forked helper (pyroute2 opens a namespace's socket in one, then SIGTERMs it):
+        # die as the default action would, never unwind the parent's stack copy
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
 
 
 def require(*commands: str) -> None:

@@ -102,6 +102,8 @@ def _programming_rows(pg: dict[str, Any]) -> list[list[Any]]:
                 f"{fl['import_seconds']} / {fl['list_seconds']} / {fl['parse_seconds']}",
             ]
         )
+        if "list_and_parse_seconds" in fl:  # results from before the watch overlapped them
+            rows.append(["  floor: list and parse, overlapped (s)", fl["list_and_parse_seconds"]])
     for k, v in pg["latency_ms"].items():
         rows.append([f"{k.replace('_', ' ')} p50 / p99 (ms)", f"{v['p50']} / {v['p99']}"])
     return rows

@@ -31,15 +31,20 @@ from common.kube import GoneError, KubeClient, KubeError, Obj, Resource, WatchEv
 log = structlog.get_logger("watch")
 
 
-class WatchConsumer(Protocol):
+class ListConsumer(Protocol):
     """A full state arrives as ``begin``, ``add`` for each object (page by page: the
     consumer can compact each object at once, so a large list never sits in memory
-    whole), then ``end`` (drop what was not added); then each change as ``apply``.
-    A list that fails midway is started again with ``begin``."""
+    whole), then ``end`` (drop what was not added). A list that fails midway is started
+    again with ``begin``."""
 
     def begin(self) -> None: ...
     def add(self, obj: Obj) -> None: ...
     def end(self) -> None: ...
+
+
+class WatchConsumer(ListConsumer, Protocol):
+    """A list's full state (:class:`ListConsumer`), then each change as ``apply``."""
+
     def apply(self, event: WatchEvent) -> None: ...
 
 
@@ -240,7 +245,7 @@ class _Loop:
         await asyncio.sleep(self.settings.backoff_max)
 
     async def list(self) -> None:
-        self.rv, count = await _list(
+        self.rv, count = await list_into(
             self.client,
             self.resource,
             self.consumer,
@@ -321,45 +326,69 @@ def _apply(fn: Callable[[Any], None], arg: Any, obj: Obj, *, what: str, stats: W
         )
 
 
-async def _list(
+async def list_into(
     client: KubeClient,
     resource: Resource,
-    consumer: WatchConsumer,
+    consumer: ListConsumer,
     *,
-    settings: WatchSettings,
-    label_selector: str | None,
-    field_selector: str | None,
-    stats: WatchStats,
+    settings: WatchSettings = WatchSettings(),
+    label_selector: str | None = None,
+    field_selector: str | None = None,
+    stats: WatchStats | None = None,
 ) -> tuple[str, int]:
-    """The full state, page by page, into the consumer: (resourceVersion, objects)."""
-    consumer.begin()
-    token, version, count = "", "", 0
-    while True:
-        items, page_version, token = await client.list_page(
+    """The full state, page by page, into the consumer: (resourceVersion, objects).
+
+    The next page is asked for before this one goes to the consumer, so the server builds
+    and sends it while the consumer parses: at most two pages are held at once."""
+
+    async def page(token: str) -> tuple[list[Obj], str, str]:
+        return await client.list_page(
             resource,
             limit=settings.page_size,
             continue_token=token,
             label_selector=label_selector,
             field_selector=field_selector,
         )
-        version = version or page_version
-        for obj in items:
-            if isinstance(obj, dict) and isinstance(obj.get("metadata") or {}, dict):
-                _apply(consumer.add, obj, obj, what=resource.plural, stats=stats)
-            else:
-                stats.malformed += 1
-                log.warning(
-                    "watch.malformed_item",
-                    resource=resource.plural,
-                    problem=f"list item is a {type(obj).__name__}",
-                )
-        count += len(items)
-        del items
-        if not token:
-            break
-        await asyncio.sleep(0)  # let the rest of the process run between pages
+
+    stats = stats if stats is not None else WatchStats()
+    consumer.begin()
+    version, count = "", 0
+    pending: asyncio.Task[tuple[list[Obj], str, str]] | None = None
+    items, page_version, token = await page("")
+    try:
+        while True:
+            version = version or page_version
+            if token:
+                pending = asyncio.create_task(page(token), name=f"list-page:{resource.plural}")
+                await asyncio.sleep(0)  # the request leaves before this page is parsed
+            _consume(items, consumer, resource=resource, stats=stats)
+            count += len(items)
+            del items
+            if pending is None:
+                break
+            items, page_version, token = await pending
+            pending = None
+    finally:
+        if pending is not None:  # the consumer or a cancellation ended the list early
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
     consumer.end()
     return version, count
+
+
+def _consume(
+    items: list[Obj], consumer: ListConsumer, *, resource: Resource, stats: WatchStats
+) -> None:
+    for obj in items:
+        if isinstance(obj, dict) and isinstance(obj.get("metadata") or {}, dict):
+            _apply(consumer.add, obj, obj, what=resource.plural, stats=stats)
+        else:
+            stats.malformed += 1
+            log.warning(
+                "watch.malformed_item",
+                resource=resource.plural,
+                problem=f"list item is a {type(obj).__name__}",
+            )
 
 
 def _version(obj: Obj) -> str | None:

@@ -16,9 +16,10 @@ from common.kube import (
     GoneError,
     KubeClient,
     KubeError,
+    Resource,
     WatchEvent,
 )
-from common.watching import Replacing, WatchSettings, WatchStats, list_watch
+from common.watching import Replacing, WatchSettings, WatchStats, list_into, list_watch
 from fakekube import store as fs
 from fakekube.selectors import SelectorError, field_selector, label_selector
 from fakekube.server import FakeKube
@@ -241,3 +242,53 @@ async def test_paginated_lists_and_paged_list_watch(api: tuple[FakeKube, KubeCli
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert server.requests["list pods"] >= 5
+
+
+class _Ordered(Recorder):
+    """Records when each object reaches it, beside the page requests; fails at ``fail_at``."""
+
+    def __init__(self, events: list[str], fail_at: str = "") -> None:
+        super().__init__()
+        self.events, self.fail_at = events, fail_at
+
+    def add(self, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if name == self.fail_at:
+            raise RuntimeError("consumer broke")
+        self.events.append("add")
+        super().add(obj)
+
+
+async def test_a_list_asks_for_the_next_page_before_parsing_this_one(
+    api: tuple[FakeKube, KubeClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = api
+    for i in range(10):
+        server.store.create(fs.PODS, "default", pod(f"p{i}"))
+    events: list[str] = []
+    real = client.list_page
+
+    async def list_page(resource: Resource, **kw: Any) -> tuple[list[Any], str, str]:
+        events.append("ask")
+        return await real(resource, **kw)
+
+    monkeypatch.setattr(client, "list_page", list_page)
+    pods = len(server.store.objects[fs.PODS])
+    rec = _Ordered(events)
+    version, count = await list_into(client, PODS, rec, settings=WatchSettings(page_size=4))
+    assert count == pods == len(rec.state)
+    assert version
+    # the request for page n+1 is out before page n's first object reaches the consumer
+    sizes = [min(4, pods - i) for i in range(0, pods, 4)]
+    expected = ["ask"]
+    for k, size in enumerate(sizes):
+        expected += ["ask"] * (k + 1 < len(sizes)) + ["add"] * size
+    assert events == expected
+
+    # a consumer that breaks mid-list: the error surfaces and no page request is left behind
+    events.clear()
+    broken = _Ordered(events, fail_at=list(rec.state)[1])
+    with pytest.raises(RuntimeError, match="consumer broke"):
+        await list_into(client, PODS, broken, settings=WatchSettings(page_size=2))
+    assert events[:2] == ["ask", "ask"]
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("list-page:")]
