@@ -559,33 +559,47 @@ class Enforcer:
         return False
 
     async def keep_tries(self) -> None:
-        """The "tries" task. First the tries adopted at start are read (what they
-        reference: bpf.store.RuleStore.adopt), READ_BATCH at a time on a thread of their
-        own, so that pods are programmed meanwhile. Then the empty tries of the store's
-        pool are kept topped up, so that a change fills one instead of waiting for the
-        outer map's RCU grace period: the insert (and its grace period) runs on a thread
-        too, never on the datapath worker. Woken whenever the pool is short after a
-        reconcile."""
+        """The "tries" task. The tries adopted at start are read (what they reference:
+        bpf.store.RuleStore.adopt), READ_BATCH at a time on a thread of their own, once the
+        first reconcile is done: reading 250k entries holds the GIL for a second, which
+        the initial lists and the confirmation of every pod need more (nothing waits for
+        the read: until it is done, port sets and names are not collected). The empty
+        tries of the store's pool are kept topped up, so that a change fills one instead
+        of waiting for the outer map's RCU grace period: the insert (and its grace period)
+        runs on a thread too, never on the datapath worker. Woken whenever the pool is
+        short after a reconcile."""
         await self.started.wait()
         store = self.dp.store
-        while store.unread:
-            ids = await self.worker.call(store.unread_ids, READ_BATCH)
-            read = await asyncio.to_thread(store.read_tries, ids)
-            await self.worker.call(store.apply_read, read, ids)
+        if store.unread:
+            await self._top_up_pool()
+            await self.synced.wait()
+            while store.unread:
+                ids = await self.worker.call(store.unread_ids, READ_BATCH)
+                read = await asyncio.to_thread(store.read_tries, ids)
+                await self.worker.call(store.apply_read, read, ids)
         while True:
             self.pool_short.clear()
-            if store.pooled < POOL_SIZE:
-                try:
-                    ids = await self.worker.call(store.reserve_pool_ids)
-                    made = await asyncio.to_thread(store.make_pooled, ids)
-                    await self.worker.call(store.add_pooled, made)
-                except (BpfError, OSError) as exc:
-                    self.metrics.errors.labels("trie-pool").inc()
-                    log.warning("enforcer.trie_pool_failed", error=str(exc))
-                    await asyncio.sleep(self.lifecycle_period)  # e.g. np_rules full
-                    continue
-                log.debug("enforcer.trie_pool_refilled", added=len(made))
+            if not await self._top_up_pool():
+                continue  # tried again after a pause
             await self.pool_short.wait()
+
+    async def _top_up_pool(self) -> bool:
+        """Fill the pool of empty tries up to POOL_SIZE; False (after a pause of one
+        lifecycle period) if that failed, e.g. with np_rules full."""
+        store = self.dp.store
+        if store.pooled >= POOL_SIZE:
+            return True
+        try:
+            ids = await self.worker.call(store.reserve_pool_ids)
+            made = await asyncio.to_thread(store.make_pooled, ids)
+            await self.worker.call(store.add_pooled, made)
+        except (BpfError, OSError) as exc:
+            self.metrics.errors.labels("trie-pool").inc()
+            log.warning("enforcer.trie_pool_failed", error=str(exc))
+            await asyncio.sleep(self.lifecycle_period)
+            return False
+        log.debug("enforcer.trie_pool_refilled", added=len(made))
+        return True
 
     async def _lifecycle(self) -> None:
         """Every LIFECYCLE_PERIOD: pod ids of UIDs no longer here retire, names past

@@ -168,26 +168,30 @@ class Node:
             field_selector=f"spec.nodeName={self.settings.node_name}",
         )
 
-    async def watch_endpoints(self) -> None:
-        # node addresses and local pods decide which ones concern us
+    async def local_state_known(self) -> None:
+        """The node's addresses and its pods: what decides which PolicyEndpoints concern
+        the node (those of namespaces without local pods are kept as stubs)."""
         await self.hostnet.ready.wait()
         await self.watches["pods"].synced.wait()
+
+    async def watch_endpoints(self) -> None:
+        # the list's first pages are on their way while the local state loads
         await list_watch(
             self.kube,
             POLICY_ENDPOINTS,
             self.cache.endpoints_consumer(),
             stats=self.watches["policyendpoints"],
+            ready=self.local_state_known,
         )
 
     async def watch_cluster_endpoints(self) -> None:
-        await self.hostnet.ready.wait()
-        await self.watches["pods"].synced.wait()
         await list_watch(
             self.kube,
             CLUSTER_POLICY_ENDPOINTS,
             self.cache.endpoints_consumer(cluster=True),
             stats=self.watches["clusterpolicyendpoints"],
             optional=True,  # clusters without the ClusterNetworkPolicy CRDs
+            ready=self.local_state_known,
         )
 
     async def steer_dns(self) -> None:

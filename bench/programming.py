@@ -465,8 +465,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await bench.setup()
         await bench.cold_start()
         bench.freeze_store()  # the PolicyEndpoints are written by now
+        await bench.floor()  # while the agent is idle: after a restart it reads its tries
         await bench.restart()
-        await bench.floor()
         await bench.changes_and_footprint()
     finally:
         await bench.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,10 +134,12 @@ async def list_watch(
     settings: WatchSettings = WatchSettings(),
     stats: WatchStats | None = None,
     optional: bool = False,
+    ready: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Run forever (until cancelled). ``optional``: the resource may not be served (a
     CRD not installed): a 404 on the list counts as an empty, synced list, and the list
-    is tried again every ``backoff_max`` seconds until the resource appears."""
+    is tried again every ``backoff_max`` seconds until the resource appears. ``ready``:
+    what the consumer needs before it takes objects (see :func:`list_into`)."""
     loop = _Loop(
         client,
         resource,
@@ -147,6 +149,7 @@ async def list_watch(
         label_selector=label_selector,
         field_selector=field_selector,
         optional=optional,
+        ready=ready,
     )
     await loop.run()
 
@@ -165,8 +168,10 @@ class _Loop:
         label_selector: str | None,
         field_selector: str | None,
         optional: bool = False,
+        ready: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.optional = optional
+        self.ready = ready
         self.absent = False
         self.client = client
         self.resource = resource
@@ -237,6 +242,8 @@ class _Loop:
                 detail="not served (CRD not installed?): treated as empty, listed again "
                 f"every {self.settings.backoff_max:g}s",
             )
+            if self.ready is not None:
+                await self.ready()
             self.consumer.begin()
             self.consumer.end()
         self.stats.served = False
@@ -253,6 +260,7 @@ class _Loop:
             stats=self.stats,
             label_selector=self.label_selector,
             field_selector=self.field_selector,
+            ready=self.ready,
         )
         self.stats.lists += 1
         self.absent = False
@@ -335,11 +343,15 @@ async def list_into(
     label_selector: str | None = None,
     field_selector: str | None = None,
     stats: WatchStats | None = None,
+    ready: Callable[[], Awaitable[object]] | None = None,
 ) -> tuple[str, int]:
     """The full state, page by page, into the consumer: (resourceVersion, objects).
 
     The next page is asked for before this one goes to the consumer, so the server builds
-    and sends it while the consumer parses: at most two pages are held at once."""
+    and sends it while the consumer parses: at most two pages are held at once.
+    ``ready``: awaited after the first page has arrived and the second is asked for, before
+    the consumer begins (a consumer that needs other state first: the list's first round
+    trips overlap the wait for it instead of following it)."""
 
     async def page(token: str) -> tuple[list[Obj], str, str]:
         return await client.list_page(
@@ -351,8 +363,7 @@ async def list_into(
         )
 
     stats = stats if stats is not None else WatchStats()
-    consumer.begin()
-    version, count = "", 0
+    version, count, begun = "", 0, False
     pending: asyncio.Task[tuple[list[Obj], str, str]] | None = None
     items, page_version, token = await page("")
     try:
@@ -361,6 +372,11 @@ async def list_into(
             if token:
                 pending = asyncio.create_task(page(token), name=f"list-page:{resource.plural}")
                 await asyncio.sleep(0)  # the request leaves before this page is parsed
+            if not begun:
+                if ready is not None:
+                    await ready()
+                consumer.begin()
+                begun = True
             _consume(items, consumer, resource=resource, stats=stats)
             count += len(items)
             del items

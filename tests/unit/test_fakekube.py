@@ -259,12 +259,8 @@ class _Ordered(Recorder):
         super().add(obj)
 
 
-async def test_a_list_asks_for_the_next_page_before_parsing_this_one(
-    api: tuple[FakeKube, KubeClient], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server, client = api
-    for i in range(10):
-        server.store.create(fs.PODS, "default", pod(f"p{i}"))
+def _asks_recorded(client: KubeClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Events, beginning with an "ask" for every list page the client requests."""
     events: list[str] = []
     real = client.list_page
 
@@ -273,6 +269,16 @@ async def test_a_list_asks_for_the_next_page_before_parsing_this_one(
         return await real(resource, **kw)
 
     monkeypatch.setattr(client, "list_page", list_page)
+    return events
+
+
+async def test_a_list_asks_for_the_next_page_before_parsing_this_one(
+    api: tuple[FakeKube, KubeClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = api
+    for i in range(10):
+        server.store.create(fs.PODS, "default", pod(f"p{i}"))
+    events = _asks_recorded(client, monkeypatch)
     pods = len(server.store.objects[fs.PODS])
     rec = _Ordered(events)
     version, count = await list_into(client, PODS, rec, settings=WatchSettings(page_size=4))
@@ -292,3 +298,41 @@ async def test_a_list_asks_for_the_next_page_before_parsing_this_one(
         await list_into(client, PODS, broken, settings=WatchSettings(page_size=2))
     assert events[:2] == ["ask", "ask"]
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("list-page:")]
+
+
+async def test_a_list_fetches_while_its_consumer_waits_for_what_it_needs(
+    api: tuple[FakeKube, KubeClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ready``: the first two page requests go out before the gate opens; the consumer
+    sees nothing (not even begin) until it does, then the whole list in order."""
+    server, client = api
+    for i in range(10):
+        server.store.create(fs.PODS, "default", pod(f"q{i}"))
+    events = _asks_recorded(client, monkeypatch)
+    gate = asyncio.Event()
+
+    async def ready() -> None:
+        events.append("waiting")
+        await gate.wait()
+        events.append("ready")
+
+    class Gated(_Ordered):
+        def begin(self) -> None:
+            events.append("begin")
+            super().begin()
+
+    rec = Gated(events)
+    task = asyncio.create_task(
+        list_into(client, PODS, rec, settings=WatchSettings(page_size=4), ready=ready),
+        name="gated-list",
+    )
+    await wait_for(lambda: "waiting" in events or task.done())
+    await asyncio.sleep(0.2)  # the gate stays shut: nothing reaches the consumer
+    assert events == ["ask", "ask", "waiting"]
+    gate.set()
+    version, count = await task
+    pods = len(server.store.objects[fs.PODS])
+    assert count == pods == len(rec.state)
+    assert version
+    assert events[:5] == ["ask", "ask", "waiting", "ready", "begin"]
+    assert events.count("add") == pods
