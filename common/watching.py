@@ -362,28 +362,31 @@ async def list_into(
             field_selector=field_selector,
         )
 
+    def ask(token: str) -> asyncio.Task[tuple[list[Obj], str, str]] | None:
+        """The next page, asked for before the current one is parsed."""
+        return (
+            asyncio.create_task(page(token), name=f"list-page:{resource.plural}") if token else None
+        )
+
     stats = stats if stats is not None else WatchStats()
-    version, count, begun = "", 0, False
-    pending: asyncio.Task[tuple[list[Obj], str, str]] | None = None
-    items, page_version, token = await page("")
+    count = 0
+    items, version, token = await page("")
+    pending = ask(token)
     try:
+        await asyncio.sleep(0)  # the request leaves before this page is parsed
+        if ready is not None:
+            await ready()
+        consumer.begin()
         while True:
-            version = version or page_version
-            if token:
-                pending = asyncio.create_task(page(token), name=f"list-page:{resource.plural}")
-                await asyncio.sleep(0)  # the request leaves before this page is parsed
-            if not begun:
-                if ready is not None:
-                    await ready()
-                consumer.begin()
-                begun = True
             _consume(items, consumer, resource=resource, stats=stats)
             count += len(items)
             del items
             if pending is None:
                 break
             items, page_version, token = await pending
-            pending = None
+            version = version or page_version
+            pending = ask(token)
+            await asyncio.sleep(0)
     finally:
         if pending is not None:  # the consumer or a cancellation ended the list early
             pending.cancel()
