@@ -10,27 +10,24 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from bpf import layout as lay
-from bpf.layout import NP_FAMILY_IPV4, NP_FAMILY_IPV6
-from bpf.ruleset import PeerRule, PortRange, Prefix
+from agent.rulepack import PackedRules, pack, parse_packed, port_ranges
+from bpf.ruleset import PortRange, Prefix
 from bpf.tiers import ACTIONS, CLUSTER_TIERS, ClusterRule
 from common import clusterpolicyendpoint as cpe
-from common.cidr import Cidr
 from common.echo import bounded
 from common.policyendpoint import (
     GROUP_ANNOTATION,
     TRIGGER_ANNOTATION,
     PolicyEndpointError,
-    PortSpec,
     Rule,
-    parse_with_rules,
+    parse_domains,
+    parse_model,
 )
 from common.selectors import Matcher, compile_selector
 
@@ -42,45 +39,6 @@ PodRef = tuple[str, str]  # (namespace, name)
 # agents that ignore the annotation join the groups, which allows the union of the groups'
 # ports (what the AWS controller itself writes), never less.
 PolicyKey = tuple[str, str, str]
-_PROTOCOLS = lay.PROTOCOL_NUMBERS
-
-
-_PACKED = struct.Struct(">BB16s")  # family, prefix length, address (big-endian, 16 bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class PackedRules:
-    """One direction's peer rules, compact: a node keeps every PolicyEndpoint about its
-    pods, often hundreds of thousands of CIDRs, for as long as they apply. Rules without
-    ``except`` (nearly all) are grouped by their port list, their prefixes packed 18
-    bytes each (a PeerRule of Prefix objects takes about 190); the rare rules with
-    excepts are kept as they are. Iterating yields PeerRules, built on the fly."""
-
-    groups: tuple[tuple[tuple[PortRange, ...], bytes], ...] = ()
-    others: tuple[PeerRule, ...] = ()
-
-    def __iter__(self) -> Iterator[PeerRule]:
-        return self.rules()
-
-    def rules(self, policy_id: int = 0) -> Iterator[PeerRule]:
-        """The rules, attributed to ``policy_id``."""
-        from_bytes = int.from_bytes
-        new = tuple.__new__  # what the named tuples' constructors do, without their frame
-        for ports, packed in self.groups:
-            for family, length, raw in _PACKED.iter_unpack(packed):
-                prefix = new(Prefix, (family, length, from_bytes(raw, "big")))
-                yield new(PeerRule, (prefix, (), ports, policy_id))
-        for r in self.others:
-            yield r._replace(policy_id=policy_id) if policy_id else r
-
-    def __len__(self) -> int:
-        return sum(len(p) // _PACKED.size for _, p in self.groups) + len(self.others)
-
-    def weight(self) -> int:
-        """Port rules counted per CIDR (what compiling them costs, roughly)."""
-        return sum(len(p) // _PACKED.size * max(1, len(ports)) for ports, p in self.groups) + sum(
-            max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others
-        )
 
 
 class Domain(NamedTuple):
@@ -160,41 +118,6 @@ class Endpoints:
         return False if found else None
 
 
-def _prefix(c: Cidr) -> Prefix:
-    return Prefix(NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6, c.length, c.value)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ports(ports: tuple[PortSpec, ...]) -> tuple[PortRange, ...]:
-    return tuple(
-        PortRange(_PROTOCOLS[p.protocol], 0, 65535)
-        if p.port is None
-        else PortRange(_PROTOCOLS[p.protocol], p.port, p.end_port or p.port)
-        for p in ports
-    )
-
-
-def _rules(rules: list[Rule]) -> PackedRules:
-    groups: dict[tuple[PortRange, ...], bytearray] = {}
-    others = []
-    pack = _PACKED.pack
-    for r in rules:
-        ports = _ports(r.ports) if r.ports else ()
-        c = r.cidr
-        if r.excepts:
-            others.append(PeerRule(_prefix(c), tuple(map(_prefix, r.excepts)), ports))
-            continue
-        group = groups.get(ports)
-        if group is None:
-            group = groups[ports] = bytearray()
-        group += pack(
-            NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6,
-            c.length,
-            c.value.to_bytes(16, "big"),
-        )
-    return PackedRules(tuple((k, bytes(v)) for k, v in groups.items()), tuple(others))
-
-
 def _trigger_time(value: str | None) -> float | None:
     if not value:
         return None
@@ -215,8 +138,14 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
     the NetworkPolicy it stands for, applies to its namespace's pods. Entries whose
     ``podIP`` equals their ``hostIP`` are hostNetwork pods, never enforced (as the
     reference agent skips them)."""
-    pe, ingress, egress, domains = parse_with_rules(obj)
+    pe = parse_model(obj)
     spec, meta = pe.spec, pe.metadata
+    try:
+        ingress = parse_packed(spec.ingress, "spec.ingress")
+        egress = parse_packed(spec.egress, "spec.egress")
+        domains = parse_domains(spec.egress, "spec.egress")
+    except ValueError as exc:
+        raise PolicyEndpointError(meta.namespace, meta.name, str(exc)) from None
     if spec.policy_ref.namespace and spec.policy_ref.namespace != meta.namespace:
         raise PolicyEndpointError(
             meta.namespace,
@@ -248,11 +177,11 @@ def from_api(obj: dict[str, Any]) -> Endpoints:
             for e in spec.pod_selector_endpoints
             if e.host_ip and e.namespace == meta.namespace
         ),
-        ingress=_rules(ingress),
-        egress=_rules(egress),
+        ingress=ingress,
+        egress=egress,
         foreign=tuple(sorted(foreign)),
         selector=_selector(spec.pod_selector),
-        domains=tuple(Domain(d.pattern, _ports(d.ports) if d.ports else ()) for d in domains),
+        domains=tuple(Domain(d.pattern, port_ranges(d.ports) if d.ports else ()) for d in domains),
     )
 
 
@@ -282,7 +211,9 @@ def from_cluster_api(obj: dict[str, Any]) -> Endpoints:
             priority=c.priority,
             ingress=_by_action(c.ingress),
             egress=_by_action(c.egress),
-            domains=tuple(Domain(d.pattern, _ports(d.ports) if d.ports else ()) for d in c.domains),
+            domains=tuple(
+                Domain(d.pattern, port_ranges(d.ports) if d.ports else ()) for d in c.domains
+            ),
         ),
     )
 
@@ -291,7 +222,7 @@ def _by_action(entries: Iterable[cpe.ClusterEntry]) -> tuple[tuple[int, PackedRu
     grouped: dict[int, list[Rule]] = {}
     for e in entries:
         grouped.setdefault(ACTIONS[e.action], []).append(Rule(e.cidr, (), e.ports))
-    return tuple((action, _rules(rules)) for action, rules in sorted(grouped.items()))
+    return tuple((action, pack(rules)) for action, rules in sorted(grouped.items()))
 
 
 def parse_object(obj: dict[str, Any]) -> Endpoints:

@@ -18,9 +18,9 @@ from common.policyendpoint import (
     DomainRule,
     PolicyEndpointError,
     PortSpec,
-    _ports,
     entry_cidr,
     parse_domains,
+    parse_ports,
 )
 
 KIND = "ClusterPolicyEndpoint"
@@ -84,7 +84,7 @@ def _entries(raw: Any, where: str) -> tuple[list[ClusterEntry], list[DomainRule]
                 raise ValueError(f"{loc}.action: a domainName entry must be Accept")
             continue
         ports = entry.get("ports")
-        out.append(ClusterEntry(cidr, _ports(ports, f"{loc}.ports") if ports else (), action))
+        out.append(ClusterEntry(cidr, parse_ports(ports, f"{loc}.ports") if ports else (), action))
     return out, domains
 
 

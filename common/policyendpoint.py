@@ -68,7 +68,7 @@ def parse_domains(entries: Any, where: str) -> list[DomainRule]:
                 "(a leading '*.' is the only wildcard)"
             )
         ports = entry.get("ports")
-        out.append(DomainRule(name, _ports(ports, f"{loc}.ports") if ports else ()))
+        out.append(DomainRule(name, parse_ports(ports, f"{loc}.ports") if ports else ()))
     return out
 
 
@@ -92,16 +92,22 @@ def parse_rules(entries: Any, where: str) -> list[Rule]:
         raise ValueError(f"{where}: must be a list")
     out = []
     for i, entry in enumerate(entries):
-        loc = f"{where}.{i}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{loc}: must be an object")
-        cidr = entry_cidr(entry, loc)
-        if cidr is None:
-            continue
-        excepts = _excepts(entry.get("except"), cidr, entry["cidr"], loc)
-        ports = entry.get("ports")
-        out.append(Rule(cidr, excepts, _ports(ports, f"{loc}.ports") if ports else ()))
+        rule = parse_rule(entry, f"{where}.{i}")
+        if rule is not None:
+            out.append(rule)
     return out
+
+
+def parse_rule(entry: Any, loc: str) -> Rule | None:
+    """One entry at ``loc`` (``spec.ingress.3``); None for an FQDN entry."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{loc}: must be an object")
+    cidr = entry_cidr(entry, loc)
+    if cidr is None:
+        return None
+    excepts = _excepts(entry.get("except"), cidr, entry["cidr"], loc)
+    ports = entry.get("ports")
+    return Rule(cidr, excepts, parse_ports(ports, f"{loc}.ports") if ports else ())
 
 
 def entry_cidr(entry: dict[str, Any], loc: str) -> Cidr | None:
@@ -139,7 +145,8 @@ def _excepts(raw_excepts: Any, cidr: Cidr, text: Any, loc: str) -> tuple[Cidr, .
     return tuple(parsed)
 
 
-def _ports(ports: Any, where: str) -> tuple[PortSpec, ...]:
+def parse_ports(ports: Any, where: str) -> tuple[PortSpec, ...]:
+    """An entry's ``ports`` list at ``where`` (``spec.ingress.3.ports``)."""
     if not isinstance(ports, list):
         raise ValueError(f"{where}: must be a list")
     out = []
@@ -255,21 +262,31 @@ class Parsed(NamedTuple):
     domains: list[DomainRule]  # the egress domainName entries
 
 
+def parse_model(obj: dict[str, Any]) -> PolicyEndpoint:
+    """The object without its rule entries validated (``spec.ingress``/``spec.egress``
+    are lists of raw entries: parse_rules, or agent.rulepack, validates them)."""
+    try:
+        return PolicyEndpoint.model_validate(obj)
+    except ValidationError as exc:
+        raise PolicyEndpointError(*ref_of(obj), describe(exc)) from None
+
+
+def ref_of(obj: dict[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of an object, "?" for what it lacks: for its error messages."""
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", "?"), meta.get("name", "?")
+
+
 def parse_with_rules(obj: dict[str, Any]) -> Parsed:
     """Validate a PolicyEndpoint, rules included: (object, ingress rules, egress rules,
     egress domain rules); raises PolicyEndpointError naming the first offending field."""
-    meta = obj.get("metadata") or {}
-    where = (meta.get("namespace", "?"), meta.get("name", "?"))
-    try:
-        pe = PolicyEndpoint.model_validate(obj)
-    except ValidationError as exc:
-        raise PolicyEndpointError(*where, describe(exc)) from None
+    pe = parse_model(obj)
     try:
         ingress = parse_rules(pe.spec.ingress, "spec.ingress")
         egress = parse_rules(pe.spec.egress, "spec.egress")
         domains = parse_domains(pe.spec.egress, "spec.egress")
     except ValueError as exc:
-        raise PolicyEndpointError(*where, str(exc)) from None
+        raise PolicyEndpointError(*ref_of(obj), str(exc)) from None
     return Parsed(pe, ingress, egress, domains)
 
 
