@@ -290,6 +290,7 @@ class FakeKube:
                     metadata_only=metadata_only,
                     after=after,
                     limit=limit,
+                    copies=False,  # encoded below, before this handler yields
                 )
                 rv = first_rv or rv
                 token = ""

@@ -205,10 +205,15 @@ class Store:
         metadata_only: bool = False,
         after: tuple[str, str] | None = None,
         limit: int = 0,
+        copies: bool = True,
     ) -> tuple[list[Obj], int]:
         """Copies of the matching objects (of their metadata only, if asked), in key
         order, those after the key ``after`` only; at most ``limit`` + 1 of them when a
-        limit is given (the extra one tells the caller that more remain)."""
+        limit is given (the extra one tells the caller that more remain). ``copies``
+        False: the stored objects themselves, for a caller that only reads them before
+        it next yields (the server, encoding a response); a real API server encodes its
+        cached objects, and a deep copy per object per list was most of the fake's time
+        serving a node's PolicyEndpoints."""
         items = []
         for key, o in sorted(self.objects[resource].items()):
             if after is not None and key <= after:
@@ -217,7 +222,8 @@ class Store:
                 continue
             if not object_matches(o, labels=labels, fields=fields):
                 continue
-            items.append(copy.deepcopy({"metadata": o["metadata"]} if metadata_only else o))
+            item = {"metadata": o["metadata"]} if metadata_only else o
+            items.append(copy.deepcopy(item) if copies else item)
             if limit and len(items) > limit:
                 break
         return items, self.rv
