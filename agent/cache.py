@@ -127,6 +127,10 @@ class Cache:
         self.stubs: dict[Key, Stub] = {}  # objects of the others
         self.policies: dict[PolicyKey, set[Key]] = {}  # every object (kept or stub)
         self.listing: dict[PodRef, set[Key]] = {}  # kept objects listing a pod
+        # the local pods of each namespace that no kept PolicyEndpoint lists (selected
+        # by labels, if at all): kept as pods and listings change, since every object a
+        # list delivers asks for its namespace's (a scan per object was quadratic)
+        self.unlisted: dict[str, set[PodRef]] = {}
         self.rejected: dict[Key, str] = {}
         # every policy's podSelector, and the policies of each namespace (see "Selection
         # by labels"); an entry ends with the policy's last object
@@ -295,7 +299,19 @@ class Cache:
 
     def _unlisted(self, namespace: str) -> list[PodRef]:
         """Local pods of the namespace that no object lists (selected by labels)."""
-        return [r for r in self.ns_pods.get(namespace, ()) if not self._listed_by_networkpolicy(r)]
+        return list(self.unlisted.get(namespace, ()))
+
+    def _index_listing(self, ref: PodRef) -> None:
+        """Whether a pod is among its namespace's unlisted, after its pod or a listing of
+        it changed."""
+        if ref in self.pods and not self._listed_by_networkpolicy(ref):
+            self.unlisted.setdefault(ref[0], set()).add(ref)
+            return
+        refs = self.unlisted.get(ref[0])
+        if refs is not None:
+            refs.discard(ref)
+            if not refs:
+                del self.unlisted[ref[0]]
 
     def _listed_by_networkpolicy(self, pod: PodRef) -> bool:
         """Some PolicyEndpoint lists the pod (a ClusterPolicyEndpoint listing it does not
@@ -335,6 +351,7 @@ class Cache:
         else:
             self.pods[ref] = pod
             self.ns_pods.setdefault(ref[0], set()).add(ref)
+        self._index_listing(ref)
         if old != pod:
             self.dirty.add(ref)
             self.changed.set()
@@ -365,6 +382,7 @@ class Cache:
                     keys.discard(key)
                     if not keys:
                         del self.listing[ref]
+                self._index_listing(ref)
         stub = self.stubs.pop(key, None)
         if stub is not None:
             pk = stub.policy_key
@@ -384,6 +402,7 @@ class Cache:
         self._note_selector(e.policy_key, e.selector)
         for ref in e.pods:
             self.listing.setdefault(ref, set()).add(e.key)
+            self._index_listing(ref)
 
     def _set_endpoints(
         self, key: Key, obj: dict[str, Any] | None, *, fetched: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Any
 
 import pytest
@@ -616,3 +617,50 @@ def test_no_inputs_digest_is_kept_for_domain_name_rules() -> None:
     every restart."""
     obj = pe("p-1", pods=[("a", "10.0.0.1", NODE_IP)], egress=[{"domainName": "example.com"}])
     assert _digest(obj) == b""
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_unlisted_pods_of_each_namespace_follow_pods_and_listings_through_churn(
+    seed: int,
+) -> None:
+    """The index of pods no PolicyEndpoint lists (what label selection considers) agrees,
+    after every change, with what scanning every pod and its listings finds."""
+    rng = random.Random(seed)
+    cache = Cache(node_addresses=lambda: {NODE_IP})
+    pods, endpoints = cache.pods_consumer(), cache.endpoints_consumer()
+    names = [(ns, f"pod{i}") for ns in ("a", "b") for i in range(6)]
+
+    def pod(ns: str, name: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "namespace": ns, "uid": f"u-{ns}-{name}"},
+            "spec": {},
+            "status": {"podIP": f"10.0.{ord(ns)}.{int(name[3:]) + 1}"},
+        }
+
+    def scanned() -> dict[str, set[tuple[str, str]]]:
+        out: dict[str, set[tuple[str, str]]] = {}
+        for ref in cache.pods:
+            if not any(k[0] for k in cache.listing.get(ref, ())):
+                out.setdefault(ref[0], set()).add(ref)
+        return out
+
+    for _ in range(300):
+        ns, name = rng.choice(names)
+        step = rng.randrange(4)
+        if step == 0:
+            pods.apply(WatchEvent("ADDED", pod(ns, name)))
+        elif step == 1:
+            pods.apply(WatchEvent("DELETED", pod(ns, name)))
+        else:
+            listed = rng.sample([n for n_ns, n in names if n_ns == ns], rng.randrange(3))
+            ip = {n: pod(ns, n)["status"]["podIP"] for n in listed}
+            obj = pe(
+                f"pe{rng.randrange(4)}",
+                namespace=ns,
+                policy=f"p{rng.randrange(2)}",
+                pods=[(n, ip[n], NODE_IP) for n in listed],
+                isolation=["Ingress"],
+            )
+            endpoints.apply(WatchEvent("DELETED" if step == 3 and not listed else "MODIFIED", obj))
+        assert cache.unlisted == scanned()
+    assert any(cache.listing.values())  # the churn did list pods
