@@ -21,7 +21,7 @@ from agent.domains import ClusterDomain, EgressInputs, NpDomain
 from agent.endpoints import Endpoints, PodRef
 from bpf import layout as lay
 from bpf.datapath import ALLOW_ALL, DENY_ALL, DirectionPolicy
-from bpf.ruleset import Decision, PeerRule, compile_rules
+from bpf.ruleset import Decision, compile_grouped, compile_rules
 from bpf.tiers import ClusterRule, compile_tiers
 
 PolicyIds = Callable[[PodRef], int]
@@ -36,11 +36,15 @@ def direction(
     isolating = [e for e in endpoints if (e.isolate_ingress if ingress else e.isolate_egress)]
     if not isolating:
         return ALLOW_ALL
-    rules: list[PeerRule] = []
-    for e in isolating:
-        pid = policy_id(e.policy)
-        rules.extend((e.ingress if ingress else e.egress).rules(pid))
-    return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compile_rules(rules, truncate=truncate))
+    packed = [(e.ingress if ingress else e.egress, policy_id(e.policy)) for e in isolating]
+    if not any(rules.others for rules, _ in packed):  # no excepts (nearly always)
+        groups = [g for rules, pid in packed for g in rules.grouped(pid)]
+        compiled = compile_grouped(groups, truncate=truncate)
+    else:
+        compiled = compile_rules(
+            [r for rules, pid in packed for r in rules.rules(pid)], truncate=truncate
+        )
+    return DirectionPolicy(lay.NP_STATE_POLICIES_APPLIED, compiled)
 
 
 def cluster_rules(

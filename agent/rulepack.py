@@ -55,6 +55,18 @@ class PackedRules:
         for r in self.others:
             yield r._replace(policy_id=policy_id) if policy_id else r
 
+    def grouped(self, policy_id: int) -> Iterator[tuple[int, tuple[PortRange, ...], list[Prefix]]]:
+        """The rules without excepts, as bpf.ruleset.compile_grouped takes them:
+        (``policy_id``, ports, prefixes) per port list."""
+        from_bytes = int.from_bytes
+        new = tuple.__new__
+        for ports, packed in self.groups:
+            prefixes = [
+                new(Prefix, (family, length, from_bytes(raw, "big")))
+                for family, length, raw in PACKED.iter_unpack(packed)
+            ]
+            yield policy_id, ports, prefixes
+
     def __len__(self) -> int:
         return sum(len(p) // PACKED.size for _, p in self.groups) + len(self.others)
 

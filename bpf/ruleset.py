@@ -322,6 +322,38 @@ def compile_rules(rules: Sequence[PeerRule], *, truncate: bool = False) -> Compi
     """Flatten one direction's rules into trie entries (see module docstring).
     ``truncate``: a port set over the limit keeps the ranges that fit (and the prefix is
     listed in ``truncated``) instead of raising RuleLimitError."""
+    normalise, cut = _normaliser(truncate)
+    return _truncated(_compile(rules, normalise), cut)
+
+
+def compile_grouped(
+    groups: Sequence[tuple[int, tuple[PortRange, ...], Sequence[Prefix]]],
+    *,
+    truncate: bool = False,
+) -> CompiledRules:
+    """compile_rules for rules without excepts given as (policy_id, ports, prefixes):
+    the same result as for the PeerRules they stand for, in that order, without building
+    one per prefix (a pod's rules are often hundreds of thousands of prefixes)."""
+    normalise, cut = _normaliser(truncate)
+    by_cidr: dict[Prefix, list[tuple[int, tuple[PortRange, ...]]]] = {}
+    get = by_cidr.get
+    for policy_id, ports, prefixes in groups:
+        contribution = (policy_id, ports)
+        for p in prefixes:
+            found = get(p)
+            if found is None:
+                by_cidr[p] = [contribution]
+            else:
+                found.append(contribution)
+    flat = _plain(by_cidr, normalise)
+    if flat is None:  # some prefix contains another: the general path
+        rules = [PeerRule(p, (), ports, policy_id) for policy_id, ports, ps in groups for p in ps]
+        flat = _compile(rules, normalise)
+    return _truncated(flat, cut)
+
+
+def _normaliser(truncate: bool) -> tuple[Normalise, set[Portset]]:
+    """normalise_ports for one compile, and the port sets it cut (``truncate``)."""
     cut: set[Portset] = set()
 
     def normalise(
@@ -336,7 +368,10 @@ def compile_rules(rules: Sequence[PeerRule], *, truncate: bool = False) -> Compi
             cut.add(portset)
             return portset
 
-    out = _compile(rules, normalise)
+    return normalise, cut
+
+
+def _truncated(out: CompiledRules, cut: set[Portset]) -> CompiledRules:
     out.truncated = sorted(p for p, ps in out.entries.items() if ps in cut)
     return out
 
@@ -425,6 +460,14 @@ def _compile_plain(rules: Sequence[PeerRule], normalise: Normalise) -> CompiledR
             by_cidr[cidr] = [contribution]
         else:
             found.append(contribution)
+    return _plain(by_cidr, normalise)
+
+
+def _plain(
+    by_cidr: dict[Prefix, list[tuple[int, tuple[PortRange, ...]]]], normalise: Normalise
+) -> CompiledRules | None:
+    """The entries of prefixes that do not contain one another, each with exactly its
+    own contributions; None if some prefix contains another."""
     lengths: dict[int, set[int]] = {NP_FAMILY_IPV4: set(), NP_FAMILY_IPV6: set()}
     for p in by_cidr:
         lengths[p.family].add(p.length)

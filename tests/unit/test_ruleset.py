@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,8 @@ from bpf.ruleset import (
     PortRange,
     PortRule,
     Portset,
+    Prefix,
+    compile_grouped,
     compile_rules,
     normalise_ports,
 )
@@ -367,3 +370,45 @@ def test_ten_thousand_ports_on_one_cidr_raise_or_truncate_to_what_fits() -> None
     assert ps.allows(NP_PROTO_TCP, 19999) is None, "what does not fit is not allowed"
     assert ps.allows(NP_PROTO_TCP, 2) is None
     assert compile_rules(rules[:1][0:0], truncate=True).truncated == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 4),
+            st.lists(port_ranges, max_size=3).map(tuple),
+            st.lists(v4_networks(), max_size=5),
+        ),
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_rules_given_grouped_compile_as_the_rules_they_stand_for(
+    groups: list[tuple[int, tuple[PortRange, ...], list[ipaddress.IPv4Network]]],
+    truncate: bool,
+) -> None:
+    """compile_grouped takes (policy id, ports, prefixes) where compile_rules takes one
+    rule per prefix: the same entries (nested prefixes too, through the general path),
+    the same truncation, the same error."""
+    grouped = [(pid, ports, [Prefix.of(n) for n in nets]) for pid, ports, nets in groups]
+    rules = [PeerRule(p, (), ports, pid) for pid, ports, ps in grouped for p in ps]
+    try:
+        expect = compile_rules(rules, truncate=truncate)
+    except RuleLimitError as exc:
+        with pytest.raises(RuleLimitError, match=re.escape(str(exc))):
+            compile_grouped(grouped, truncate=truncate)
+        return
+    got = compile_grouped(grouped, truncate=truncate)
+    assert got.entries == expect.entries
+    assert got.truncated == expect.truncated
+    assert got.digest() == expect.digest()
+
+
+def test_grouped_rules_over_the_port_limit_are_cut_and_named() -> None:
+    many = tuple(PortRange(TCP, p, p) for p in range(1000, 1000 + 4 * NP_MAX_PORT_RULES, 2))
+    grouped = [(1, many, [Prefix.of(net("10.0.0.0/8"))])]
+    with pytest.raises(RuleLimitError):
+        compile_grouped(grouped)
+    cut = compile_grouped(grouped, truncate=True)
+    assert cut.truncated == [Prefix.of(net("10.0.0.0/8"))]
