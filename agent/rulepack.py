@@ -3,8 +3,8 @@ once, then packed (a node may hold hundreds of thousands of CIDRs, for months).
 
 :func:`parse_packed` validates and packs in one pass. The entries that nearly every
 object holds (a ``cidr`` string without ``except``; ``ports`` of integer numbers, or
-none) take a path that goes from the text to the packed bytes directly, about four times
-faster than validating each entry into a Rule first. Whatever that path is not certain
+none) take a path that goes from the text to the packed bytes directly (1,250 objects of 200
+entries: 0.3 s, against 0.66-1.0 s validating each entry into a Rule first). Whatever that path is not certain
 of (an except, spaces around the text, a port written as a string, any error) goes
 through common.policyendpoint's own validation, entry by entry, which decides and words
 the error. The result is the same either way (tests/unit/test_rulepack.py checks that

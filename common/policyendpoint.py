@@ -213,7 +213,7 @@ class PolicyEndpointSpec(_Model):
     pod_selector_endpoints: list[PodEndpoint] = Field(
         default_factory=list, alias="podSelectorEndpoints"
     )
-    # raw entries: validated by parse_rules (see parse_with_rules)
+    # raw entries: validated by parse_rules, or agent.rulepack (see parse_model)
     ingress: list[Any] = Field(default_factory=list)
     egress: list[Any] = Field(default_factory=list)
 
@@ -255,13 +255,6 @@ class PolicyEndpointError(ValueError):
         self.reason = reason
 
 
-class Parsed(NamedTuple):
-    endpoint: PolicyEndpoint
-    ingress: list[Rule]
-    egress: list[Rule]
-    domains: list[DomainRule]  # the egress domainName entries
-
-
 def parse_model(obj: dict[str, Any]) -> PolicyEndpoint:
     """The object without its rule entries validated (``spec.ingress``/``spec.egress``
     are lists of raw entries: parse_rules, or agent.rulepack, validates them)."""
@@ -275,19 +268,6 @@ def ref_of(obj: dict[str, Any]) -> tuple[str, str]:
     """(namespace, name) of an object, "?" for what it lacks: for its error messages."""
     meta = obj.get("metadata") or {}
     return meta.get("namespace", "?"), meta.get("name", "?")
-
-
-def parse_with_rules(obj: dict[str, Any]) -> Parsed:
-    """Validate a PolicyEndpoint, rules included: (object, ingress rules, egress rules,
-    egress domain rules); raises PolicyEndpointError naming the first offending field."""
-    pe = parse_model(obj)
-    try:
-        ingress = parse_rules(pe.spec.ingress, "spec.ingress")
-        egress = parse_rules(pe.spec.egress, "spec.egress")
-        domains = parse_domains(pe.spec.egress, "spec.egress")
-    except ValueError as exc:
-        raise PolicyEndpointError(*ref_of(obj), str(exc)) from None
-    return Parsed(pe, ingress, egress, domains)
 
 
 def describe(exc: ValidationError) -> str:

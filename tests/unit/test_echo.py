@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import structlog
 
+from agent.endpoints import from_api
 from common import logs
 from common.echo import LOG_VALUE_LIMIT, bounded
 from common.podobject import PodError, parse_pod
-from common.policyendpoint import PolicyEndpointError, parse_with_rules
+from common.policyendpoint import PolicyEndpointError
 
 HUGE = "10." + "9" * 1_000_000 + "/8"
 
@@ -33,7 +34,7 @@ def endpoint(cidr: str) -> dict[str, Any]:
 
 def test_a_megabyte_cidr_gives_a_short_reason() -> None:
     with pytest.raises(PolicyEndpointError) as err:
-        parse_with_rules(endpoint(HUGE))
+        from_api(endpoint(HUGE))
     assert len(err.value.reason) < 1000
     assert "chars)" in err.value.reason  # says how long the value was
     assert len(str(err.value)) < 1100
