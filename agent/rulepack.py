@@ -3,12 +3,12 @@ once, then packed (a node may hold hundreds of thousands of CIDRs, for months).
 
 :func:`parse_packed` validates and packs in one pass. The entries that nearly every
 object holds (a ``cidr`` string without ``except``; ``ports`` of integer numbers, or
-none) take a path that goes from the text to the packed bytes directly (1,250 objects of 200
-entries: 0.3 s, against 0.66-1.0 s validating each entry into a Rule first). Whatever that path is not certain
-of (an except, spaces around the text, a port written as a string, any error) goes
-through common.policyendpoint's own validation, entry by entry, which decides and words
-the error. The result is the same either way (tests/unit/test_rulepack.py checks that
-against parse_rules on generated entries).
+none) go from the text to the packed bytes directly (1,250 objects of 200 entries:
+0.3 s, against 0.66-1.0 s validating each entry into a Rule first). Whatever that path
+is not certain of (an except, spaces around the text, a port written as a string, any
+error) goes through common.policyendpoint's own validation, entry by entry, which
+decides and words the error. The result is the same either way
+(tests/unit/test_rulepack.py checks that against parse_rules on generated entries).
 """
 
 from __future__ import annotations
