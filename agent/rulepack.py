@@ -8,7 +8,7 @@ none) go from the text to the packed bytes directly (1,250 objects of 200 entrie
 is not certain of (an except, spaces around the text, a port written as a string, any
 error) goes through common.policyendpoint's own validation, entry by entry, which
 decides and words the error. The result is the same either way
-(tests/unit/test_rulepack.py checks that against parse_rules on generated entries).
+(tests/unit/test_rulepack.py checks that against parse_rule on generated entries).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bpf.ruleset import PeerRule, PortRange, Prefix
 from common.cidr import Cidr
 from common.policyendpoint import PortSpec, Rule, parse_ports, parse_rule
 
-PACKED = struct.Struct(">BB16s")  # family, prefix length, address (big-endian, 16 bytes)
+_PACKED = struct.Struct(">BB16s")  # family, prefix length, address (big-endian, 16 bytes)
 _PROTOCOLS = lay.PROTOCOL_NUMBERS
 
 
@@ -46,11 +46,9 @@ class PackedRules:
 
     def rules(self, policy_id: int = 0) -> Iterator[PeerRule]:
         """The rules, attributed to ``policy_id``."""
-        from_bytes = int.from_bytes
         new = tuple.__new__  # what the named tuples' constructors do, without their frame
-        for ports, packed in self.groups:
-            for family, length, raw in PACKED.iter_unpack(packed):
-                prefix = new(Prefix, (family, length, from_bytes(raw, "big")))
+        for _, ports, prefixes in self.grouped(policy_id):
+            for prefix in prefixes:
                 yield new(PeerRule, (prefix, (), ports, policy_id))
         for r in self.others:
             yield r._replace(policy_id=policy_id) if policy_id else r
@@ -59,25 +57,25 @@ class PackedRules:
         """The rules without excepts, as bpf.ruleset.compile_grouped takes them:
         (``policy_id``, ports, prefixes) per port list."""
         from_bytes = int.from_bytes
-        new = tuple.__new__
+        new = tuple.__new__  # what Prefix's constructor does, without its frame
         for ports, packed in self.groups:
             prefixes = [
                 new(Prefix, (family, length, from_bytes(raw, "big")))
-                for family, length, raw in PACKED.iter_unpack(packed)
+                for family, length, raw in _PACKED.iter_unpack(packed)
             ]
             yield policy_id, ports, prefixes
 
     def __len__(self) -> int:
-        return sum(len(p) // PACKED.size for _, p in self.groups) + len(self.others)
+        return sum(len(p) // _PACKED.size for _, p in self.groups) + len(self.others)
 
     def weight(self) -> int:
         """Port rules counted per CIDR (what compiling them costs, roughly)."""
-        return sum(len(p) // PACKED.size * max(1, len(ports)) for ports, p in self.groups) + sum(
+        return sum(len(p) // _PACKED.size * max(1, len(ports)) for ports, p in self.groups) + sum(
             max(1, len(r.ports)) * (1 + len(r.excepts)) for r in self.others
         )
 
 
-def prefix(c: Cidr) -> Prefix:
+def _prefix(c: Cidr) -> Prefix:
     return Prefix(NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6, c.length, c.value)
 
 
@@ -111,10 +109,10 @@ class _Packer:
         ports = port_ranges(r.ports) if r.ports else ()
         c = r.cidr
         if r.excepts:
-            self.others.append(PeerRule(prefix(c), tuple(map(prefix, r.excepts)), ports))
+            self.others.append(PeerRule(_prefix(c), tuple(map(_prefix, r.excepts)), ports))
             return
         self.group(ports).extend(
-            PACKED.pack(
+            _PACKED.pack(
                 NP_FAMILY_IPV4 if c.version == 4 else NP_FAMILY_IPV6,
                 c.length,
                 c.value.to_bytes(16, "big"),
@@ -210,9 +208,10 @@ def _port_list(ports: Any, where: str) -> tuple[PortRange, ...]:
 
 
 def parse_packed(entries: Any, where: str) -> PackedRules:
-    """Validate and pack a list of entries at ``where`` (``spec.ingress``): what
-    ``pack(parse_rules(entries, where))`` gives, and the same ValueError for the first
-    offending entry. FQDN entries (``domainName`` without ``cidr``) are skipped."""
+    """Validate and pack a list of entries at ``where`` (``spec.ingress``): what packing
+    common.policyendpoint.parse_rule's rules (at ``<where>.<i>``) in order gives, and
+    the same ValueError for the first offending entry. FQDN entries (``domainName``
+    without ``cidr``) are skipped."""
     if entries is None:
         return PackedRules()
     if not isinstance(entries, list):

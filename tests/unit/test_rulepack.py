@@ -1,5 +1,6 @@
 """agent.rulepack.parse_packed against the exact path it stands in for: common.policyendpoint's
-parse_rules, then pack. Same rules, in the same groups and order, or the same error."""
+parse_rule for each entry, then pack. Same rules, in the same groups and order, or the
+same error."""
 
 from __future__ import annotations
 
@@ -14,9 +15,19 @@ from agent import rulepack
 from agent.rulepack import PackedRules, pack, parse_packed
 from bpf.layout import NP_PROTO_TCP, NP_PROTO_UDP
 from bpf.ruleset import PortRange, Prefix
-from common.policyendpoint import parse_rules
+from common.policyendpoint import Rule, parse_rule
 
 WHERE = "spec.ingress"
+
+
+def parse_rules(entries: Any, where: str) -> list[Rule]:
+    """The exact path: every entry validated into a Rule, in order (FQDN entries none)."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: must be a list")
+    parsed = (parse_rule(entry, f"{where}.{i}") for i, entry in enumerate(entries))
+    return [rule for rule in parsed if rule is not None]
 
 
 def exact(entries: Any) -> PackedRules | str:
@@ -187,3 +198,9 @@ def test_rules_come_out_grouped_by_port_list_in_the_order_first_seen() -> None:
         (8, int(ipaddress.IPv4Address("11.0.0.0")), udp53, 0),
         (16, int(ipaddress.IPv4Address("10.1.0.0")), (), 1),
     ]
+
+
+def test_no_list_is_no_rules_and_anything_else_is_refused() -> None:
+    assert parse_packed(None, WHERE) == PackedRules() == exact(None)
+    assert fast({"cidr": "10.0.0.0/8"}) == exact({"cidr": "10.0.0.0/8"})
+    assert fast("x") == "ValueError: spec.ingress: must be a list"
