@@ -35,7 +35,7 @@ from agent.metrics import AgentMetrics
 from agent.programming import Outcome, Plan, Programmer
 from agent.worker import DatapathWorker
 from bpf import layout as lay
-from bpf.attach import attach, attachment, attachments, ours
+from bpf.attach import attach_many, attachments, ours
 from bpf.datapath import ALLOW_ALL, DENY_ALL, Datapath, PodPolicy
 from bpf.errors import BpfError
 from bpf.store import POOL_SIZE
@@ -44,7 +44,6 @@ from common.netlink import NetEvent, Netlink, NetlinkOpError
 
 log = structlog.get_logger("agent.enforcer")
 READ_BATCH = 16  # adopted tries read per step (see Enforcer.keep_tries)
-ATTACH_CONCURRENCY = 32  # attachments in flight when adopting the records at start
 
 UNKNOWN_POD = 0  # pod id of a record written before the pod is known
 # Retired tries are collected once programming has been quiet for GC_QUIET seconds, or
@@ -268,31 +267,33 @@ class Enforcer:
         for ifindex, att in current.items():
             if (att.ingress_prog_id, att.egress_prog_id) == mine:
                 self.attached[ifindex] = mine
-        gate = asyncio.Semaphore(ATTACH_CONCURRENCY)
-
-        async def attach_one(ifindex: int) -> None:
-            async with gate:
-                await self._attach(ifindex)
-
-        await asyncio.gather(
-            *(attach_one(i) for i in sorted(self.records) if self.attached.get(i) != mine)
-        )
+        await self._attach_all(sorted(self.records))
         log.info("enforcer.adopted", records=len(self.records), removed_stale=len(stale))
 
-    async def _attach(self, ifindex: int) -> None:
+    async def _attach_all(self, ifindexes: Iterable[int]) -> None:
+        """This run's programs on every interface of ``ifindexes`` that does not have
+        them yet, asked of the kernel at once; then what each interface has is read back
+        (``attached``: what the datapath judges with). A failure is logged and counted
+        for its interface alone; it is tried again when the interface is next armed or
+        its pod programmed."""
         assert self._nl is not None
-        if self.attached.get(ifindex) == ours(self.dp):
+        mine = ours(self.dp)
+        todo = [i for i in ifindexes if self.attached.get(i) != mine]
+        if not todo:
             return
         try:
-            await attach(
-                self._nl, ifindex, ingress=self.dp.ingress_prog, egress=self.dp.egress_prog
+            failed = await attach_many(
+                self._nl, todo, ingress=self.dp.ingress_prog, egress=self.dp.egress_prog
             )
-            current = await attachment(self._nl, ifindex)
-        except NetlinkOpError as exc:
-            log.warning("enforcer.attach_failed", ifindex=ifindex, error=str(exc))
+            done = [i for i in todo if i not in failed]
+            current = await attachments(self._nl, done)
+        except NetlinkOpError as exc:  # the batch as a whole: no socket, no namespace
+            failed, current = dict.fromkeys(todo, exc), {}
+        for ifindex, err in failed.items():
+            log.warning("enforcer.attach_failed", ifindex=ifindex, error=str(err))
             self.metrics.errors.labels("attach").inc()
-            return
-        self.attached[ifindex] = (current.ingress_prog_id, current.egress_prog_id)
+        for ifindex, att in current.items():
+            self.attached[ifindex] = (att.ingress_prog_id, att.egress_prog_id)
 
     async def _interfaces(self) -> None:
         """Attach new pod interfaces at once; forget vanished ones; host addresses."""
@@ -345,9 +346,7 @@ class Enforcer:
                     ifindexes=fresh,
                     default="deny" if strict else "allow",
                 )
-            for ifindex in ifindexes:
-                if ifindex in self.records:
-                    await self._attach(ifindex)
+            await self._attach_all(i for i in ifindexes if i in self.records)
             await self.gate.open(self._judged(ifindexes))
         return fresh
 
@@ -503,8 +502,8 @@ class Enforcer:
             self._retry.add(plan.ref)
             return
         self._retry.discard(plan.ref)
+        await self._attach_all(plan.ifindexes)
         for ifindex in plan.ifindexes:
-            await self._attach(ifindex)
             self.bound[ifindex] = plan.ref
         await self.gate.open(self._judged(plan.ifindexes))
         st.ifindexes, st.pod_id = plan.ifindexes, out.pod_id

@@ -36,8 +36,8 @@ def prepare() -> None:
 
 def _terminated(main: int, signum: int, frame: object) -> None:
     if os.getpid() != main:
-        # a forked helper (pyroute2 opens a namespace's socket in one, then SIGTERMs it):
-        # die as the default action would, never unwind the parent's stack copy
+        # a forked child (a library's helper that is sent SIGTERM): die as the default
+        # action would, never unwind the parent's stack copy
         os._exit(128 + signum)
     raise KeyboardInterrupt
 

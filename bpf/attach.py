@@ -15,7 +15,14 @@ from typing import Protocol
 
 from bpf import layout
 from bpf.objects import Program
-from common.netlink import HOOK_EGRESS, HOOK_INGRESS, Netlink, TcBpfFilter
+from common.netlink import (
+    HOOK_EGRESS,
+    HOOK_INGRESS,
+    Netlink,
+    NetlinkOpError,
+    TcBpfFilter,
+    TcProgram,
+)
 
 
 class HasPrograms(Protocol):
@@ -36,10 +43,23 @@ class Attachment:
 
 
 async def attach(nl: Netlink, ifindex: int, *, ingress: Program, egress: Program) -> None:
-    await nl.attach_bpf(
-        ifindex, hook=POD_INGRESS_HOOK, prog_fd=ingress.fd, name=layout.PROG_INGRESS
+    failed = await attach_many(nl, [ifindex], ingress=ingress, egress=egress)
+    if ifindex in failed:
+        raise failed[ifindex]
+
+
+async def attach_many(
+    nl: Netlink, ifindexes: Sequence[int], *, ingress: Program, egress: Program
+) -> dict[int, NetlinkOpError]:
+    """attach() on many interfaces, asked of the kernel at once; the interfaces that
+    failed, each with its first refusal."""
+    return await nl.attach_many(
+        ifindexes,
+        [
+            TcProgram(POD_INGRESS_HOOK, ingress.fd, layout.PROG_INGRESS),
+            TcProgram(POD_EGRESS_HOOK, egress.fd, layout.PROG_EGRESS),
+        ],
     )
-    await nl.attach_bpf(ifindex, hook=POD_EGRESS_HOOK, prog_fd=egress.fd, name=layout.PROG_EGRESS)
 
 
 async def detach(nl: Netlink, ifindex: int) -> None:

@@ -1,7 +1,6 @@
-"""Netlink messages read by hand, without pyroute2 (light to import): the header and
-attribute layouts and the walk over a message's attributes. Used where pyroute2's
-messages are too slow (the conntrack cleaner's ctnetlink scan, common.netlink's batch
-read of tc filters).
+"""Netlink messages read by hand (light to import): the header and attribute layouts
+and the walk over a message's attributes. Used by the conntrack cleaner's ctnetlink scan
+and by common.netlink (rtnetlink), where a general decoder's messages are too slow.
 """
 
 from __future__ import annotations
