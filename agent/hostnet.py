@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import ipaddress
 import socket
@@ -28,7 +29,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from common.netlink import RT_TABLE_MAIN, Addr, Link, NetEvent, Netlink, Route, Rule
+from common.netlink import (
+    RT_TABLE_MAIN,
+    Addr,
+    Link,
+    NetEvent,
+    Netlink,
+    NetlinkOpError,
+    Route,
+    Rule,
+)
 
 log = structlog.get_logger("agent.hostnet")
 
@@ -166,15 +176,30 @@ class HostNet:
         else:
             self.rule_tables.pop(key, None)
 
-    async def load(self, nl: Netlink) -> None:
-        for link in await nl.links():
-            self._apply_link(link, True)
-        for addr in await nl.addresses():
-            self._apply_addr(addr, True)
-        for rule in await nl.rules():
-            self._apply_rule(rule, True)
-        for route in await nl.routes():
-            self._apply_route(route, True)
+    def _apply(self, ev: NetEvent) -> None:
+        if ev.link is not None:
+            self._apply_link(ev.link, ev.added)
+        elif ev.addr is not None:
+            self._apply_addr(ev.addr, ev.added)
+        elif ev.route is not None:
+            self._apply_route(ev.route, ev.added)
+        elif ev.rule is not None:
+            self._apply_rule(ev.rule, ev.added)
+
+    async def load(self, nl: Netlink) -> list[NetEvent]:
+        """Read the node's links, addresses, rules and routes (at once, each on a socket
+        of its own) and apply them; what was read, as events of things added."""
+        links, addrs, rules, routes = await asyncio.gather(
+            nl.links(), nl.addresses(), nl.rules(), nl.routes()
+        )
+        fresh = [
+            *(NetEvent("link", True, link=x) for x in links),
+            *(NetEvent("addr", True, addr=x) for x in addrs),
+            *(NetEvent("rule", True, rule=x) for x in rules),
+            *(NetEvent("route", True, route=x) for x in routes),
+        ]
+        for ev in fresh:
+            self._apply(ev)
         self.ready.set()
         log.info(
             "hostnet.loaded",
@@ -182,6 +207,27 @@ class HostNet:
             node_addresses=sorted(self.node_addresses()),
             rule_tables=sorted({t for _, t in self.rule_tables}),
         )
+        return fresh
+
+    async def reload(self, nl: Netlink) -> None:
+        """Read everything again in place of what is known (after announcements were
+        lost), and announce the difference: links gone as removed, then all that was
+        read as added (whoever listens looks again at what depends on them)."""
+        before = dict(self.links)
+        self.links.clear()
+        self.by_name.clear()
+        self.routes.clear()
+        self.rule_tables.clear()
+        self.addresses.clear()
+        self._node = None
+        fresh = await self.load(nl)
+        if self.on_change is None:
+            return
+        for index, link in before.items():
+            if index not in self.links:
+                self.on_change(NetEvent("link", False, link=link))
+        for ev in fresh:
+            self.on_change(ev)
 
     async def find_named(self, nl: Netlink, namespace: str, name: str, count: int) -> list[int]:
         """:meth:`named_interfaces` for a pod the CNI has just wired (``count``
@@ -207,19 +253,30 @@ class HostNet:
 
     async def run(self) -> None:
         """Subscribe, load the current state, then apply changes forever. Subscribing
-        first means nothing that changes during the initial dump is missed."""
-        async with Netlink(netns=self.netns) as sub:
-            await sub.subscribe()
-            async with Netlink(netns=self.netns) as nl:
-                await self.load(nl)
-            async for ev in sub.events():
-                if ev.link is not None:
-                    self._apply_link(ev.link, ev.added)
-                elif ev.addr is not None:
-                    self._apply_addr(ev.addr, ev.added)
-                elif ev.route is not None:
-                    self._apply_route(ev.route, ev.added)
-                elif ev.rule is not None:
-                    self._apply_rule(ev.rule, ev.added)
-                if self.on_change is not None:
-                    self.on_change(ev)
+        first means nothing that changes during the initial dump is missed. Should the
+        kernel drop announcements (the subscription's queue overran while the loop was
+        busy), the state is read again and the difference announced: a change missed
+        is never missed for good."""
+        loaded = False
+        while True:
+            try:
+                async with Netlink(netns=self.netns) as sub:
+                    await sub.subscribe()
+                    async with Netlink(netns=self.netns) as nl:
+                        if loaded:
+                            await self.reload(nl)
+                        else:
+                            await self.load(nl)
+                    loaded = True
+                    async for ev in sub.events():
+                        self._apply(ev)
+                        if self.on_change is not None:
+                            self.on_change(ev)
+            except NetlinkOpError as exc:
+                if exc.errno != errno.ENOBUFS or not loaded:
+                    raise
+                log.warning(
+                    "hostnet.changes_lost",
+                    error=str(exc),
+                    effect="the node's links, addresses, rules and routes are read again",
+                )

@@ -41,6 +41,7 @@ _SO_RCVBUFFORCE = 33
 _CLONE_NEWNET = 0x40000000
 _RECV = 1 << 18  # more than the kernel puts in one read of a dump
 _BATCH = 64  # acknowledged requests in one send: their acks fit the default buffer
+TIMEOUT = 10.0  # seconds a request's answer (or a dump's next read) may take
 _T = TypeVar("_T")
 
 
@@ -71,11 +72,13 @@ async def in_own_thread(fn: Callable[[], _T]) -> _T:
 
 def route_socket(netns: str | None) -> socket.socket:
     """A NETLINK_ROUTE socket in ``netns`` (a name under /run/netns, or a path), bound,
-    with extended and capped acknowledgements."""
+    with extended and capped acknowledgements, and reads that give up after TIMEOUT (a
+    call never holds its thread, or its caller, for ever)."""
     sock = _in_netns(netns)
     try:
         sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
         sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+        sock.settimeout(TIMEOUT)
         sock.bind((0, 0))
     except BaseException:
         sock.close()
@@ -127,8 +130,20 @@ def failure(code: int, what: str, text: str = "") -> NetlinkOpError:
     return NetlinkOpError(code, f"{what}: {detail}")
 
 
+def _send(sock: socket.socket, data: bytes, what: str) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise failure(exc.errno or errno.EIO, what) from exc
+
+
 def _read(sock: socket.socket, buf: bytearray, what: str) -> memoryview:
-    size = sock.recv_into(buf, _RECV, socket.MSG_TRUNC)
+    try:
+        size = sock.recv_into(buf, _RECV, socket.MSG_TRUNC)
+    except TimeoutError as exc:
+        raise failure(errno.ETIMEDOUT, what, f"no answer in {TIMEOUT:g} s") from exc
+    except OSError as exc:  # ENOBUFS: answers the socket had no room for were lost
+        raise failure(exc.errno or errno.EIO, what) from exc
     if size > _RECV:
         raise NetlinkOpError(errno.EMSGSIZE, f"{what}: a reply of {size} bytes")
     return memoryview(buf)[:size]
@@ -162,7 +177,7 @@ def dumps(
     buf = bytearray(_RECV)
     with route_socket(netns) as sock:
         for seq, (kind, body, what) in enumerate(requests, 1):
-            sock.send(_message(kind, NLM_F_DUMP, seq, body))
+            _send(sock, _message(kind, NLM_F_DUMP, seq, body), what)
             found: list[bytes] = []
             done = False
             while not done:
@@ -190,12 +205,11 @@ def requests(netns: str | None, asked: Sequence[Request]) -> list[NetlinkOpError
     with route_socket(netns) as sock:
         for start in range(0, len(asked), _BATCH):
             chunk = range(start, min(start + _BATCH, len(asked)))
-            sock.send(
-                b"".join(
-                    _message(asked[i].kind, asked[i].flags | NLM_F_ACK, i + 1, asked[i].body)
-                    for i in chunk
-                )
+            batch = b"".join(
+                _message(asked[i].kind, asked[i].flags | NLM_F_ACK, i + 1, asked[i].body)
+                for i in chunk
             )
+            _send(sock, batch, asked[chunk[0]].what)
             waiting = set(chunk)
             while waiting:
                 for kind, flags, seq, payload in _messages(_read(sock, buf, "requests"), "acks"):
@@ -214,7 +228,7 @@ def ask(netns: str | None, request: Request, answer: int) -> bytes:
     Blocking: call through :func:`in_own_thread`."""
     buf = bytearray(_RECV)
     with route_socket(netns) as sock:
-        sock.send(_message(request.kind, request.flags, 1, request.body))
+        _send(sock, _message(request.kind, request.flags, 1, request.body), request.what)
         while True:
             for kind, flags, seq, payload in _messages(_read(sock, buf, request.what), "answer"):
                 if seq != 1:

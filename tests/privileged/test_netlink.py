@@ -5,6 +5,7 @@ general netlink library, not ours) reads and writes on the same kernel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from common.netlink import (
     Route,
     Rule,
 )
+from common.netlink_io import Subscription
 from simnode.node import SimNode
 
 VETHS = 40
@@ -393,3 +395,45 @@ async def test_reading_links_outside_its_block_is_refused(sim: SimNode) -> None:
     nl = Netlink(netns=sim.netns)
     with pytest.raises(RuntimeError, match="outside 'async with'"):
         await nl.links()
+
+
+async def test_lost_changes_are_read_again(sim: SimNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscription whose queue overruns (the kernel drops announcements: ENOBUFS)
+    while the loop is busy: hostnet reads the state again and announces the difference,
+    so links created and removed meanwhile are known, and the removed one is announced
+    as removed."""
+    from structlog.testing import capture_logs
+
+    from agent.hostnet import HostNet
+
+    monkeypatch.setattr(Subscription, "RCVBUF", 4096)  # the kernel's smallest
+    _ip(sim.netns, ["link add eniold type veth peer name nloldp"])
+    seen: list[NetEvent] = []
+    hostnet = HostNet(prefixes=("eni",), netns=sim.netns, on_change=seen.append)
+    task = asyncio.create_task(hostnet.run())
+    try:
+        await asyncio.wait_for(hostnet.ready.wait(), 10)
+        old = hostnet.by_name["eniold"]
+        with capture_logs() as logs:
+            # the loop is blocked while the changes happen: nothing reads the queue
+            _ip(
+                sim.netns,
+                [
+                    *(f"link add enilost{i} type veth peer name nllost{i}" for i in range(150)),
+                    "link del eniold",
+                ],
+            )
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if len(hostnet.pod_interfaces()) == 150 and "eniold" not in hostnet.by_name:
+                    break
+        assert [e for e in logs if e["event"] == "hostnet.changes_lost"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert set(hostnet.by_name) >= {f"enilost{i}" for i in range(150)}
+    assert "eniold" not in hostnet.by_name
+    assert NetEvent("link", False, link=Link(old, "eniold", "veth", False)) in seen
+    async with Netlink(netns=sim.netns) as nl:
+        assert {link.index: link for link in await nl.links()} == hostnet.links
