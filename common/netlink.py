@@ -4,7 +4,7 @@ tc filters the datapath attaches.
 Requests are built and answers decoded by hand (``common.netlink_io`` carries the bytes,
 each call on a socket and in a thread of its own): reading a node's hundreds of veths
 takes about 10 us each, against 0.4 ms through pyroute2's decoded messages, and
-attaching to them 20-30 us an interface against 1-2 ms. This module exposes the
+arming one (clsact, both filters, read back) 0.1 ms against 2 ms. This module exposes the
 handful of operations the project needs with plain dataclasses, keyword-only hooks and
 errors that carry errno and name the object.
 
