@@ -187,40 +187,25 @@ class HostNet:
             self._apply_rule(ev.rule, ev.added)
 
     async def load(self, nl: Netlink) -> list[NetEvent]:
-        """Read the node's links, addresses, rules and routes (at once, each on a socket
-        of its own) and apply them; what was read, as events of things added."""
-        links, addrs, rules, routes = await asyncio.gather(
-            nl.links(), nl.addresses(), nl.rules(), nl.routes()
-        )
-        fresh = [
-            *(NetEvent("link", True, link=x) for x in links),
-            *(NetEvent("addr", True, addr=x) for x in addrs),
-            *(NetEvent("rule", True, rule=x) for x in rules),
-            *(NetEvent("route", True, route=x) for x in routes),
-        ]
-        for ev in fresh:
-            self._apply(ev)
-        self.ready.set()
-        log.info(
-            "hostnet.loaded",
-            pod_interfaces=len(self.pod_interfaces()),
-            node_addresses=sorted(self.node_addresses()),
-            rule_tables=sorted({t for _, t in self.rule_tables}),
-        )
+        """Read the node's links, addresses, rules and routes and apply them; what was
+        read, as events of things added."""
+        fresh = await self._read(nl)
+        self._install(fresh)
         return fresh
 
     async def reload(self, nl: Netlink) -> None:
         """Read everything again in place of what is known (after announcements were
         lost), and announce the difference: links gone as removed, then all that was
-        read as added (whoever listens looks again at what depends on them)."""
+        read as added (whoever listens looks again at what depends on them). What is
+        known is replaced only once all is read: nothing sees it half loaded."""
+        fresh = await self._read(nl)
         before = dict(self.links)
         self.links.clear()
         self.by_name.clear()
         self.routes.clear()
         self.rule_tables.clear()
         self.addresses.clear()
-        self._node = None
-        fresh = await self.load(nl)
+        self._install(fresh)
         if self.on_change is None:
             return
         for index, link in before.items():
@@ -228,6 +213,31 @@ class HostNet:
                 self.on_change(NetEvent("link", False, link=link))
         for ev in fresh:
             self.on_change(ev)
+
+    @staticmethod
+    async def _read(nl: Netlink) -> list[NetEvent]:
+        """The four lists, asked at once (each on a socket of its own), as events."""
+        links, addrs, rules, routes = await asyncio.gather(
+            nl.links(), nl.addresses(), nl.rules(), nl.routes()
+        )
+        return [
+            *(NetEvent("link", True, link=x) for x in links),
+            *(NetEvent("addr", True, addr=x) for x in addrs),
+            *(NetEvent("rule", True, rule=x) for x in rules),
+            *(NetEvent("route", True, route=x) for x in routes),
+        ]
+
+    def _install(self, fresh: list[NetEvent]) -> None:
+        for ev in fresh:
+            self._apply(ev)
+        self._node = None
+        self.ready.set()
+        log.info(
+            "hostnet.loaded",
+            pod_interfaces=len(self.pod_interfaces()),
+            node_addresses=sorted(self.node_addresses()),
+            rule_tables=sorted({t for _, t in self.rule_tables}),
+        )
 
     async def find_named(self, nl: Netlink, namespace: str, name: str, count: int) -> list[int]:
         """:meth:`named_interfaces` for a pod the CNI has just wired (``count``
