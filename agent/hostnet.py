@@ -186,12 +186,9 @@ class HostNet:
         elif ev.rule is not None:
             self._apply_rule(ev.rule, ev.added)
 
-    async def load(self, nl: Netlink) -> list[NetEvent]:
-        """Read the node's links, addresses, rules and routes and apply them; what was
-        read, as events of things added."""
-        fresh = await self._read(nl)
-        self._install(fresh)
-        return fresh
+    async def load(self, nl: Netlink) -> None:
+        """Read the node's links, addresses, rules and routes and apply them."""
+        self._install(await self._read(nl))
 
     async def reload(self, nl: Netlink) -> None:
         """Read everything again in place of what is known (after announcements were

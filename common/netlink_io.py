@@ -212,7 +212,7 @@ def requests(netns: str | None, asked: Sequence[Request]) -> list[NetlinkOpError
             _send(sock, batch, asked[chunk[0]].what)
             waiting = set(chunk)
             while waiting:
-                for kind, flags, seq, payload in _messages(_read(sock, buf, "requests"), "acks"):
+                for kind, flags, seq, payload in _messages(_read(sock, buf, "acks"), "acks"):
                     i = seq - 1
                     if kind != NLMSG_ERROR or i not in waiting:
                         continue
@@ -229,8 +229,9 @@ def ask(netns: str | None, request: Request, answer: int) -> bytes:
     buf = bytearray(_RECV)
     with route_socket(netns) as sock:
         _send(sock, _message(request.kind, request.flags, 1, request.body), request.what)
+        what = request.what
         while True:
-            for kind, flags, seq, payload in _messages(_read(sock, buf, request.what), "answer"):
+            for kind, flags, seq, payload in _messages(_read(sock, buf, what), what):
                 if seq != 1:
                     continue
                 if kind == answer:
